@@ -1,0 +1,16 @@
+"""mumoe: prune Mixture-of-Experts (and dense) language models without retraining.
+
+    import mumoe
+    model, tok = mumoe.load_default()
+    report = mumoe.prune(model, "random", ratio=0.25)
+    mumoe.save_pruned(model, "out/", report, tok)
+"""
+
+from .api import prune, score
+from .apply.export import PruneReport, save_pruned
+from .errors import MumoeError
+from .loading import load, load_default, load_tokenizer
+from .version import __version__
+
+__all__ = ["prune", "score", "PruneReport", "save_pruned", "MumoeError", "load", "load_default",
+           "load_tokenizer", "__version__"]

@@ -1,0 +1,86 @@
+"""The Python API: `score` and `prune` (contracts in DESIGN.md)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .apply.experts import remove_experts
+from .apply.export import PruneReport
+from .criteria import get_method
+from .errors import MumoeError
+from .models import moe_adapter_for
+from .observe.calib import calibration_windows, tokenize, windows
+from .select import check_ratio, keep_uniform
+
+
+def resolve_calib(calib, tokenizer=None, nsamples: int = 128, seqlen: int = 512, seed: int | None = None):
+    """calib: LongTensor [N, L] of token ids, a path to a .txt file/folder, or raw text. -> ([N, L], info)"""
+    if calib is None:
+        return None, {}
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64):
+            raise MumoeError("calib tensor must be integer token ids of shape [N, L]")
+        return calib.long(), {"source": "tensor", "nsamples": calib.shape[0], "seqlen": calib.shape[1]}
+    if tokenizer is None:
+        raise MumoeError("calibration text needs a tokenizer (this model has none); pass token ids [N, L]")
+    if isinstance(calib, Path) or (isinstance(calib, str) and len(calib) < 4096 and Path(calib).exists()):
+        wins = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
+        source = str(calib)
+    else:
+        wins, source = windows(tokenize(tokenizer, str(calib)), seqlen, nsamples, seed), "text"
+    return wins, {"source": source, "nsamples": wins.shape[0], "seqlen": wins.shape[1], "seed": seed}
+
+
+def score(model: nn.Module, method: str, calib=None, seed: int = 0, tokenizer=None, nsamples: int = 128,
+          seqlen: int = 512) -> list[torch.Tensor]:
+    """Raw criterion values, one tensor [E] per MoE layer (in decoder-layer order)."""
+    m = get_method(method)
+    layers = moe_adapter_for(model).moe_layers()
+    wins, _ = resolve_calib(calib, tokenizer, nsamples, seqlen)
+    if m.needs_calib and wins is None:
+        raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
+    return m.score(model, layers, wins, seed)
+
+
+def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0, budget: str = "uniform",
+          tokenizer=None, nsamples: int = 128, seqlen: int = 512, source: str | None = None,
+          verbose: bool = False) -> PruneReport:
+    """Prune `model` in place at the expert grain and return what was done.
+
+    ratio: fraction of routed experts removed in every MoE layer (per-layer uniform budget).
+    """
+    check_ratio(ratio)
+    if budget != "uniform":
+        raise MumoeError(f"unknown budget {budget!r}; available: uniform")
+    m = get_method(method)
+    adapter = moe_adapter_for(model)
+    layers = adapter.moe_layers()
+    wins, calib_info = resolve_calib(calib, tokenizer, nsamples, seqlen)
+    if m.needs_calib and wins is None:
+        raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
+    t0 = time.perf_counter()
+    scores = m.score(model, layers, wins, seed)
+    keep = {
+        layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group, m.prune_highest)
+        for layer, s in zip(layers, scores)
+    }
+    E0 = layers[0].num_experts
+    report = PruneReport(
+        method=method, grain=m.grain, ratio=ratio, budget=budget, calibration=calib_info,
+        model={"source": source or getattr(model.config, "_name_or_path", ""),
+               "model_type": model.config.model_type, "num_experts": E0},
+        layers=[{"layer": layer.index, "num_experts": layer.num_experts, "kept": keep[layer.index],
+                 "scores": [float(v) for v in s]} for layer, s in zip(layers, scores)],
+    )
+    counts = remove_experts(model, keep)
+    report.form = "hf" if len(set(counts)) == 1 else "mumoe"
+    if verbose:
+        dt = time.perf_counter() - t0
+        for entry in report.layers:
+            print(f"  layer {entry['layer']:3d}: kept {len(entry['kept'])}/{entry['num_experts']}")
+        print(f"  scored and sliced in {dt:.2f}s")
+    return report

@@ -1,0 +1,183 @@
+"""`mumoe` command line: info, prune, eval. Bad input ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import MumoeError
+
+MODEL_HELP = ("model: 'default' (the bundled qwen3_moe, also when omitted), a local HF checkpoint folder, "
+              "a hub id, or 'tiny:ARCH' for a tiny random model (e.g. tiny:mixtral)")
+
+
+def _param_counts(model, adapter) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    layers = adapter.moe_layers() if adapter.is_moe else []
+    expert = sum(layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel() for layer in layers)
+    inactive = sum((layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel())
+                   * (1 - layer.top_k / layer.num_experts) for layer in layers)
+    return {"total": total, "active": int(total - inactive), "routed_experts": expert}
+
+
+def cmd_info(args) -> int:
+    from .loading import load
+    from .models import adapter_for
+
+    model = load(args.model, args.dtype)
+    adapter = adapter_for(model)
+    layers = adapter.moe_layers()
+    counts = _param_counts(model, adapter)
+    info = {
+        "model": args.model, "model_type": model.config.model_type,
+        "architecture": type(model).__name__, "decoder_layers": len(adapter.decoder_layers()),
+        "moe_layers": [layer.index for layer in layers], "params": counts,
+    }
+    if layers:
+        first = layers[0]
+        info.update({
+            "experts_per_layer": [layer.num_experts for layer in layers], "top_k": first.top_k,
+            "expert_intermediate_size": first.intermediate_size, "router": first.scoring,
+            "norm_topk_prob": first.norm_topk_prob, "shared_expert": first.shared is not None,
+            "n_group": first.n_group, "topk_group": first.topk_group,
+        })
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"model          {args.model}  ({info['model_type']}, {info['architecture']})")
+    print(f"decoder layers {info['decoder_layers']}; MoE layers: {len(layers)}"
+          + (f" ({', '.join(map(str, info['moe_layers']))})" if layers else " (dense model)"))
+    if layers:
+        experts = sorted(set(info["experts_per_layer"]))
+        groups = f", groups {first.n_group} (top {first.topk_group})" if first.n_group else ""
+        print(f"experts        {'/'.join(map(str, experts))} routed per layer, top_k {first.top_k}, "
+              f"expert width {first.intermediate_size}, router {first.scoring}"
+              f"{' (top-k renormalized)' if first.norm_topk_prob else ''}{groups}, "
+              f"shared expert: {'yes' if first.shared is not None else 'no'}")
+    t = counts["total"]
+    print(f"parameters     total {t:,} | active/token {counts['active']:,} ({100 * counts['active'] / t:.1f}%) | "
+          f"routed experts {counts['routed_experts']:,} ({100 * counts['routed_experts'] / t:.1f}% of total)")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from . import api
+    from .apply.export import check_output_dir, save_pruned
+    from .criteria import get_method
+    from .loading import load, load_tokenizer
+    from .select import check_ratio
+
+    get_method(args.method)
+    check_ratio(args.ratio)
+    check_output_dir(args.out, args.overwrite)
+    t0 = time.perf_counter()
+    model = load(args.model, args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; pruning {args.ratio:.0%} of experts "
+          f"per layer with {args.method} (budget uniform, scoring one-shot)")
+    report = api.prune(model, args.method, args.ratio, calib=args.calib, seed=args.seed, tokenizer=tokenizer,
+                       nsamples=args.nsamples, seqlen=args.seqlen, source=args.model, verbose=True)
+    out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite)
+    where = "AutoModelForCausalLM.from_pretrained" if report.form == "hf" else "mumoe.load (per-layer counts)"
+    print(f"wrote {out} (loads with {where}) in {time.perf_counter() - t0:.1f}s total")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.perplexity import perplexity
+    from .loading import load, load_tokenizer
+    from .observe.calib import read_text
+
+    if args.ppl is None:
+        raise MumoeError("nothing to evaluate: pass --ppl PATH")
+    text = read_text(args.ppl)
+    model = load(args.model, args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise MumoeError(f"{args.model} has no tokenizer; perplexity on text needs one")
+    ctx = getattr(model.config, "max_position_embeddings", 2048) or 2048
+    seqlen = args.seqlen or min(2048, ctx)
+    if seqlen > ctx:
+        raise MumoeError(f"seqlen {seqlen} exceeds the model's context ({ctx})")
+    print(f"perplexity of {args.ppl} with seqlen={seqlen} (non-overlapping windows, dtype {args.dtype})")
+    res = perplexity(model, tokenizer, text, seqlen, args.batch_size, args.max_windows)
+    res.update({"model": args.model, "text": str(args.ppl), "dtype": args.dtype})
+    print(f"ppl {res['ppl']:.4f} over {res['tokens']:,} predicted tokens in {res['windows']} windows "
+          f"(seqlen={seqlen}, {res['seconds']:.1f}s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mumoe", description="Prune Mixture-of-Experts language models without "
+                                "retraining: expert, atom and weight grain; offline, per task, per prompt.")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp):
+        sp.add_argument("model", nargs="?", default="default", help=MODEL_HELP)
+        sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+
+    sp = sub.add_parser("info", help="architecture, layers, experts, top_k and parameter counts",
+                        description="Print architecture, MoE layers, experts, top_k and parameter counts "
+                        "(total / active per token / routed-expert share).")
+    common(sp)
+    sp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("prune", help="prune experts and export an HF checkpoint + pruning.json",
+                        description="Score experts, keep the best per layer (uniform budget: round(ratio*E) "
+                        "dropped in every MoE layer), slice router and experts, export atomically.")
+    common(sp)
+    sp.add_argument("--method", required=True, help="scoring method (e.g. random)")
+    sp.add_argument("--ratio", type=float, required=True, help="fraction of routed experts to remove, in [0, 1)")
+    sp.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    sp.add_argument("--calib", help="calibration text: a .txt file or a folder of .txt files")
+    sp.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    sp.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
+    sp.add_argument("--seed", type=int, default=0, help="seed for random scores / random windows")
+    sp.set_defaults(func=cmd_prune)
+
+    sp = sub.add_parser("eval", help="paper-exact perplexity (non-overlapping windows)",
+                        description="Perplexity = exp(mean NLL over every predicted token) of the text cut into "
+                        "non-overlapping windows of --seqlen tokens (tokenized once, remainder dropped).")
+    common(sp)
+    sp.add_argument("--ppl", help="text to score: a .txt file or a folder of .txt files")
+    sp.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, model context))")
+    sp.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
+    sp.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    sp.add_argument("--json", help="also write the result as JSON to this path")
+    sp.set_defaults(func=cmd_eval)
+    return p
+
+
+def _version() -> str:
+    from .version import __version__
+
+    return f"mumoe {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except MumoeError as e:
+        print(f"mumoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mumoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""OLMoE: softmax router, top-k renormalized iff `norm_topk_prob` (False in OLMoE-1B-7B)."""
+
+from .base import Adapter
+
+
+class OlmoeAdapter(Adapter):
+    model_types = ("olmoe",)

@@ -1,0 +1,66 @@
+"""Calibration (and perplexity) windows, per the contract in DESIGN.md.
+
+The text is tokenized once with `add_special_tokens=False` and cut into consecutive non-overlapping
+windows of `seqlen` tokens (the remainder is dropped); the first `nsamples` are used, or — when a seed is
+given — `nsamples` random windows drawn Wanda-style (random start offsets, seeded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import MumoeError
+
+
+def read_text(path: str | Path) -> str:
+    """A .txt file, or every *.txt of a folder (sorted by name, joined by a blank line)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.rglob("*.txt"))
+        if not files:
+            raise MumoeError(f"calibration folder {p} holds no .txt files")
+        text = "\n\n".join(f.read_text("utf-8") for f in files)
+    elif p.is_file():
+        text = p.read_text("utf-8")
+    else:
+        raise MumoeError(f"calibration text not found: {p}")
+    if not text.strip():
+        raise MumoeError(f"calibration text {p} is empty")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize the whole text once. -> LongTensor [n]"""
+    if not text.strip():
+        raise MumoeError("text is empty")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, seqlen: int, nsamples: int | None = None, seed: int | None = None) -> torch.Tensor:
+    """Cut token ids [n] into windows. -> LongTensor [N, seqlen]
+
+    seed=None: the first `nsamples` consecutive non-overlapping windows (all when nsamples is None).
+    seed=int: `nsamples` windows at seeded random offsets (may overlap), as in Wanda's calibration.
+    """
+    if seqlen < 2:
+        raise MumoeError(f"seqlen must be >= 2, got {seqlen}")
+    ids = ids.reshape(-1)
+    n_full = ids.numel() // seqlen
+    if n_full == 0:
+        raise MumoeError(f"text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    if seed is None:
+        n = n_full if nsamples is None else min(nsamples, n_full)
+        return ids[: n * seqlen].view(n, seqlen).clone()
+    if nsamples is None:
+        raise MumoeError("random windows need nsamples")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def calibration_windows(tokenizer, source: str | Path, nsamples: int, seqlen: int, seed: int | None = None) -> torch.Tensor:
+    """Text file/folder -> LongTensor [N, seqlen] of calibration windows."""
+    return windows(tokenize(tokenizer, read_text(source)), seqlen, nsamples, seed)
