@@ -13,7 +13,7 @@ from .apply.export import PruneReport
 from .criteria import get_method
 from .errors import MumoeError
 from .models import moe_adapter_for
-from .observe.calib import calibration_windows, tokenize, windows
+from .observe.calib import read_text, tokenize, windows
 from .select import check_ratio, keep_uniform
 
 
@@ -25,13 +25,11 @@ def resolve_calib(calib, tokenizer=None, nsamples: int = 128, seqlen: int = 512,
         if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64):
             raise MumoeError("calib tensor must be integer token ids of shape [N, L]")
         return calib.long(), {"source": "tensor", "nsamples": calib.shape[0], "seqlen": calib.shape[1]}
+    is_path = isinstance(calib, Path) or (isinstance(calib, str) and len(calib) < 4096 and Path(calib).exists())
+    text, source = (read_text(calib), str(calib)) if is_path else (str(calib), "text")
     if tokenizer is None:
         raise MumoeError("calibration text needs a tokenizer (this model has none); pass token ids [N, L]")
-    if isinstance(calib, Path) or (isinstance(calib, str) and len(calib) < 4096 and Path(calib).exists()):
-        wins = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
-        source = str(calib)
-    else:
-        wins, source = windows(tokenize(tokenizer, str(calib)), seqlen, nsamples, seed), "text"
+    wins = windows(tokenize(tokenizer, text), seqlen, nsamples, seed)
     return wins, {"source": source, "nsamples": wins.shape[0], "seqlen": wins.shape[1], "seed": seed}
 
 

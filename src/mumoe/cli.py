@@ -68,11 +68,14 @@ def cmd_prune(args) -> int:
     from .apply.export import check_output_dir, save_pruned
     from .criteria import get_method
     from .loading import load, load_tokenizer
+    from .observe.calib import read_text
     from .select import check_ratio
 
     get_method(args.method)
     check_ratio(args.ratio)
     check_output_dir(args.out, args.overwrite)
+    if args.calib:
+        read_text(args.calib)  # fail on a missing or empty calibration text before loading anything
     t0 = time.perf_counter()
     model = load(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)

@@ -104,7 +104,7 @@ class DenseLinear:
     """A prunable linear of a decoder layer (attention projections, dense MLP)."""
 
     layer: int
-    name: str  # full parameter-module name, e.g. "model.layers.0.self_attn.q_proj"
+    name: str  # full module name, e.g. "model.layers.0.self_attn.q_proj"
     module: nn.Linear
 
 
@@ -150,12 +150,10 @@ class Adapter:
 
     def dense_linears(self) -> list[DenseLinear]:
         """Every nn.Linear inside the decoder layers (embeddings and lm_head excluded)."""
-        out = []
-        for i, layer in enumerate(self.decoder_layers()):
-            for name, mod in layer.named_modules():
-                if isinstance(mod, nn.Linear):
-                    out.append(DenseLinear(i, f"model.layers.{i}.{name}", mod))
-        return out
+        full = {id(m): n for n, m in self.model.named_modules()}
+        return [DenseLinear(i, full[id(mod)], mod)
+                for i, layer in enumerate(self.decoder_layers())
+                for mod in layer.modules() if isinstance(mod, nn.Linear)]
 
     # -- config --------------------------------------------------------------------------------
     @property

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from mumoe.models.tiny import tiny_model
+
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+DENSE_ARCHS = ["llama", "qwen2", "opt"]
+
+
+@pytest.fixture(params=MOE_ARCHS)
+def moe_arch(request):
+    return request.param
+
+
+def make(arch, seed=0, **kw):
+    return tiny_model(arch, seed=seed, **kw)
+
+
+def ids(batch=2, length=12, seed=0, vocab=128):
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def char_tokenizer():
+    """A character-level HF tokenizer whose ids fit the tiny models' 128-token vocabulary."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - {"\x0b", "\x0c", "\r"})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return char_tokenizer()
+
+
+SAMPLE_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+               "must be in want of a wife.\n\ndef f(x):\n    return x * 2\n\n") * 6

@@ -1,0 +1,120 @@
+"""The `mumoe` command line: real runs on tiny models, and bad inputs ending in one line + exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import SAMPLE_TEXT, char_tokenizer, ids, make
+from mumoe.cli import main
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_info_reports_counts(capsys):
+    rc, out, _ = run(["info", "tiny:qwen2_moe", "--json"], capsys)
+    info = json.loads(out)
+    model = make("qwen2_moe")
+    total = sum(p.numel() for p in model.parameters())
+    expert = 2 * 8 * 3 * 16 * 32  # layers x experts x (gate, up, down) x I x H
+    assert rc == 0 and info["params"]["total"] == total and info["params"]["routed_experts"] == expert
+    assert info["params"]["active"] == total - expert * 6 // 8  # 6 of 8 experts idle per token
+    assert info["top_k"] == 2 and info["experts_per_layer"] == [8, 8] and info["shared_expert"] is True
+    rc, out, _ = run(["info", "tiny:deepseek_v3"], capsys)
+    assert rc == 0 and "groups 2 (top 1)" in out and "MoE layers: 2 (1, 2)" in out
+
+
+def test_prune_end_to_end(tmp_path, capsys):
+    out_dir = tmp_path / "pruned"
+    rc, out, err = run(["prune", "tiny:mixtral", "--method", "random", "--ratio", "0.25", "--out", str(out_dir)], capsys)
+    assert rc == 0, err
+    assert "layer   0: kept 6/8" in out
+    pj = json.loads((out_dir / "pruning.json").read_text())
+    assert [len(e["kept"]) for e in pj["layers"]] == [6, 6]
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert model.config.num_local_experts == 6
+    # --overwrite replaces atomically; without it the directory is refused
+    rc, _, err = run(["prune", "tiny:mixtral", "--method", "random", "--ratio", "0.5", "--out", str(out_dir)], capsys)
+    assert rc == 2 and "exists" in err
+    rc, _, _ = run(["prune", "tiny:mixtral", "--method", "random", "--ratio", "0.5", "--out", str(out_dir),
+                    "--overwrite"], capsys)
+    assert rc == 0 and json.loads((out_dir / "pruning.json").read_text())["ratio"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temp dirs left
+
+
+def test_eval_ppl(tmp_path, capsys):
+    model, tok = make("qwen3_moe"), char_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(SAMPLE_TEXT)
+    rc, out, err = run(["eval", str(tmp_path / "m"), "--ppl", str(tmp_path / "t.txt"), "--seqlen", "32",
+                        "--json", str(tmp_path / "r.json")], capsys)
+    assert rc == 0, err
+    assert "seqlen=32" in out
+    res = json.loads((tmp_path / "r.json").read_text())
+    n = len(tok(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]) // 32
+    assert res["windows"] == n and res["tokens"] == n * 31 and res["seqlen"] == 32
+    assert 1 < res["ppl"] < 300
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "/no/such/model"], "model not found"),
+    (["prune", "/no/such/model", "--method", "random", "--ratio", "0.5"], "model not found"),
+    (["prune", "tiny:llama", "--method", "random", "--ratio", "0.5"], "dense model"),
+    (["prune", "tiny:qwen3_moe", "--method", "random", "--ratio", "1.0"], "ratio must be in [0, 1)"),
+    (["prune", "tiny:qwen3_moe", "--method", "random", "--ratio", "-0.1"], "ratio must be in [0, 1)"),
+    (["prune", "tiny:qwen3_moe", "--method", "random", "--ratio", "0.9"], "fewer than top_k=2"),
+    (["prune", "tiny:qwen3_moe", "--method", "bogus", "--ratio", "0.5"], "unknown method 'bogus'"),
+    (["prune", "tiny:qwen3_moe", "--method", "random", "--ratio", "0.5", "--calib", "EMPTY"], "is empty"),
+    (["prune", "tiny:gpt2", "--method", "random", "--ratio", "0.5"], "no tiny config"),
+    (["eval", "tiny:qwen3_moe"], "nothing to evaluate"),
+])
+def test_bad_inputs_one_line_no_output(tmp_path, capsys, argv, message):
+    (tmp_path / "empty.txt").write_text("\n")
+    argv = [a.replace("EMPTY", str(tmp_path / "empty.txt")) for a in argv]
+    if argv[0] == "prune":
+        argv += ["--out", str(tmp_path / "out")]
+    rc, out, err = run(argv, capsys)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("mumoe: error: ") and message in err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]
+
+
+def test_existing_output_dir_is_refused_untouched(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    rc, _, err = run(["prune", "tiny:qwen3_moe", "--method", "random", "--ratio", "0.5", "--out",
+                      str(tmp_path / "out")], capsys)
+    assert rc == 2 and "--overwrite" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    import mumoe
+    from mumoe.apply import export
+
+    model = make("qwen3_moe")
+    report = mumoe.prune(model, "random", 0.5)
+
+    class Broken:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        export.save_pruned(model, tmp_path / "out", report, tokenizer=Broken())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mumoe.cli", "prune", "tiny:olmoe", "--method", "random", "--ratio",
+                        "1.5", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["mumoe: error: ratio must be in [0, 1), got 1.5"]
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
