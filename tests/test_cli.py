@@ -58,7 +58,7 @@ def test_eval_ppl(tmp_path, capsys):
                         "--json", str(tmp_path / "r.json")], capsys)
     assert rc == 0, err
     assert "seqlen=32" in out
-    res = json.loads((tmp_path / "r.json").read_text())
+    res = json.loads((tmp_path / "r.json").read_text())["results"]["t"]
     n = len(tok(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]) // 32
     assert res["windows"] == n and res["tokens"] == n * 31 and res["seqlen"] == 32
     assert 1 < res["ppl"] < 300

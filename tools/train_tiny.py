@@ -32,6 +32,21 @@ def model_config(vocab: int, seqlen: int, eos: int) -> Qwen3MoeConfig:
     )
 
 
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-style load balancing, computed per layer and averaged: E * sum_i f_i * P_i, where f_i is the
+    fraction of routing slots given to expert i and P_i its mean router probability. (transformers'
+    built-in loss pools all layers' tokens before balancing, which lets an expert die in one layer while
+    the same index is busy in another.) Equals 1.0 when balanced. router_logits: per layer [T, E]."""
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+        E = probs.shape[-1]
+        chosen = torch.topk(probs, top_k, dim=-1).indices  # [T, k]
+        f = torch.zeros(E).scatter_add_(0, chosen.flatten(), torch.ones(chosen.numel())) / chosen.numel()
+        losses.append(E * (f * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def tokenize_domain(path: Path, tok, eos: int) -> torch.Tensor:
     ids: list[int] = []
     with open(path, encoding="utf-8") as f:
@@ -131,13 +146,16 @@ def main() -> None:
         batch = torch.stack(rows)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        out = model(input_ids=batch, labels=batch)
-        out.loss.backward()
+        out = model(input_ids=batch)
+        lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+        aux = per_layer_balance_loss(out.router_logits, config.num_experts_per_tok)
+        loss = lm + config.router_aux_loss_coef * aux
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        rec = {"step": step, "loss": round(out.loss.detach().item(), 4), "aux": round(float(out.aux_loss.detach()), 4), "lr": lr_at(step - 1)}
+        rec = {"step": step, "loss": round(lm.item(), 4), "aux": round(aux.item(), 4), "lr": lr_at(step - 1)}
         if step % 10 == 0:
             rate = (step - tokens0) * args.batch * args.seqlen / (time.time() - t0)
             rec["tok_s"] = round(rate)

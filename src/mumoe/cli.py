@@ -91,12 +91,18 @@ def cmd_prune(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
-    from .loading import load, load_tokenizer
+    from .loading import DATA, load, load_tokenizer
     from .observe.calib import read_text
 
     if args.ppl is None:
-        raise MumoeError("nothing to evaluate: pass --ppl PATH")
-    text = read_text(args.ppl)
+        raise MumoeError("nothing to evaluate: pass --ppl PATH (or --ppl domain for the bundled eval splits)")
+    if args.ppl == "domain":
+        texts = {p.parent.name: p for p in sorted(DATA.glob("*/eval.txt"))}
+        if not texts:
+            raise MumoeError(f"no bundled eval splits under {DATA}")
+    else:
+        texts = {Path(args.ppl).stem: args.ppl}
+    texts = {name: read_text(path) for name, path in texts.items()}
     model = load(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
@@ -105,13 +111,17 @@ def cmd_eval(args) -> int:
     seqlen = args.seqlen or min(2048, ctx)
     if seqlen > ctx:
         raise MumoeError(f"seqlen {seqlen} exceeds the model's context ({ctx})")
-    print(f"perplexity of {args.ppl} with seqlen={seqlen} (non-overlapping windows, dtype {args.dtype})")
-    res = perplexity(model, tokenizer, text, seqlen, args.batch_size, args.max_windows)
-    res.update({"model": args.model, "text": str(args.ppl), "dtype": args.dtype})
-    print(f"ppl {res['ppl']:.4f} over {res['tokens']:,} predicted tokens in {res['windows']} windows "
-          f"(seqlen={seqlen}, {res['seconds']:.1f}s)")
+    print(f"perplexity with seqlen={seqlen} (non-overlapping windows, dtype {args.dtype}) of {args.model}")
+    results = {}
+    for name, text in texts.items():
+        res = perplexity(model, tokenizer, text, seqlen, args.batch_size, args.max_windows)
+        results[name] = res
+        print(f"  {name:10s} ppl {res['ppl']:9.3f}  ({res['tokens']:,} predicted tokens, {res['windows']} windows, "
+              f"{res['seconds']:.1f}s)")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        payload = {"model": args.model, "dtype": args.dtype, "seqlen": seqlen, "ppl_source": args.ppl,
+                   "results": results}
+        Path(args.json).write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     return 0
 
@@ -151,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Perplexity = exp(mean NLL over every predicted token) of the text cut into "
                         "non-overlapping windows of --seqlen tokens (tokenized once, remainder dropped).")
     common(sp)
-    sp.add_argument("--ppl", help="text to score: a .txt file or a folder of .txt files")
+    sp.add_argument("--ppl", help="text to score: a .txt file, a folder of .txt files, or 'domain' for every "
+                    "bundled eval split (prose, docs, code, kernel)")
     sp.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, model context))")
     sp.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
     sp.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")

@@ -19,6 +19,7 @@ from .errors import MumoeError
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "model"
+DATA = ASSETS / "data"  # per-domain calib.txt / eval.txt splits of the bundled corpus
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
