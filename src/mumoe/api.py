@@ -10,7 +10,7 @@ from torch import nn
 
 from .apply.experts import remove_experts
 from .apply.export import PruneReport
-from .criteria import get_method
+from .criteria import compute_scores, get_method
 from .errors import MumoeError
 from .models import moe_adapter_for
 from .observe.calib import read_text, tokenize, windows
@@ -34,19 +34,19 @@ def resolve_calib(calib, tokenizer=None, nsamples: int = 128, seqlen: int = 512,
 
 
 def score(model: nn.Module, method: str, calib=None, seed: int = 0, tokenizer=None, nsamples: int = 128,
-          seqlen: int = 512) -> list[torch.Tensor]:
+          seqlen: int = 512, batch_size: int = 8, progress: bool = False) -> list[torch.Tensor]:
     """Raw criterion values, one tensor [E] per MoE layer (in decoder-layer order)."""
     m = get_method(method)
     layers = moe_adapter_for(model).moe_layers()
     wins, _ = resolve_calib(calib, tokenizer, nsamples, seqlen)
     if m.needs_calib and wins is None:
         raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
-    return m.score(model, layers, wins, seed)
+    return compute_scores(m, model, layers, wins, seed, batch_size, progress)
 
 
 def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0, budget: str = "uniform",
           tokenizer=None, nsamples: int = 128, seqlen: int = 512, source: str | None = None,
-          verbose: bool = False) -> PruneReport:
+          batch_size: int = 8, verbose: bool = False) -> PruneReport:
     """Prune `model` in place at the expert grain and return what was done.
 
     ratio: fraction of routed experts removed in every MoE layer (per-layer uniform budget).
@@ -61,7 +61,7 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
     if m.needs_calib and wins is None:
         raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
     t0 = time.perf_counter()
-    scores = m.score(model, layers, wins, seed)
+    scores = compute_scores(m, model, layers, wins, seed, batch_size, progress=verbose)
     keep = {
         layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group, m.prune_highest)
         for layer, s in zip(layers, scores)

@@ -32,6 +32,7 @@ class RouteEvent:
     indices: torch.Tensor  # [T, k] selected experts
     hidden: torch.Tensor  # [T, H] MoE block input (after the post-attention norm)
     residual: torch.Tensor | None  # [T, H] residual stream h_t (input of the post-attention norm)
+    routed_output: torch.Tensor | None = None  # [T, H] Σ_j g_j f_j over routed experts (set after the experts run)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ExpertEvent:
     inputs: torch.Tensor  # [n, H] MoE block input of those tokens
     output: torch.Tensor  # [n, H] f_i(x), before the combine weight
     weight: torch.Tensor  # [n] combine weight g_i(t)
+    route: RouteEvent | None = None  # the layer's routing event of this pass (with routed_output)
 
 
 class MoEObserver:
@@ -105,12 +107,15 @@ class MoEObserver:
             event = self._route.pop(layer.index, None)
             if event is None or self.on_expert is None:
                 return
+            out = output.detach().reshape(-1, output.shape[-1])  # [T, H]
+            valid = self._valid(out.shape[0], out.device)
+            event.routed_output = out if valid is None else out[valid]
             with torch.no_grad():
                 for i in torch.unique(event.indices).tolist():
                     tokens, slot = torch.where(event.indices == i)  # [n], [n]
                     x = event.hidden[tokens]
-                    out = layer.expert_forward(i, x)
-                    self.on_expert(ExpertEvent(layer, i, tokens, slot, x, out, event.weights[tokens, slot]))
+                    y = layer.expert_forward(i, x)
+                    self.on_expert(ExpertEvent(layer, i, tokens, slot, x, y, event.weights[tokens, slot], event))
         return hook
 
     # -- context ------------------------------------------------------------------------------

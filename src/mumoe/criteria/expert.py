@@ -1,0 +1,78 @@
+"""Expert-grain criteria (METHODS.md), pure functions of LayerStats or of the weights.
+
+Higher = keep, except AIMER (prune the highest).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..models import MoELayer
+from .stats import LayerStats
+
+
+def frequency(st: LayerStats) -> torch.Tensor:
+    return st.freq.clone()
+
+
+def gate_score(st: LayerStats) -> torch.Tensor:
+    return st.soft.clone()
+
+
+def ean(st: LayerStats) -> torch.Tensor:
+    return st.ean.clone()
+
+
+def reap(st: LayerStats) -> torch.Tensor:
+    """Conditional mean of g·‖f‖ over routed tokens; 0 for an expert never routed."""
+    return torch.where(st.freq > 0, st.reap_sum / st.freq.clamp(min=1), torch.zeros_like(st.freq))
+
+
+def easy_ep(st: LayerStats) -> torch.Tensor:
+    return st.easy.clone()
+
+
+def tcess(st: LayerStats) -> torch.Tensor:
+    """PreMoe TCESS (v1): (1/N) Σ_t s_i(t)·1[i = argmax s(t)], raw logits."""
+    return st.tcess_sum / max(st.n_tokens, 1)
+
+
+def peu(st: LayerStats) -> torch.Tensor:
+    """PreMoe PEU (v3): pool = top-k logits; p = softmax over the pool; r = mean_t max p;
+    s̃_i = max(s_i, sigmoid(s_i)) for pool members with p_i ≥ r, else 0; PEU = mean over tokens."""
+    E = st.layer.num_experts
+    if not st.pool_logits:
+        return torch.zeros(E, dtype=torch.float64)
+    s = torch.cat(st.pool_logits)  # [N, k]
+    idx = torch.cat(st.pool_index)  # [N, k]
+    p = torch.softmax(s, dim=-1)
+    r = p.max(-1).values.mean()
+    val = torch.where(p >= r, torch.maximum(s, torch.sigmoid(s)), torch.zeros_like(s))
+    return torch.zeros(E, dtype=torch.float64).index_add_(0, idx.reshape(-1), val.reshape(-1)) / s.shape[0]
+
+
+def aimer_from_norms(l1: torch.Tensor, l2sq: torch.Tensor, n: int) -> torch.Tensor:
+    """A = ‖w‖₁ / (√N ‖w‖₂) from per-expert sums (float64). [E], [E] -> [E]"""
+    return l1 / (math.sqrt(n) * l2sq.sqrt())
+
+
+def expert_norms(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-expert ‖w‖₁ and ‖w‖₂² over gate, up and down, accumulated in float64 (exact for fp32/bf16 inputs).
+    gate_up [E, 2I, H], down [E, H, I] -> ([E], [E], N)."""
+    E = gate_up.shape[0]
+    l1 = torch.zeros(E, dtype=torch.float64)
+    l2 = torch.zeros(E, dtype=torch.float64)
+    for t in (gate_up, down):
+        for e in range(E):  # one expert at a time: no fp32 copy of a whole fused tensor
+            w = t[e].double()
+            l1[e] += w.abs().sum()
+            l2[e] += w.pow(2).sum()
+    return l1, l2, gate_up[0].numel() + down[0].numel()
+
+
+def aimer(layer: MoELayer) -> torch.Tensor:
+    """AIMER (calibration-free): A_i = ‖w_i‖₁ / (√N ‖w_i‖₂) over concat(gate_i, up_i, down_i). Prune the highest."""
+    with torch.no_grad():
+        return aimer_from_norms(*expert_norms(layer.experts.gate_up_proj, layer.experts.down_proj))
