@@ -14,7 +14,7 @@ from .criteria import compute_scores, get_method
 from .errors import MumoeError
 from .models import moe_adapter_for
 from .observe.calib import read_text, tokenize, windows
-from .select import check_ratio, keep_uniform
+from .select import check_ratio, keep_global, keep_uniform
 
 
 def resolve_calib(calib, tokenizer=None, nsamples: int = 128, seqlen: int = 512, seed: int | None = None):
@@ -49,11 +49,13 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
           batch_size: int = 8, verbose: bool = False) -> PruneReport:
     """Prune `model` in place at the expert grain and return what was done.
 
-    ratio: fraction of routed experts removed in every MoE layer (per-layer uniform budget).
+    ratio: fraction of routed experts removed: in every MoE layer (budget="uniform"), or over all layers
+    with one normalized ranking and a per-layer floor of top_k (budget="global": per-layer counts differ, the
+    export is in mumoe's own form, loaded by `mumoe.load`).
     """
     check_ratio(ratio)
-    if budget != "uniform":
-        raise MumoeError(f"unknown budget {budget!r}; available: uniform")
+    if budget not in ("uniform", "global"):
+        raise MumoeError(f"unknown budget {budget!r}; available: uniform, global")
     m = get_method(method)
     adapter = moe_adapter_for(model)
     layers = adapter.moe_layers()
@@ -62,10 +64,14 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
         raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
     t0 = time.perf_counter()
     scores = compute_scores(m, model, layers, wins, seed, batch_size, progress=verbose)
-    keep = {
-        layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group, m.prune_highest)
-        for layer, s in zip(layers, scores)
-    }
+    if budget == "global":
+        if any(layer.n_group and layer.n_group > 1 for layer in layers):
+            raise MumoeError("global budgets are not available for group-limited routers; use --budget uniform")
+        kept = keep_global(scores, ratio, [layer.top_k for layer in layers], m.prune_highest)
+        keep = {layer.index: k for layer, k in zip(layers, kept)}
+    else:
+        keep = {layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group, m.prune_highest)
+                for layer, s in zip(layers, scores)}
     E0 = layers[0].num_experts
     report = PruneReport(
         method=method, grain=m.grain, ratio=ratio, budget=budget, calibration=calib_info,
@@ -80,5 +86,53 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
         dt = time.perf_counter() - t0
         for entry in report.layers:
             print(f"  layer {entry['layer']:3d}: kept {len(entry['kept'])}/{entry['num_experts']}")
-        print(f"  scored and sliced in {dt:.2f}s")
+        print(f"  scored and sliced in {dt:.2f}s" + ("" if report.form == "hf" else
+              "; per-layer expert counts differ: an HF config cannot hold them, so the export is in mumoe's "
+              "own form (load it with mumoe.load)"))
+    return report
+
+
+def _config_field(cfg: dict, keys: tuple[str, ...]):
+    for c in (cfg, cfg.get("text_config") or {}):
+        for key in keys:
+            if c.get(key) is not None:
+                return c[key]
+    return None
+
+
+def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str = "aimer", overwrite: bool = False,
+                   progress: bool = True, verbose: bool = False) -> PruneReport:
+    """Calibration-free expert pruning straight from a checkpoint's safetensors files: the model is never
+    loaded; scores come from memory-mapped tensors read one at a time and the pruned checkpoint is written
+    shard by shard. Only weight-based methods (AIMER) can run this way."""
+    import json
+
+    from .apply.export import check_output_dir
+    from .apply.stream import prune_checkpoint, stream_aimer
+    from .models.base import EXPERT_COUNT_KEYS, TOP_K_KEYS
+
+    if method != "aimer":
+        raise MumoeError(f"only aimer can score from the checkpoint files; {method!r} needs the model loaded")
+    check_ratio(ratio)
+    check_output_dir(out, overwrite)
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    top_k = _config_field(cfg, TOP_K_KEYS)
+    if top_k is None or _config_field(cfg, EXPERT_COUNT_KEYS) is None:
+        raise MumoeError(f"{path}: config has no routed experts; expert pruning needs an MoE checkpoint")
+    n_group, topk_group = _config_field(cfg, ("n_group",)), _config_field(cfg, ("topk_group",))
+    t0 = time.perf_counter()
+    scores = stream_aimer(path, progress)
+    keep = {L: keep_uniform(s, ratio, int(top_k), n_group, topk_group, prune_highest=True) for L, s in scores.items()}
+    t_score = time.perf_counter() - t0
+    E0 = len(next(iter(scores.values())))
+    report = PruneReport(method=method, grain="expert", ratio=ratio, budget="uniform",
+                         model={"source": str(path), "model_type": cfg.get("model_type"), "num_experts": E0},
+                         layers=[{"layer": L, "num_experts": len(s), "kept": keep[L], "scores": [float(v) for v in s]}
+                                 for L, s in scores.items()])
+    if verbose:
+        for entry in report.layers:
+            print(f"  layer {entry['layer']:3d}: kept {len(entry['kept'])}/{entry['num_experts']}")
+        print(f"  scored {len(scores)} layers from the checkpoint files in {t_score:.2f}s (model not loaded)")
+    prune_checkpoint(path, out, report, overwrite, progress)
     return report

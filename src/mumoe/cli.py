@@ -67,22 +67,33 @@ def cmd_prune(args) -> int:
     from . import api
     from .apply.export import check_output_dir, save_pruned
     from .criteria import get_method
-    from .loading import load, load_tokenizer
+    from .loading import DATA
+    from .loading import load, load_tokenizer, resolve
     from .observe.calib import read_text
     from .select import check_ratio
 
-    get_method(args.method)
+    method = get_method(args.method)
     check_ratio(args.ratio)
+    if method.needs_calib and not args.calib:
+        raise MumoeError(f"method {args.method!r} needs calibration data: pass --calib PATH (a .txt file or folder; "
+                         f"the bundled splits live in {DATA})")
     check_output_dir(args.out, args.overwrite)
     if args.calib:
         read_text(args.calib)  # fail on a missing or empty calibration text before loading anything
     t0 = time.perf_counter()
+    if args.method == "aimer" and not args.in_memory and args.budget == "uniform" and _local_checkpoint(args.model):
+        print(f"pruning {args.ratio:.0%} of experts per layer with aimer, streamed from the checkpoint files "
+              f"(budget uniform, scoring one-shot)")
+        api.prune_streamed(resolve(args.model), args.ratio, args.out, overwrite=args.overwrite, verbose=True)
+        print(f"wrote {args.out} (loads with AutoModelForCausalLM.from_pretrained) in {time.perf_counter() - t0:.1f}s total")
+        return 0
     model = load(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; pruning {args.ratio:.0%} of experts "
-          f"per layer with {args.method} (budget uniform, scoring one-shot)")
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; pruning {args.ratio:.0%} of experts with "
+          f"{args.method} (budget {args.budget}, scoring one-shot)")
     report = api.prune(model, args.method, args.ratio, calib=args.calib, seed=args.seed, tokenizer=tokenizer,
-                       nsamples=args.nsamples, seqlen=args.seqlen, source=args.model, verbose=True)
+                       nsamples=args.nsamples, seqlen=args.seqlen, source=args.model, budget=args.budget,
+                       batch_size=args.batch_size, verbose=True)
     out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite)
     where = "AutoModelForCausalLM.from_pretrained" if report.form == "hf" else "mumoe.load (per-layer counts)"
     print(f"wrote {out} (loads with {where}) in {time.perf_counter() - t0:.1f}s total")
@@ -126,6 +137,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _method_names() -> list[str]:
+    from .criteria import METHODS
+
+    return [f"{m.name}" for m in METHODS.values()]
+
+
+def _local_checkpoint(model: str) -> bool:
+    from .loading import resolve
+
+    try:
+        p = Path(resolve(model))
+    except MumoeError:
+        return False
+    return p.is_dir() and any(p.glob("*.safetensors")) and not (p / "pruning.json").exists()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mumoe", description="Prune Mixture-of-Experts language models without "
                                 "retraining: expert, atom and weight grain; offline, per task, per prompt.")
@@ -147,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Score experts, keep the best per layer (uniform budget: round(ratio*E) "
                         "dropped in every MoE layer), slice router and experts, export atomically.")
     common(sp)
-    sp.add_argument("--method", required=True, help="scoring method (e.g. random)")
+    sp.add_argument("--method", required=True, help="scoring method: " + ", ".join(_method_names()))
+    sp.add_argument("--budget", default="uniform", choices=["uniform", "global"],
+                    help="uniform: round(ratio*E) dropped in every layer (HF/vLLM loadable); global: one ranking "
+                    "over all layers (scores normalized per layer, floor of top_k), exported for mumoe.load")
+    sp.add_argument("--in-memory", action="store_true", help="aimer: load the model instead of streaming the files")
+    sp.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward (default 8)")
     sp.add_argument("--ratio", type=float, required=True, help="fraction of routed experts to remove, in [0, 1)")
     sp.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -54,3 +54,38 @@ def keep_uniform(
         local = rank(scores[g * per_group : (g + 1) * per_group], prune_highest)[:keep_per_group]
         kept += (local + g * per_group).tolist()
     return sorted(kept)
+
+
+def keep_global(
+    scores: list[torch.Tensor],
+    ratio: float,
+    top_k: list[int],
+    prune_highest: bool = False,
+) -> list[list[int]]:
+    """One ranking over every layer's experts: drop round(ratio * ΣE) with the lowest normalized scores.
+
+    Scores are made comparable across layers by dividing each layer's by the sum of its absolute values;
+    no layer goes below its top_k floor. Returns the sorted keep set of each layer."""
+    check_ratio(ratio)
+    total = sum(s.numel() for s in scores)
+    drop = round(ratio * total)
+    floor_room = sum(s.numel() - k for s, k in zip(scores, top_k))
+    if drop > floor_room:
+        raise MumoeError(f"ratio {ratio} drops {drop} experts but only {floor_room} can go with a floor of top_k per layer")
+    cand = []  # (key, layer, expert): ascending key = dropped first
+    for layer, s in enumerate(scores):
+        norm = s.double() / s.double().abs().sum().clamp(min=1e-300)
+        order = rank(s, prune_highest).tolist()[::-1]  # least worth keeping first
+        for pos, e in enumerate(order):
+            key = -float(norm[e]) if prune_highest else float(norm[e])
+            cand.append((key, layer, pos, e))
+    cand.sort()
+    kept = [set(range(s.numel())) for s in scores]
+    dropped = 0
+    for _, layer, _, e in cand:
+        if dropped == drop:
+            break
+        if len(kept[layer]) > top_k[layer]:
+            kept[layer].discard(e)
+            dropped += 1
+    return [sorted(k) for k in kept]

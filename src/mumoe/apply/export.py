@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from torch import nn
 
@@ -54,22 +56,14 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write model (+ tokenizer) and pruning.json to `out` atomically; nothing is left half-written."""
+@contextmanager
+def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; on success it replaces `out` by rename, on any error it is removed."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if report.form == "mumoe":  # per-layer shapes: keep the fused layout, mumoe.load rebuilds it
-            from safetensors.torch import save_model
-
-            model.config.save_pretrained(tmp)
-            save_model(model, str(tmp / "model.safetensors"))
-        else:
-            model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "pruning.json").write_text(report.to_json())
+        yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / "x")
@@ -80,4 +74,19 @@ def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenize
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write model (+ tokenizer) and pruning.json to `out` atomically; nothing is left half-written."""
+    with atomic_output(out, overwrite) as tmp:
+        if report.form == "mumoe":  # per-layer shapes: keep the fused layout, mumoe.load rebuilds it
+            from safetensors.torch import save_model
+
+            model.config.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "pruning.json").write_text(report.to_json())
+    return Path(out)

@@ -58,21 +58,27 @@ def aimer_from_norms(l1: torch.Tensor, l2sq: torch.Tensor, n: int) -> torch.Tens
     return l1 / (math.sqrt(n) * l2sq.sqrt())
 
 
-def expert_norms(gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-expert ‖w‖₁ and ‖w‖₂² over gate, up and down, accumulated in float64 (exact for fp32/bf16 inputs).
-    gate_up [E, 2I, H], down [E, H, I] -> ([E], [E], N)."""
-    E = gate_up.shape[0]
-    l1 = torch.zeros(E, dtype=torch.float64)
-    l2 = torch.zeros(E, dtype=torch.float64)
-    for t in (gate_up, down):
-        for e in range(E):  # one expert at a time: no fp32 copy of a whole fused tensor
-            w = t[e].double()
-            l1[e] += w.abs().sum()
-            l2[e] += w.pow(2).sum()
-    return l1, l2, gate_up[0].numel() + down[0].numel()
+def matrix_norms(w: torch.Tensor) -> tuple[float, float]:
+    """‖w‖₁ and ‖w‖₂² of one weight matrix, reduced in float64 (vectorized; inputs upcast on the fly)."""
+    return (float(torch.linalg.vector_norm(w, 1, dtype=torch.float64)),
+            float(torch.linalg.vector_norm(w, 2, dtype=torch.float64)) ** 2)
+
+
+def expert_matrices(layer: MoELayer, e: int) -> list[torch.Tensor]:
+    """Expert e's gate [I, H], up [I, H], down [H, I] — the same three matrices a checkpoint stores."""
+    return [layer.gate_proj(e), layer.up_proj(e), layer.down_proj(e)]
 
 
 def aimer(layer: MoELayer) -> torch.Tensor:
     """AIMER (calibration-free): A_i = ‖w_i‖₁ / (√N ‖w_i‖₂) over concat(gate_i, up_i, down_i). Prune the highest."""
+    E = layer.num_experts
+    l1 = torch.zeros(E, dtype=torch.float64)
+    l2 = torch.zeros(E, dtype=torch.float64)
     with torch.no_grad():
-        return aimer_from_norms(*expert_norms(layer.experts.gate_up_proj, layer.experts.down_proj))
+        for e in range(E):
+            for w in expert_matrices(layer, e):
+                a, b = matrix_norms(w)
+                l1[e] += a
+                l2[e] += b
+    n = sum(w.numel() for w in expert_matrices(layer, 0))
+    return aimer_from_norms(l1, l2, n)
