@@ -88,7 +88,8 @@ def test_cli_calibrated_and_streamed(tmp_path, capsys):
     pj = json.loads((tmp_path / "o1" / "pruning.json").read_text())
     assert pj["calibration"]["nsamples"] == 4 and pj["calibration"]["seqlen"] == 32
     expected = mumoe.score(model, "reap", calib=str(tmp_path / "c.txt"), tokenizer=tok, nsamples=4, seqlen=32)
-    assert [e["scores"] for e in pj["layers"]] == [s.tolist() for s in expected]
+    for entry, s in zip(pj["layers"], expected):  # CLI model loads with sdpa attention, this one eager
+        torch.testing.assert_close(torch.tensor(entry["scores"], dtype=torch.float64), s, rtol=1e-5, atol=1e-9)
     rc = main(["prune", str(tmp_path / "m"), "--method", "aimer", "--ratio", "0.25", "--out", str(tmp_path / "o2")])
     out, err = capsys.readouterr()
     assert rc == 0 and "streamed from the checkpoint files" in out and "model not loaded" in out
