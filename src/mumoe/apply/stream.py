@@ -1,7 +1,7 @@
 """Work on a checkpoint's safetensors files without loading the model: AIMER scoring and expert slicing.
 
-Tensors are memory-mapped and read one at a time (fused expert tensors one expert slice at a time), so the
-peak memory is about one tensor, whatever the model size. Both expert layouts are understood:
+For scoring, each tensor is memory-mapped on its own and released before the next (fused expert tensors one
+expert slice at a time), so resident memory stays at about one tensor, whatever the shard or model size. Both expert layouts are understood:
     fused   model.layers.L.mlp.experts.gate_up_proj [E, 2I, H], ...experts.down_proj [E, H, I]
     legacy  model.layers.L.mlp.experts.J.{gate,up,down}_proj.weight  (what save_pretrained writes by default)
 """
@@ -9,8 +9,10 @@ peak memory is about one tensor, whatever the model size. Both expert layouts ar
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import shutil
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -49,20 +51,62 @@ def shard_files(path: Path) -> list[Path]:
 ORDER = ("gate_proj", "up_proj", "down_proj")  # the in-memory AIMER's summation order
 
 
-def _expert_matrices(f, key: str):
-    """Yield (layer, expert, kind, matrix) for an expert tensor key; fused gate_up is split into gate and up."""
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_header(file: Path) -> dict[str, dict]:
+    """The safetensors header: {key: {"dtype", "shape", "data_offsets"}} (offsets relative to the data start)."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    for meta in header.values():
+        meta["start"] = 8 + n + meta["data_offsets"][0]
+    return header
+
+
+class MappedTensor:
+    """One tensor (or one leading-dim slice of it) memory-mapped on its own: only its pages are ever mapped,
+    so resident memory stays at about one tensor however large the shard is."""
+
+    def __init__(self, file: Path, meta: dict, index: int | None = None) -> None:
+        shape, dtype = list(meta["shape"]), _DTYPES[meta["dtype"]]
+        size = dtype.itemsize
+        for d in shape:
+            size *= d
+        start = meta["start"]
+        if index is not None:  # one slice along dim 0 (one expert of a fused tensor)
+            size //= shape[0]
+            start += index * size
+            shape = shape[1:]
+        self.shape, self.dtype, self.start, self.size, self.file = shape, dtype, start, size, file
+
+    def __enter__(self) -> torch.Tensor:
+        aligned = self.start - self.start % mmap.ALLOCATIONGRANULARITY
+        self._fh = open(self.file, "rb")
+        self._map = mmap.mmap(self._fh.fileno(), self.start - aligned + self.size, offset=aligned,
+                              access=mmap.ACCESS_READ)
+        buf = memoryview(self._map)[self.start - aligned :]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffer: we never write to it
+            return torch.frombuffer(buf, dtype=self.dtype).view(self.shape)
+
+    def __exit__(self, *exc) -> None:
+        try:  # callers `del` the tensor inside the block, which releases the buffer
+            self._map.close()
+        except BufferError:  # a view is still alive: the map is freed with it
+            pass
+        self._fh.close()
+
+
+def _expert_matrices(file: Path, key: str, meta: dict):
+    """Yield (layer, expert, kind, MappedTensor) for an expert tensor key; a fused gate_up is read per expert
+    and split into gate and up by the caller (kind "gate_up_proj")."""
     if m := LEGACY.match(key):
-        yield int(m["layer"]), int(m["e"]), KIND[m["kind"]], f.get_tensor(key)
+        yield int(m["layer"]), int(m["e"]), KIND[m["kind"]], MappedTensor(file, meta)
     elif m := FUSED.match(key):
-        sl = f.get_slice(key)
-        E, rows = sl.get_shape()[0], sl.get_shape()[1]
-        for e in range(E):
-            w = sl[e]  # one expert at a time: [2I, H] or [H, I]
-            if m["kind"] == "gate_up_proj":
-                yield int(m["layer"]), e, "gate_proj", w[: rows // 2]
-                yield int(m["layer"]), e, "up_proj", w[rows // 2 :]
-            else:
-                yield int(m["layer"]), e, "down_proj", w
+        for e in range(meta["shape"][0]):
+            yield int(m["layer"]), e, m["kind"], MappedTensor(file, meta, e)
 
 
 def stream_aimer(path: str | Path, progress: bool = True) -> dict[int, torch.Tensor]:
@@ -72,10 +116,16 @@ def stream_aimer(path: str | Path, progress: bool = True) -> dict[int, torch.Ten
     path = Path(path)
     norms: dict[int, dict[int, dict[str, tuple]]] = defaultdict(lambda: defaultdict(dict))  # (l1, l2², numel)
     for file in tqdm(shard_files(path), desc="aimer (streamed)", disable=not progress, unit="shard"):
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                for L, e, kind, mat in _expert_matrices(f, key):
-                    norms[L][e][kind] = (*matrix_norms(mat), mat.numel())
+        for key, meta in read_header(file).items():
+            for L, e, kind, mapped in _expert_matrices(file, key, meta):
+                with mapped as w:
+                    if kind == "gate_up_proj":
+                        half = w.shape[0] // 2
+                        norms[L][e]["gate_proj"] = (*matrix_norms(w[:half]), w[:half].numel())
+                        norms[L][e]["up_proj"] = (*matrix_norms(w[half:]), w[half:].numel())
+                    else:
+                        norms[L][e][kind] = (*matrix_norms(w), w.numel())
+                    del w
     if not norms:
         raise MumoeError(f"{path}: no routed-expert tensors found (is it an MoE checkpoint?)")
     out = {}
