@@ -139,3 +139,23 @@ def test_calibration_required():
     with pytest.raises(MumoeError, match="needs calibration data"):
         mumoe.prune(make("qwen3_moe"), "reap", 0.5)
     assert sorted(METHODS) == sorted(["random", "aimer"] + CALIBRATED)
+
+
+def test_progressive_order_scores_each_layer_after_earlier_pruning():
+    calib = ids(4, 12, seed=7)
+    model = make("qwen3_moe")
+    report = mumoe.prune(model, "reap", 0.5, calib=calib, order="progressive")
+    assert report.scoring_order == "progressive"
+    # independent: layer 0 on the dense model, prune it, then layer 1 on that model
+    ref = make("qwen3_moe")
+    s0 = mumoe.score(ref, "reap", calib=calib)[0]
+    from mumoe.apply import remove_experts
+
+    remove_experts(ref, {0: keep_uniform(s0, 0.5, 2)})
+    s1 = mumoe.score(ref, "reap", calib=calib)[1]
+    torch.testing.assert_close(torch.tensor(report.layers[0]["scores"], dtype=torch.float64), s0)
+    torch.testing.assert_close(torch.tensor(report.layers[1]["scores"], dtype=torch.float64), s1)
+    one_shot = mumoe.score(make("qwen3_moe"), "reap", calib=calib)[1]
+    assert not torch.allclose(one_shot, s1)  # the order matters
+    assert report.layers[1]["kept"] == keep_uniform(s1, 0.5, 2)
+    assert [len(e["kept"]) for e in report.layers] == [4, 4] and model.config.num_experts == 4

@@ -46,8 +46,12 @@ def score(model: nn.Module, method: str, calib=None, seed: int = 0, tokenizer=No
 
 def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0, budget: str = "uniform",
           tokenizer=None, nsamples: int = 128, seqlen: int = 512, source: str | None = None,
-          batch_size: int = 8, verbose: bool = False) -> PruneReport:
+          batch_size: int = 8, order: str = "one-shot", verbose: bool = False) -> PruneReport:
     """Prune `model` in place at the expert grain and return what was done.
+
+    order: "one-shot" (default: every layer scored on the unpruned model, as Cerebras REAP and AIMER) or
+    "progressive" (layer l scored on the outputs of layers < l already pruned, as llm-compressor's REAP);
+    only differs for calibrated criteria with a uniform budget.
 
     ratio: fraction of routed experts removed: in every MoE layer (budget="uniform"), or over all layers
     with one normalized ranking and a per-layer floor of top_k (budget="global": per-layer counts differ, the
@@ -62,8 +66,22 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
     wins, calib_info = resolve_calib(calib, tokenizer, nsamples, seqlen)
     if m.needs_calib and wins is None:
         raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
+    if order not in ("one-shot", "progressive"):
+        raise MumoeError(f"unknown scoring order {order!r}; available: one-shot, progressive")
+    if not m.needs_calib:
+        order = "one-shot"  # data-free scores do not depend on earlier layers
+    if order == "progressive" and budget != "uniform":
+        raise MumoeError("progressive scoring needs the uniform budget")
     t0 = time.perf_counter()
-    scores = compute_scores(m, model, layers, wins, seed, batch_size, progress=verbose)
+    if order == "progressive":
+        scores = []
+        for layer in layers:  # score this layer on the model whose earlier layers are already sliced
+            s = compute_scores(m, model, [layer], wins, seed, batch_size, progress=verbose)[0]
+            scores.append(s)
+            remove_experts(model, {layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group,
+                                                             m.prune_highest)})
+    else:
+        scores = compute_scores(m, model, layers, wins, seed, batch_size, progress=verbose)
     if budget == "global":
         if any(layer.n_group and layer.n_group > 1 for layer in layers):
             raise MumoeError("global budgets are not available for group-limited routers; use --budget uniform")
@@ -72,15 +90,15 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
     else:
         keep = {layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group, m.prune_highest)
                 for layer, s in zip(layers, scores)}
-    E0 = layers[0].num_experts
+    E0 = len(scores[0])
     report = PruneReport(
-        method=method, grain=m.grain, ratio=ratio, budget=budget, calibration=calib_info,
+        method=method, grain=m.grain, ratio=ratio, budget=budget, scoring_order=order, calibration=calib_info,
         model={"source": source or getattr(model.config, "_name_or_path", ""),
                "model_type": model.config.model_type, "num_experts": E0},
-        layers=[{"layer": layer.index, "num_experts": layer.num_experts, "kept": keep[layer.index],
+        layers=[{"layer": layer.index, "num_experts": len(s), "kept": keep[layer.index],
                  "scores": [float(v) for v in s]} for layer, s in zip(layers, scores)],
     )
-    counts = remove_experts(model, keep)
+    counts = [len(k) for k in keep.values()] if order == "progressive" else remove_experts(model, keep)
     report.form = "hf" if len(set(counts)) == 1 else "mumoe"
     if verbose:
         dt = time.perf_counter() - t0

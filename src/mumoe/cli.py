@@ -90,10 +90,10 @@ def cmd_prune(args) -> int:
     model = load(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; pruning {args.ratio:.0%} of experts with "
-          f"{args.method} (budget {args.budget}, scoring one-shot)")
+          f"{args.method} (budget {args.budget}, scoring {args.order})")
     report = api.prune(model, args.method, args.ratio, calib=args.calib, seed=args.seed, tokenizer=tokenizer,
                        nsamples=args.nsamples, seqlen=args.seqlen, source=args.model, budget=args.budget,
-                       batch_size=args.batch_size, verbose=True)
+                       batch_size=args.batch_size, order=args.order, verbose=True)
     out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite)
     where = "AutoModelForCausalLM.from_pretrained" if report.form == "hf" else "mumoe.load (per-layer counts)"
     print(f"wrote {out} (loads with {where}) in {time.perf_counter() - t0:.1f}s total")
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--budget", default="uniform", choices=["uniform", "global"],
                     help="uniform: round(ratio*E) dropped in every layer (HF/vLLM loadable); global: one ranking "
                     "over all layers (scores normalized per layer, floor of top_k), exported for mumoe.load")
+    sp.add_argument("--order", default="one-shot", choices=["one-shot", "progressive"],
+                    help="one-shot: every layer scored on the unpruned model (default); progressive: layer l "
+                    "scored after layers < l are pruned")
     sp.add_argument("--in-memory", action="store_true", help="aimer: load the model instead of streaming the files")
     sp.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward (default 8)")
     sp.add_argument("--ratio", type=float, required=True, help="fraction of routed experts to remove, in [0, 1)")
