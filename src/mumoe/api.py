@@ -17,6 +17,13 @@ from .observe.calib import read_text, tokenize, windows
 from .select import check_ratio, keep_global, keep_uniform
 
 
+def layer_summary(entry: dict) -> str:
+    """One line per layer: kept count and the dropped experts."""
+    dropped = sorted(set(range(entry["num_experts"])) - set(entry["kept"]))
+    shown = ", ".join(map(str, dropped[:12])) + (", ..." if len(dropped) > 12 else "")
+    return f"  layer {entry['layer']:3d}: kept {len(entry['kept'])}/{entry['num_experts']}  dropped [{shown}]"
+
+
 def resolve_calib(calib, tokenizer=None, nsamples: int = 128, seqlen: int = 512, seed: int | None = None):
     """calib: LongTensor [N, L] of token ids, a path to a .txt file/folder, or raw text. -> ([N, L], info)"""
     if calib is None:
@@ -103,7 +110,7 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
     if verbose:
         dt = time.perf_counter() - t0
         for entry in report.layers:
-            print(f"  layer {entry['layer']:3d}: kept {len(entry['kept'])}/{entry['num_experts']}")
+            print(layer_summary(entry))
         print(f"  scored and sliced in {dt:.2f}s" + ("" if report.form == "hf" else
               "; per-layer expert counts differ: an HF config cannot hold them, so the export is in mumoe's "
               "own form (load it with mumoe.load)"))
@@ -150,7 +157,7 @@ def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str 
                                  for L, s in scores.items()])
     if verbose:
         for entry in report.layers:
-            print(f"  layer {entry['layer']:3d}: kept {len(entry['kept'])}/{entry['num_experts']}")
+            print(layer_summary(entry))
         print(f"  scored {len(scores)} layers from the checkpoint files in {t_score:.2f}s (model not loaded)")
     prune_checkpoint(path, out, report, overwrite, progress)
     return report
