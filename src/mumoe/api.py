@@ -48,23 +48,34 @@ def score(model: nn.Module, method: str, calib=None, seed: int = 0, tokenizer=No
     wins, _ = resolve_calib(calib, tokenizer, nsamples, seqlen)
     if m.needs_calib and wins is None:
         raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
+    if m.grain == "atom":  # one [E, I] tensor per layer
+        from .criteria.heapr import atom_scores, collect_atom_stats
+
+        stats = ([None] * len(layers) if not m.needs_calib else
+                 collect_atom_stats(model, layers, wins, batch_size, backward=method != "atom-act", progress=progress))
+        return [atom_scores(method, layer, st) for layer, st in zip(layers, stats)]
     return compute_scores(m, model, layers, wins, seed, batch_size, progress)
 
 
 def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0, budget: str = "uniform",
           tokenizer=None, nsamples: int = 128, seqlen: int = 512, source: str | None = None,
-          batch_size: int = 8, order: str = "one-shot", verbose: bool = False) -> PruneReport:
+          batch_size: int = 8, order: str = "one-shot", form: str = "uniform", scope: str = "global",
+          verbose: bool = False) -> PruneReport:
     """Prune `model` in place at the expert grain and return what was done.
 
     order: "one-shot" (default: every layer scored on the unpruned model, as Cerebras REAP and AIMER) or
     "progressive" (layer l scored on the outputs of layers < l already pruned, as llm-compressor's REAP);
     only differs for calibrated criteria with a uniform budget.
+    form / scope: atom-grain methods only (see `prune_atoms`).
 
     ratio: fraction of routed experts removed: in every MoE layer (budget="uniform"), or over all layers
     with one normalized ranking and a per-layer floor of top_k (budget="global": per-layer counts differ, the
     export is in mumoe's own form, loaded by `mumoe.load`).
     """
     check_ratio(ratio)
+    if get_method(method).grain == "atom":
+        return prune_atoms(model, method, ratio, calib, form=form, scope=scope, tokenizer=tokenizer,
+                           nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, source=source, verbose=verbose)
     if budget not in ("uniform", "global"):
         raise MumoeError(f"unknown budget {budget!r}; available: uniform, global")
     m = get_method(method)
@@ -160,4 +171,66 @@ def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str 
             print(layer_summary(entry))
         print(f"  scored {len(scores)} layers from the checkpoint files in {t_score:.2f}s (model not loaded)")
     prune_checkpoint(path, out, report, overwrite, progress)
+    return report
+
+
+def prune_atoms(model: nn.Module, method: str, ratio: float, calib=None, form: str = "uniform",
+                scope: str = "global", tokenizer=None, nsamples: int = 128, seqlen: int = 512, batch_size: int = 4,
+                source: str | None = None, verbose: bool = False) -> PruneReport:
+    """Atomic-expert pruning in place (HEAPr and same-grain baselines).
+
+    form="uniform": every expert keeps its best I' = (1 − ratio)·I atoms (multiple of 8); the model stays a
+    standard HF model with a narrower expert width. form="global": the lowest `ratio` of all atoms go, ranked
+    over all layers (scope="global", HEAPr) or per layer (scope="layer"); widths differ per expert, removed
+    atoms are zeroed in memory and the export (mumoe's own form) stores only the kept ones.
+    """
+    from .apply.atoms import keep_global_atoms, keep_uniform_atoms, mask_atoms, slice_atoms_uniform
+    from .criteria.heapr import ATOM_METHODS, atom_scores, collect_atom_stats
+
+    check_ratio(ratio)
+    if method not in ATOM_METHODS:
+        raise MumoeError(f"unknown atom method {method!r}; known: {', '.join(ATOM_METHODS)}")
+    if form not in ("uniform", "global"):
+        raise MumoeError(f"unknown form {form!r}; use uniform or global")
+    adapter = moe_adapter_for(model)
+    layers = adapter.moe_layers()
+    wins, calib_info = resolve_calib(calib, tokenizer, nsamples, seqlen)
+    t0 = time.perf_counter()
+    if method == "atom-magnitude":
+        stats = [None] * len(layers)
+    else:
+        if wins is None:
+            raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
+        stats = collect_atom_stats(model, layers, wins, batch_size, backward=method != "atom-act", progress=verbose)
+    scores = [atom_scores(method, layer, st) for layer, st in zip(layers, stats)]  # [E, I] each
+    entries = []
+    if form == "uniform":
+        keeps = [keep_uniform_atoms(s, ratio) for s in scores]
+        for layer, k in zip(layers, keeps):
+            entries.append({"layer": layer.index, "num_experts": layer.num_experts,
+                            "intermediate_size": layer.intermediate_size, "kept_width": k.shape[-1],
+                            "experts": [{"expert": e, "kept": k[e].tolist()} for e in range(k.shape[0])]})
+        adapter.set_expert_width(keeps[0].shape[-1])
+        for layer, k in zip(layers, keeps):
+            slice_atoms_uniform(layer, k)
+    else:
+        masks = keep_global_atoms(scores, ratio, scope)
+        for layer, m in zip(layers, masks):
+            entries.append({"layer": layer.index, "num_experts": layer.num_experts,
+                            "intermediate_size": layer.intermediate_size,
+                            "experts": [{"expert": e, "kept": torch.nonzero(m[e]).flatten().tolist()}
+                                        for e in range(m.shape[0])]})
+            mask_atoms(layer, m)
+    report = PruneReport(
+        method=method, grain="atom", ratio=ratio, budget=f"{form}" + ("" if form == "uniform" else f"/{scope}"),
+        calibration=calib_info, form="hf" if form == "uniform" else "mumoe-atoms",
+        model={"source": source or getattr(model.config, "_name_or_path", ""),
+               "model_type": model.config.model_type, "num_experts": layers[0].num_experts},
+        layers=entries)
+    if verbose:
+        for e in entries:
+            widths = [len(x["kept"]) for x in e["experts"]]
+            print(f"  layer {e['layer']:3d}: kept atoms per expert {min(widths)}..{max(widths)} of "
+                  f"{e['intermediate_size']} (total {sum(widths)}/{e['intermediate_size'] * len(widths)})")
+        print(f"  scored and applied in {time.perf_counter() - t0:.2f}s")
     return report

@@ -55,8 +55,11 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
     if path.is_dir() and not (path / "config.json").exists():
         raise MumoeError(f"{name} is not a model folder (no config.json)")
     report = path / "pruning.json"
-    if report.exists() and json.loads(report.read_text()).get("form") == "mumoe":
+    form = json.loads(report.read_text()).get("form") if report.exists() else "hf"
+    if form == "mumoe":
         return _load_mumoe_form(path, _dtype(dtype))
+    if form == "mumoe-atoms":
+        return _load_atom_form(path, _dtype(dtype))
     from transformers import AutoModelForCausalLM
 
     try:
@@ -84,6 +87,45 @@ def _load_mumoe_form(path: Path, dtype: torch.dtype) -> nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise MumoeError(f"{path}: checkpoint does not match pruning.json (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model.to(dtype).eval()
+
+
+def _load_atom_form(path: Path, dtype: torch.dtype) -> nn.Module:
+    """Rebuild an atom-pruned export whose experts have different widths: full-width fused tensors with the
+    kept rows/columns filled in and the removed atoms zero (the same function as the sliced experts)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .apply.export import PruneReport
+    from .models import moe_adapter_for
+
+    report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    state = load_file(path / "model.safetensors")
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
+    fused = set()
+    with torch.no_grad():
+        for entry in report.layers:
+            layer = layers[entry["layer"]]
+            prefix = names[id(layer.experts)]
+            fused |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
+            layer.experts.gate_up_proj.zero_()
+            layer.experts.down_proj.zero_()
+            I = layer.intermediate_size
+            for ex in entry["experts"]:
+                e, k = ex["expert"], torch.tensor(ex["kept"], dtype=torch.long)
+                gu = state.pop(f"{prefix}.{e}.gate_up")
+                layer.experts.gate_up_proj[e, k] = gu[: len(k)].to(dtype)
+                layer.experts.gate_up_proj[e, k + I] = gu[len(k):].to(dtype)
+                layer.experts.down_proj[e][:, k] = state.pop(f"{prefix}.{e}.down").to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied and k not in fused]
     if missing or unexpected:
         raise MumoeError(f"{path}: checkpoint does not match pruning.json (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")

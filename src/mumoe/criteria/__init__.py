@@ -48,6 +48,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            expert.easy_ep, needs_expert_outputs=True),
     Method("tcess", "expert", True, False, "PreMoe TCESS (v1): mean arg-max router logit", expert.tcess),
     Method("peu", "expert", True, False, "PreMoe PEU (v3): thresholded pool scores", expert.peu),
+    Method("heapr", "atom", True, False, "HEAPr: E[h²]·E[(∂L/∂h)²] per expert neuron (forward + backward)"),
+    Method("heapr-token", "atom", True, False, "HEAPr per-token variant: E[h²·(∂L/∂h)²]"),
+    Method("atom-act", "atom", True, False, "atom baseline: E[h²]·‖down[:, k]‖²"),
+    Method("atom-magnitude", "atom", False, False, "atom baseline: weight norm of the neuron's rows/column"),
 ]}
 
 

@@ -163,6 +163,12 @@ class Adapter:
                 return int(getattr(self.config, key))
         raise MumoeError(f"{self.config.model_type}: no top-k key in config")
 
+    expert_width_key: ClassVar[str] = "moe_intermediate_size"  # config key of the routed experts' width I
+
+    def set_expert_width(self, width: int) -> None:
+        """Rewrite the config's routed-expert width (uniform atom pruning)."""
+        setattr(self.config, self.expert_width_key, width)
+
     def set_num_experts(self, n: int) -> list[str]:
         """Rewrite every expert-count key of the config (nested text configs included)."""
         return set_expert_count(self.config, n)

@@ -2,6 +2,7 @@
 (n_group / topk_group), weights normalized and × routed_scaling_factor; shared experts; the first
 `first_k_dense_replace` layers are dense MLPs."""
 
+from ..errors import MumoeError
 from .base import Adapter
 
 
@@ -20,3 +21,12 @@ class DeepseekV3Adapter(Adapter):
             "n_group": int(cfg.n_group),
             "topk_group": int(cfg.topk_group),
         }
+
+    def set_expert_width(self, width: int) -> None:
+        """The shared experts are sized moe_intermediate_size × n_shared_experts: keep their width."""
+        cfg = self.config
+        shared = cfg.moe_intermediate_size * cfg.n_shared_experts
+        if shared % width:
+            raise MumoeError(f"deepseek_v3: expert width {width} does not divide the shared experts' width {shared}, "
+                             "so an HF config cannot hold both; use the global form (mumoe.load)")
+        cfg.moe_intermediate_size, cfg.n_shared_experts = width, shared // width

@@ -5,3 +5,4 @@ from .base import Adapter
 
 class OlmoeAdapter(Adapter):
     model_types = ("olmoe",)
+    expert_width_key = "intermediate_size"  # experts are sized by intermediate_size (no dense MLP layers)
