@@ -69,6 +69,18 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
     return model.eval()
 
 
+def _load_checked(model: nn.Module, state: dict, path: Path, filled: set[str] = frozenset()) -> None:
+    """load_state_dict that accepts as missing only tensors filled in already (`filled`) and, when the
+    config ties them, the tied output embeddings."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
+    missing = [k for k in missing if k not in tied and k not in filled]
+    if missing or unexpected:
+        raise MumoeError(f"{path}: checkpoint does not match pruning.json (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    model.tie_weights()
+
+
 def _load_mumoe_form(path: Path, dtype: torch.dtype) -> nn.Module:
     """Rebuild an export whose layers hold different expert counts: build from config, slice, load weights."""
     from safetensors.torch import load_file
@@ -84,13 +96,7 @@ def _load_mumoe_form(path: Path, dtype: torch.dtype) -> nn.Module:
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise MumoeError(f"{path}: checkpoint does not match pruning.json (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    model.tie_weights()
+    _load_checked(model, state, path)
     return model.to(dtype).eval()
 
 
@@ -123,13 +129,7 @@ def _load_atom_form(path: Path, dtype: torch.dtype) -> nn.Module:
                 layer.experts.gate_up_proj[e, k] = gu[: len(k)].to(dtype)
                 layer.experts.gate_up_proj[e, k + I] = gu[len(k):].to(dtype)
                 layer.experts.down_proj[e][:, k] = state.pop(f"{prefix}.{e}.down").to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in missing if k not in tied and k not in fused]
-    if missing or unexpected:
-        raise MumoeError(f"{path}: checkpoint does not match pruning.json (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    model.tie_weights()
+    _load_checked(model, state, path, filled=fused)
     return model.to(dtype).eval()
 
 

@@ -104,8 +104,11 @@ def compact_atom_state(model: nn.Module, report: PruneReport) -> dict:
     from ..models import moe_adapter_for
 
     names = {id(m): n for n, m in model.named_modules()}
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # tied tensors (lm_head = embeddings) are stored once
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            state[k] = v.contiguous()
     layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
     for entry in report.layers:
         layer = layers[entry["layer"]]
