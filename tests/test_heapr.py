@@ -156,3 +156,22 @@ def test_ratio_zero_and_bad_inputs():
         assert torch.equal(model(x).logits, before)
     with pytest.raises(MumoeError, match="needs calibration"):
         mumoe.prune(make("olmoe"), "heapr", 0.25)
+
+
+def test_cli_heapr_both_forms(tmp_path, capsys):
+    from conftest import SAMPLE_TEXT, char_tokenizer
+    from mumoe.cli import main
+
+    model, tok = make("qwen3_moe"), char_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "c.txt").write_text(SAMPLE_TEXT)
+    common = ["prune", str(tmp_path / "m"), "--method", "heapr", "--ratio", "0.5", "--calib", str(tmp_path / "c.txt"),
+              "--nsamples", "2", "--seqlen", "32"]
+    assert main(common + ["--out", str(tmp_path / "u")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "u").config.moe_intermediate_size == 8
+    assert main(common + ["--out", str(tmp_path / "g"), "--form", "global"]) == 0
+    out = capsys.readouterr().out
+    assert "atoms (global form)" in out and "mumoe.load" in out
+    assert json.loads((tmp_path / "g" / "pruning.json").read_text())["form"] == "mumoe-atoms"
+    mumoe.load(tmp_path / "g")
