@@ -138,6 +138,76 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_taer_build(args) -> int:
+    from .apply.export import atomic_output, check_output_dir
+    from .loading import DATA, load, load_tokenizer
+    from .observe.calib import calibration_windows, read_text
+    from .retrieval import build_library
+
+    check_output_dir(args.out, args.overwrite)
+    specs = {}
+    for spec in args.task:
+        if spec == "domain":
+            specs.update({p.parent.name: p for p in sorted(DATA.glob("*/calib.txt"))})
+            continue
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise MumoeError(f"--task takes NAME=PATH (or 'domain'), got {spec!r}")
+        specs[name] = path
+    for path in specs.values():
+        read_text(path)  # missing or empty texts fail before the model loads
+    model = load(args.model, args.dtype)
+    tok = load_tokenizer(args.model)
+    if tok is None:
+        raise MumoeError(f"{args.model} has no tokenizer")
+    tasks = {name: calibration_windows(tok, path, args.nsamples, args.seqlen) for name, path in specs.items()}
+    t0 = time.perf_counter()
+    lib = build_library(model, tasks, args.keep, args.score, args.key)
+    with atomic_output(args.out, args.overwrite) as tmp:
+        lib.save(tmp)
+    print(f"built {len(tasks)} task patterns (keep {args.keep} of {lib.fingerprint['num_experts'][0]} experts per "
+          f"layer, {args.score} scores, {args.key} key) in {time.perf_counter() - t0:.1f}s -> {args.out}")
+    return 0
+
+
+def cmd_taer_match(args) -> int:
+    from .loading import load_tokenizer
+    from .retrieval import TaskLibrary, check_library, load_matcher, match
+    from .loading import resolve
+
+    if not args.prompt.strip():
+        raise MumoeError("empty prompt")
+    lib = TaskLibrary.load(args.library)
+    check_library(resolve(args.model), lib)
+    tok = load_tokenizer(args.model)
+    ids = torch_ids(tok, args.prompt)
+    t0 = time.perf_counter()
+    m = match(load_matcher(args.model, lib), lib, ids)
+    print(f"task {m.task} (L2 {m.distance:.4f}); runner-up {m.runner_up} (L2 {m.runner_up_distance:.4f}); "
+          f"{ids.shape[-1]} prompt tokens, {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
+def cmd_taer_generate(args) -> int:
+    from .retrieval import TaskServer
+
+    if not args.prompt.strip():
+        raise MumoeError("empty prompt")
+    server = TaskServer(args.model, args.library, args.dtype)
+    res = server.generate(args.prompt, max_new_tokens=args.max_new_tokens)
+    print(f"matched task {res.match.task} (L2 {res.match.distance:.4f}, runner-up {res.match.runner_up} "
+          f"{res.match.runner_up_distance:.4f}) in {res.match_seconds:.2f}s; loaded its "
+          f"{server.lib.keep} experts per layer in {res.load_seconds:.2f}s")
+    print(args.prompt + res.text)
+    return 0
+
+
+def torch_ids(tokenizer, text: str):
+    import torch
+
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
 def _method_names() -> list[str]:
     from .criteria import METHODS
 
@@ -209,6 +279,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     sp.add_argument("--json", help="also write the result as JSON to this path")
     sp.set_defaults(func=cmd_eval)
+
+    taer = sub.add_parser("taer", help="PreMoe TAER: task library, matching, partial loading, serving",
+                          description="Build a library of per-task expert patterns, match prompts to tasks on the "
+                          "first MoE router's logits, and serve each query with only its task's experts loaded.")
+    tsub = taer.add_subparsers(dest="taer_command", metavar="ACTION")
+    sp = tsub.add_parser("build", help="build a task library",
+                         description="Per task: PEP scores (TCESS or PEU) per layer, top-M experts, retrieval key.")
+    common(sp)
+    sp.add_argument("--task", action="append", required=True,
+                    help="NAME=PATH (a .txt file or folder), repeatable; 'domain' adds every bundled calib split")
+    sp.add_argument("--keep", type=int, required=True, help="experts kept per layer (M >= top_k)")
+    sp.add_argument("--score", default="tcess", choices=["tcess", "peu"], help="PEP score (default tcess)")
+    sp.add_argument("--key", default="first", choices=["first", "all"],
+                    help="retrieval key: first MoE layer's TCESS vector (default) or all MoE layers concatenated")
+    sp.add_argument("--nsamples", type=int, default=64, help="windows per task (default 64)")
+    sp.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
+    sp.add_argument("--out", required=True, help="library directory")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_taer_build)
+    for name, fn, helptext in (("match", cmd_taer_match, "match a prompt to the nearest task"),
+                               ("generate", cmd_taer_generate, "match, load the task's experts only, generate")):
+        sp = tsub.add_parser(name, help=helptext, description=helptext)
+        sp.add_argument("model", nargs="?", default="default", help=MODEL_HELP)
+        sp.add_argument("library", help="task library directory (from `mumoe taer build`)")
+        sp.add_argument("--prompt", required=True, help="the query text")
+        sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+        sp.add_argument("--max-new-tokens", type=int, default=48)
+        sp.set_defaults(func=fn)
+    taer.set_defaults(func=lambda a: (taer.print_help(), 0)[1])
     return p
 
 

@@ -1,0 +1,136 @@
+"""Partial loading and serving for TAER: a task's model built from only its kept experts.
+
+`load_task_model` reads the checkpoint's safetensors files and materializes only the kept experts (router rows
+and biases sliced, expert count = M, top_k unchanged): the pruned shards are written to a temporary
+directory (skipped experts are never read) and loaded by `from_pretrained`, so the result is exactly what
+loading the full model and pruning it in memory gives. Matching runs a truncated model (layers up to the
+first MoE router) so the full model is never needed at query time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..apply.export import PruneReport
+from ..apply.stream import ROUTER, prune_checkpoint, shard_files
+from ..errors import MumoeError
+from ..loading import _dtype, resolve
+from .library import Match, TaskLibrary, match
+
+
+def checkpoint_fingerprint(path: str | Path) -> dict:
+    """`model_fingerprint` computed from the checkpoint files (router tensors only), without loading the model."""
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    routers: dict[int, torch.Tensor] = {}
+    for file in shard_files(path):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                if (m := ROUTER.match(key)) and m["kind"] == "weight":
+                    routers[int(m["layer"])] = f.get_tensor(key)
+    h = hashlib.sha256()
+    for L in sorted(routers):
+        h.update(routers[L].float().contiguous().numpy().tobytes())
+    top_k = next(cfg[k] for k in ("num_experts_per_tok", "moe_topk", "moe_k") if k in cfg)
+    return {"model_type": cfg["model_type"], "moe_layers": sorted(routers),
+            "num_experts": [routers[L].shape[0] for L in sorted(routers)], "top_k": top_k,
+            "router_sha256": h.hexdigest()[:16]}
+
+
+def check_library(path: str | Path, lib: TaskLibrary) -> None:
+    fp = checkpoint_fingerprint(path)
+    if fp != lib.fingerprint:
+        diff = [k for k in fp if fp[k] != lib.fingerprint.get(k)]
+        raise MumoeError(f"task library was built for another model (differs in: {', '.join(diff)})")
+
+
+def load_task_model(model: str | Path, lib: TaskLibrary, task: str, dtype: str | torch.dtype = "fp32") -> nn.Module:
+    """The model with only `task`'s kept experts, read from the checkpoint files."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(resolve(model))
+    entry = lib.task(task)
+    E = lib.fingerprint["num_experts"][0]
+    report = PruneReport(method=f"taer:{task}", grain="expert", ratio=1 - lib.keep / E, budget="uniform",
+                         model={"source": str(path), "model_type": lib.fingerprint["model_type"], "num_experts": E},
+                         layers=[{"layer": L, "num_experts": E, "kept": kept, "scores": lib.scores[task][i].tolist()}
+                                 for i, (L, kept) in enumerate(sorted(entry["kept"].items()))])
+    with tempfile.TemporaryDirectory(prefix="mumoe-taer-") as tmp:
+        out = prune_checkpoint(path, Path(tmp) / "task", report, progress=False)
+        return AutoModelForCausalLM.from_pretrained(out, dtype=_dtype(dtype)).eval()
+
+
+def load_matcher(model: str | Path, lib: TaskLibrary, dtype: str | torch.dtype = "fp32") -> nn.Module:
+    """A truncated model holding the decoder layers up to the first MoE router (enough to build keys);
+    with key_mode="all" every layer is needed, so the full model is loaded."""
+    import logging
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    path = Path(resolve(model))
+    cfg = AutoConfig.from_pretrained(path)
+    if lib.key_mode == "first":
+        cfg.num_hidden_layers = lib.fingerprint["moe_layers"][0] + 1
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)  # the later layers' tensors are skipped on purpose
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=_dtype(dtype)).eval()
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+@dataclass
+class Served:
+    text: str
+    match: Match
+    match_seconds: float
+    load_seconds: float
+    cached: bool
+
+
+class TaskServer:
+    """match → partial load (cached per task) → generate."""
+
+    def __init__(self, model: str | Path, library: str | Path | TaskLibrary, dtype: str = "fp32") -> None:
+        from ..loading import load_tokenizer
+
+        self.model = str(model)
+        self.lib = library if isinstance(library, TaskLibrary) else TaskLibrary.load(library)
+        check_library(resolve(model), self.lib)
+        self.dtype = dtype
+        self.tokenizer = load_tokenizer(model)
+        if self.tokenizer is None:
+            raise MumoeError(f"{model} has no tokenizer")
+        self.matcher = load_matcher(model, self.lib, dtype)
+        self.cache: dict[str, nn.Module] = {}
+
+    def task_model(self, task: str) -> tuple[nn.Module, float, bool]:
+        if task in self.cache:
+            return self.cache[task], 0.0, True
+        t0 = time.perf_counter()
+        self.cache[task] = load_task_model(self.model, self.lib, task, self.dtype)
+        return self.cache[task], time.perf_counter() - t0, False
+
+    def generate(self, prompt: str, max_new_tokens: int = 48, **kwargs) -> Served:
+        ids = torch.tensor([self.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        if ids.numel() == 0:
+            raise MumoeError("empty prompt")
+        t0 = time.perf_counter()
+        m = match(self.matcher, self.lib, ids)
+        t_match = time.perf_counter() - t0
+        model, t_load, cached = self.task_model(m.task)
+        kwargs.setdefault("do_sample", False)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.eos_token_id, **kwargs)
+        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return Served(text, m, t_match, t_load, cached)

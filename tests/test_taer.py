@@ -1,0 +1,120 @@
+"""PreMoe TAER: library round trip, matching, partial loading, serving, bad inputs."""
+
+import pytest
+import torch
+
+from conftest import char_tokenizer, make
+import mumoe
+from mumoe import MumoeError
+from mumoe.apply import remove_experts
+from mumoe.criteria.expert import tcess
+from mumoe.criteria.stats import collect_stats
+from mumoe.models import moe_adapter_for
+from mumoe.retrieval import TaskLibrary, TaskServer, build_library, load_task_model, match, prompt_key
+
+
+def task_windows(lo, hi, n=6, L=16, seed=0):
+    return torch.randint(lo, hi, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = make("qwen3_moe")
+    model.save_pretrained(tmp_path / "m")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    tasks = {"low": task_windows(3, 40), "high": task_windows(90, 128)}
+    lib = build_library(model, tasks, keep=4, score="tcess", progress=False)
+    lib.save(tmp_path / "lib")
+    return model, tmp_path, tasks
+
+
+def test_library_round_trip_and_contents(saved):
+    model, tmp, tasks = saved
+    lib = TaskLibrary.load(tmp / "lib")
+    layers = moe_adapter_for(model).moe_layers()
+    stats = collect_stats(model, layers, tasks["low"], progress=False)
+    expected = tcess(stats[0]).float()
+    assert torch.equal(lib.keys["low"], expected)  # key = mean first-layer TCESS vector
+    for l, st in zip(layers, stats):
+        s = tcess(st)
+        assert lib.tasks["low"]["kept"][l.index] == sorted(torch.topk(s, 4).indices.tolist())
+    lib.check_model(model)
+
+
+def test_matching_stops_at_first_router_and_finds_the_task(saved):
+    model, tmp, _ = saved
+    lib = TaskLibrary.load(tmp / "lib")
+    layers = moe_adapter_for(model).moe_layers()
+    calls = []
+    h = layers[1].router.register_forward_hook(lambda *a: calls.append(1))
+    key = prompt_key(model, task_windows(3, 40, 1, 16, seed=9)[0])
+    h.remove()
+    assert calls == [] and key.shape == (8,)
+    # tasks of one repeated token: a prompt of that token (any length) has exactly the task's key
+    const = build_library(model, {"five": torch.full((3, 16), 5), "hundred": torch.full((3, 16), 100)}, keep=4,
+                          progress=False)
+    for token, name in ((5, "five"), (100, "hundred")):
+        m = match(model, const, torch.full((7,), token))
+        assert m.task == name and m.runner_up != name
+        assert m.distance < 1e-5 < m.runner_up_distance
+
+
+def test_partial_load_equals_full_load_then_prune(saved):
+    model, tmp, _ = saved
+    lib = TaskLibrary.load(tmp / "lib")
+    part = load_task_model(tmp / "m", lib, "high")
+    full = mumoe.load(tmp / "m")
+    remove_experts(full, lib.tasks["high"]["kept"])
+    x = task_windows(90, 128, 2, 12, seed=3)
+    with torch.no_grad():
+        assert torch.equal(part(x).logits, full(x).logits)
+    assert part.config.num_experts == 4 and part.config.num_experts_per_tok == 2
+
+
+def test_server_generates_with_cache(saved):
+    _, tmp, _ = saved
+    server = TaskServer(tmp / "m", tmp / "lib")
+    first = server.generate("hello world", max_new_tokens=5)
+    second = server.generate("hello world", max_new_tokens=5)
+    assert first.match.task == second.match.task and not first.cached and second.cached
+    assert first.text == second.text and len(server.cache) == 1
+
+
+def test_bad_inputs(saved, tmp_path):
+    model, tmp, tasks = saved
+    lib = TaskLibrary.load(tmp / "lib")
+    with pytest.raises(MumoeError, match="another model"):
+        lib.check_model(make("qwen3_moe", seed=1))
+    with pytest.raises(MumoeError, match="another model"):
+        other = make("qwen3_moe", seed=1)
+        other.save_pretrained(tmp_path / "other")
+        char_tokenizer().save_pretrained(tmp_path / "other")
+        TaskServer(tmp_path / "other", tmp / "lib")
+    with pytest.raises(MumoeError, match="unknown task 'nope'"):
+        load_task_model(tmp / "m", lib, "nope")
+    with pytest.raises(MumoeError, match="between top_k=2"):
+        build_library(model, tasks, keep=1, progress=False)
+    (tmp / "lib" / "library.json").write_text('{"mumoe_taer_version": 1, "fingerp')
+    with pytest.raises(MumoeError, match="corrupted task library"):
+        TaskLibrary.load(tmp / "lib")
+    with pytest.raises(MumoeError, match="not found"):
+        TaskLibrary.load(tmp_path / "missing")
+
+
+def test_cli_build_match_generate(saved, capsys):
+    from mumoe.cli import main
+
+    model, tmp, _ = saved
+    (tmp / "a.txt").write_text("aaaa aaaa aaaa " * 40)
+    (tmp / "b.txt").write_text("zzzz zzzz zzzz " * 40)
+    rc = main(["taer", "build", str(tmp / "m"), "--task", f"a={tmp / 'a.txt'}", "--task", f"b={tmp / 'b.txt'}",
+               "--keep", "3", "--nsamples", "4", "--seqlen", "32", "--out", str(tmp / "L")])
+    assert rc == 0, capsys.readouterr().err
+    assert main(["taer", "match", str(tmp / "m"), str(tmp / "L"), "--prompt", "aaaa aaaa aaaa aaaa"]) == 0
+    assert "task a (L2" in capsys.readouterr().out
+    assert main(["taer", "generate", str(tmp / "m"), str(tmp / "L"), "--prompt", "zzzz zzzz", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "matched task b" in out and "loaded its 3 experts per layer" in out
+    assert main(["taer", "build", str(tmp / "m"), "--task", "oops", "--keep", "3", "--out", str(tmp / "L2")]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err and not (tmp / "L2").exists()
+    assert main(["taer", "generate", str(tmp / "m"), str(tmp / "L"), "--prompt", "  "]) == 2
