@@ -3,7 +3,8 @@
     python benchmarks/taer_memory.py --synthetic /tmp/mumoe-bench-taer --keep-frac 0.25   # >= 2 GB checkpoint
     python benchmarks/taer_memory.py --keep-frac 0.5                                      # the bundled model
 
-Each load runs in a fresh subprocess and reports its peak RSS minus the RSS after imports; the expected ratio
+Each load runs in a fresh subprocess; after loading, every weight is touched (loaders may map files lazily)
+and the resident set (VmRSS) minus the one after imports is reported; the expected ratio
 is (non-expert parameters + kept expert parameters) / all parameters. Writes benchmarks/results/taer_memory*.json.
 """
 
@@ -16,16 +17,20 @@ import sys
 from pathlib import Path
 
 CODE = """
-import json, resource, sys, torch
+import json, sys, torch
 import mumoe
 from mumoe.retrieval import TaskLibrary, load_task_model
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024
+base = rss()
 if sys.argv[2] == 'full':
     m = mumoe.load(sys.argv[1], 'bf16')
 else:
     m = load_task_model(sys.argv[1], TaskLibrary.load(sys.argv[3]), 'task', 'bf16')
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({'rss_MB': (peak - base) / 1024, 'params': sum(p.numel() for p in m.parameters())}))
+with torch.no_grad():
+    for p in m.parameters():  # weights may be lazily mapped from the file: touch every page
+        p.sum()
+print(json.dumps({'rss_MB': rss() - base, 'params': sum(p.numel() for p in m.parameters())}))
 """
 
 

@@ -45,3 +45,15 @@ def test_bad_inputs(tmp_path, tok):
         read_text(tmp_path / "d")
     with pytest.raises(MumoeError, match="fewer than one window"):
         windows(tokenize(tok, "abc"), 8)
+
+
+def test_bundled_calibration_names():
+    from mumoe.loading import DATA
+
+    code = read_text("domain:code")
+    assert code == (DATA / "code" / "calib.txt").read_text("utf-8")
+    mixed = read_text("domain")
+    assert all((DATA / d / "calib.txt").read_text("utf-8") in mixed for d in ("prose", "docs", "code", "kernel"))
+    assert (DATA / "code" / "eval.txt").read_text("utf-8")[:200] not in mixed  # never the eval splits
+    with pytest.raises(MumoeError, match="known: code, docs, kernel, prose"):
+        read_text("domain:nope")

@@ -32,7 +32,8 @@ def resolve_calib(calib, tokenizer=None, nsamples: int = 128, seqlen: int = 512,
         if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64):
             raise MumoeError("calib tensor must be integer token ids of shape [N, L]")
         return calib.long(), {"source": "tensor", "nsamples": calib.shape[0], "seqlen": calib.shape[1]}
-    is_path = isinstance(calib, Path) or (isinstance(calib, str) and len(calib) < 4096 and Path(calib).exists())
+    is_path = isinstance(calib, Path) or (isinstance(calib, str) and len(calib) < 4096 and (
+        Path(calib).exists() or calib == "domain" or calib.startswith("domain:")))
     text, source = (read_text(calib), str(calib)) if is_path else (str(calib), "text")
     if tokenizer is None:
         raise MumoeError("calibration text needs a tokenizer (this model has none); pass token ids [N, L]")

@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ratio", type=float, required=True, help="fraction of routed experts to remove, in [0, 1)")
     sp.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    sp.add_argument("--calib", help="calibration text: a .txt file or a folder of .txt files")
+    sp.add_argument("--calib", help="calibration text: a .txt file, a folder of .txt files, 'domain' (the bundled "
+                    "calib splits of every domain, mixed) or 'domain:NAME' (one of prose, docs, code, kernel)")
     sp.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     sp.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
     sp.add_argument("--seed", type=int, default=0, help="seed for random scores / random windows")

@@ -15,7 +15,18 @@ from ..errors import MumoeError
 
 
 def read_text(path: str | Path) -> str:
-    """A .txt file, or every *.txt of a folder (sorted by name, joined by a blank line)."""
+    """A .txt file, or every *.txt of a folder (sorted by name, joined by a blank line).
+
+    "domain" names the bundled calibration splits of every domain (mixed), "domain:NAME" one domain's."""
+    if str(path) == "domain" or str(path).startswith("domain:"):
+        from ..loading import DATA
+
+        name = str(path).partition(":")[2]
+        files = sorted(DATA.glob(f"{name or '*'}/calib.txt"))
+        if not files:
+            known = ", ".join(sorted(p.parent.name for p in DATA.glob("*/calib.txt")))
+            raise MumoeError(f"no bundled calibration split {name!r}; known: {known}")
+        return "\n\n".join(f.read_text("utf-8") for f in files)
     p = Path(path)
     if p.is_dir():
         files = sorted(p.rglob("*.txt"))
