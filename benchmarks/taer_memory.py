@@ -4,7 +4,8 @@
     python benchmarks/taer_memory.py --keep-frac 0.5                                      # the bundled model
 
 Each load runs in a fresh subprocess; after loading, every weight is touched (loaders may map files lazily)
-and the resident set (VmRSS) minus the one after imports is reported; the expected ratio
+and the resident set (VmRSS, which also counts mapped file pages) and its anonymous part (RssAnon: the
+weights' own copies) minus those after imports are reported; the expected ratio
 is (non-expert parameters + kept expert parameters) / all parameters. Writes benchmarks/results/taer_memory*.json.
 """
 
@@ -20,9 +21,9 @@ CODE = """
 import json, sys, torch
 import mumoe
 from mumoe.retrieval import TaskLibrary, load_task_model
-def rss():
-    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024
-base = rss()
+def rss(field='VmRSS'):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1]) / 1024
+base, base_anon = rss(), rss('RssAnon')
 if sys.argv[2] == 'full':
     m = mumoe.load(sys.argv[1], 'bf16')
 else:
@@ -30,7 +31,8 @@ else:
 with torch.no_grad():
     for p in m.parameters():  # weights may be lazily mapped from the file: touch every page
         p.sum()
-print(json.dumps({'rss_MB': rss() - base, 'params': sum(p.numel() for p in m.parameters())}))
+print(json.dumps({'rss_MB': rss() - base, 'anon_MB': rss('RssAnon') - base_anon,
+                  'params': sum(p.numel() for p in m.parameters())}))
 """
 
 
@@ -85,6 +87,8 @@ def main() -> None:
     res = {"checkpoint": str(path), "checkpoint_GB": round(size / 1e9, 2), "keep_frac": args.keep_frac,
            "full_rss_MB": round(full["rss_MB"], 1), "task_rss_MB": round(part["rss_MB"], 1),
            "measured_ratio": round(part["rss_MB"] / full["rss_MB"], 3),
+           "full_anon_MB": round(full["anon_MB"], 1), "task_anon_MB": round(part["anon_MB"], 1),
+           "measured_ratio_anon": round(part["anon_MB"] / max(full["anon_MB"], 1e-9), 3),
            "expected_ratio_from_params": round(part["params"] / full["params"], 3)}
     name = "taer_memory_synthetic.json" if args.synthetic else "taer_memory_bundled.json"
     out = Path(__file__).parent / "results" / name
