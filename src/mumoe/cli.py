@@ -208,6 +208,23 @@ def torch_ids(tokenizer, text: str):
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
+def cmd_demo(args) -> int:
+    from .eval.demo import run_demo
+
+    run_demo(args.out, args.eval_windows, args.calib_windows)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .eval.report import read_rows, write_report
+
+    rows = read_rows(args.runs)
+    md = write_report(rows, Path(args.out), args.title)
+    print(md.read_text().split("![")[0].strip())
+    print(f"\nwrote {md} and {Path(args.out) / 'ppl_vs_ratio.png'}")
+    return 0
+
+
 def _method_names() -> list[str]:
     from .criteria import METHODS
 
@@ -280,6 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     sp.add_argument("--json", help="also write the result as JSON to this path")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("demo", help="the tour on the bundled model (start here)",
+                        description="Dense vs expert pruning at 50%% (AIMER, frequency, REAP, PEU), HEAPr at 25%% of "
+                        "atoms, TAER matching; writes a folder with report.md, plots and JSON.")
+    sp.add_argument("--out", default="mumoe-demo", help="output folder (replaced if it exists; default mumoe-demo)")
+    sp.add_argument("--eval-windows", type=int, default=16, help="eval windows of 512 tokens per domain (default 16)")
+    sp.add_argument("--calib-windows", type=int, default=8, help="calibration windows per domain (default 8)")
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("report", help="evaluation JSONs -> markdown table + PNG plots",
+                        description="Read result JSONs (files or folders with a 'rows' list) and write report.md "
+                        "and ppl_vs_ratio.png (one panel per domain, one line per method).")
+    sp.add_argument("runs", nargs="+", help="result JSON files or folders")
+    sp.add_argument("--out", default="mumoe-report", help="output folder (default mumoe-report)")
+    sp.add_argument("--title", default="mumoe report")
+    sp.set_defaults(func=cmd_report)
 
     taer = sub.add_parser("taer", help="PreMoe TAER: task library, matching, partial loading, serving",
                           description="Build a library of per-task expert patterns, match prompts to tasks on the "
