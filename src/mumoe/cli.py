@@ -106,8 +106,11 @@ def cmd_eval(args) -> int:
     from .loading import DATA, load, load_tokenizer
     from .observe.calib import read_text
 
+    if args.tasks:
+        return _eval_tasks(args)
     if args.ppl is None:
-        raise MumoeError("nothing to evaluate: pass --ppl PATH (or --ppl domain for the bundled eval splits)")
+        raise MumoeError("nothing to evaluate: pass --ppl PATH (or --ppl domain for the bundled eval splits) "
+                         "or --tasks NAMES")
     if args.ppl == "domain":
         texts = {p.parent.name: p for p in sorted(DATA.glob("*/eval.txt"))}
         if not texts:
@@ -208,6 +211,23 @@ def torch_ids(tokenizer, text: str):
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
+def _eval_tasks(args) -> int:
+    from .eval.harness import run_lm_eval
+    from .loading import load, load_tokenizer
+
+    model = load(args.model, args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    tasks = [t for t in args.tasks.split(",") if t]
+    print(f"lm-eval on {args.model} (in memory): {', '.join(tasks)}" + (f", limit {args.limit}" if args.limit else ""))
+    res = run_lm_eval(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit)
+    for task, metrics in res.items():
+        print(f"  {task:28s} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "tasks": res}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .eval.demo import run_demo
 
@@ -295,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, model context))")
     sp.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
     sp.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    sp.add_argument("--tasks", help="lm-eval tasks, comma-separated ('local' = the offline mumoe_nextline_<domain> "
+                    "tasks built from the bundled eval splits); needs the eval extra")
+    sp.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
     sp.add_argument("--json", help="also write the result as JSON to this path")
     sp.set_defaults(func=cmd_eval)
 

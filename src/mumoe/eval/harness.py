@@ -1,0 +1,96 @@
+"""lm-eval-harness adapter (optional extra `mumoe[eval]`) and local tasks that run offline on shipped data.
+
+The (pruned) model is passed to lm-eval's HF model class in memory — nothing is saved and reloaded.
+
+Local tasks `mumoe_nextline_<domain>`: from each bundled eval split, a context of a few lines and four
+candidate next lines — the true one and three lines drawn from elsewhere in the same domain (seeded); the
+model picks the most likely continuation (accuracy, and length-normalized accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from pathlib import Path
+
+from ..errors import MumoeError
+from ..loading import DATA
+
+LOCAL_PREFIX = "mumoe_nextline"
+
+
+def nextline_docs(text: str, n: int, seed: int = 0, context_lines: int = 4) -> list[dict]:
+    """Multiple-choice documents: context = `context_lines` consecutive non-empty lines, choices = the true next
+    line + 3 distinct distractor lines of the same text (positions shuffled, seeded)."""
+    lines = [l for l in (x.strip() for x in text.splitlines()) if 20 <= len(l) <= 200]
+    rng = random.Random(seed)
+    docs = []
+    starts = list(range(0, len(lines) - context_lines - 1, context_lines + 1))
+    rng.shuffle(starts)
+    for s in starts[:n]:
+        context, target = lines[s : s + context_lines], lines[s + context_lines]
+        pool = [l for l in lines if l != target]
+        choices = [target] + rng.sample(pool, 3)
+        order = list(range(4))
+        rng.shuffle(order)
+        docs.append({"context": "\n".join(context) + "\n", "choices": [choices[i] for i in order],
+                     "label": order.index(0)})
+    return docs
+
+
+def write_local_tasks(out: Path, n: int = 100, seed: int = 0) -> list[str]:
+    """Write the JSONL data and YAML configs of the local tasks into `out`; returns the task names."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for split in sorted(DATA.glob("*/eval.txt")):
+        domain = split.parent.name
+        name = f"{LOCAL_PREFIX}_{domain}"
+        data = out / f"{name}.jsonl"
+        with open(data, "w", encoding="utf-8") as f:
+            for doc in nextline_docs(split.read_text("utf-8"), n, seed):
+                f.write(json.dumps(doc) + "\n")
+        (out / f"{name}.yaml").write_text(
+            f"task: {name}\n"
+            f"dataset_path: json\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"test_split: test\n"
+            f"output_type: multiple_choice\n"
+            f"doc_to_text: context\n"
+            f"doc_to_choice: choices\n"
+            f"doc_to_target: label\n"
+            f"target_delimiter: \"\"\n"
+            f"metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+        )
+        names.append(name)
+    return names
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: int | None = None,
+                n_local: int = 100) -> dict[str, dict[str, float]]:
+    """Evaluate an in-memory model (or a checkpoint path) with lm-eval. tasks=["local"] runs every local task.
+    -> {task: {metric: value}}"""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise MumoeError("lm-eval is not installed: pip install -e '.[eval]' (or pip install lm-eval)") from e
+    with tempfile.TemporaryDirectory(prefix="mumoe-tasks-") as tmp:
+        local = write_local_tasks(Path(tmp), n_local)
+        if tasks == ["local"]:
+            tasks = local
+        manager = TaskManager(include_path=tmp)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise MumoeError(f"unknown lm-eval task(s): {', '.join(unknown)}; local offline tasks: {', '.join(local)}")
+        device = "cpu" if isinstance(model, (str, Path)) else str(next(model.parameters()).device)
+        if isinstance(model, Path):
+            model = str(model)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, verbosity="ERROR")
+    results = {}
+    for task, metrics in out["results"].items():
+        results[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and "stderr" not in k and k != "sample_len"}
+    return results
