@@ -174,20 +174,11 @@ def cmd_taer_build(args) -> int:
 
 
 def cmd_taer_match(args) -> int:
-    from .loading import load_tokenizer
-    from .retrieval import TaskLibrary, check_library, load_matcher, match
-    from .loading import resolve
+    from .retrieval import TaskServer
 
-    if not args.prompt.strip():
-        raise MumoeError("empty prompt")
-    lib = TaskLibrary.load(args.library)
-    check_library(resolve(args.model), lib)
-    tok = load_tokenizer(args.model)
-    ids = torch_ids(tok, args.prompt)
-    t0 = time.perf_counter()
-    m = match(load_matcher(args.model, lib), lib, ids)
+    m, ids, seconds = TaskServer(args.model, args.library, args.dtype).match(args.prompt)
     print(f"task {m.task} (L2 {m.distance:.4f}); runner-up {m.runner_up} (L2 {m.runner_up_distance:.4f}); "
-          f"{ids.shape[-1]} prompt tokens, {time.perf_counter() - t0:.2f}s")
+          f"{ids.shape[-1]} prompt tokens, {seconds:.2f}s")
     return 0
 
 
@@ -203,12 +194,6 @@ def cmd_taer_generate(args) -> int:
           f"{server.lib.keep} experts per layer in {res.load_seconds:.2f}s")
     print(args.prompt + res.text)
     return 0
-
-
-def torch_ids(tokenizer, text: str):
-    import torch
-
-    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
 def _eval_tasks(args) -> int:

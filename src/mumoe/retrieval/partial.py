@@ -121,13 +121,17 @@ class TaskServer:
         self.cache[task] = load_task_model(self.model, self.lib, task, self.dtype)
         return self.cache[task], time.perf_counter() - t0, False
 
-    def generate(self, prompt: str, max_new_tokens: int = 48, **kwargs) -> Served:
+    def match(self, prompt: str) -> tuple[Match, torch.Tensor, float]:
+        """The nearest task of a prompt. -> (match, prompt ids [1, L], seconds)"""
         ids = torch.tensor([self.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
         if ids.numel() == 0:
             raise MumoeError("empty prompt")
         t0 = time.perf_counter()
         m = match(self.matcher, self.lib, ids)
-        t_match = time.perf_counter() - t0
+        return m, ids, time.perf_counter() - t0
+
+    def generate(self, prompt: str, max_new_tokens: int = 48, **kwargs) -> Served:
+        m, ids, t_match = self.match(prompt)
         model, t_load, cached = self.task_model(m.task)
         kwargs.setdefault("do_sample", False)
         with torch.no_grad():
