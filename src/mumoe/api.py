@@ -62,16 +62,15 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
           tokenizer=None, nsamples: int = 128, seqlen: int = 512, source: str | None = None,
           batch_size: int = 8, order: str = "one-shot", form: str = "uniform", scope: str = "global",
           verbose: bool = False) -> PruneReport:
-    """Prune `model` in place at the expert grain and return what was done.
-
-    order: "one-shot" (default: every layer scored on the unpruned model, as Cerebras REAP and AIMER) or
-    "progressive" (layer l scored on the outputs of layers < l already pruned, as llm-compressor's REAP);
-    only differs for calibrated criteria with a uniform budget.
-    form / scope: atom-grain methods only (see `prune_atoms`).
+    """Prune `model` in place (expert grain, or atom grain for atom methods) and return what was done.
 
     ratio: fraction of routed experts removed: in every MoE layer (budget="uniform"), or over all layers
     with one normalized ranking and a per-layer floor of top_k (budget="global": per-layer counts differ, the
     export is in mumoe's own form, loaded by `mumoe.load`).
+    order: "one-shot" (default: every layer scored on the unpruned model, as Cerebras REAP and AIMER) or
+    "progressive" (layer l scored on the outputs of layers < l already pruned, as llm-compressor's REAP);
+    only differs for calibrated criteria with a uniform budget.
+    form / scope: atom-grain methods only (see `prune_atoms`).
     """
     check_ratio(ratio)
     if get_method(method).grain == "atom":
@@ -91,6 +90,8 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
         order = "one-shot"  # data-free scores do not depend on earlier layers
     if order == "progressive" and budget != "uniform":
         raise MumoeError("progressive scoring needs the uniform budget")
+    if budget == "global" and any(layer.n_group and layer.n_group > 1 for layer in layers):
+        raise MumoeError("global budgets are not available for group-limited routers; use --budget uniform")
     t0 = time.perf_counter()
     if order == "progressive":
         scores = []
@@ -102,8 +103,6 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
     else:
         scores = compute_scores(m, model, layers, wins, seed, batch_size, progress=verbose)
     if budget == "global":
-        if any(layer.n_group and layer.n_group > 1 for layer in layers):
-            raise MumoeError("global budgets are not available for group-limited routers; use --budget uniform")
         kept = keep_global(scores, ratio, [layer.top_k for layer in layers], m.prune_highest)
         keep = {layer.index: k for layer, k in zip(layers, kept)}
     else:
