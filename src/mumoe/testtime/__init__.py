@@ -1,0 +1,5 @@
+"""μ-MoE: per-prompt (test-time) activation-aware pruning. So far: statistics, masks, apply/restore."""
+
+from .masks import apply_masks, input_norms, masks_from_norms, prompt_masks, restore, wanda_mask
+
+__all__ = ["apply_masks", "input_norms", "masks_from_norms", "prompt_masks", "restore", "wanda_mask"]

@@ -1,0 +1,155 @@
+"""μ-MoE building blocks: per-input-feature activation norms of every prunable linear, and Wanda masks.
+
+Every weight is a micro-expert and its Wanda score S_ij = |W_ij|·‖X_j‖₂ is its router; the active-weight
+ratio ρ = 1 − sparsity is its top-k. The same statistics serve offline Wanda (calibration windows) and μ-MoE
+(the prompt's own dense prefill).
+
+Prunable linears: every nn.Linear of the decoder layers (attention projections, dense MLPs, shared experts)
+and the fused routed experts, per expert, from that expert's routed tokens only (an expert the text never
+routes to falls back to the layer's input over all tokens). Embeddings and lm_head are never pruned.
+Masks are keyed by parameter name; fused experts get one mask per fused tensor ([E, 2I, H] and [E, H, I]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import MumoeError
+from ..models import adapter_for
+
+
+def check_active(active: float) -> float:
+    if not (0.0 < active <= 1.0):
+        raise MumoeError(f"active ratio ρ must be in (0, 1], got {active}")
+    return float(active)
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """‖X_j‖₂ per input feature of every prunable weight, from one dense forward of `ids` [B, L].
+
+    -> {param name: [d_in]} for dense linears; {"...experts.gate_up_proj": [E, H], "...experts.down_proj": [E, I]}
+    for fused experts (per expert, over its routed tokens; unrouted experts use all tokens)."""
+    adapter = adapter_for(model)
+    sq: dict[str, torch.Tensor] = {}
+    valid = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    handles = []
+    skip: set[int] = set()
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def dense_hook(name):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()  # [T, d_in]
+            if valid is not None and x.shape[0] == valid.numel():
+                x = x[valid]
+            sq[name] = sq.get(name, 0) + (x**2).sum(0)
+        return hook
+
+    for layer in adapter.moe_layers():  # routers and the shared-expert gate are not pruned
+        skip.update({id(layer.router), id(layer.shared_gate)})
+    for lin in adapter.dense_linears():
+        if id(lin.module) in skip:
+            continue
+        handles.append(lin.module.register_forward_pre_hook(dense_hook(f"{lin.name}.weight")))
+
+    def expert_hook(layer):
+        prefix = names[id(layer.experts)]
+
+        def hook(module, args, kwargs, output):
+            x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, layer.hidden_size)  # [T, H]
+            idx = (args[1] if len(args) > 1 else kwargs["top_k_index"]).reshape(x.shape[0], -1)  # [T, k]
+            if valid is not None and x.shape[0] == valid.numel():
+                x, idx = x[valid], idx[valid]
+            E, I = layer.num_experts, layer.intermediate_size
+            gu = torch.zeros(E, layer.hidden_size, dtype=torch.float64)
+            dn = torch.zeros(E, I, dtype=torch.float64)
+            for e in range(E):
+                tokens = torch.where((idx == e).any(-1))[0]
+                xe = x[tokens] if len(tokens) else x  # fallback: the layer's input over all tokens
+                gu[e] = (xe.double() ** 2).sum(0)
+                dn[e] = (layer.expert_hidden(e, xe).double() ** 2).sum(0)
+            for key, val in ((f"{prefix}.gate_up_proj", gu), (f"{prefix}.down_proj", dn)):
+                sq[key] = sq.get(key, 0) + val
+        return hook
+
+    for layer in adapter.moe_layers():
+        handles.append(layer.experts.register_forward_hook(expert_hook(layer), with_kwargs=True))
+    try:
+        model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.sqrt() for k, v in sq.items()}
+
+
+def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, active: float, structure: str = "row") -> torch.Tensor:
+    """Keep-mask of one weight [d_out, d_in] (or a stack [E, d_out, d_in] with norms [E, d_in]).
+
+    row     per output row, remove exactly floor((1 − ρ)·d_in) lowest |W|·‖X‖ (Wanda, unstructured)
+    N:M     in every block of M consecutive input columns keep the N highest per row (ρ = N/M)
+    column  keep the top ⌈ρ·d_in⌉ input columns by ‖X_j‖·‖W[:, j]‖ (same columns for every row)
+    """
+    check_active(active)
+    w = weight.detach().abs().double()
+    x = norms.double().unsqueeze(-2)  # [..., 1, d_in]
+    d_in = w.shape[-1]
+    score = w * x  # [..., d_out, d_in]
+    if structure == "row":
+        drop = math.floor((1 - active) * d_in + 1e-9)
+        if drop == 0:
+            return torch.ones_like(w, dtype=torch.bool)
+        order = torch.argsort(score, dim=-1, stable=True)[..., :drop]
+        return torch.ones_like(w, dtype=torch.bool).scatter(-1, order, False)
+    if structure == "column":
+        keep = math.ceil(active * d_in - 1e-9)
+        col = w.pow(2).sum(-2).sqrt() * norms.double()  # [..., d_in]
+        top = torch.argsort(-col, dim=-1, stable=True)[..., :keep]
+        cols = torch.zeros_like(col, dtype=torch.bool).scatter(-1, top, True)
+        return cols.unsqueeze(-2).expand_as(w).clone()
+    if ":" in structure:
+        n, m = (int(v) for v in structure.split(":"))
+        if not (0 < n <= m) or d_in % m:
+            raise MumoeError(f"N:M structure {structure} needs 0 < N <= M and M dividing d_in={d_in}")
+        blocks = score.reshape(*score.shape[:-1], d_in // m, m)
+        top = torch.argsort(-blocks, dim=-1, stable=True)[..., :n]
+        return torch.zeros_like(blocks, dtype=torch.bool).scatter(-1, top, True).reshape(w.shape)
+    raise MumoeError(f"unknown structure {structure!r}; use row, column or N:M (e.g. 2:4)")
+
+
+def masks_from_norms(model: nn.Module, norms: dict[str, torch.Tensor], active: float, structure: str = "row"
+                     ) -> dict[str, torch.Tensor]:
+    """Wanda masks for every weight named in `norms`. Fused gate_up [E, 2I, H] uses the expert-input norms
+    [E, H]; fused down [E, H, I] the intermediate norms [E, I]."""
+    params = dict(model.named_parameters())
+    return {name: wanda_mask(params[name], n, active, structure) for name, n in norms.items()}
+
+
+def prompt_masks(model: nn.Module, prompt_ids: torch.Tensor, active: float, structure: str = "row"
+                 ) -> dict[str, torch.Tensor]:
+    """μ-MoE: masks at active ratio ρ from the prompt's own dense prefill. prompt_ids [L] or [1, L]."""
+    check_active(active)
+    ids = prompt_ids.reshape(1, -1)
+    if ids.numel() == 0:
+        raise MumoeError("empty prompt")
+    return masks_from_norms(model, input_norms(model, ids), active, structure)
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero the masked weights in place; returns the original tensors so that `restore` can undo it."""
+    params = dict(model.named_parameters())
+    saved = {}
+    for name, mask in masks.items():
+        saved[name] = params[name].detach().clone()
+        params[name].mul_(mask.to(params[name].dtype))
+    return saved
+
+
+@torch.no_grad()
+def restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in saved.items():
+        params[name].copy_(value)
