@@ -106,3 +106,44 @@ def test_bad_inputs():
         wanda_mask(W, x, 0.5, "2:4")
     with pytest.raises(MumoeError, match="empty prompt"):
         prompt_masks(make("llama"), torch.zeros(0, dtype=torch.long), 0.5)
+
+
+def test_generate_rho_one_equals_dense_generate():
+    from mumoe.testtime import generate
+
+    model, x = make("qwen3_moe"), ids(1, 8, seed=2)
+    dense = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    res = generate(model, x, 1.0, "row", max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(res.sequences, dense) and res.active_weights == res.total_weights
+
+
+def test_generate_uses_dense_prompt_cache_and_masked_decoding():
+    from mumoe.testtime import generate
+
+    model, x = make("mixtral"), ids(1, 8, seed=3)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = generate(model, x, 0.5, "row", max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())  # weights restored
+    # independent: dense forward of the prompt minus its last token, then masked greedy steps one by one
+    masks = prompt_masks(model, x, 0.5, "row")
+    with torch.no_grad():
+        cache = model(x[:, :-1], use_cache=True).past_key_values
+        saved = apply_masks(model, masks)
+        seq, nxt = x, x[:, -1:]
+        for _ in range(5):
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            seq = torch.cat([seq, nxt], 1)
+        restore(model, saved)
+    assert torch.equal(res.sequences, seq)
+    assert 0.45 < res.active_weights / res.total_weights <= 0.5
+
+
+def test_offline_norms_do_not_depend_on_batch_size():
+    from mumoe.testtime import input_norms
+
+    model, w = make("olmoe"), ids(4, 10, seed=8)
+    a, b = input_norms(model, w, batch_size=1), input_norms(model, w, batch_size=4)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-8)  # fp32 forward rounding only

@@ -3,3 +3,6 @@
 from .masks import apply_masks, input_norms, masks_from_norms, prompt_masks, restore, wanda_mask
 
 __all__ = ["apply_masks", "input_norms", "masks_from_norms", "prompt_masks", "restore", "wanda_mask"]
+from .generate import TestTimeResult, generate
+
+__all__ += ["TestTimeResult", "generate"]

@@ -28,8 +28,10 @@ def check_active(active: float) -> float:
 
 
 @torch.no_grad()
-def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """‖X_j‖₂ per input feature of every prunable weight, from one dense forward of `ids` [B, L].
+def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                batch_size: int = 8, return_cache: bool = False):
+    """‖X_j‖₂ per input feature of every prunable weight, from dense forwards of `ids` [B, L] (in batches;
+    with return_cache, one forward whose KV cache is returned too: -> (norms, cache)).
 
     -> {param name: [d_in]} for dense linears; {"...experts.gate_up_proj": [E, H], "...experts.down_proj": [E, I]}
     for fused experts (per expert, over its routed tokens; unrouted experts use all tokens)."""
@@ -38,6 +40,7 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
     valid = None if attention_mask is None else attention_mask.reshape(-1).bool()
     handles = []
     skip: set[int] = set()
+    fused: dict[str, dict[str, torch.Tensor]] = {}
     names = {id(m): n for n, m in model.named_modules()}
 
     def dense_hook(name):
@@ -63,26 +66,43 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
             idx = (args[1] if len(args) > 1 else kwargs["top_k_index"]).reshape(x.shape[0], -1)  # [T, k]
             if valid is not None and x.shape[0] == valid.numel():
                 x, idx = x[valid], idx[valid]
-            E, I = layer.num_experts, layer.intermediate_size
-            gu = torch.zeros(E, layer.hidden_size, dtype=torch.float64)
-            dn = torch.zeros(E, I, dtype=torch.float64)
+            E, I, H = layer.num_experts, layer.intermediate_size, layer.hidden_size
+            acc = fused.setdefault(prefix, {"n": torch.zeros(E), "gu": torch.zeros(E, H, dtype=torch.float64),
+                                            "dn": torch.zeros(E, I, dtype=torch.float64),
+                                            "gu_all": torch.zeros(E, H, dtype=torch.float64),
+                                            "dn_all": torch.zeros(E, I, dtype=torch.float64)})
             for e in range(E):
                 tokens = torch.where((idx == e).any(-1))[0]
-                xe = x[tokens] if len(tokens) else x  # fallback: the layer's input over all tokens
-                gu[e] = (xe.double() ** 2).sum(0)
-                dn[e] = (layer.expert_hidden(e, xe).double() ** 2).sum(0)
-            for key, val in ((f"{prefix}.gate_up_proj", gu), (f"{prefix}.down_proj", dn)):
-                sq[key] = sq.get(key, 0) + val
+                if len(tokens):
+                    xe = x[tokens]
+                    acc["n"][e] += len(tokens)
+                    acc["gu"][e] += (xe.double() ** 2).sum(0)
+                    acc["dn"][e] += (layer.expert_hidden(e, xe).double() ** 2).sum(0)
+                else:  # fallback material: the layer's input over all tokens of this pass
+                    acc["gu_all"][e] += (x.double() ** 2).sum(0)
+                    acc["dn_all"][e] += (layer.expert_hidden(e, x).double() ** 2).sum(0)
         return hook
 
     for layer in adapter.moe_layers():
         handles.append(layer.experts.register_forward_hook(expert_hook(layer), with_kwargs=True))
+    cache = None
     try:
-        model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+        if return_cache:  # one prompt: keep its KV cache for decoding
+            cache = model(input_ids=ids, attention_mask=attention_mask, use_cache=True).past_key_values
+        else:  # calibration windows [N, L]: sums over every batch
+            for i in range(0, ids.shape[0], batch_size):
+                mask = None if attention_mask is None else attention_mask[i : i + batch_size]
+                valid = None if mask is None else mask.reshape(-1).bool()
+                model(input_ids=ids[i : i + batch_size], attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return {k: v.sqrt() for k, v in sq.items()}
+    for prefix, acc in fused.items():  # experts never routed over all passes use their fallback sums
+        unrouted = (acc["n"] == 0)[:, None]
+        sq[f"{prefix}.gate_up_proj"] = torch.where(unrouted, acc["gu_all"], acc["gu"])
+        sq[f"{prefix}.down_proj"] = torch.where(unrouted, acc["dn_all"], acc["dn"])
+    norms = {k: v.sqrt() for k, v in sq.items()}
+    return (norms, cache) if return_cache else norms
 
 
 def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, active: float, structure: str = "row") -> torch.Tensor:
