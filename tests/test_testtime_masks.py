@@ -147,3 +147,34 @@ def test_offline_norms_do_not_depend_on_batch_size():
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-8)  # fp32 forward rounding only
+
+
+def test_offline_wanda_and_magnitude_prune(tmp_path):
+    import mumoe
+    from transformers import AutoModelForCausalLM
+    from mumoe.testtime import input_norms
+    from mumoe.testtime.masks import magnitude_mask, prunable_names
+
+    calib = ids(3, 12, seed=11)
+    model = make("qwen2_moe")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    norms = input_norms(make("qwen2_moe"), calib)
+    report = mumoe.prune(model, "wanda", 0.5, calib=calib, structure="2:4")
+    params = dict(model.named_parameters())
+    for name in prunable_names(model):
+        expected = wanda_mask(before[name], norms[name], 0.5, "2:4")
+        assert torch.equal(params[name] != 0, expected & (before[name] != 0)), name
+    untouched = [n for n in params if n not in set(prunable_names(model))]
+    assert any("embed" in n for n in untouched) and any("gate.weight" in n for n in untouched)
+    assert all(torch.equal(params[n], before[n]) for n in untouched)
+    assert report.grain == "weight" and all(abs(e["active"] - 0.5) < 1e-9 for e in report.layers)
+    out = mumoe.save_pruned(model, tmp_path / "w", report)
+    again = AutoModelForCausalLM.from_pretrained(out)
+    x = ids()
+    with torch.no_grad():
+        assert (again(x).logits - model(x).logits).abs().max() <= 1e-5
+    # magnitude: one threshold per matrix, per expert for fused tensors
+    W = torch.tensor([[[1.0, -3.0], [0.5, 2.0]], [[9.0, 8.0], [7.0, -0.1]]])
+    assert magnitude_mask(W, 0.5).tolist() == [[[False, True], [False, True]], [[True, True], [False, False]]]
+    with pytest.raises(MumoeError, match="needs calibration"):
+        mumoe.prune(make("llama"), "wanda", 0.5)

@@ -12,7 +12,7 @@ from .apply.experts import remove_experts
 from .apply.export import PruneReport
 from .criteria import compute_scores, get_method
 from .errors import MumoeError
-from .models import moe_adapter_for
+from .models import adapter_for, moe_adapter_for
 from .observe.calib import read_text, tokenize, windows
 from .select import check_ratio, keep_global, keep_uniform
 
@@ -61,7 +61,7 @@ def score(model: nn.Module, method: str, calib=None, seed: int = 0, tokenizer=No
 def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0, budget: str = "uniform",
           tokenizer=None, nsamples: int = 128, seqlen: int = 512, source: str | None = None,
           batch_size: int = 8, order: str = "one-shot", form: str = "uniform", scope: str = "global",
-          verbose: bool = False) -> PruneReport:
+          structure: str = "row", verbose: bool = False) -> PruneReport:
     """Prune `model` in place (expert grain, or atom grain for atom methods) and return what was done.
 
     ratio: fraction of routed experts removed: in every MoE layer (budget="uniform"), or over all layers
@@ -70,9 +70,13 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
     order: "one-shot" (default: every layer scored on the unpruned model, as Cerebras REAP and AIMER) or
     "progressive" (layer l scored on the outputs of layers < l already pruned, as llm-compressor's REAP);
     only differs for calibrated criteria with a uniform budget.
-    form / scope: atom-grain methods only (see `prune_atoms`).
+    form / scope: atom-grain methods only (see `prune_atoms`); structure: weight-grain only (`prune_weights`,
+    where ratio is the sparsity).
     """
     check_ratio(ratio)
+    if get_method(method).grain == "weight":
+        return prune_weights(model, method, ratio, calib, structure=structure, tokenizer=tokenizer, nsamples=nsamples,
+                             seqlen=seqlen, batch_size=batch_size, source=source, verbose=verbose)
     if get_method(method).grain == "atom":
         return prune_atoms(model, method, ratio, calib, form=form, scope=scope, tokenizer=tokenizer,
                            nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, source=source, verbose=verbose)
@@ -233,4 +237,39 @@ def prune_atoms(model: nn.Module, method: str, ratio: float, calib=None, form: s
             print(f"  layer {e['layer']:3d}: kept atoms per expert {min(widths)}..{max(widths)} of "
                   f"{e['intermediate_size']} (total {sum(widths)}/{e['intermediate_size'] * len(widths)})")
         print(f"  scored and applied in {time.perf_counter() - t0:.2f}s")
+    return report
+
+
+def prune_weights(model: nn.Module, method: str, ratio: float, calib=None, structure: str = "row", tokenizer=None,
+                  nsamples: int = 128, seqlen: int = 512, batch_size: int = 8, source: str | None = None,
+                  verbose: bool = False) -> PruneReport:
+    """Weight-grain pruning in place: Wanda (|W|·‖X‖ from calibration windows; structures row, N:M, column) or
+    magnitude (one threshold per matrix) on every linear of the decoder layers and every routed expert
+    (per expert, from its routed tokens); embeddings, lm_head, routers untouched. ratio = sparsity."""
+    from .testtime.masks import apply_masks, input_norms, magnitude_mask, masks_from_norms, prunable_names
+
+    check_ratio(ratio)
+    adapter_for(model)
+    wins, calib_info = resolve_calib(calib, tokenizer, nsamples, seqlen)
+    t0 = time.perf_counter()
+    if method == "wanda":
+        if wins is None:
+            raise MumoeError("method 'wanda' needs calibration data (--calib PATH)")
+        masks = masks_from_norms(model, input_norms(model, wins, batch_size=batch_size), 1 - ratio, structure)
+    else:
+        if structure != "row":
+            raise MumoeError("magnitude pruning has one threshold per matrix; --structure applies to wanda")
+        params = dict(model.named_parameters())
+        masks = {n: magnitude_mask(params[n], ratio) for n in prunable_names(model)}
+    apply_masks(model, masks)
+    report = PruneReport(
+        method=method, grain="weight", ratio=ratio, budget=structure, calibration=calib_info,
+        model={"source": source or getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,
+               "num_experts": None},
+        layers=[{"param": n, "active": round(float(m.float().mean()), 6)} for n, m in masks.items()])
+    if verbose:
+        total = sum(m.numel() for m in masks.values())
+        kept = sum(int(m.sum()) for m in masks.values())
+        print(f"  {len(masks)} weight tensors, {kept:,}/{total:,} weights kept ({kept / total:.1%}) in "
+              f"{time.perf_counter() - t0:.2f}s")
     return report

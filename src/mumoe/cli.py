@@ -89,12 +89,13 @@ def cmd_prune(args) -> int:
         return 0
     model = load(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model)
-    what = (f"atoms ({args.form} form)" if method.grain == "atom" else
-            f"experts (budget {args.budget}, scoring {args.order})")
+    what = {"atom": f"atoms ({args.form} form)", "weight": f"weights ({args.structure})"}.get(
+        method.grain, f"experts (budget {args.budget}, scoring {args.order})")
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; pruning {args.ratio:.0%} of {what} with {args.method}")
     report = api.prune(model, args.method, args.ratio, calib=args.calib, seed=args.seed, tokenizer=tokenizer,
                        nsamples=args.nsamples, seqlen=args.seqlen, source=args.model, budget=args.budget,
-                       batch_size=args.batch_size, order=args.order, form=args.form, scope=args.scope, verbose=True)
+                       batch_size=args.batch_size, order=args.order, form=args.form, scope=args.scope,
+                       structure=args.structure, verbose=True)
     out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite)
     where = "AutoModelForCausalLM.from_pretrained" if report.form == "hf" else "mumoe.load"
     print(f"wrote {out} (loads with {where}) in {time.perf_counter() - t0:.1f}s total")
@@ -279,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "global = HEAPr's one ranking, per-expert widths (mumoe.load)")
     sp.add_argument("--scope", default="global", choices=["global", "layer"],
                     help="atom methods with --form global: rank over all layers (default) or per layer")
+    sp.add_argument("--structure", default="row",
+                    help="weight methods (wanda): row (unstructured per row, default), N:M (e.g. 2:4) or column")
     sp.add_argument("--in-memory", action="store_true", help="aimer: load the model instead of streaming the files")
     sp.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward (default 8)")
     sp.add_argument("--ratio", type=float, required=True, help="fraction of routed experts to remove, in [0, 1)")

@@ -52,6 +52,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("heapr-token", "atom", True, False, "HEAPr per-token variant: E[h²·(∂L/∂h)²]"),
     Method("atom-act", "atom", True, False, "atom baseline: E[h²]·‖down[:, k]‖²"),
     Method("atom-magnitude", "atom", False, False, "atom baseline: weight norm of the neuron's rows/column"),
+    Method("wanda", "weight", True, False, "Wanda: |W|·‖X‖ per weight (row, N:M or column structure)"),
+    Method("magnitude", "weight", False, False, "magnitude: |W| with one threshold per matrix"),
 ]}
 
 

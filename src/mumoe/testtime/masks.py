@@ -21,6 +21,23 @@ from ..errors import MumoeError
 from ..models import adapter_for
 
 
+def prunable_linears(model: nn.Module):
+    """(dense linears [DenseLinear], MoE layers) whose weights are prunable: routers and the shared-expert
+    gate are excluded, embeddings and lm_head are never among them."""
+    adapter = adapter_for(model)
+    layers = adapter.moe_layers()
+    skip = {id(l.router) for l in layers} | {id(l.shared_gate) for l in layers}
+    return [d for d in adapter.dense_linears() if id(d.module) not in skip], layers
+
+
+def prunable_names(model: nn.Module) -> list[str]:
+    """Parameter names of every prunable weight: dense `*.weight` and fused `*.experts.{gate_up,down}_proj`."""
+    dense, layers = prunable_linears(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    return [f"{d.name}.weight" for d in dense] + [f"{names[id(l.experts)]}.{k}" for l in layers
+                                                  for k in ("gate_up_proj", "down_proj")]
+
+
 def check_active(active: float) -> float:
     if not (0.0 < active <= 1.0):
         raise MumoeError(f"active ratio ρ must be in (0, 1], got {active}")
@@ -35,12 +52,11 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
 
     -> {param name: [d_in]} for dense linears; {"...experts.gate_up_proj": [E, H], "...experts.down_proj": [E, I]}
     for fused experts (per expert, over its routed tokens; unrouted experts use all tokens)."""
-    adapter = adapter_for(model)
+    dense, moe_layers = prunable_linears(model)
     sq: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
     valid = None if attention_mask is None else attention_mask.reshape(-1).bool()
     handles = []
-    skip: set[int] = set()
-    fused: dict[str, dict[str, torch.Tensor]] = {}
     names = {id(m): n for n, m in model.named_modules()}
 
     def dense_hook(name):
@@ -51,11 +67,7 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
             sq[name] = sq.get(name, 0) + (x**2).sum(0)
         return hook
 
-    for layer in adapter.moe_layers():  # routers and the shared-expert gate are not pruned
-        skip.update({id(layer.router), id(layer.shared_gate)})
-    for lin in adapter.dense_linears():
-        if id(lin.module) in skip:
-            continue
+    for lin in dense:
         handles.append(lin.module.register_forward_pre_hook(dense_hook(f"{lin.name}.weight")))
 
     def expert_hook(layer):
@@ -83,7 +95,7 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
                     acc["dn_all"][e] += (layer.expert_hidden(e, x).double() ** 2).sum(0)
         return hook
 
-    for layer in adapter.moe_layers():
+    for layer in moe_layers:
         handles.append(layer.experts.register_forward_hook(expert_hook(layer), with_kwargs=True))
     cache = None
     try:
@@ -173,3 +185,15 @@ def restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, value in saved.items():
         params[name].copy_(value)
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Magnitude baseline: one threshold per matrix (per expert for fused [E, d_out, d_in]); drops exactly
+    floor(sparsity · numel) lowest |W| of each matrix (ties: lower flat index first)."""
+    w = weight.detach().abs().double()
+    flat = w.reshape(-1, w.shape[-2] * w.shape[-1]) if w.dim() == 3 else w.reshape(1, -1)
+    drop = math.floor(sparsity * flat.shape[-1] + 1e-9)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if drop:
+        mask.scatter_(-1, torch.argsort(flat, dim=-1, stable=True)[:, :drop], False)
+    return mask.reshape(w.shape)
