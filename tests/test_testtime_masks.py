@@ -178,3 +178,18 @@ def test_offline_wanda_and_magnitude_prune(tmp_path):
     assert magnitude_mask(W, 0.5).tolist() == [[[False, True], [False, True]], [[True, True], [False, False]]]
     with pytest.raises(MumoeError, match="needs calibration"):
         mumoe.prune(make("llama"), "wanda", 0.5)
+
+
+def test_cli_generate_and_bad_active(capsys):
+    from mumoe.cli import main
+
+    assert main(["generate", "--prompt", "It is a truth universally acknowledged", "--active", "0.6",
+                 "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("It is a truth universally acknowledged") and "[μ-MoE]" in out and "(60.2%" in out  # floor((1 - 0.6)·256) = 102 of 256 dropped per row
+    for bad in (["--active", "0"], ["--active", "1.2"]):
+        assert main(["generate", "--prompt", "x", *bad]) == 2
+        assert "active ratio" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "   "]) == 2
+    assert main(["generate", "--prompt", "hello there", "--structure", "3:4"]) == 2
+    assert "M dividing d_in" in capsys.readouterr().err

@@ -214,6 +214,36 @@ def _eval_tasks(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import torch
+
+    from .loading import load, load_tokenizer
+    from .testtime import generate
+    from .testtime.masks import check_active
+
+    check_active(args.active)
+    if not args.prompt.strip():
+        raise MumoeError("empty prompt")
+    model = load(args.model, args.dtype)
+    tok = load_tokenizer(args.model)
+    if tok is None:
+        raise MumoeError(f"{args.model} has no tokenizer")
+    ids = torch.tensor([tok(args.prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():  # a plain dense prefill, timed for reference
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=True)
+        t_plain = time.perf_counter() - t0
+    res = generate(model, ids, args.active, args.structure, max_new_tokens=args.max_new_tokens,
+                   do_sample=False, pad_token_id=tok.eos_token_id)
+    print(args.prompt + tok.decode(res.sequences[0, ids.shape[1]:], skip_special_tokens=True))
+    stats = max(0.0, res.prefill_seconds - t_plain)
+    print(f"\n[μ-MoE] {ids.shape[1]} prompt tokens; active weights {res.active_weights:,}/{res.total_weights:,} "
+          f"({res.active_weights / res.total_weights:.1%}, structure {args.structure}); dense prefill {t_plain:.3f}s, "
+          f"statistics {stats:.3f}s + selection {res.select_seconds:.3f}s "
+          f"= {(stats + res.select_seconds) / t_plain:.0%} of the prefill")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .eval.demo import run_demo
 
@@ -308,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
     sp.add_argument("--json", help="also write the result as JSON to this path")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("generate", help="μ-MoE: prune per prompt from its own activations, then generate",
+                        description="Dense prefill of the prompt collects per-input-feature norms of every linear "
+                        "(per expert for routed experts); Wanda masks at active ratio rho are built for this prompt "
+                        "and the continuation is decoded with them.")
+    common(sp)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--active", type=float, default=0.5, help="active-weight ratio rho in (0, 1] (default 0.5)")
+    sp.add_argument("--structure", default="row", help="row (default), N:M (e.g. 2:4) or column")
+    sp.add_argument("--max-new-tokens", type=int, default=48)
+    sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("demo", help="the tour on the bundled model (start here)",
                         description="Dense vs expert pruning at 50%% (AIMER, frequency, REAP, PEU), HEAPr at 25%% of "
