@@ -191,5 +191,5 @@ def test_cli_generate_and_bad_active(capsys):
         assert main(["generate", "--prompt", "x", *bad]) == 2
         assert "active ratio" in capsys.readouterr().err
     assert main(["generate", "--prompt", "   "]) == 2
-    assert main(["generate", "--prompt", "hello there", "--structure", "3:4"]) == 2
+    assert main(["generate", "--prompt", "hello there", "--structure", "2:3"]) == 2
     assert "M dividing d_in" in capsys.readouterr().err
