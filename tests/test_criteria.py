@@ -127,9 +127,9 @@ def test_aimer_hand_worked():
         layer.experts.gate_up_proj[1, 0, 0] = 2.0
     s = mumoe.score(model, "aimer")[0]
     N = 3 * layer.intermediate_size * layer.hidden_size
-    assert abs(float(s[0]) - 1.0) < 1e-12 and abs(float(s[1]) - 1 / math.sqrt(N)) < 1e-12
+    assert abs(float(s[0]) - 1.0) < 1e-7 and abs(float(s[1]) - 1 / math.sqrt(N)) < 1e-9  # fp32 row sums
     w = torch.cat([layer.experts.gate_up_proj[4].flatten(), layer.experts.down_proj[4].flatten()]).detach().double()
-    assert abs(float(s[4]) - float(w.abs().sum() / (math.sqrt(N) * w.norm()))) < 1e-12
+    assert abs(float(s[4]) - float(w.abs().sum() / (math.sqrt(N) * w.norm()))) < 1e-7
     report = mumoe.prune(model, "aimer", 0.25)  # prunes the highest: expert 0 goes, expert 1 stays
     kept = report.layers[0]["kept"]
     assert 0 not in kept and 1 in kept
