@@ -1,3 +1,9 @@
+import os
+
+# Nothing in the suite may touch a model or dataset hub (none is reachable here).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 
