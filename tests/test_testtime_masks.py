@@ -193,3 +193,35 @@ def test_cli_generate_and_bad_active(capsys):
     assert main(["generate", "--prompt", "   "]) == 2
     assert main(["generate", "--prompt", "hello there", "--structure", "2:3"]) == 2
     assert "M dividing d_in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen3_moe", "deepseek_v3"])
+def test_column_compacted_decode_equals_masked_dense(arch):
+    from mumoe.testtime.compact import compact, uncompact
+
+    model, x = make(arch), ids(1, 10, seed=12)
+    masks = prompt_masks(model, x[:, :6], 0.5, "column")
+    saved = apply_masks(model, masks)
+    with torch.no_grad():
+        masked = model(x).logits
+    restore(model, saved)
+    with torch.no_grad():
+        dense = model(x).logits
+    undo = compact(model, masks)
+    with torch.no_grad():
+        compacted = model(x).logits
+    assert (compacted - masked).abs().max() <= 1e-4
+    assert (compacted - dense).abs().max() > 1e-3  # the masks do something
+    uncompact(undo)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, dense)
+
+
+def test_generate_column_compacted_equals_column_masked():
+    from mumoe.testtime import generate
+
+    model, x = make("llama"), ids(1, 8, seed=5)
+    a = generate(model, x, 0.5, "column", compacted=True, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    b = generate(model, x, 0.5, "column", compacted=False, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a.sequences, b.sequences)
+    assert not any(type(m).__name__ == "CompactLinear" for m in model.modules())  # undone

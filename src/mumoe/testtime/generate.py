@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import MumoeError
+from .compact import compact, uncompact
 from .masks import apply_masks, check_active, input_norms, masks_from_norms, restore
 
 
@@ -28,8 +29,9 @@ class TestTimeResult:
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure: str = "row",
-             **generate_kwargs) -> TestTimeResult:
-    """Generate a continuation of one prompt [L] or [1, L] with masks chosen from the prompt itself."""
+             compacted: bool = True, **generate_kwargs) -> TestTimeResult:
+    """Generate a continuation of one prompt [L] or [1, L] with masks chosen from the prompt itself.
+    structure="column" decodes with compacted matrices and gathered inputs (compacted=False: zeroed columns)."""
     check_active(active)
     ids = input_ids.reshape(1, -1)
     if ids.numel() == 0:
@@ -38,13 +40,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure
     norms, cache = input_norms(model, ids, return_cache=True)
     t1 = time.perf_counter()
     masks = masks_from_norms(model, norms, active, structure)
-    saved = apply_masks(model, masks)
+    use_compact = structure == "column" and compacted
+    undo = compact(model, masks) if use_compact else apply_masks(model, masks)
     t2 = time.perf_counter()
     try:
         cache.crop(-1)  # drop the last prompt position: it is fed again through the pruned weights
         with torch.no_grad():
             out = model.generate(ids, past_key_values=cache, **generate_kwargs)
     finally:
-        restore(model, saved)
+        uncompact(undo) if use_compact else restore(model, undo)
     total = sum(m.numel() for m in masks.values())
     return TestTimeResult(out, t1 - t0, t2 - t1, int(sum(int(m.sum()) for m in masks.values())), total)
