@@ -125,22 +125,21 @@ def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, active: float, structu
     column  keep the top ⌈ρ·d_in⌉ input columns by ‖X_j‖·‖W[:, j]‖ (same columns for every row)
     """
     check_active(active)
+    d_in = weight.shape[-1]
+    if structure == "column":  # only column norms are needed: O(weights), no per-weight scores
+        keep = math.ceil(active * d_in - 1e-9)
+        col = torch.linalg.vector_norm(weight.detach().float(), dim=-2).double() * norms.double()  # [..., d_in]
+        top = torch.argsort(-col, dim=-1, stable=True)[..., :keep]
+        cols = torch.zeros_like(col, dtype=torch.bool).scatter(-1, top, True)
+        return cols.unsqueeze(-2).expand(weight.shape)
     w = weight.detach().abs().double()
-    x = norms.double().unsqueeze(-2)  # [..., 1, d_in]
-    d_in = w.shape[-1]
-    score = w * x  # [..., d_out, d_in]
+    score = w * norms.double().unsqueeze(-2)  # [..., d_out, d_in]
     if structure == "row":
         drop = math.floor((1 - active) * d_in + 1e-9)
         if drop == 0:
             return torch.ones_like(w, dtype=torch.bool)
         order = torch.argsort(score, dim=-1, stable=True)[..., :drop]
         return torch.ones_like(w, dtype=torch.bool).scatter(-1, order, False)
-    if structure == "column":
-        keep = math.ceil(active * d_in - 1e-9)
-        col = w.pow(2).sum(-2).sqrt() * norms.double()  # [..., d_in]
-        top = torch.argsort(-col, dim=-1, stable=True)[..., :keep]
-        cols = torch.zeros_like(col, dtype=torch.bool).scatter(-1, top, True)
-        return cols.unsqueeze(-2).expand_as(w).clone()
     if ":" in structure:
         n, m = (int(v) for v in structure.split(":"))
         if not (0 < n <= m) or d_in % m:
