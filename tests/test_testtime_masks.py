@@ -90,8 +90,9 @@ def test_active_one_reproduces_dense_logits_exactly():
 
 def test_structures_hand_worked():
     W = torch.tensor([[1.0, -4.0, 2.0, 3.0], [4.0, 1.0, -1.0, 0.5]])
-    x = torch.tensor([1.0, 1.0, 1.0, 2.0])  # scores row0: 1 4 2 6; row1: 4 1 1 1 (ties: lower index goes first)
-    assert wanda_mask(W, x, 0.5, "row").tolist() == [[False, True, False, True], [True, False, False, True]]
+    x = torch.tensor([1.0, 1.0, 1.0, 2.0])  # scores row0: 1 4 2 6; row1: 4 1 1 1 (N:M ties: lower index kept)
+    assert wanda_mask(W, torch.tensor([1.0, 1.0, 1.5, 2.0]), 0.5, "row").tolist() == \
+        [[False, True, False, True], [True, False, True, False]]  # row1 scores 4 1 1.5 1: drop columns 1 and 3
     assert wanda_mask(W, x, 0.5, "2:4").tolist() == [[False, True, False, True], [True, True, False, False]]
     assert wanda_mask(W, x, 0.5, "1:2").tolist() == [[False, True, False, True], [True, False, True, False]]
     # column: ‖W[:, j]‖·x_j = 4.12, 4.12, 2.24, 6.04 -> keep columns 3 and 0 (tie with 1: lower index)

@@ -138,8 +138,8 @@ def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, active: float, structu
         drop = math.floor((1 - active) * d_in + 1e-9)
         if drop == 0:
             return torch.ones_like(w, dtype=torch.bool)
-        order = torch.argsort(score, dim=-1, stable=True)[..., :drop]
-        return torch.ones_like(w, dtype=torch.bool).scatter(-1, order, False)
+        lowest = torch.topk(score, drop, dim=-1, largest=False, sorted=False).indices  # ties: unspecified order
+        return torch.ones_like(w, dtype=torch.bool).scatter(-1, lowest, False)
     if ":" in structure:
         n, m = (int(v) for v in structure.split(":"))
         if not (0 < n <= m) or d_in % m:
