@@ -226,3 +226,39 @@ def test_generate_column_compacted_equals_column_masked():
     b = generate(model, x, 0.5, "column", compacted=False, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(a.sequences, b.sequences)
     assert not any(type(m).__name__ == "CompactLinear" for m in model.modules())  # undone
+
+
+def test_continuation_protocol_dense_equals_full_forward_and_rho_one():
+    from mumoe.testtime import continuation_perplexity, offline_masks
+
+    model, wins = make("qwen3_moe"), ids(3, 16, seed=21)
+    dense = continuation_perplexity(model, wins, 6, masks=None, per_prompt=False)
+    # independent: one full forward per window, NLL of positions 7..15 only
+    nll = 0.0
+    with torch.no_grad():
+        for w in wins:
+            logp = torch.log_softmax(model(w[None]).logits[0].double(), -1)
+            nll -= sum(float(logp[t - 1, w[t]]) for t in range(7, 16))
+    assert dense["tokens"] == 27 and abs(dense["ppl"] - math.exp(nll / 27)) / dense["ppl"] < 1e-5
+    mu_one = continuation_perplexity(model, wins, 6, active=1.0)
+    assert abs(mu_one["ppl"] - dense["ppl"]) / dense["ppl"] < 1e-6
+    mu = continuation_perplexity(model, wins, 6, active=0.4, structure="column")
+    off = continuation_perplexity(model, wins, 6, 0.4, "column", offline_masks(model, ids(2, 16, seed=1), 0.4, "column"),
+                                  per_prompt=False)
+    assert mu["ppl"] != dense["ppl"] and off["ppl"] != dense["ppl"]
+    with pytest.raises(MumoeError, match="prompt length"):
+        continuation_perplexity(model, wins, 15)
+
+
+def test_cli_eval_testtime(tmp_path, capsys):
+    from mumoe.cli import main
+
+    rc = main(["eval", "--ppl", "domain", "--testtime", "--active", "0.5", "--seqlen", "64", "--max-windows", "1",
+               "--json", str(tmp_path / "t.json")])
+    assert rc == 0
+    import json as _json
+
+    res = _json.loads((tmp_path / "t.json").read_text())
+    assert res["prompt_len"] == 32 and set(res["results"]) == {"code", "docs", "kernel", "prose"}
+    assert all(r["dense"] > 1 and r["mu-moe"] > 1 for r in res["results"].values())
+    assert main(["eval", "--ppl", "domain", "--testtime", "--active", "0"]) == 2

@@ -127,6 +127,8 @@ def cmd_eval(args) -> int:
     seqlen = args.seqlen or min(2048, ctx)
     if seqlen > ctx:
         raise MumoeError(f"seqlen {seqlen} exceeds the model's context ({ctx})")
+    if args.testtime:
+        return _eval_testtime(args, model, tokenizer, texts, seqlen)
     print(f"perplexity with seqlen={seqlen} (non-overlapping windows, dtype {args.dtype}) of {args.model}")
     results = {}
     for name, text in texts.items():
@@ -194,6 +196,35 @@ def cmd_taer_generate(args) -> int:
           f"{res.match.runner_up_distance:.4f}) in {res.match_seconds:.2f}s; loaded its "
           f"{server.lib.keep} experts per layer in {res.load_seconds:.2f}s")
     print(args.prompt + res.text)
+    return 0
+
+
+def _eval_testtime(args, model, tokenizer, texts: dict, seqlen: int) -> int:
+    from .observe.calib import calibration_windows, tokenize, windows
+    from .testtime import continuation_perplexity, offline_masks
+    from .testtime.masks import check_active
+
+    check_active(args.active)
+    P = args.prompt_len or seqlen // 2
+    fixed = None
+    if args.calib:
+        fixed = offline_masks(model, calibration_windows(tokenizer, args.calib, 32, seqlen), args.active, args.structure)
+    print(f"test-time protocol: windows of {seqlen} tokens, prompt {P} (dense prefill), continuation scored; "
+          f"active rho={args.active}, structure {args.structure}")
+    results = {}
+    for name, text in texts.items():
+        wins = windows(tokenize(tokenizer, text), seqlen, args.max_windows or 16)
+        row = {"dense": continuation_perplexity(model, wins, P, masks=None, per_prompt=False)["ppl"],
+               "mu-moe": continuation_perplexity(model, wins, P, args.active, args.structure, progress=True)["ppl"]}
+        if fixed is not None:
+            row[f"wanda[{args.calib}]"] = continuation_perplexity(model, wins, P, args.active, args.structure, fixed,
+                                                                   per_prompt=False)["ppl"]
+        results[name] = row
+        print(f"  {name:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "seqlen": seqlen, "prompt_len": P,
+                                               "active": args.active, "structure": args.structure,
+                                               "results": results}, indent=1))
     return 0
 
 
@@ -336,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tasks", help="lm-eval tasks, comma-separated ('local' = the offline mumoe_nextline_<domain> "
                     "tasks built from the bundled eval splits); needs the eval extra")
     sp.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
+    sp.add_argument("--testtime", action="store_true",
+                    help="μ-MoE protocol: prompt = first --prompt-len tokens of each window (dense prefill), the "
+                    "continuation is scored with masks from that prompt; compared with dense (and offline Wanda "
+                    "calibrated on --calib)")
+    sp.add_argument("--active", type=float, default=0.5, help="--testtime: active-weight ratio rho")
+    sp.add_argument("--prompt-len", type=int, default=None, help="--testtime: prompt tokens (default seqlen/2)")
+    sp.add_argument("--structure", default="row", help="--testtime: row, N:M or column")
+    sp.add_argument("--calib", help="--testtime: calibration text for the offline Wanda baseline")
     sp.add_argument("--json", help="also write the result as JSON to this path")
     sp.set_defaults(func=cmd_eval)
 

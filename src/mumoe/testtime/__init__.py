@@ -6,3 +6,6 @@ __all__ = ["apply_masks", "input_norms", "masks_from_norms", "prompt_masks", "re
 from .generate import TestTimeResult, generate
 
 __all__ += ["TestTimeResult", "generate"]
+from .evaluate import continuation_perplexity, offline_masks
+
+__all__ += ["continuation_perplexity", "offline_masks"]

@@ -1,0 +1,52 @@
+"""Test-time evaluation protocol: every window of L tokens is split into a prompt (first P tokens: dense
+prefill, statistics, KV cache) and a continuation fed through the pruned model with the prompt's cache.
+Perplexity counts only the tokens predicted by the pruned model (positions P+1 … L−1), the same tokens for
+every method: dense, offline masks (e.g. Wanda calibrated on some text), and μ-MoE (masks from each prompt).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import MumoeError
+from .compact import compact, uncompact
+from .masks import apply_masks, check_active, input_norms, masks_from_norms, restore
+
+
+@torch.no_grad()
+def continuation_perplexity(model: nn.Module, wins: torch.Tensor, prompt_len: int, active: float = 1.0,
+                            structure: str = "row", masks: dict[str, torch.Tensor] | None = None,
+                            per_prompt: bool = True, progress: bool = False) -> dict:
+    """wins [N, L]. per_prompt=True: μ-MoE masks from each window's prompt; else `masks` (None = dense)."""
+    check_active(active)
+    N, L = wins.shape
+    if not 1 <= prompt_len <= L - 2:
+        raise MumoeError(f"prompt length {prompt_len} must leave at least 2 continuation tokens of {L}")
+    nll, count = 0.0, 0
+    for w in tqdm(wins, desc="test-time windows", disable=not progress, unit="win"):
+        w = w[None]
+        norms, cache = input_norms(model, w[:, :prompt_len], return_cache=True)
+        use = masks_from_norms(model, norms, active, structure) if per_prompt else masks
+        column = structure == "column" and use is not None
+        undo = None if use is None else (compact(model, use) if column else apply_masks(model, use))
+        try:
+            logits = model(w[:, prompt_len:], past_key_values=cache, use_cache=True).logits  # [1, L-P, V]
+        finally:
+            if undo is not None:
+                uncompact(undo) if column else restore(model, undo)
+        logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)
+        target = w[0, prompt_len + 1:]
+        nll -= float(logp.gather(-1, target[:, None]).sum())
+        count += target.numel()
+    return {"ppl": math.exp(nll / count), "tokens": count, "windows": N, "prompt_len": prompt_len,
+            "active": active, "structure": structure}
+
+
+def offline_masks(model: nn.Module, calib: torch.Tensor, active: float, structure: str = "row",
+                  batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Wanda masks calibrated once on windows [N, L] (the offline baseline)."""
+    return masks_from_norms(model, input_norms(model, calib, batch_size=batch_size), active, structure)
