@@ -42,3 +42,5 @@ def test_demo_runs_and_its_dense_row_is_a_real_perplexity(tmp_path):
     direct = perplexity(model, tok, text, seqlen=512, max_windows=2, progress=False)["ppl"]
     assert abs(res["rows"][0]["ppl"]["prose"] - direct) < 1e-3
     assert len(res["taer"]["matches"]) == 12 and 0 <= res["taer"]["accuracy"] <= 1
+    assert set(res["testtime"]) == {"code", "docs", "kernel", "prose"}
+    assert all(r["μ-MoE"] > r["dense"] * 0.9 for r in res["testtime"].values())

@@ -117,6 +117,17 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
     return (norms, cache) if return_cache else norms
 
 
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """‖W[:, j]‖₂ per input column ([..., d_in], float64), cached per weight tensor until it is modified:
+    they do not depend on the prompt, so μ-MoE computes them once per model, not per prompt."""
+    hit = getattr(weight, "_mumoe_column_norms", None)
+    if hit is not None and hit[0] == weight._version:
+        return hit[1]
+    col = weight.detach().float().pow(2).sum(-2).double().sqrt()
+    weight._mumoe_column_norms = (weight._version, col)
+    return col
+
+
 def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, active: float, structure: str = "row") -> torch.Tensor:
     """Keep-mask of one weight [d_out, d_in] (or a stack [E, d_out, d_in] with norms [E, d_in]).
 
@@ -126,9 +137,9 @@ def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, active: float, structu
     """
     check_active(active)
     d_in = weight.shape[-1]
-    if structure == "column":  # only column norms are needed: O(weights), no per-weight scores
+    if structure == "column":  # only ‖W[:, j]‖ (static, cached per weight) and the prompt's ‖X_j‖ are needed
         keep = math.ceil(active * d_in - 1e-9)
-        col = torch.linalg.vector_norm(weight.detach().float(), dim=-2).double() * norms.double()  # [..., d_in]
+        col = column_norms(weight) * norms.double()  # [..., d_in]
         top = torch.argsort(-col, dim=-1, stable=True)[..., :keep]
         cols = torch.zeros_like(col, dtype=torch.bool).scatter(-1, top, True)
         return cols.unsqueeze(-2).expand(weight.shape)
