@@ -74,15 +74,15 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
     where ratio is the sparsity).
     """
     check_ratio(ratio)
-    if get_method(method).grain == "weight":
+    m = get_method(method)
+    if m.grain == "weight":
         return prune_weights(model, method, ratio, calib, structure=structure, tokenizer=tokenizer, nsamples=nsamples,
                              seqlen=seqlen, batch_size=batch_size, source=source, verbose=verbose)
-    if get_method(method).grain == "atom":
+    if m.grain == "atom":
         return prune_atoms(model, method, ratio, calib, form=form, scope=scope, tokenizer=tokenizer,
                            nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, source=source, verbose=verbose)
     if budget not in ("uniform", "global"):
         raise MumoeError(f"unknown budget {budget!r}; available: uniform, global")
-    m = get_method(method)
     adapter = moe_adapter_for(model)
     layers = adapter.moe_layers()
     wins, calib_info = resolve_calib(calib, tokenizer, nsamples, seqlen)

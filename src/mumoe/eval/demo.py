@@ -25,7 +25,6 @@ from .report import markdown_table, write_report
 
 EXPERT_METHODS = ("aimer", "frequency", "reap", "peu")
 SHIFT = {"prose": "code", "code": "prose", "docs": "kernel", "kernel": "docs"}  # Wanda calibrated on the other
-NOT_YET: dict[str, str] = {}
 
 
 def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 16, calib_windows: int = 8, seqlen: int = 512,
@@ -104,18 +103,16 @@ def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 16, calib_windo
     taer_md = ["| true domain | matched | L2 | runner-up | prompt starts |", "|---|---|---|---|---|"]
     taer_md += [f"| {t['domain']} | {t['matched']} | {t['distance']:.3f} | {t['runner_up']} | `{t['prompt'][:40]}` |"
                 for t in taer]
-    skipped = [f"- {k}: skipped ({v})" for k, v in NOT_YET.items()]
     tt_md = ["| domain | dense | offline Wanda, other domain's calibration | μ-MoE (per prompt) |", "|---|---|---|---|"]
     tt_md += [f"| {d} | {r['dense']:.2f} | {list(r.values())[1]:.2f} ({SHIFT[d]}) | {r['μ-MoE']:.2f} |"
               for d, r in testtime.items()]
     extra = ("## μ-MoE vs offline Wanda under domain shift (ρ = 0.5, row; 4 windows per domain, prompt "
              f"{seqlen // 2} tokens, continuation perplexity)\n\n" + "\n".join(tt_md)
              + f"\n\n## TAER matching (64-token prompts, first-layer key): {acc:.0%} correct\n\n" + "\n".join(taer_md)
-             + ("\n\n## Not yet available\n\n" + "\n".join(skipped) if skipped else "")
              + "\n\n## Timings (s)\n\n" + "\n".join(f"- {k}: {v:.1f}" for k, v in timings.items()))
     result = {"seqlen": seqlen, "eval_windows_per_domain": eval_windows, "calib_windows": len(calib), "rows": rows,
               "testtime": testtime,
-              "taer": {"accuracy": acc, "matches": taer}, "skipped": NOT_YET, "timings_s": timings}
+              "taer": {"accuracy": acc, "matches": taer}, "timings_s": timings}
     with atomic_output(out, overwrite=True) as tmp:
         (tmp / "results.json").write_text(json.dumps(result, indent=1))
         write_report(rows, tmp, "mumoe demo: perplexity on the bundled model", extra)
@@ -124,7 +121,5 @@ def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 16, calib_windo
     for d, r in testtime.items():
         log(f"  {d:7s} " + "  ".join(f"{k} {v:.2f}" for k, v in r.items()))
     log(f"\nTAER matching: {acc:.0%} of {len(taer)} prompts (64 tokens) matched their domain")
-    for line in skipped:
-        log(line)
     log(f"\nwrote {out}/ (report.md, ppl_vs_ratio.png, results.json) in {timings['total']:.0f}s")
     return result
