@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..criteria.expert import aimer_from_norms, matrix_norms
+from ..criteria.expert import NormWorkspace, aimer_from_norms, matrix_norms
 from ..errors import MumoeError
 from ..models.base import EXPERT_COUNT_KEYS
 from .export import PruneReport, atomic_output
@@ -115,16 +115,17 @@ def stream_aimer(path: str | Path, progress: bool = True) -> dict[int, torch.Ten
     Bit-identical to the in-memory `criteria.expert.aimer` (same per-matrix reductions, same order)."""
     path = Path(path)
     norms: dict[int, dict[int, dict[str, tuple]]] = defaultdict(lambda: defaultdict(dict))  # (l1, l2², numel)
+    ws = NormWorkspace()  # one fp32 buffer of the largest matrix, reused
     for file in tqdm(shard_files(path), desc="aimer (streamed)", disable=not progress, unit="shard"):
         for key, meta in read_header(file).items():
             for L, e, kind, mapped in _expert_matrices(file, key, meta):
                 with mapped as w:
                     if kind == "gate_up_proj":
                         half = w.shape[0] // 2
-                        norms[L][e]["gate_proj"] = (*matrix_norms(w[:half]), w[:half].numel())
-                        norms[L][e]["up_proj"] = (*matrix_norms(w[half:]), w[half:].numel())
+                        norms[L][e]["gate_proj"] = (*matrix_norms(w[:half], ws), w[:half].numel())
+                        norms[L][e]["up_proj"] = (*matrix_norms(w[half:], ws), w[half:].numel())
                     else:
-                        norms[L][e][kind] = (*matrix_norms(w), w.numel())
+                        norms[L][e][kind] = (*matrix_norms(w, ws), w.numel())
                     del w
     if not norms:
         raise MumoeError(f"{path}: no routed-expert tensors found (is it an MoE checkpoint?)")
