@@ -135,6 +135,23 @@ def test_aimer_hand_worked():
     assert 0 not in kept and 1 in kept
 
 
+def test_matrix_norms_reused_workspace_leaves_weights_alone():
+    """The reused fp32 buffer is reduced in place: results match float64 for any shape/dtype sequence, and the
+    weights themselves (fp32 ones are not copied by `.float()`) are never modified."""
+    from mumoe.criteria.expert import NormWorkspace, matrix_norms
+
+    gen = torch.Generator().manual_seed(0)
+    ws = NormWorkspace()
+    for shape, dtype in [((64, 48), torch.float32), ((7, 300), torch.bfloat16), ((64, 48), torch.float16),
+                         ((3, 5), torch.float32)]:  # grows, then reuses a larger buffer for smaller matrices
+        w = (torch.randn(shape, generator=gen) - 0.3).to(dtype)
+        before = w.clone()
+        ref = (float(w.double().abs().sum()), float(w.double().pow(2).sum()))
+        for got in (matrix_norms(w, ws), matrix_norms(w)):
+            assert got[0] == pytest.approx(ref[0], rel=1e-6) and got[1] == pytest.approx(ref[1], rel=1e-6)
+        assert torch.equal(w, before)
+
+
 def test_calibration_required():
     with pytest.raises(MumoeError, match="needs calibration data"):
         mumoe.prune(make("qwen3_moe"), "reap", 0.5)
