@@ -196,11 +196,22 @@ def test_cli_generate_and_bad_active(capsys):
     assert "M dividing d_in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("prepared", [False, True], ids=["row-major", "column-major"])
 @pytest.mark.parametrize("arch", ["llama", "opt", "qwen3_moe", "deepseek_v3"])
-def test_column_compacted_decode_equals_masked_dense(arch):
-    from mumoe.testtime.compact import compact, uncompact
+def test_column_compacted_decode_equals_masked_dense(arch, prepared):
+    from mumoe.testtime.compact import compact, is_column_major, prepare_columns, uncompact
 
     model, x = make(arch), ids(1, 10, seed=12)
+    if prepared:  # column-major storage: same values, same shapes, fast gathers
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            before = model(x).logits
+        assert prepare_columns(model) > 0 and prepare_columns(model) == 0  # idempotent
+        for n, p in model.named_parameters():
+            assert torch.equal(p, params[n])
+        assert all(is_column_major(p) for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "q_proj.weight")))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, before, rtol=0, atol=1e-5)
     masks = prompt_masks(model, x[:, :6], 0.5, "column")
     saved = apply_masks(model, masks)
     with torch.no_grad():
@@ -209,6 +220,8 @@ def test_column_compacted_decode_equals_masked_dense(arch):
     with torch.no_grad():
         dense = model(x).logits
     undo = compact(model, masks)
+    compacted_weights = [m.weight for m in model.modules() if type(m).__name__ == "CompactLinear"]
+    assert compacted_weights and all(is_column_major(w) == prepared for w in compacted_weights)
     with torch.no_grad():
         compacted = model(x).logits
     assert (compacted - masked).abs().max() <= 1e-4
@@ -216,6 +229,31 @@ def test_column_compacted_decode_equals_masked_dense(arch):
     uncompact(undo)
     with torch.no_grad():
         assert torch.equal(model(x).logits, dense)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_compaction_buffers_are_reused_across_prompts(arch):
+    """The second prompt's compaction writes into the first one's buffers (no new allocation) and still gives
+    its own masked logits; release_buffers frees them."""
+    from mumoe.testtime import compact, prepare_columns, release_buffers, uncompact
+
+    model = make(arch)
+    prepare_columns(model)
+    x = ids(1, 10, seed=3)
+    ptrs = []
+    for seed, active in ((1, 0.5), (2, 0.4)):  # second prompt: other columns, fewer of them
+        masks = prompt_masks(model, ids(1, 6, seed=seed), active, "column")
+        saved = apply_masks(model, masks)
+        with torch.no_grad():
+            masked = model(x).logits
+        restore(model, saved)
+        undo = compact(model, masks)
+        ptrs.append(sorted(m.weight.data_ptr() for m in model.modules() if type(m).__name__ == "CompactLinear"))
+        with torch.no_grad():
+            assert (model(x).logits - masked).abs().max() <= 1e-4
+        uncompact(undo)
+    assert ptrs[0] == ptrs[1]
+    assert release_buffers(model) > 0 and release_buffers(model) == 0
 
 
 def test_generate_column_compacted_equals_column_masked():

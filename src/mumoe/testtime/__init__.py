@@ -3,6 +3,9 @@
 from .masks import apply_masks, input_norms, masks_from_norms, prompt_masks, restore, wanda_mask
 
 __all__ = ["apply_masks", "input_norms", "masks_from_norms", "prompt_masks", "restore", "wanda_mask"]
+from .compact import compact, prepare_columns, release_buffers, uncompact
+
+__all__ += ["compact", "prepare_columns", "release_buffers", "uncompact"]
 from .generate import TestTimeResult, generate
 
 __all__ += ["TestTimeResult", "generate"]

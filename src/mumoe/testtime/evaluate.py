@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import MumoeError
-from .compact import compact, uncompact
+from .compact import compact, prepare_columns, uncompact
 from .masks import apply_masks, check_active, input_norms, masks_from_norms, restore
 
 
@@ -27,6 +27,8 @@ def continuation_perplexity(model: nn.Module, wins: torch.Tensor, prompt_len: in
     if not 1 <= prompt_len <= L - 2:
         raise MumoeError(f"prompt length {prompt_len} must leave at least 2 continuation tokens of {L}")
     nll, count = 0.0, 0
+    if structure == "column" and (per_prompt or masks is not None):
+        prepare_columns(model)  # once: column gathers become row copies
     for w in tqdm(wins, desc="test-time windows", disable=not progress, unit="win"):
         w = w[None]
         norms, cache = input_norms(model, w[:, :prompt_len], return_cache=True)

@@ -59,12 +59,22 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
     handles = []
     names = {id(m): n for n, m in model.named_modules()}
 
+    last: list = [None, None, -1]  # (input tensor, its column sums, its version): q/k/v, gate/up share one input
+
+    def col_sq(x: torch.Tensor) -> torch.Tensor:
+        """Σ_t x_tj² per column of x [T, d]: fp32 within one pass (relative error ~1e-7), float64 across passes."""
+        x = x.float()
+        return (x * x).sum(0).double()
+
     def dense_hook(name):
         def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()  # [T, d_in]
-            if valid is not None and x.shape[0] == valid.numel():
-                x = x[valid]
-            sq[name] = sq.get(name, 0) + (x**2).sum(0)
+            inp = args[0]
+            if last[0] is not inp or last[2] != inp._version:
+                x = inp.reshape(-1, inp.shape[-1])  # [T, d_in]
+                if valid is not None and x.shape[0] == valid.numel():
+                    x = x[valid]
+                last[0], last[1], last[2] = inp, col_sq(x), inp._version
+            sq[name] = sq.get(name, 0) + last[1]
         return hook
 
     for lin in dense:
@@ -88,11 +98,11 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
                 if len(tokens):
                     xe = x[tokens]
                     acc["n"][e] += len(tokens)
-                    acc["gu"][e] += (xe.double() ** 2).sum(0)
-                    acc["dn"][e] += (layer.expert_hidden(e, xe).double() ** 2).sum(0)
+                    acc["gu"][e] += col_sq(xe)
+                    acc["dn"][e] += col_sq(layer.expert_hidden(e, xe))
                 else:  # fallback material: the layer's input over all tokens of this pass
-                    acc["gu_all"][e] += (x.double() ** 2).sum(0)
-                    acc["dn_all"][e] += (layer.expert_hidden(e, x).double() ** 2).sum(0)
+                    acc["gu_all"][e] += col_sq(x)
+                    acc["dn_all"][e] += col_sq(layer.expert_hidden(e, x))
         return hook
 
     for layer in moe_layers:
@@ -109,6 +119,7 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
     finally:
         for h in handles:
             h.remove()
+        last[0] = last[1] = None
     for prefix, acc in fused.items():  # experts never routed over all passes use their fallback sums
         unrouted = (acc["n"] == 0)[:, None]
         sq[f"{prefix}.gate_up_proj"] = torch.where(unrouted, acc["gu_all"], acc["gu"])

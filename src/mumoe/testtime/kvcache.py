@@ -1,0 +1,59 @@
+"""A KV cache that grows in place, for decoding after a long prompt.
+
+HF's `DynamicLayer.update` appends with `torch.cat`, which copies the whole cache at every decoded token:
+with a 512-token prompt that is ~8 MB per layer per token on a 2048-wide model — a fixed per-token cost
+that pruning cannot shrink, so it caps the decode speedup of a pruned model. `GrowingLayer` keeps the keys
+and values in a buffer with spare capacity (doubling when full) and hands attention views of its filled
+part; values and semantics are unchanged (`crop`, `reset`, batch reordering keep working: any operation
+that replaces the views makes the next update start a fresh buffer from them).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    """DynamicLayer whose keys / values [B, heads, n, d] are views of buffers [B, heads, capacity, d]."""
+
+    MIN_CAPACITY = 256
+
+    def _owns_views(self) -> bool:
+        buf = getattr(self, "_key_buf", None)
+        return buf is not None and self.keys.numel() > 0 and self.keys.data_ptr() == buf.data_ptr()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, m = self.get_seq_length(), key_states.shape[-2]
+        if not self._owns_views() or n + m > self._key_buf.shape[-2] or \
+                self._key_buf.shape[:2] != key_states.shape[:2]:
+            capacity = max(2 * (n + m), self.MIN_CAPACITY)
+            key_buf = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[-1])
+            value_buf = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[-1])
+            if n:
+                key_buf[..., :n, :].copy_(self.keys)
+                value_buf[..., :n, :].copy_(self.values)
+            self._key_buf, self._value_buf = key_buf, value_buf
+        self._key_buf[..., n : n + m, :].copy_(key_states)
+        self._value_buf[..., n : n + m, :].copy_(value_states)
+        self.keys = self._key_buf[..., : n + m, :]
+        self.values = self._value_buf[..., : n + m, :]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_buf = self._value_buf = None
+        super().reset()
+
+
+def grow_in_place(cache) -> int:
+    """Switch every plain `DynamicLayer` of an HF cache to `GrowingLayer` (same data); -> layers switched.
+    Sliding-window, static and quantized layers are left as they are."""
+    n = 0
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = GrowingLayer
+            n += 1
+    return n
