@@ -30,15 +30,58 @@ def saved(tmp_path):
 
 def test_library_round_trip_and_contents(saved):
     model, tmp, tasks = saved
-    lib = TaskLibrary.load(tmp / "lib")
+    build_library(model, tasks, keep=4, key_stat="tcess", key_space="raw", progress=False).save(tmp / "paper")
+    lib = TaskLibrary.load(tmp / "paper")
     layers = moe_adapter_for(model).moe_layers()
     stats = collect_stats(model, layers, tasks["low"], progress=False)
     expected = tcess(stats[0]).float()
-    assert torch.equal(lib.keys["low"], expected)  # key = mean first-layer TCESS vector
+    torch.testing.assert_close(lib.keys["low"], expected, rtol=1e-6, atol=1e-7)  # the paper's key: mean TCESS
+    assert lib.whiten is None and lib.key_stat == "tcess"
     for l, st in zip(layers, stats):
         s = tcess(st)
         assert lib.tasks["low"]["kept"][l.index] == sorted(torch.topk(s, 4).indices.tolist())
     lib.check_model(model)
+
+
+def test_whitened_keys_against_a_slow_reference(saved):
+    """Default library: key = mean first-router logits over all tokens; distance = Mahalanobis under the pooled
+    within-task covariance of 64-token chunk keys (+1% of the overall variance), recomputed here by explicit loops."""
+    model, tmp, tasks = saved
+    lib = TaskLibrary.load(tmp / "lib")
+    assert (lib.key_stat, lib.key_space) == ("logit", "whitened")
+    router = moe_adapter_for(model).moe_layers()[0].router
+    seen = []
+    h = router.register_forward_hook(lambda m, a, o: seen.append(o[0].detach().double()))
+    chunk_keys = {}
+    for name, wins in tasks.items():
+        rows = []
+        for w in wins:  # one window at a time, full forward
+            seen.clear()
+            with torch.no_grad():
+                model(w[None])
+            logits = seen[0].reshape(w.numel(), -1)  # [L, E]
+            rows.append(logits)
+        allrows = torch.cat(rows)
+        torch.testing.assert_close(lib.keys[name].double(), allrows.mean(0), rtol=1e-5, atol=1e-6)
+        chunk_keys[name] = torch.stack([r[i:i + 64].mean(0) for r in rows for i in range(0, r.shape[0], 64)])
+    h.remove()
+    D = chunk_keys["low"].shape[1]
+    cov = torch.zeros(D, D, dtype=torch.float64)
+    n = 0
+    for c in chunk_keys.values():
+        for row in c:
+            d = (row - c.mean(0))[:, None]
+            cov += d @ d.T
+            n += 1
+    cov /= n
+    everything = torch.cat(list(chunk_keys.values()))
+    total_var = ((everything - everything.mean(0)) ** 2).mean()
+    reg = cov + 0.01 * total_var * torch.eye(D, dtype=torch.float64)
+    key = prompt_key(model, task_windows(3, 40, 1, 16, seed=9)[0], key_stat="logit")
+    for name in tasks:
+        diff = key.double() - lib.keys[name].double()
+        expected = float(diff @ torch.linalg.solve(reg, diff)) ** 0.5
+        assert lib.distance(key, name) == pytest.approx(expected, rel=1e-5)
 
 
 def test_matching_stops_at_first_router_and_finds_the_task(saved):
@@ -51,12 +94,13 @@ def test_matching_stops_at_first_router_and_finds_the_task(saved):
     h.remove()
     assert calls == [] and key.shape == (8,)
     # tasks of one repeated token: a prompt of that token (any length) has exactly the task's key
-    const = build_library(model, {"five": torch.full((3, 16), 5), "hundred": torch.full((3, 16), 100)}, keep=4,
-                          progress=False)
-    for token, name in ((5, "five"), (100, "hundred")):
-        m = match(model, const, torch.full((7,), token))
-        assert m.task == name and m.runner_up != name
-        assert m.distance < 1e-5 < m.runner_up_distance
+    for stat in ("logit", "prob", "tcess"):
+        const = build_library(model, {"five": torch.full((3, 16), 5), "hundred": torch.full((3, 16), 100)}, keep=4,
+                              key_stat=stat, progress=False)
+        for token, name in ((5, "five"), (100, "hundred")):
+            m = match(model, const, torch.full((7,), token))
+            assert m.task == name and m.runner_up != name
+            assert m.distance < 1e-5 < m.runner_up_distance
 
 
 def test_partial_load_equals_full_load_then_prune(saved):
@@ -111,7 +155,7 @@ def test_cli_build_match_generate(saved, capsys):
                "--keep", "3", "--nsamples", "4", "--seqlen", "32", "--out", str(tmp / "L")])
     assert rc == 0, capsys.readouterr().err
     assert main(["taer", "match", str(tmp / "m"), str(tmp / "L"), "--prompt", "aaaa aaaa aaaa aaaa"]) == 0
-    assert "task a (L2" in capsys.readouterr().out
+    assert "task a (distance" in capsys.readouterr().out
     assert main(["taer", "generate", str(tmp / "m"), str(tmp / "L"), "--prompt", "zzzz zzzz", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "matched task b" in out and "loaded its 3 experts per layer" in out

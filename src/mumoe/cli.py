@@ -168,11 +168,13 @@ def cmd_taer_build(args) -> int:
         raise MumoeError(f"{args.model} has no tokenizer")
     tasks = {name: calibration_windows(tok, path, args.nsamples, args.seqlen) for name, path in specs.items()}
     t0 = time.perf_counter()
-    lib = build_library(model, tasks, args.keep, args.score, args.key)
+    lib = build_library(model, tasks, args.keep, args.score, args.key, key_stat=args.key_stat,
+                        key_space=args.key_space)
     with atomic_output(args.out, args.overwrite) as tmp:
         lib.save(tmp)
     print(f"built {len(tasks)} task patterns (keep {args.keep} of {lib.fingerprint['num_experts'][0]} experts per "
-          f"layer, {args.score} scores, {args.key} key) in {time.perf_counter() - t0:.1f}s -> {args.out}")
+          f"layer, {args.score} scores, {args.key}-layer {args.key_stat} key, {args.key_space} L2) in "
+          f"{time.perf_counter() - t0:.1f}s -> {args.out}")
     return 0
 
 
@@ -180,7 +182,7 @@ def cmd_taer_match(args) -> int:
     from .retrieval import TaskServer
 
     m, ids, seconds = TaskServer(args.model, args.library, args.dtype).match(args.prompt)
-    print(f"task {m.task} (L2 {m.distance:.4f}); runner-up {m.runner_up} (L2 {m.runner_up_distance:.4f}); "
+    print(f"task {m.task} (distance {m.distance:.4f}); runner-up {m.runner_up} (distance {m.runner_up_distance:.4f}); "
           f"{ids.shape[-1]} prompt tokens, {seconds:.2f}s")
     return 0
 
@@ -192,7 +194,7 @@ def cmd_taer_generate(args) -> int:
         raise MumoeError("empty prompt")
     server = TaskServer(args.model, args.library, args.dtype)
     res = server.generate(args.prompt, max_new_tokens=args.max_new_tokens)
-    print(f"matched task {res.match.task} (L2 {res.match.distance:.4f}, runner-up {res.match.runner_up} "
+    print(f"matched task {res.match.task} (distance {res.match.distance:.4f}, runner-up {res.match.runner_up} "
           f"{res.match.runner_up_distance:.4f}) in {res.match_seconds:.2f}s; loaded its "
           f"{server.lib.keep} experts per layer in {res.load_seconds:.2f}s")
     print(args.prompt + res.text)
@@ -418,7 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep", type=int, required=True, help="experts kept per layer (M >= top_k)")
     sp.add_argument("--score", default="tcess", choices=["tcess", "peu"], help="PEP score (default tcess)")
     sp.add_argument("--key", default="first", choices=["first", "all"],
-                    help="retrieval key: first MoE layer's TCESS vector (default) or all MoE layers concatenated")
+                    help="retrieval key from the first MoE layer (default; matching stops there) or all MoE "
+                         "layers concatenated")
+    sp.add_argument("--key-stat", default="logit", choices=["logit", "prob", "tcess"],
+                    help="per-token router statistic averaged into the key: logits (default), routing "
+                         "probabilities, or PreMoe's TCESS vector (the paper's key)")
+    sp.add_argument("--key-space", default="whitened", choices=["whitened", "raw"],
+                    help="L2 after whitening by the within-task covariance of 64-token chunk keys (default; a "
+                         "linear discriminant) or plain L2 (the paper's matching)")
     sp.add_argument("--nsamples", type=int, default=64, help="windows per task (default 64)")
     sp.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
     sp.add_argument("--out", required=True, help="library directory")

@@ -1,8 +1,19 @@
 """PreMoe TAER: a task library of expert patterns, matched per query on the first MoE router's logits.
 
 Offline, per task (a calibration text set): PEP scores per layer (TCESS or PEU), the top-M experts per
-layer, and a retrieval key — the task's mean first-MoE-layer TCESS vector (option: all MoE layers
-concatenated). Stored as LIB/library.json (+ LIB/tensors.safetensors for keys and scores); validated on load.
+layer, and a retrieval key — the mean over the task's tokens of a per-token router statistic at the first
+MoE layer (option: all MoE layers concatenated). Stored as LIB/library.json (+ LIB/tensors.safetensors for
+keys, scores and the whitening matrix); validated on load.
+
+Key statistic (`key_stat`), per token, from router logits s [E]:
+    tcess   s_i·1[i = argmax s] (PreMoe's TCESS vector — the paper's key)
+    prob    softmax(s)
+    logit   s
+Key space (`key_space`): `raw` — plain L2 between keys (the paper's matching); `whitened` — L2 after the
+linear map W with W Wᵀ = (Σ + λI)⁻¹, Σ the within-task covariance of the keys of 64-token chunks of the
+calibration windows, pooled over tasks (λ = 1% of the chunk keys' mean variance overall): nearest task in
+Mahalanobis distance, i.e. a linear discriminant. Defaults (`logit`, `whitened`, first layer) were chosen on held-out calibration
+text, not on the evaluation prompts (README, TAER).
 """
 
 from __future__ import annotations
@@ -22,8 +33,25 @@ from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
 from ..select import rank
 
-VERSION = 1
+VERSION = 2
 SCORES = {"tcess": tcess, "peu": peu}
+KEY_STATS = ("logit", "prob", "tcess")
+KEY_SPACES = ("whitened", "raw")
+CHUNK = 64  # tokens per calibration chunk for the within-task covariance (a typical prompt length)
+SHRINK = 0.01
+
+
+def token_stat(logits: torch.Tensor, stat: str) -> torch.Tensor:
+    """Per-token key statistic from router logits [T, E] -> [T, E] float64."""
+    s = logits.double()
+    if stat == "logit":
+        return s
+    if stat == "prob":
+        return torch.softmax(s, dim=-1)
+    if stat == "tcess":
+        top = s.argmax(-1, keepdim=True)
+        return torch.zeros_like(s).scatter(-1, top, s.gather(-1, top))
+    raise MumoeError(f"unknown key statistic {stat!r}; use {', '.join(KEY_STATS)}")
 
 
 def model_fingerprint(model: nn.Module) -> dict:
@@ -44,15 +72,28 @@ class TaskLibrary:
     score: str  # tcess | peu
     key_mode: str  # first | all
     tasks: dict[str, dict] = field(default_factory=dict)  # name -> {"kept": {layer: [...]}, "source": str}
-    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> key vector
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> key vector [D]
     scores: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name -> per-layer [E]
+    key_stat: str = "tcess"
+    key_space: str = "raw"
+    whiten: torch.Tensor | None = None  # [D, D] float64 (key_space "whitened")
+
+    def distance(self, key: torch.Tensor, task: str) -> float:
+        """L2 between a prompt key and a task's key, in the library's key space."""
+        diff = (key.double() - self.keys[task].double())[None]  # [1, D]
+        if self.whiten is not None:
+            diff = diff @ self.whiten
+        return float(diff.norm())
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         meta = {"mumoe_taer_version": VERSION, "fingerprint": self.fingerprint, "keep": self.keep,
-                "score": self.score, "key_mode": self.key_mode, "tasks": self.tasks}
+                "score": self.score, "key_mode": self.key_mode, "key_stat": self.key_stat,
+                "key_space": self.key_space, "tasks": self.tasks}
         tensors = {f"key/{n}": k.contiguous() for n, k in self.keys.items()}
+        if self.whiten is not None:
+            tensors["whiten"] = self.whiten.contiguous()
         for n, per_layer in self.scores.items():
             tensors.update({f"scores/{n}/{i}": s.contiguous() for i, s in enumerate(per_layer)})
         save_file(tensors, path / "tensors.safetensors")
@@ -65,14 +106,21 @@ class TaskLibrary:
         try:
             meta = json.loads((path / "library.json").read_text())
             tensors = load_file(path / "tensors.safetensors")
-            if meta.get("mumoe_taer_version") != VERSION:
+            if meta.get("mumoe_taer_version") not in (1, VERSION):  # 1: TCESS keys, raw L2
                 raise ValueError(f"version {meta.get('mumoe_taer_version')} (expected {VERSION})")
-            lib = cls(meta["fingerprint"], int(meta["keep"]), meta["score"], meta["key_mode"], meta["tasks"])
+            lib = cls(meta["fingerprint"], int(meta["keep"]), meta["score"], meta["key_mode"], meta["tasks"],
+                      key_stat=meta.get("key_stat", "tcess"), key_space=meta.get("key_space", "raw"))
+            if lib.key_stat not in KEY_STATS or lib.key_space not in KEY_SPACES:
+                raise ValueError(f"unknown key {lib.key_stat}/{lib.key_space}")
+            if lib.key_space == "whitened":
+                lib.whiten = tensors["whiten"]
             n_layers = len(lib.fingerprint["moe_layers"])
             for name, task in lib.tasks.items():
                 lib.keys[name] = tensors[f"key/{name}"]
                 lib.scores[name] = [tensors[f"scores/{name}/{i}"] for i in range(n_layers)]
                 task["kept"] = {int(k): v for k, v in task["kept"].items()}
+                if lib.whiten is not None and lib.whiten.shape != (lib.keys[name].numel(),) * 2:
+                    raise ValueError("whitening matrix does not match the keys")
                 if sorted(task["kept"]) != lib.fingerprint["moe_layers"] or any(
                         len(v) != lib.keep for v in task["kept"].values()):
                     raise ValueError(f"task {name!r} has inconsistent kept sets")
@@ -97,28 +145,67 @@ class TaskLibrary:
 
 
 def build_library(model: nn.Module, tasks: dict[str, torch.Tensor], keep: int, score: str = "tcess",
-                  key_mode: str = "first", batch_size: int = 8, progress: bool = True) -> TaskLibrary:
-    """tasks: name -> calibration windows [N, L]. Keeps the top-`keep` experts per layer for each task."""
+                  key_mode: str = "first", batch_size: int = 8, progress: bool = True, key_stat: str = "logit",
+                  key_space: str = "whitened") -> TaskLibrary:
+    """tasks: name -> calibration windows [N, L]. Keeps the top-`keep` experts per layer for each task; keys as
+    in the module docstring."""
     if score not in SCORES:
         raise MumoeError(f"unknown PEP score {score!r}; use tcess or peu")
     if key_mode not in ("first", "all"):
         raise MumoeError(f"unknown key mode {key_mode!r}; use first or all")
+    if key_stat not in KEY_STATS:
+        raise MumoeError(f"unknown key statistic {key_stat!r}; use {', '.join(KEY_STATS)}")
+    if key_space not in KEY_SPACES:
+        raise MumoeError(f"unknown key space {key_space!r}; use {', '.join(KEY_SPACES)}")
     layers = moe_adapter_for(model).moe_layers()
     top_k, E = layers[0].top_k, min(l.num_experts for l in layers)
     if not top_k <= keep <= E:
         raise MumoeError(f"--keep {keep} must be between top_k={top_k} and the expert count {E}")
     if any(l.n_group and l.n_group > 1 for l in layers):
         raise MumoeError("task libraries for group-limited routers are not supported yet")
-    lib = TaskLibrary(model_fingerprint(model), keep, score, key_mode)
+    lib = TaskLibrary(model_fingerprint(model), keep, score, key_mode, key_stat=key_stat, key_space=key_space)
+    chunks = {}
     for name, wins in tasks.items():
         stats = collect_stats(model, layers, wins, batch_size, experts=False, progress=progress)
         per_layer = [SCORES[score](st) for st in stats]
         lib.scores[name] = [s.float() for s in per_layer]
         lib.tasks[name] = {"kept": {l.index: sorted(rank(s)[:keep].tolist()) for l, s in zip(layers, per_layer)},
                            "windows": int(wins.shape[0])}
-        keys = [tcess(st).float() for st in stats]
-        lib.keys[name] = keys[0] if key_mode == "first" else torch.cat(keys)
+        sums, chunks[name] = _task_keys(model, layers, wins, key_mode, key_stat, batch_size)
+        lib.keys[name] = sums.float()
+    if key_space == "whitened":
+        lib.whiten = whitening(chunks)
     return lib
+
+
+def _task_keys(model: nn.Module, layers: list[MoELayer], wins: torch.Tensor, key_mode: str, stat: str,
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean key over every token of the windows [N, L] -> [D], and the keys of their CHUNK-token chunks
+    [N·⌈L/CHUNK⌉, D] (float64)."""
+    wanted = layers[:1] if key_mode == "first" else layers
+    total, n_tokens, chunk_keys = 0, 0, []
+    for i in range(0, wins.shape[0], batch_size):
+        per_layer = router_logits(model, wins[i : i + batch_size], wanted)  # each [B, L, E]
+        feats = torch.cat([token_stat(lg.reshape(-1, lg.shape[-1]), stat).reshape(*lg.shape) for lg in per_layer],
+                          dim=-1)  # [B, L, D]
+        total = total + feats.sum((0, 1))
+        n_tokens += feats.shape[0] * feats.shape[1]
+        chunk_keys += [c.mean(1) for c in feats.split(CHUNK, dim=1)]  # each [B, D]
+    return total / n_tokens, torch.cat(chunk_keys)
+
+
+def whitening(chunks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """W [D, D] with W Wᵀ = (Σ_w + λI)⁻¹: Σ_w the within-task covariance of chunk keys pooled over tasks
+    (name -> [n, D]), λ = SHRINK × the mean variance of all chunk keys around their overall mean (so that
+    tasks whose keys never vary do not blow the map up); identity when no key varies at all."""
+    keys = torch.cat(list(chunks.values())).double()  # [n, D]
+    centred = torch.cat([c.double() - c.double().mean(0) for c in chunks.values()])
+    cov = centred.T @ centred / keys.shape[0]
+    scale = float((keys - keys.mean(0)).pow(2).mean(0).mean())
+    D = cov.shape[0]
+    if scale <= 0:
+        return torch.eye(D, dtype=torch.float64)
+    return torch.linalg.cholesky(torch.linalg.inv(cov + SHRINK * scale * torch.eye(D, dtype=torch.float64)))
 
 
 class _Stop(Exception):
@@ -126,23 +213,15 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def prompt_key(model: nn.Module, ids: torch.Tensor, key_mode: str = "first", layers: list[MoELayer] | None = None) -> torch.Tensor:
-    """The prompt's key: mean TCESS vector of its tokens at the first MoE router (the forward stops there)
-    or, key_mode="all", at every MoE layer concatenated. ids [L] or [1, L]."""
-    ids = ids.reshape(1, -1)
-    if ids.numel() == 0:
-        raise MumoeError("empty prompt")
-    layers = layers or moe_adapter_for(model).moe_layers()
-    wanted = layers[:1] if key_mode == "first" else layers
-    keys: dict[int, torch.Tensor] = {}
+def router_logits(model: nn.Module, ids: torch.Tensor, wanted: list[MoELayer]) -> list[torch.Tensor]:
+    """Router logits [B, L, E] of the `wanted` MoE layers for ids [B, L]; the forward stops after the last of
+    them (nothing later is computed)."""
+    out: dict[int, torch.Tensor] = {}
 
     def hook(module, args, output, index):
-        logits = output[0].detach().double().reshape(-1, output[0].shape[-1])  # [T, E]
-        top = logits.argmax(-1)
-        keys[index] = (torch.zeros(logits.shape[-1], dtype=torch.float64)
-                       .index_add_(0, top, logits.gather(-1, top[:, None])[:, 0]) / logits.shape[0]).float()
-        if len(keys) == len(wanted):
-            raise _Stop  # nothing after the last router we need is computed
+        out[index] = output[0].detach().reshape(*ids.shape, -1)
+        if len(out) == len(wanted):
+            raise _Stop
 
     handles = [l.router.register_forward_hook(lambda m, a, o, i=l.index: hook(m, a, o, i)) for l in wanted]
     try:
@@ -152,7 +231,21 @@ def prompt_key(model: nn.Module, ids: torch.Tensor, key_mode: str = "first", lay
     finally:
         for h in handles:
             h.remove()
-    return torch.cat([keys[l.index] for l in wanted])
+    return [out[l.index].cpu() for l in wanted]
+
+
+@torch.no_grad()
+def prompt_key(model: nn.Module, ids: torch.Tensor, key_mode: str = "first", layers: list[MoELayer] | None = None,
+               key_stat: str = "tcess") -> torch.Tensor:
+    """The prompt's key: the mean over its tokens of the key statistic at the first MoE router (the forward
+    stops there) or, key_mode="all", at every MoE layer concatenated. ids [L] or [1, L] -> [D] float32."""
+    ids = ids.reshape(1, -1)
+    if ids.numel() == 0:
+        raise MumoeError("empty prompt")
+    layers = layers or moe_adapter_for(model).moe_layers()
+    wanted = layers[:1] if key_mode == "first" else layers
+    per_layer = router_logits(model, ids, wanted)
+    return torch.cat([token_stat(lg[0], key_stat).mean(0) for lg in per_layer]).float()
 
 
 @dataclass
@@ -164,8 +257,9 @@ class Match:
 
 
 def match(model: nn.Module, lib: TaskLibrary, ids: torch.Tensor) -> Match:
-    """Nearest task by L2 between the prompt's key and each task's key (with the runner-up, to see ambiguity)."""
-    key = prompt_key(model, ids, lib.key_mode)
-    dist = sorted((float(torch.dist(key, k)), name) for name, k in lib.keys.items())
+    """Nearest task by L2 (in the library's key space) between the prompt's key and each task's key, with the
+    runner-up, to see ambiguity."""
+    key = prompt_key(model, ids, lib.key_mode, key_stat=lib.key_stat)
+    dist = sorted((lib.distance(key, name), name) for name in lib.keys)
     second = dist[1] if len(dist) > 1 else (None, None)
     return Match(dist[0][1], dist[0][0], second[1], second[0])
