@@ -272,7 +272,8 @@ def cmd_generate(args) -> int:
     stats = max(0.0, res.prefill_seconds - t_plain)
     print(f"\n[μ-MoE] {ids.shape[1]} prompt tokens; active weights {res.active_weights:,}/{res.total_weights:,} "
           f"({res.active_weights / res.total_weights:.1%}, structure {args.structure}); dense prefill {t_plain:.3f}s, "
-          f"statistics {stats:.3f}s + selection {res.select_seconds:.3f}s "
+          f"statistics {stats:.3f}s + selection and {'compaction' if args.structure == 'column' else 'masking'} "
+          f"{res.select_seconds:.3f}s "
           f"= {(stats + res.select_seconds) / t_plain:.0%} of the prefill")
     return 0
 
