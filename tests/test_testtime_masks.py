@@ -300,3 +300,19 @@ def test_cli_eval_testtime(tmp_path, capsys):
     assert res["prompt_len"] == 32 and set(res["results"]) == {"code", "docs", "kernel", "prose"}
     assert all(r["dense"] > 1 and r["mu-moe"] > 1 for r in res["results"].values())
     assert main(["eval", "--ppl", "domain", "--testtime", "--active", "0"]) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_column_major_model_still_saves_and_reloads(arch, tmp_path):
+    """prepare_columns changes only strides: a prepared model saves with save_pretrained and reloads to the
+    same logits (up to BLAS summation order)."""
+    from mumoe.testtime import prepare_columns
+
+    model, x = make(arch), ids(1, 8, seed=1)
+    prepare_columns(model)
+    with torch.no_grad():
+        before = model(x).logits
+    model.save_pretrained(tmp_path / "m")
+    reloaded = type(model).from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, before, rtol=0, atol=1e-5)
