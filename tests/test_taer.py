@@ -37,6 +37,17 @@ def test_library_round_trip_and_contents(saved):
     expected = tcess(stats[0]).float()
     torch.testing.assert_close(lib.keys["low"], expected, rtol=1e-6, atol=1e-7)  # the paper's key: mean TCESS
     assert lib.whiten is None and lib.key_stat == "tcess"
+    # a version-1 library (written before key statistics and spaces existed) loads as TCESS keys, plain L2
+    import json
+
+    meta = json.loads((tmp / "paper" / "library.json").read_text())
+    meta["mumoe_taer_version"] = 1
+    del meta["key_stat"], meta["key_space"]
+    (tmp / "paper" / "library.json").write_text(json.dumps(meta))
+    old = TaskLibrary.load(tmp / "paper")
+    assert (old.key_stat, old.key_space, old.whiten) == ("tcess", "raw", None)
+    prompt = task_windows(3, 40, 1, 16, seed=9)[0]
+    assert match(model, old, prompt) == match(model, lib, prompt)
     for l, st in zip(layers, stats):
         s = tcess(st)
         assert lib.tasks["low"]["kept"][l.index] == sorted(torch.topk(s, 4).indices.tolist())
