@@ -13,6 +13,7 @@ Masks are keyed by parameter name; fused experts get one mask per fused tensor (
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
@@ -46,9 +47,10 @@ def check_active(active: float) -> float:
 
 @torch.no_grad()
 def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                batch_size: int = 8, return_cache: bool = False):
+                batch_size: int = 8, return_cache: bool = False, timing: dict | None = None):
     """‖X_j‖₂ per input feature of every prunable weight, from dense forwards of `ids` [B, L] (in batches;
-    with return_cache, one forward whose KV cache is returned too: -> (norms, cache)).
+    with return_cache, one forward whose KV cache is returned too: -> (norms, cache)). `timing`: a dict that
+    receives "hooks_s", the seconds spent computing the statistics inside the forward.
 
     -> {param name: [d_in]} for dense linears; {"...experts.gate_up_proj": [E, H], "...experts.down_proj": [E, I]}
     for fused experts (per expert, over its routed tokens; unrouted experts use all tokens)."""
@@ -66,7 +68,19 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
         x = x.float()
         return (x * x).sum(0).double()
 
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return wrapper
+
     def dense_hook(name):
+        @timed
         def hook(module, args):
             inp = args[0]
             if last[0] is not inp or last[2] != inp._version:
@@ -83,6 +97,7 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
     def expert_hook(layer):
         prefix = names[id(layer.experts)]
 
+        @timed
         def hook(module, args, kwargs, output):
             x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, layer.hidden_size)  # [T, H]
             idx = (args[1] if len(args) > 1 else kwargs["top_k_index"]).reshape(x.shape[0], -1)  # [T, k]
@@ -120,6 +135,8 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
         for h in handles:
             h.remove()
         last[0] = last[1] = None
+        if timing is not None:
+            timing["hooks_s"] = spent[0]
     for prefix, acc in fused.items():  # experts never routed over all passes use their fallback sums
         unrouted = (acc["n"] == 0)[:, None]
         sq[f"{prefix}.gate_up_proj"] = torch.where(unrouted, acc["gu_all"], acc["gu"])
