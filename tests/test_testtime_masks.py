@@ -264,6 +264,7 @@ def test_generate_column_compacted_equals_column_masked():
     b = generate(model, x, 0.5, "column", compacted=False, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(a.sequences, b.sequences)
     assert not any(type(m).__name__ == "CompactLinear" for m in model.modules())  # undone
+    assert 0 < a.statistics_seconds < a.prefill_seconds  # measured inside the hooks, part of the prefill
 
 
 def test_continuation_protocol_dense_equals_full_forward_and_rho_one():

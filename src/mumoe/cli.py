@@ -269,7 +269,7 @@ def cmd_generate(args) -> int:
     res = generate(model, ids, args.active, args.structure, max_new_tokens=args.max_new_tokens,
                    do_sample=False, pad_token_id=tok.eos_token_id)
     print(args.prompt + tok.decode(res.sequences[0, ids.shape[1]:], skip_special_tokens=True))
-    stats = max(0.0, res.prefill_seconds - t_plain)
+    stats = res.statistics_seconds  # measured inside the hooks
     print(f"\n[μ-MoE] {ids.shape[1]} prompt tokens; active weights {res.active_weights:,}/{res.total_weights:,} "
           f"({res.active_weights / res.total_weights:.1%}, structure {args.structure}); dense prefill {t_plain:.3f}s, "
           f"statistics {stats:.3f}s + selection and {'compaction' if args.structure == 'column' else 'masking'} "

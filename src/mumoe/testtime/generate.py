@@ -27,6 +27,7 @@ class TestTimeResult:
     select_seconds: float  # mask selection + applying it
     active_weights: int
     total_weights: int
+    statistics_seconds: float = 0.0  # spent inside the statistics hooks (part of prefill_seconds)
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure: str = "row",
@@ -43,7 +44,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure
     if use_compact:
         prepare_columns(model)
     t0 = time.perf_counter()
-    norms, cache = input_norms(model, ids, return_cache=True)
+    timing: dict = {}
+    norms, cache = input_norms(model, ids, return_cache=True, timing=timing)
     t1 = time.perf_counter()
     masks = masks_from_norms(model, norms, active, structure)
     undo = compact(model, masks) if use_compact else apply_masks(model, masks)
@@ -56,4 +58,5 @@ def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure
     finally:
         uncompact(undo) if use_compact else restore(model, undo)
     total = sum(m.numel() for m in masks.values())
-    return TestTimeResult(out, t1 - t0, t2 - t1, int(sum(int(m.sum()) for m in masks.values())), total)
+    return TestTimeResult(out, t1 - t0, t2 - t1, int(sum(int(m.sum()) for m in masks.values())), total,
+                          timing["hooks_s"])
