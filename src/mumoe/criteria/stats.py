@@ -6,6 +6,7 @@ expert's routed tokens only. Padding never counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,10 +79,18 @@ class StatsCollector:
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, layers: list[MoELayer], calib: torch.Tensor, batch_size: int = 8,
-                  experts: bool = True, progress: bool = True) -> list[LayerStats]:
-    """Run the calibration windows [N, L] through the model once and return per-layer statistics."""
+                  experts: bool = True, progress: bool = True,
+                  on_route: Callable[[RouteEvent], None] | None = None) -> list[LayerStats]:
+    """Run the calibration windows [N, L] through the model once and return per-layer statistics.
+    `on_route`: also called with every route event of that forward (for callers that need more than the stats)."""
     col = StatsCollector(layers, experts)
-    with MoEObserver(model, on_route=col.on_route, on_expert=col.on_expert if experts else None, layers=layers):
+
+    def route(event: RouteEvent) -> None:
+        col.on_route(event)
+        if on_route is not None:
+            on_route(event)
+
+    with MoEObserver(model, on_route=route, on_expert=col.on_expert if experts else None, layers=layers):
         for i in tqdm(range(0, len(calib), batch_size), desc="calibration", disable=not progress, unit="batch"):
             model(input_ids=calib[i : i + batch_size].to(model.device))
     return [col.stats[layer.index] for layer in layers]

@@ -31,6 +31,7 @@ from ..criteria.expert import peu, tcess
 from ..criteria.stats import collect_stats
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
+from ..observe.hooks import RouteEvent
 from ..select import rank
 
 VERSION = 2
@@ -42,7 +43,7 @@ SHRINK = 0.01
 
 
 def token_stat(logits: torch.Tensor, stat: str) -> torch.Tensor:
-    """Per-token key statistic from router logits [T, E] -> [T, E] float64."""
+    """Per-token key statistic from router logits [..., E] -> [..., E] float64."""
     s = logits.double()
     if stat == "logit":
         return s
@@ -166,32 +167,47 @@ def build_library(model: nn.Module, tasks: dict[str, torch.Tensor], keep: int, s
     lib = TaskLibrary(model_fingerprint(model), keep, score, key_mode, key_stat=key_stat, key_space=key_space)
     chunks = {}
     for name, wins in tasks.items():
-        stats = collect_stats(model, layers, wins, batch_size, experts=False, progress=progress)
+        keys = _KeyCollector(_key_layers(layers, key_mode), key_stat, wins.shape[1])
+        stats = collect_stats(model, layers, wins, batch_size, experts=False, progress=progress, on_route=keys)
         per_layer = [SCORES[score](st) for st in stats]
         lib.scores[name] = [s.float() for s in per_layer]
         lib.tasks[name] = {"kept": {l.index: sorted(rank(s)[:keep].tolist()) for l, s in zip(layers, per_layer)},
                            "windows": int(wins.shape[0])}
-        sums, chunks[name] = _task_keys(model, layers, wins, key_mode, key_stat, batch_size)
-        lib.keys[name] = sums.float()
+        lib.keys[name], chunks[name] = keys.result()
     if key_space == "whitened":
         lib.whiten = whitening(chunks)
     return lib
 
 
-def _task_keys(model: nn.Module, layers: list[MoELayer], wins: torch.Tensor, key_mode: str, stat: str,
-               batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean key over every token of the windows [N, L] -> [D], and the keys of their CHUNK-token chunks
-    [N·⌈L/CHUNK⌉, D] (float64)."""
-    wanted = layers[:1] if key_mode == "first" else layers
-    total, n_tokens, chunk_keys = 0, 0, []
-    for i in range(0, wins.shape[0], batch_size):
-        per_layer = router_logits(model, wins[i : i + batch_size], wanted)  # each [B, L, E]
-        feats = torch.cat([token_stat(lg.reshape(-1, lg.shape[-1]), stat).reshape(*lg.shape) for lg in per_layer],
-                          dim=-1)  # [B, L, D]
-        total = total + feats.sum((0, 1))
-        n_tokens += feats.shape[0] * feats.shape[1]
-        chunk_keys += [c.mean(1) for c in feats.split(CHUNK, dim=1)]  # each [B, D]
-    return total / n_tokens, torch.cat(chunk_keys)
+def _key_layers(layers: list[MoELayer], key_mode: str) -> list[MoELayer]:
+    return layers[:1] if key_mode == "first" else layers
+
+
+class _KeyCollector:
+    """Key material from the route events of the calibration forward (no second pass): per key layer, the sum
+    of the token statistic over all tokens and the keys of the windows' CHUNK-token chunks."""
+
+    def __init__(self, layers: list[MoELayer], stat: str, seqlen: int) -> None:
+        self.slot = {l.index: i for i, l in enumerate(layers)}
+        self.stat, self.seqlen = stat, seqlen
+        self.sums: list = [0] * len(layers)
+        self.tokens = 0
+        self.chunks: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def __call__(self, event: RouteEvent) -> None:
+        i = self.slot.get(event.layer.index)
+        if i is None:
+            return
+        f = token_stat(event.logits, self.stat).reshape(-1, self.seqlen, event.logits.shape[-1])  # [B, L, E]
+        self.sums[i] = self.sums[i] + f.sum((0, 1))
+        if i == 0:
+            self.tokens += f.shape[0] * f.shape[1]
+        self.chunks[i] += [c.mean(1) for c in f.split(CHUNK, dim=1)]  # each [B, E]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (mean key over every token [D] float32, chunk keys [n, D] float64), layers concatenated."""
+        mean = torch.cat([s / self.tokens for s in self.sums]).float()
+        return mean, torch.cat([torch.cat(c) for c in self.chunks], dim=-1)
 
 
 def whitening(chunks: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -242,10 +258,8 @@ def prompt_key(model: nn.Module, ids: torch.Tensor, key_mode: str = "first", lay
     ids = ids.reshape(1, -1)
     if ids.numel() == 0:
         raise MumoeError("empty prompt")
-    layers = layers or moe_adapter_for(model).moe_layers()
-    wanted = layers[:1] if key_mode == "first" else layers
-    per_layer = router_logits(model, ids, wanted)
-    return torch.cat([token_stat(lg[0], key_stat).mean(0) for lg in per_layer]).float()
+    wanted = _key_layers(layers or moe_adapter_for(model).moe_layers(), key_mode)
+    return torch.cat([token_stat(lg[0], key_stat).mean(0) for lg in router_logits(model, ids, wanted)]).float()
 
 
 @dataclass

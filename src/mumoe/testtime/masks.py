@@ -108,6 +108,7 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
                                             "dn": torch.zeros(E, I, dtype=torch.float64),
                                             "gu_all": torch.zeros(E, H, dtype=torch.float64),
                                             "dn_all": torch.zeros(E, I, dtype=torch.float64)})
+            x_sq = None
             for e in range(E):
                 tokens = torch.where((idx == e).any(-1))[0]
                 if len(tokens):
@@ -116,7 +117,9 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
                     acc["gu"][e] += col_sq(xe)
                     acc["dn"][e] += col_sq(layer.expert_hidden(e, xe))
                 else:  # fallback material: the layer's input over all tokens of this pass
-                    acc["gu_all"][e] += col_sq(x)
+                    if x_sq is None:
+                        x_sq = col_sq(x)  # the same for every unrouted expert
+                    acc["gu_all"][e] += x_sq
                     acc["dn_all"][e] += col_sq(layer.expert_hidden(e, x))
         return hook
 
