@@ -127,7 +127,9 @@ class TaskLibrary:
                     raise ValueError(f"task {name!r} has inconsistent kept sets")
         except FileNotFoundError as e:
             raise MumoeError(f"task library not found: {e.filename}") from e
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError, OSError) as e:
+        except KeyError as e:
+            raise MumoeError(f"corrupted task library {path}: missing entry {e}") from e
+        except (ValueError, TypeError, json.JSONDecodeError, OSError) as e:
             raise MumoeError(f"corrupted task library {path}: {e}") from e
         if not lib.tasks:
             raise MumoeError(f"task library {path} holds no tasks")
