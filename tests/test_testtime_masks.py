@@ -196,9 +196,10 @@ def test_cli_generate_and_bad_active(capsys):
     assert "M dividing d_in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("skip_unused", [True, False], ids=["skip-unused-rows", "all-rows"])
 @pytest.mark.parametrize("prepared", [False, True], ids=["row-major", "column-major"])
-@pytest.mark.parametrize("arch", ["llama", "opt", "qwen3_moe", "deepseek_v3"])
-def test_column_compacted_decode_equals_masked_dense(arch, prepared):
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_column_compacted_decode_equals_masked_dense(arch, prepared, skip_unused):
     from mumoe.testtime.compact import compact, is_column_major, prepare_columns, uncompact
 
     model, x = make(arch), ids(1, 10, seed=12)
@@ -219,13 +220,26 @@ def test_column_compacted_decode_equals_masked_dense(arch, prepared):
     restore(model, saved)
     with torch.no_grad():
         dense = model(x).logits
-    undo = compact(model, masks)
-    compacted_weights = [m.weight for m in model.modules() if type(m).__name__ == "CompactLinear"]
-    assert compacted_weights and all(is_column_major(w) == prepared for w in compacted_weights)
+    all_chains = adapter_for(model).mlp_chains()
+    undo = compact(model, masks, skip_unused=skip_unused)
+    small = {n: m for n, m in model.named_modules() if type(m).__name__ == "CompactLinear"}
+    assert small and all(is_column_major(m.weight) == prepared for m in small.values())
+    # shapes, from the masks alone: kept columns, and (skip_unused) only the MLP rows the masked consumer reads
+    kept = {n: int(masks[f"{n}.weight"].any(0).sum()) for n in small}
+    chains = [(pr, co) for pr, co in all_chains if co in small]
+    assert chains or arch in ("qwen3_moe",)  # every other tiny model has a dense MLP somewhere
+    for producers, consumer in chains:
+        for n in producers:
+            rows = kept[consumer] if skip_unused else masks[f"{n}.weight"].shape[0]
+            assert tuple(small[n].weight.shape) == (rows, kept[n])
+        assert small[consumer].gather_input is not skip_unused
     with torch.no_grad():
         compacted = model(x).logits
     assert (compacted - masked).abs().max() <= 1e-4
     assert (compacted - dense).abs().max() > 1e-3  # the masks do something
+    # what decoding reads: the masked count (ρ of each matrix), minus the skipped rows
+    active = sum(int(m.sum()) for m in masks.values())
+    assert (undo.weights < active) if skip_unused else (undo.weights == active)
     uncompact(undo)
     with torch.no_grad():
         assert torch.equal(model(x).logits, dense)

@@ -155,6 +155,17 @@ class Adapter:
                 for i, layer in enumerate(self.decoder_layers())
                 for mod in layer.modules() if isinstance(mod, nn.Linear)]
 
+    def mlp_chains(self) -> list[tuple[tuple[str, ...], str]]:
+        """Dense MLPs whose consumer reads the producers' outputs channel by channel, by full module name:
+        down(act(gate x) ⊙ up x) -> ((gate, up), down). Input channel c of the consumer depends on output row c
+        of each producer only. Default: every module of a decoder layer with gate_proj/up_proj/down_proj
+        linears (Llama, Qwen2, shared experts, DeepSeek dense layers)."""
+        full = {id(m): n for n, m in self.model.named_modules()}
+        parts = ("gate_proj", "up_proj", "down_proj")
+        return [((full[id(mod.gate_proj)], full[id(mod.up_proj)]), full[id(mod.down_proj)])
+                for layer in self.decoder_layers() for mod in layer.modules()
+                if all(isinstance(getattr(mod, a, None), nn.Linear) for a in parts)]
+
     # -- config --------------------------------------------------------------------------------
     @property
     def top_k(self) -> int:

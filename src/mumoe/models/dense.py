@@ -16,3 +16,8 @@ class OptAdapter(DenseAdapter):
 
     def decoder_layers(self):
         return self.model.model.decoder.layers
+
+    def mlp_chains(self):
+        """fc2(act(fc1 x)) in every decoder layer."""
+        full = {id(m): n for n, m in self.model.named_modules()}
+        return [((full[id(layer.fc1)],), full[id(layer.fc2)]) for layer in self.decoder_layers()]
