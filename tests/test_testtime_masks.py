@@ -240,6 +240,12 @@ def test_column_compacted_decode_equals_masked_dense(arch, prepared, skip_unused
     # what decoding reads: the masked count (ρ of each matrix), minus the skipped rows
     active = sum(int(m.sum()) for m in masks.values())
     assert (undo.weights < active) if skip_unused else (undo.weights == active)
+    undo.use(False)  # dense modules back, nothing released; then the same compacted ones again
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, dense)
+        undo.use(True)
+        assert torch.equal(model(x).logits, compacted)
+        undo.use(False)
     uncompact(undo)
     with torch.no_grad():
         assert torch.equal(model(x).logits, dense)
@@ -279,6 +285,15 @@ def test_generate_column_compacted_equals_column_masked():
     assert torch.equal(a.sequences, b.sequences)
     assert not any(type(m).__name__ == "CompactLinear" for m in model.modules())  # undone
     assert 0 < a.statistics_seconds < a.prefill_seconds  # measured inside the hooks, part of the prefill
+    # decoding reads k columns of every matrix, and of gate/up only the rows whose down column is kept
+    masks, expected = prompt_masks(model, x, 0.5, "column"), 0
+    for name, m in masks.items():
+        rows = m.shape[0]
+        if name.endswith(("gate_proj.weight", "up_proj.weight")):
+            down = name.replace("gate_proj", "down_proj").replace("up_proj", "down_proj")
+            rows = int(masks[down].any(0).sum())
+        expected += rows * int(m.any(0).sum())
+    assert a.read_weights == expected < a.active_weights and b.read_weights is None
 
 
 def test_continuation_protocol_dense_equals_full_forward_and_rho_one():

@@ -275,6 +275,9 @@ def cmd_generate(args) -> int:
           f"statistics {stats:.3f}s + selection and {'compaction' if args.structure == 'column' else 'masking'} "
           f"{res.select_seconds:.3f}s "
           f"= {(stats + res.select_seconds) / t_plain:.0%} of the prefill")
+    if res.read_weights is not None:
+        print(f"[μ-MoE] compacted decoding reads {res.read_weights:,} weights ({res.read_weights / res.total_weights:.1%}): "
+              f"MLP rows whose outputs the masked down projection drops are not computed")
     return 0
 
 

@@ -40,7 +40,7 @@ def column_major(w: torch.Tensor) -> torch.Tensor:
     return w if is_column_major(w) else w.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-_CHUNK = 1 << 16  # elements of the staging block of a two-index gather (256 KB fp32: stays in L2)
+_CHUNK = 1 << 19  # elements of the staging block of a two-index gather (2 MB fp32: stays in cache)
 
 
 def gather_columns(w: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None,
@@ -64,11 +64,13 @@ def gather_columns(w: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None
     if second is None:
         torch.index_select(src, 0, first, out=res)
     else:
-        step = max(1, _CHUNK // src.shape[1])
-        stage = torch.empty(min(step, n_lines), src.shape[1], dtype=w.dtype, device=w.device)
+        step = min(max(1, _CHUNK // src.shape[1]), n_lines)
+        stage = torch.empty(step, src.shape[1], dtype=w.dtype, device=w.device)
+        within = second.to(w.device).expand(step, -1)  # [step, width]: torch.gather beats index_select(dim=1)
         for s in range(0, n_lines, step):
-            block = torch.index_select(src, 0, first[s : s + step], out=stage[: first[s : s + step].numel()])
-            torch.index_select(block, 1, second, out=res[s : s + step])
+            n = first[s : s + step].numel()
+            block = torch.index_select(src, 0, first[s : s + step], out=stage[:n])
+            torch.gather(block, 1, within[:n], out=res[s : s + n])
     return res.t() if col_major else res
 
 
@@ -179,9 +181,24 @@ def _columns(mask: torch.Tensor) -> torch.Tensor:
 
 
 class Compaction(list):
-    """The undo list of `compact`; `weights`: elements of the compacted matrices (what decoding reads)."""
+    """The undo list of `compact` (entries (owner, attr, original)); `weights`: elements of the compacted
+    matrices (what decoding reads). `use(False)` puts the dense modules back without releasing anything and
+    `use(True)` the compacted ones again — switching costs no gather (e.g. to time both on the same cache)."""
 
     weights: int = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swapped: list[tuple[object, str, object]] = []  # (owner, attr, compacted) of every swap
+
+    def use(self, compacted: bool) -> None:
+        for (owner, attr, new), (_, _, original) in zip(self.swapped, [e for e in self if not isinstance(e[0], dict)]):
+            if compacted:
+                setattr(owner, attr, new)
+            elif attr == "forward" and original is None:
+                owner.__dict__.pop("forward", None)
+            else:
+                setattr(owner, attr, original)
 
 
 def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool = True) -> Compaction:
@@ -211,6 +228,7 @@ def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool 
             small = CompactLinear(lin, keep, buf, rows, gather_input=mod_name not in pre_gathered)
             setattr(parent, attr, small)
             undo.append((parent, attr, lin))
+            undo.swapped.append((parent, attr, small))
             undo.weights += small.weight.numel()
     names = {id(m): n for n, m in modules.items()}
     for layer in adapter.moe_layers():
@@ -221,6 +239,7 @@ def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool 
             undo.append((layer.experts, "forward", layer.experts.__dict__.get("forward")))
             forward = _compact_experts_forward(layer, keep_in, keep_mid, undo, skip_unused)
             layer.experts.forward = types.MethodType(forward, layer.experts)
+            undo.swapped.append((layer.experts, "forward", layer.experts.forward))
     return undo
 
 
@@ -230,6 +249,6 @@ def uncompact(undo: list) -> None:
         if isinstance(owner, dict):  # a buffer claim
             owner[attr] = original
         elif attr == "forward" and original is None:
-            del owner.forward
+            owner.__dict__.pop("forward", None)
         else:
             setattr(owner, attr, original)

@@ -28,6 +28,8 @@ class TestTimeResult:
     active_weights: int
     total_weights: int
     statistics_seconds: float = 0.0  # spent inside the statistics hooks (part of prefill_seconds)
+    read_weights: int | None = None  # column, compacted: elements of the compacted matrices decoding reads
+    # (fewer than active_weights: MLP rows whose outputs the masked down projection drops are not computed)
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure: str = "row",
@@ -59,4 +61,4 @@ def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure
         uncompact(undo) if use_compact else restore(model, undo)
     total = sum(m.numel() for m in masks.values())
     return TestTimeResult(out, t1 - t0, t2 - t1, int(sum(int(m.sum()) for m in masks.values())), total,
-                          timing["hooks_s"])
+                          timing["hooks_s"], undo.weights if use_compact else None)

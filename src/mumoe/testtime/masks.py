@@ -63,10 +63,14 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
 
     last: list = [None, None, -1]  # (input tensor, its column sums, its version): q/k/v, gate/up share one input
 
+    scratch: list = [None]  # x² of the largest input so far, reused: a fresh 2–12 MB temporary per call page-faults
+
     def col_sq(x: torch.Tensor) -> torch.Tensor:
         """Σ_t x_tj² per column of x [T, d]: fp32 within one pass (relative error ~1e-7), float64 across passes."""
         x = x.float()
-        return (x * x).sum(0).double()
+        if scratch[0] is None or scratch[0].numel() < x.numel():
+            scratch[0] = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+        return torch.mul(x, x, out=scratch[0][: x.numel()].view(x.shape)).sum(0).double()
 
     spent = [0.0]
 
