@@ -55,7 +55,8 @@ def gather_columns(w: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None
     first, second = (keep, rows) if col_major else (rows, keep)  # index of src's lines, index within a line
     if first is None:  # row-major w without rows: one strided gather along the columns
         n_out, n_in = w.shape[0], keep.numel()
-        res = torch.empty(n_out, n_in, dtype=w.dtype) if out is None else out[: n_out * n_in].view(n_out, n_in)
+        res = (torch.empty(n_out, n_in, dtype=w.dtype, device=w.device) if out is None
+               else out[: n_out * n_in].view(n_out, n_in))
         return torch.index_select(w, 1, keep, out=res)
     n_lines = first.numel()
     width = src.shape[1] if second is None else second.numel()
@@ -189,16 +190,25 @@ class Compaction(list):
 
     def __init__(self) -> None:
         super().__init__()
-        self.swapped: list[tuple[object, str, object]] = []  # (owner, attr, compacted) of every swap
+        self.swapped: list[tuple[object, str, object, object]] = []  # (owner, attr, original, compacted)
+
+    def swap(self, owner, attr: str, compacted) -> None:
+        """Install `compacted` as owner.attr, remembering what was there (None: an instance forward was absent)."""
+        original = owner.__dict__.get(attr) if attr == "forward" else getattr(owner, attr)
+        self.append((owner, attr, original))
+        self.swapped.append((owner, attr, original, compacted))
+        setattr(owner, attr, compacted)
 
     def use(self, compacted: bool) -> None:
-        for (owner, attr, new), (_, _, original) in zip(self.swapped, [e for e in self if not isinstance(e[0], dict)]):
-            if compacted:
-                setattr(owner, attr, new)
-            elif attr == "forward" and original is None:
-                owner.__dict__.pop("forward", None)
-            else:
-                setattr(owner, attr, original)
+        for owner, attr, original, new in self.swapped:
+            _put(owner, attr, new if compacted else original)
+
+
+def _put(owner, attr: str, value) -> None:
+    if attr == "forward" and value is None:  # the class's forward again
+        owner.__dict__.pop("forward", None)
+    else:
+        setattr(owner, attr, value)
 
 
 def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool = True) -> Compaction:
@@ -226,9 +236,7 @@ def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool 
             buf, rel = _claim(lin.weight, n_rows * keep.numel())
             undo += rel
             small = CompactLinear(lin, keep, buf, rows, gather_input=mod_name not in pre_gathered)
-            setattr(parent, attr, small)
-            undo.append((parent, attr, lin))
-            undo.swapped.append((parent, attr, small))
+            undo.swap(parent, attr, small)
             undo.weights += small.weight.numel()
     names = {id(m): n for n, m in modules.items()}
     for layer in adapter.moe_layers():
@@ -236,10 +244,8 @@ def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool 
         if f"{prefix}.gate_up_proj" in masks:
             keep_in = _columns(masks[f"{prefix}.gate_up_proj"])  # [E, kH]
             keep_mid = _columns(masks[f"{prefix}.down_proj"])  # [E, kI]
-            undo.append((layer.experts, "forward", layer.experts.__dict__.get("forward")))
             forward = _compact_experts_forward(layer, keep_in, keep_mid, undo, skip_unused)
-            layer.experts.forward = types.MethodType(forward, layer.experts)
-            undo.swapped.append((layer.experts, "forward", layer.experts.forward))
+            undo.swap(layer.experts, "forward", types.MethodType(forward, layer.experts))
     return undo
 
 
@@ -248,7 +254,5 @@ def uncompact(undo: list) -> None:
     for owner, attr, original in reversed(undo):
         if isinstance(owner, dict):  # a buffer claim
             owner[attr] = original
-        elif attr == "forward" and original is None:
-            owner.__dict__.pop("forward", None)
         else:
-            setattr(owner, attr, original)
+            _put(owner, attr, original)
