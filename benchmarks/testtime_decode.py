@@ -137,28 +137,29 @@ def main() -> None:
     rows = {"dense (row-major weights, as loaded)": {}, "dense (column-major weights)": {}}
     dense_steps = []
     for rho in args.rhos:
-        selects, compacts = [], []
+        kinds = {"column": True, **({"column, all MLP rows": False} if args.all_rows else {})}  # name -> skip_unused
+        selects, compacts = [], {name: [] for name in kinds}
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             masks = masks_from_norms(model, norms, rho, "column")
             selects.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            undo = compact(model, masks)
-            compacts.append(time.perf_counter() - t0)
-            uncompact(undo)
-        variants = {"column": compact(model, masks)}
-        variants["column"].use(False)  # the dense modules back: the next compaction starts from them
-        if args.all_rows:  # claims its own buffers: the first compaction's are busy
-            variants["column, all MLP rows"] = compact(model, masks, skip_unused=False)
-            variants["column, all MLP rows"].use(False)
+            for name, skip in kinds.items():
+                t0 = time.perf_counter()
+                undo = compact(model, masks, skip_unused=skip)
+                compacts[name].append(time.perf_counter() - t0)
+                uncompact(undo)
+        variants = {}
+        for name, skip in kinds.items():  # each claims its own buffers: the earlier ones' are busy
+            variants[name] = compact(model, masks, skip_unused=skip)
+            variants[name].use(False)  # the dense modules back: the next compaction starts from them
         configs = {"dense": (model, static)}
         configs.update({name: (model, c.use) for name, c in variants.items()})
         steps = alternate(configs, prompt, args.new, args.repeats, args.cache)
         dense_steps += steps["dense"]
         prunable = sum(int(m.numel()) for m in masks.values())
         t_select = statistics.median(selects)
-        t_compact = statistics.median(compacts[1:] or compacts)  # the first prompt allocates the buffers
         for name, c in variants.items():
+            t_compact = statistics.median(compacts[name][1:] or compacts[name])  # the first prompt allocates buffers
             speedup = paired(steps["dense"], steps[name])
             rows[f"{name} rho={rho}"] = {
                 "tokens_per_s": round(1 / statistics.median(steps[name]), 2),
@@ -167,7 +168,7 @@ def main() -> None:
                 "compacted_fraction_of_prunable": round(c.weights / prunable, 4),
                 "statistics_s": round(stats_s, 4), "selection_s": round(t_select, 4),
                 "compaction_s": round(t_compact, 4),
-                "compaction_first_prompt_s": round(compacts[0], 4),  # allocates the buffers: page faults
+                "compaction_first_prompt_s": round(compacts[name][0], 4),  # allocates the buffers: page faults
                 "overhead_fraction_of_prefill": round((stats_s + t_select + t_compact) / plain, 4)}
         for c in reversed(list(variants.values())):
             uncompact(c)
