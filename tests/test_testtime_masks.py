@@ -251,6 +251,23 @@ def test_column_compacted_decode_equals_masked_dense(arch, prepared, skip_unused
         assert torch.equal(model(x).logits, dense)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2_moe"])
+def test_column_compaction_at_rho_one_is_the_dense_model(arch):
+    """ρ = 1 keeps every column, so every row is read too: the compacted model is the dense one, value for value."""
+    from mumoe.testtime.compact import compact, prepare_columns, uncompact
+
+    model, x = make(arch), ids(1, 10, seed=4)
+    prepare_columns(model)
+    with torch.no_grad():
+        dense = model(x).logits
+    masks = prompt_masks(model, x[:, :6], 1.0, "column")
+    undo = compact(model, masks)
+    assert undo.weights == sum(m.numel() for m in masks.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense, rtol=0, atol=1e-5)
+    uncompact(undo)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
 def test_compaction_buffers_are_reused_across_prompts(arch):
     """The second prompt's compaction writes into the first one's buffers (no new allocation) and still gives
