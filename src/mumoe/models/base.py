@@ -148,9 +148,13 @@ class Adapter:
             ))
         return out
 
+    def module_names(self) -> dict[int, str]:
+        """id(module) -> its full name in the model."""
+        return {id(m): n for n, m in self.model.named_modules()}
+
     def dense_linears(self) -> list[DenseLinear]:
         """Every nn.Linear inside the decoder layers (embeddings and lm_head excluded)."""
-        full = {id(m): n for n, m in self.model.named_modules()}
+        full = self.module_names()
         return [DenseLinear(i, full[id(mod)], mod)
                 for i, layer in enumerate(self.decoder_layers())
                 for mod in layer.modules() if isinstance(mod, nn.Linear)]
@@ -160,7 +164,7 @@ class Adapter:
         down(act(gate x) ⊙ up x) -> ((gate, up), down). Input channel c of the consumer depends on output row c
         of each producer only. Default: every module of a decoder layer with gate_proj/up_proj/down_proj
         linears (Llama, Qwen2, shared experts, DeepSeek dense layers)."""
-        full = {id(m): n for n, m in self.model.named_modules()}
+        full = self.module_names()
         parts = ("gate_proj", "up_proj", "down_proj")
         return [((full[id(mod.gate_proj)], full[id(mod.up_proj)]), full[id(mod.down_proj)])
                 for layer in self.decoder_layers() for mod in layer.modules()

@@ -19,5 +19,5 @@ class OptAdapter(DenseAdapter):
 
     def mlp_chains(self):
         """fc2(act(fc1 x)) in every decoder layer."""
-        full = {id(m): n for n, m in self.model.named_modules()}
+        full = self.module_names()
         return [((full[id(layer.fc1)],), full[id(layer.fc2)]) for layer in self.decoder_layers()]

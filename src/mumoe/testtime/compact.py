@@ -186,10 +186,9 @@ class Compaction(list):
     matrices (what decoding reads). `use(False)` puts the dense modules back without releasing anything and
     `use(True)` the compacted ones again — switching costs no gather (e.g. to time both on the same cache)."""
 
-    weights: int = 0
-
     def __init__(self) -> None:
         super().__init__()
+        self.weights = 0
         self.swapped: list[tuple[object, str, object, object]] = []  # (owner, attr, original, compacted)
 
     def swap(self, owner, attr: str, compacted) -> None:
@@ -216,22 +215,22 @@ def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool 
     skip_unused: also drop the MLP rows whose outputs the masked consumer never reads (same outputs)."""
     adapter = adapter_for(model)
     modules = dict(model.named_modules())
+    keep_of = {name: _columns(mask) for name, mask in masks.items()}  # param name -> kept input columns
     rows_of: dict[str, torch.Tensor] = {}  # producer module -> rows its consumer reads
     pre_gathered: set[str] = set()  # consumers whose input arrives already compacted
     if skip_unused:
         for producers, consumer in adapter.mlp_chains():
             if all(f"{n}.weight" in masks for n in (*producers, consumer)):
-                rows = _columns(masks[f"{consumer}.weight"])
-                rows_of.update({n: rows for n in producers})
+                rows_of.update({n: keep_of[f"{consumer}.weight"] for n in producers})
                 pre_gathered.add(consumer)
     undo = Compaction()
-    for name, mask in masks.items():
+    for name in masks:
         if name.endswith(".weight"):
             mod_name = name[: -len(".weight")]
             parent_name, _, attr = mod_name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
             lin = getattr(parent, attr)
-            keep, rows = _columns(mask), rows_of.get(mod_name)
+            keep, rows = keep_of[name], rows_of.get(mod_name)
             n_rows = lin.weight.shape[0] if rows is None else rows.numel()
             buf, rel = _claim(lin.weight, n_rows * keep.numel())
             undo += rel
@@ -242,8 +241,8 @@ def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool 
     for layer in adapter.moe_layers():
         prefix = names[id(layer.experts)]
         if f"{prefix}.gate_up_proj" in masks:
-            keep_in = _columns(masks[f"{prefix}.gate_up_proj"])  # [E, kH]
-            keep_mid = _columns(masks[f"{prefix}.down_proj"])  # [E, kI]
+            keep_in = keep_of[f"{prefix}.gate_up_proj"]  # [E, kH]
+            keep_mid = keep_of[f"{prefix}.down_proj"]  # [E, kI]
             forward = _compact_experts_forward(layer, keep_in, keep_mid, undo, skip_unused)
             undo.swap(layer.experts, "forward", types.MethodType(forward, layer.experts))
     return undo
