@@ -31,7 +31,7 @@ from ..criteria.expert import peu, tcess
 from ..criteria.stats import collect_stats
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
-from ..observe.hooks import RouteEvent
+from ..observe.runner import RouteEvent
 from ..select import rank
 
 VERSION = 2

@@ -13,22 +13,13 @@ Masks are keyed by parameter name; fused experts get one mask per fused tensor (
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import nn
 
 from ..errors import MumoeError
-from ..models import adapter_for
-
-
-def prunable_linears(model: nn.Module):
-    """(dense linears [DenseLinear], MoE layers) whose weights are prunable: routers and the shared-expert
-    gate are excluded, embeddings and lm_head are never among them."""
-    adapter = adapter_for(model)
-    layers = adapter.moe_layers()
-    skip = {id(l.router) for l in layers} | {id(l.shared_gate) for l in layers}
-    return [d for d in adapter.dense_linears() if id(d.module) not in skip], layers
+from ..observe.collectors import InputNorms, prunable_linears
+from ..observe.runner import Observation, run
 
 
 def prunable_names(model: nn.Module) -> list[str]:
@@ -54,101 +45,19 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
 
     -> {param name: [d_in]} for dense linears; {"...experts.gate_up_proj": [E, H], "...experts.down_proj": [E, I]}
     for fused experts (per expert, over its routed tokens; unrouted experts use all tokens)."""
-    dense, moe_layers = prunable_linears(model)
-    sq: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[str, torch.Tensor]] = {}
-    valid = None if attention_mask is None else attention_mask.reshape(-1).bool()
-    handles = []
-    names = {id(m): n for n, m in model.named_modules()}
-
-    last: list = [None, None, -1]  # (input tensor, its column sums, its version): q/k/v, gate/up share one input
-
-    scratch: list = [None]  # x² of the largest input so far, reused: a fresh 2–12 MB temporary per call page-faults
-
-    def col_sq(x: torch.Tensor) -> torch.Tensor:
-        """Σ_t x_tj² per column of x [T, d]: fp32 within one pass (relative error ~1e-7), float64 across passes."""
-        x = x.float()
-        if scratch[0] is None or scratch[0].numel() < x.numel():
-            scratch[0] = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
-        return torch.mul(x, x, out=scratch[0][: x.numel()].view(x.shape)).sum(0).double()
-
-    spent = [0.0]
-
-    def timed(fn):
-        def wrapper(*args):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                spent[0] += time.perf_counter() - t0
-        return wrapper
-
-    def dense_hook(name):
-        @timed
-        def hook(module, args):
-            inp = args[0]
-            if last[0] is not inp or last[2] != inp._version:
-                x = inp.reshape(-1, inp.shape[-1])  # [T, d_in]
-                if valid is not None and x.shape[0] == valid.numel():
-                    x = x[valid]
-                last[0], last[1], last[2] = inp, col_sq(x), inp._version
-            sq[name] = sq.get(name, 0) + last[1]
-        return hook
-
-    for lin in dense:
-        handles.append(lin.module.register_forward_pre_hook(dense_hook(f"{lin.name}.weight")))
-
-    def expert_hook(layer):
-        prefix = names[id(layer.experts)]
-
-        @timed
-        def hook(module, args, kwargs, output):
-            x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, layer.hidden_size)  # [T, H]
-            idx = (args[1] if len(args) > 1 else kwargs["top_k_index"]).reshape(x.shape[0], -1)  # [T, k]
-            if valid is not None and x.shape[0] == valid.numel():
-                x, idx = x[valid], idx[valid]
-            E, I, H = layer.num_experts, layer.intermediate_size, layer.hidden_size
-            acc = fused.setdefault(prefix, {"n": torch.zeros(E), "gu": torch.zeros(E, H, dtype=torch.float64),
-                                            "dn": torch.zeros(E, I, dtype=torch.float64),
-                                            "gu_all": torch.zeros(E, H, dtype=torch.float64),
-                                            "dn_all": torch.zeros(E, I, dtype=torch.float64)})
-            x_sq = None
-            for e in range(E):
-                tokens = torch.where((idx == e).any(-1))[0]
-                if len(tokens):
-                    xe = x[tokens]
-                    acc["n"][e] += len(tokens)
-                    acc["gu"][e] += col_sq(xe)
-                    acc["dn"][e] += col_sq(layer.expert_hidden(e, xe))
-                else:  # fallback material: the layer's input over all tokens of this pass
-                    if x_sq is None:
-                        x_sq = col_sq(x)  # the same for every unrouted expert
-                    acc["gu_all"][e] += x_sq
-                    acc["dn_all"][e] += col_sq(layer.expert_hidden(e, x))
-        return hook
-
-    for layer in moe_layers:
-        handles.append(layer.experts.register_forward_hook(expert_hook(layer), with_kwargs=True))
+    col = InputNorms(model)
     cache = None
     try:
         if return_cache:  # one prompt: keep its KV cache for decoding
-            cache = model(input_ids=ids, attention_mask=attention_mask, use_cache=True).past_key_values
+            with Observation(model, [col]) as obs:
+                obs.attention_mask = attention_mask
+                cache = model(input_ids=ids, attention_mask=attention_mask, use_cache=True).past_key_values
         else:  # calibration windows [N, L]: sums over every batch
-            for i in range(0, ids.shape[0], batch_size):
-                mask = None if attention_mask is None else attention_mask[i : i + batch_size]
-                valid = None if mask is None else mask.reshape(-1).bool()
-                model(input_ids=ids[i : i + batch_size], attention_mask=mask, use_cache=False)
+            run(model, ids, [col], batch_size=batch_size, attention_mask=attention_mask)
     finally:
-        for h in handles:
-            h.remove()
-        last[0] = last[1] = None
         if timing is not None:
-            timing["hooks_s"] = spent[0]
-    for prefix, acc in fused.items():  # experts never routed over all passes use their fallback sums
-        unrouted = (acc["n"] == 0)[:, None]
-        sq[f"{prefix}.gate_up_proj"] = torch.where(unrouted, acc["gu_all"], acc["gu"])
-        sq[f"{prefix}.down_proj"] = torch.where(unrouted, acc["dn_all"], acc["dn"])
-    norms = {k: v.sqrt() for k, v in sq.items()}
+            timing["hooks_s"] = col.seconds
+    norms = col.result()
     return (norms, cache) if return_cache else norms
 
 

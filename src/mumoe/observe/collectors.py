@@ -1,0 +1,268 @@
+"""Collectors for the observation runner: what each family of methods gathers in a calibration pass.
+
+    ExpertStats   per-expert sums for the expert criteria (frequency, gate, EAN, REAP, EASY-EP, TCESS, PEU)
+    AtomStats     per-neuron sums for HEAPr and the atom baselines (forward, + backward for gradients)
+    InputNorms    per-input-feature Σx² of every prunable linear (Wanda offline, μ-MoE per prompt)
+    OnRoute       any callable on the route events (TAER keys, routing counts)
+
+All sums are float64 whatever the weights' dtype (fp32 within one forward where marked), so the statistics do
+not depend on the batch size. Accumulators live on the model's device; results are moved to the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models import MoELayer, adapter_for
+from .runner import Collector, Observation, RouteEvent, Routed
+
+F64 = torch.float64
+
+
+# -- expert criteria ---------------------------------------------------------------------------------------
+@dataclass
+class LayerStats:
+    """Sums over calibration tokens for one MoE layer (each [E], float64)."""
+
+    layer: MoELayer
+    n_tokens: int = 0
+    freq: torch.Tensor = None  # Σ_t 1[i ∈ TopK(t)]
+    soft: torch.Tensor = None  # Σ_t g_i(t)
+    ean: torch.Tensor = None  # Σ_{t∈T_i} ‖f_i(t)‖
+    reap_sum: torch.Tensor = None  # Σ_{t∈T_i} g_i(t)‖f_i(t)‖
+    easy: torch.Tensor = None  # Σ_{t∈T_i} g_i(t)‖f_i(t)‖ · max(0, 1 − cos(h_t, h_t + Σ_j g_j f_j))
+    tcess_sum: torch.Tensor = None  # Σ_t s_i(t) · 1[i = argmax_j s_j(t)]
+    pool_logits: list[torch.Tensor] = field(default_factory=list)  # per batch [T, k] top-k raw logits
+    pool_index: list[torch.Tensor] = field(default_factory=list)  # per batch [T, k] their expert ids
+
+    SUMS = ("freq", "soft", "ean", "reap_sum", "easy", "tcess_sum")
+
+    def __post_init__(self) -> None:
+        E = self.layer.num_experts
+        for name in self.SUMS:
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(E, dtype=F64))
+
+    def to(self, device) -> "LayerStats":
+        for name in self.SUMS:
+            setattr(self, name, getattr(self, name).to(device))
+        self.pool_logits = [t.to(device) for t in self.pool_logits]
+        self.pool_index = [t.to(device) for t in self.pool_index]
+        return self
+
+
+class ExpertStats(Collector):
+    """Fills one LayerStats per MoE layer. experts=False: routing statistics only (no expert outputs needed)."""
+
+    def __init__(self, layers: list[MoELayer], experts: bool = True) -> None:
+        self.layers = layers
+        self.stats = {layer.index: LayerStats(layer) for layer in layers}
+        self.needs_experts = experts
+        self._on_device = False
+
+    def _st(self, layer: MoELayer, device) -> LayerStats:
+        if not self._on_device:
+            for st in self.stats.values():
+                st.to(device)
+            self._on_device = True
+        return self.stats[layer.index]
+
+    def on_route(self, ev: RouteEvent) -> None:
+        logits = ev.logits.double()  # [T, E]
+        st = self._st(ev.layer, logits.device)
+        st.n_tokens += logits.shape[0]
+        flat = ev.indices.reshape(-1)
+        st.freq += torch.bincount(flat, minlength=len(st.freq)).double()
+        st.soft.index_add_(0, flat, ev.weights.reshape(-1).double())
+        top = logits.argmax(-1)  # [T]
+        st.tcess_sum.index_add_(0, top, logits.gather(-1, top[:, None])[:, 0])
+        vals, idx = torch.topk(logits, st.layer.top_k, dim=-1)  # the PEU pool: top-k_a raw logits, k_a = top_k
+        st.pool_logits.append(vals)
+        st.pool_index.append(idx)
+
+    def on_routed(self, r: Routed) -> None:
+        st = self.stats[r.layer.index]
+        route = r.route
+        h = (route.residual if route.residual is not None else route.hidden).double()  # [T, H]
+        cos = nn.functional.cosine_similarity(h, h + route.routed_output.double(), dim=-1)
+        shift = torch.clamp(1 - cos, min=0)  # [T]
+        norm = r.f.double().norm(dim=-1)  # [S] ‖f_i(t)‖
+        gn = r.weight.double() * norm  # [S] g·‖f‖
+        st.ean.index_add_(0, r.expert, norm)
+        st.reap_sum.index_add_(0, r.expert, gn)
+        st.easy.index_add_(0, r.expert, gn * shift[r.token])
+
+    def result(self) -> list[LayerStats]:
+        return [self.stats[layer.index].to("cpu") for layer in self.layers]
+
+
+# -- atoms (HEAPr) -----------------------------------------------------------------------------------------
+@dataclass
+class AtomLayerStats:
+    """Per-expert sums over routed tokens: each [E, I] float64, plus token counts [E]."""
+
+    count: torch.Tensor
+    h2: torch.Tensor  # Σ h²
+    g2: torch.Tensor  # Σ (∂L/∂h)²
+    hg2: torch.Tensor  # Σ h²·(∂L/∂h)²
+
+    def to(self, device) -> "AtomLayerStats":
+        return AtomLayerStats(*(t.to(device) for t in (self.count, self.h2, self.g2, self.hg2)))
+
+
+class AtomStats(Collector):
+    """h = the down-projection input of each expert on its routed tokens; with backward, ∂L/∂h of the summed
+    LM loss. State per expert: a few length-I vectors, never an H×H matrix."""
+
+    needs_experts = True
+
+    def __init__(self, layers: list[MoELayer], backward: bool = True) -> None:
+        self.layers = layers
+        self.needs_backward = backward
+        self.stats: dict[int, AtomLayerStats] = {}
+
+    def _st(self, layer: MoELayer, device) -> AtomLayerStats:
+        st = self.stats.get(layer.index)
+        if st is None:
+            E, I = layer.num_experts, layer.intermediate_size
+            st = AtomLayerStats(torch.zeros(E, dtype=F64, device=device),
+                                *(torch.zeros(E, I, dtype=F64, device=device) for _ in range(3)))
+            self.stats[layer.index] = st
+        return st
+
+    def on_routed(self, r: Routed) -> None:
+        st = self._st(r.layer, r.h.device)
+        segs = list(r.segments())
+        hd2 = []
+        for e, a, b in segs:
+            hd = r.h[a:b].double()  # [n, I]
+            st.count[e] += b - a
+            sq = hd**2
+            st.h2[e] += sq.sum(0)
+            hd2.append(sq)
+        if not self.needs_backward:
+            return
+
+        def grab(g: torch.Tensor) -> None:  # [S, I]
+            for (e, a, b), sq in zip(segs, hd2):
+                gd2 = g[a:b].double() ** 2
+                st.g2[e] += gd2.sum(0)
+                st.hg2[e] += (sq * gd2).sum(0)
+
+        r.on_grad_h(grab)
+
+    def result(self) -> list[AtomLayerStats]:
+        out = []
+        for layer in self.layers:
+            st = self.stats.get(layer.index)
+            if st is None:  # the layer never ran (no tokens)
+                st = self._st(layer, "cpu")
+            out.append(st.to("cpu"))
+        return out
+
+
+# -- input norms (Wanda, μ-MoE) ----------------------------------------------------------------------------
+def prunable_linears(model: nn.Module):
+    """(dense linears [DenseLinear], MoE layers) whose weights are prunable: routers and the shared-expert
+    gate are excluded, embeddings and lm_head are never among them."""
+    adapter = adapter_for(model)
+    layers = adapter.moe_layers()
+    skip = {id(l.router) for l in layers} | {id(l.shared_gate) for l in layers}
+    return [d for d in adapter.dense_linears() if id(d.module) not in skip], layers
+
+
+class InputNorms(Collector):
+    """Σ_t x_tj² per input feature of every prunable weight: dense linears through pre-hooks; fused routed
+    experts per expert over its routed tokens (gate_up input [E, H], down input [E, I]); an expert no token
+    routes to falls back to the layer's input over all tokens. `result()` -> {param name: ‖X_j‖₂}."""
+
+    needs_routes = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.dense, self.moe_layers = prunable_linears(model)
+        self.needs_experts = bool(self.moe_layers)
+        names = adapter_for(model).module_names()
+        self.prefix = {l.index: names[id(l.experts)] for l in self.moe_layers}
+        self.sq: dict[str, torch.Tensor] = {}
+        self.fused: dict[str, dict[str, torch.Tensor]] = {}
+        self.seconds = 0.0  # time spent computing the statistics inside the forward
+        self._last: list = [None, None, -1]  # (input, its column sums, its version): q/k/v, gate/up share one input
+        self._scratch: torch.Tensor | None = None  # x² of the largest input so far, reused (no page faults)
+        self._obs: Observation | None = None
+
+    def _col_sq(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_t x_tj² per column of x [T, d]: fp32 within one pass (relative error ~1e-7), float64 across passes."""
+        x = x.float()
+        if self._scratch is None or self._scratch.numel() < x.numel() or self._scratch.device != x.device:
+            self._scratch = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+        return torch.mul(x, x, out=self._scratch[: x.numel()].view(x.shape)).sum(0).double()
+
+    def attach(self, obs: Observation) -> None:
+        self._obs = obs
+        for lin in self.dense:
+            obs.add_handle(lin.module.register_forward_pre_hook(self._dense_hook(f"{lin.name}.weight")))
+
+    def detach(self) -> None:
+        self._last[0] = self._last[1] = None
+
+    def _dense_hook(self, name: str):
+        def hook(module, args):
+            t0 = time.perf_counter()
+            inp = args[0]
+            last = self._last
+            if last[0] is not inp or last[2] != inp._version:
+                x = inp.reshape(-1, inp.shape[-1])  # [T, d_in]
+                valid = self._obs.valid(x.shape[0], x.device) if self._obs is not None else None
+                if valid is not None:
+                    x = x[valid]
+                last[0], last[1], last[2] = inp, self._col_sq(x), inp._version
+            self.sq[name] = self.sq.get(name, 0) + last[1]
+            self.seconds += time.perf_counter() - t0
+        return hook
+
+    def on_routed(self, r: Routed) -> None:
+        t0 = time.perf_counter()
+        layer = r.layer
+        E, I, H = layer.num_experts, layer.intermediate_size, layer.hidden_size
+        dev = r.x.device
+        acc = self.fused.setdefault(self.prefix[layer.index], {
+            "n": torch.zeros(E, device=dev), "gu": torch.zeros(E, H, dtype=F64, device=dev),
+            "dn": torch.zeros(E, I, dtype=F64, device=dev), "gu_all": torch.zeros(E, H, dtype=F64, device=dev),
+            "dn_all": torch.zeros(E, I, dtype=F64, device=dev)})
+        for e, a, b in r.segments():
+            acc["n"][e] += b - a
+            acc["gu"][e] += self._col_sq(r.x[a:b])
+            acc["dn"][e] += self._col_sq(r.h[a:b])
+        unrouted = [e for e, n in enumerate(r.counts) if n == 0]
+        if unrouted:  # fallback material: the layer's input over all tokens of this pass
+            x = r.route.hidden
+            x_sq = self._col_sq(x)  # the same for every unrouted expert
+            with torch.no_grad():
+                for e in unrouted:
+                    acc["gu_all"][e] += x_sq
+                    acc["dn_all"][e] += self._col_sq(layer.expert_hidden(e, x))
+        self.seconds += time.perf_counter() - t0
+
+    def result(self) -> dict[str, torch.Tensor]:
+        sq = dict(self.sq)
+        for prefix, acc in self.fused.items():  # experts never routed over all passes use their fallback sums
+            unrouted = (acc["n"] == 0)[:, None]
+            sq[f"{prefix}.gate_up_proj"] = torch.where(unrouted, acc["gu_all"], acc["gu"])
+            sq[f"{prefix}.down_proj"] = torch.where(unrouted, acc["dn_all"], acc["dn"])
+        return {k: v.sqrt() for k, v in sq.items()}
+
+
+# -- anything else on the routes ----------------------------------------------------------------------------
+class OnRoute(Collector):
+    """Calls fn(RouteEvent) for every MoE layer of every forward."""
+
+    def __init__(self, fn: Callable[[RouteEvent], None]) -> None:
+        self.fn = fn
+
+    def on_route(self, ev: RouteEvent) -> None:
+        self.fn(ev)
