@@ -1,4 +1,4 @@
-"""The Python API: `score` and `prune` (contracts in DESIGN.md)."""
+"""The Python API: `score` and `prune` (a method name with options, or a `Recipe`)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dataclasses import replace
+
 from .apply.experts import remove_experts
 from .apply.export import PruneReport
-from .criteria import compute_scores, get_method
+from .criteria import get_method, score_methods
+from .criteria.heapr import ATOM_METHODS
 from .errors import MumoeError
 from .models import adapter_for, moe_adapter_for
-from .observe.calib import read_text, tokenize, windows
+from .observe.calib import spec_windows, tokenize, windows
+from .observe.collectors import InputNorms
+from .observe.runner import resolve_device
+from .observe.runner import run as run_collectors
+from .recipe import Recipe
 from .select import check_ratio, keep_global, keep_uniform
 
 
@@ -25,98 +32,136 @@ def layer_summary(entry: dict) -> str:
 
 
 def resolve_calib(calib, tokenizer=None, nsamples: int = 128, seqlen: int = 512, seed: int | None = None):
-    """calib: LongTensor [N, L] of token ids, a path to a .txt file/folder, or raw text. -> ([N, L], info)"""
+    """calib: LongTensor [N, L] of token ids, a path to a .txt file/folder, 'domain[:NAME]', or raw text.
+    -> ([N, L], info)"""
+    wins, _, info = calibration(Recipe.build("frequency", 0.0, calib=_sources(calib), nsamples=nsamples,
+                                             seqlen=seqlen, seed=seed), calib, tokenizer)
+    return wins, info
+
+
+def _is_path(calib) -> bool:
+    return isinstance(calib, Path) or (isinstance(calib, str) and len(calib) < 4096 and (
+        Path(calib).exists() or calib == "domain" or calib.startswith("domain:")))
+
+
+def _sources(calib) -> tuple[str, ...]:
+    """What a recipe records of the `calib` argument of the Python API."""
     if calib is None:
-        return None, {}
+        return ()
+    if isinstance(calib, torch.Tensor):
+        return ("tensor",)
+    if isinstance(calib, (list, tuple)):
+        return tuple(str(c) for c in calib)
+    return (str(calib),) if _is_path(calib) else ("text",)
+
+
+def calibration(recipe: Recipe, calib=None, tokenizer=None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+    """The recipe's calibration windows: (ids [N, L] or None, source index per window [N] or None, info).
+    `calib` (API only) overrides the recipe's sources: token ids [N, L], raw text, or paths."""
+    spec = recipe.calib
     if isinstance(calib, torch.Tensor):
         if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64):
             raise MumoeError("calib tensor must be integer token ids of shape [N, L]")
-        return calib.long(), {"source": "tensor", "nsamples": calib.shape[0], "seqlen": calib.shape[1]}
-    is_path = isinstance(calib, Path) or (isinstance(calib, str) and len(calib) < 4096 and (
-        Path(calib).exists() or calib == "domain" or calib.startswith("domain:")))
-    text, source = (read_text(calib), str(calib)) if is_path else (str(calib), "text")
-    if tokenizer is None:
-        raise MumoeError("calibration text needs a tokenizer (this model has none); pass token ids [N, L]")
-    wins = windows(tokenize(tokenizer, text), seqlen, nsamples, seed)
-    return wins, {"source": source, "nsamples": wins.shape[0], "seqlen": wins.shape[1], "seed": seed}
+        if calib.shape[0] == 0 or calib.shape[1] == 0:
+            raise MumoeError(f"calib tensor holds no tokens (shape {list(calib.shape)})")
+        return calib.long(), None, {"source": "tensor", "nsamples": calib.shape[0], "seqlen": calib.shape[1]}
+    if calib is not None and not isinstance(calib, (list, tuple)) and not _is_path(calib):  # raw text
+        if tokenizer is None:
+            raise MumoeError("calibration text needs a tokenizer (this model has none); pass token ids [N, L]")
+        wins = windows(tokenize(tokenizer, str(calib)), spec.seqlen, spec.nsamples, spec.seed)
+        return wins, None, {"source": "text", "nsamples": wins.shape[0], "seqlen": spec.seqlen, "seed": spec.seed}
+    if calib is not None:
+        spec = replace(spec, sources=_sources(calib))
+    if not spec.sources:
+        return None, None, {}
+    if any(s in ("tensor", "text") for s in spec.sources):
+        raise MumoeError("this recipe was calibrated on token ids or text passed in from Python; pass them again "
+                         "(mumoe.prune(model, recipe, calib=...))")
+    wins, groups, info = spec_windows(tokenizer, spec)
+    return wins, (groups if len(info["sources"]) > 1 else None), info
 
 
-def score(model: nn.Module, method: str, calib=None, seed: int = 0, tokenizer=None, nsamples: int = 128,
-          seqlen: int = 512, batch_size: int = 8, progress: bool = False) -> list[torch.Tensor]:
-    """Raw criterion values, one tensor [E] per MoE layer (in decoder-layer order)."""
-    m = get_method(method)
-    layers = moe_adapter_for(model).moe_layers()
-    wins, _ = resolve_calib(calib, tokenizer, nsamples, seqlen)
-    if m.needs_calib and wins is None:
-        raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
-    if m.grain == "atom":  # one [E, I] tensor per layer
-        from .criteria.heapr import atom_scores, collect_atom_stats
-
-        stats = ([None] * len(layers) if not m.needs_calib else
-                 collect_atom_stats(model, layers, wins, batch_size, backward=method != "atom-act", progress=progress))
-        return [atom_scores(method, layer, st) for layer, st in zip(layers, stats)]
-    return compute_scores(m, model, layers, wins, seed, batch_size, progress)
+def as_recipe(method, ratio=None, calib=None, options: dict | None = None) -> Recipe:
+    """A Recipe as given, or built from the flat options of the Python API."""
+    options = options or {}
+    if isinstance(method, Recipe):
+        if ratio is not None or options:
+            raise MumoeError("pass either a Recipe or method/ratio/options, not both")
+        return method
+    if ratio is None:
+        raise MumoeError("ratio is required (the fraction removed, in [0, 1))")
+    unknown = set(options) - set(_RECIPE_OPTIONS)
+    if unknown:
+        raise MumoeError(f"unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(_RECIPE_OPTIONS)}")
+    return Recipe.build(method, ratio, calib=_sources(calib), **options)
 
 
-def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0, budget: str = "uniform",
-          tokenizer=None, nsamples: int = 128, seqlen: int = 512, source: str | None = None,
-          batch_size: int = 8, order: str = "one-shot", form: str = "uniform", scope: str = "global",
-          structure: str = "row", verbose: bool = False) -> PruneReport:
-    """Prune `model` in place (expert grain, or atom grain for atom methods) and return what was done.
+_RECIPE_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "budget", "order", "form", "scope", "structure",
+                   "dtype", "device")
 
-    ratio: fraction of routed experts removed: in every MoE layer (budget="uniform"), or over all layers
-    with one normalized ranking and a per-layer floor of top_k (budget="global": per-layer counts differ, the
-    export is in mumoe's own form, loaded by `mumoe.load`).
-    order: "one-shot" (default: every layer scored on the unpruned model, as Cerebras REAP and AIMER) or
-    "progressive" (layer l scored on the outputs of layers < l already pruned, as llm-compressor's REAP);
-    only differs for calibrated criteria with a uniform budget.
-    form / scope: atom-grain methods only (see `prune_atoms`); structure: weight-grain only (`prune_weights`,
-    where ratio is the sparsity).
+
+def score(model: nn.Module, method, calib=None, seed: int | None = None, tokenizer=None, nsamples: int = 128,
+          seqlen: int = 512, batch_size: int = 8, progress: bool = False, device=None):
+    """Raw criterion values: expert grain -> one tensor [E] per MoE layer (decoder-layer order); atom grain ->
+    one [E, I] per MoE layer; weight grain -> {parameter name: score tensor of the weight's shape}
+    (Wanda |W|·‖X‖, magnitude |W|). `method` may be a Recipe."""
+    recipe = method if isinstance(method, Recipe) else Recipe.build(
+        method, 0.0, calib=_sources(calib), nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
+        device=device)
+    wins, groups, _ = calibration(recipe, calib, tokenizer)
+    return score_methods(model, [recipe.method], wins, groups, seed=recipe.calib.seed,
+                         batch_size=recipe.calib.batch_size, progress=progress, device=recipe.device)[recipe.method]
+
+
+def prune(model: nn.Module, method, ratio: float | None = None, calib=None, *, tokenizer=None,
+          source: str | None = None, verbose: bool = False, **options) -> PruneReport:
+    """Prune `model` in place and return what was done (its `recipe` replays the run).
+
+    method: a Recipe, or a method name with `ratio` (the fraction removed: experts per layer, atoms, or weights)
+    and the recipe's flat options — nsamples, seqlen, seed (None: the first windows; an int: seeded random
+    windows and random scores), batch_size, budget / order (expert grain: "uniform" | "global",
+    "one-shot" | "progressive"), form / scope (atom grain), structure (weight grain: row, N:M, column), device.
+    calib: token ids [N, L], raw text, a path, 'domain[:NAME]', or a list of sources (None: the recipe's).
     """
-    check_ratio(ratio)
-    m = get_method(method)
-    if m.grain == "weight":
-        return prune_weights(model, method, ratio, calib, structure=structure, tokenizer=tokenizer, nsamples=nsamples,
-                             seqlen=seqlen, batch_size=batch_size, source=source, verbose=verbose)
-    if m.grain == "atom":
-        return prune_atoms(model, method, ratio, calib, form=form, scope=scope, tokenizer=tokenizer,
-                           nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, source=source, verbose=verbose)
-    if budget not in ("uniform", "global"):
-        raise MumoeError(f"unknown budget {budget!r}; available: uniform, global")
-    adapter = moe_adapter_for(model)
-    layers = adapter.moe_layers()
-    wins, calib_info = resolve_calib(calib, tokenizer, nsamples, seqlen)
-    if m.needs_calib and wins is None:
-        raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
-    if order not in ("one-shot", "progressive"):
-        raise MumoeError(f"unknown scoring order {order!r}; available: one-shot, progressive")
-    if not m.needs_calib:
-        order = "one-shot"  # data-free scores do not depend on earlier layers
-    if order == "progressive" and budget != "uniform":
-        raise MumoeError("progressive scoring needs the uniform budget")
+    recipe = as_recipe(method, ratio, calib, options)
+    wins, groups, calib_info = calibration(recipe, calib, tokenizer)
+    if recipe.device is not None:
+        model.to(resolve_device(recipe.device))
+    if recipe.grain == "weight":
+        report = _prune_weights(model, recipe, wins, verbose)
+    elif recipe.grain == "atom":
+        report = _prune_atoms(model, recipe, wins, verbose)
+    else:
+        report = _prune_experts(model, recipe, wins, groups, verbose)
+    report.calibration = calib_info
+    report.recipe = recipe.to_dict()
+    report.model = {"source": source or getattr(model.config, "_name_or_path", ""),
+                    "model_type": model.config.model_type, **report.model}
+    return report
+
+
+def _prune_experts(model: nn.Module, recipe: Recipe, wins, groups, verbose: bool) -> PruneReport:
+    m = get_method(recipe.method)
+    budget, order = recipe.expert.budget, recipe.expert.order
+    layers = moe_adapter_for(model).moe_layers()
     if budget == "global" and any(layer.n_group and layer.n_group > 1 for layer in layers):
         raise MumoeError("global budgets are not available for group-limited routers; use --budget uniform")
+    seed, bs = recipe.calib.seed, recipe.calib.batch_size
+    ratio = recipe.ratio
     t0 = time.perf_counter()
     if order == "progressive":
         scores = []
         for layer in layers:  # score this layer on the model whose earlier layers are already sliced
-            s = compute_scores(m, model, [layer], wins, seed, batch_size, progress=verbose)[0]
+            s = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=[layer])[m.name][0]
             scores.append(s)
             remove_experts(model, {layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group,
                                                              m.prune_highest)})
     else:
-        scores = compute_scores(m, model, layers, wins, seed, batch_size, progress=verbose)
-    if budget == "global":
-        kept = keep_global(scores, ratio, [layer.top_k for layer in layers], m.prune_highest)
-        keep = {layer.index: k for layer, k in zip(layers, kept)}
-    else:
-        keep = {layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group, m.prune_highest)
-                for layer, s in zip(layers, scores)}
-    E0 = len(scores[0])
+        scores = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=layers)[m.name]
+    keep = select_experts(layers, scores, ratio, budget, m.prune_highest)
     report = PruneReport(
-        method=method, grain=m.grain, ratio=ratio, budget=budget, scoring_order=order, calibration=calib_info,
-        model={"source": source or getattr(model.config, "_name_or_path", ""),
-               "model_type": model.config.model_type, "num_experts": E0},
+        method=m.name, grain=m.grain, ratio=ratio, budget=budget, scoring_order=order,
+        model={"num_experts": len(scores[0])},
         layers=[{"layer": layer.index, "num_experts": len(s), "kept": keep[layer.index],
                  "scores": [float(v) for v in s]} for layer, s in zip(layers, scores)],
     )
@@ -132,6 +177,15 @@ def prune(model: nn.Module, method: str, ratio: float, calib=None, seed: int = 0
     return report
 
 
+def select_experts(layers, scores, ratio: float, budget: str, prune_highest: bool) -> dict[int, list[int]]:
+    """Keep sets per decoder-layer index under the budget."""
+    if budget == "global":
+        kept = keep_global(scores, ratio, [layer.top_k for layer in layers], prune_highest)
+        return {layer.index: k for layer, k in zip(layers, kept)}
+    return {layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group, prune_highest)
+            for layer, s in zip(layers, scores)}
+
+
 def _config_field(cfg: dict, keys: tuple[str, ...]):
     for c in (cfg, cfg.get("text_config") or {}):
         for key in keys:
@@ -141,7 +195,7 @@ def _config_field(cfg: dict, keys: tuple[str, ...]):
 
 
 def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str = "aimer", overwrite: bool = False,
-                   progress: bool = True, verbose: bool = False) -> PruneReport:
+                   progress: bool = True, verbose: bool = False, recipe: Recipe | None = None) -> PruneReport:
     """Calibration-free expert pruning straight from a checkpoint's safetensors files: the model is never
     loaded; scores come from memory-mapped tensors read one at a time and the pruned checkpoint is written
     shard by shard. Only weight-based methods (AIMER) can run this way."""
@@ -169,7 +223,8 @@ def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str 
     report = PruneReport(method=method, grain="expert", ratio=ratio, budget="uniform",
                          model={"source": str(path), "model_type": cfg.get("model_type"), "num_experts": E0},
                          layers=[{"layer": L, "num_experts": len(s), "kept": keep[L], "scores": [float(v) for v in s]}
-                                 for L, s in scores.items()])
+                                 for L, s in scores.items()],
+                         recipe=(recipe or Recipe.build(method, ratio)).to_dict())
     if verbose:
         for entry in report.layers:
             print(layer_summary(entry))
@@ -181,32 +236,36 @@ def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str 
 def prune_atoms(model: nn.Module, method: str, ratio: float, calib=None, form: str = "uniform",
                 scope: str = "global", tokenizer=None, nsamples: int = 128, seqlen: int = 512, batch_size: int = 4,
                 source: str | None = None, verbose: bool = False) -> PruneReport:
-    """Atomic-expert pruning in place (HEAPr and same-grain baselines).
+    """Atomic-expert pruning in place (HEAPr and same-grain baselines): `prune` with an atom-grain method."""
+    if get_method(method).grain != "atom":
+        raise MumoeError(f"{method!r} is not an atom method; known: {', '.join(ATOM_METHODS)}")
+    return prune(model, method, ratio, calib, tokenizer=tokenizer, source=source, verbose=verbose, form=form,
+                 scope=scope, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
 
-    form="uniform": every expert keeps its best I' = (1 − ratio)·I atoms (multiple of 8); the model stays a
+
+def prune_weights(model: nn.Module, method: str, ratio: float, calib=None, structure: str = "row", tokenizer=None,
+                  nsamples: int = 128, seqlen: int = 512, batch_size: int = 8, source: str | None = None,
+                  verbose: bool = False) -> PruneReport:
+    """Weight-grain pruning in place (Wanda, magnitude): `prune` with a weight-grain method."""
+    if get_method(method).grain != "weight":
+        raise MumoeError(f"{method!r} is not a weight method; known: wanda, magnitude")
+    return prune(model, method, ratio, calib, tokenizer=tokenizer, source=source, verbose=verbose,
+                 structure=structure, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
+
+
+def _prune_atoms(model: nn.Module, recipe: Recipe, wins, verbose: bool) -> PruneReport:
+    """form="uniform": every expert keeps its best I' = (1 − ratio)·I atoms (multiple of 8); the model stays a
     standard HF model with a narrower expert width. form="global": the lowest `ratio` of all atoms go, ranked
     over all layers (scope="global", HEAPr) or per layer (scope="layer"); widths differ per expert, removed
-    atoms are zeroed in memory and the export (mumoe's own form) stores only the kept ones.
-    """
+    atoms are zeroed in memory and the export (mumoe's own form) stores only the kept ones."""
     from .apply.atoms import keep_global_atoms, keep_uniform_atoms, mask_atoms, slice_atoms_uniform
-    from .criteria.heapr import ATOM_METHODS, atom_scores, collect_atom_stats
 
-    check_ratio(ratio)
-    if method not in ATOM_METHODS:
-        raise MumoeError(f"unknown atom method {method!r}; known: {', '.join(ATOM_METHODS)}")
-    if form not in ("uniform", "global"):
-        raise MumoeError(f"unknown form {form!r}; use uniform or global")
+    form, scope, ratio = recipe.atom.form, recipe.atom.scope, recipe.ratio
     adapter = moe_adapter_for(model)
     layers = adapter.moe_layers()
-    wins, calib_info = resolve_calib(calib, tokenizer, nsamples, seqlen)
     t0 = time.perf_counter()
-    if method == "atom-magnitude":
-        stats = [None] * len(layers)
-    else:
-        if wins is None:
-            raise MumoeError(f"method {method!r} needs calibration data (--calib PATH)")
-        stats = collect_atom_stats(model, layers, wins, batch_size, backward=method != "atom-act", progress=verbose)
-    scores = [atom_scores(method, layer, st) for layer, st in zip(layers, stats)]  # [E, I] each
+    scores = score_methods(model, [recipe.method], wins, None, recipe.calib.seed, recipe.calib.batch_size, verbose,
+                           layers=layers)[recipe.method]  # [E, I] each
     entries = []
     if form == "uniform":
         keeps = [keep_uniform_atoms(s, ratio) for s in scores]
@@ -226,10 +285,8 @@ def prune_atoms(model: nn.Module, method: str, ratio: float, calib=None, form: s
                                         for e in range(m.shape[0])]})
             mask_atoms(layer, m)
     report = PruneReport(
-        method=method, grain="atom", ratio=ratio, budget=f"{form}" + ("" if form == "uniform" else f"/{scope}"),
-        calibration=calib_info, form="hf" if form == "uniform" else "mumoe-atoms",
-        model={"source": source or getattr(model.config, "_name_or_path", ""),
-               "model_type": model.config.model_type, "num_experts": layers[0].num_experts},
+        method=recipe.method, grain="atom", ratio=ratio, budget=f"{form}" + ("" if form == "uniform" else f"/{scope}"),
+        form="hf" if form == "uniform" else "mumoe-atoms", model={"num_experts": layers[0].num_experts},
         layers=entries)
     if verbose:
         for e in entries:
@@ -240,32 +297,26 @@ def prune_atoms(model: nn.Module, method: str, ratio: float, calib=None, form: s
     return report
 
 
-def prune_weights(model: nn.Module, method: str, ratio: float, calib=None, structure: str = "row", tokenizer=None,
-                  nsamples: int = 128, seqlen: int = 512, batch_size: int = 8, source: str | None = None,
-                  verbose: bool = False) -> PruneReport:
-    """Weight-grain pruning in place: Wanda (|W|·‖X‖ from calibration windows; structures row, N:M, column) or
-    magnitude (one threshold per matrix) on every linear of the decoder layers and every routed expert
-    (per expert, from its routed tokens); embeddings, lm_head, routers untouched. ratio = sparsity."""
-    from .testtime.masks import apply_masks, input_norms, magnitude_mask, masks_from_norms, prunable_names
+def _prune_weights(model: nn.Module, recipe: Recipe, wins, verbose: bool) -> PruneReport:
+    """Wanda (|W|·‖X‖ from calibration windows; structures row, N:M, column) or magnitude (one threshold per
+    matrix) on every linear of the decoder layers and every routed expert (per expert, from its routed
+    tokens); embeddings, lm_head, routers untouched. ratio = sparsity."""
+    from .testtime.masks import apply_masks, magnitude_mask, masks_from_norms, prunable_names
 
-    check_ratio(ratio)
     adapter_for(model)
-    wins, calib_info = resolve_calib(calib, tokenizer, nsamples, seqlen)
+    recipe.check_config(model.config)
+    ratio, structure = recipe.ratio, recipe.weight.structure
     t0 = time.perf_counter()
-    if method == "wanda":
-        if wins is None:
-            raise MumoeError("method 'wanda' needs calibration data (--calib PATH)")
-        masks = masks_from_norms(model, input_norms(model, wins, batch_size=batch_size), 1 - ratio, structure)
+    if recipe.method == "wanda":
+        norms = run_collectors(model, wins, [InputNorms(model)], batch_size=recipe.calib.batch_size,
+                               progress=verbose)[0].result()
+        masks = masks_from_norms(model, norms, 1 - ratio, structure)
     else:
-        if structure != "row":
-            raise MumoeError("magnitude pruning has one threshold per matrix; --structure applies to wanda")
         params = dict(model.named_parameters())
         masks = {n: magnitude_mask(params[n], ratio) for n in prunable_names(model)}
     apply_masks(model, masks)
     report = PruneReport(
-        method=method, grain="weight", ratio=ratio, budget=structure, calibration=calib_info,
-        model={"source": source or getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,
-               "num_experts": None},
+        method=recipe.method, grain="weight", ratio=ratio, budget=structure, model={"num_experts": None},
         layers=[{"param": n, "active": round(float(m.float().mean()), 6)} for n, m in masks.items()])
     if verbose:
         total = sum(m.numel() for m in masks.values())

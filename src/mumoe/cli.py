@@ -27,7 +27,7 @@ def cmd_info(args) -> int:
     from .loading import load
     from .models import adapter_for
 
-    model = load(args.model, args.dtype)
+    model = _load_model(args.model, args.dtype, args.device)
     adapter = adapter_for(model)
     layers = adapter.moe_layers()
     counts = _param_counts(model, adapter)
@@ -63,43 +63,112 @@ def cmd_info(args) -> int:
     return 0
 
 
+PRUNE_FLAGS = ("method", "ratio", "calib", "nsamples", "seqlen", "seed", "batch_size", "budget", "order", "form",
+               "scope", "structure")
+
+
+def _recipe_from_args(args):
+    """The run's Recipe: replayed from --recipe, or built from the flags; validated before anything loads."""
+    from .recipe import Recipe
+
+    if args.recipe:
+        given = [f"--{f.replace('_', '-')}" for f in PRUNE_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise MumoeError(f"--recipe replays a run as recorded; drop {', '.join(given)} (or drop --recipe)")
+        recipe = Recipe.load(args.recipe)
+        overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+        return Recipe.from_dict({**recipe.to_dict(), **overrides}) if overrides else recipe
+    missing = [f"--{f}" for f in ("method", "ratio") if getattr(args, f) is None]
+    if missing:
+        raise MumoeError(f"prune needs {' and '.join(missing)} (or --recipe RUN/pruning.json to replay a run)")
+    opts = {f: getattr(args, f) for f in PRUNE_FLAGS[3:] if getattr(args, f) is not None}
+    return Recipe.build(args.method, args.ratio, calib=args.calib, dtype=args.dtype or "fp32",
+                        device=args.device or "cpu", **opts)
+
+
+def _replay_model(args) -> str:
+    """MODEL as given, else the model a replayed pruning.json names, else the bundled one."""
+    if args.model is not None:
+        return args.model
+    if args.recipe:
+        p = Path(args.recipe)
+        p = p / "pruning.json" if p.is_dir() else p
+        try:
+            source = json.loads(p.read_text("utf-8")).get("model", {}).get("source")
+        except (OSError, ValueError, AttributeError):
+            source = None
+        if source:
+            return source
+    return "default"
+
+
+def _model_config(name: str):
+    """The model's config without its weights (for the checks that must run before loading); None if it
+    cannot be read cheaply (a hub id that is not cached: the load itself then says what is wrong)."""
+    from .loading import resolve
+
+    path = Path(resolve(name))
+    if name.startswith("tiny:") or not (path / "config.json").exists():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise MumoeError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from e
+
+
+HEAPR_FORMS = {"uniform": "the uniform form: every expert keeps its best atoms at one width (an HF checkpoint); the "
+                          "paper's method is the global ranking: --form global --scope global",
+               "global": "the paper's form: one global ranking of atoms"}
+
+
 def cmd_prune(args) -> int:
     from . import api
     from .apply.export import check_output_dir, save_pruned
-    from .criteria import get_method
-    from .loading import DATA
     from .loading import load, load_tokenizer, resolve
-    from .observe.calib import read_text
-    from .select import check_ratio
+    from .observe.calib import check_sources
 
-    method = get_method(args.method)
-    check_ratio(args.ratio)
-    if method.needs_calib and not args.calib:
-        raise MumoeError(f"method {args.method!r} needs calibration data: pass --calib PATH (a .txt file or folder; "
-                         f"the bundled splits live in {DATA})")
+    recipe = _recipe_from_args(args)
+    model_name = _replay_model(args)
+    check_sources(recipe.calib.sources)  # missing or empty calibration text fails before loading anything
     check_output_dir(args.out, args.overwrite)
-    if args.calib:
-        read_text(args.calib)  # fail on a missing or empty calibration text before loading anything
+    config = _model_config(model_name)
+    if config is not None:
+        recipe.check_config(config)
     t0 = time.perf_counter()
-    if args.method == "aimer" and not args.in_memory and args.budget == "uniform" and _local_checkpoint(args.model):
-        print(f"pruning {args.ratio:.0%} of experts per layer with aimer, streamed from the checkpoint files "
-              f"(budget uniform, scoring one-shot)")
-        api.prune_streamed(resolve(args.model), args.ratio, args.out, overwrite=args.overwrite, verbose=True)
+    if (recipe.method == "aimer" and not args.in_memory and recipe.expert.budget == "uniform"
+            and _local_checkpoint(model_name)):
+        print(f"pruning {recipe.describe()}, streamed from the checkpoint files")
+        api.prune_streamed(resolve(model_name), recipe.ratio, args.out, overwrite=args.overwrite, verbose=True,
+                           recipe=recipe)
         print(f"wrote {args.out} (loads with AutoModelForCausalLM.from_pretrained) in {time.perf_counter() - t0:.1f}s total")
         return 0
-    model = load(args.model, args.dtype)
-    tokenizer = load_tokenizer(args.model)
-    what = {"atom": f"atoms ({args.form} form)", "weight": f"weights ({args.structure})"}.get(
-        method.grain, f"experts (budget {args.budget}, scoring {args.order})")
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; pruning {args.ratio:.0%} of {what} with {args.method}")
-    report = api.prune(model, args.method, args.ratio, calib=args.calib, seed=args.seed, tokenizer=tokenizer,
-                       nsamples=args.nsamples, seqlen=args.seqlen, source=args.model, budget=args.budget,
-                       batch_size=args.batch_size, order=args.order, form=args.form, scope=args.scope,
-                       structure=args.structure, verbose=True)
+    model = _load_model(model_name, recipe.dtype, recipe.device)
+    tokenizer = load_tokenizer(model_name)
+    print(f"loaded {model_name} in {time.perf_counter() - t0:.1f}s; pruning {recipe.describe()}"
+          + (f" on {recipe.device}" if recipe.device not in (None, "cpu") else ""))
+    if recipe.grain == "atom" and recipe.method.startswith("heapr"):
+        print(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
+    if recipe.calib.sources:
+        print(f"  calibration: {recipe.calib.nsamples} windows x {recipe.calib.seqlen} tokens from "
+              f"{', '.join(recipe.calib.sources)}"
+              + ("" if recipe.calib.seed is None else f" (random windows, seed {recipe.calib.seed})"))
+    report = api.prune(model, recipe, tokenizer=tokenizer, source=model_name, verbose=True)
     out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite)
     where = "AutoModelForCausalLM.from_pretrained" if report.form == "hf" else "mumoe.load"
     print(f"wrote {out} (loads with {where}) in {time.perf_counter() - t0:.1f}s total")
     return 0
+
+
+def _load_model(name: str, dtype: str | None, device: str | None):
+    """load() in `dtype` (default fp32), moved to `device` (default cpu)."""
+    from .loading import load
+    from .observe.runner import resolve_device
+
+    dev = resolve_device(device or "cpu")  # a missing GPU fails before the weights are read
+    model = load(name, dtype or "fp32")
+    return model.to(dev) if dev.type != "cpu" else model
 
 
 def cmd_eval(args) -> int:
@@ -119,7 +188,7 @@ def cmd_eval(args) -> int:
     else:
         texts = {Path(args.ppl).stem: args.ppl}
     texts = {name: read_text(path) for name, path in texts.items()}
-    model = load(args.model, args.dtype)
+    model = _load_model(args.model, args.dtype, args.device)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise MumoeError(f"{args.model} has no tokenizer; perplexity on text needs one")
@@ -162,7 +231,7 @@ def cmd_taer_build(args) -> int:
         specs[name] = path
     for path in specs.values():
         read_text(path)  # missing or empty texts fail before the model loads
-    model = load(args.model, args.dtype)
+    model = _load_model(args.model, args.dtype, args.device)
     tok = load_tokenizer(args.model)
     if tok is None:
         raise MumoeError(f"{args.model} has no tokenizer")
@@ -181,7 +250,7 @@ def cmd_taer_build(args) -> int:
 def cmd_taer_match(args) -> int:
     from .retrieval import TaskServer
 
-    m, ids, seconds = TaskServer(args.model, args.library, args.dtype).match(args.prompt)
+    m, ids, seconds = TaskServer(args.model, args.library, args.dtype, args.device).match(args.prompt)
     print(f"task {m.task} (distance {m.distance:.4f}); runner-up {m.runner_up} (distance {m.runner_up_distance:.4f}); "
           f"{ids.shape[-1]} prompt tokens, {seconds:.2f}s")
     return 0
@@ -192,7 +261,7 @@ def cmd_taer_generate(args) -> int:
 
     if not args.prompt.strip():
         raise MumoeError("empty prompt")
-    server = TaskServer(args.model, args.library, args.dtype)
+    server = TaskServer(args.model, args.library, args.dtype, args.device)
     res = server.generate(args.prompt, max_new_tokens=args.max_new_tokens)
     print(f"matched task {res.match.task} (distance {res.match.distance:.4f}, runner-up {res.match.runner_up} "
           f"{res.match.runner_up_distance:.4f}) in {res.match_seconds:.2f}s; loaded its "
@@ -234,7 +303,7 @@ def _eval_tasks(args) -> int:
     from .eval.harness import run_lm_eval
     from .loading import load, load_tokenizer
 
-    model = load(args.model, args.dtype)
+    model = _load_model(args.model, args.dtype, args.device)
     tokenizer = load_tokenizer(args.model)
     tasks = [t for t in args.tasks.split(",") if t]
     print(f"lm-eval on {args.model} (in memory): {', '.join(tasks)}" + (f", limit {args.limit}" if args.limit else ""))
@@ -257,7 +326,7 @@ def cmd_generate(args) -> int:
     check_active(args.active)
     if not args.prompt.strip():
         raise MumoeError("empty prompt")
-    model = load(args.model, args.dtype)
+    model = _load_model(args.model, args.dtype, args.device)
     tok = load_tokenizer(args.model)
     if tok is None:
         raise MumoeError(f"{args.model} has no tokenizer")
@@ -320,9 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def common(sp):
-        sp.add_argument("model", nargs="?", default="default", help=MODEL_HELP)
-        sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    def common(sp, model_default="default"):
+        sp.add_argument("model", nargs="?", default=model_default, help=MODEL_HELP)
+        sp.add_argument("--dtype", default=None if model_default is None else "fp32", choices=["fp32", "bf16", "fp16"],
+                        help="weights dtype (default fp32); statistics are accumulated in fp32/fp64 whatever it is")
+        sp.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto (cuda when available): "
+                        "where the model runs")
 
     sp = sub.add_parser("info", help="architecture, layers, experts, top_k and parameter counts",
                         description="Print architecture, MoE layers, experts, top_k and parameter counts "
@@ -331,34 +403,42 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print JSON instead of text")
     sp.set_defaults(func=cmd_info)
 
-    sp = sub.add_parser("prune", help="prune experts and export an HF checkpoint + pruning.json",
-                        description="Score experts, keep the best per layer (uniform budget: round(ratio*E) "
-                        "dropped in every MoE layer), slice router and experts, export atomically.")
-    common(sp)
-    sp.add_argument("--method", required=True, help="scoring method: " + ", ".join(_method_names()))
-    sp.add_argument("--budget", default="uniform", choices=["uniform", "global"],
-                    help="uniform: round(ratio*E) dropped in every layer (HF/vLLM loadable); global: one ranking "
-                    "over all layers (scores normalized per layer, floor of top_k), exported for mumoe.load")
-    sp.add_argument("--order", default="one-shot", choices=["one-shot", "progressive"],
-                    help="one-shot: every layer scored on the unpruned model (default); progressive: layer l "
-                    "scored after layers < l are pruned")
-    sp.add_argument("--form", default="uniform", choices=["uniform", "global"],
+    sp = sub.add_parser("prune", help="prune experts, atoms or weights and export an HF checkpoint + pruning.json",
+                        description="Score, select and apply one method at one ratio, then export atomically. The "
+                        "run is recorded as a recipe in pruning.json: `mumoe prune --recipe OUT/pruning.json --out "
+                        "DIR` replays it exactly. Everything is validated before the model is loaded.")
+    common(sp, model_default=None)
+    sp.add_argument("--method", help="scoring method: " + ", ".join(_method_names()))
+    sp.add_argument("--ratio", type=float, help="fraction removed, in [0, 1): of the routed experts of every layer "
+                    "(expert methods), of the atoms (HEAPr), or of the weights (wanda, magnitude)")
+    sp.add_argument("--recipe", help="replay a recorded run: a pruning.json (or its folder) or a recipe JSON; "
+                    "MODEL defaults to the model it names")
+    sp.add_argument("--budget", choices=["uniform", "global"],
+                    help="expert methods: uniform = round(ratio*E) dropped in every layer (HF/vLLM loadable, "
+                    "default); global = one ranking over all layers (scores normalized per layer, floor of top_k), "
+                    "exported for mumoe.load")
+    sp.add_argument("--order", choices=["one-shot", "progressive"],
+                    help="expert methods: one-shot = every layer scored on the unpruned model (default); "
+                    "progressive = layer l scored after layers < l are pruned")
+    sp.add_argument("--form", choices=["uniform", "global"],
                     help="atom methods: uniform = same width for every expert (HF/vLLM loadable, default); "
                     "global = HEAPr's one ranking, per-expert widths (mumoe.load)")
-    sp.add_argument("--scope", default="global", choices=["global", "layer"],
+    sp.add_argument("--scope", choices=["global", "layer"],
                     help="atom methods with --form global: rank over all layers (default) or per layer")
-    sp.add_argument("--structure", default="row",
-                    help="weight methods (wanda): row (unstructured per row, default), N:M (e.g. 2:4) or column")
+    sp.add_argument("--structure",
+                    help="weight methods (wanda): row (unstructured per row, default), N:M (e.g. 2:4, then --ratio "
+                    "is 1 - N/M) or column")
     sp.add_argument("--in-memory", action="store_true", help="aimer: load the model instead of streaming the files")
-    sp.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward (default 8)")
-    sp.add_argument("--ratio", type=float, required=True, help="fraction of routed experts to remove, in [0, 1)")
+    sp.add_argument("--batch-size", type=int, help="calibration windows per forward (default 8; 4 for atom methods)")
     sp.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    sp.add_argument("--calib", help="calibration text: a .txt file, a folder of .txt files, 'domain' (the bundled "
-                    "calib splits of every domain, mixed) or 'domain:NAME' (one of prose, docs, code, kernel)")
-    sp.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    sp.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
-    sp.add_argument("--seed", type=int, default=0, help="seed for random scores / random windows")
+    sp.add_argument("--calib", action="append", help="calibration text: a .txt file, a folder of .txt files, 'domain' "
+                    "(every bundled calib split, one source each) or 'domain:NAME' (one of prose, docs, code, "
+                    "kernel); repeat for several sources (the windows are split evenly over them)")
+    sp.add_argument("--nsamples", type=int, help="calibration windows in all (default 128)")
+    sp.add_argument("--seqlen", type=int, help="calibration window length in tokens (default 512)")
+    sp.add_argument("--seed", type=int, help="default: the first windows of each source, consecutive; a seed draws "
+                    "windows at random offsets and seeds the random method (default 0)")
     sp.set_defaults(func=cmd_prune)
 
     sp = sub.add_parser("eval", help="paper-exact perplexity (non-overlapping windows)",
@@ -440,10 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (("match", cmd_taer_match, "match a prompt to the nearest task"),
                                ("generate", cmd_taer_generate, "match, load the task's experts only, generate")):
         sp = tsub.add_parser(name, help=helptext, description=helptext)
-        sp.add_argument("model", nargs="?", default="default", help=MODEL_HELP)
+        common(sp)
         sp.add_argument("library", help="task library directory (from `mumoe taer build`)")
         sp.add_argument("--prompt", required=True, help="the query text")
-        sp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
         sp.add_argument("--max-new-tokens", type=int, default=48)
         sp.set_defaults(func=fn)
     taer.set_defaults(func=lambda a: (taer.print_help(), 0)[1])

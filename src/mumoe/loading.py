@@ -17,9 +17,7 @@ from torch import nn
 
 from .errors import MumoeError
 
-ASSETS = Path(__file__).parent / "assets"
-DEFAULT_MODEL = ASSETS / "model"
-DATA = ASSETS / "data"  # per-domain calib.txt / eval.txt splits of the bundled corpus
+from .paths import ASSETS, DATA, DEFAULT_MODEL  # noqa: F401  (re-exported: mumoe.loading.DATA)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 

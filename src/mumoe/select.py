@@ -9,12 +9,7 @@ from __future__ import annotations
 import torch
 
 from .errors import MumoeError
-
-
-def check_ratio(ratio: float) -> float:
-    if not (0.0 <= ratio < 1.0):
-        raise MumoeError(f"ratio must be in [0, 1), got {ratio}")
-    return float(ratio)
+from .recipe import check_ratio  # noqa: F401  (one definition of a valid ratio)
 
 
 def rank(scores: torch.Tensor, prune_highest: bool = False) -> torch.Tensor:

@@ -30,6 +30,7 @@ class PruneReport:
     model: dict = field(default_factory=dict)  # {source, model_type, num_experts}
     layers: list[dict] = field(default_factory=list)  # {layer, num_experts, kept, scores}
     form: str = "hf"  # "hf": from_pretrained loads it; "mumoe": only mumoe.load (per-layer shapes differ)
+    recipe: dict = field(default_factory=dict)  # the Recipe that replays this run (mumoe prune --recipe)
     mumoe_version: str = __version__
 
     def to_dict(self) -> dict:

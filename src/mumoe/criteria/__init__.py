@@ -1,7 +1,7 @@
 """Pure scoring functions: statistics + weights -> one score tensor per MoE layer.
 
 Each method is registered with how it is read (higher = keep, or prune the highest), its grain and whether it
-needs calibration data. Calibrated expert criteria share one observation pass (`stats.collect_stats`).
+needs calibration data. Any set of calibrated methods shares one observation pass (`score_methods`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from ..errors import MumoeError
 from . import expert
-from .stats import LayerStats, collect_stats
+from .stats import LayerStats
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,57 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def compute_scores(method: Method, model, layers, calib: torch.Tensor | None, seed: int = 0,
-                   batch_size: int = 8, progress: bool = False) -> list[torch.Tensor]:
-    """Raw criterion values per layer (one-shot: every layer observed on the unpruned model)."""
-    if method.name == "random":
-        return random_scores(layers, seed)
-    if method.from_weights is not None:
-        return [method.from_weights(layer) for layer in layers]
-    if calib is None:
-        raise MumoeError(f"method {method.name!r} needs calibration data (--calib PATH)")
-    stats = collect_stats(model, layers, calib, batch_size, experts=method.needs_expert_outputs, progress=progress)
-    return [method.from_stats(st) for st in stats]
+def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: torch.Tensor | None = None,
+                  seed: int | None = None, batch_size: int = 8, progress: bool = False, layers=None,
+                  device=None) -> dict[str, object]:
+    """Scores of every named method from ONE observation pass (one-shot: every layer observed on the model as it
+    is). The collectors the methods need are attached together: expert statistics (with expert outputs if any
+    method reads them), HEAPr atom statistics (forward + backward if any method needs gradients), Wanda input
+    norms. -> name: per MoE layer [E] (expert grain) or [E, I] (atom grain); weight grain: {param: scores}.
+    groups: [N] calibration source of each window (EASY-EP normalizes per source)."""
+    from ..models import adapter_for
+    from ..observe.collectors import AtomStats, ExpertStats, InputNorms
+    from ..observe.runner import run
+    from . import weight as weight_scores
+    from .heapr import atom_scores
+
+    methods = [get_method(n) for n in names]
+    moe = adapter_for(model).moe_layers() if any(m.grain != "weight" for m in methods) else []
+    if any(m.grain != "weight" for m in methods):
+        from ..models import moe_adapter_for
+
+        moe_adapter_for(model)  # expert and atom grains need routed experts: one clear line for a dense model
+    layers = layers if layers is not None else moe
+    calibrated = [m for m in methods if m.needs_calib]
+    if calibrated and calib is None:
+        raise MumoeError(f"method {calibrated[0].name!r} needs calibration data (--calib PATH)")
+    experts = ExpertStats(layers, any(m.needs_expert_outputs for m in calibrated),
+                          n_groups=1 if groups is None else int(groups.max()) + 1)
+    atoms = AtomStats(layers, backward=any(m.name in ("heapr", "heapr-token") for m in calibrated))
+    norms = InputNorms(model)
+    collectors = ([experts] if any(m.grain == "expert" for m in calibrated) else []) + (
+        [atoms] if any(m.grain == "atom" for m in calibrated) else []) + (
+        [norms] if any(m.name == "wanda" for m in calibrated) else [])
+    if collectors:
+        run(model, calib, collectors, batch_size=batch_size, progress=progress, layers=layers, groups=groups,
+            device=device)
+    stats = experts.result() if experts in collectors else None
+    atom_st = atoms.result() if atoms in collectors else [None] * len(layers)
+    params = dict(model.named_parameters())
+    out: dict[str, object] = {}
+    for m in methods:
+        if m.name == "random":
+            out[m.name] = random_scores(layers, 0 if seed is None else seed)
+        elif m.from_weights is not None:
+            out[m.name] = [m.from_weights(layer) for layer in layers]
+        elif m.from_stats is not None:
+            out[m.name] = [m.from_stats(st) for st in stats]
+        elif m.grain == "atom":
+            out[m.name] = [atom_scores(m.name, layer, st) for layer, st in zip(layers, atom_st)]
+        elif m.name == "wanda":
+            out[m.name] = {n: weight_scores.wanda(params[n], v) for n, v in norms.result().items()}
+        else:  # magnitude
+            from ..testtime.masks import prunable_names
+
+            out[m.name] = {n: weight_scores.magnitude(params[n]) for n in prunable_names(model)}
+    return out

@@ -31,7 +31,12 @@ def reap(st: LayerStats) -> torch.Tensor:
 
 
 def easy_ep(st: LayerStats) -> torch.Tensor:
-    return st.easy.clone()
+    """Σ g·‖f‖·shift over routed tokens. With several calibration sources (domains), as the EASY-EP authors
+    mix domains: each domain's scores divided by their sum, then averaged over the domains."""
+    if st.easy_groups is None or st.easy_groups.shape[0] < 2:
+        return st.easy.clone()
+    g = st.easy_groups
+    return (g / g.sum(-1, keepdim=True).clamp(min=1e-300)).mean(0)
 
 
 def tcess(st: LayerStats) -> torch.Tensor:

@@ -45,14 +45,14 @@ def atom_scores(method: str, layer: MoELayer, st: AtomLayerStats | None) -> torc
             I = layer.intermediate_size
             gu = layer.experts.gate_up_proj.double()  # [E, 2I, H]
             sq = gu[:, :I].pow(2).sum(-1) + gu[:, I:].pow(2).sum(-1) + layer.experts.down_proj.double().pow(2).sum(1)
-        return sq.sqrt()
+        return sq.sqrt().cpu()
     if method == "heapr":
         s = _mean(st.h2, st.count) * _mean(st.g2, st.count)
     elif method == "heapr-token":
         s = _mean(st.hg2, st.count)
     elif method == "atom-act":
         with torch.no_grad():
-            s = _mean(st.h2, st.count) * layer.experts.down_proj.double().pow(2).sum(1)  # ‖down[:, k]‖²
+            s = _mean(st.h2, st.count) * layer.experts.down_proj.double().pow(2).sum(1).cpu()  # ‖down[:, k]‖²
     else:
         raise ValueError(method)
     return torch.where(st.count[:, None] > 0, s, torch.full_like(s, -1.0))

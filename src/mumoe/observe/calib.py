@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MumoeError
+from ..paths import DATA, bundled_domains
 
 
 def read_text(path: str | Path) -> str:
@@ -19,8 +20,6 @@ def read_text(path: str | Path) -> str:
 
     "domain" names the bundled calibration splits of every domain (mixed), "domain:NAME" one domain's."""
     if str(path) == "domain" or str(path).startswith("domain:"):
-        from ..loading import DATA
-
         name = str(path).partition(":")[2]
         files = sorted(DATA.glob(f"{name or '*'}/calib.txt"))
         if not files:
@@ -75,3 +74,36 @@ def windows(ids: torch.Tensor, seqlen: int, nsamples: int | None = None, seed: i
 def calibration_windows(tokenizer, source: str | Path, nsamples: int, seqlen: int, seed: int | None = None) -> torch.Tensor:
     """Text file/folder -> LongTensor [N, seqlen] of calibration windows."""
     return windows(tokenize(tokenizer, read_text(source)), seqlen, nsamples, seed)
+
+
+def expand_sources(sources) -> list[str]:
+    """'domain' -> one 'domain:NAME' per bundled domain (sorted); everything else unchanged."""
+    out = []
+    for s in sources:
+        out += [f"domain:{d}" for d in bundled_domains()] if str(s) == "domain" else [str(s)]
+    return out
+
+
+def check_sources(sources) -> None:
+    """Fail on a missing or empty calibration text before any model is loaded."""
+    for s in expand_sources(sources):
+        if s != "tensor":
+            read_text(s)
+
+
+def spec_windows(tokenizer, spec) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A CalibSpec -> (windows [N, seqlen], source index of each window [N], info for pruning.json).
+    nsamples is split evenly over the sources; each source is tokenized once on its own."""
+    sources = expand_sources(spec.sources)
+    if tokenizer is None:
+        raise MumoeError("calibration text needs a tokenizer (this model has none); pass token ids [N, L]")
+    counts = type(spec)(tuple(sources), spec.nsamples, spec.seqlen, spec.seed, spec.batch_size).per_source()
+    wins, groups = [], []
+    for i, (src, n) in enumerate(zip(sources, counts)):
+        w = windows(tokenize(tokenizer, read_text(src)), spec.seqlen, n, spec.seed)
+        wins.append(w)
+        groups.append(torch.full((w.shape[0],), i, dtype=torch.long))
+    ids = torch.cat(wins)
+    info = {"source": ",".join(spec.sources), "sources": sources, "nsamples": int(ids.shape[0]),
+            "seqlen": spec.seqlen, "seed": spec.seed}
+    return ids, torch.cat(groups), info

@@ -39,6 +39,7 @@ class LayerStats:
     tcess_sum: torch.Tensor = None  # Σ_t s_i(t) · 1[i = argmax_j s_j(t)]
     pool_logits: list[torch.Tensor] = field(default_factory=list)  # per batch [T, k] top-k raw logits
     pool_index: list[torch.Tensor] = field(default_factory=list)  # per batch [T, k] their expert ids
+    easy_groups: torch.Tensor | None = None  # [G, E] the EASY-EP sums per calibration source (G > 1 sources)
 
     SUMS = ("freq", "soft", "ean", "reap_sum", "easy", "tcess_sum")
 
@@ -53,17 +54,26 @@ class LayerStats:
             setattr(self, name, getattr(self, name).to(device))
         self.pool_logits = [t.to(device) for t in self.pool_logits]
         self.pool_index = [t.to(device) for t in self.pool_index]
+        if self.easy_groups is not None:
+            self.easy_groups = self.easy_groups.to(device)
         return self
 
 
 class ExpertStats(Collector):
     """Fills one LayerStats per MoE layer. experts=False: routing statistics only (no expert outputs needed)."""
 
-    def __init__(self, layers: list[MoELayer], experts: bool = True) -> None:
+    def __init__(self, layers: list[MoELayer], experts: bool = True, n_groups: int = 1) -> None:
         self.layers = layers
         self.stats = {layer.index: LayerStats(layer) for layer in layers}
+        if n_groups > 1:
+            for st in self.stats.values():
+                st.easy_groups = torch.zeros(n_groups, st.layer.num_experts, dtype=F64)
         self.needs_experts = experts
         self._on_device = False
+        self._obs: Observation | None = None
+
+    def attach(self, obs: Observation) -> None:
+        self._obs = obs
 
     def _st(self, layer: MoELayer, device) -> LayerStats:
         if not self._on_device:
@@ -95,7 +105,14 @@ class ExpertStats(Collector):
         gn = r.weight.double() * norm  # [S] g·‖f‖
         st.ean.index_add_(0, r.expert, norm)
         st.reap_sum.index_add_(0, r.expert, gn)
-        st.easy.index_add_(0, r.expert, gn * shift[r.token])
+        contrib = gn * shift[r.token]  # [S]
+        st.easy.index_add_(0, r.expert, contrib)
+        if st.easy_groups is not None:
+            G, E = st.easy_groups.shape
+            groups = self._obs.token_groups(r.x.device)
+            if groups is None:
+                raise ValueError("per-source EASY-EP sums need the windows' groups (run(..., groups=))")
+            st.easy_groups.view(-1).index_add_(0, groups[r.token] * E + r.expert, contrib)
 
     def result(self) -> list[LayerStats]:
         return [self.stats[layer.index].to("cpu") for layer in self.layers]

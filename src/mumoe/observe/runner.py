@@ -127,6 +127,8 @@ class Observation:
         adapter = adapter_for(model)
         self.layers = layers if layers is not None else adapter.moe_layers()
         self.attention_mask: torch.Tensor | None = None  # [B, L] of the next forward, or None
+        self.window_groups: torch.Tensor | None = None  # [B] source index of each window of the next forward
+        self.seqlen = 0  # tokens per window of the next forward
         self._handles: list = []
         self._saved_forward: list = []
         self._residual: dict[int, torch.Tensor] = {}
@@ -146,6 +148,14 @@ class Observation:
         if mask.numel() != n_tokens:  # decoding with a cache: the last tokens of each row
             mask = self.attention_mask[:, -(n_tokens // self.attention_mask.shape[0]):].reshape(-1).to(device).bool()
         return None if bool(mask.all()) else mask
+
+    def token_groups(self, device) -> torch.Tensor | None:
+        """[T] source index of every valid token of the current forward (None when no groups were given)."""
+        if self.window_groups is None:
+            return None
+        g = self.window_groups.to(device)[:, None].expand(-1, self.seqlen).reshape(-1)
+        valid = self.valid(g.numel(), device)
+        return g if valid is None else g[valid]
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _residual_hook(self, layer: MoELayer):
@@ -310,13 +320,14 @@ def model_device(model: nn.Module) -> torch.device:
 def run(model: nn.Module, windows: torch.Tensor, collectors: Sequence[Collector], *, backward: bool | None = None,
         batch_size: int = 8, device: str | torch.device | None = None, progress: bool = False,
         desc: str = "calibration", layers: list[MoELayer] | None = None,
-        attention_mask: torch.Tensor | None = None) -> list[Collector]:
+        attention_mask: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> list[Collector]:
     """Push the windows [N, L] through `model` in batches with every collector attached; one pass for all.
 
     backward: None = when a collector needs it. A backward pass back-propagates the LM loss (labels = inputs,
     summed over tokens so per-token gradients do not depend on the batch size) to the activations only:
     parameters keep requires_grad=False and get no .grad, and the caller's flags and train/eval mode are
-    restored. device: where the model is moved for the pass (None = where it is). Returns `collectors`."""
+    restored. device: where the model is moved for the pass (None = where it is). groups: [N] source index of
+    each window, for collectors that keep per-source sums (EASY-EP over several domains). Returns `collectors`."""
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] == 0:
         raise MumoeError(f"no calibration tokens: windows have shape {list(windows.shape)}")
     backward = any(c.needs_backward for c in collectors) if backward is None else backward
@@ -335,6 +346,8 @@ def run(model: nn.Module, windows: torch.Tensor, collectors: Sequence[Collector]
                 ids = windows[i:i + batch_size].to(dev)
                 mask = None if attention_mask is None else attention_mask[i:i + batch_size].to(dev)
                 obs.attention_mask = mask
+                obs.window_groups = None if groups is None else groups[i:i + batch_size]
+                obs.seqlen = ids.shape[1]
                 for c in collectors:
                     c.on_forward_start(obs)
                 if not backward:

@@ -101,8 +101,12 @@ class Served:
 class TaskServer:
     """match → partial load (cached per task) → generate."""
 
-    def __init__(self, model: str | Path, library: str | Path | TaskLibrary, dtype: str = "fp32") -> None:
+    def __init__(self, model: str | Path, library: str | Path | TaskLibrary, dtype: str = "fp32",
+                 device: str | None = None) -> None:
         from ..loading import load_tokenizer
+        from ..observe.runner import resolve_device
+
+        self.device = resolve_device(device or "cpu")
 
         self.model = str(model)
         self.lib = library if isinstance(library, TaskLibrary) else TaskLibrary.load(library)
@@ -111,14 +115,14 @@ class TaskServer:
         self.tokenizer = load_tokenizer(model)
         if self.tokenizer is None:
             raise MumoeError(f"{model} has no tokenizer")
-        self.matcher = load_matcher(model, self.lib, dtype)
+        self.matcher = load_matcher(model, self.lib, dtype).to(self.device)
         self.cache: dict[str, nn.Module] = {}
 
     def task_model(self, task: str) -> tuple[nn.Module, float, bool]:
         if task in self.cache:
             return self.cache[task], 0.0, True
         t0 = time.perf_counter()
-        self.cache[task] = load_task_model(self.model, self.lib, task, self.dtype)
+        self.cache[task] = load_task_model(self.model, self.lib, task, self.dtype).to(self.device)
         return self.cache[task], time.perf_counter() - t0, False
 
     def match(self, prompt: str) -> tuple[Match, torch.Tensor, float]:
@@ -135,6 +139,6 @@ class TaskServer:
         model, t_load, cached = self.task_model(m.task)
         kwargs.setdefault("do_sample", False)
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.eos_token_id, **kwargs)
+            out = model.generate(ids.to(self.device), max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.eos_token_id, **kwargs)
         text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         return Served(text, m, t_match, t_load, cached)

@@ -29,8 +29,9 @@ def continuation_perplexity(model: nn.Module, wins: torch.Tensor, prompt_len: in
     nll, count = 0.0, 0
     if structure == "column" and (per_prompt or masks is not None):
         prepare_columns(model)  # once: column gathers become row copies
+    dev = next(model.parameters()).device
     for w in tqdm(wins, desc="test-time windows", disable=not progress, unit="win"):
-        w = w[None]
+        w = w[None].to(dev)
         norms, cache = input_norms(model, w[:, :prompt_len], return_cache=True)
         use = masks_from_norms(model, norms, active, structure) if per_prompt else masks
         column = structure == "column" and use is not None

@@ -39,7 +39,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure
     its first call stores the model's prunable weights column-major (`prepare_columns`, once per model, values
     unchanged) so that each prompt's compaction is a fast row gather."""
     check_active(active)
-    ids = input_ids.reshape(1, -1)
+    ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     if ids.numel() == 0:
         raise MumoeError("empty prompt")
     use_compact = structure == "column" and compacted
