@@ -127,12 +127,7 @@ def prune(model: nn.Module, method, ratio: float | None = None, calib=None, *, t
     wins, groups, calib_info = calibration(recipe, calib, tokenizer)
     if recipe.device is not None:
         model.to(resolve_device(recipe.device))
-    if recipe.grain == "weight":
-        report = _prune_weights(model, recipe, wins, verbose)
-    elif recipe.grain == "atom":
-        report = _prune_atoms(model, recipe, wins, verbose)
-    else:
-        report = _prune_experts(model, recipe, wins, groups, verbose)
+    report = apply_recipe(model, recipe, wins, groups, verbose)
     report.calibration = calib_info
     report.recipe = recipe.to_dict()
     report.model = {"source": source or getattr(model.config, "_name_or_path", ""),
@@ -140,7 +135,21 @@ def prune(model: nn.Module, method, ratio: float | None = None, calib=None, *, t
     return report
 
 
-def _prune_experts(model: nn.Module, recipe: Recipe, wins, groups, verbose: bool) -> PruneReport:
+def apply_recipe(model: nn.Module, recipe: Recipe, wins, groups=None, verbose: bool = False,
+                 scores=None) -> PruneReport:
+    """Score (unless `scores` are given: the method's one-shot scores from a shared pass), select and apply one
+    recipe in place. The report's calibration/recipe/model source are the caller's to fill."""
+    if recipe.grain == "weight":
+        if scores is not None:
+            raise MumoeError("weight-grain methods are scored and masked in one step; no precomputed scores")
+        return _prune_weights(model, recipe, wins, verbose)
+    if recipe.grain == "atom":
+        return _prune_atoms(model, recipe, wins, verbose, scores)
+    return _prune_experts(model, recipe, wins, groups, verbose, scores)
+
+
+def _prune_experts(model: nn.Module, recipe: Recipe, wins, groups, verbose: bool, scores=None) -> PruneReport:
+    """scores: precomputed one-shot scores (one [E] per MoE layer), e.g. from a shared pass (`compare`)."""
     m = get_method(recipe.method)
     budget, order = recipe.expert.budget, recipe.expert.order
     layers = moe_adapter_for(model).moe_layers()
@@ -149,7 +158,10 @@ def _prune_experts(model: nn.Module, recipe: Recipe, wins, groups, verbose: bool
     seed, bs = recipe.calib.seed, recipe.calib.batch_size
     ratio = recipe.ratio
     t0 = time.perf_counter()
-    if order == "progressive":
+    if scores is not None:
+        if order != "one-shot":
+            raise MumoeError("precomputed scores are one-shot; progressive scoring needs its own passes")
+    elif order == "progressive":
         scores = []
         for layer in layers:  # score this layer on the model whose earlier layers are already sliced
             s = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=[layer])[m.name][0]
@@ -253,7 +265,7 @@ def prune_weights(model: nn.Module, method: str, ratio: float, calib=None, struc
                  structure=structure, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
 
 
-def _prune_atoms(model: nn.Module, recipe: Recipe, wins, verbose: bool) -> PruneReport:
+def _prune_atoms(model: nn.Module, recipe: Recipe, wins, verbose: bool, scores=None) -> PruneReport:
     """form="uniform": every expert keeps its best I' = (1 − ratio)·I atoms (multiple of 8); the model stays a
     standard HF model with a narrower expert width. form="global": the lowest `ratio` of all atoms go, ranked
     over all layers (scope="global", HEAPr) or per layer (scope="layer"); widths differ per expert, removed
@@ -264,8 +276,9 @@ def _prune_atoms(model: nn.Module, recipe: Recipe, wins, verbose: bool) -> Prune
     adapter = moe_adapter_for(model)
     layers = adapter.moe_layers()
     t0 = time.perf_counter()
-    scores = score_methods(model, [recipe.method], wins, None, recipe.calib.seed, recipe.calib.batch_size, verbose,
-                           layers=layers)[recipe.method]  # [E, I] each
+    if scores is None:
+        scores = score_methods(model, [recipe.method], wins, None, recipe.calib.seed, recipe.calib.batch_size,
+                               verbose, layers=layers)[recipe.method]  # [E, I] each
     entries = []
     if form == "uniform":
         keeps = [keep_uniform_atoms(s, ratio) for s in scores]

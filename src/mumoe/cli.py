@@ -171,6 +171,86 @@ def _load_model(name: str, dtype: str | None, device: str | None):
     return model.to(dev) if dev.type != "cpu" else model
 
 
+def cmd_compare(args) -> int:
+    from . import api
+    from .eval.compare import compare, markdown
+    from .loading import load_tokenizer
+    from .observe.calib import check_sources, tokenize, windows
+    from .recipe import Recipe
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    ratios = args.ratio or [0.5]
+    opts = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen), ("seed", args.seed),
+                              ("form", args.form), ("scope", args.scope)) if v is not None}
+    opts["batch_size"] = args.batch_size or 8  # one pass: one batch size for every method
+    recipes = [Recipe.build(m, r, calib=(args.calib or ["domain"]) if _needs_calib(m) else None, dtype=args.dtype or "fp32",
+                            device=args.device or "cpu", **opts) for m in methods for r in ratios]
+    from .eval.compare import check_recipes
+
+    check_recipes(recipes)
+    cal = next((r for r in recipes if r.calib.sources), None)
+    if cal is not None:
+        check_sources(cal.calib.sources)
+    eval_texts = _eval_texts(args.eval) if args.eval else None
+    if args.out:
+        from .apply.export import check_output_dir
+
+        check_output_dir(args.out, args.overwrite)
+    t0 = time.perf_counter()
+    model = _load_model(args.model, args.dtype, args.device)
+    tok = load_tokenizer(args.model)
+    wins, groups, info = api.calibration(cal, None, tok) if cal is not None else (None, None, {})
+    evals = None
+    if eval_texts:
+        if tok is None:
+            raise MumoeError(f"{args.model} has no tokenizer; --eval on text needs one")
+        evals = {d: windows(tokenize(tok, text), args.eval_seqlen, args.eval_windows) for d, text in eval_texts.items()}
+    print(f"compare {', '.join(methods)} at {', '.join(f'{r:.0%}' for r in ratios)} on {args.model}: one calibration "
+          f"pass" + (f" over {info['nsamples']} windows x {info['seqlen']} tokens ({info['source']})" if info else "")
+          + (f"; eval {args.eval_windows} windows x {args.eval_seqlen} tokens of {', '.join(evals)}" if evals else ""))
+    res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=_tty(),
+                  log=None)
+    print(markdown(res))
+    print(f"\none calibration pass for {len(set(methods))} methods: {res.pass_seconds:.1f}s; "
+          f"total {time.perf_counter() - t0:.1f}s")
+    if args.out:
+        from .apply.export import atomic_output
+        from .eval.report import write_report
+
+        payload = {"model": args.model, "calibration": info, "pass_seconds": round(res.pass_seconds, 3),
+                   "recipes": [r.to_dict() for r in recipes], "rows": res.rows, "reports": res.reports}
+        with atomic_output(args.out, args.overwrite) as tmp:
+            (tmp / "results.json").write_text(json.dumps(payload, indent=1))
+            if evals:
+                write_report([r for r in res.rows if "ppl" in r], tmp, f"mumoe compare on {args.model}")
+        print(f"wrote {args.out}/ (results.json" + (", report.md, ppl_vs_ratio.png)" if evals else ")"))
+    return 0
+
+
+def _needs_calib(method: str) -> bool:
+    from .criteria import get_method
+
+    return get_method(method).needs_calib
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def _eval_texts(spec: str) -> dict[str, str]:
+    """--eval/--ppl: 'domain' = every bundled eval split; else one .txt file or folder. -> {name: text}"""
+    from .observe.calib import read_text
+    from .paths import DATA
+
+    if spec == "domain":
+        texts = {p.parent.name: p for p in sorted(DATA.glob("*/eval.txt"))}
+        if not texts:
+            raise MumoeError(f"no bundled eval splits under {DATA}")
+    else:
+        texts = {Path(spec).stem: spec}
+    return {name: read_text(path) for name, path in texts.items()}
+
+
 def cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
     from .loading import DATA, load, load_tokenizer
@@ -440,6 +520,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, help="default: the first windows of each source, consecutive; a seed draws "
                     "windows at random offsets and seeds the random method (default 0)")
     sp.set_defaults(func=cmd_prune)
+
+    sp = sub.add_parser("compare", help="score several methods from ONE calibration pass, apply and evaluate each",
+                        description="Every method's statistics come from a single calibration pass (forward, plus "
+                        "backward when HEAPr is among them); each method is then applied to a copy of the model and, "
+                        "with --eval, scored by perplexity. Expert and atom methods; one-shot scoring.")
+    common(sp)
+    sp.add_argument("--methods", required=True, help="comma-separated methods, e.g. reap,ean,frequency,peu,heapr")
+    sp.add_argument("--ratio", type=float, action="append",
+                    help="fraction removed (experts per layer, or atoms); repeat for several (default 0.5)")
+    sp.add_argument("--calib", action="append", help="calibration sources as for prune (default: domain)")
+    sp.add_argument("--nsamples", type=int, help="calibration windows in all (default 128)")
+    sp.add_argument("--seqlen", type=int, help="calibration window length (default 512)")
+    sp.add_argument("--seed", type=int, help="random windows / random scores seed (default: first windows)")
+    sp.add_argument("--batch-size", type=int, help="calibration windows per forward (default 8)")
+    sp.add_argument("--form", choices=["uniform", "global"], help="atom methods: uniform (default) or global")
+    sp.add_argument("--scope", choices=["global", "layer"], help="atom methods, global form: ranking scope")
+    sp.add_argument("--eval", help="evaluate each pruned copy: 'domain' (bundled eval splits) or a .txt file/folder")
+    sp.add_argument("--eval-windows", type=int, default=12, help="eval windows per text (default 12)")
+    sp.add_argument("--eval-seqlen", type=int, default=512, help="eval window length (default 512)")
+    sp.add_argument("--out", help="write results.json (+ report.md and ppl_vs_ratio.png with --eval) here")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("eval", help="paper-exact perplexity (non-overlapping windows)",
                         description="Perplexity = exp(mean NLL over every predicted token) of the text cut into "

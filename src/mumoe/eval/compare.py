@@ -1,0 +1,116 @@
+"""`mumoe compare`: several methods scored from ONE calibration pass, each applied to a copy of the model and
+(optionally) evaluated — the table people put in papers, at the cost of one observation pass.
+
+    result = compare(model, [Recipe.build("reap", 0.5, calib="domain"), Recipe.build("heapr", 0.25, ...)],
+                     tokenizer=tok, evals={"code": windows, ...})
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import MumoeError
+from ..recipe import Recipe
+from .perplexity import perplexity_of_windows
+
+
+@dataclass
+class CompareResult:
+    rows: list[dict]  # {"method", "grain", "ratio", "calib", "ppl": {domain: value}, "kept": summary}
+    scores: dict[str, object]  # method -> its raw scores (as mumoe.score returns them)
+    pass_seconds: float  # the one calibration pass (every method's statistics)
+    reports: dict[str, dict] = field(default_factory=dict)  # label -> pruning report dict (kept sets, scores)
+
+
+def check_recipes(recipes: list[Recipe]) -> None:
+    """One pass serves them all: the same calibration, one-shot scoring, no weight-grain methods."""
+    if not recipes:
+        raise MumoeError("compare needs at least one method")
+    for r in recipes:
+        if r.grain == "weight":
+            raise MumoeError(f"compare scores expert and atom methods; {r.method!r} is weight-grain (use mumoe prune "
+                             "or mumoe eval --testtime)")
+        if r.grain == "expert" and r.expert.order != "one-shot":
+            raise MumoeError("compare scores every method from one pass: the scoring order is one-shot")
+    calibs = {(c.sources, c.nsamples, c.seqlen, c.seed) for c in (r.calib for r in recipes) if c.sources}
+    if len(calibs) > 1:
+        raise MumoeError("compare needs one calibration for every method")
+
+
+def label(recipe: Recipe) -> str:
+    extra = f" ({recipe.atom.form})" if recipe.grain == "atom" and recipe.atom.form != "uniform" else ""
+    return recipe.method + extra
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, evals: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
+    return {d: round(perplexity_of_windows(model, w, batch_size=batch_size, progress=False)["ppl"], 3)
+            for d, w in evals.items()}
+
+
+def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, groups: torch.Tensor | None = None,
+            evals: dict[str, torch.Tensor] | None = None, calib_label: str = "-", eval_batch_size: int = 8,
+            progress: bool = False, log=None) -> CompareResult:
+    """Score every recipe's method in one pass over `wins`, apply each to a deep copy of `model` and evaluate
+    the copy on `evals` (domain -> windows [N, L]). The model itself is left unchanged."""
+    from ..api import apply_recipe
+    from ..criteria import score_methods
+
+    check_recipes(recipes)
+    cal = next((r.calib for r in recipes if r.calib.sources), recipes[0].calib)
+    t0 = time.perf_counter()
+    names = list(dict.fromkeys(r.method for r in recipes))
+    scores = score_methods(model, names, wins, groups, seed=cal.seed, batch_size=cal.batch_size, progress=progress)
+    pass_seconds = time.perf_counter() - t0
+    rows, reports = [], {}
+    if evals:
+        rows.append({"method": "dense", "grain": "-", "ratio": 0.0, "calib": "-", "ppl": _evaluate(model, evals,
+                                                                                                   eval_batch_size)})
+        if log:
+            log(f"  dense: {rows[-1]['ppl']}")
+    for r in tqdm(recipes, desc="apply + evaluate", disable=not progress, unit="method"):
+        pruned = copy.deepcopy(model)
+        report = apply_recipe(pruned, r, wins, groups, scores=scores[r.method])
+        row = {"method": label(r), "grain": r.grain, "ratio": r.ratio,
+               "calib": calib_label if get_needs_calib(r) else "-", "kept": _kept_summary(report.layers, r.grain)}
+        if evals:
+            row["ppl"] = _evaluate(pruned, evals, eval_batch_size)
+        rows.append(row)
+        reports[f"{label(r)}@{r.ratio:g}"] = report.to_dict()
+        if log:
+            log(f"  {row['method']} {r.ratio:.0%}: {row.get('ppl', row['kept'])}")
+        del pruned
+    return CompareResult(rows, scores, pass_seconds, reports)
+
+
+def get_needs_calib(recipe: Recipe) -> bool:
+    from ..criteria import get_method
+
+    return get_method(recipe.method).needs_calib
+
+
+def _kept_summary(layers: list[dict], grain: str) -> str:
+    if grain == "expert":
+        counts = sorted({len(e["kept"]) for e in layers})
+        return f"{'/'.join(map(str, counts))} of {layers[0]['num_experts']} experts per layer"
+    widths = [len(x["kept"]) for e in layers for x in e["experts"]]
+    total = sum(e["intermediate_size"] * e["num_experts"] for e in layers)
+    return f"{sum(widths):,} of {total:,} atoms (per expert {min(widths)}..{max(widths)})"
+
+
+def markdown(result: CompareResult) -> str:
+    """The comparison as a markdown table (perplexity columns when evaluated)."""
+    domains = sorted({d for r in result.rows for d in r.get("ppl", {})})
+    head = "| method | removed | kept |" + "".join(f" {d} |" for d in domains) + (" mean |" if domains else "")
+    lines = [head, "|---|---|---|" + "---|" * (len(domains) + (1 if domains else 0))]
+    for r in result.rows:
+        vals = [r["ppl"][d] for d in domains] if domains else []
+        cells = "".join(f" {v:.2f} |" for v in vals) + (f" {sum(vals) / len(vals):.2f} |" if vals else "")
+        lines.append(f"| {r['method']} | {r['ratio']:.0%} | {r.get('kept', '-')} |{cells}")
+    return "\n".join(lines)
