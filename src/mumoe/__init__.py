@@ -2,7 +2,7 @@
 
     import mumoe
     model, tok = mumoe.load_default()
-    report = mumoe.prune(model, "random", ratio=0.25)
+    report = mumoe.prune(model, "random", ratio=0.25)          # or mumoe.prune(model, mumoe.Recipe.build(...))
     mumoe.save_pruned(model, "out/", report, tok)
 """
 
@@ -10,7 +10,8 @@ from .api import prune, score
 from .apply.export import PruneReport, save_pruned
 from .errors import MumoeError
 from .loading import load, load_default, load_tokenizer
+from .recipe import Recipe
 from .version import __version__
 
-__all__ = ["prune", "score", "PruneReport", "save_pruned", "MumoeError", "load", "load_default",
+__all__ = ["prune", "score", "Recipe", "PruneReport", "save_pruned", "MumoeError", "load", "load_default",
            "load_tokenizer", "__version__"]

@@ -40,8 +40,17 @@ def resolve_calib(calib, tokenizer=None, nsamples: int = 128, seqlen: int = 512,
 
 
 def _is_path(calib) -> bool:
-    return isinstance(calib, Path) or (isinstance(calib, str) and len(calib) < 4096 and (
-        Path(calib).exists() or calib == "domain" or calib.startswith("domain:")))
+    """A path or bundled-split name (else raw calibration text)."""
+    if isinstance(calib, Path):
+        return True
+    if not isinstance(calib, str) or "\n" in calib or len(calib) > 4096:
+        return False
+    if calib == "domain" or calib.startswith("domain:"):
+        return True
+    try:
+        return Path(calib).exists()
+    except OSError:  # a name too long for the file system: text
+        return False
 
 
 def _sources(calib) -> tuple[str, ...]:

@@ -6,11 +6,15 @@ norms, TAER router keys — and any set of them can share ONE pass (`mumoe compa
 What the pass exposes, per MoE layer and forward:
 - `RouteEvent`: the model's own router output (logits, combine weights, selected experts; never recomputed),
   the block input and the residual stream.
-- `Routed` (when a collector sets `needs_experts`): the routed-token dispatch. The experts module's forward is
-  replaced for the pass by one that does the model's experts computation itself — (token, slot) pairs sorted
-  by expert, each expert's gate/up/down on its routed tokens only, output Σ_j g_j f_j — and hands every
-  intermediate (expert inputs x, down-projection inputs h, outputs f) to the collectors. Expert outputs are
-  therefore the model's own, computed once, not a second time in a hook.
+- `Routed` (when a collector sets `needs_experts`): the routed-token dispatch. In every observation of MoE
+  layers the experts module's forward is replaced for the pass by one that does the model's experts
+  computation itself — (token, slot) pairs sorted by expert, each expert's gate/up/down on its routed tokens
+  only, output Σ_j g_j f_j added per token in ascending expert order, the arithmetic of transformers' eager
+  experts — and hands every intermediate (expert inputs x, down-projection inputs h, outputs f) to the
+  collectors. Expert outputs are therefore the model's own, computed once, not a second time in a hook; and
+  since the same computation runs whatever collectors are attached, one pass for several methods gives each
+  exactly the scores of its own pass. (transformers' default `grouped_mm` kernel agrees with it to float
+  rounding, ~1e-7 relative.)
 Padding tokens (`attention_mask == 0`) are dropped before anything reaches a collector.
 
     stats = ExpertStats(layers)
@@ -174,8 +178,7 @@ class Observation:
                                weights=sel(weights.detach().reshape(hidden.shape[0], -1)),
                                indices=sel(indices.reshape(hidden.shape[0], -1)), hidden=sel(hidden),
                                residual=None if residual is None else sel(residual))
-            if self._experts:
-                self._route[layer.index] = event
+            self._route[layer.index] = event
             for c in self._routes:
                 c.on_route(event)
         return hook
@@ -208,7 +211,7 @@ class Observation:
             out = torch.zeros_like(hidden_states)  # [T, H]; per token, experts added in ascending order
             out.index_add_(0, token, (f * weight[:, None]).to(out.dtype))
             event = obs._route.pop(layer.index, None)
-            if event is not None:
+            if event is not None and obs._experts:
                 valid = obs.valid(T, hidden_states.device)
                 routed = out.detach()
                 event.routed_output = routed if valid is None else routed[valid]
@@ -230,8 +233,8 @@ class Observation:
                     if layer.residual_norm is not None:
                         self.add_handle(layer.residual_norm.register_forward_pre_hook(self._residual_hook(layer)))
                     self.add_handle(layer.router.register_forward_hook(self._router_hook(layer)))
-            if self._experts:
-                for layer in self.layers:
+            if self._routes:  # every MoE observation runs the same experts computation, whichever collectors
+                for layer in self.layers:  # are attached: any combination of methods sees identical activations
                     self._saved_forward.append((layer.experts, layer.experts.__dict__.get("forward")))
                     layer.experts.forward = types.MethodType(self._experts_forward(layer), layer.experts)
             for c in self.collectors:
