@@ -35,7 +35,7 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 AIMER = """
 import resource, sys, time
-from mumoe.apply.stream import stream_aimer
+from mumoe.criteria.aimer_stream import stream_aimer
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
 scores = stream_aimer(sys.argv[1], progress=False)

@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from mumoe.testtime.compact import compact, prepare_columns, uncompact
+from mumoe.apply.compact import compact, prepare_columns, uncompact
 from mumoe.testtime.kvcache import grow_in_place
-from mumoe.testtime.masks import input_norms, masks_from_norms
+from mumoe.observe.collectors import input_norms
+from mumoe.select.weights import masks_from_norms
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from conftest import ids, make
 import mumoe
 from mumoe import MumoeError
-from mumoe.apply.atoms import keep_global_atoms, keep_uniform_atoms, slice_atoms_uniform, uniform_width
+from mumoe.apply.atoms import slice_atoms_uniform
+from mumoe.select.atoms import keep_global_atoms, keep_uniform_atoms, uniform_width
 from mumoe.models import moe_adapter_for
 
 

@@ -130,3 +130,17 @@ def test_prune_accepts_a_recipe_and_records_it(tok):
     assert r1.layers == r2.layers and r1.recipe["calib"]["sources"] == ["text"]
     with pytest.raises(MumoeError, match="either a Recipe"):
         mumoe.prune(model, recipe, 0.5)
+
+
+def test_masked_context_undoes_itself():
+    from mumoe.apply import masked
+
+    model = make("llama")
+    name = "model.layers.0.mlp.up_proj.weight"
+    before = dict(model.named_parameters())[name].detach().clone()
+    mask = torch.rand(before.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    with pytest.raises(RuntimeError, match="boom"):
+        with masked(model, {name: mask}):
+            assert torch.equal(dict(model.named_parameters())[name], before * mask)
+            raise RuntimeError("boom")
+    assert torch.equal(dict(model.named_parameters())[name], before)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import SAMPLE_TEXT, char_tokenizer, ids, make
 import mumoe
 from mumoe import MumoeError
-from mumoe.apply import stream_aimer
+from mumoe.criteria.aimer_stream import stream_aimer
 from mumoe.api import prune_streamed
 from mumoe.cli import main
 from mumoe.select import keep_global

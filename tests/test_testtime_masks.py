@@ -8,7 +8,9 @@ import torch
 from conftest import ids, make
 from mumoe import MumoeError
 from mumoe.models import adapter_for
-from mumoe.testtime import apply_masks, prompt_masks, restore, wanda_mask
+from mumoe.apply.masking import apply_masks, restore
+from mumoe.select.weights import wanda_mask
+from mumoe.testtime import prompt_masks
 
 ARCHS = ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "llama", "qwen2", "opt"]
 
@@ -141,7 +143,7 @@ def test_generate_uses_dense_prompt_cache_and_masked_decoding():
 
 
 def test_offline_norms_do_not_depend_on_batch_size():
-    from mumoe.testtime import input_norms
+    from mumoe.observe.collectors import input_norms
 
     model, w = make("olmoe"), ids(4, 10, seed=8)
     a, b = input_norms(model, w, batch_size=1), input_norms(model, w, batch_size=4)
@@ -153,8 +155,9 @@ def test_offline_norms_do_not_depend_on_batch_size():
 def test_offline_wanda_and_magnitude_prune(tmp_path):
     import mumoe
     from transformers import AutoModelForCausalLM
-    from mumoe.testtime import input_norms
-    from mumoe.testtime.masks import magnitude_mask, prunable_names
+    from mumoe.observe.collectors import input_norms
+    from mumoe.models.prunable import prunable_names
+    from mumoe.select.weights import magnitude_mask
 
     calib = ids(3, 12, seed=11)
     model = make("qwen2_moe")
@@ -200,7 +203,7 @@ def test_cli_generate_and_bad_active(capsys):
 @pytest.mark.parametrize("prepared", [False, True], ids=["row-major", "column-major"])
 @pytest.mark.parametrize("arch", ["llama", "opt", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
 def test_column_compacted_decode_equals_masked_dense(arch, prepared, skip_unused):
-    from mumoe.testtime.compact import compact, is_column_major, prepare_columns, uncompact
+    from mumoe.apply.compact import compact, is_column_major, prepare_columns, uncompact
 
     model, x = make(arch), ids(1, 10, seed=12)
     if prepared:  # column-major storage: same values, same shapes, fast gathers
@@ -254,7 +257,7 @@ def test_column_compacted_decode_equals_masked_dense(arch, prepared, skip_unused
 @pytest.mark.parametrize("arch", ["llama", "opt", "qwen2_moe"])
 def test_column_compaction_at_rho_one_is_the_dense_model(arch):
     """ρ = 1 keeps every column, so every row is read too: the compacted model is the dense one, value for value."""
-    from mumoe.testtime.compact import compact, prepare_columns, uncompact
+    from mumoe.apply.compact import compact, prepare_columns, uncompact
 
     model, x = make(arch), ids(1, 10, seed=4)
     prepare_columns(model)
@@ -272,7 +275,7 @@ def test_column_compaction_at_rho_one_is_the_dense_model(arch):
 def test_compaction_buffers_are_reused_across_prompts(arch):
     """The second prompt's compaction writes into the first one's buffers (no new allocation) and still gives
     its own masked logits; release_buffers frees them."""
-    from mumoe.testtime import compact, prepare_columns, release_buffers, uncompact
+    from mumoe.apply.compact import compact, prepare_columns, release_buffers, uncompact
 
     model = make(arch)
     prepare_columns(model)
@@ -353,7 +356,7 @@ def test_cli_eval_testtime(tmp_path, capsys):
 def test_column_major_model_still_saves_and_reloads(arch, tmp_path):
     """prepare_columns changes only strides: a prepared model saves with save_pretrained and reloads to the
     same logits (up to BLAS summation order)."""
-    from mumoe.testtime import prepare_columns
+    from mumoe.apply.compact import prepare_columns
 
     model, x = make(arch), ids(1, 8, seed=1)
     prepare_columns(model)

@@ -2,31 +2,27 @@
 
     python tools/compare_criteria.py --out results/expert_criteria.json
 
-Calibration: `mixed` = --nsamples windows from each domain's calib split (seqlen 512), and each single domain
-(--nsamples windows of that domain) for the calibrated criteria. One observation pass per calibration set
-feeds every criterion (one-shot scoring); uniform per-layer budget; --ratios of experts removed per layer.
+Calibration: `mixed` = --nsamples windows from each domain's calib split (seqlen 512; one calibration source
+per domain, so EASY-EP normalizes each domain's scores and averages them), and each single domain (--nsamples
+windows of that domain) for the calibrated criteria. One observation pass per calibration set feeds every
+criterion (`mumoe.eval.compare`, one-shot scoring); uniform per-layer budget; --ratios of experts removed.
 Evaluation: the first --eval-windows windows (seqlen 512) of each domain's eval split, paper-exact ppl.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
 
-import torch
-
 import mumoe
-from mumoe.apply.experts import remove_experts
-from mumoe.criteria import METHODS, random_scores
-from mumoe.criteria.stats import collect_stats
-from mumoe.eval.perplexity import perplexity_of_windows
+from mumoe.api import calibration
+from mumoe.criteria import METHODS
+from mumoe.eval.compare import compare
 from mumoe.loading import DATA
-from mumoe.models import moe_adapter_for
 from mumoe.observe import tokenize, windows
-from mumoe.select import keep_uniform
+from mumoe.recipe import Recipe
 
 
 def main() -> None:
@@ -40,39 +36,27 @@ def main() -> None:
 
     model, tok = mumoe.load_default()
     domains = sorted(p.name for p in DATA.iterdir() if (p / "eval.txt").exists())
-    calib = {d: windows(tokenize(tok, (DATA / d / "calib.txt").read_text("utf-8")), args.seqlen, args.nsamples)
-             for d in domains}
-    calib["mixed"] = torch.cat([calib[d] for d in domains])
     evals = {d: windows(tokenize(tok, (DATA / d / "eval.txt").read_text("utf-8")), args.seqlen, args.eval_windows)
              for d in domains}
-
-    def evaluate(m) -> dict[str, float]:
-        return {d: round(perplexity_of_windows(m, w, batch_size=8, progress=False)["ppl"], 3) for d, w in evals.items()}
-
-    layers = moe_adapter_for(model).moe_layers()
-    rows = [{"method": "dense", "calib": "-", "ratio": 0.0, "ppl": evaluate(model)}]
-    print(rows[0], flush=True)
-    scores: dict[tuple[str, str], list[torch.Tensor]] = {
-        ("random", "-"): random_scores(layers, 0),
-        ("aimer", "-"): [METHODS["aimer"].from_weights(layer) for layer in layers],
-    }
-    timing = {}
-    for cal in ["mixed"] + domains:
+    calibrated = [name for name, m in METHODS.items() if m.from_stats is not None]
+    rows, timing = [], {}
+    # data-free criteria (no calibration pass), then each calibration set: one pass feeds every criterion
+    sets = [("-", None, ["random", "aimer"])] + [("mixed", ["domain"], calibrated)] + [
+        (d, [f"domain:{d}"], calibrated) for d in domains]
+    for label, sources, names in sets:
+        n = args.nsamples * (len(domains) if sources == ["domain"] else 1)
+        recipes = [Recipe.build(name, r, calib=sources, nsamples=n, seqlen=args.seqlen) for name in names
+                   for r in args.ratios]
+        wins, groups, _ = calibration(recipes[0], None, tok)
         t0 = time.perf_counter()
-        stats = collect_stats(model, layers, calib[cal], batch_size=8, experts=True, progress=False)
-        timing[cal] = round(time.perf_counter() - t0, 2)
-        for name, m in METHODS.items():
-            if m.from_stats is not None:
-                scores[(name, cal)] = [m.from_stats(st) for st in stats]
-    for (name, cal), sc in scores.items():
-        for ratio in args.ratios:
-            pruned = copy.deepcopy(model)
-            keep = {layer.index: keep_uniform(s, ratio, layer.top_k, prune_highest=METHODS[name].prune_highest)
-                    for layer, s in zip(layers, sc)}
-            remove_experts(pruned, keep)
-            row = {"method": name, "calib": cal, "ratio": ratio, "ppl": evaluate(pruned)}
+        res = compare(model, recipes, wins, groups, evals, calib_label=label, dense=not rows)
+        if sources:
+            timing[label] = round(res.pass_seconds, 2)
+        for row in res.rows:
+            row = {"method": row["method"], "calib": row["calib"], "ratio": row["ratio"], "ppl": row["ppl"]}
             rows.append(row)
             print(row, flush=True)
+        print(f"  [{label}] one pass {res.pass_seconds:.1f}s, all {time.perf_counter() - t0:.1f}s", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"seqlen": args.seqlen, "nsamples_per_domain": args.nsamples,
                                     "eval_windows_per_domain": args.eval_windows, "calibration_seconds": timing,

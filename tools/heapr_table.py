@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 import mumoe
-from mumoe.apply.atoms import keep_global_atoms, keep_uniform_atoms, mask_atoms, slice_atoms_uniform
+from mumoe.apply.atoms import mask_atoms, slice_atoms_uniform
+from mumoe.select.atoms import keep_global_atoms, keep_uniform_atoms
 from mumoe.apply.experts import remove_experts
 from mumoe.criteria import METHODS
 from mumoe.criteria.heapr import atom_scores, collect_atom_stats

@@ -223,7 +223,8 @@ def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str 
     import json
 
     from .apply.export import check_output_dir
-    from .apply.stream import prune_checkpoint, stream_aimer
+    from .apply.stream import prune_checkpoint
+    from .criteria.aimer_stream import stream_aimer
     from .models.base import EXPERT_COUNT_KEYS, TOP_K_KEYS
 
     if method != "aimer":
@@ -279,7 +280,8 @@ def _prune_atoms(model: nn.Module, recipe: Recipe, wins, verbose: bool, scores=N
     standard HF model with a narrower expert width. form="global": the lowest `ratio` of all atoms go, ranked
     over all layers (scope="global", HEAPr) or per layer (scope="layer"); widths differ per expert, removed
     atoms are zeroed in memory and the export (mumoe's own form) stores only the kept ones."""
-    from .apply.atoms import keep_global_atoms, keep_uniform_atoms, mask_atoms, slice_atoms_uniform
+    from .apply.atoms import mask_atoms, slice_atoms_uniform
+    from .select.atoms import keep_global_atoms, keep_uniform_atoms
 
     form, scope, ratio = recipe.atom.form, recipe.atom.scope, recipe.ratio
     adapter = moe_adapter_for(model)
@@ -323,7 +325,9 @@ def _prune_weights(model: nn.Module, recipe: Recipe, wins, verbose: bool) -> Pru
     """Wanda (|W|·‖X‖ from calibration windows; structures row, N:M, column) or magnitude (one threshold per
     matrix) on every linear of the decoder layers and every routed expert (per expert, from its routed
     tokens); embeddings, lm_head, routers untouched. ratio = sparsity."""
-    from .testtime.masks import apply_masks, magnitude_mask, masks_from_norms, prunable_names
+    from .apply.masking import apply_masks
+    from .models.prunable import prunable_names
+    from .select.weights import magnitude_mask, masks_from_norms
 
     adapter_for(model)
     recipe.check_config(model.config)

@@ -24,7 +24,6 @@ def _param_counts(model, adapter) -> dict:
 
 
 def cmd_info(args) -> int:
-    from .loading import load
     from .models import adapter_for
 
     model = _load_model(args.model, args.dtype, args.device)
@@ -126,7 +125,7 @@ HEAPR_FORMS = {"uniform": "the uniform form: every expert keeps its best atoms a
 def cmd_prune(args) -> int:
     from . import api
     from .apply.export import check_output_dir, save_pruned
-    from .loading import load, load_tokenizer, resolve
+    from .loading import load_tokenizer, resolve
     from .observe.calib import check_sources
 
     recipe = _recipe_from_args(args)
@@ -253,7 +252,7 @@ def _eval_texts(spec: str) -> dict[str, str]:
 
 def cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
-    from .loading import DATA, load, load_tokenizer
+    from .loading import DATA, load_tokenizer
     from .observe.calib import read_text
 
     if args.tasks:
@@ -295,7 +294,7 @@ def cmd_eval(args) -> int:
 
 def cmd_taer_build(args) -> int:
     from .apply.export import atomic_output, check_output_dir
-    from .loading import DATA, load, load_tokenizer
+    from .loading import DATA, load_tokenizer
     from .observe.calib import calibration_windows, read_text
     from .retrieval import build_library
 
@@ -353,7 +352,7 @@ def cmd_taer_generate(args) -> int:
 def _eval_testtime(args, model, tokenizer, texts: dict, seqlen: int) -> int:
     from .observe.calib import calibration_windows, tokenize, windows
     from .testtime import continuation_perplexity, offline_masks
-    from .testtime.masks import check_active
+    from .select.weights import check_active
 
     check_active(args.active)
     P = args.prompt_len or seqlen // 2
@@ -381,7 +380,7 @@ def _eval_testtime(args, model, tokenizer, texts: dict, seqlen: int) -> int:
 
 def _eval_tasks(args) -> int:
     from .eval.harness import run_lm_eval
-    from .loading import load, load_tokenizer
+    from .loading import load_tokenizer
 
     model = _load_model(args.model, args.dtype, args.device)
     tokenizer = load_tokenizer(args.model)
@@ -399,9 +398,9 @@ def _eval_tasks(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from .loading import load, load_tokenizer
+    from .loading import load_tokenizer
     from .testtime import generate
-    from .testtime.masks import check_active
+    from .select.weights import check_active
 
     check_active(args.active)
     if not args.prompt.strip():

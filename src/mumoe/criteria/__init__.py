@@ -113,7 +113,7 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
         elif m.name == "wanda":
             out[m.name] = {n: weight_scores.wanda(params[n], v) for n, v in norms.result().items()}
         else:  # magnitude
-            from ..testtime.masks import prunable_names
+            from ..models.prunable import prunable_names
 
             out[m.name] = {n: weight_scores.magnitude(params[n]) for n in prunable_names(model)}
     return out

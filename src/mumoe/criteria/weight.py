@@ -1,7 +1,7 @@
 """Weight-grain scores (pure functions): Wanda S_ij = |W_ij|·‖X_j‖₂ and magnitude |W_ij|.
 
-The keep rules over these scores (per row, N:M, columns, one threshold per matrix) are in `mumoe.select`'s
-weight section (`testtime.masks.wanda_mask` / `magnitude_mask` build the masks)."""
+The keep rules over these scores (per row, N:M, columns, one threshold per matrix) are in
+`select.weights` (`wanda_mask`, `keep_columns`, `magnitude_mask` build the masks)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,14 @@ def wanda(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 def magnitude(weight: torch.Tensor) -> torch.Tensor:
     """|W| per weight (float64)."""
     return weight.detach().abs().double()
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """‖W[:, j]‖₂ per input column ([..., d_in], float64), cached per weight tensor until it is modified:
+    they do not depend on the prompt, so μ-MoE computes them once per model, not per prompt."""
+    hit = getattr(weight, "_mumoe_column_norms", None)
+    if hit is not None and hit[0] == weight._version:
+        return hit[1]
+    col = weight.detach().float().pow(2).sum(-2).double().sqrt()
+    weight._mumoe_column_norms = (weight._version, col)
+    return col
+
+

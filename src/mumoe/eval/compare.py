@@ -56,9 +56,9 @@ def _evaluate(model: nn.Module, evals: dict[str, torch.Tensor], batch_size: int)
 
 def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, groups: torch.Tensor | None = None,
             evals: dict[str, torch.Tensor] | None = None, calib_label: str = "-", eval_batch_size: int = 8,
-            progress: bool = False, log=None) -> CompareResult:
+            progress: bool = False, log=None, dense: bool = True) -> CompareResult:
     """Score every recipe's method in one pass over `wins`, apply each to a deep copy of `model` and evaluate
-    the copy on `evals` (domain -> windows [N, L]). The model itself is left unchanged."""
+    the copy on `evals` (domain -> windows [N, L]; dense=False: no dense row). The model is left unchanged."""
     from ..api import apply_recipe
     from ..criteria import score_methods
 
@@ -69,7 +69,7 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
     scores = score_methods(model, names, wins, groups, seed=cal.seed, batch_size=cal.batch_size, progress=progress)
     pass_seconds = time.perf_counter() - t0
     rows, reports = [], {}
-    if evals:
+    if evals and dense:
         rows.append({"method": "dense", "grain": "-", "ratio": 0.0, "calib": "-", "ppl": _evaluate(model, evals,
                                                                                                    eval_batch_size)})
         if log:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..models import MoELayer, adapter_for
-from .runner import Collector, Observation, RouteEvent, Routed
+from ..models.prunable import prunable_linears
+from .runner import Collector, Observation, RouteEvent, Routed, run
 
 F64 = torch.float64
 
@@ -184,15 +185,6 @@ class AtomStats(Collector):
 
 
 # -- input norms (Wanda, μ-MoE) ----------------------------------------------------------------------------
-def prunable_linears(model: nn.Module):
-    """(dense linears [DenseLinear], MoE layers) whose weights are prunable: routers and the shared-expert
-    gate are excluded, embeddings and lm_head are never among them."""
-    adapter = adapter_for(model)
-    layers = adapter.moe_layers()
-    skip = {id(l.router) for l in layers} | {id(l.shared_gate) for l in layers}
-    return [d for d in adapter.dense_linears() if id(d.module) not in skip], layers
-
-
 class InputNorms(Collector):
     """Σ_t x_tj² per input feature of every prunable weight: dense linears through pre-hooks; fused routed
     experts per expert over its routed tokens (gate_up input [E, H], down input [E, I]); an expert no token
@@ -283,3 +275,30 @@ class OnRoute(Collector):
 
     def on_route(self, ev: RouteEvent) -> None:
         self.fn(ev)
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                batch_size: int = 8, return_cache: bool = False, timing: dict | None = None):
+    """‖X_j‖₂ per input feature of every prunable weight, from dense forwards of `ids` [B, L] (in batches;
+    with return_cache, one forward whose KV cache is returned too: -> (norms, cache)). `timing`: a dict that
+    receives "hooks_s", the seconds spent computing the statistics inside the forward.
+
+    -> {param name: [d_in]} for dense linears; {"...experts.gate_up_proj": [E, H], "...experts.down_proj": [E, I]}
+    for fused experts (per expert, over its routed tokens; unrouted experts use all tokens)."""
+    col = InputNorms(model)
+    cache = None
+    try:
+        if return_cache:  # one prompt: keep its KV cache for decoding
+            with Observation(model, [col]) as obs:
+                obs.attention_mask = attention_mask
+                cache = model(input_ids=ids, attention_mask=attention_mask, use_cache=True).past_key_values
+        else:  # calibration windows [N, L]: sums over every batch
+            run(model, ids, [col], batch_size=batch_size, attention_mask=attention_mask)
+    finally:
+        if timing is not None:
+            timing["hooks_s"] = col.seconds
+    norms = col.result()
+    return (norms, cache) if return_cache else norms
+
+

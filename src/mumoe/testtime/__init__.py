@@ -1,14 +1,10 @@
-"""μ-MoE: per-prompt (test-time) activation-aware pruning. So far: statistics, masks, apply/restore."""
+"""μ-MoE: per-prompt (test-time) activation-aware pruning — the per-prompt loop only.
 
-from .masks import apply_masks, input_norms, masks_from_norms, prompt_masks, restore, wanda_mask
+Statistics come from `observe` (InputNorms), keep rules from `select.weights`, masking and compaction from
+`apply`; a `PromptPruner` plans once per model and prunes each prompt for its own decode."""
 
-__all__ = ["apply_masks", "input_norms", "masks_from_norms", "prompt_masks", "restore", "wanda_mask"]
-from .compact import compact, prepare_columns, release_buffers, uncompact
-
-__all__ += ["compact", "prepare_columns", "release_buffers", "uncompact"]
-from .generate import TestTimeResult, generate
-
-__all__ += ["TestTimeResult", "generate"]
 from .evaluate import continuation_perplexity, offline_masks
+from .generate import TestTimeResult, generate
+from .prompt import PromptPruner, prompt_masks
 
-__all__ += ["continuation_perplexity", "offline_masks"]
+__all__ = ["continuation_perplexity", "offline_masks", "TestTimeResult", "generate", "PromptPruner", "prompt_masks"]

@@ -13,8 +13,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import MumoeError
-from .compact import compact, prepare_columns, uncompact
-from .masks import apply_masks, check_active, input_norms, masks_from_norms, restore
+from ..observe.collectors import input_norms
+from ..select.weights import check_active, masks_from_norms
+from .prompt import PromptPruner
 
 
 @torch.no_grad()
@@ -27,20 +28,13 @@ def continuation_perplexity(model: nn.Module, wins: torch.Tensor, prompt_len: in
     if not 1 <= prompt_len <= L - 2:
         raise MumoeError(f"prompt length {prompt_len} must leave at least 2 continuation tokens of {L}")
     nll, count = 0.0, 0
-    if structure == "column" and (per_prompt or masks is not None):
-        prepare_columns(model)  # once: column gathers become row copies
+    pruner = PromptPruner(model, active, structure, compacted=per_prompt or masks is not None)
     dev = next(model.parameters()).device
     for w in tqdm(wins, desc="test-time windows", disable=not progress, unit="win"):
         w = w[None].to(dev)
-        norms, cache = input_norms(model, w[:, :prompt_len], return_cache=True)
-        use = masks_from_norms(model, norms, active, structure) if per_prompt else masks
-        column = structure == "column" and use is not None
-        undo = None if use is None else (compact(model, use) if column else apply_masks(model, use))
-        try:
+        norms, cache = pruner.prefill(w[:, :prompt_len])
+        with pruner.applied(pruner.select(norms) if per_prompt else masks):
             logits = model(w[:, prompt_len:], past_key_values=cache, use_cache=True).logits  # [1, L-P, V]
-        finally:
-            if undo is not None:
-                uncompact(undo) if column else restore(model, undo)
         logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)
         target = w[0, prompt_len + 1:]
         nll -= float(logp.gather(-1, target[:, None]).sum())

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import MumoeError
-from .compact import compact, prepare_columns, uncompact
+from ..select.weights import check_active
 from .kvcache import grow_in_place
-from .masks import apply_masks, check_active, input_norms, masks_from_norms, restore
+from .prompt import PromptPruner
 
 
 @dataclass
@@ -42,23 +42,18 @@ def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     if ids.numel() == 0:
         raise MumoeError("empty prompt")
-    use_compact = structure == "column" and compacted
-    if use_compact:
-        prepare_columns(model)
+    pruner = PromptPruner(model, active, structure, compacted)
     t0 = time.perf_counter()
     timing: dict = {}
-    norms, cache = input_norms(model, ids, return_cache=True, timing=timing)
+    norms, cache = pruner.prefill(ids, timing)
     t1 = time.perf_counter()
-    masks = masks_from_norms(model, norms, active, structure)
-    undo = compact(model, masks) if use_compact else apply_masks(model, masks)
-    t2 = time.perf_counter()
-    try:
+    masks = pruner.select(norms)
+    with pruner.applied(masks) as undo:
+        t2 = time.perf_counter()
         grow_in_place(cache)  # decode appends in place instead of copying the cache per token
         cache.crop(-1)  # drop the last prompt position: it is fed again through the pruned weights
         with torch.no_grad():
             out = model.generate(ids, past_key_values=cache, **generate_kwargs)
-    finally:
-        uncompact(undo) if use_compact else restore(model, undo)
     total = sum(m.numel() for m in masks.values())
     return TestTimeResult(out, t1 - t0, t2 - t1, int(sum(int(m.sum()) for m in masks.values())), total,
-                          timing["hooks_s"], undo.weights if use_compact else None)
+                          timing["hooks_s"], undo.weights if pruner.compacted else None)

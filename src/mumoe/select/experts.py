@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import MumoeError
-from .recipe import check_ratio  # noqa: F401  (one definition of a valid ratio)
+from ..errors import MumoeError
+from ..recipe import check_ratio  # noqa: F401  (one definition of a valid ratio)
 
 
 def rank(scores: torch.Tensor, prune_highest: bool = False) -> torch.Tensor:

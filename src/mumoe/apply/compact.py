@@ -108,7 +108,7 @@ def prepare_columns(model: nn.Module) -> int:
     """Store every prunable weight of `model` column-major, in place (values and shapes unchanged), so that
     per-prompt compaction is cheap. Idempotent; returns the number of weights converted. Costs one copy of each
     weight, once per model."""
-    from .masks import prunable_names
+    from ..models.prunable import prunable_names
 
     params = dict(model.named_parameters())
     n = 0

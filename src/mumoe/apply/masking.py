@@ -1,0 +1,37 @@
+"""Masking in place, undone exactly: zero the masked weights, keep the originals, put them back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero the masked weights in place; returns the original tensors so that `restore` can undo it."""
+    params = dict(model.named_parameters())
+    saved = {}
+    for name, mask in masks.items():
+        saved[name] = params[name].detach().clone()
+        params[name].mul_(mask.to(params[name].dtype))
+    return saved
+
+
+@torch.no_grad()
+def restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in saved.items():
+        params[name].copy_(value)
+
+
+@contextmanager
+def masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """with masked(model, masks): ... — the masked weights are zero inside, restored on exit (also on error)."""
+    saved = apply_masks(model, masks)
+    try:
+        yield saved
+    finally:
+        restore(model, saved)

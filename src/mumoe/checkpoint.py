@@ -1,0 +1,101 @@
+"""Reading a checkpoint's safetensors files tensor by tensor, without loading the model.
+
+Each tensor is memory-mapped on its own and released before the next (fused expert tensors one expert slice at
+a time), so resident memory stays at about one tensor, whatever the shard or model size. Both expert layouts:
+    fused   model.layers.L.mlp.experts.gate_up_proj [E, 2I, H], ...experts.down_proj [E, H, I]
+    legacy  model.layers.L.mlp.experts.J.{gate,up,down}_proj.weight  (what save_pretrained writes by default)
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import MumoeError
+
+# The MoE block is `mlp` in v5 and in most hub checkpoints, `block_sparse_moe` in Mixtral's; Mixtral's
+# legacy expert matrices are w1 (gate), w3 (up), w2 (down).
+_BLOCK = r"^(?P<pre>.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts)"
+FUSED = re.compile(_BLOCK + r"\.(?P<kind>gate_up_proj|down_proj)$")
+LEGACY = re.compile(_BLOCK + r"\.(?P<e>\d+)\.(?P<kind>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+ROUTER = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.gate\.(?P<kind>weight|bias|e_score_correction_bias)$")
+KIND = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj", "w1": "gate_proj", "w3": "up_proj",
+        "w2": "down_proj"}
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files, in index order."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise MumoeError(f"{path} holds no .safetensors files")
+    return files
+
+
+ORDER = ("gate_proj", "up_proj", "down_proj")  # the in-memory AIMER's summation order
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_header(file: Path) -> dict[str, dict]:
+    """The safetensors header: {key: {"dtype", "shape", "data_offsets"}} (offsets relative to the data start)."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    for meta in header.values():
+        meta["start"] = 8 + n + meta["data_offsets"][0]
+    return header
+
+
+class MappedTensor:
+    """One tensor (or one leading-dim slice of it) memory-mapped on its own: only its pages are ever mapped,
+    so resident memory stays at about one tensor however large the shard is."""
+
+    def __init__(self, file: Path, meta: dict, index: int | None = None) -> None:
+        shape, dtype = list(meta["shape"]), _DTYPES[meta["dtype"]]
+        size = dtype.itemsize
+        for d in shape:
+            size *= d
+        start = meta["start"]
+        if index is not None:  # one slice along dim 0 (one expert of a fused tensor)
+            size //= shape[0]
+            start += index * size
+            shape = shape[1:]
+        self.shape, self.dtype, self.start, self.size, self.file = shape, dtype, start, size, file
+
+    def __enter__(self) -> torch.Tensor:
+        aligned = self.start - self.start % mmap.ALLOCATIONGRANULARITY
+        self._fh = open(self.file, "rb")
+        self._map = mmap.mmap(self._fh.fileno(), self.start - aligned + self.size, offset=aligned,
+                              access=mmap.ACCESS_READ)
+        buf = memoryview(self._map)[self.start - aligned :]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffer: we never write to it
+            return torch.frombuffer(buf, dtype=self.dtype).view(self.shape)
+
+    def __exit__(self, *exc) -> None:
+        try:  # callers `del` the tensor inside the block, which releases the buffer
+            self._map.close()
+        except BufferError:  # a view is still alive: the map is freed with it
+            pass
+        self._fh.close()
+
+
+def _expert_matrices(file: Path, key: str, meta: dict):
+    """Yield (layer, expert, kind, MappedTensor) for an expert tensor key; a fused gate_up is read per expert
+    and split into gate and up by the caller (kind "gate_up_proj")."""
+    if m := LEGACY.match(key):
+        yield int(m["layer"]), int(m["e"]), KIND[m["kind"]], MappedTensor(file, meta)
+    elif m := FUSED.match(key):
+        for e in range(meta["shape"][0]):
+            yield int(m["layer"]), e, m["kind"], MappedTensor(file, meta, e)

@@ -1,0 +1,48 @@
+"""AIMER scored straight from a checkpoint's safetensors files (the model is never loaded)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import ORDER, _expert_matrices, read_header, shard_files
+from ..errors import MumoeError
+from .expert import NormWorkspace, aimer_from_norms, matrix_norms
+
+
+def stream_aimer(path: str | Path, progress: bool = True) -> dict[int, torch.Tensor]:
+    """AIMER scores per decoder layer, read straight from the checkpoint. -> {layer: [E] float64}
+
+    Bit-identical to the in-memory `criteria.expert.aimer` (same per-matrix reductions, same order)."""
+    path = Path(path)
+    norms: dict[int, dict[int, dict[str, tuple]]] = defaultdict(lambda: defaultdict(dict))  # (l1, l2², numel)
+    ws = NormWorkspace()  # one fp32 buffer of the largest matrix, reused
+    for file in tqdm(shard_files(path), desc="aimer (streamed)", disable=not progress, unit="shard"):
+        for key, meta in read_header(file).items():
+            for L, e, kind, mapped in _expert_matrices(file, key, meta):
+                with mapped as w:
+                    if kind == "gate_up_proj":
+                        half = w.shape[0] // 2
+                        norms[L][e]["gate_proj"] = (*matrix_norms(w[:half], ws), w[:half].numel())
+                        norms[L][e]["up_proj"] = (*matrix_norms(w[half:], ws), w[half:].numel())
+                    else:
+                        norms[L][e][kind] = (*matrix_norms(w, ws), w.numel())
+                    del w
+    if not norms:
+        raise MumoeError(f"{path}: no routed-expert tensors found (is it an MoE checkpoint?)")
+    out = {}
+    for L in sorted(norms):
+        E = max(norms[L]) + 1
+        if len(norms[L]) != E or any(set(norms[L][e]) != set(ORDER) for e in range(E)):
+            raise MumoeError(f"{path}: layer {L} has incomplete expert tensors")
+        l1 = torch.zeros(E, dtype=torch.float64)
+        l2 = torch.zeros(E, dtype=torch.float64)
+        for e in range(E):
+            for kind in ORDER:
+                l1[e] += norms[L][e][kind][0]
+                l2[e] += norms[L][e][kind][1]
+        out[L] = aimer_from_norms(l1, l2, sum(norms[L][0][k][2] for k in ORDER))
+    return out

@@ -1,0 +1,84 @@
+"""Weight-grain keep rules over Wanda / magnitude scores -> boolean keep masks of each weight's shape.
+
+    row     per output row, remove exactly floor((1 − ρ)·d_in) lowest |W|·‖X‖ (Wanda, unstructured)
+    N:M     in every block of M consecutive input columns keep the N highest per row (ρ = N/M)
+    column  keep the top ⌈ρ·d_in⌉ input columns by ‖X_j‖·‖W[:, j]‖ (`keep_columns`: the indices)
+    magnitude: one threshold per matrix
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..criteria.weight import column_norms
+from ..errors import MumoeError
+from ..recipe import parse_structure
+
+
+def check_active(active: float) -> float:
+    if not (0.0 < active <= 1.0):
+        raise MumoeError(f"active ratio ρ must be in (0, 1], got {active}")
+    return float(active)
+
+
+def keep_columns(weight: torch.Tensor, norms: torch.Tensor, active: float) -> torch.Tensor:
+    """Column structure as indices: the top ⌈ρ·d_in⌉ input columns by ‖X_j‖·‖W[:, j]‖, best first (ties: lower
+    index first). weight [d_out, d_in] (or [E, d_out, d_in]), norms [d_in] ([E, d_in]) -> LongTensor [..., k]"""
+    check_active(active)
+    keep = math.ceil(active * weight.shape[-1] - 1e-9)
+    col = column_norms(weight) * norms.double()  # [..., d_in]
+    return torch.argsort(-col, dim=-1, stable=True)[..., :keep]
+
+
+def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, active: float, structure: str = "row") -> torch.Tensor:
+    """Keep-mask of one weight [d_out, d_in] (or a stack [E, d_out, d_in] with norms [E, d_in]).
+
+    row     per output row, remove exactly floor((1 − ρ)·d_in) lowest |W|·‖X‖ (Wanda, unstructured)
+    N:M     in every block of M consecutive input columns keep the N highest per row (ρ = N/M)
+    column  keep the top ⌈ρ·d_in⌉ input columns by ‖X_j‖·‖W[:, j]‖ (same columns for every row)
+    """
+    check_active(active)
+    d_in = weight.shape[-1]
+    if structure == "column":  # only ‖W[:, j]‖ (static, cached per weight) and the prompt's ‖X_j‖ are needed
+        top = keep_columns(weight, norms, active)  # [..., k]
+        cols = torch.zeros(*weight.shape[:-2], d_in, dtype=torch.bool, device=top.device).scatter(-1, top, True)
+        return cols.unsqueeze(-2).expand(weight.shape)
+    w = weight.detach().abs().double()
+    score = w * norms.double().unsqueeze(-2)  # [..., d_out, d_in]
+    if structure == "row":
+        drop = math.floor((1 - active) * d_in + 1e-9)
+        if drop == 0:
+            return torch.ones_like(w, dtype=torch.bool)
+        lowest = torch.topk(score, drop, dim=-1, largest=False, sorted=False).indices  # ties: unspecified order
+        return torch.ones_like(w, dtype=torch.bool).scatter(-1, lowest, False)
+    if ":" in structure:
+        n, m = parse_structure(structure)
+        if d_in % m:
+            raise MumoeError(f"N:M structure {structure} needs 0 < N <= M and M dividing d_in={d_in}")
+        blocks = score.reshape(*score.shape[:-1], d_in // m, m)
+        top = torch.argsort(-blocks, dim=-1, stable=True)[..., :n]
+        return torch.zeros_like(blocks, dtype=torch.bool).scatter(-1, top, True).reshape(w.shape)
+    raise MumoeError(f"unknown structure {structure!r}; use row, column or N:M (e.g. 2:4)")
+
+
+def masks_from_norms(model: nn.Module, norms: dict[str, torch.Tensor], active: float, structure: str = "row",
+                     params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Wanda masks for every weight named in `norms`. Fused gate_up [E, 2I, H] uses the expert-input norms
+    [E, H]; fused down [E, H, I] the intermediate norms [E, I]."""
+    params = dict(model.named_parameters()) if params is None else params
+    return {name: wanda_mask(params[name], n, active, structure) for name, n in norms.items()}
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Magnitude baseline: one threshold per matrix (per expert for fused [E, d_out, d_in]); drops exactly
+    floor(sparsity · numel) lowest |W| of each matrix (ties: lower flat index first)."""
+    w = weight.detach().abs().double()
+    flat = w.reshape(-1, w.shape[-2] * w.shape[-1]) if w.dim() == 3 else w.reshape(1, -1)
+    drop = math.floor(sparsity * flat.shape[-1] + 1e-9)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if drop:
+        mask.scatter_(-1, torch.argsort(flat, dim=-1, stable=True)[:, :drop], False)
+    return mask.reshape(w.shape)

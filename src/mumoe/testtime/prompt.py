@@ -1,0 +1,64 @@
+"""μ-MoE per prompt: every weight is a micro-expert and its Wanda score S_ij = |W_ij|·‖X_j‖₂ is its router; the
+active-weight ratio ρ = 1 − sparsity is its top-k. The statistics come from the prompt's own dense prefill
+(`observe.collectors.InputNorms`), the keep rules from `select.weights`, masking/compaction from `apply`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..apply.compact import Compaction, compact, prepare_columns, uncompact
+from ..apply.masking import apply_masks, restore
+from ..errors import MumoeError
+from ..observe.collectors import input_norms
+from ..recipe import parse_structure
+from ..select.weights import check_active, masks_from_norms
+
+
+def prompt_masks(model: nn.Module, prompt_ids: torch.Tensor, active: float, structure: str = "row"
+                 ) -> dict[str, torch.Tensor]:
+    """μ-MoE: masks at active ratio ρ from the prompt's own dense prefill. prompt_ids [L] or [1, L]."""
+    check_active(active)
+    ids = prompt_ids.reshape(1, -1)
+    if ids.numel() == 0:
+        raise MumoeError("empty prompt")
+    return masks_from_norms(model, input_norms(model, ids), active, structure)
+
+
+class PromptPruner:
+    """μ-MoE on one model, planned once: the ratio and structure (validated), the prunable parameters and —
+    column structure, compacted — the column-major storage of every prunable weight (`prepare_columns`).
+    Then per prompt: `prefill` (dense, with the statistics hooks; returns the KV cache), `select` (the masks),
+    `applied` (masked or compacted for the decode, undone on exit, also on error)."""
+
+    def __init__(self, model: nn.Module, active: float, structure: str = "row", compacted: bool = True) -> None:
+        self.model = model
+        self.active = check_active(active)
+        parse_structure(structure)
+        self.structure = structure
+        self.compacted = structure == "column" and compacted
+        if self.compacted:
+            prepare_columns(model)  # once per model: column gathers become row copies
+        self.params = dict(model.named_parameters())
+
+    def prefill(self, ids: torch.Tensor, timing: dict | None = None):
+        """Dense prefill of ids [1, L] with the statistics hooks. -> (norms, KV cache)"""
+        return input_norms(self.model, ids, return_cache=True, timing=timing)
+
+    def select(self, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return masks_from_norms(self.model, norms, self.active, self.structure, params=self.params)
+
+    @contextmanager
+    def applied(self, masks: dict[str, torch.Tensor] | None) -> Iterator[Compaction | dict | None]:
+        """The model masked (or compacted) by `masks` inside the block; None = dense."""
+        if masks is None:
+            yield None
+            return
+        undo = compact(self.model, masks) if self.compacted else apply_masks(self.model, masks)
+        try:
+            yield undo
+        finally:
+            uncompact(undo) if self.compacted else restore(self.model, undo)
