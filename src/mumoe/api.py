@@ -123,7 +123,7 @@ def score(model: nn.Module, method, calib=None, seed: int | None = None, tokeniz
 
 
 def prune(model: nn.Module, method, ratio: float | None = None, calib=None, *, tokenizer=None,
-          source: str | None = None, verbose: bool = False, **options) -> PruneReport:
+          source: str | None = None, verbose: bool = False, windows: tuple | None = None, **options) -> PruneReport:
     """Prune `model` in place and return what was done (its `recipe` replays the run).
 
     method: a Recipe, or a method name with `ratio` (the fraction removed: experts per layer, atoms, or weights)
@@ -131,9 +131,11 @@ def prune(model: nn.Module, method, ratio: float | None = None, calib=None, *, t
     windows and random scores), batch_size, budget / order (expert grain: "uniform" | "global",
     "one-shot" | "progressive"), form / scope (atom grain), structure (weight grain: row, N:M, column), device.
     calib: token ids [N, L], raw text, a path, 'domain[:NAME]', or a list of sources (None: the recipe's).
+    windows: the recipe's calibration prepared already, as `calibration(recipe, calib, tokenizer)` returns it
+    (the CLI builds it before loading the model).
     """
     recipe = as_recipe(method, ratio, calib, options)
-    wins, groups, calib_info = calibration(recipe, calib, tokenizer)
+    wins, groups, calib_info = windows if windows is not None else calibration(recipe, calib, tokenizer)
     if recipe.device is not None:
         model.to(resolve_device(recipe.device))
     report = apply_recipe(model, recipe, wins, groups, verbose)

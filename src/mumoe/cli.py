@@ -125,13 +125,15 @@ HEAPR_FORMS = {"uniform": "the uniform form: every expert keeps its best atoms a
 def cmd_prune(args) -> int:
     from . import api
     from .apply.export import check_output_dir, save_pruned
-    from .loading import load_tokenizer, resolve
+    from .loading import check_model, load_tokenizer, resolve
     from .observe.calib import check_sources
 
     recipe = _recipe_from_args(args)
     model_name = _replay_model(args)
-    check_sources(recipe.calib.sources)  # missing or empty calibration text fails before loading anything
+    if recipe.calib.sources:  # a missing calibration file fails first, whatever else is wrong
+        check_sources(recipe.calib.sources, read=False)
     check_output_dir(args.out, args.overwrite)
+    check_model(model_name)
     config = _model_config(model_name)
     if config is not None:
         recipe.check_config(config)
@@ -143,8 +145,9 @@ def cmd_prune(args) -> int:
                            recipe=recipe)
         print(f"wrote {args.out} (loads with AutoModelForCausalLM.from_pretrained) in {time.perf_counter() - t0:.1f}s total")
         return 0
+    tokenizer = load_tokenizer(model_name)  # the calibration windows are cut before the weights are read
+    prepared = api.calibration(recipe, None, tokenizer) if recipe.calib.sources else None
     model = _load_model(model_name, recipe.dtype, recipe.device)
-    tokenizer = load_tokenizer(model_name)
     print(f"loaded {model_name} in {time.perf_counter() - t0:.1f}s; pruning {recipe.describe()}"
           + (f" on {recipe.device}" if recipe.device not in (None, "cpu") else ""))
     if recipe.grain == "atom" and recipe.method.startswith("heapr"):
@@ -153,10 +156,11 @@ def cmd_prune(args) -> int:
         print(f"  calibration: {recipe.calib.nsamples} windows x {recipe.calib.seqlen} tokens from "
               f"{', '.join(recipe.calib.sources)}"
               + ("" if recipe.calib.seed is None else f" (random windows, seed {recipe.calib.seed})"))
-    report = api.prune(model, recipe, tokenizer=tokenizer, source=model_name, verbose=True)
+    report = api.prune(model, recipe, tokenizer=tokenizer, source=model_name, verbose=True, windows=prepared)
     out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite)
-    where = "AutoModelForCausalLM.from_pretrained" if report.form == "hf" else "mumoe.load"
-    print(f"wrote {out} (loads with {where}) in {time.perf_counter() - t0:.1f}s total")
+    from .apply.forms import get_form
+
+    print(f"wrote {out} (loads with {get_form(report.form).loads_with}) in {time.perf_counter() - t0:.1f}s total")
     return 0
 
 

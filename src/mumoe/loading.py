@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .apply.forms import get_form
 from .errors import MumoeError
 
 from .paths import ASSETS, DATA, DEFAULT_MODEL  # noqa: F401  (re-exported: mumoe.loading.DATA)
@@ -39,25 +40,33 @@ def resolve(name_or_path: str | Path | None) -> str:
     return str(name_or_path)
 
 
-def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype = "fp32") -> nn.Module:
-    """Load a causal LM in eval mode (see module doc for the accepted names)."""
+def check_model(name_or_path: str | Path | None) -> str:
+    """The cheap checks of `load`, without reading weights: a local path must exist and hold config.json.
+    -> the resolved name."""
     name = resolve(name_or_path)
     if name.startswith("tiny:"):
-        from .models.tiny import tiny_model
-
-        return tiny_model(name[len("tiny:"):]).to(_dtype(dtype))
+        return name
     path = Path(name)
     looks_local = path.is_absolute() or name.startswith(".") or path.exists() or name.count("/") != 1
     if looks_local and not path.exists():
         raise MumoeError(f"model not found: {name}")
     if path.is_dir() and not (path / "config.json").exists():
         raise MumoeError(f"{name} is not a model folder (no config.json)")
+    return name
+
+
+def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype = "fp32") -> nn.Module:
+    """Load a causal LM in eval mode (see module doc for the accepted names)."""
+    name = check_model(name_or_path)
+    if name.startswith("tiny:"):
+        from .models.tiny import tiny_model
+
+        return tiny_model(name[len("tiny:"):]).to(_dtype(dtype))
+    path = Path(name)
     report = path / "pruning.json"
-    form = json.loads(report.read_text()).get("form") if report.exists() else "hf"
-    if form == "mumoe":
-        return _load_mumoe_form(path, _dtype(dtype))
-    if form == "mumoe-atoms":
-        return _load_atom_form(path, _dtype(dtype))
+    form = get_form(json.loads(report.read_text()).get("form", "hf") if report.exists() else "hf")
+    if form.read is not None:  # mumoe's own forms: shapes an HF config cannot hold
+        return form.read(path, _dtype(dtype))
     from transformers import AutoModelForCausalLM
 
     try:
@@ -65,70 +74,6 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
     except (OSError, ValueError, KeyError) as e:
         raise MumoeError(f"cannot load {name}: {str(e).splitlines()[0]}") from e
     return model.eval()
-
-
-def _load_checked(model: nn.Module, state: dict, path: Path, filled: set[str] = frozenset()) -> None:
-    """load_state_dict that accepts as missing only tensors filled in already (`filled`) and, when the
-    config ties them, the tied output embeddings."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
-    missing = [k for k in missing if k not in tied and k not in filled]
-    if missing or unexpected:
-        raise MumoeError(f"{path}: checkpoint does not match pruning.json (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    model.tie_weights()
-
-
-def _load_mumoe_form(path: Path, dtype: torch.dtype) -> nn.Module:
-    """Rebuild an export whose layers hold different expert counts: build from config, slice, load weights."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .apply.experts import remove_experts
-    from .apply.export import PruneReport
-
-    report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    remove_experts(model, report.kept())
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    _load_checked(model, state, path)
-    return model.to(dtype).eval()
-
-
-def _load_atom_form(path: Path, dtype: torch.dtype) -> nn.Module:
-    """Rebuild an atom-pruned export whose experts have different widths: full-width fused tensors with the
-    kept rows/columns filled in and the removed atoms zero (the same function as the sliced experts)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .apply.export import PruneReport
-    from .models import moe_adapter_for
-
-    report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    state = load_file(path / "model.safetensors")
-    names = {id(m): n for n, m in model.named_modules()}
-    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
-    fused = set()
-    with torch.no_grad():
-        for entry in report.layers:
-            layer = layers[entry["layer"]]
-            prefix = names[id(layer.experts)]
-            fused |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
-            layer.experts.gate_up_proj.zero_()
-            layer.experts.down_proj.zero_()
-            I = layer.intermediate_size
-            for ex in entry["experts"]:
-                e, k = ex["expert"], torch.tensor(ex["kept"], dtype=torch.long)
-                gu = state.pop(f"{prefix}.{e}.gate_up")
-                layer.experts.gate_up_proj[e, k] = gu[: len(k)].to(dtype)
-                layer.experts.gate_up_proj[e, k + I] = gu[len(k):].to(dtype)
-                layer.experts.down_proj[e][:, k] = state.pop(f"{prefix}.{e}.down").to(dtype)
-    _load_checked(model, state, path, filled=fused)
-    return model.to(dtype).eval()
 
 
 def load_tokenizer(name_or_path: str | Path | None = "default"):

@@ -18,7 +18,7 @@ from ..models import MoELayer
 
 def slice_atoms_uniform(layer: MoELayer, keep: torch.Tensor) -> None:
     """Keep atoms keep[e] (LongTensor [E, I']) of every expert: rows of both halves of gate_up, columns of down."""
-    E, I = layer.num_experts, layer.intermediate_size
+    I = layer.intermediate_size
     gu, down = layer.experts.gate_up_proj.data, layer.experts.down_proj.data  # [E, 2I, H], [E, H, I]
     rows = torch.cat([keep, keep + I], dim=-1)  # [E, 2I']
     new_gu = torch.gather(gu, 1, rows[:, :, None].expand(-1, -1, gu.shape[-1]).to(gu.device))

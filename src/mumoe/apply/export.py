@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from ..errors import MumoeError
@@ -79,46 +78,14 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write model (+ tokenizer) and pruning.json to `out` atomically; nothing is left half-written."""
+    """Write model (+ tokenizer) and pruning.json to `out` atomically, in the report's form (`apply.forms`);
+    nothing is left half-written."""
+    from .forms import get_form
+
+    form = get_form(report.form)
     with atomic_output(out, overwrite) as tmp:
-        if report.form == "mumoe":  # per-layer shapes: keep the fused layout, mumoe.load rebuilds it
-            from safetensors.torch import save_model
-
-            model.config.save_pretrained(tmp)
-            save_model(model, str(tmp / "model.safetensors"))
-        elif report.form == "mumoe-atoms":  # per-expert widths: store only the kept rows / columns
-            from safetensors.torch import save_file
-
-            model.config.save_pretrained(tmp)
-            save_file(compact_atom_state(model, report), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            model.save_pretrained(tmp)
+        form.write(model, tmp, report)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "pruning.json").write_text(report.to_json())
     return Path(out)
-
-
-def compact_atom_state(model: nn.Module, report: PruneReport) -> dict:
-    """State dict with each routed expert stored at its own width: `<experts>.<e>.gate_up` [2k_e, H] and
-    `<experts>.<e>.down` [H, k_e]; the fused expert tensors and tied copies are left out."""
-    from ..models import moe_adapter_for
-
-    names = {id(m): n for n, m in model.named_modules()}
-    state, seen = {}, set()
-    for k, v in model.state_dict().items():  # tied tensors (lm_head = embeddings) are stored once
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            state[k] = v.contiguous()
-    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
-    for entry in report.layers:
-        layer = layers[entry["layer"]]
-        prefix = names[id(layer.experts)]
-        del state[f"{prefix}.gate_up_proj"], state[f"{prefix}.down_proj"]
-        I = layer.intermediate_size
-        for ex in entry["experts"]:
-            e, k = ex["expert"], torch.tensor(ex["kept"], dtype=torch.long)
-            gu = layer.experts.gate_up_proj[e]
-            state[f"{prefix}.{e}.gate_up"] = torch.cat([gu[k], gu[k + I]]).contiguous()
-            state[f"{prefix}.{e}.down"] = layer.experts.down_proj[e][:, k].contiguous()
-    return state

@@ -84,23 +84,37 @@ def expand_sources(sources) -> list[str]:
     return out
 
 
-def check_sources(sources) -> None:
-    """Fail on a missing or empty calibration text before any model is loaded."""
+def check_sources(sources, read: bool = True) -> None:
+    """Fail on a missing calibration text (read=True: also an empty or unreadable one) before any model is
+    loaded; read=False only looks for the files."""
     for s in expand_sources(sources):
-        if s != "tensor":
+        if s in ("tensor", "text"):
+            continue
+        if read:
             read_text(s)
+        elif s.startswith("domain:"):
+            _check_domain(s)
+        elif not Path(s).exists():
+            raise MumoeError(f"calibration text not found: {s}")
+
+
+def _check_domain(source: str) -> None:
+    name = source.partition(":")[2]
+    if not (DATA / name / "calib.txt").exists():
+        raise MumoeError(f"no bundled calibration split {name!r}; known: {', '.join(bundled_domains())}")
 
 
 def spec_windows(tokenizer, spec) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """A CalibSpec -> (windows [N, seqlen], source index of each window [N], info for pruning.json).
     nsamples is split evenly over the sources; each source is tokenized once on its own."""
     sources = expand_sources(spec.sources)
+    counts = type(spec)(tuple(sources), spec.nsamples, spec.seqlen, spec.seed, spec.batch_size).per_source()
+    texts = [read_text(src) for src in sources]  # missing / empty / unreadable texts first, each read once
     if tokenizer is None:
         raise MumoeError("calibration text needs a tokenizer (this model has none); pass token ids [N, L]")
-    counts = type(spec)(tuple(sources), spec.nsamples, spec.seqlen, spec.seed, spec.batch_size).per_source()
     wins, groups = [], []
-    for i, (src, n) in enumerate(zip(sources, counts)):
-        w = windows(tokenize(tokenizer, read_text(src)), spec.seqlen, n, spec.seed)
+    for i, (text, n) in enumerate(zip(texts, counts)):
+        w = windows(tokenize(tokenizer, text), spec.seqlen, n, spec.seed)
         wins.append(w)
         groups.append(torch.full((w.shape[0],), i, dtype=torch.long))
     ids = torch.cat(wins)

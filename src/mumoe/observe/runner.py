@@ -194,18 +194,15 @@ class Observation:
             token, slot = perm // k, perm % k
             counts = torch.bincount(expert, minlength=E).tolist()
             x = hidden_states[token]  # [S, H]
-            hs, start = [], 0
-            for e, n in enumerate(counts):
-                if n:
-                    gate, up = nn.functional.linear(x[start:start + n], module.gate_up_proj[e]).chunk(2, dim=-1)
-                    hs.append(module.act_fn(gate) * up)  # [n, I]
-                start += n
+            routed = [e for e, n in enumerate(counts) if n]
+            sizes = [counts[e] for e in routed]
+            # torch.split, not slicing: in a backward pass each slice's gradient would be a zero-filled [S, ·]
+            hs = []
+            for e, xe in zip(routed, torch.split(x, sizes)):
+                gate, up = nn.functional.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
+                hs.append(module.act_fn(gate) * up)  # [n, I]
             h = torch.cat(hs) if hs else x.new_zeros(0, I)  # [S, I]
-            fs, start = [], 0
-            for e, n in enumerate(counts):
-                if n:
-                    fs.append(nn.functional.linear(h[start:start + n], module.down_proj[e]))  # [n, H]
-                start += n
+            fs = [nn.functional.linear(he, module.down_proj[e]) for e, he in zip(routed, torch.split(h, sizes))]
             f = torch.cat(fs) if fs else torch.zeros_like(x)  # [S, H]
             weight = top_k_weights.reshape(-1)[perm]  # [S]
             out = torch.zeros_like(hidden_states)  # [T, H]; per token, experts added in ascending order
@@ -213,8 +210,8 @@ class Observation:
             event = obs._route.pop(layer.index, None)
             if event is not None and obs._experts:
                 valid = obs.valid(T, hidden_states.device)
-                routed = out.detach()
-                event.routed_output = routed if valid is None else routed[valid]
+                summed = out.detach()
+                event.routed_output = summed if valid is None else summed[valid]
                 r = Routed(layer, event, expert, token, slot, weight.detach(), counts, x.detach(), h.detach(),
                            f.detach(), _h_graph=h)
                 if valid is not None:

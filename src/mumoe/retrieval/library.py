@@ -208,8 +208,8 @@ class _KeyCollector:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (mean key over every token [D] float32, chunk keys [n, D] float64), layers concatenated."""
-        mean = torch.cat([s / self.tokens for s in self.sums]).float()
-        return mean, torch.cat([torch.cat(c) for c in self.chunks], dim=-1)
+        mean = torch.cat([s / self.tokens for s in self.sums]).float().cpu()
+        return mean, torch.cat([torch.cat(c) for c in self.chunks], dim=-1).cpu()
 
 
 def whitening(chunks: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""Export forms: how a pruned model is written and read back, each form's writer and reader side by side.
+
+    hf           a standard transformers checkpoint (save_pretrained); AutoModelForCausalLM.from_pretrained reads it
+    mumoe        expert counts differ per layer: fused tensors as they are, rebuilt by mumoe.load
+    mumoe-atoms  expert widths differ (HEAPr's global form): only the kept rows/columns, rebuilt by mumoe.load
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import MumoeError
+from ..models import moe_adapter_for
+from .experts import remove_experts
+from .export import PruneReport
+
+
+@dataclass(frozen=True)
+class Form:
+    name: str
+    loads_with: str  # what a user calls to load it
+    write: Callable[[nn.Module, Path, PruneReport], None]  # (model, folder, report): the weights + config
+    read: Callable[[Path, torch.dtype], nn.Module] | None  # None: transformers' own from_pretrained
+
+
+def _write_hf(model: nn.Module, tmp: Path, report: PruneReport) -> None:
+    model.save_pretrained(tmp)
+
+
+def _write_experts(model: nn.Module, tmp: Path, report: PruneReport) -> None:
+    """Per-layer expert counts: keep the fused layout; mumoe.load rebuilds the shapes from pruning.json."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+
+
+def _write_atoms(model: nn.Module, tmp: Path, report: PruneReport) -> None:
+    """Per-expert widths: store only the kept rows / columns."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(tmp)
+    save_file(compact_atom_state(model, report), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def compact_atom_state(model: nn.Module, report: PruneReport) -> dict:
+    """State dict with each routed expert stored at its own width: `<experts>.<e>.gate_up` [2k_e, H] and
+    `<experts>.<e>.down` [H, k_e]; the fused expert tensors and tied copies are left out."""
+    names = {id(m): n for n, m in model.named_modules()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # tied tensors (lm_head = embeddings) are stored once
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            state[k] = v.contiguous()
+    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
+    for entry in report.layers:
+        layer = layers[entry["layer"]]
+        prefix = names[id(layer.experts)]
+        del state[f"{prefix}.gate_up_proj"], state[f"{prefix}.down_proj"]
+        I = layer.intermediate_size
+        for ex in entry["experts"]:
+            e, k = ex["expert"], torch.tensor(ex["kept"], dtype=torch.long)
+            gu = layer.experts.gate_up_proj[e]
+            state[f"{prefix}.{e}.gate_up"] = torch.cat([gu[k], gu[k + I]]).contiguous()
+            state[f"{prefix}.{e}.down"] = layer.experts.down_proj[e][:, k].contiguous()
+    return state
+
+
+def _load_checked(model: nn.Module, state: dict, path: Path, filled: set[str] = frozenset()) -> None:
+    """load_state_dict that accepts as missing only tensors filled in already (`filled`) and, when the
+    config ties them, the tied output embeddings."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
+    missing = [k for k in missing if k not in tied and k not in filled]
+    if missing or unexpected:
+        raise MumoeError(f"{path}: checkpoint does not match pruning.json (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    model.tie_weights()
+
+
+def _read_experts(path: Path, dtype: torch.dtype) -> nn.Module:
+    """Rebuild an export whose layers hold different expert counts: build from config, slice, load weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    remove_experts(model, report.kept())
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    _load_checked(model, state, path)
+    return model.to(dtype).eval()
+
+
+def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
+    """Rebuild an atom-pruned export whose experts have different widths: full-width fused tensors with the
+    kept rows/columns filled in and the removed atoms zero (the same function as the sliced experts)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    state = load_file(path / "model.safetensors")
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
+    fused = set()
+    with torch.no_grad():
+        for entry in report.layers:
+            layer = layers[entry["layer"]]
+            prefix = names[id(layer.experts)]
+            fused |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
+            layer.experts.gate_up_proj.zero_()
+            layer.experts.down_proj.zero_()
+            I = layer.intermediate_size
+            for ex in entry["experts"]:
+                e, k = ex["expert"], torch.tensor(ex["kept"], dtype=torch.long)
+                gu = state.pop(f"{prefix}.{e}.gate_up")
+                layer.experts.gate_up_proj[e, k] = gu[: len(k)].to(dtype)
+                layer.experts.gate_up_proj[e, k + I] = gu[len(k):].to(dtype)
+                layer.experts.down_proj[e][:, k] = state.pop(f"{prefix}.{e}.down").to(dtype)
+    _load_checked(model, state, path, filled=fused)
+    return model.to(dtype).eval()
+
+
+FORMS: dict[str, Form] = {f.name: f for f in (
+    Form("hf", "AutoModelForCausalLM.from_pretrained", _write_hf, None),
+    Form("mumoe", "mumoe.load", _write_experts, _read_experts),
+    Form("mumoe-atoms", "mumoe.load", _write_atoms, _read_atoms),
+)}
+
+
+def get_form(name: str) -> Form:
+    if name not in FORMS:
+        raise MumoeError(f"unknown export form {name!r} in pruning.json; this mumoe reads {', '.join(FORMS)}")
+    return FORMS[name]
