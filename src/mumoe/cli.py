@@ -152,10 +152,11 @@ def cmd_prune(args) -> int:
           + (f" on {recipe.device}" if recipe.device not in (None, "cpu") else ""))
     if recipe.grain == "atom" and recipe.method.startswith("heapr"):
         print(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
-    if recipe.calib.sources:
-        print(f"  calibration: {recipe.calib.nsamples} windows x {recipe.calib.seqlen} tokens from "
-              f"{', '.join(recipe.calib.sources)}"
-              + ("" if recipe.calib.seed is None else f" (random windows, seed {recipe.calib.seed})"))
+    if prepared is not None:
+        got = prepared[2]["nsamples"]
+        print(f"  calibration: {got} windows x {recipe.calib.seqlen} tokens from {', '.join(recipe.calib.sources)}"
+              + ("" if recipe.calib.seed is None else f" (random windows, seed {recipe.calib.seed})")
+              + ("" if got == recipe.calib.nsamples else f" — {recipe.calib.nsamples} asked for, the text holds fewer"))
     report = api.prune(model, recipe, tokenizer=tokenizer, source=model_name, verbose=True, windows=prepared)
     out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite)
     from .apply.forms import get_form
