@@ -142,3 +142,20 @@ def test_heapr_says_which_form(ckpt, capsys):
     assert rc == 0 and "the paper's method is the global ranking: --form global --scope global" in out
     rc, out, _ = cli(base + ["--form", "global", "--out", str(ckpt / "g")], capsys)
     assert rc == 0 and "the paper's form" in out
+
+
+def test_cli_compare_equals_separate_prunes(ckpt, capsys):
+    """`mumoe compare` on a real checkpoint: its kept sets and scores are those of `mumoe prune` per method."""
+    calib = ["--calib", str(ckpt / "c.txt"), "--nsamples", "3", "--seqlen", "16", "--batch-size", "2"]
+    rc, out, err = cli(["compare", str(ckpt / "m"), "--methods", "reap,peu,heapr", "--ratio", "0.5", *calib,
+                        "--out", str(ckpt / "cmp")], capsys)
+    assert rc == 0, err
+    assert "one calibration pass for 3 methods" in out
+    res = json.loads((ckpt / "cmp" / "results.json").read_text())
+    for m in ("reap", "peu", "heapr"):
+        rc, _, err = cli(["prune", str(ckpt / "m"), "--method", m, "--ratio", "0.5", *calib, "--out",
+                          str(ckpt / m)], capsys)
+        assert rc == 0, err
+        assert json.loads((ckpt / m / "pruning.json").read_text())["layers"] == res["reports"][f"{m}@0.5"]["layers"]
+    rc, _, err = cli(["compare", str(ckpt / "m"), "--methods", "reap,wanda", *calib], capsys)
+    assert rc == 2 and "weight-grain" in err and err.count("\n") == 1

@@ -156,21 +156,18 @@ class AtomStats(Collector):
     def on_routed(self, r: Routed) -> None:
         st = self._st(r.layer, r.h.device)
         segs = list(r.segments())
-        hd2 = []
         for e, a, b in segs:
-            hd = r.h[a:b].double()  # [n, I]
             st.count[e] += b - a
-            sq = hd**2
-            st.h2[e] += sq.sum(0)
-            hd2.append(sq)
+            st.h2[e] += (r.h[a:b].double() ** 2).sum(0)
         if not self.needs_backward:
             return
+        h = r.h  # [S, I], the forward's own values (no extra copy kept for the backward)
 
         def grab(g: torch.Tensor) -> None:  # [S, I]
-            for (e, a, b), sq in zip(segs, hd2):
+            for e, a, b in segs:
                 gd2 = g[a:b].double() ** 2
                 st.g2[e] += gd2.sum(0)
-                st.hg2[e] += (sq * gd2).sum(0)
+                st.hg2[e] += (h[a:b].double() ** 2 * gd2).sum(0)
 
         r.on_grad_h(grab)
 
