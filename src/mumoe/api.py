@@ -31,14 +31,6 @@ def layer_summary(entry: dict) -> str:
     return f"  layer {entry['layer']:3d}: kept {len(entry['kept'])}/{entry['num_experts']}  dropped [{shown}]"
 
 
-def resolve_calib(calib, tokenizer=None, nsamples: int = 128, seqlen: int = 512, seed: int | None = None):
-    """calib: LongTensor [N, L] of token ids, a path to a .txt file/folder, 'domain[:NAME]', or raw text.
-    -> ([N, L], info)"""
-    wins, _, info = calibration(Recipe.build("frequency", 0.0, calib=_sources(calib), nsamples=nsamples,
-                                             seqlen=seqlen, seed=seed), calib, tokenizer)
-    return wins, info
-
-
 def _is_path(calib) -> bool:
     """A path or bundled-split name (else raw calibration text)."""
     if isinstance(calib, Path):

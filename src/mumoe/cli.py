@@ -177,6 +177,7 @@ def _load_model(name: str, dtype: str | None, device: str | None):
 
 def cmd_compare(args) -> int:
     from . import api
+    from .criteria import get_method
     from .eval.compare import compare, markdown
     from .loading import load_tokenizer
     from .observe.calib import check_sources, tokenize, windows
@@ -187,7 +188,7 @@ def cmd_compare(args) -> int:
     opts = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen), ("seed", args.seed),
                               ("form", args.form), ("scope", args.scope)) if v is not None}
     opts["batch_size"] = args.batch_size or 8  # one pass: one batch size for every method
-    recipes = [Recipe.build(m, r, calib=(args.calib or ["domain"]) if _needs_calib(m) else None, dtype=args.dtype or "fp32",
+    recipes = [Recipe.build(m, r, calib=(args.calib or ["domain"]) if get_method(m).needs_calib else None, dtype=args.dtype or "fp32",
                             device=args.device or "cpu", **opts) for m in methods for r in ratios]
     from .eval.compare import check_recipes
 
@@ -231,12 +232,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _needs_calib(method: str) -> bool:
-    from .criteria import get_method
-
-    return get_method(method).needs_calib
-
-
 def _tty() -> bool:
     return sys.stderr.isatty()
 
@@ -257,21 +252,14 @@ def _eval_texts(spec: str) -> dict[str, str]:
 
 def cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
-    from .loading import DATA, load_tokenizer
-    from .observe.calib import read_text
+    from .loading import load_tokenizer
 
     if args.tasks:
         return _eval_tasks(args)
     if args.ppl is None:
         raise MumoeError("nothing to evaluate: pass --ppl PATH (or --ppl domain for the bundled eval splits) "
                          "or --tasks NAMES")
-    if args.ppl == "domain":
-        texts = {p.parent.name: p for p in sorted(DATA.glob("*/eval.txt"))}
-        if not texts:
-            raise MumoeError(f"no bundled eval splits under {DATA}")
-    else:
-        texts = {Path(args.ppl).stem: args.ppl}
-    texts = {name: read_text(path) for name, path in texts.items()}
+    texts = _eval_texts(args.ppl)
     model = _load_model(args.model, args.dtype, args.device)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:

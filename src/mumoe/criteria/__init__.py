@@ -71,19 +71,16 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
     method reads them), HEAPr atom statistics (forward + backward if any method needs gradients), Wanda input
     norms. -> name: per MoE layer [E] (expert grain) or [E, I] (atom grain); weight grain: {param: scores}.
     groups: [N] calibration source of each window (EASY-EP normalizes per source)."""
-    from ..models import adapter_for
+    from ..models import adapter_for, moe_adapter_for
     from ..observe.collectors import AtomStats, ExpertStats, InputNorms
     from ..observe.runner import run
     from . import weight as weight_scores
     from .heapr import atom_scores
 
     methods = [get_method(n) for n in names]
-    moe = adapter_for(model).moe_layers() if any(m.grain != "weight" for m in methods) else []
-    if any(m.grain != "weight" for m in methods):
-        from ..models import moe_adapter_for
-
-        moe_adapter_for(model)  # expert and atom grains need routed experts: one clear line for a dense model
-    layers = layers if layers is not None else moe
+    if layers is None:  # expert and atom grains need routed experts: one clear line for a dense model
+        needs_moe = any(m.grain != "weight" for m in methods)
+        layers = moe_adapter_for(model).moe_layers() if needs_moe else adapter_for(model).moe_layers()
     calibrated = [m for m in methods if m.needs_calib]
     if calibrated and calib is None:
         raise MumoeError(f"method {calibrated[0].name!r} needs calibration data (--calib PATH)")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..criteria import get_method
 from ..errors import MumoeError
 from ..recipe import Recipe
 from .perplexity import perplexity_of_windows
@@ -78,7 +79,7 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
         pruned = copy.deepcopy(model)
         report = apply_recipe(pruned, r, wins, groups, scores=scores[r.method])
         row = {"method": label(r), "grain": r.grain, "ratio": r.ratio,
-               "calib": calib_label if get_needs_calib(r) else "-", "kept": _kept_summary(report.layers, r.grain)}
+               "calib": calib_label if get_method(r.method).needs_calib else "-", "kept": _kept_summary(report.layers, r.grain)}
         if evals:
             row["ppl"] = _evaluate(pruned, evals, eval_batch_size)
         rows.append(row)
@@ -87,12 +88,6 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
             log(f"  {row['method']} {r.ratio:.0%}: {row.get('ppl', row['kept'])}")
         del pruned
     return CompareResult(rows, scores, pass_seconds, reports)
-
-
-def get_needs_calib(recipe: Recipe) -> bool:
-    from ..criteria import get_method
-
-    return get_method(recipe.method).needs_calib
 
 
 def _kept_summary(layers: list[dict], grain: str) -> str:

@@ -7,6 +7,7 @@ given — `nsamples` random windows drawn Wanda-style (random start offsets, see
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -108,7 +109,7 @@ def spec_windows(tokenizer, spec) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """A CalibSpec -> (windows [N, seqlen], source index of each window [N], info for pruning.json).
     nsamples is split evenly over the sources; each source is tokenized once on its own."""
     sources = expand_sources(spec.sources)
-    counts = type(spec)(tuple(sources), spec.nsamples, spec.seqlen, spec.seed, spec.batch_size).per_source()
+    counts = replace(spec, sources=tuple(sources)).per_source()
     texts = [read_text(src) for src in sources]  # missing / empty / unreadable texts first, each read once
     if tokenizer is None:
         raise MumoeError("calibration text needs a tokenizer (this model has none); pass token ids [N, L]")
