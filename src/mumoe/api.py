@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
-
-from dataclasses import replace
 
 from .apply.experts import remove_experts
 from .apply.export import PruneReport
@@ -165,15 +164,16 @@ def _prune_experts(model: nn.Module, recipe: Recipe, wins, groups, verbose: bool
         if order != "one-shot":
             raise MumoeError("precomputed scores are one-shot; progressive scoring needs its own passes")
     elif order == "progressive":
-        scores = []
+        scores, keep = [], {}
         for layer in layers:  # score this layer on the model whose earlier layers are already sliced
             s = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=[layer])[m.name][0]
             scores.append(s)
-            remove_experts(model, {layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group,
-                                                             m.prune_highest)})
+            keep.update(select_experts([layer], [s], ratio, budget, m.prune_highest))
+            remove_experts(model, {layer.index: keep[layer.index]})
     else:
         scores = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=layers)[m.name]
-    keep = select_experts(layers, scores, ratio, budget, m.prune_highest)
+    if order != "progressive":
+        keep = select_experts(layers, scores, ratio, budget, m.prune_highest)
     report = PruneReport(
         method=m.name, grain=m.grain, ratio=ratio, budget=budget, scoring_order=order,
         model={"num_experts": len(scores[0])},

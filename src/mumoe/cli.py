@@ -179,7 +179,7 @@ def cmd_compare(args) -> int:
     from . import api
     from .criteria import get_method
     from .eval.compare import compare, markdown
-    from .loading import load_tokenizer
+    from .loading import check_model, load_tokenizer
     from .observe.calib import check_sources, tokenize, windows
     from .recipe import Recipe
 
@@ -195,16 +195,17 @@ def cmd_compare(args) -> int:
     check_recipes(recipes)
     cal = next((r for r in recipes if r.calib.sources), None)
     if cal is not None:
-        check_sources(cal.calib.sources)
-    eval_texts = _eval_texts(args.eval) if args.eval else None
+        check_sources(cal.calib.sources, read=False)
     if args.out:
         from .apply.export import check_output_dir
 
         check_output_dir(args.out, args.overwrite)
+    check_model(args.model)
+    eval_texts = _eval_texts(args.eval) if args.eval else None
     t0 = time.perf_counter()
-    model = _load_model(args.model, args.dtype, args.device)
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model)  # calibration windows cut (each text read once) before the weights load
     wins, groups, info = api.calibration(cal, None, tok) if cal is not None else (None, None, {})
+    model = _load_model(args.model, args.dtype, args.device)
     evals = None
     if eval_texts:
         if tok is None:

@@ -130,7 +130,8 @@ class Observation:
         self.collectors = list(collectors)
         adapter = adapter_for(model)
         self.layers = layers if layers is not None else adapter.moe_layers()
-        self.attention_mask: torch.Tensor | None = None  # [B, L] of the next forward, or None
+        self._mask: torch.Tensor | None = None  # [B, L] of the next forward, or None
+        self._valid: dict = {}  # (n_tokens, device) -> valid mask of the current attention mask
         self.window_groups: torch.Tensor | None = None  # [B] source index of each window of the next forward
         self.seqlen = 0  # tokens per window of the next forward
         self._handles: list = []
@@ -144,14 +145,27 @@ class Observation:
         self._handles.append(handle)
 
     # -- padding -------------------------------------------------------------------------------------
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @attention_mask.setter
+    def attention_mask(self, mask: torch.Tensor | None) -> None:
+        self._mask = mask
+        self._valid = {}
+
     def valid(self, n_tokens: int, device) -> torch.Tensor | None:
-        """Flat [T] bool mask of non-padding tokens of the current forward, or None when every token counts."""
-        if self.attention_mask is None:
+        """Flat [T] bool mask of non-padding tokens of the current forward, or None when every token counts.
+        Computed once per forward and token count (every hook of the forward asks; one device sync)."""
+        if self._mask is None:
             return None
-        mask = self.attention_mask.reshape(-1).to(device=device).bool()
-        if mask.numel() != n_tokens:  # decoding with a cache: the last tokens of each row
-            mask = self.attention_mask[:, -(n_tokens // self.attention_mask.shape[0]):].reshape(-1).to(device).bool()
-        return None if bool(mask.all()) else mask
+        key = (n_tokens, str(device))
+        if key not in self._valid:
+            mask = self._mask.reshape(-1).to(device=device).bool()
+            if mask.numel() != n_tokens:  # decoding with a cache: the last tokens of each row
+                mask = self._mask[:, -(n_tokens // self._mask.shape[0]):].reshape(-1).to(device).bool()
+            self._valid[key] = None if bool(mask.all()) else mask
+        return self._valid[key]
 
     def token_groups(self, device) -> torch.Tensor | None:
         """[T] source index of every valid token of the current forward (None when no groups were given)."""
