@@ -6,8 +6,8 @@ needs calibration data. Any set of calibrated methods shares one observation pas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

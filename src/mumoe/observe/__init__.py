@@ -2,8 +2,31 @@
 
 from .calib import calibration_windows, read_text, tokenize, windows
 from .collectors import AtomStats, ExpertStats, InputNorms, LayerStats, OnRoute
-from .runner import Collector, ExpertEvent, MoEObserver, Observation, RouteEvent, Routed, run
+from .runner import (
+           Collector,
+           ExpertEvent,
+           MoEObserver,
+           Observation,
+           Routed,
+           RouteEvent,
+           run,
+)
 
-__all__ = ["calibration_windows", "read_text", "tokenize", "windows", "AtomStats", "ExpertStats", "InputNorms",
-           "LayerStats", "OnRoute", "Collector", "ExpertEvent", "MoEObserver", "Observation", "RouteEvent", "Routed",
-           "run"]
+__all__ = [
+           "AtomStats",
+           "Collector",
+           "ExpertEvent",
+           "ExpertStats",
+           "InputNorms",
+           "LayerStats",
+           "MoEObserver",
+           "Observation",
+           "OnRoute",
+           "RouteEvent",
+           "Routed",
+           "calibration_windows",
+           "read_text",
+           "run",
+           "tokenize",
+           "windows",
+]

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..models import MoELayer, adapter_for
 from ..models.prunable import prunable_linears
-from .runner import Collector, Observation, RouteEvent, Routed, run
+from .runner import Collector, Observation, Routed, RouteEvent, run
 
 F64 = torch.float64
 
@@ -50,7 +50,7 @@ class LayerStats:
             if getattr(self, name) is None:
                 setattr(self, name, torch.zeros(E, dtype=F64))
 
-    def to(self, device) -> "LayerStats":
+    def to(self, device) -> LayerStats:
         for name in self.SUMS:
             setattr(self, name, getattr(self, name).to(device))
         self.pool_logits = [t.to(device) for t in self.pool_logits]
@@ -118,6 +118,21 @@ class ExpertStats(Collector):
     def result(self) -> list[LayerStats]:
         return [self.stats[layer.index].to("cpu") for layer in self.layers]
 
+    def reduce(self, index: int, total: Callable, cat: Callable) -> None:
+        """Combine layer `index`'s sums across data-parallel ranks: `total` sums a tensor in place, `cat`
+        concatenates rows (the PEU pool)."""
+        st = self.stats[index]
+        for name in LayerStats.SUMS:
+            total(getattr(st, name))
+        n = torch.tensor([float(st.n_tokens)], dtype=F64, device=st.freq.device)
+        st.n_tokens = int(total(n).item())
+        if st.easy_groups is not None:
+            total(st.easy_groups)
+        k = st.layer.top_k
+        logits = torch.cat(st.pool_logits) if st.pool_logits else st.freq.new_zeros(0, k)
+        index_ = torch.cat(st.pool_index) if st.pool_index else st.freq.new_zeros(0, k, dtype=torch.long)
+        st.pool_logits, st.pool_index = [cat(logits)], [cat(index_)]
+
 
 # -- atoms (HEAPr) -----------------------------------------------------------------------------------------
 @dataclass
@@ -129,7 +144,7 @@ class AtomLayerStats:
     g2: torch.Tensor  # Σ (∂L/∂h)²
     hg2: torch.Tensor  # Σ h²·(∂L/∂h)²
 
-    def to(self, device) -> "AtomLayerStats":
+    def to(self, device) -> AtomLayerStats:
         return AtomLayerStats(*(t.to(device) for t in (self.count, self.h2, self.g2, self.hg2)))
 
 
@@ -171,6 +186,12 @@ class AtomStats(Collector):
 
         r.on_grad_h(grab)
 
+    def reduce(self, layer: MoELayer, total: Callable) -> None:
+        """Sum `layer`'s statistics across data-parallel ranks (`total` sums a tensor in place)."""
+        st = self._st(layer, layer.router_weight.device)
+        for t in (st.count, st.h2, st.g2, st.hg2):
+            total(t)
+
     def result(self) -> list[AtomLayerStats]:
         out = []
         for layer in self.layers:
@@ -203,7 +224,7 @@ class InputNorms(Collector):
 
     def _col_sq(self, x: torch.Tensor) -> torch.Tensor:
         """Σ_t x_tj² per column of x [T, d]: fp32 within one pass (relative error ~1e-7), float64 across passes."""
-        x = x.float()
+        x = x.detach().float()  # a backward pass (HEAPr in the same pass) must not track the statistics
         if self._scratch is None or self._scratch.numel() < x.numel() or self._scratch.device != x.device:
             self._scratch = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
         return torch.mul(x, x, out=self._scratch[: x.numel()].view(x.shape)).sum(0).double()
@@ -254,7 +275,21 @@ class InputNorms(Collector):
                     acc["dn_all"][e] += self._col_sq(layer.expert_hidden(e, x))
         self.seconds += time.perf_counter() - t0
 
-    def result(self) -> dict[str, torch.Tensor]:
+    def reduce(self, prefix: str, total: Callable) -> None:
+        """Sum the statistics of every weight under module `prefix` across data-parallel ranks."""
+        for name, v in self.sq.items():
+            if name.startswith(prefix + "."):
+                total(v)
+        for name, acc in self.fused.items():
+            if name.startswith(prefix + "."):
+                for v in acc.values():
+                    total(v)
+
+    def result(self, prefix: str | None = None) -> dict[str, torch.Tensor]:
+        """{param name: ‖X_j‖₂}; prefix: only the weights under that module (one decoder layer)."""
+        if prefix is not None:
+            keep = lambda n: n.startswith(prefix + ".")
+            return {k: v for k, v in self.result().items() if keep(k)}
         sq = dict(self.sq)
         for prefix, acc in self.fused.items():  # experts never routed over all passes use their fallback sums
             unrouted = (acc["n"] == 0)[:, None]

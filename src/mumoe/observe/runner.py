@@ -24,8 +24,8 @@ Padding tokens (`attention_mask == 0`) are dropped before anything reaches a col
 from __future__ import annotations
 
 import types
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ class Collector:
     needs_experts: bool = False
     needs_backward: bool = False
 
-    def attach(self, obs: "Observation") -> None:
+    def attach(self, obs: Observation) -> None:
         """Install extra hooks (obs.add_handle) before the pass."""
 
     def on_route(self, ev: RouteEvent) -> None:
@@ -114,7 +114,7 @@ class Collector:
     def on_routed(self, r: Routed) -> None:
         pass
 
-    def on_forward_start(self, obs: "Observation") -> None:
+    def on_forward_start(self, obs: Observation) -> None:
         """Called before each forward of the pass (obs.valid is that forward's padding mask)."""
 
     def detach(self) -> None:
@@ -237,7 +237,7 @@ class Observation:
         return forward
 
     # -- context -------------------------------------------------------------------------------------
-    def __enter__(self) -> "Observation":
+    def __enter__(self) -> Observation:
         try:
             if self._routes:
                 for layer in self.layers:

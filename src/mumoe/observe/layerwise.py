@@ -1,0 +1,214 @@
+"""A checkpoint run one decoder layer at a time: the model skeleton lives on the meta device and each part
+(embeddings, one decoder layer, final norm + lm_head) is materialised from the safetensors files only while it
+is needed, then freed.
+
+    ckpt = LayerwiseCheckpoint("path/to/checkpoint", dtype=torch.bfloat16, device="cuda")
+    with ckpt.part("model.layers.3") as layer:   # weights read tensor by tensor, straight into place
+        out = layer(hidden, **kwargs)
+    # here layer 3 is back on the meta device (its memory freed)
+
+Both expert layouts are read (fused `experts.gate_up_proj [E, 2I, H]`, and the per-expert
+`experts.J.{gate,up,down}_proj.weight` / Mixtral `block_sparse_moe.experts.J.w1|w2|w3.weight` that
+save_pretrained and the hub write), from one file or a sharded index. Every parameter and buffer of a part must
+be filled from the files, or materialising it fails with one line naming what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..checkpoint import FUSED, KIND, LEGACY, read_header, shard_files
+from ..errors import MumoeError
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where (part of) a model tensor comes from: `key` in `file`, copied into `target[index]`."""
+
+    file: Path
+    key: str
+    index: tuple  # () = the whole tensor; (e,) one expert; (e, slice) gate or up rows of one expert
+
+
+def _target(key: str, has_block_sparse: bool) -> tuple[str, tuple]:
+    """Checkpoint key -> (model parameter name, index into it)."""
+    if m := LEGACY.match(key):
+        pre, e, kind = m["pre"], int(m["e"]), KIND[m["kind"]]
+        if not has_block_sparse:
+            pre = pre.replace(".block_sparse_moe.", ".mlp.")
+        if kind == "down_proj":
+            return f"{pre}.down_proj", (e,)
+        return f"{pre}.gate_up_proj", (e, kind)  # gate rows first, then up rows (resolved on copy)
+    if not has_block_sparse:
+        key = key.replace(".block_sparse_moe.", ".mlp.")
+    return key, ()
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+class LayerwiseCheckpoint:
+    """The model of a local safetensors checkpoint as a meta-device skeleton whose parts are materialised on
+    demand (`part`). `model` is a normal transformers model object: adapters, hooks and collectors see it as
+    usual; only the part inside a `part(...)` block has real weights."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype | str | None = None, device="cpu") -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.path = Path(path)
+        if not (self.path / "config.json").exists():
+            raise MumoeError(f"{self.path} is not a model folder (no config.json)")
+        try:
+            self.config = AutoConfig.from_pretrained(self.path)
+        except (OSError, ValueError, KeyError) as e:
+            raise MumoeError(f"cannot read {self.path / 'config.json'}: {str(e).splitlines()[0]}") from e
+        if dtype == "auto" or dtype is None:
+            dtype = _config_dtype(self.config)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._rebuild_rotary()
+        has_bs = any(".block_sparse_moe." in n for n, _ in self.model.named_parameters())
+        self.sources: dict[str, list[Source]] = defaultdict(list)
+        self.shapes: dict[str, list] = {}
+        for file in shard_files(self.path):
+            for key, meta in read_header(file).items():
+                name, index = _target(key, has_bs)
+                self.sources[name].append(Source(file, key, index))
+                self.shapes[key] = meta["shape"]
+        self.resident: set[str] = set()
+
+    # -- structure -------------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        """The inner model holding embed_tokens, layers and norm."""
+        return self.model.model
+
+    def layer_names(self) -> list[str]:
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return [names[id(layer)] for layer in self.decoder.layers]
+
+    def _rebuild_rotary(self) -> None:
+        """Rotary embeddings hold computed (non-persistent) buffers, never in a checkpoint: build them for real."""
+        for name, module in list(self.model.named_modules()):
+            if name.endswith("rotary_emb"):
+                with torch.device(self.device):
+                    real = type(module)(config=self.config)
+                parent = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.model
+                setattr(parent, name.rsplit(".", 1)[-1], real)
+
+    # -- materialising ---------------------------------------------------------------------------------
+    def _fill(self, name: str, tensor: torch.Tensor, handles: dict) -> None:
+        """Copy every source of model tensor `name` into `tensor` (already allocated on the device)."""
+        sources = self.sources.get(name)
+        if not sources and name.endswith("lm_head.weight") and getattr(self.config, "tie_word_embeddings", False):
+            sources = self.sources.get(self.input_embeddings_name())
+        if not sources:
+            raise MumoeError(f"{self.path}: no tensor for {name} in the checkpoint files")
+        filled = 0
+        for src in sources:
+            fh = handles.get(src.file)
+            if fh is None:
+                fh = handles[src.file] = safe_open(src.file, "pt")
+            value = fh.get_tensor(src.key)
+            if not src.index:
+                dst = tensor
+            elif len(src.index) == 1:
+                dst = tensor[src.index[0]]
+            else:
+                e, kind = src.index
+                half = tensor.shape[1] // 2
+                dst = tensor[e, :half] if kind == "gate_proj" else tensor[e, half:]
+            if tuple(dst.shape) != tuple(value.shape):
+                raise MumoeError(f"{src.file.name}: {src.key} has shape {list(value.shape)}, the model expects "
+                                 f"{list(dst.shape)} for {name}")
+            dst.copy_(value)
+            filled += value.numel()
+            del value
+        if filled != tensor.numel():
+            raise MumoeError(f"{self.path}: {name} is only partly in the checkpoint files "
+                             f"({filled} of {tensor.numel()} values; an expert missing?)")
+
+    def input_embeddings_name(self) -> str:
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return names[id(self.model.get_input_embeddings())] + ".weight"
+
+    def materialise(self, name: str) -> nn.Module:
+        """Allocate part `name` (a module path) on the device and read its weights; -> the module."""
+        module = self.model.get_submodule(name)
+        if name in self.resident:
+            return module
+        module.to_empty(device=self.device)
+        handles: dict = {}
+        with torch.no_grad():
+            for local, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+                self._fill(f"{name}.{local}" if name else local, tensor, handles)
+        self.resident.add(name)
+        return module
+
+    def release(self, name: str) -> None:
+        """Free part `name` (back to the meta device)."""
+        if name in self.resident:
+            self.model.get_submodule(name).to("meta")
+            self.resident.discard(name)
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[nn.Module]:
+        """Materialise part `name` for the duration of the block (released after, also on error)."""
+        held = name in self.resident
+        module = self.materialise(name)
+        try:
+            yield module
+        finally:
+            if not held:
+                self.release(name)
+
+    def head_names(self) -> list[str]:
+        """The parts the loss needs after the last decoder layer: final norm and lm_head."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return [names[id(self.decoder.norm)], names[id(self.model.get_output_embeddings())]]
+
+    def layer_bytes(self) -> int:
+        """Bytes of the largest decoder layer in the load dtype (the resident weights of a pass)."""
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        return max(sum(p.numel() for p in layer.parameters()) * size for layer in self.decoder.layers)
+
+    def checkpoint_bytes(self) -> int:
+        return sum(f.stat().st_size for f in shard_files(self.path))
+
+
+def is_layerwise_source(name: str | Path) -> bool:
+    """True when `name` is a local folder with safetensors weights (a checkpoint `LayerwiseCheckpoint` reads)."""
+    path = Path(str(name))
+    if not (path / "config.json").exists():
+        return False
+    return (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors"))
+
+
+def source_dtype(path: str | Path) -> torch.dtype:
+    """The checkpoint's own dtype (config's `dtype`/`torch_dtype`, else fp32)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    return getattr(torch, name, torch.float32) if isinstance(name, str) else torch.float32
+
+
+_LAYER_KEY = re.compile(r"^(?P<pre>.*?\.layers)\.(?P<layer>\d+)\.")
+__all__ = ["FUSED", "LayerwiseCheckpoint", "Source", "is_layerwise_source", "source_dtype"]
