@@ -174,12 +174,7 @@ def _prune_experts(model: nn.Module, recipe: Recipe, wins, groups, verbose: bool
         scores = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=layers)[m.name]
     if order != "progressive":
         keep = select_experts(layers, scores, ratio, budget, m.prune_highest)
-    report = PruneReport(
-        method=m.name, grain=m.grain, ratio=ratio, budget=budget, scoring_order=order,
-        model={"num_experts": len(scores[0])},
-        layers=[{"layer": layer.index, "num_experts": len(s), "kept": keep[layer.index],
-                 "scores": [float(v) for v in s]} for layer, s in zip(layers, scores)],
-    )
+    report = expert_report(recipe, layers, scores, keep)
     counts = [len(k) for k in keep.values()] if order == "progressive" else remove_experts(model, keep)
     report.form = "hf" if len(set(counts)) == 1 else "mumoe"
     if verbose:
@@ -190,6 +185,41 @@ def _prune_experts(model: nn.Module, recipe: Recipe, wins, groups, verbose: bool
               "; per-layer expert counts differ: an HF config cannot hold them, so the export is in mumoe's "
               "own form (load it with mumoe.load)"))
     return report
+
+
+def expert_report(recipe: Recipe, layers, scores, keep: dict[int, list[int]]) -> PruneReport:
+    """The report of an expert-grain run: per MoE layer its kept experts and raw scores."""
+    m = get_method(recipe.method)
+    return PruneReport(
+        method=m.name, grain=m.grain, ratio=recipe.ratio, budget=recipe.expert.budget,
+        scoring_order=recipe.expert.order, model={"num_experts": len(scores[0])},
+        layers=[{"layer": layer.index, "num_experts": len(s), "kept": keep[layer.index],
+                 "scores": [float(v) for v in s]} for layer, s in zip(layers, scores)])
+
+
+def atom_report(recipe: Recipe, layers, scores) -> PruneReport:
+    """The report of an atom-grain run (keep sets chosen from `scores`, one [E, I] per MoE layer); masks of the
+    global form in `report.masks` (not serialized)."""
+    from .select.atoms import keep_global_atoms, keep_uniform_atoms
+
+    form, scope, ratio = recipe.atom.form, recipe.atom.scope, recipe.ratio
+    entries = []
+    if form == "uniform":
+        keeps = [keep_uniform_atoms(s, ratio) for s in scores]
+        for layer, k in zip(layers, keeps):
+            entries.append({"layer": layer.index, "num_experts": layer.num_experts,
+                            "intermediate_size": layer.intermediate_size, "kept_width": k.shape[-1],
+                            "experts": [{"expert": e, "kept": k[e].tolist()} for e in range(k.shape[0])]})
+    else:
+        for layer, mk in zip(layers, keep_global_atoms(scores, ratio, scope)):
+            entries.append({"layer": layer.index, "num_experts": layer.num_experts,
+                            "intermediate_size": layer.intermediate_size,
+                            "experts": [{"expert": e, "kept": torch.nonzero(mk[e]).flatten().tolist()}
+                                        for e in range(mk.shape[0])]})
+    return PruneReport(
+        method=recipe.method, grain="atom", ratio=ratio, budget=f"{form}" + ("" if form == "uniform" else f"/{scope}"),
+        form="hf" if form == "uniform" else "mumoe-atoms", model={"num_experts": layers[0].num_experts},
+        layers=entries)
 
 
 def select_experts(layers, scores, ratio: float, budget: str, prune_highest: bool) -> dict[int, list[int]]:
@@ -275,37 +305,26 @@ def _prune_atoms(model: nn.Module, recipe: Recipe, wins, verbose: bool, scores=N
     over all layers (scope="global", HEAPr) or per layer (scope="layer"); widths differ per expert, removed
     atoms are zeroed in memory and the export (mumoe's own form) stores only the kept ones."""
     from .apply.atoms import mask_atoms, slice_atoms_uniform
-    from .select.atoms import keep_global_atoms, keep_uniform_atoms
 
-    form, scope, ratio = recipe.atom.form, recipe.atom.scope, recipe.ratio
+    form = recipe.atom.form
     adapter = moe_adapter_for(model)
     layers = adapter.moe_layers()
     t0 = time.perf_counter()
     if scores is None:
         scores = score_methods(model, [recipe.method], wins, None, recipe.calib.seed, recipe.calib.batch_size,
                                verbose, layers=layers)[recipe.method]  # [E, I] each
-    entries = []
+    report = atom_report(recipe, layers, scores)
+    entries = report.layers
+    for layer, e in zip(layers, entries):
+        if form == "uniform":
+            slice_atoms_uniform(layer, torch.tensor([x["kept"] for x in e["experts"]], dtype=torch.long))
+        else:
+            mask = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
+            for x in e["experts"]:
+                mask[x["expert"], x["kept"]] = True
+            mask_atoms(layer, mask)
     if form == "uniform":
-        keeps = [keep_uniform_atoms(s, ratio) for s in scores]
-        for layer, k in zip(layers, keeps):
-            entries.append({"layer": layer.index, "num_experts": layer.num_experts,
-                            "intermediate_size": layer.intermediate_size, "kept_width": k.shape[-1],
-                            "experts": [{"expert": e, "kept": k[e].tolist()} for e in range(k.shape[0])]})
-        adapter.set_expert_width(keeps[0].shape[-1])
-        for layer, k in zip(layers, keeps):
-            slice_atoms_uniform(layer, k)
-    else:
-        masks = keep_global_atoms(scores, ratio, scope)
-        for layer, m in zip(layers, masks):
-            entries.append({"layer": layer.index, "num_experts": layer.num_experts,
-                            "intermediate_size": layer.intermediate_size,
-                            "experts": [{"expert": e, "kept": torch.nonzero(m[e]).flatten().tolist()}
-                                        for e in range(m.shape[0])]})
-            mask_atoms(layer, m)
-    report = PruneReport(
-        method=recipe.method, grain="atom", ratio=ratio, budget=f"{form}" + ("" if form == "uniform" else f"/{scope}"),
-        form="hf" if form == "uniform" else "mumoe-atoms", model={"num_experts": layers[0].num_experts},
-        layers=entries)
+        adapter.set_expert_width(len(entries[0]["experts"][0]["kept"]))
     if verbose:
         for e in entries:
             widths = [len(x["kept"]) for x in e["experts"]]
@@ -325,6 +344,9 @@ def _prune_weights(model: nn.Module, recipe: Recipe, wins, verbose: bool) -> Pru
 
     adapter_for(model)
     recipe.check_config(model.config)
+    if recipe.weight.order == "progressive":
+        raise MumoeError("Wanda's progressive order calibrates one layer at a time: it runs on the layer-sequential "
+                         "path (mumoe prune CHECKPOINT --layerwise)")
     ratio, structure = recipe.ratio, recipe.weight.structure
     t0 = time.perf_counter()
     if recipe.method == "wanda":

@@ -146,7 +146,10 @@ def cmd_prune(args) -> int:
         print(f"wrote {args.out} (loads with AutoModelForCausalLM.from_pretrained) in {time.perf_counter() - t0:.1f}s total")
         return 0
     tokenizer = load_tokenizer(model_name)  # the calibration windows are cut before the weights are read
+    layerwise = _use_layerwise(args, recipe, model_name)
     prepared = api.calibration(recipe, None, tokenizer) if recipe.calib.sources else None
+    if layerwise:
+        return _prune_layerwise(args, recipe, resolve(model_name), prepared, t0)
     model = _load_model(model_name, recipe.dtype, recipe.device)
     print(f"loaded {model_name} in {time.perf_counter() - t0:.1f}s; pruning {recipe.describe()}"
           + (f" on {recipe.device}" if recipe.device not in (None, "cpu") else ""))
@@ -162,6 +165,86 @@ def cmd_prune(args) -> int:
     from .apply.forms import get_form
 
     print(f"wrote {out} (loads with {get_form(report.form).loads_with}) in {time.perf_counter() - t0:.1f}s total")
+    return 0
+
+
+def _use_layerwise(args, recipe, model_name: str) -> bool:
+    """--layerwise on|off, or auto: on when the model in its load dtype would not fit in 80% of the memory
+    available now (and the method calibrates on a local safetensors checkpoint)."""
+    from .criteria import get_method
+    from .observe.layerwise import is_layerwise_source
+    from .streamed import check_layerwise
+
+    from .loading import resolve
+
+    mode = args.layerwise
+    model_name = resolve(model_name)
+    if mode == "off":
+        if args.work_dir:
+            raise MumoeError("--work-dir resumes the layer-sequential path; drop it or use --layerwise on")
+        return False
+    local = is_layerwise_source(model_name) and _local_checkpoint(model_name)
+    if mode == "auto":  # --work-dir asks for the resumable path; otherwise only when the model would not fit
+        if not args.work_dir and not (local and get_method(recipe.method).needs_calib
+                                      and _too_big(model_name, recipe.dtype)):
+            return False
+    if not local:
+        raise MumoeError(f"the layer-sequential path (--layerwise, --work-dir) reads a local safetensors checkpoint "
+                         f"folder; {model_name} is not one")
+    check_layerwise(recipe)
+    return True
+
+
+def _too_big(model_name: str, dtype: str | None) -> bool:
+    from .checkpoint import shard_files
+    from .observe.layerwise import source_dtype
+
+    size = sum(f.stat().st_size for f in shard_files(Path(model_name)))
+    want = {"fp32": 4, "bf16": 2, "fp16": 2}.get(dtype or "fp32", 4)
+    size = size * want / source_dtype(model_name).itemsize
+    try:
+        avail = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return False
+    return size > 0.8 * avail
+
+
+def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:
+    from .api import layer_summary
+    from .observe.runner import resolve_device
+    from .observe.sequential import dist_world, init_distributed
+    from .streamed import prune_layerwise
+
+    dev = resolve_device(recipe.device or "cpu")
+    distributed = init_distributed(dev)
+    rank, world = dist_world()
+    if distributed and dev.type == "cuda":
+        import torch
+
+        dev = torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(dev)
+        recipe = type(recipe).from_dict({**recipe.to_dict(), "device": str(dev)})
+    say = rank == 0
+    if say:
+        print(f"pruning {recipe.describe()}, layer by layer from the checkpoint files (model not loaded)"
+              + (f" on {world} ranks" if world > 1 else ""))
+        if recipe.grain == "atom" and recipe.method.startswith("heapr"):
+            print(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
+        got = prepared[2]["nsamples"]
+        print(f"  calibration: {got} windows x {recipe.calib.seqlen} tokens from {', '.join(recipe.calib.sources)}")
+    report = prune_layerwise(path, recipe, args.out, prepared, overwrite=args.overwrite, verbose=say,
+                             work_dir=args.work_dir, spill_bytes=int(args.spill_gb * 2**30))
+    if say:
+        if report.grain == "expert":
+            for entry in report.layers:
+                print(layer_summary(entry))
+        print(f"wrote {args.out} (loads with AutoModelForCausalLM.from_pretrained) in "
+              f"{time.perf_counter() - t0:.1f}s total")
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
@@ -491,8 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "default); global = one ranking over all layers (scores normalized per layer, floor of top_k), "
                     "exported for mumoe.load")
     sp.add_argument("--order", choices=["one-shot", "progressive"],
-                    help="expert methods: one-shot = every layer scored on the unpruned model (default); "
-                    "progressive = layer l scored after layers < l are pruned")
+                    help="expert methods and wanda: one-shot = every layer scored on the unpruned model (default); "
+                    "progressive = layer l scored after layers < l are pruned (llm-compressor's REAP order; the "
+                    "Wanda authors' order, layer-sequential only)")
     sp.add_argument("--form", choices=["uniform", "global"],
                     help="atom methods: uniform = same width for every expert (HF/vLLM loadable, default); "
                     "global = HEAPr's one ranking, per-expert widths (mumoe.load)")
@@ -502,6 +586,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight methods (wanda): row (unstructured per row, default), N:M (e.g. 2:4, then --ratio "
                     "is 1 - N/M) or column")
     sp.add_argument("--in-memory", action="store_true", help="aimer: load the model instead of streaming the files")
+    sp.add_argument("--layerwise", choices=["auto", "on", "off"], default="auto",
+                    help="calibrated methods on a local checkpoint: on = layer-sequential (one decoder layer "
+                    "resident at a time, read from the safetensors files; the pruned checkpoint written tensor by "
+                    "tensor); off = load the whole model; auto (default) = on when the model would not fit in "
+                    "80%% of the available memory. Runs under torchrun (data-parallel windows)")
+    sp.add_argument("--work-dir", help="layer-sequential: checkpoint every finished layer here; the same command "
+                    "again resumes after the last finished layer (removed when the run completes)")
+    sp.add_argument("--spill-gb", type=float, default=8.0,
+                    help="layer-sequential: activations beyond this many GiB go to disk (default 8)")
     sp.add_argument("--batch-size", type=int, help="calibration windows per forward (default 8; 4 for atom methods)")
     sp.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

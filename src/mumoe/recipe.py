@@ -101,6 +101,8 @@ class AtomPart:
 @dataclass(frozen=True)
 class WeightPart:
     structure: str = "row"  # row | N:M | column
+    order: str = "one-shot"  # Wanda: one-shot (every layer on the dense model) or progressive (the Wanda authors'
+    #                          order: layer ℓ calibrated on the already-pruned layers < ℓ; layer-sequential only)
 
 
 GRAIN_PARTS = {"expert": ExpertPart, "atom": AtomPart, "weight": WeightPart}
@@ -160,6 +162,10 @@ class Recipe:
                 raise MumoeError(f"unknown scope {part.scope!r}; use global or layer")
         else:
             nm = parse_structure(part.structure)
+            if part.order not in ORDERS:
+                raise MumoeError(f"unknown scoring order {part.order!r}; available: {', '.join(ORDERS)}")
+            if self.method != "wanda" and part.order != "one-shot":
+                object.__setattr__(self, "weight", replace(part, order="one-shot"))
             if self.method == "magnitude" and part.structure != "row":
                 raise MumoeError("magnitude pruning has one threshold per matrix; --structure applies to wanda")
             if nm is not None and not math.isclose(self.ratio, 1 - nm[0] / nm[1], abs_tol=1e-9):
@@ -186,7 +192,8 @@ class Recipe:
                                                         " ranked over all layers" if self.atom.scope == "global"
                                                         else " ranked per layer")
         else:
-            what = f"weights ({self.weight.structure})"
+            what = f"weights ({self.weight.structure}" + (
+                ", progressive order)" if self.weight.order == "progressive" else ")")
         return f"{self.ratio:.0%} of {what} with {self.method}"
 
     # -- construction --------------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ class Recipe:
         sources = () if calib is None else (calib,) if isinstance(calib, (str, Path)) else tuple(calib)
         bs = batch_size if batch_size is not None else (4 if m.grain == "atom" else 8)
         part = {"expert": {"expert": ExpertPart(budget, order)}, "atom": {"atom": AtomPart(form, scope)},
-                "weight": {"weight": WeightPart(structure)}}[m.grain]
+                "weight": {"weight": WeightPart(structure, order)}}[m.grain]
         return cls(method, ratio, CalibSpec(sources, nsamples, seqlen, seed, bs), dtype=dtype, device=device, **part)
 
     def to_dict(self) -> dict:

@@ -1,75 +1,167 @@
-"""Streamed export: the pruned checkpoint written shard by shard from the source safetensors files (experts and
-router rows sliced on the way), the model never loaded. Reading: `mumoe.checkpoint`."""
+"""Streamed apply and export: the pruned checkpoint written tensor by tensor from the source safetensors files,
+the model never materialised. Each source tensor goes through a transform (experts dropped and renumbered,
+router rows sliced, atoms sliced, Wanda masks applied) and into output shards of bounded size, so resident
+memory stays at about one shard buffer (+ one decoder layer for Wanda, whose masks need the layer's weights).
+Tensors keep the source's layout (fused or per-expert keys) and dtype. Reading: `mumoe.checkpoint`."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..checkpoint import FUSED, KIND, LEGACY, ROUTER, read_header, shard_files  # noqa: F401
+from ..checkpoint import FUSED, KIND, LEGACY, ROUTER, shard_files
 from ..errors import MumoeError
 from ..models.base import EXPERT_COUNT_KEYS
 from .export import PruneReport, atomic_output
 
-def _rewrite_config(cfg: dict, n: int) -> None:
-    for key in EXPERT_COUNT_KEYS:
+# (source key, read() -> tensor) -> [(output key, tensor)]
+Transform = Callable[[str, Callable[[], torch.Tensor]], list[tuple[str, torch.Tensor]]]
+SKIP_FILES = ("model.safetensors.index.json", "pruning.json", "config.json", "card.json", "CARD.md")
+
+
+def rewrite_config(cfg: dict, changes: dict) -> None:
+    """Set every key of `changes` present in cfg (and its nested text/language configs); only values change."""
+    for key, value in changes.items():
         if key in cfg:
-            cfg[key] = n
+            cfg[key] = value
     for sub in ("text_config", "language_config", "llm_config"):
         if isinstance(cfg.get(sub), dict):
-            _rewrite_config(cfg[sub], n)
+            rewrite_config(cfg[sub], changes)
 
 
-def prune_checkpoint(path: str | Path, out: str | Path, report: PruneReport, overwrite: bool = False,
-                     progress: bool = True) -> Path:
-    """Write `path` with only the experts kept in `report`, shard by shard, atomically (temp dir + rename)."""
+class ShardWriter:
+    """Output shards of at most `max_bytes` each (one tensor larger than that gets a shard of its own), named
+    as save_pretrained names them; `finish()` writes the index when there is more than one."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[list[str]] = []
+        self.total = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if self.buffer and self.size + n > self.max_bytes:
+            self.flush()
+        self.buffer[key] = t.contiguous()
+        self.size += n
+        self.total += n
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        save_file(self.buffer, self.folder / f"part-{len(self.files):05d}.safetensors", metadata={"format": "pt"})
+        self.files.append(list(self.buffer))
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            (self.folder / "part-00000.safetensors").rename(self.folder / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for i, keys in enumerate(self.files):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.folder / f"part-{i:05d}.safetensors").rename(self.folder / name)
+            weight_map.update({k: name for k in keys})
+            names.append(name)
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
+
+def _keys(path: Path) -> Iterator[tuple[Path, str]]:
+    for file in shard_files(path):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                yield file, key
+
+
+def write_streamed(path: str | Path, out: str | Path, report: PruneReport, transform: Transform,
+                   config_changes: dict, overwrite: bool = False, progress: bool = True,
+                   max_shard_bytes: int = 2 << 30) -> Path:
+    """Write `path` through `transform`, tensor by tensor, atomically (temp dir beside `out`, then rename).
+    Config keys as the source spells them (only the values in `config_changes` change); tokenizer and other
+    files copied byte for byte; pruning.json from `report`."""
     path = Path(path)
-    keep = report.kept()
-    counts = {len(v) for v in keep.values()}
-    if len(counts) != 1:
-        raise MumoeError("streamed export needs the same expert count in every layer (uniform budget)")
+    keys = list(_keys(path))
     with atomic_output(out, overwrite) as tmp:
-        weight_map = {}
-        files = shard_files(path)
-        for file in tqdm(files, desc="writing pruned shards", disable=not progress, unit="shard"):
-            tensors = _pruned_shard(file, keep)
-            save_file(tensors, tmp / file.name, metadata={"format": "pt"})
-            weight_map.update({k: file.name for k in tensors})
-            del tensors
-        if len(files) > 1:
-            index = {"metadata": {}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        writer = ShardWriter(tmp, max_shard_bytes)
+        handles: dict = {}
+        try:
+            for file, key in tqdm(keys, desc="writing pruned tensors", disable=not progress, unit="tensor"):
+                fh = handles.get(file)
+                if fh is None:
+                    fh = handles[file] = safe_open(file, "pt")
+                for out_key, t in transform(key, lambda fh=fh, key=key: fh.get_tensor(key)):
+                    writer.add(out_key, t)
+            writer.finish()
+        finally:
+            handles.clear()
         for extra in path.iterdir():
-            if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name not in (
-                    "model.safetensors.index.json", "pruning.json", "config.json", "card.json", "CARD.md"):
+            if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name not in SKIP_FILES:
                 shutil.copy2(extra, tmp / extra.name)
         cfg = json.loads((path / "config.json").read_text())
-        _rewrite_config(cfg, counts.pop())
+        rewrite_config(cfg, config_changes)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "pruning.json").write_text(report.to_json())
     return Path(out)
 
 
-def _pruned_shard(file: Path, keep: dict[int, list[int]]) -> dict[str, torch.Tensor]:
-    """One shard's tensors with dropped experts removed (legacy experts renumbered), router rows sliced."""
-    tensors = {}
-    with safe_open(file, "pt") as f:
-        for key in f.keys():
-            if (m := LEGACY.match(key)) and int(m["layer"]) in keep:
-                kept = keep[int(m["layer"])]
-                if int(m["e"]) in kept:
-                    tensors[f"{m['pre']}.{kept.index(int(m['e']))}.{m['kind']}.weight"] = f.get_tensor(key)
-            elif (m := FUSED.match(key)) and int(m["layer"]) in keep:
-                sl = f.get_slice(key)
-                tensors[key] = torch.stack([sl[e] for e in keep[int(m["layer"])]])
-            elif (m := ROUTER.match(key)) and int(m["layer"]) in keep:
-                tensors[key] = f.get_tensor(key).index_select(0, torch.tensor(keep[int(m["layer"])]))
-            else:
-                tensors[key] = f.get_tensor(key)
-    return tensors
+# -- transforms ----------------------------------------------------------------------------------------------
+def expert_transform(keep: dict[int, list[int]]) -> Transform:
+    """Drop the experts not in `keep` (decoder layer -> kept, sorted), renumber per-expert keys, slice router
+    rows / bias / correction bias and fused expert tensors."""
+    def transform(key: str, read):
+        if (m := LEGACY.match(key)) and int(m["layer"]) in keep:
+            kept = keep[int(m["layer"])]
+            e = int(m["e"])
+            return [(f"{m['pre']}.{kept.index(e)}.{m['kind']}.weight", read())] if e in kept else []
+        if ((m := FUSED.match(key)) or (m := ROUTER.match(key))) and int(m["layer"]) in keep:
+            return [(key, read().index_select(0, torch.tensor(keep[int(m["layer"])])))]
+        return [(key, read())]
+    return transform
+
+
+def atom_transform(keep: dict[int, torch.Tensor]) -> Transform:
+    """Keep each expert's atoms `keep[layer][e]` (sorted neuron indices, the same count for every expert):
+    gate/up rows and down columns; fused gate_up [E, 2I, H] keeps rows k and I + k."""
+    def transform(key: str, read):
+        if (m := LEGACY.match(key)) and int(m["layer"]) in keep:
+            k = keep[int(m["layer"])][int(m["e"])]
+            w = read()
+            return [(key, w[:, k] if KIND[m["kind"]] == "down_proj" else w[k])]
+        if (m := FUSED.match(key)) and int(m["layer"]) in keep:
+            k = keep[int(m["layer"])]  # [E, I']
+            w = read()
+            if m["kind"] == "down_proj":  # [E, H, I]
+                return [(key, torch.stack([w[e][:, k[e]] for e in range(w.shape[0])]))]
+            half = w.shape[1] // 2
+            return [(key, torch.stack([torch.cat([w[e][k[e]], w[e][k[e] + half]]) for e in range(w.shape[0])]))]
+        return [(key, read())]
+    return transform
+
+
+def check_uniform(keep: dict[int, list[int]]) -> int:
+    counts = {len(v) for v in keep.values()}
+    if len(counts) != 1:
+        raise MumoeError("a streamed export needs the same expert count in every layer (--budget uniform)")
+    return counts.pop()
+
+
+def prune_checkpoint(path: str | Path, out: str | Path, report: PruneReport, overwrite: bool = False,
+                     progress: bool = True) -> Path:
+    """Write `path` with only the experts kept in `report`, tensor by tensor, atomically."""
+    keep = report.kept()
+    n = check_uniform(keep)
+    return write_streamed(path, out, report, expert_transform(keep), {k: n for k in EXPERT_COUNT_KEYS},
+                          overwrite, progress)

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from torch import nn
 
 from ..apply.export import PruneReport
-from ..apply.stream import ROUTER, prune_checkpoint, shard_files
+from ..apply.stream import prune_checkpoint
+from ..checkpoint import ROUTER, shard_files
 from ..errors import MumoeError
 from ..loading import _dtype, resolve
 from .library import Match, TaskLibrary, match

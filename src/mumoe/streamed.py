@@ -1,0 +1,178 @@
+"""Calibrated pruning of a checkpoint larger than memory: layer-sequential scoring (`criteria.layerwise`) and a
+streamed export (`apply.stream`); the model is never materialised, only one decoder layer and the activations.
+
+    mumoe prune /models/Qwen3-30B-A3B --method reap --ratio 0.25 --calib domain --layerwise --device cuda --out out/
+
+Results equal the in-memory path's (same kept sets, same scores) — tested on every supported architecture.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from .apply.export import PruneReport
+from .apply.masking import apply_masks
+from .apply.stream import atom_transform, check_uniform, expert_transform, write_streamed
+from .criteria import get_method
+from .criteria.layerwise import LayerwiseScores, score_layerwise
+from .errors import MumoeError
+from .models import adapter_for
+from .models.base import EXPERT_COUNT_KEYS
+from .observe.layerwise import LayerwiseCheckpoint, _target
+from .observe.runner import resolve_device
+from .observe.sequential import WorkDir, dist_world, fingerprint
+from .recipe import Recipe
+from .select.weights import masks_from_norms
+
+_LAYER = re.compile(r"\.layers\.(?P<layer>\d+)\.")
+
+
+def check_layerwise(recipe: Recipe) -> None:
+    """What the layer-sequential path supports, checked before any work."""
+    m = get_method(recipe.method)
+    if not m.needs_calib:
+        raise MumoeError(f"{m.name} needs no calibration: it runs from the checkpoint files without --layerwise "
+                         "(aimer is streamed already)")
+    if m.grain == "expert" and recipe.expert.budget != "uniform":
+        raise MumoeError("--layerwise writes standard HF checkpoints: use --budget uniform (a global budget gives "
+                         "per-layer expert counts, mumoe's own form, which needs the in-memory path)")
+    if m.grain == "atom" and recipe.atom.form != "uniform":
+        raise MumoeError("--layerwise writes standard HF checkpoints: use --form uniform for atom pruning")
+
+
+def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: tuple, *, overwrite: bool = False,
+                    verbose: bool = True, work_dir: str | Path | None = None, spill_bytes: int = 8 << 30,
+                    max_shard_bytes: int = 2 << 30) -> PruneReport:
+    """Score `recipe` layer by layer on the checkpoint at `path` and write the pruned checkpoint to `out`
+    tensor by tensor. windows: (ids [N, L], groups or None, info) as `api.calibration` returns them.
+    work_dir: checkpoint every finished layer there; the same call again resumes after the last one.
+    Under torchrun, every rank scores its share of the windows; rank 0 writes `out`."""
+    check_layerwise(recipe)
+    wins, groups, info = windows
+    if wins is None:
+        raise MumoeError(f"method {recipe.method!r} needs calibration windows")
+    dev = resolve_device(recipe.device or "cpu")
+    t0 = time.perf_counter()
+    ckpt = LayerwiseCheckpoint(path, dtype=_dtype(recipe.dtype), device=dev)
+    recipe.check_config(ckpt.config)
+    m = get_method(recipe.method)
+    adapter = adapter_for(ckpt.model)
+    layers = {layer.index: layer for layer in adapter.moe_layers()}
+    order = recipe.expert.order if m.grain == "expert" else recipe.weight.order if m.grain == "weight" else "one-shot"
+    work = None
+    if work_dir is not None:
+        key = fingerprint(wins, groups, recipe.to_dict(), str(Path(path).resolve()), dist_world())
+        work = WorkDir(work_dir, key)
+
+    def select(layer, s):
+        from .api import select_experts
+
+        return select_experts([layer], [s], recipe.ratio, recipe.expert.budget, m.prune_highest)[layer.index]
+
+    def prune_layer(j: int, module, res: dict) -> bool:
+        if m.grain == "expert" and j in layers:
+            from .apply.experts import slice_layer
+
+            slice_layer(layers[j], res["keep"])
+            return True
+        if m.grain == "weight":
+            params = dict(ckpt.model.named_parameters())
+            apply_masks(ckpt.model, masks_from_norms(ckpt.model, res["norms"], 1 - recipe.ratio,
+                                                     recipe.weight.structure, params=params))
+            return True
+        return False
+
+    if verbose:
+        print(f"  layer-sequential on {dev}: {len(ckpt.decoder.layers)} decoder layers, largest "
+              f"{ckpt.layer_bytes() / 2**20:.1f} MiB resident at a time; checkpoint "
+              f"{ckpt.checkpoint_bytes() / 2**20:.1f} MiB")
+    res = score_layerwise(ckpt, [m.name], wins, groups, batch_size=recipe.calib.batch_size, progress=verbose,
+                          order=order, select=select, prune_layer=prune_layer, work=work,
+                          spill_bytes=spill_bytes)
+    t_score = time.perf_counter() - t0
+    if verbose and res.info is not None:
+        i = res.info
+        print(f"  scored in {t_score:.1f}s" + (f" (resumed after layer {i.resumed_after})" if i.resumed_after
+                                               is not None else "") + (f" on {i.ranks} ranks" if i.ranks > 1 else "")
+              + f"; activations {i.activation_bytes / 2**20:.1f} MiB per layer"
+              + (f", {i.spilled_bytes / 2**20:.1f} MiB spilled to disk" if i.spilled_bytes else ""))
+    report = _report(recipe, m, ckpt, res, order)
+    report.calibration = info
+    report.recipe = recipe.to_dict()
+    report.model = {"source": str(path), "model_type": ckpt.config.model_type, **report.model}
+    if dist_world()[0] == 0:
+        if m.grain == "expert":
+            keep = report.kept()
+            transform, changes = expert_transform(keep), {k: check_uniform(keep) for k in EXPERT_COUNT_KEYS}
+        elif m.grain == "atom":
+            keep = {e["layer"]: torch.tensor([x["kept"] for x in e["experts"]]) for e in report.layers}
+            width = next(iter(keep.values())).shape[-1]
+            transform, changes = atom_transform(keep), {adapter.expert_width_key: width}
+        else:
+            transform, changes = wanda_transform(ckpt, res.norms, recipe), {}
+        write_streamed(path, out, report, transform, changes, overwrite, verbose, max_shard_bytes)
+    if work is not None and dist_world()[0] == 0:
+        work.remove()
+    return report
+
+
+def _dtype(name: str | None) -> torch.dtype:
+    from .loading import _dtype as parse
+
+    return parse(name or "fp32")
+
+
+def _report(recipe: Recipe, m, ckpt: LayerwiseCheckpoint, res: LayerwiseScores, order: str) -> PruneReport:
+    from .api import atom_report, expert_report, select_experts
+
+    layers = adapter_for(ckpt.model).moe_layers()
+    if m.grain == "expert":
+        scores = res.scores[m.name]
+        keep = res.keep if order == "progressive" else select_experts(layers, scores, recipe.ratio,
+                                                                       recipe.expert.budget, m.prune_highest)
+        return expert_report(recipe, layers, scores, keep)
+    if m.grain == "atom":
+        return atom_report(recipe, layers, res.scores[m.name])
+    return PruneReport(method=m.name, grain="weight", ratio=recipe.ratio, budget=recipe.weight.structure,
+                       scoring_order=order, model={"num_experts": None},
+                       layers=[{"param": n, "active": None} for n in sorted(res.norms)])
+
+
+def wanda_transform(ckpt: LayerwiseCheckpoint, norms: dict, recipe: Recipe):
+    """Per source tensor: its decoder layer is materialised (once per run of consecutive keys), masked with the
+    masks made from the calibration norms, and the tensor cut back out in the source's layout and dtype."""
+    current: dict = {"layer": None}
+    has_bs = any(".block_sparse_moe." in n for n, _ in ckpt.model.named_parameters())
+    names = ckpt.layer_names()
+
+    def load(j: int) -> dict:
+        if current["layer"] != j:
+            if current["layer"] is not None:
+                ckpt.release(names[current["layer"]])
+            ckpt.materialise(names[j])
+            params = dict(ckpt.model.named_parameters())
+            mine = {k: v for k, v in norms.items() if k.startswith(names[j] + ".")}
+            masks = masks_from_norms(ckpt.model, mine, 1 - recipe.ratio, recipe.weight.structure, params=params)
+            apply_masks(ckpt.model, masks)
+            current.update(layer=j, params=params)
+        return current["params"]
+
+    def transform(key: str, read):
+        mm = _LAYER.search(key)
+        name, index = _target(key, has_bs)
+        if mm is None or name not in norms:  # not a Wanda-pruned weight: as it is
+            return [(key, read())]
+        src = read()
+        t = load(int(mm["layer"]))[name]
+        if len(index) == 1:
+            t = t[index[0]]
+        elif len(index) == 2:
+            half = t.shape[1] // 2
+            t = t[index[0], :half] if index[1] == "gate_proj" else t[index[0], half:]
+        return [(key, t.detach().to(device="cpu", dtype=src.dtype).clone())]
+
+    return transform
