@@ -1,0 +1,234 @@
+"""Layer-sequential calibration and streamed export against the whole-model path (the independent computation):
+same scores, same kept sets, same exported tensors; resumed = uninterrupted; 2 torchrun ranks = 1 process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from conftest import MOE_ARCHS, SAMPLE_TEXT, char_tokenizer, make
+from mumoe import api
+from mumoe.apply.export import save_pruned
+from mumoe.criteria import score_methods
+from mumoe.criteria.layerwise import score_layerwise
+from mumoe.errors import MumoeError
+from mumoe.observe.collectors import InputNorms
+from mumoe.observe.layerwise import LayerwiseCheckpoint
+from mumoe.observe.runner import run
+from mumoe.recipe import Recipe
+from mumoe.streamed import prune_layerwise
+
+CALIBRATED = ["frequency", "gate", "ean", "reap", "easy-ep", "tcess", "peu", "heapr", "heapr-token", "atom-act"]
+
+
+def windows(n=6, length=16, seed=0):
+    return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def saved(arch, path, **kw):
+    """A tiny model saved as save_pretrained writes it (per-expert keys), reloaded as the reference."""
+    model = make(arch)
+    model.save_pretrained(path, **kw)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_layer_sequential_equals_whole_model(arch, tmp_path):
+    whole = saved(arch, tmp_path)
+    wins = windows()
+    ref = score_methods(whole, CALIBRATED + ["wanda"], wins, batch_size=4)
+    got = score_layerwise(LayerwiseCheckpoint(tmp_path, torch.float32), CALIBRATED + ["wanda"], wins, batch_size=4)
+    for name in CALIBRATED:
+        assert len(got.scores[name]) == len(ref[name])
+        for a, b in zip(got.scores[name], ref[name]):
+            assert a.shape == b.shape
+            assert rel(a, b) <= 1e-6, (arch, name)
+    norms = run(whole, wins, [InputNorms(whole)], batch_size=4)[0].result()
+    assert set(got.norms) == set(norms)
+    for k, v in norms.items():
+        assert rel(got.norms[k], v) <= 1e-6, k
+
+
+def test_fused_and_sharded_layouts_materialise_the_same_weights(tmp_path):
+    model = make("qwen3_moe")
+    fused, sharded = tmp_path / "fused", tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("*.safetensors"))) > 2
+    fused.mkdir()
+    model.config.save_pretrained(fused)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, fused / "model.safetensors")
+    state = model.state_dict()
+    for folder in (fused, sharded):
+        ckpt = LayerwiseCheckpoint(folder, torch.float32)
+        for name in ckpt.layer_names():
+            with ckpt.part(name) as layer:
+                for k, v in layer.state_dict().items():
+                    assert torch.equal(v, state[f"{name}.{k}"]), (folder.name, k)
+            assert all(p.is_meta for p in ckpt.model.get_submodule(name).parameters())  # freed after the block
+        s = score_layerwise(ckpt, ["reap"], windows(), batch_size=4).scores["reap"]
+        ref = score_methods(model, ["reap"], windows(), batch_size=4)["reap"]
+        assert all(rel(a, b) <= 1e-6 for a, b in zip(s, ref))
+
+
+def test_missing_expert_is_one_line_error(tmp_path):
+    model = make("olmoe")
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    ckpt = LayerwiseCheckpoint(tmp_path, torch.float32)
+    with pytest.raises(MumoeError, match="only partly"):
+        ckpt.materialise("model.layers.1")
+
+
+@pytest.mark.parametrize("method,opts", [("reap", {}), ("heapr", {"form": "uniform"}), ("wanda", {}),
+                                         ("wanda", {"structure": "2:4"}), ("ean", {"order": "progressive"})])
+def test_streamed_export_equals_in_memory_export(method, opts, tmp_path):
+    src = tmp_path / "src"
+    saved("qwen2_moe", src)
+    ratio = 0.5 if opts.get("structure") == "2:4" else 0.25
+    recipe = Recipe.build(method, ratio, calib="tensor", nsamples=6, seqlen=16, **opts)
+    wins = windows()
+    report = prune_layerwise(src, recipe, tmp_path / "streamed", (wins, None, {"source": "tensor"}), verbose=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref = api.prune(model, recipe, calib=wins)
+    save_pruned(model, tmp_path / "memory", ref)
+    if report.grain != "weight":
+        assert report.layers == ref.layers  # same kept sets (and scores)
+    a, b = tensors(tmp_path / "streamed"), tensors(tmp_path / "memory")
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=torch.float32).eval()
+    x = windows(2, 12, seed=3)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
+def test_wanda_progressive_is_the_authors_order(tmp_path):
+    """Reference: the slow loop — for each layer, calibrate the whole model whose earlier layers are already
+    masked, then mask this layer. Layer 0 equals one-shot; later layers differ from it."""
+    from mumoe.apply.masking import apply_masks
+    from mumoe.select.weights import masks_from_norms
+
+    src = tmp_path / "src"
+    model = saved("qwen3_moe", src)
+    wins = windows()
+    recipe = Recipe.build("wanda", 0.5, calib="tensor", nsamples=6, seqlen=16, order="progressive")
+    prune_layerwise(src, recipe, tmp_path / "seq", (wins, None, {}), verbose=False)
+    oneshot = Recipe.build("wanda", 0.5, calib="tensor", nsamples=6, seqlen=16)
+    prune_layerwise(src, oneshot, tmp_path / "one", (wins, None, {}), verbose=False)
+    for j in range(model.config.num_hidden_layers):
+        norms = run(model, wins, [InputNorms(model)], batch_size=8)[0].result()
+        mine = {k: v for k, v in norms.items() if k.startswith(f"model.layers.{j}.")}
+        apply_masks(model, masks_from_norms(model, mine, 0.5, "row"))
+    save_pruned(model, tmp_path / "ref", api.PruneReport("wanda", "weight", 0.5))
+    seq, one, ref = tensors(tmp_path / "seq"), tensors(tmp_path / "one"), tensors(tmp_path / "ref")
+    for k in ref:
+        assert torch.equal(seq[k], ref[k]), k
+    layer0 = [k for k in ref if k.startswith("model.layers.0.")]
+    layer1 = [k for k in ref if k.startswith("model.layers.1.") and "proj" in k]
+    assert all(torch.equal(one[k], seq[k]) for k in layer0)
+    assert any(not torch.equal(one[k], seq[k]) for k in layer1)
+
+
+def test_spilled_activations_give_the_same_scores(tmp_path):
+    saved("mixtral", tmp_path)
+    wins = windows()
+    ram = score_layerwise(LayerwiseCheckpoint(tmp_path, torch.float32), ["reap", "heapr"], wins, batch_size=2)
+    disk = score_layerwise(LayerwiseCheckpoint(tmp_path, torch.float32), ["reap", "heapr"], wins, batch_size=2,
+                           spill_bytes=0)
+    assert disk.info.spilled_bytes > 0 and ram.info.spilled_bytes == 0
+    for name in ("reap", "heapr"):
+        assert all(torch.equal(a, b) for a, b in zip(ram.scores[name], disk.scores[name]))
+
+
+# -- the CLI: resume after SIGKILL, torchrun ---------------------------------------------------------------
+@pytest.fixture
+def checkpoint(tmp_path):
+    src = tmp_path / "src"
+    make("qwen3_moe").save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT * 4)
+    return src
+
+
+def prune_cmd(src, out, *extra, method="reap"):
+    return [sys.executable, "-m", "mumoe", "prune", str(src), "--method", method, "--ratio", "0.25", "--calib",
+            str(src.parent / "calib.txt"), "--nsamples", "8", "--seqlen", "32", "--batch-size", "2",
+            "--layerwise", "on", "--out", str(out), *extra]
+
+
+def sh(cmd, env=None):
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def kept_and_scores(folder):
+    rep = json.loads((folder / "pruning.json").read_text())
+    return [(e.get("kept"), e.get("scores"), e.get("experts")) for e in rep["layers"]]
+
+
+@pytest.mark.parametrize("method,stage", [("reap", "forward:0"), ("heapr", "backward:1"),
+                                          ("heapr", "forward:1")])
+def test_killed_and_resumed_equals_uninterrupted(checkpoint, tmp_path, method, stage):
+    work, out = tmp_path / "work", tmp_path / "out"
+    r = sh(prune_cmd(checkpoint, out, "--work-dir", str(work), method=method),
+           env={"MUMOE_TEST_KILL_AFTER": stage})
+    assert r.returncode == -9, r.stderr[-2000:]  # SIGKILL, mid-run
+    assert not out.exists() and (work / "state.pt").exists()
+    r = sh(prune_cmd(checkpoint, out, "--work-dir", str(work), method=method))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed after layer {stage.split(':')[1]}" in r.stdout
+    assert not work.exists()  # removed once the run completed
+    r = sh(prune_cmd(checkpoint, tmp_path / "plain", method=method))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert kept_and_scores(out) == kept_and_scores(tmp_path / "plain")
+    a, b = tensors(out), tensors(tmp_path / "plain")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_torchrun_two_ranks_equal_one_process(checkpoint, tmp_path):
+    if shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")):
+        pytest.skip("torchrun not installed")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    one = sh(prune_cmd(checkpoint, tmp_path / "one", method="ean"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    cmd = prune_cmd(checkpoint, tmp_path / "two", method="ean")
+    two = sh([torchrun, "--standalone", "--nproc-per-node", "2", *cmd[1:]],
+             env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 ranks" in two.stdout
+    a, b = kept_and_scores(tmp_path / "one"), kept_and_scores(tmp_path / "two")
+    for (ka, sa, _), (kb, sb, _) in zip(a, b):
+        assert ka == kb
+        assert max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(sa, sb)) <= 1e-6
+
+
+def test_layerwise_refusals(checkpoint, tmp_path):
+    for extra, msg in ((["--budget", "global"], "use --budget uniform"),):
+        r = sh(prune_cmd(checkpoint, tmp_path / "o", *extra))
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+    r = sh(prune_cmd(checkpoint, tmp_path / "o", method="aimer"))
+    assert r.returncode == 2 and "needs no calibration" in r.stderr
+    r = sh([sys.executable, "-m", "mumoe", "prune", "tiny:olmoe", "--method", "reap", "--ratio", "0.25", "--calib",
+            str(tmp_path / "calib.txt"), "--layerwise", "on", "--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and "local safetensors checkpoint" in r.stderr
+    assert not (tmp_path / "o").exists()
