@@ -91,6 +91,41 @@ class MappedTensor:
         self._fh.close()
 
 
+def read_into(file: Path, meta: dict, dst: torch.Tensor) -> torch.Tensor:
+    """Copy one tensor of a safetensors file into `dst` (its shape) with plain reads: no mapping, and no second
+    copy when dst is a contiguous CPU tensor of the file's dtype (else one buffer of the source size). A file
+    shorter than its header says is a one-line error."""
+    dtype = _DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise MumoeError(f"{file.name}: unsupported tensor dtype {meta['dtype']}")
+    n = dtype.itemsize
+    for d in meta["shape"]:
+        n *= d
+    direct = dst.device.type == "cpu" and dst.dtype == dtype and dst.is_contiguous()
+    buf = dst if direct else torch.empty(tuple(meta["shape"]), dtype=dtype)
+    raw = buf.view(-1).view(torch.uint8).numpy() if n else None
+    with open(file, "rb", buffering=0) as fh:
+        fh.seek(meta["start"])
+        got = 0
+        while got < n:
+            k = fh.readinto(memoryview(raw)[got:])
+            if not k:
+                raise MumoeError(f"{file}: truncated (a tensor ends at byte {meta['start'] + n}, the file at "
+                                 f"{meta['start'] + got})")
+            got += k
+    if not direct:
+        dst.copy_(buf)
+    return dst
+
+
+def read_tensor(file: Path, meta: dict) -> torch.Tensor:
+    """One tensor of a safetensors file, read into fresh memory (`read_into`)."""
+    dtype = _DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise MumoeError(f"{file.name}: unsupported tensor dtype {meta['dtype']}")
+    return read_into(file, meta, torch.empty(tuple(meta["shape"]), dtype=dtype))
+
+
 def _expert_matrices(file: Path, key: str, meta: dict):
     """Yield (layer, expert, kind, MappedTensor) for an expert tensor key; a fused gate_up is read per expert
     and split into gate and up by the caller (kind "gate_up_proj")."""

@@ -46,11 +46,12 @@ def check_layerwise(recipe: Recipe) -> None:
 
 def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: tuple, *, overwrite: bool = False,
                     verbose: bool = True, work_dir: str | Path | None = None, spill_bytes: int = 8 << 30,
-                    max_shard_bytes: int = 2 << 30) -> PruneReport:
+                    max_shard_bytes: int = 2 << 30, timing: dict | None = None) -> PruneReport:
     """Score `recipe` layer by layer on the checkpoint at `path` and write the pruned checkpoint to `out`
     tensor by tensor. windows: (ids [N, L], groups or None, info) as `api.calibration` returns them.
     work_dir: checkpoint every finished layer there; the same call again resumes after the last one.
-    Under torchrun, every rank scores its share of the windows; rank 0 writes `out`."""
+    Under torchrun, every rank scores its share of the windows; rank 0 writes `out`. timing: a dict that
+    receives calib_s, export_s and the sweep's `SweepInfo` (as "sweep")."""
     check_layerwise(recipe)
     wins, groups, info = windows
     if wins is None:
@@ -114,7 +115,12 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
             transform, changes = atom_transform(keep), {adapter.expert_width_key: width}
         else:
             transform, changes = wanda_transform(ckpt, res.norms, recipe), {}
+        t1 = time.perf_counter()
         write_streamed(path, out, report, transform, changes, overwrite, verbose, max_shard_bytes)
+        if timing is not None:
+            timing["export_s"] = time.perf_counter() - t1
+    if timing is not None:
+        timing.update(calib_s=t_score, sweep=res.info)
     if work is not None and dist_world()[0] == 0:
         work.remove()
     return report

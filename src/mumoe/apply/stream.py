@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..checkpoint import FUSED, KIND, LEGACY, ROUTER, shard_files
+from ..checkpoint import FUSED, KIND, LEGACY, ROUTER, read_header, read_tensor, shard_files
 from ..errors import MumoeError
 from ..models.base import EXPERT_COUNT_KEYS
 from .export import PruneReport, atomic_output
@@ -79,11 +78,15 @@ class ShardWriter:
         return names
 
 
-def _keys(path: Path) -> Iterator[tuple[Path, str]]:
+def _keys(path: Path) -> Iterator[tuple[Path, str, dict]]:
     for file in shard_files(path):
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                yield file, key
+        for key, meta in read_header(file).items():
+            yield file, key, meta
+
+
+def _reader(file: Path, meta: dict) -> Callable[[], torch.Tensor]:
+    """read() -> the tensor, read into fresh memory (never a mapping of the whole file)."""
+    return lambda: read_tensor(file, meta)
 
 
 def write_streamed(path: str | Path, out: str | Path, report: PruneReport, transform: Transform,
@@ -96,17 +99,10 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
     keys = list(_keys(path))
     with atomic_output(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
-        handles: dict = {}
-        try:
-            for file, key in tqdm(keys, desc="writing pruned tensors", disable=not progress, unit="tensor"):
-                fh = handles.get(file)
-                if fh is None:
-                    fh = handles[file] = safe_open(file, "pt")
-                for out_key, t in transform(key, lambda fh=fh, key=key: fh.get_tensor(key)):
-                    writer.add(out_key, t)
-            writer.finish()
-        finally:
-            handles.clear()
+        for file, key, meta in tqdm(keys, desc="writing pruned tensors", disable=not progress, unit="tensor"):
+            for out_key, t in transform(key, _reader(file, meta)):
+                writer.add(out_key, t)
+        writer.finish()
         for extra in path.iterdir():
             if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name not in SKIP_FILES:
                 shutil.copy2(extra, tmp / extra.name)

@@ -16,7 +16,6 @@ be filled from the files, or materialising it fails with one line naming what is
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from ..checkpoint import FUSED, KIND, LEGACY, read_header, shard_files
+from ..checkpoint import KIND, LEGACY, read_header, read_into, shard_files
 from ..errors import MumoeError
 
 
@@ -37,7 +35,8 @@ class Source:
 
     file: Path
     key: str
-    index: tuple  # () = the whole tensor; (e,) one expert; (e, slice) gate or up rows of one expert
+    index: tuple  # () = the whole tensor; (e,) one expert; (e, "gate_proj" | "up_proj") rows of one expert
+    meta: dict  # the safetensors header entry (dtype, shape, offsets)
 
 
 def _target(key: str, has_block_sparse: bool) -> tuple[str, tuple]:
@@ -92,7 +91,7 @@ class LayerwiseCheckpoint:
         for file in shard_files(self.path):
             for key, meta in read_header(file).items():
                 name, index = _target(key, has_bs)
-                self.sources[name].append(Source(file, key, index))
+                self.sources[name].append(Source(file, key, index, meta))
                 self.shapes[key] = meta["shape"]
         self.resident: set[str] = set()
 
@@ -116,8 +115,9 @@ class LayerwiseCheckpoint:
                 setattr(parent, name.rsplit(".", 1)[-1], real)
 
     # -- materialising ---------------------------------------------------------------------------------
-    def _fill(self, name: str, tensor: torch.Tensor, handles: dict) -> None:
-        """Copy every source of model tensor `name` into `tensor` (already allocated on the device)."""
+    def _fill(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy every source of model tensor `name` into `tensor` (already allocated on the device), read straight
+        into place (`checkpoint.read_into`: resident is the destination, not a mapping of the file)."""
         sources = self.sources.get(name)
         if not sources and name.endswith("lm_head.weight") and getattr(self.config, "tie_word_embeddings", False):
             sources = self.sources.get(self.input_embeddings_name())
@@ -125,10 +125,6 @@ class LayerwiseCheckpoint:
             raise MumoeError(f"{self.path}: no tensor for {name} in the checkpoint files")
         filled = 0
         for src in sources:
-            fh = handles.get(src.file)
-            if fh is None:
-                fh = handles[src.file] = safe_open(src.file, "pt")
-            value = fh.get_tensor(src.key)
             if not src.index:
                 dst = tensor
             elif len(src.index) == 1:
@@ -137,12 +133,11 @@ class LayerwiseCheckpoint:
                 e, kind = src.index
                 half = tensor.shape[1] // 2
                 dst = tensor[e, :half] if kind == "gate_proj" else tensor[e, half:]
-            if tuple(dst.shape) != tuple(value.shape):
-                raise MumoeError(f"{src.file.name}: {src.key} has shape {list(value.shape)}, the model expects "
+            if tuple(dst.shape) != tuple(src.meta["shape"]):
+                raise MumoeError(f"{src.file.name}: {src.key} has shape {src.meta['shape']}, the model expects "
                                  f"{list(dst.shape)} for {name}")
-            dst.copy_(value)
-            filled += value.numel()
-            del value
+            read_into(src.file, src.meta, dst)
+            filled += dst.numel()
         if filled != tensor.numel():
             raise MumoeError(f"{self.path}: {name} is only partly in the checkpoint files "
                              f"({filled} of {tensor.numel()} values; an expert missing?)")
@@ -157,10 +152,9 @@ class LayerwiseCheckpoint:
         if name in self.resident:
             return module
         module.to_empty(device=self.device)
-        handles: dict = {}
         with torch.no_grad():
             for local, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-                self._fill(f"{name}.{local}" if name else local, tensor, handles)
+                self._fill(f"{name}.{local}" if name else local, tensor)
         self.resident.add(name)
         return module
 
@@ -208,7 +202,3 @@ def source_dtype(path: str | Path) -> torch.dtype:
     cfg = json.loads((Path(path) / "config.json").read_text())
     name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
     return getattr(torch, name, torch.float32) if isinstance(name, str) else torch.float32
-
-
-_LAYER_KEY = re.compile(r"^(?P<pre>.*?\.layers)\.(?P<layer>\d+)\.")
-__all__ = ["FUSED", "LayerwiseCheckpoint", "Source", "is_layerwise_source", "source_dtype"]

@@ -1,0 +1,225 @@
+"""Layer-sequential calibration of a checkpoint 3x larger than the memory the process may use.
+
+    python benchmarks/calib_memory.py                     # 24 layers, hidden 1024, 64 experts x 256, bf16
+    python benchmarks/calib_memory.py --cap-mb 1024 --methods reap,reap-progressive,heapr
+
+1. Writes a synthetic qwen3_moe checkpoint (random bf16 weights, per-expert keys as on the hub, one shard per
+   layer) to --dir, layer by layer (never the whole model in memory).
+2. Baseline, no cap: the model loaded whole (`from_pretrained`, bf16) and a plain forward of the same windows.
+3. For each method, a child process inside a cgroup-v1 memory cgroup capped at --cap-mb (memory.limit_in_bytes;
+   swap capped too where the kernel offers memory.memsw) runs `mumoe.streamed.prune_layerwise` on --device:
+   layer-sequential scoring + streamed export of the pruned checkpoint. The child reports its peak RSS
+   (getrusage), the RSS after imports (torch + transformers, before any work), and the bound
+       1.2 x (largest decoder layer + activations + statistics)
+   with its terms; the parent reads the cgroup's own peak (memory.max_usage_in_bytes, page cache included).
+Needs root (the cgroup). Writes benchmarks/results/calib_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CG = Path("/sys/fs/cgroup/memory")
+
+
+def write_checkpoint(folder: Path, a) -> None:
+    """One safetensors shard per decoder layer (+ one for embeddings/norm/head), per-expert keys."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeConfig
+
+    if (folder / "model.safetensors.index.json").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = Qwen3MoeConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
+                         moe_intermediate_size=a.inter, num_experts=a.experts, num_experts_per_tok=a.top_k,
+                         num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=4,
+                         head_dim=64, max_position_embeddings=4096, norm_topk_prob=True, dtype="bfloat16",
+                         tie_word_embeddings=False)
+    cfg.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+    H, I, E, D = a.hidden, a.inter, a.experts, 64
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    weight_map = {}
+    heads, kv = a.hidden // 64, 4
+    for j in range(a.layers):
+        p = f"model.layers.{j}."
+        t = {p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "self_attn.q_proj.weight": w(heads * D, H), p + "self_attn.k_proj.weight": w(kv * D, H),
+             p + "self_attn.v_proj.weight": w(kv * D, H), p + "self_attn.o_proj.weight": w(H, heads * D),
+             p + "self_attn.q_norm.weight": torch.ones(D, dtype=torch.bfloat16),
+             p + "self_attn.k_norm.weight": torch.ones(D, dtype=torch.bfloat16),
+             p + "mlp.gate.weight": w(E, H)}
+        for e in range(E):
+            t[p + f"mlp.experts.{e}.gate_proj.weight"] = w(I, H)
+            t[p + f"mlp.experts.{e}.up_proj.weight"] = w(I, H)
+            t[p + f"mlp.experts.{e}.down_proj.weight"] = w(H, I)
+        name = f"model-{j + 1:05d}-of-{a.layers + 1:05d}.safetensors"
+        save_file(t, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in t})
+        print(f"\r  wrote layer {j + 1}/{a.layers}", end="", flush=True)
+    name = f"model-{a.layers + 1:05d}-of-{a.layers + 1:05d}.safetensors"
+    t = {"model.embed_tokens.weight": w(a.vocab, H), "model.norm.weight": torch.ones(H, dtype=torch.bfloat16),
+         "lm_head.weight": w(a.vocab, H)}
+    save_file(t, folder / name, metadata={"format": "pt"})
+    weight_map.update({k: name for k in t})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    print()
+
+
+def windows(a) -> torch.Tensor:
+    return torch.randint(3, a.vocab, (a.nsamples, a.seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child_plain(a) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    base = current_rss_mb()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(a.dir, dtype=torch.bfloat16).eval()
+    t_load = time.perf_counter() - t0
+    wins = windows(a)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(wins), a.batch_size):
+            model(input_ids=wins[i:i + a.batch_size], use_cache=False)
+    return {"load_s": t_load, "forward_s": time.perf_counter() - t0, "peak_rss_mb": rss_mb(), "base_rss_mb": base}
+
+
+def child_prune(a, method: str) -> dict:
+    import mumoe.streamed as streamed
+    from mumoe.observe.layerwise import LayerwiseCheckpoint
+    from mumoe.recipe import Recipe
+
+    base = current_rss_mb()
+    name, order = (method.split("-")[0], "progressive") if method.endswith("-progressive") else (method, "one-shot")
+    opts = {"order": order} if name != "heapr" else {"form": "uniform"}
+    recipe = Recipe.build(name, 0.25, calib="tensor", nsamples=a.nsamples, seqlen=a.seqlen,
+                          batch_size=a.batch_size, dtype="bf16", device=a.device, **opts)
+    out = Path(a.out) / method
+    wins = windows(a)
+    t0 = time.perf_counter()
+    info: dict = {}
+    report = streamed.prune_layerwise(a.dir, recipe, out, (wins, None, {"source": "random ids"}), overwrite=True,
+                                      verbose=False, spill_bytes=int(a.spill_mb * 2**20),
+                                      max_shard_bytes=int(a.shard_mb * 2**20), timing=info)
+    total = time.perf_counter() - t0
+    ckpt = LayerwiseCheckpoint(a.dir, torch.bfloat16)
+    layer = ckpt.layer_bytes()
+    acts = a.nsamples * a.seqlen * a.hidden * 2  # one layer's inputs, bf16
+    n_layers = len(ckpt.decoder.layers)
+    kept_acts = acts * (2 if name != "heapr" else (n_layers + 2))  # in + out; HEAPr: every layer's input + grads
+    T, k, E, I = a.nsamples * a.seqlen, a.top_k, a.experts, a.inter
+    stats = (T * k * 16 + E * 8 * 8) if name != "heapr" else E * I * 8 * 4
+    shard = a.shard_mb * 2**20
+    sweep = info["sweep"]
+    return {"total_s": total, "calib_s": info["calib_s"], "export_s": info["export_s"],
+            "spilled_mb": sweep.spilled_bytes / 2**20, "ram_activations_peak_mb": sweep.peak_ram_activations / 2**20,
+            "peak_rss_mb": rss_mb(), "base_rss_mb": base, "layer_mb": layer / 2**20,
+            "activations_mb": kept_acts / 2**20, "stats_mb": stats / 2**20, "shard_buffer_mb": shard / 2**20,
+            "bound_mb": 1.2 * (layer + kept_acts + stats) / 2**20,
+            "kept": [e["kept"] for e in report.layers] if report.grain == "expert" else None}
+
+
+def capped(cmd: list[str], cap: int) -> tuple[dict, int]:
+    """Run cmd in a fresh memory cgroup capped at `cap` bytes -> (its JSON result, cgroup peak bytes)."""
+    group = CG / f"mumoe-bench-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(cap))
+        if (group / "memory.memsw.limit_in_bytes").exists():
+            (group / "memory.memsw.limit_in_bytes").write_text(str(cap))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        out, _ = proc.communicate()
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+        if proc.returncode != 0:
+            fail = int((group / "memory.failcnt").read_text())
+            raise SystemExit(f"child failed (rc {proc.returncode}, cgroup failcnt {fail}): {cmd}")
+        return json.loads(out.strip().splitlines()[-1]), peak
+    finally:
+        group.rmdir()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default="/tmp/mumoe-bench/ckpt")
+    p.add_argument("--out", default="/tmp/mumoe-bench/out")
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--inter", type=int, default=256)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--cap-mb", type=int, default=900)
+    p.add_argument("--spill-mb", type=float, default=64)
+    p.add_argument("--shard-mb", type=float, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--methods", default="reap,reap-progressive,heapr")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        res = child_plain(a) if a.child == "plain" else child_prune(a, a.child)
+        print(json.dumps(res))
+        return
+    a.dir = Path(a.dir)
+    write_checkpoint(a.dir, a)
+    size = sum(f.stat().st_size for f in a.dir.glob("*.safetensors"))
+    cap = a.cap_mb * 2**20
+    print(f"checkpoint {size / 2**30:.2f} GiB = {size / cap:.1f}x the cap of {a.cap_mb} MiB")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("child", "methods")]
+    me = [sys.executable, __file__, *args]
+    plain = json.loads(subprocess.run(me + ["--child", "plain"], capture_output=True, text=True,
+                                      check=True).stdout.strip().splitlines()[-1])
+    print(f"plain forward, whole model in RAM (no cap): load {plain['load_s']:.1f}s, forward {plain['forward_s']:.1f}s,"
+          f" peak RSS {plain['peak_rss_mb']:.0f} MiB")
+    rows = []
+    for method in a.methods.split(","):
+        res, peak = capped(me + ["--child", method], cap)
+        res.update(method=method, cgroup_peak_mb=peak / 2**20, ratio_vs_forward=res["calib_s"] / plain["forward_s"])
+        work = res["peak_rss_mb"] - res["base_rss_mb"]
+        print(f"{method:17s} under {a.cap_mb} MiB: calibration {res['calib_s']:.1f}s "
+              f"({res['ratio_vs_forward']:.2f}x the plain forward), export {res['export_s']:.1f}s; peak RSS "
+              f"{res['peak_rss_mb']:.0f} MiB = {res['base_rss_mb']:.0f} after imports + {work:.0f} working "
+              f"(bound 1.2x(layer {res['layer_mb']:.0f} + activations {res['activations_mb']:.0f} + stats "
+              f"{res['stats_mb']:.1f}) = {res['bound_mb']:.0f} MiB; shard buffer {res['shard_buffer_mb']:.0f}); "
+              f"cgroup peak {res['cgroup_peak_mb']:.0f} MiB (page cache included)")
+        rows.append(res)
+    if len(rows) >= 2 and rows[0]["kept"] and rows[1]["kept"]:
+        same = sum(a_ == b_ for a_, b_ in zip(rows[0]["kept"], rows[1]["kept"]))
+        print(f"{rows[0]['method']} vs {rows[1]['method']}: {same}/{len(rows[0]['kept'])} layers with the same kept set")
+    result = {"machine": f"{platform.node()} {os.cpu_count()} cores", "torch": torch.__version__,
+              "checkpoint_gib": size / 2**30, "cap_mib": a.cap_mb, "args": {k: str(v) for k, v in vars(a).items()},
+              "plain": plain, "runs": rows}
+    out = Path(__file__).parent / "results" / "calib_memory.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
