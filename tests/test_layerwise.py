@@ -232,3 +232,17 @@ def test_layerwise_refusals(checkpoint, tmp_path):
             str(tmp_path / "calib.txt"), "--layerwise", "on", "--out", str(tmp_path / "o")])
     assert r.returncode == 2 and "local safetensors checkpoint" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_task_library_layerwise_equals_whole_model(tmp_path):
+    from mumoe.retrieval import build_library
+
+    model = saved("qwen3_moe", tmp_path)
+    tasks = {"a": windows(4, 16, seed=1), "b": windows(4, 16, seed=2)}
+    ref = build_library(model, tasks, keep=4, progress=False)
+    got = build_library(LayerwiseCheckpoint(tmp_path, torch.float32), tasks, keep=4, progress=False)
+    assert got.fingerprint == ref.fingerprint and got.tasks == ref.tasks
+    for name in tasks:
+        assert torch.equal(got.keys[name], ref.keys[name])
+        assert all(torch.equal(a, b) for a, b in zip(got.scores[name], ref.scores[name]))
+    assert torch.equal(got.whiten, ref.whiten)

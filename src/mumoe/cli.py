@@ -168,6 +168,12 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _dtype_of(name: str | None):
+    from .loading import _dtype
+
+    return _dtype(name or "fp32")
+
+
 def _use_layerwise(args, recipe, model_name: str) -> bool:
     """--layerwise on|off, or auto: on when the model in its load dtype would not fit in 80% of the memory
     available now (and the method calibrates on a local safetensors checkpoint)."""
@@ -387,7 +393,16 @@ def cmd_taer_build(args) -> int:
         specs[name] = path
     for path in specs.values():
         read_text(path)  # missing or empty texts fail before the model loads
-    model = _load_model(args.model, args.dtype, args.device)
+    if args.layerwise:
+        from .loading import resolve
+        from .observe.layerwise import LayerwiseCheckpoint, is_layerwise_source
+        from .observe.runner import resolve_device
+
+        if not is_layerwise_source(resolve(args.model)):
+            raise MumoeError(f"--layerwise reads a local safetensors checkpoint folder; {args.model} is not one")
+        model = LayerwiseCheckpoint(resolve(args.model), _dtype_of(args.dtype), resolve_device(args.device or "cpu"))
+    else:
+        model = _load_model(args.model, args.dtype, args.device)
     tok = load_tokenizer(args.model)
     if tok is None:
         raise MumoeError(f"{args.model} has no tokenizer")
@@ -702,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "linear discriminant) or plain L2 (the paper's matching)")
     sp.add_argument("--nsamples", type=int, default=64, help="windows per task (default 64)")
     sp.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
+    sp.add_argument("--layerwise", action="store_true",
+                    help="run the tasks' windows through one decoder layer at a time, read from a local checkpoint's "
+                    "safetensors files (the model is never loaded whole; same library)")
     sp.add_argument("--out", required=True, help="library directory")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_taer_build)

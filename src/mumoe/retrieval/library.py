@@ -55,12 +55,18 @@ def token_stat(logits: torch.Tensor, stat: str) -> torch.Tensor:
     raise MumoeError(f"unknown key statistic {stat!r}; use {', '.join(KEY_STATS)}")
 
 
-def model_fingerprint(model: nn.Module) -> dict:
-    """What a library must agree with: type, MoE layers, expert counts, top_k, and a hash of the routers."""
+def model_fingerprint(model: nn.Module, ckpt=None) -> dict:
+    """What a library must agree with: type, MoE layers, expert counts, top_k, and a hash of the routers.
+    ckpt: the model's `LayerwiseCheckpoint` when it is a meta skeleton (each router is read on its own)."""
     layers = moe_adapter_for(model).moe_layers()
+    names = {id(m): n for n, m in model.named_modules()}
     h = hashlib.sha256()
     for layer in layers:
-        h.update(layer.router_weight.detach().float().contiguous().numpy().tobytes())
+        if ckpt is None:
+            h.update(layer.router_weight.detach().float().contiguous().numpy().tobytes())
+            continue
+        with ckpt.part(names[id(layer.router)]):
+            h.update(layer.router_weight.detach().float().cpu().contiguous().numpy().tobytes())
     return {"model_type": model.config.model_type, "moe_layers": [l.index for l in layers],
             "num_experts": [l.num_experts for l in layers], "top_k": layers[0].top_k,
             "router_sha256": h.hexdigest()[:16]}
@@ -151,7 +157,12 @@ def build_library(model: nn.Module, tasks: dict[str, torch.Tensor], keep: int, s
                   key_mode: str = "first", batch_size: int = 8, progress: bool = True, key_stat: str = "logit",
                   key_space: str = "whitened") -> TaskLibrary:
     """tasks: name -> calibration windows [N, L]. Keeps the top-`keep` experts per layer for each task; keys as
-    in the module docstring."""
+    in the module docstring. `model` may be a `LayerwiseCheckpoint`: then every task's windows run through one
+    decoder layer at a time, read from the checkpoint files (the model is never loaded; same library)."""
+    from ..observe.layerwise import LayerwiseCheckpoint
+
+    ckpt = model if isinstance(model, LayerwiseCheckpoint) else None
+    model = ckpt.model if ckpt is not None else model
     if score not in SCORES:
         raise MumoeError(f"unknown PEP score {score!r}; use tcess or peu")
     if key_mode not in ("first", "all"):
@@ -166,11 +177,19 @@ def build_library(model: nn.Module, tasks: dict[str, torch.Tensor], keep: int, s
         raise MumoeError(f"--keep {keep} must be between top_k={top_k} and the expert count {E}")
     if any(l.n_group and l.n_group > 1 for l in layers):
         raise MumoeError("task libraries for group-limited routers are not supported yet")
-    lib = TaskLibrary(model_fingerprint(model), keep, score, key_mode, key_stat=key_stat, key_space=key_space)
+    lib = TaskLibrary(model_fingerprint(model, ckpt), keep, score, key_mode, key_stat=key_stat, key_space=key_space)
     chunks = {}
     for name, wins in tasks.items():
         keys = _KeyCollector(_key_layers(layers, key_mode), key_stat, wins.shape[1])
-        stats = collect_stats(model, layers, wins, batch_size, experts=False, progress=progress, on_route=keys)
+        if ckpt is None:
+            stats = collect_stats(model, layers, wins, batch_size, experts=False, progress=progress, on_route=keys)
+        else:
+            from ..observe.collectors import ExpertStats, OnRoute
+            from ..observe.sequential import sweep
+
+            col = ExpertStats(layers, experts=False)
+            sweep(ckpt, wins, [col, OnRoute(keys)], batch_size=batch_size, progress=progress)
+            stats = col.result()
         per_layer = [SCORES[score](st) for st in stats]
         lib.scores[name] = [s.float() for s in per_layer]
         lib.tasks[name] = {"kept": {l.index: sorted(rank(s)[:keep].tolist()) for l, s in zip(layers, per_layer)},
