@@ -1,17 +1,21 @@
 """Layer-sequential calibration of a checkpoint 3x larger than the memory the process may use.
 
-    python benchmarks/calib_memory.py                     # 24 layers, hidden 1024, 64 experts x 256, bf16
-    python benchmarks/calib_memory.py --cap-mb 1024 --methods reap,reap-progressive,heapr
+    python benchmarks/calib_memory.py                     # 16 layers, hidden 1024, 64 experts x 512, bf16 files
+    python benchmarks/calib_memory.py --cap-mb 1100 --methods reap,reap-progressive,heapr --peer /tmp/peer/bin/python
 
 1. Writes a synthetic qwen3_moe checkpoint (random bf16 weights, per-expert keys as on the hub, one shard per
    layer) to --dir, layer by layer (never the whole model in memory).
-2. Baseline, no cap: the model loaded whole (`from_pretrained`, bf16) and a plain forward of the same windows.
+2. Baseline, no cap: the model loaded whole (`from_pretrained`, --dtype) and a plain forward of the same windows.
+   Computation runs in --dtype (default fp32: this CPU has no bf16 matrix units, bf16 matmuls are ~5x slower;
+   on a GPU use --dtype bf16 --device cuda); the files stay bf16, so the resident layer is --dtype sized.
 3. For each method, a child process inside a cgroup-v1 memory cgroup capped at --cap-mb (memory.limit_in_bytes;
    swap capped too where the kernel offers memory.memsw) runs `mumoe.streamed.prune_layerwise` on --device:
    layer-sequential scoring + streamed export of the pruned checkpoint. The child reports its peak RSS
    (getrusage), the RSS after imports (torch + transformers, before any work), and the bound
        1.2 x (largest decoder layer + activations + statistics)
    with its terms; the parent reads the cgroup's own peak (memory.max_usage_in_bytes, page cache included).
+4. With --peer PYTHON (llm-compressor's venv): its REAP (`benchmarks/peer_reap.py`: oneshot, sequential
+   pipeline) under the same cap, then without a cap — wall time, peak RSS, kept sets against mumoe's.
 Needs root (the cgroup). Writes benchmarks/results/calib_memory.json.
 """
 
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 
 CG = Path("/sys/fs/cgroup/memory")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def write_checkpoint(folder: Path, a) -> None:
@@ -98,7 +103,7 @@ def child_plain(a) -> dict:
 
     base = current_rss_mb()
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(a.dir, dtype=DTYPES[a.dtype]).eval()
     t_load = time.perf_counter() - t0
     wins = windows(a)
     t0 = time.perf_counter()
@@ -113,11 +118,15 @@ def child_prune(a, method: str) -> dict:
     from mumoe.observe.layerwise import LayerwiseCheckpoint
     from mumoe.recipe import Recipe
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # import the modelling code (~150 MiB of Python modules) before measuring
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.dir))
     base = current_rss_mb()
     name, order = (method.split("-")[0], "progressive") if method.endswith("-progressive") else (method, "one-shot")
     opts = {"order": order} if name != "heapr" else {"form": "uniform"}
     recipe = Recipe.build(name, 0.25, calib="tensor", nsamples=a.nsamples, seqlen=a.seqlen,
-                          batch_size=a.batch_size, dtype="bf16", device=a.device, **opts)
+                          batch_size=a.batch_size, dtype=a.dtype, device=a.device, **opts)
     out = Path(a.out) / method
     wins = windows(a)
     t0 = time.perf_counter()
@@ -126,16 +135,19 @@ def child_prune(a, method: str) -> dict:
                                       verbose=False, spill_bytes=int(a.spill_mb * 2**20),
                                       max_shard_bytes=int(a.shard_mb * 2**20), timing=info)
     total = time.perf_counter() - t0
-    ckpt = LayerwiseCheckpoint(a.dir, torch.bfloat16)
+    ckpt = LayerwiseCheckpoint(a.dir, DTYPES[a.dtype])
     layer = ckpt.layer_bytes()
-    acts = a.nsamples * a.seqlen * a.hidden * 2  # one layer's inputs, bf16
+    acts = a.nsamples * a.seqlen * a.hidden * DTYPES[a.dtype].itemsize  # one layer's inputs
     n_layers = len(ckpt.decoder.layers)
     kept_acts = acts * (2 if name != "heapr" else (n_layers + 2))  # in + out; HEAPr: every layer's input + grads
     T, k, E, I = a.nsamples * a.seqlen, a.top_k, a.experts, a.inter
     stats = (T * k * 16 + E * 8 * 8) if name != "heapr" else E * I * 8 * 4
     shard = a.shard_mb * 2**20
     sweep = info["sweep"]
+    calib_work = (info["calib_peak_rss_mb"] - base) * 2**20
     return {"total_s": total, "calib_s": info["calib_s"], "export_s": info["export_s"],
+            "calib_peak_rss_mb": info["calib_peak_rss_mb"], "calib_working_mb": calib_work / 2**20,
+            "export_bound_mb": 2.4 * shard / 2**20,
             "spilled_mb": sweep.spilled_bytes / 2**20, "ram_activations_peak_mb": sweep.peak_ram_activations / 2**20,
             "peak_rss_mb": rss_mb(), "base_rss_mb": base, "layer_mb": layer / 2**20,
             "activations_mb": kept_acts / 2**20, "stats_mb": stats / 2**20, "shard_buffer_mb": shard / 2**20,
@@ -143,20 +155,24 @@ def child_prune(a, method: str) -> dict:
             "kept": [e["kept"] for e in report.layers] if report.grain == "expert" else None}
 
 
-def capped(cmd: list[str], cap: int) -> tuple[dict, int]:
-    """Run cmd in a fresh memory cgroup capped at `cap` bytes -> (its JSON result, cgroup peak bytes)."""
+def capped(cmd: list[str], cap: int | None, check: bool = True) -> tuple[dict | None, int]:
+    """Run cmd in a fresh memory cgroup capped at `cap` bytes (None: no cap) -> (its JSON result or None when it
+    failed and not check, cgroup peak bytes)."""
     group = CG / f"mumoe-bench-{os.getpid()}"
     group.mkdir()
     try:
-        (group / "memory.limit_in_bytes").write_text(str(cap))
-        if (group / "memory.memsw.limit_in_bytes").exists():
-            (group / "memory.memsw.limit_in_bytes").write_text(str(cap))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+        if cap is not None:
+            (group / "memory.limit_in_bytes").write_text(str(cap))
+            if (group / "memory.memsw.limit_in_bytes").exists():
+                (group / "memory.memsw.limit_in_bytes").write_text(str(cap))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
         out, _ = proc.communicate()
         peak = int((group / "memory.max_usage_in_bytes").read_text())
         if proc.returncode != 0:
             fail = int((group / "memory.failcnt").read_text())
+            if not check:
+                return {"rc": proc.returncode, "failcnt": fail}, peak
             raise SystemExit(f"child failed (rc {proc.returncode}, cgroup failcnt {fail}): {cmd}")
         return json.loads(out.strip().splitlines()[-1]), peak
     finally:
@@ -167,16 +183,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="/tmp/mumoe-bench/ckpt")
     p.add_argument("--out", default="/tmp/mumoe-bench/out")
-    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--inter", type=int, default=256)
+    p.add_argument("--inter", type=int, default=512)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--cap-mb", type=int, default=900)
+    p.add_argument("--cap-mb", type=int, default=1100)
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--peer", help="python of a venv with llmcompressor: run its REAP beside mumoe's")
     p.add_argument("--spill-mb", type=float, default=64)
     p.add_argument("--shard-mb", type=float, default=128)
     p.add_argument("--device", default="cpu")
@@ -192,7 +210,8 @@ def main() -> None:
     size = sum(f.stat().st_size for f in a.dir.glob("*.safetensors"))
     cap = a.cap_mb * 2**20
     print(f"checkpoint {size / 2**30:.2f} GiB = {size / cap:.1f}x the cap of {a.cap_mb} MiB")
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("child", "methods")]
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("child", "methods", "peer")
+            and v is not None]
     me = [sys.executable, __file__, *args]
     plain = json.loads(subprocess.run(me + ["--child", "plain"], capture_output=True, text=True,
                                       check=True).stdout.strip().splitlines()[-1])
@@ -202,20 +221,42 @@ def main() -> None:
     for method in a.methods.split(","):
         res, peak = capped(me + ["--child", method], cap)
         res.update(method=method, cgroup_peak_mb=peak / 2**20, ratio_vs_forward=res["calib_s"] / plain["forward_s"])
-        work = res["peak_rss_mb"] - res["base_rss_mb"]
-        print(f"{method:17s} under {a.cap_mb} MiB: calibration {res['calib_s']:.1f}s "
-              f"({res['ratio_vs_forward']:.2f}x the plain forward), export {res['export_s']:.1f}s; peak RSS "
-              f"{res['peak_rss_mb']:.0f} MiB = {res['base_rss_mb']:.0f} after imports + {work:.0f} working "
-              f"(bound 1.2x(layer {res['layer_mb']:.0f} + activations {res['activations_mb']:.0f} + stats "
-              f"{res['stats_mb']:.1f}) = {res['bound_mb']:.0f} MiB; shard buffer {res['shard_buffer_mb']:.0f}); "
+        res["ratio_vs_load_forward"] = res["calib_s"] / (plain["load_s"] + plain["forward_s"])
+        print(f"{method:17s} under {a.cap_mb} MiB: calibration {res['calib_s']:.1f}s = "
+              f"{res['ratio_vs_forward']:.2f}x the plain forward ({res['ratio_vs_load_forward']:.2f}x load + forward),"
+              f" export {res['export_s']:.1f}s")
+        print(f"{'':17s} calibration peak RSS {res['calib_peak_rss_mb']:.0f} MiB = {res['base_rss_mb']:.0f} code "
+              f"+ {res['calib_working_mb']:.0f} working; bound 1.2 x (layer {res['layer_mb']:.0f} + activations "
+              f"{res['activations_mb']:.0f} + stats {res['stats_mb']:.1f}) = {res['bound_mb']:.0f} MiB")
+        print(f"{'':17s} overall peak RSS {res['peak_rss_mb']:.0f} MiB (export: shard buffer "
+              f"{res['shard_buffer_mb']:.0f} MiB, bound 2.4 x shard = {res['export_bound_mb']:.0f}); "
               f"cgroup peak {res['cgroup_peak_mb']:.0f} MiB (page cache included)")
         rows.append(res)
-    if len(rows) >= 2 and rows[0]["kept"] and rows[1]["kept"]:
-        same = sum(a_ == b_ for a_, b_ in zip(rows[0]["kept"], rows[1]["kept"]))
-        print(f"{rows[0]['method']} vs {rows[1]['method']}: {same}/{len(rows[0]['kept'])} layers with the same kept set")
+    by = {r["method"]: r for r in rows}
+    if "reap" in by and "reap-progressive" in by:
+        same = sum(x == y for x, y in zip(by["reap"]["kept"], by["reap-progressive"]["kept"]))
+        print(f"reap one-shot vs progressive: {same}/{len(by['reap']['kept'])} layers with the same kept set")
+    peer = None
+    if a.peer:
+        pcmd = [a.peer, str(Path(__file__).parent / "peer_reap.py"), f"--dir={a.dir}", f"--out={a.out}/peer",
+                f"--nsamples={a.nsamples}", f"--seqlen={a.seqlen}", f"--vocab={a.vocab}", f"--batch-size={a.batch_size}",
+                f"--dtype={'float32' if a.dtype == 'fp32' else 'bfloat16'}"]
+        under, upeak = capped(pcmd, cap, check=False)
+        print(f"llm-compressor REAP under {a.cap_mb} MiB: " + ("completed" if "rc" not in under else
+              f"failed (exit {under['rc']}, the cgroup refused memory {under['failcnt']} times)"))
+        peer, ppeak = capped(pcmd, None)
+        peer.update(under_cap=under if "rc" in under else "completed", cgroup_peak_mb=ppeak / 2**20)
+        kept = [peer["kept"][f"model.layers.{j}.mlp"] for j in range(a.layers)] if peer.get("kept") else None
+        for name in ("reap", "reap-progressive"):
+            if name in by and kept:
+                same = sum(x == y for x, y in zip(by[name]["kept"], kept))
+                print(f"  kept sets, llm-compressor vs mumoe {name}: {same}/{a.layers} layers identical")
+                peer[f"same_kept_as_{name}"] = same
+        print(f"llm-compressor REAP, no cap: load {peer['load_s']:.1f}s + oneshot {peer['oneshot_s']:.1f}s + save "
+              f"{peer['save_s']:.1f}s; peak RSS {peer['peak_rss_mb']:.0f} MiB")
     result = {"machine": f"{platform.node()} {os.cpu_count()} cores", "torch": torch.__version__,
               "checkpoint_gib": size / 2**30, "cap_mib": a.cap_mb, "args": {k: str(v) for k, v in vars(a).items()},
-              "plain": plain, "runs": rows}
+              "plain": plain, "runs": rows, "peer": peer}
     out = Path(__file__).parent / "results" / "calib_memory.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

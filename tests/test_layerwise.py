@@ -246,3 +246,20 @@ def test_task_library_layerwise_equals_whole_model(tmp_path):
         assert torch.equal(got.keys[name], ref.keys[name])
         assert all(torch.equal(a, b) for a, b in zip(got.scores[name], ref.scores[name]))
     assert torch.equal(got.whiten, ref.whiten)
+
+
+def test_loss_gradient_in_chunks_equals_one_piece(tmp_path):
+    from mumoe.observe.sequential import _loss_grad
+
+    saved("qwen3_moe", tmp_path)
+    ckpt = LayerwiseCheckpoint(tmp_path, torch.float32)
+    for name in ckpt.head_names():
+        ckpt.materialise(name)
+    h = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(0))
+    ids = windows(3, 10)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding in one row
+    whole = _loss_grad(ckpt, h, ids, mask)
+    chunked = _loss_grad(ckpt, h, ids, mask, logits_bytes=3 * 128 * 4 * 3)  # 3 positions per chunk
+    assert float((chunked - whole).abs().max()) <= 1e-6 * float(whole.abs().max()) and whole.abs().sum() > 0
+    assert torch.equal(whole[:, -1], torch.zeros_like(whole[:, -1]))  # the last position predicts nothing

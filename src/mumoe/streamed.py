@@ -9,6 +9,7 @@ Results equal the in-memory path's (same kept sets, same scores) — tested on e
 from __future__ import annotations
 
 import re
+import resource
 import time
 from pathlib import Path
 
@@ -95,6 +96,7 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
                           order=order, select=select, prune_layer=prune_layer, work=work,
                           spill_bytes=spill_bytes)
     t_score = time.perf_counter() - t0
+    calib_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, for the memory benchmark
     if verbose and res.info is not None:
         i = res.info
         print(f"  scored in {t_score:.1f}s" + (f" (resumed after layer {i.resumed_after})" if i.resumed_after
@@ -120,7 +122,7 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
         if timing is not None:
             timing["export_s"] = time.perf_counter() - t1
     if timing is not None:
-        timing.update(calib_s=t_score, sweep=res.info)
+        timing.update(calib_s=t_score, sweep=res.info, calib_peak_rss_mb=calib_peak)
     if work is not None and dist_world()[0] == 0:
         work.remove()
     return report

@@ -244,18 +244,30 @@ def _capture(ckpt: LayerwiseCheckpoint, ids: torch.Tensor, mask: torch.Tensor | 
     return first[0], kwargs
 
 
-def _loss_grad(ckpt: LayerwiseCheckpoint, hidden: torch.Tensor, ids: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
-    """∂L/∂hidden of the summed next-token loss (the whole-model pass's loss), from the last layer's output."""
+def _loss_grad(ckpt: LayerwiseCheckpoint, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None,
+               logits_bytes: int = 64 << 20) -> torch.Tensor:
+    """∂L/∂hidden of the summed next-token loss (the whole-model pass's loss), from the last layer's output.
+    The loss is a sum over positions and norm + lm_head act per position, so it is back-propagated in chunks of
+    positions whose logits stay under `logits_bytes` (vocabularies of 150k make [B, L, V] the largest tensor of
+    the pass); the gradient is the same as in one piece."""
     norm, head = (ckpt.model.get_submodule(n) for n in ckpt.head_names())
-    with torch.enable_grad():
-        h = hidden.detach().requires_grad_(True)
-        logits = head(norm(h))  # [B, L, V]
-        labels = ids[:, 1:] if mask is None else ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                           reduction="sum", ignore_index=-100)
-        loss.backward()
-    return h.grad
+    B, L, _ = hidden.shape
+    V = head.weight.shape[0]
+    step = max(1, logits_bytes // max(1, B * V * 4))
+    labels = ids[:, 1:] if mask is None else ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # [B, L-1]
+    grads = []
+    for s in range(0, L, step):
+        e = min(L, s + step)
+        with torch.enable_grad():
+            h = hidden[:, s:e].detach().requires_grad_(True)
+            logits = head(norm(h))  # [B, e-s, V]
+            n = min(e, L - 1) - s  # positions of this chunk that predict a next token
+            if n > 0:
+                loss = nn.functional.cross_entropy(logits[:, :n].flatten(0, 1).float(),
+                                                   labels[:, s:s + n].flatten(), reduction="sum", ignore_index=-100)
+                loss.backward()
+        grads.append(h.grad if h.grad is not None else torch.zeros_like(h))
+    return torch.cat(grads, dim=1)
 
 
 def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Collector] = (),
