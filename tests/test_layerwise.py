@@ -263,3 +263,18 @@ def test_loss_gradient_in_chunks_equals_one_piece(tmp_path):
     chunked = _loss_grad(ckpt, h, ids, mask, logits_bytes=3 * 128 * 4 * 3)  # 3 positions per chunk
     assert float((chunked - whole).abs().max()) <= 1e-6 * float(whole.abs().max()) and whole.abs().sum() > 0
     assert torch.equal(whole[:, -1], torch.zeros_like(whole[:, -1]))  # the last position predicts nothing
+
+
+def test_read_into_converts_in_chunks_and_refuses_a_truncated_file(tmp_path):
+    from mumoe.checkpoint import read_header, read_into
+
+    w = torch.randn(37, 11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    save_file({"w": w}, tmp_path / "m.safetensors")
+    meta = read_header(tmp_path / "m.safetensors")["w"]
+    for chunk in (2, 30, 1 << 20):  # bytes per chunk: many, a few, one
+        dst = torch.empty(37, 11)
+        assert torch.equal(read_into(tmp_path / "m.safetensors", meta, dst, chunk_bytes=chunk), w.float())
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[:-100])
+    with pytest.raises(MumoeError, match="truncated"):
+        read_into(tmp_path / "m.safetensors", meta, torch.empty(37, 11))

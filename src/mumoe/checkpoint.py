@@ -91,7 +91,7 @@ class MappedTensor:
         self._fh.close()
 
 
-def read_into(file: Path, meta: dict, dst: torch.Tensor) -> torch.Tensor:
+def read_into(file: Path, meta: dict, dst: torch.Tensor, chunk_bytes: int = 16 << 20) -> torch.Tensor:
     """Copy one tensor of a safetensors file into `dst` (its shape) with plain reads: no mapping, and no second
     copy when dst is a contiguous CPU tensor of the file's dtype (else one buffer of the source size). A file
     shorter than its header says is a one-line error."""
@@ -102,20 +102,35 @@ def read_into(file: Path, meta: dict, dst: torch.Tensor) -> torch.Tensor:
     for d in meta["shape"]:
         n *= d
     direct = dst.device.type == "cpu" and dst.dtype == dtype and dst.is_contiguous()
-    buf = dst if direct else torch.empty(tuple(meta["shape"]), dtype=dtype)
-    raw = buf.view(-1).view(torch.uint8).numpy() if n else None
+    if direct or not dst.is_contiguous():
+        buf = dst if direct else torch.empty(tuple(meta["shape"]), dtype=dtype)
+        _read_bytes(file, meta["start"], buf.view(-1).view(torch.uint8).numpy() if n else None, n)
+        if not direct:
+            dst.copy_(buf)
+        return dst
+    flat = dst.view(-1)  # converted on the way in chunks of <= chunk_bytes: no full-size second buffer
+    step = max(1, chunk_bytes // dtype.itemsize)
+    buf = torch.empty(min(step, flat.numel()), dtype=dtype)
+    for a in range(0, flat.numel(), step):
+        b = min(flat.numel(), a + step)
+        part = buf[: b - a]
+        _read_bytes(file, meta["start"] + a * dtype.itemsize, part.view(torch.uint8).numpy(), (b - a) * dtype.itemsize)
+        flat[a:b].copy_(part)
+    return dst
+
+
+def _read_bytes(file: Path, start: int, raw, n: int) -> None:
+    """Fill `raw` (a uint8 numpy view) with n bytes of `file` from `start`; a short file is a one-line error."""
+    if not n:
+        return
     with open(file, "rb", buffering=0) as fh:
-        fh.seek(meta["start"])
+        fh.seek(start)
         got = 0
         while got < n:
             k = fh.readinto(memoryview(raw)[got:])
             if not k:
-                raise MumoeError(f"{file}: truncated (a tensor ends at byte {meta['start'] + n}, the file at "
-                                 f"{meta['start'] + got})")
+                raise MumoeError(f"{file}: truncated (a tensor ends at byte {start + n}, the file at {start + got})")
             got += k
-    if not direct:
-        dst.copy_(buf)
-    return dst
 
 
 def read_tensor(file: Path, meta: dict) -> torch.Tensor:
