@@ -148,7 +148,8 @@ def child_prune(a, method: str) -> dict:
     return {"total_s": total, "calib_s": info["calib_s"], "export_s": info["export_s"],
             "calib_peak_rss_mb": info["calib_peak_rss_mb"], "calib_working_mb": calib_work / 2**20,
             "export_bound_mb": 2.4 * shard / 2**20,
-            "spilled_mb": sweep.spilled_bytes / 2**20, "ram_activations_peak_mb": sweep.peak_ram_activations / 2**20,
+            "spilled_mb": sweep.spilled_bytes / 2**20, "read_s": sweep.seconds.get("read"),
+            "sweep_s": sweep.seconds.get("total"), "ram_activations_peak_mb": sweep.peak_ram_activations / 2**20,
             "peak_rss_mb": rss_mb(), "base_rss_mb": base, "layer_mb": layer / 2**20,
             "activations_mb": kept_acts / 2**20, "stats_mb": stats / 2**20, "shard_buffer_mb": shard / 2**20,
             "bound_mb": 1.2 * (layer + kept_acts + stats) / 2**20,
@@ -199,6 +200,7 @@ def main() -> None:
     p.add_argument("--shard-mb", type=float, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", default="reap,reap-progressive,heapr")
+    p.add_argument("--tag", default="", help="suffix of the result file (calib_memory{tag}.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -210,7 +212,7 @@ def main() -> None:
     size = sum(f.stat().st_size for f in a.dir.glob("*.safetensors"))
     cap = a.cap_mb * 2**20
     print(f"checkpoint {size / 2**30:.2f} GiB = {size / cap:.1f}x the cap of {a.cap_mb} MiB")
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("child", "methods", "peer")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("child", "methods", "peer", "tag")
             and v is not None]
     me = [sys.executable, __file__, *args]
     plain = json.loads(subprocess.run(me + ["--child", "plain"], capture_output=True, text=True,
@@ -222,9 +224,11 @@ def main() -> None:
         res, peak = capped(me + ["--child", method], cap)
         res.update(method=method, cgroup_peak_mb=peak / 2**20, ratio_vs_forward=res["calib_s"] / plain["forward_s"])
         res["ratio_vs_load_forward"] = res["calib_s"] / (plain["load_s"] + plain["forward_s"])
+        res["compute_ratio"] = (res["sweep_s"] - res["read_s"]) / plain["forward_s"]
         print(f"{method:17s} under {a.cap_mb} MiB: calibration {res['calib_s']:.1f}s = "
-              f"{res['ratio_vs_forward']:.2f}x the plain forward ({res['ratio_vs_load_forward']:.2f}x load + forward),"
-              f" export {res['export_s']:.1f}s")
+              f"{res['ratio_vs_forward']:.2f}x the plain forward ({res['ratio_vs_load_forward']:.2f}x load + forward;"
+              f" of it reading layers {res['read_s']:.1f}s, the rest {res['compute_ratio']:.2f}x the forward), "
+              f"export {res['export_s']:.1f}s")
         print(f"{'':17s} calibration peak RSS {res['calib_peak_rss_mb']:.0f} MiB = {res['base_rss_mb']:.0f} code "
               f"+ {res['calib_working_mb']:.0f} working; bound 1.2 x (layer {res['layer_mb']:.0f} + activations "
               f"{res['activations_mb']:.0f} + stats {res['stats_mb']:.1f}) = {res['bound_mb']:.0f} MiB")
@@ -243,21 +247,26 @@ def main() -> None:
                 f"--dtype={'float32' if a.dtype == 'fp32' else 'bfloat16'}"]
         under, upeak = capped(pcmd, cap, check=False)
         print(f"llm-compressor REAP under {a.cap_mb} MiB: " + ("completed" if "rc" not in under else
-              f"failed (exit {under['rc']}, the cgroup refused memory {under['failcnt']} times)"))
-        peer, ppeak = capped(pcmd, None)
+              f"failed (exit {under['rc']}" + (", killed: out of memory under the cap)" if under["rc"] == -9 else ")")))
+        peer, ppeak = capped(pcmd, None, check=False)
         peer.update(under_cap=under if "rc" in under else "completed", cgroup_peak_mb=ppeak / 2**20)
-        kept = [peer["kept"][f"model.layers.{j}.mlp"] for j in range(a.layers)] if peer.get("kept") else None
-        for name in ("reap", "reap-progressive"):
-            if name in by and kept:
-                same = sum(x == y for x, y in zip(by[name]["kept"], kept))
-                print(f"  kept sets, llm-compressor vs mumoe {name}: {same}/{a.layers} layers identical")
-                peer[f"same_kept_as_{name}"] = same
-        print(f"llm-compressor REAP, no cap: load {peer['load_s']:.1f}s + oneshot {peer['oneshot_s']:.1f}s + save "
-              f"{peer['save_s']:.1f}s; peak RSS {peer['peak_rss_mb']:.0f} MiB")
+        if "rc" in peer:
+            print(f"llm-compressor REAP, no cap: failed (exit {peer['rc']}"
+                  + (": killed by the OOM killer, the machine's memory was not enough)" if peer["rc"] == -9 else ")")
+                  + f"; peak {ppeak / 2**30:.1f} GiB")
+        else:
+            kept = [peer["kept"][f"model.layers.{j}.mlp"] for j in range(a.layers)] if peer.get("kept") else None
+            for name in ("reap", "reap-progressive"):
+                if name in by and kept:
+                    same = sum(x == y for x, y in zip(by[name]["kept"], kept))
+                    print(f"  kept sets, llm-compressor vs mumoe {name}: {same}/{a.layers} layers identical")
+                    peer[f"same_kept_as_{name}"] = same
+            print(f"llm-compressor REAP, no cap: load {peer['load_s']:.1f}s + oneshot {peer['oneshot_s']:.1f}s + "
+                  f"save {peer['save_s']:.1f}s; peak RSS {peer['peak_rss_mb']:.0f} MiB")
     result = {"machine": f"{platform.node()} {os.cpu_count()} cores", "torch": torch.__version__,
               "checkpoint_gib": size / 2**30, "cap_mib": a.cap_mb, "args": {k: str(v) for k, v in vars(a).items()},
               "plain": plain, "runs": rows, "peer": peer}
-    out = Path(__file__).parent / "results" / "calib_memory.json"
+    out = Path(__file__).parent / "results" / f"calib_memory{a.tag}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 

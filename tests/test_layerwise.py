@@ -4,6 +4,7 @@ same scores, same kept sets, same exported tensors; resumed = uninterrupted; 2 t
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -177,8 +178,17 @@ def prune_cmd(src, out, *extra, method="reap"):
             "--layerwise", "on", "--out", str(out), *extra]
 
 
-def sh(cmd, env=None):
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+def sh(cmd, env=None, timeout=300):
+    """Run cmd in its own process group; on a timeout the whole group is killed (torchrun's ranks too)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def kept_and_scores(folder):

@@ -79,7 +79,7 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
         if m.grain == "expert" and j in layers:
             from .apply.experts import slice_layer
 
-            slice_layer(layers[j], res["keep"])
+            slice_layer(layers[j], res["keep"], inplace=True)
             return True
         if m.grain == "weight":
             params = dict(ckpt.model.named_parameters())
@@ -123,8 +123,13 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
             timing["export_s"] = time.perf_counter() - t1
     if timing is not None:
         timing.update(calib_s=t_score, sweep=res.info, calib_peak_rss_mb=calib_peak)
-    if work is not None and dist_world()[0] == 0:
-        work.remove()
+    if work is not None:
+        if dist_world()[1] > 1:  # every rank has saved its last state before rank 0 removes the folder
+            import torch.distributed as dist
+
+            dist.barrier()
+        if dist_world()[0] == 0:
+            work.remove()
     return report
 
 

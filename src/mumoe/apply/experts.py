@@ -11,19 +11,28 @@ from ..models import MoELayer, moe_adapter_for
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
-def _slice_param(module: nn.Module, name: str, idx: torch.Tensor) -> None:
+def _slice_param(module: nn.Module, name: str, idx: torch.Tensor, inplace: bool = False) -> None:
     tensor = getattr(module, name, None)
     if tensor is None:
         return
-    new = tensor.data.index_select(0, idx.to(tensor.device)).contiguous()
+    if inplace:  # kept rows moved to the front of the same storage (idx ascending: never overwrites a later one)
+        data = tensor.data
+        for new_i, old_i in enumerate(idx.tolist()):
+            if new_i != old_i:
+                data[new_i].copy_(data[old_i])
+        new = data[: len(idx)]
+    else:
+        new = tensor.data.index_select(0, idx.to(tensor.device)).contiguous()
     if isinstance(tensor, nn.Parameter):
         setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
     else:  # buffer (e_score_correction_bias)
         module._buffers[name] = new
 
 
-def slice_layer(layer: MoELayer, keep: list[int]) -> None:
-    """Keep only experts `keep` (sorted, unique) of one MoE layer, in place."""
+def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False) -> None:
+    """Keep only experts `keep` (sorted, unique) of one MoE layer, in place. inplace: move the kept experts
+    within the existing tensors instead of copying them out (no second copy of the layer; the tensors become
+    views of the old storage — for a layer that is about to be freed, as in the layer-sequential sweep)."""
     E = layer.num_experts
     if sorted(set(keep)) != list(keep) or not keep or keep[0] < 0 or keep[-1] >= E:
         raise MumoeError(f"layer {layer.index}: keep set must be sorted unique indices in [0, {E}), got {keep}")
@@ -37,9 +46,9 @@ def slice_layer(layer: MoELayer, keep: list[int]) -> None:
                              f"in every group, got {counts.tolist()}")
     idx = torch.tensor(keep, dtype=torch.long)
     for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
-        _slice_param(layer.experts, name, idx)
+        _slice_param(layer.experts, name, idx, inplace)
     for name in ("weight", "bias", "e_score_correction_bias"):
-        _slice_param(layer.router, name, idx)
+        _slice_param(layer.router, name, idx, inplace)
     for module in (layer.router, layer.experts):
         for attr in _COUNT_ATTRS:
             if hasattr(module, attr):

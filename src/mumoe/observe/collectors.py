@@ -102,7 +102,8 @@ class ExpertStats(Collector):
         h = (route.residual if route.residual is not None else route.hidden).double()  # [T, H]
         cos = nn.functional.cosine_similarity(h, h + route.routed_output.double(), dim=-1)
         shift = torch.clamp(1 - cos, min=0)  # [T]
-        norm = r.f.double().norm(dim=-1)  # [S] ‖f_i(t)‖
+        norm = torch.cat([c.double().norm(dim=-1) for c in r.f.split(4096)]) if len(r.f) else r.f.new_zeros(
+            0, dtype=F64)  # [S] ‖f_i(t)‖, in row chunks: no float64 copy of all of f
         gn = r.weight.double() * norm  # [S] g·‖f‖
         st.ean.index_add_(0, r.expert, norm)
         st.reap_sum.index_add_(0, r.expert, gn)

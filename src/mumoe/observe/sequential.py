@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import signal
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,7 +181,8 @@ class WorkDir:
         self.folder, self.key = Path(folder), key
         self.folder.mkdir(parents=True, exist_ok=True)
         rank, world = dist_world()
-        self.state_file = self.folder / (f"state.rank{rank}.pt" if world > 1 else "state.pt")
+        self.suffix = f".rank{rank}" if world > 1 else ""  # every rank keeps its own state and activations
+        self.state_file = self.folder / f"state{self.suffix}.pt"
 
     def load(self) -> dict | None:
         if not self.state_file.exists():
@@ -200,7 +202,7 @@ class WorkDir:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def acts(self, stage: str) -> Path:
-        return self.folder / stage
+        return self.folder / f"{stage}{self.suffix}"
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -287,6 +289,7 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] == 0:
         raise MumoeError(f"no calibration tokens: windows have shape {list(windows.shape)}")
     results = {} if results is None else results
+    t_start, read0 = time.perf_counter(), ckpt.read_seconds
     info = SweepInfo(layers=len(ckpt.decoder.layers), ranks=dist_world()[1])
     mine = share(windows.shape[0])
     wins = windows[mine]
@@ -355,6 +358,8 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
             bar.update(start)
             for j in range(start, len(names)):
                 with ckpt.part(names[j]) as module:
+                    if j + 1 < len(names):
+                        ckpt.prefetch(names[j + 1])
                     outs: dict[int, torch.Tensor] = {}
 
                     def run_fwd(b: int) -> None:
@@ -394,6 +399,8 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
                 top = last
             for j in range(top, -1, -1):
                 with ckpt.part(names[j]) as module:
+                    if j > 0:
+                        ckpt.prefetch(names[j - 1])
                     def run_bwd(b: int) -> None:
                         with torch.enable_grad():
                             x = acts.get((j, b)).detach().requires_grad_(True)
@@ -411,6 +418,7 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
                 bar.update(1)
     finally:
         bar.close()
+        info.seconds = {"read": ckpt.read_seconds - read0, "total": time.perf_counter() - t_start}
         info.peak_ram_activations = acts.peak_bytes
         info.spilled_bytes = acts.spilled_bytes
         if work is None:
