@@ -47,7 +47,7 @@ def check_layerwise(recipe: Recipe) -> None:
 
 def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: tuple, *, overwrite: bool = False,
                     verbose: bool = True, work_dir: str | Path | None = None, spill_bytes: int = 8 << 30,
-                    max_shard_bytes: int = 2 << 30, timing: dict | None = None) -> PruneReport:
+                    max_shard_bytes: int = 1 << 30, timing: dict | None = None) -> PruneReport:
     """Score `recipe` layer by layer on the checkpoint at `path` and write the pruned checkpoint to `out`
     tensor by tensor. windows: (ids [N, L], groups or None, info) as `api.calibration` returns them.
     work_dir: checkpoint every finished layer there; the same call again resumes after the last one.

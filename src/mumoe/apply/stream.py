@@ -91,7 +91,7 @@ def _reader(file: Path, meta: dict) -> Callable[[], torch.Tensor]:
 
 def write_streamed(path: str | Path, out: str | Path, report: PruneReport, transform: Transform,
                    config_changes: dict, overwrite: bool = False, progress: bool = True,
-                   max_shard_bytes: int = 2 << 30) -> Path:
+                   max_shard_bytes: int = 1 << 30) -> Path:
     """Write `path` through `transform`, tensor by tensor, atomically (temp dir beside `out`, then rename).
     Config keys as the source spells them (only the values in `config_changes` change); tokenizer and other
     files copied byte for byte; pruning.json from `report`."""

@@ -216,8 +216,10 @@ class Observation:
                 gate, up = nn.functional.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
                 hs.append(module.act_fn(gate) * up)  # [n, I]
             h = torch.cat(hs) if hs else x.new_zeros(0, I)  # [S, I]
+            del hs  # the per-expert pieces go as soon as they are joined (peak memory of a batch)
             fs = [nn.functional.linear(he, module.down_proj[e]) for e, he in zip(routed, torch.split(h, sizes))]
             f = torch.cat(fs) if fs else torch.zeros_like(x)  # [S, H]
+            del fs
             weight = top_k_weights.reshape(-1)[perm]  # [S]
             out = torch.zeros_like(hidden_states)  # [T, H]; per token, experts added in ascending order
             out.index_add_(0, token, (f * weight[:, None]).to(out.dtype))
