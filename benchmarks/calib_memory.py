@@ -2,6 +2,7 @@
 
     python benchmarks/calib_memory.py                     # 16 layers, hidden 1024, 64 experts x 512, bf16 files
     python benchmarks/calib_memory.py --cap-mb 1100 --methods reap,reap-progressive,heapr --peer /tmp/peer/bin/python
+    python benchmarks/calib_memory.py --device cuda --dtype bf16 --layers 48 --cap-mb 8192   # on a GPU machine
 
 1. Writes a synthetic qwen3_moe checkpoint (random bf16 weights, per-expert keys as on the hub, one shard per
    layer) to --dir, layer by layer (never the whole model in memory).
@@ -145,7 +146,8 @@ def child_prune(a, method: str) -> dict:
     shard = a.shard_mb * 2**20
     sweep = info["sweep"]
     calib_work = (info["calib_peak_rss_mb"] - base) * 2**20
-    return {"total_s": total, "calib_s": info["calib_s"], "export_s": info["export_s"],
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and a.device != "cpu" else None
+    return {"gpu_peak_mb": gpu,"total_s": total, "calib_s": info["calib_s"], "export_s": info["export_s"],
             "calib_peak_rss_mb": info["calib_peak_rss_mb"], "calib_working_mb": calib_work / 2**20,
             "export_bound_mb": 2.4 * shard / 2**20,
             "spilled_mb": sweep.spilled_bytes / 2**20, "read_s": sweep.seconds.get("read"),
@@ -232,6 +234,8 @@ def main() -> None:
         print(f"{'':17s} calibration peak RSS {res['calib_peak_rss_mb']:.0f} MiB = {res['base_rss_mb']:.0f} code "
               f"+ {res['calib_working_mb']:.0f} working; bound 1.2 x (layer {res['layer_mb']:.0f} + activations "
               f"{res['activations_mb']:.0f} + stats {res['stats_mb']:.1f}) = {res['bound_mb']:.0f} MiB")
+        if res.get("gpu_peak_mb") is not None:
+            print(f"{'':17s} GPU peak allocated {res['gpu_peak_mb']:.0f} MiB")
         print(f"{'':17s} overall peak RSS {res['peak_rss_mb']:.0f} MiB (export: shard buffer "
               f"{res['shard_buffer_mb']:.0f} MiB, bound 2.4 x shard = {res['export_bound_mb']:.0f}); "
               f"cgroup peak {res['cgroup_peak_mb']:.0f} MiB (page cache included)")

@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--pipeline", default="sequential", help="llm-compressor's calibration pipeline: sequential "
+                   "(layer by layer, REAP pruned at each layer's end) or basic (whole-model forwards)")
     a = p.parse_args()
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -43,7 +45,7 @@ def main() -> None:
     report = Path(a.out) / "reap_kept.json"
     t0 = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=REAPPruningModifier(sparsity=a.ratio, report_path=str(report)),
-            pipeline="sequential", num_calibration_samples=a.nsamples, max_seq_length=a.seqlen, batch_size=a.batch_size,
+            pipeline=a.pipeline, num_calibration_samples=a.nsamples, max_seq_length=a.seqlen, batch_size=a.batch_size,
             output_dir=None)
     t_oneshot = time.perf_counter() - t0
     t0 = time.perf_counter()

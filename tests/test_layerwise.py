@@ -288,3 +288,20 @@ def test_read_into_converts_in_chunks_and_refuses_a_truncated_file(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(data[:-100])
     with pytest.raises(MumoeError, match="truncated"):
         read_into(tmp_path / "m.safetensors", meta, torch.empty(37, 11))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_in_place_expert_slicing_equals_copying(arch):
+    from mumoe.apply.experts import slice_layer
+    from mumoe.models import moe_adapter_for
+
+    a, b = make(arch), make(arch)
+    keep = [0, 2, 3, 5, 6, 7] if arch == "qwen3_moe" else [0, 1, 4, 5]  # deepseek: equal per group
+    for model, inplace in ((a, False), (b, True)):
+        layer = moe_adapter_for(model).moe_layers()[0]
+        slice_layer(layer, keep, inplace=inplace)
+    x = windows(2, 12, seed=5)
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
