@@ -305,3 +305,18 @@ def test_in_place_expert_slicing_equals_copying(arch):
         assert torch.equal(a(x).logits, b(x).logits)
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(pa, pb), na
+
+
+def test_bundled_model_layerwise_equals_whole_model():
+    """The bundled model's own bf16 files, read layer by layer in fp32, against the model loaded whole."""
+    from mumoe.loading import DEFAULT_MODEL, load
+
+    model = load("default")
+    wins = torch.randint(3, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    names = ["reap", "easy-ep", "heapr", "wanda"]
+    ref = score_methods(model, names, wins, batch_size=2)
+    got = score_layerwise(LayerwiseCheckpoint(DEFAULT_MODEL, torch.float32), names, wins, batch_size=2)
+    for name in ("reap", "easy-ep", "heapr"):
+        assert all(rel(a, b) <= 1e-6 for a, b in zip(got.scores[name], ref[name])), name
+    norms = run(model, wins, [InputNorms(model)], batch_size=2)[0].result()
+    assert all(rel(got.norms[k], v) <= 1e-6 for k, v in norms.items())
