@@ -320,3 +320,15 @@ def test_bundled_model_layerwise_equals_whole_model():
         assert all(rel(a, b) <= 1e-6 for a, b in zip(got.scores[name], ref[name])), name
     norms = run(model, wins, [InputNorms(model)], batch_size=2)[0].result()
     assert all(rel(got.norms[k], v) <= 1e-6 for k, v in norms.items())
+
+
+def test_out_may_not_be_the_source(checkpoint, tmp_path):
+    before = tensors(checkpoint)
+    for out in (checkpoint, checkpoint / "sub", tmp_path):
+        for mode in ("on", "off"):
+            cmd = prune_cmd(checkpoint, out, "--overwrite")
+            cmd[cmd.index("--layerwise") + 1] = mode
+            r = sh(cmd)
+            assert r.returncode == 2 and "would overwrite the source model" in r.stderr, r.stderr[-500:]
+    after = tensors(checkpoint)
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)

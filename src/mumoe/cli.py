@@ -134,6 +134,7 @@ def cmd_prune(args) -> int:
         check_sources(recipe.calib.sources, read=False)
     check_output_dir(args.out, args.overwrite)
     check_model(model_name)
+    _not_the_source(args.out, model_name)
     config = _model_config(model_name)
     if config is not None:
         recipe.check_config(config)
@@ -172,6 +173,19 @@ def _dtype_of(name: str | None):
     from .loading import _dtype
 
     return _dtype(name or "fp32")
+
+
+def _not_the_source(out: str, model_name: str) -> None:
+    """The source model is never replaced, moved or deleted: refuse an --out that is the model's folder, inside
+    it, or holds it (whatever --overwrite says)."""
+    from .loading import resolve
+
+    src = Path(resolve(model_name))
+    if not src.exists():
+        return
+    o, s = Path(out).resolve(), src.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise MumoeError(f"--out {out} would overwrite the source model {model_name}; choose another directory")
 
 
 def _use_layerwise(args, recipe, model_name: str) -> bool:
@@ -289,6 +303,7 @@ def cmd_compare(args) -> int:
         from .apply.export import check_output_dir
 
         check_output_dir(args.out, args.overwrite)
+        _not_the_source(args.out, check_model(args.model))
     check_model(args.model)
     eval_texts = _eval_texts(args.eval) if args.eval else None
     t0 = time.perf_counter()
@@ -377,11 +392,12 @@ def cmd_eval(args) -> int:
 
 def cmd_taer_build(args) -> int:
     from .apply.export import atomic_output, check_output_dir
-    from .loading import DATA, load_tokenizer
+    from .loading import DATA, check_model, load_tokenizer
     from .observe.calib import calibration_windows, read_text
     from .retrieval import build_library
 
     check_output_dir(args.out, args.overwrite)
+    _not_the_source(args.out, check_model(args.model))
     specs = {}
     for spec in args.task:
         if spec == "domain":
