@@ -233,7 +233,8 @@ def test_torchrun_two_ranks_equal_one_process(checkpoint, tmp_path):
 
 
 def test_layerwise_refusals(checkpoint, tmp_path):
-    for extra, msg in ((["--budget", "global"], "use --budget uniform"),):
+    for extra, msg in ((["--budget", "global", "--order", "progressive"], "progressive scoring needs the uniform"),
+                       (["--work-dir", str(tmp_path / "w"), "--layerwise", "off"], "drop it or use --layerwise on")):
         r = sh(prune_cmd(checkpoint, tmp_path / "o", *extra))
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
     r = sh(prune_cmd(checkpoint, tmp_path / "o", method="random"))
@@ -332,3 +333,28 @@ def test_out_may_not_be_the_source(checkpoint, tmp_path):
             assert r.returncode == 2 and "would overwrite the source model" in r.stderr, r.stderr[-500:]
     after = tensors(checkpoint)
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch,method,opts", [("qwen3_moe", "reap", {"budget": "global"}),
+                                              ("mixtral", "frequency", {"budget": "global"}),
+                                              ("qwen3_moe", "heapr", {"form": "global"}),
+                                              ("mixtral", "heapr", {"form": "global", "scope": "layer"})])
+def test_streamed_mumoe_forms_reload_like_the_in_memory_export(arch, method, opts, tmp_path):
+    """Per-layer expert counts and HEAPr's per-expert widths: mumoe's own forms, written tensor by tensor in the
+    source's per-expert layout; mumoe.load gives the in-memory export's logits."""
+    from mumoe.loading import load
+
+    src = tmp_path / "src"
+    saved(arch, src)
+    recipe = Recipe.build(method, 0.25, calib="tensor", nsamples=6, seqlen=16, **opts)
+    wins = windows()
+    report = prune_layerwise(src, recipe, tmp_path / "streamed", (wins, None, {}), verbose=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref = api.prune(model, recipe, calib=wins)
+    save_pruned(model, tmp_path / "memory", ref)
+    assert report.layers == ref.layers and report.form == ref.form != "hf"
+    a, b = load(tmp_path / "streamed"), load(tmp_path / "memory")
+    x = windows(2, 12, seed=3)
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+        assert torch.equal(a(x).logits, model(x).logits)

@@ -258,7 +258,9 @@ def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:
         if report.grain == "expert":
             for entry in report.layers:
                 print(layer_summary(entry))
-        print(f"wrote {args.out} (loads with AutoModelForCausalLM.from_pretrained) in "
+        from .apply.forms import get_form
+
+        print(f"wrote {args.out} (loads with {get_form(report.form).loads_with}) in "
               f"{time.perf_counter() - t0:.1f}s total")
     if distributed:
         import torch.distributed as dist

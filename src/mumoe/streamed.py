@@ -17,7 +17,7 @@ import torch
 
 from .apply.export import PruneReport
 from .apply.masking import apply_masks
-from .apply.stream import atom_transform, check_uniform, expert_transform, write_streamed
+from .apply.stream import atom_ragged_transform, atom_transform, check_uniform, expert_transform, write_streamed
 from .criteria import get_method
 from .criteria.layerwise import LayerwiseScores, score_layerwise
 from .errors import MumoeError
@@ -38,11 +38,6 @@ def check_layerwise(recipe: Recipe) -> None:
     if not m.needs_calib:
         raise MumoeError(f"{m.name} needs no calibration: it runs from the checkpoint files without --layerwise "
                          "(aimer is streamed already)")
-    if m.grain == "expert" and recipe.expert.budget != "uniform":
-        raise MumoeError("--layerwise writes standard HF checkpoints: use --budget uniform (a global budget gives "
-                         "per-layer expert counts, mumoe's own form, which needs the in-memory path)")
-    if m.grain == "atom" and recipe.atom.form != "uniform":
-        raise MumoeError("--layerwise writes standard HF checkpoints: use --form uniform for atom pruning")
 
 
 def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: tuple, *, overwrite: bool = False,
@@ -64,6 +59,9 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
     m = get_method(recipe.method)
     adapter = adapter_for(ckpt.model)
     layers = {layer.index: layer for layer in adapter.moe_layers()}
+    if m.grain == "expert" and recipe.expert.budget == "global" and any(
+            layer.n_group and layer.n_group > 1 for layer in layers.values()):
+        raise MumoeError("global budgets are not available for group-limited routers; use --budget uniform")
     order = recipe.expert.order if m.grain == "expert" else recipe.weight.order if m.grain == "weight" else "one-shot"
     work = None
     if work_dir is not None:
@@ -110,11 +108,18 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
     if dist_world()[0] == 0:
         if m.grain == "expert":
             keep = report.kept()
-            transform, changes = expert_transform(keep), {k: check_uniform(keep) for k in EXPERT_COUNT_KEYS}
-        elif m.grain == "atom":
+            uniform = len({len(v) for v in keep.values()}) == 1
+            report.form = "hf" if uniform else "mumoe"  # per-layer counts: mumoe.load rebuilds the shapes
+            transform = expert_transform(keep)
+            changes = {k: check_uniform(keep) for k in EXPERT_COUNT_KEYS} if uniform else {}
+        elif m.grain == "atom" and recipe.atom.form == "uniform":
             keep = {e["layer"]: torch.tensor([x["kept"] for x in e["experts"]]) for e in report.layers}
             width = next(iter(keep.values())).shape[-1]
             transform, changes = atom_transform(keep), {adapter.expert_width_key: width}
+        elif m.grain == "atom":  # HEAPr's global form: per-expert widths (mumoe.load)
+            keep = {e["layer"]: [torch.tensor(x["kept"], dtype=torch.long) for x in e["experts"]]
+                    for e in report.layers}
+            transform, changes = atom_ragged_transform(keep), {}
         else:
             transform, changes = wanda_transform(ckpt, res.norms, recipe), {}
         t1 = time.perf_counter()

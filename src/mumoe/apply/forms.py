@@ -84,31 +84,61 @@ def _load_checked(model: nn.Module, state: dict, path: Path, filled: set[str] = 
     model.tie_weights()
 
 
-def _read_experts(path: Path, dtype: torch.dtype) -> nn.Module:
-    """Rebuild an export whose layers hold different expert counts: build from config, slice, load weights."""
+def _load_state(path: Path) -> dict:
     from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def fuse_legacy_experts(state: dict, model: nn.Module) -> dict:
+    """Per-expert keys (`experts.J.{gate,up,down}_proj.weight`, Mixtral's `block_sparse_moe.experts.J.w1|w2|w3`,
+    as the streamed export keeps them) stacked into the model's fused `experts.gate_up_proj` / `down_proj`."""
+    from ..checkpoint import KIND, LEGACY
+
+    parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    names = {n for n, _ in model.named_parameters()}
+    for key, t in state.items():
+        m = LEGACY.match(key)
+        if m is None:
+            out[key if key in names else key.replace(".block_sparse_moe.", ".mlp.")] = t
+            continue
+        pre = m["pre"] if f"{m['pre']}.gate_up_proj" in names else m["pre"].replace(".block_sparse_moe.", ".mlp.")
+        parts.setdefault(pre, {}).setdefault(int(m["e"]), {})[KIND[m["kind"]]] = t
+    for pre, experts in parts.items():
+        order = sorted(experts)
+        if order != list(range(len(order))) or any(len(experts[e]) != 3 for e in order):
+            raise MumoeError(f"{pre}: per-expert tensors are incomplete")
+        out[f"{pre}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]])
+                                                  for e in order])
+        out[f"{pre}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
+    return out
+
+
+def _read_experts(path: Path, dtype: torch.dtype) -> nn.Module:
+    """Rebuild an export whose layers hold different expert counts: build from config, slice, load weights
+    (fused tensors, or the per-expert keys of a streamed export)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     remove_experts(model, report.kept())
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    _load_checked(model, state, path)
+    _load_checked(model, fuse_legacy_experts(_load_state(path), model), path)
     return model.to(dtype).eval()
 
 
 def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
     """Rebuild an atom-pruned export whose experts have different widths: full-width fused tensors with the
     kept rows/columns filled in and the removed atoms zero (the same function as the sliced experts)."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    state = load_file(path / "model.safetensors")
+    state = _load_state(path)
     names = {id(m): n for n, m in model.named_modules()}
     layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
     fused = set()
@@ -126,7 +156,7 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
                 layer.experts.gate_up_proj[e, k] = gu[: len(k)].to(dtype)
                 layer.experts.gate_up_proj[e, k + I] = gu[len(k):].to(dtype)
                 layer.experts.down_proj[e][:, k] = state.pop(f"{prefix}.{e}.down").to(dtype)
-    _load_checked(model, state, path, filled=fused)
+    _load_checked(model, fuse_legacy_experts(state, model), path, filled=fused)
     return model.to(dtype).eval()
 
 

@@ -147,6 +147,34 @@ def atom_transform(keep: dict[int, torch.Tensor]) -> Transform:
     return transform
 
 
+def atom_ragged_transform(keep: dict[int, list[torch.Tensor]]) -> Transform:
+    """HEAPr's global form, mumoe's own layout (`forms.compact_atom_state`): each routed expert stored at its own
+    width, `<experts>.<e>.gate_up` [2k_e, H] and `<experts>.<e>.down` [H, k_e]; keep[layer][e] = kept atoms."""
+    pending: dict[tuple, torch.Tensor] = {}  # a per-expert gate (or up) waiting for its other half
+
+    def transform(key: str, read):
+        if (m := LEGACY.match(key)) and int(m["layer"]) in keep:
+            L, e, kind = int(m["layer"]), int(m["e"]), KIND[m["kind"]]
+            pre, k = m["pre"].replace(".block_sparse_moe.", ".mlp."), keep[L][e]
+            if kind == "down_proj":
+                return [(f"{pre}.{e}.down", read()[:, k])]
+            pending[(pre, e, kind)] = read()[k]
+            gate, up = pending.get((pre, e, "gate_proj")), pending.get((pre, e, "up_proj"))
+            if gate is None or up is None:
+                return []
+            del pending[(pre, e, "gate_proj")], pending[(pre, e, "up_proj")]
+            return [(f"{pre}.{e}.gate_up", torch.cat([gate, up]))]
+        if (m := FUSED.match(key)) and int(m["layer"]) in keep:
+            L, pre = int(m["layer"]), m["pre"].replace(".block_sparse_moe.", ".mlp.")
+            w = read()
+            if m["kind"] == "down_proj":  # [E, H, I]
+                return [(f"{pre}.{e}.down", w[e][:, k]) for e, k in enumerate(keep[L])]
+            half = w.shape[1] // 2
+            return [(f"{pre}.{e}.gate_up", torch.cat([w[e][k], w[e][k + half]])) for e, k in enumerate(keep[L])]
+        return [(key, read())]
+    return transform
+
+
 def check_uniform(keep: dict[int, list[int]]) -> int:
     counts = {len(v) for v in keep.values()}
     if len(counts) != 1:
