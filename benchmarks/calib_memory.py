@@ -111,7 +111,19 @@ def child_plain(a) -> dict:
     with torch.no_grad():
         for i in range(0, len(wins), a.batch_size):
             model(input_ids=wins[i:i + a.batch_size], use_cache=False)
-    return {"load_s": t_load, "forward_s": time.perf_counter() - t0, "peak_rss_mb": rss_mb(), "base_rss_mb": base}
+    res = {"load_s": t_load, "forward_s": time.perf_counter() - t0, "peak_rss_mb": rss_mb(), "base_rss_mb": base}
+    if "heapr" in a.methods.split(","):  # HEAPr's reference: a plain forward + backward of the summed LM loss
+        for p in model.parameters():
+            p.requires_grad_(False)
+        t0 = time.perf_counter()
+        for i in range(0, len(wins), a.batch_size):
+            ids = wins[i:i + a.batch_size]
+            x = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=x, use_cache=False).logits
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                              reduction="sum").backward()
+        res["forward_backward_s"] = time.perf_counter() - t0
+    return res
 
 
 def child_prune(a, method: str) -> dict:
@@ -214,19 +226,23 @@ def main() -> None:
     size = sum(f.stat().st_size for f in a.dir.glob("*.safetensors"))
     cap = a.cap_mb * 2**20
     print(f"checkpoint {size / 2**30:.2f} GiB = {size / cap:.1f}x the cap of {a.cap_mb} MiB")
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("child", "methods", "peer", "tag")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("child", "peer", "tag")
             and v is not None]
     me = [sys.executable, __file__, *args]
     plain = json.loads(subprocess.run(me + ["--child", "plain"], capture_output=True, text=True,
                                       check=True).stdout.strip().splitlines()[-1])
     print(f"plain forward, whole model in RAM (no cap): load {plain['load_s']:.1f}s, forward {plain['forward_s']:.1f}s,"
-          f" peak RSS {plain['peak_rss_mb']:.0f} MiB")
+          + (f" forward + backward {plain['forward_backward_s']:.1f}s," if "forward_backward_s" in plain else "")
+          + f" peak RSS {plain['peak_rss_mb']:.0f} MiB")
     rows = []
     for method in a.methods.split(","):
         res, peak = capped(me + ["--child", method], cap)
         res.update(method=method, cgroup_peak_mb=peak / 2**20, ratio_vs_forward=res["calib_s"] / plain["forward_s"])
         res["ratio_vs_load_forward"] = res["calib_s"] / (plain["load_s"] + plain["forward_s"])
         res["compute_ratio"] = (res["sweep_s"] - res["read_s"]) / plain["forward_s"]
+        if method == "heapr" and "forward_backward_s" in plain:
+            res["compute_ratio_fwd_bwd"] = (res["sweep_s"] - res["read_s"]) / plain["forward_backward_s"]
+            print(f"{'':17s} HEAPr's computation = {res['compute_ratio_fwd_bwd']:.2f}x a plain forward + backward")
         print(f"{method:17s} under {a.cap_mb} MiB: calibration {res['calib_s']:.1f}s = "
               f"{res['ratio_vs_forward']:.2f}x the plain forward ({res['ratio_vs_load_forward']:.2f}x load + forward;"
               f" of it reading layers {res['read_s']:.1f}s, the rest {res['compute_ratio']:.2f}x the forward), "
