@@ -358,3 +358,17 @@ def test_streamed_mumoe_forms_reload_like_the_in_memory_export(arch, method, opt
     with torch.no_grad():
         assert torch.equal(a(x).logits, b(x).logits)
         assert torch.equal(a(x).logits, model(x).logits)
+
+
+def test_api_exports_never_replace_the_source(tmp_path):
+    src = tmp_path / "src"
+    model = saved("olmoe", src)
+    before = tensors(src)
+    report = api.prune(model, "reap", 0.25, calib=windows())
+    with pytest.raises(MumoeError, match="would overwrite the source model"):
+        save_pruned(model, src, report, overwrite=True)
+    recipe = Recipe.build("reap", 0.25, calib="tensor", nsamples=6, seqlen=16)
+    with pytest.raises(MumoeError, match="would overwrite the source model"):
+        prune_layerwise(src, recipe, tmp_path, (windows(), None, {}), overwrite=True, verbose=False)
+    after = tensors(src)
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)

@@ -254,8 +254,8 @@ def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str 
     if method != "aimer":
         raise MumoeError(f"only aimer can score from the checkpoint files; {method!r} needs the model loaded")
     check_ratio(ratio)
-    check_output_dir(out, overwrite)
     path = Path(path)
+    check_output_dir(out, overwrite, source=path)
     cfg = json.loads((path / "config.json").read_text())
     top_k = _config_field(cfg, TOP_K_KEYS)
     if top_k is None or _config_field(cfg, EXPERT_COUNT_KEYS) is None:

@@ -43,7 +43,7 @@ def shard_files(path: Path) -> list[Path]:
 ORDER = ("gate_proj", "up_proj", "down_proj")  # the in-memory AIMER's summation order
 
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+DTYPES = _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
 def read_header(file: Path) -> dict[str, dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -132,9 +133,7 @@ def cmd_prune(args) -> int:
     model_name = _replay_model(args)
     if recipe.calib.sources:  # a missing calibration file fails first, whatever else is wrong
         check_sources(recipe.calib.sources, read=False)
-    check_output_dir(args.out, args.overwrite)
-    check_model(model_name)
-    _not_the_source(args.out, model_name)
+    check_output_dir(args.out, args.overwrite, _source_dir(check_model(model_name)))
     config = _model_config(model_name)
     if config is not None:
         recipe.check_config(config)
@@ -157,10 +156,7 @@ def cmd_prune(args) -> int:
     if recipe.grain == "atom" and recipe.method.startswith("heapr"):
         print(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
     if prepared is not None:
-        got = prepared[2]["nsamples"]
-        print(f"  calibration: {got} windows x {recipe.calib.seqlen} tokens from {', '.join(recipe.calib.sources)}"
-              + ("" if recipe.calib.seed is None else f" (random windows, seed {recipe.calib.seed})")
-              + ("" if got == recipe.calib.nsamples else f" — {recipe.calib.nsamples} asked for, the text holds fewer"))
+        print(_calib_line(recipe, prepared))
     report = api.prune(model, recipe, tokenizer=tokenizer, source=model_name, verbose=True, windows=prepared)
     out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite)
     from .apply.forms import get_form
@@ -169,33 +165,35 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _calib_line(recipe, prepared) -> str:
+    """What calibration the run got (windows actually cut, and why fewer than asked)."""
+    got = prepared[2]["nsamples"]
+    return (f"  calibration: {got} windows x {recipe.calib.seqlen} tokens from {', '.join(recipe.calib.sources)}"
+            + ("" if recipe.calib.seed is None else f" (random windows, seed {recipe.calib.seed})")
+            + ("" if got == recipe.calib.nsamples else f" — {recipe.calib.nsamples} asked for, the text holds fewer"))
+
+
 def _dtype_of(name: str | None):
     from .loading import _dtype
 
     return _dtype(name or "fp32")
 
 
-def _not_the_source(out: str, model_name: str) -> None:
-    """The source model is never replaced, moved or deleted: refuse an --out that is the model's folder, inside
-    it, or holds it (whatever --overwrite says)."""
+def _source_dir(model_name: str) -> str | None:
+    """The local folder of MODEL (None for hub ids and tiny models): outputs may never replace it."""
     from .loading import resolve
 
-    src = Path(resolve(model_name))
-    if not src.exists():
-        return
-    o, s = Path(out).resolve(), src.resolve()
-    if o == s or s in o.parents or o in s.parents:
-        raise MumoeError(f"--out {out} would overwrite the source model {model_name}; choose another directory")
+    name = resolve(model_name)
+    return name if Path(name).is_dir() else None
 
 
 def _use_layerwise(args, recipe, model_name: str) -> bool:
     """--layerwise on|off, or auto: on when the model in its load dtype would not fit in 80% of the memory
     available now (and the method calibrates on a local safetensors checkpoint)."""
     from .criteria import get_method
+    from .loading import resolve
     from .observe.layerwise import is_layerwise_source
     from .streamed import check_layerwise
-
-    from .loading import resolve
 
     mode = args.layerwise
     model_name = resolve(model_name)
@@ -220,8 +218,7 @@ def _too_big(model_name: str, dtype: str | None) -> bool:
     from .observe.layerwise import source_dtype
 
     size = sum(f.stat().st_size for f in shard_files(Path(model_name)))
-    want = {"fp32": 4, "bf16": 2, "fp16": 2}.get(dtype or "fp32", 4)
-    size = size * want / source_dtype(model_name).itemsize
+    size = size * _dtype_of(dtype).itemsize / source_dtype(model_name).itemsize
     try:
         avail = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) * 1024
     except (OSError, StopIteration, ValueError):
@@ -241,7 +238,7 @@ def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:
     if distributed and dev.type == "cuda":
         import torch
 
-        dev = torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", rank)))
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(dev)
         recipe = type(recipe).from_dict({**recipe.to_dict(), "device": str(dev)})
     say = rank == 0
@@ -250,8 +247,7 @@ def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:
               + (f" on {world} ranks" if world > 1 else ""))
         if recipe.grain == "atom" and recipe.method.startswith("heapr"):
             print(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
-        got = prepared[2]["nsamples"]
-        print(f"  calibration: {got} windows x {recipe.calib.seqlen} tokens from {', '.join(recipe.calib.sources)}")
+        print(_calib_line(recipe, prepared))
     report = prune_layerwise(path, recipe, args.out, prepared, overwrite=args.overwrite, verbose=say,
                              work_dir=args.work_dir, spill_bytes=int(args.spill_gb * 2**30))
     if say:
@@ -304,8 +300,7 @@ def cmd_compare(args) -> int:
     if args.out:
         from .apply.export import check_output_dir
 
-        check_output_dir(args.out, args.overwrite)
-        _not_the_source(args.out, check_model(args.model))
+        check_output_dir(args.out, args.overwrite, _source_dir(check_model(args.model)))
     check_model(args.model)
     eval_texts = _eval_texts(args.eval) if args.eval else None
     t0 = time.perf_counter()
@@ -398,8 +393,7 @@ def cmd_taer_build(args) -> int:
     from .observe.calib import calibration_windows, read_text
     from .retrieval import build_library
 
-    check_output_dir(args.out, args.overwrite)
-    _not_the_source(args.out, check_model(args.model))
+    check_output_dir(args.out, args.overwrite, _source_dir(check_model(args.model)))
     specs = {}
     for spec in args.task:
         if spec == "domain":
@@ -461,8 +455,8 @@ def cmd_taer_generate(args) -> int:
 
 def _eval_testtime(args, model, tokenizer, texts: dict, seqlen: int) -> int:
     from .observe.calib import calibration_windows, tokenize, windows
-    from .testtime import continuation_perplexity, offline_masks
     from .select.weights import check_active
+    from .testtime import continuation_perplexity, offline_masks
 
     check_active(args.active)
     P = args.prompt_len or seqlen // 2
@@ -509,8 +503,8 @@ def cmd_generate(args) -> int:
     import torch
 
     from .loading import load_tokenizer
-    from .testtime import generate
     from .select.weights import check_active
+    from .testtime import generate
 
     check_active(args.active)
     if not args.prompt.strip():

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
-from .apply.export import PruneReport
+from .apply.export import PruneReport, check_output_dir
 from .apply.masking import apply_masks
-from .apply.stream import atom_ragged_transform, atom_transform, check_uniform, expert_transform, write_streamed
+from .apply.stream import atom_ragged_transform, atom_transform, expert_transform, write_streamed
+from .checkpoint import DTYPES
 from .criteria import get_method
 from .criteria.layerwise import LayerwiseScores, score_layerwise
 from .errors import MumoeError
+from .loading import _dtype as parse_dtype
 from .models import adapter_for
 from .models.base import EXPERT_COUNT_KEYS
 from .observe.layerwise import LayerwiseCheckpoint, _target
@@ -49,12 +51,13 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
     Under torchrun, every rank scores its share of the windows; rank 0 writes `out`. timing: a dict that
     receives calib_s, export_s and the sweep's `SweepInfo` (as "sweep")."""
     check_layerwise(recipe)
+    check_output_dir(out, overwrite, source=path)  # before any layer is read
     wins, groups, info = windows
     if wins is None:
         raise MumoeError(f"method {recipe.method!r} needs calibration windows")
     dev = resolve_device(recipe.device or "cpu")
     t0 = time.perf_counter()
-    ckpt = LayerwiseCheckpoint(path, dtype=_dtype(recipe.dtype), device=dev)
+    ckpt = LayerwiseCheckpoint(path, dtype=parse_dtype(recipe.dtype or "fp32"), device=dev)
     recipe.check_config(ckpt.config)
     m = get_method(recipe.method)
     adapter = adapter_for(ckpt.model)
@@ -108,10 +111,10 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
     if dist_world()[0] == 0:
         if m.grain == "expert":
             keep = report.kept()
-            uniform = len({len(v) for v in keep.values()}) == 1
-            report.form = "hf" if uniform else "mumoe"  # per-layer counts: mumoe.load rebuilds the shapes
+            counts = {len(v) for v in keep.values()}
+            report.form = "hf" if len(counts) == 1 else "mumoe"  # per-layer counts: mumoe.load rebuilds shapes
             transform = expert_transform(keep)
-            changes = {k: check_uniform(keep) for k in EXPERT_COUNT_KEYS} if uniform else {}
+            changes = dict.fromkeys(EXPERT_COUNT_KEYS, counts.pop()) if report.form == "hf" else {}
         elif m.grain == "atom" and recipe.atom.form == "uniform":
             keep = {e["layer"]: torch.tensor([x["kept"] for x in e["experts"]]) for e in report.layers}
             width = next(iter(keep.values())).shape[-1]
@@ -138,12 +141,6 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
     return report
 
 
-def _dtype(name: str | None) -> torch.dtype:
-    from .loading import _dtype as parse
-
-    return parse(name or "fp32")
-
-
 def _report(recipe: Recipe, m, ckpt: LayerwiseCheckpoint, res: LayerwiseScores, order: str) -> PruneReport:
     from .api import atom_report, expert_report, select_experts
 
@@ -165,6 +162,7 @@ def wanda_transform(ckpt: LayerwiseCheckpoint, norms: dict, recipe: Recipe):
     masks made from the calibration norms, and the tensor cut back out in the source's layout and dtype."""
     current: dict = {"layer": None}
     has_bs = any(".block_sparse_moe." in n for n, _ in ckpt.model.named_parameters())
+    dtypes = {s.key: DTYPES[s.meta["dtype"]] for srcs in ckpt.sources.values() for s in srcs}  # source dtypes
     names = ckpt.layer_names()
 
     def load(j: int) -> dict:
@@ -184,13 +182,12 @@ def wanda_transform(ckpt: LayerwiseCheckpoint, norms: dict, recipe: Recipe):
         name, index = _target(key, has_bs)
         if mm is None or name not in norms:  # not a Wanda-pruned weight: as it is
             return [(key, read())]
-        src = read()
-        t = load(int(mm["layer"]))[name]
+        t = load(int(mm["layer"]))[name]  # the masked weight; the source tensor itself is not read again
         if len(index) == 1:
             t = t[index[0]]
         elif len(index) == 2:
             half = t.shape[1] // 2
             t = t[index[0], :half] if index[1] == "gate_proj" else t[index[0], half:]
-        return [(key, t.detach().to(device="cpu", dtype=src.dtype).clone())]
+        return [(key, t.detach().to(device="cpu", dtype=dtypes[key]).clone())]
 
     return transform

@@ -47,9 +47,15 @@ class PruneReport:
         return {entry["layer"]: list(entry["kept"]) for entry in self.layers}
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output directory unless overwrite; call before any expensive work."""
+def check_output_dir(out: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
+    """Refuse an existing output directory unless overwrite; call before any expensive work. source: the model
+    the output is made from — an `out` that is its folder, inside it or holding it is refused whatever
+    `overwrite` says (the source is never replaced, moved or deleted)."""
     out = Path(out)
+    if source is not None and Path(source).exists():
+        o, s = out.resolve(), Path(source).resolve()
+        if o == s or s in o.parents or o in s.parents:
+            raise MumoeError(f"--out {out} would overwrite the source model {source}; choose another directory")
     if out.exists() and not overwrite:
         raise MumoeError(f"output directory {out} exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
@@ -58,9 +64,10 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
 
 
 @contextmanager
-def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside `out`; on success it replaces `out` by rename, on any error it is removed."""
-    out = check_output_dir(out, overwrite)
+def atomic_output(out: str | Path, overwrite: bool = False, source: str | Path | None = None) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; on success it replaces `out` by rename, on any error it is removed.
+    source: the model the output is made from (never replaced; `check_output_dir`)."""
+    out = check_output_dir(out, overwrite, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -77,13 +84,19 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def _local_source(model: nn.Module) -> str | None:
+    """The folder a model was loaded from, when it is a local one."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name if name and Path(name).is_dir() else None
+
+
 def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenizer=None, overwrite: bool = False) -> Path:
     """Write model (+ tokenizer) and pruning.json to `out` atomically, in the report's form (`apply.forms`);
     nothing is left half-written."""
     from .forms import get_form
 
     form = get_form(report.form)
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, _local_source(model)) as tmp:
         form.write(model, tmp, report)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

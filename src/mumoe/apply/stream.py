@@ -97,7 +97,7 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
     files copied byte for byte; pruning.json from `report`."""
     path = Path(path)
     keys = list(_keys(path))
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, source=path) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for file, key, meta in tqdm(keys, desc="writing pruned tensors", disable=not progress, unit="tensor"):
             for out_key, t in transform(key, _reader(file, meta)):

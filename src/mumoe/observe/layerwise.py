@@ -89,12 +89,10 @@ class LayerwiseCheckpoint:
         self._rebuild_rotary()
         has_bs = any(".block_sparse_moe." in n for n, _ in self.model.named_parameters())
         self.sources: dict[str, list[Source]] = defaultdict(list)
-        self.shapes: dict[str, list] = {}
         for file in shard_files(self.path):
             for key, meta in read_header(file).items():
                 name, index = _target(key, has_bs)
                 self.sources[name].append(Source(file, key, index, meta))
-                self.shapes[key] = meta["shape"]
         self.resident: set[str] = set()
         self.read_seconds = 0.0  # time spent materialising parts (reading + converting)
 

@@ -24,6 +24,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -391,7 +392,9 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
                 top = state["done"] - 1
                 bar.update(len(names) + last - top)
             else:
-                with _parts(ckpt, ckpt.head_names()):
+                with ExitStack() as parts:  # the loss head: final norm + lm_head
+                    for name in ckpt.head_names():
+                        parts.enter_context(ckpt.part(name))
                     for b in range(len(batches)):
                         acts.put(("g", last, b), _loss_grad(ckpt, acts.get((last + 1, b)), ids[b], masks[b]),
                                  to_disk=on_disk)
@@ -426,19 +429,3 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
             if acts.folder is not None:
                 shutil.rmtree(acts.folder, ignore_errors=True)
     return info
-
-
-class _parts:
-    """Materialise several parts together (the loss head: final norm + lm_head)."""
-
-    def __init__(self, ckpt: LayerwiseCheckpoint, names: list[str]) -> None:
-        self.ckpt, self.names = ckpt, names
-
-    def __enter__(self):
-        for n in self.names:
-            self.ckpt.materialise(n)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for n in self.names:
-            self.ckpt.release(n)
