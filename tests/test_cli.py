@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import SAMPLE_TEXT, char_tokenizer, ids, make
+from conftest import SAMPLE_TEXT, char_tokenizer, make
 from mumoe.cli import main
 
 
@@ -64,28 +63,7 @@ def test_eval_ppl(tmp_path, capsys):
     assert 1 < res["ppl"] < 300
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["info", "/no/such/model"], "model not found"),
-    (["prune", "/no/such/model", "--method", "random", "--ratio", "0.5"], "model not found"),
-    (["prune", "tiny:llama", "--method", "random", "--ratio", "0.5"], "dense model"),
-    (["prune", "tiny:qwen3_moe", "--method", "random", "--ratio", "1.0"], "ratio must be in [0, 1)"),
-    (["prune", "tiny:qwen3_moe", "--method", "random", "--ratio", "-0.1"], "ratio must be in [0, 1)"),
-    (["prune", "tiny:qwen3_moe", "--method", "random", "--ratio", "0.9"], "fewer than top_k=2"),
-    (["prune", "tiny:qwen3_moe", "--method", "bogus", "--ratio", "0.5"], "unknown method 'bogus'"),
-    (["prune", "tiny:qwen3_moe", "--method", "random", "--ratio", "0.5", "--calib", "EMPTY"], "is empty"),
-    (["prune", "tiny:gpt2", "--method", "random", "--ratio", "0.5"], "no tiny config"),
-    (["eval", "tiny:qwen3_moe"], "nothing to evaluate"),
-])
-def test_bad_inputs_one_line_no_output(tmp_path, capsys, argv, message):
-    (tmp_path / "empty.txt").write_text("\n")
-    argv = [a.replace("EMPTY", str(tmp_path / "empty.txt")) for a in argv]
-    if argv[0] == "prune":
-        argv += ["--out", str(tmp_path / "out")]
-    rc, out, err = run(argv, capsys)
-    assert rc == 2
-    assert err.count("\n") == 1 and err.startswith("mumoe: error: ") and message in err
-    assert not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]
+# Bad inputs: tests/test_bad_inputs.py (the table of every case).
 
 
 def test_existing_output_dir_is_refused_untouched(tmp_path, capsys):

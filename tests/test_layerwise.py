@@ -240,7 +240,7 @@ def test_layerwise_refusals(checkpoint, tmp_path):
     r = sh(prune_cmd(checkpoint, tmp_path / "o", method="random"))
     assert r.returncode == 2 and "needs no calibration" in r.stderr
     r = sh([sys.executable, "-m", "mumoe", "prune", "tiny:olmoe", "--method", "reap", "--ratio", "0.25", "--calib",
-            str(tmp_path / "calib.txt"), "--layerwise", "on", "--out", str(tmp_path / "o")])
+            str(tmp_path / "calib.txt"), "--seqlen", "16", "--layerwise", "on", "--out", str(tmp_path / "o")])
     assert r.returncode == 2 and "local safetensors checkpoint" in r.stderr
     assert not (tmp_path / "o").exists()
 

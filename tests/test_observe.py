@@ -1,15 +1,13 @@
 """The observation runner: one pass feeds every method exactly as separate passes do; the model is untouched."""
 
-import math
 
 import pytest
 import torch
 
-from conftest import SAMPLE_TEXT, char_tokenizer, ids, make
+from conftest import SAMPLE_TEXT, ids, make
 import mumoe
 from mumoe import MumoeError
 from mumoe.criteria import score_methods
-from mumoe.criteria.expert import easy_ep
 from mumoe.models import moe_adapter_for
 from mumoe.observe import ExpertStats, Observation, Routed, run
 from mumoe.observe.collectors import Collector

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from mumoe import MumoeError
 from mumoe.cli import main

@@ -100,6 +100,29 @@ _RECIPE_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "budget", "order"
                    "dtype", "device")
 
 
+def check_model_arg(model, what: str = "prune") -> nn.Module:
+    """The API's `model` argument: a loaded transformers causal LM (not a path, not another object)."""
+    if isinstance(model, (str, Path)):
+        raise MumoeError(f"mumoe.{what} takes a loaded model, got the path {str(model)!r}: load it first with "
+                         "mumoe.load(PATH) (or run `mumoe prune PATH ...`, which never loads more than it needs)")
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise MumoeError(f"mumoe.{what} takes a transformers causal LM (an nn.Module with .config), got "
+                         f"{type(model).__name__}")
+    return model
+
+
+def check_token_ids(model: nn.Module, wins: torch.Tensor | None) -> None:
+    """Calibration ids must index the model's embedding table (an IndexError deep in the forward otherwise)."""
+    if wins is None or not wins.numel():
+        return
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    lo, hi = int(wins.min()), int(wins.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise MumoeError(f"calibration token ids span [{lo}, {hi}], outside the model's vocabulary [0, {vocab}); "
+                         "were they made with another tokenizer?")
+
+
 def score(model: nn.Module, method, calib=None, seed: int | None = None, tokenizer=None, nsamples: int = 128,
           seqlen: int = 512, batch_size: int = 8, progress: bool = False, device=None):
     """Raw criterion values: expert grain -> one tensor [E] per MoE layer (decoder-layer order); atom grain ->
@@ -108,7 +131,9 @@ def score(model: nn.Module, method, calib=None, seed: int | None = None, tokeniz
     recipe = method if isinstance(method, Recipe) else Recipe.build(
         method, 0.0, calib=_sources(calib), nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
         device=device)
+    check_model_arg(model, "score")
     wins, groups, _ = calibration(recipe, calib, tokenizer)
+    check_token_ids(model, wins)
     return score_methods(model, [recipe.method], wins, groups, seed=recipe.calib.seed,
                          batch_size=recipe.calib.batch_size, progress=progress, device=recipe.device)[recipe.method]
 
@@ -126,7 +151,9 @@ def prune(model: nn.Module, method, ratio: float | None = None, calib=None, *, t
     (the CLI builds it before loading the model).
     """
     recipe = as_recipe(method, ratio, calib, options)
+    check_model_arg(model)
     wins, groups, calib_info = windows if windows is not None else calibration(recipe, calib, tokenizer)
+    check_token_ids(model, wins)
     if recipe.device is not None:
         model.to(resolve_device(recipe.device))
     report = apply_recipe(model, recipe, wins, groups, verbose)
@@ -244,7 +271,6 @@ def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str 
     """Calibration-free expert pruning straight from a checkpoint's safetensors files: the model is never
     loaded; scores come from memory-mapped tensors read one at a time and the pruned checkpoint is written
     shard by shard. Only weight-based methods (AIMER) can run this way."""
-    import json
 
     from .apply.export import check_output_dir
     from .apply.stream import prune_checkpoint
@@ -256,7 +282,11 @@ def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str 
     check_ratio(ratio)
     path = Path(path)
     check_output_dir(out, overwrite, source=path)
-    cfg = json.loads((path / "config.json").read_text())
+    from .checkpoint import check_files
+    from .files import read_json
+
+    cfg = read_json(path / "config.json", "the model config")
+    check_files(path)
     top_k = _config_field(cfg, TOP_K_KEYS)
     if top_k is None or _config_field(cfg, EXPERT_COUNT_KEYS) is None:
         raise MumoeError(f"{path}: config has no routed experts; expert pruning needs an MoE checkpoint")

@@ -9,6 +9,7 @@ a time), so resident memory stays at about one tensor, whatever the shard or mod
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import re
 import warnings
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import MumoeError
+from .errors import MumoeDataError, MumoeError, MumoeFileError, os_message
+from .files import read_json
 
 # The MoE block is `mlp` in v5 and in most hub checkpoints, `block_sparse_moe` in Mixtral's; Mixtral's
 # legacy expert matrices are w1 (gate), w3 (up), w2 (down).
@@ -32,11 +34,20 @@ def shard_files(path: Path) -> list[Path]:
     """The checkpoint's safetensors files, in index order."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / f for f in files]
+        wm = read_json(index, "the shard index")
+        wm = wm.get("weight_map") if isinstance(wm, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise MumoeFileError(f"{index}: no weight_map of tensor name -> shard file")
+        files = [path / f for f in sorted(set(wm.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise MumoeFileError(f"{path}: shard {missing[0]} named by model.safetensors.index.json is missing"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise MumoeError(f"{path} holds no .safetensors files")
+        raise MumoeFileError(f"{path} holds no .safetensors files (mumoe reads safetensors checkpoints; convert "
+                             ".bin files with save_pretrained(..., safe_serialization=True))")
     return files
 
 
@@ -46,15 +57,79 @@ ORDER = ("gate_proj", "up_proj", "down_proj")  # the in-memory AIMER's summation
 DTYPES = _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
+MAX_HEADER = 100 << 20  # the safetensors format's own limit on the header's size
+
+
 def read_header(file: Path) -> dict[str, dict]:
-    """The safetensors header: {key: {"dtype", "shape", "data_offsets"}} (offsets relative to the data start)."""
-    with open(file, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
+    """The safetensors header: {key: {"dtype", "shape", "data_offsets", "start", "key"}} (data_offsets relative
+    to the data start, start absolute). A file that is not safetensors, a truncated one or one whose header
+    points outside it is a one-line error naming it."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > MAX_HEADER or 8 + n > size:
+                raise MumoeFileError(f"{file}: not a safetensors file, or truncated (header of {n:,} bytes in a file "
+                                     f"of {size:,})")
+            raw = fh.read(n)
+    except OSError as e:
+        if isinstance(e, MumoeError):
+            raise
+        raise MumoeFileError(f"cannot read {file}: {os_message(e)}", e.errno) from e
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MumoeFileError(f"{file}: not a safetensors file (its header is not JSON)") from e
     header.pop("__metadata__", None)
-    for meta in header.values():
-        meta["start"] = 8 + n + meta["data_offsets"][0]
+    for key, meta in header.items():
+        try:
+            a, b = (int(x) for x in meta["data_offsets"])
+            shape, dtype = [int(d) for d in meta["shape"]], str(meta["dtype"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise MumoeFileError(f"{file}: malformed safetensors header entry for {key}") from e
+        if not (0 <= a <= b) or 8 + n + b > size:
+            raise MumoeFileError(f"{file}: truncated (tensor {key} ends at byte {8 + n + b:,}, the file at "
+                                 f"{size:,})")
+        nbytes = math.prod(shape) * _ITEMSIZE.get(dtype, 0)
+        if dtype in _ITEMSIZE and nbytes != b - a:
+            raise MumoeFileError(f"{file}: tensor {key} has {b - a:,} bytes for shape {shape} {dtype}")
+        meta.update(start=8 + n + a, key=key, shape=shape, dtype=dtype)
     return header
+
+
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
+             "I64": 8, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+PARAM_SUFFIXES = ("weight", "bias", "gate_up_proj", "down_proj", "e_score_correction_bias")
+
+
+def check_files(path: Path) -> list[Path]:
+    """The cheap checks of a local safetensors checkpoint, before any weight is read: the index parses and
+    every shard it names exists; every header is sane and fits its file; every parameter is floating point.
+    -> the shard files."""
+    files = shard_files(path)
+    for file in files:
+        for key, meta in read_header(file).items():
+            if key.endswith(PARAM_SUFFIXES) and meta["dtype"] not in _DTYPES:
+                raise MumoeFileError(f"{file}: tensor {key} is {meta['dtype']}; mumoe reads floating-point weights "
+                                     f"({', '.join(_DTYPES)}) — dequantize the checkpoint first")
+    return files
+
+
+def check_finite(t: torch.Tensor, where: str) -> torch.Tensor:
+    """t unchanged, or a one-line MumoeDataError naming `where` when it holds NaN or inf (min/max propagate
+    both, so one reduction pass decides)."""
+    if t.numel() and t.is_floating_point():
+        lo, hi = torch.aminmax(t.detach())
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            flat = t.detach().reshape(-1)
+            nan = int(torch.isnan(flat).sum())
+            inf = int(torch.isinf(flat).sum())
+            first = int((~torch.isfinite(flat)).nonzero()[0])
+            raise MumoeDataError(f"{where}: {nan:,} NaN and {inf:,} inf values (first at flat index {first:,}); "
+                                 "the weights are corrupt — re-download or re-convert the checkpoint")
+    return t
 
 
 class MappedTensor:
@@ -97,7 +172,8 @@ def read_into(file: Path, meta: dict, dst: torch.Tensor, chunk_bytes: int = 16 <
     shorter than its header says is a one-line error."""
     dtype = _DTYPES.get(meta["dtype"])
     if dtype is None:
-        raise MumoeError(f"{file.name}: unsupported tensor dtype {meta['dtype']}")
+        raise MumoeFileError(f"{file}: tensor {meta.get('key', '?')} has unsupported dtype {meta['dtype']}")
+    where = f"{file}: tensor {meta.get('key', '?')}"
     n = dtype.itemsize
     for d in meta["shape"]:
         n *= d
@@ -107,7 +183,7 @@ def read_into(file: Path, meta: dict, dst: torch.Tensor, chunk_bytes: int = 16 <
         _read_bytes(file, meta["start"], buf.view(-1).view(torch.uint8).numpy() if n else None, n)
         if not direct:
             dst.copy_(buf)
-        return dst
+        return check_finite(dst, where)
     flat = dst.view(-1)  # converted on the way in chunks of <= chunk_bytes: no full-size second buffer
     step = max(1, chunk_bytes // dtype.itemsize)
     buf = torch.empty(min(step, flat.numel()), dtype=dtype)
@@ -116,7 +192,7 @@ def read_into(file: Path, meta: dict, dst: torch.Tensor, chunk_bytes: int = 16 <
         part = buf[: b - a]
         _read_bytes(file, meta["start"] + a * dtype.itemsize, part.view(torch.uint8).numpy(), (b - a) * dtype.itemsize)
         flat[a:b].copy_(part)
-    return dst
+    return check_finite(dst, where)
 
 
 def _read_bytes(file: Path, start: int, raw, n: int) -> None:
@@ -129,7 +205,7 @@ def _read_bytes(file: Path, start: int, raw, n: int) -> None:
         while got < n:
             k = fh.readinto(memoryview(raw)[got:])
             if not k:
-                raise MumoeError(f"{file}: truncated (a tensor ends at byte {start + n}, the file at {start + got})")
+                raise MumoeFileError(f"{file}: truncated (a tensor ends at byte {start + n}, the file at {start + got})")
             got += k
 
 
@@ -137,7 +213,7 @@ def read_tensor(file: Path, meta: dict) -> torch.Tensor:
     """One tensor of a safetensors file, read into fresh memory (`read_into`)."""
     dtype = _DTYPES.get(meta["dtype"])
     if dtype is None:
-        raise MumoeError(f"{file.name}: unsupported tensor dtype {meta['dtype']}")
+        raise MumoeFileError(f"{file}: tensor {meta.get('key', '?')} has unsupported dtype {meta['dtype']}")
     return read_into(file, meta, torch.empty(tuple(meta["shape"]), dtype=dtype))
 
 

@@ -105,17 +105,16 @@ def _replay_model(args) -> str:
 def _model_config(name: str):
     """The model's config without its weights (for the checks that must run before loading); None if it
     cannot be read cheaply (a hub id that is not cached: the load itself then says what is wrong)."""
-    from .loading import resolve
+    from .loading import read_config, resolve
 
+    if name.startswith("tiny:"):
+        from .models.tiny import tiny_config
+
+        return tiny_config(name[len("tiny:"):])
     path = Path(resolve(name))
-    if name.startswith("tiny:") or not (path / "config.json").exists():
+    if not (path / "config.json").exists():
         return None
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as e:
-        raise MumoeError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from e
+    return read_config(path)
 
 
 HEAPR_FORMS = {"uniform": "the uniform form: every expert keeps its best atoms at one width (an HF checkpoint); the "
@@ -131,12 +130,15 @@ def cmd_prune(args) -> int:
 
     recipe = _recipe_from_args(args)
     model_name = _replay_model(args)
+    _check_prune_args(args, recipe)
     if recipe.calib.sources:  # a missing calibration file fails first, whatever else is wrong
         check_sources(recipe.calib.sources, read=False)
     check_output_dir(args.out, args.overwrite, _source_dir(check_model(model_name)))
     config = _model_config(model_name)
     if config is not None:
         recipe.check_config(config)
+    _check_device(recipe.device)
+    args.width_note = _width_note(recipe, config)
     t0 = time.perf_counter()
     if (recipe.method == "aimer" and not args.in_memory and recipe.expert.budget == "uniform"
             and _local_checkpoint(model_name)):
@@ -155,6 +157,8 @@ def cmd_prune(args) -> int:
           + (f" on {recipe.device}" if recipe.device not in (None, "cpu") else ""))
     if recipe.grain == "atom" and recipe.method.startswith("heapr"):
         print(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
+    if args.width_note:
+        print(args.width_note)
     if prepared is not None:
         print(_calib_line(recipe, prepared))
     report = api.prune(model, recipe, tokenizer=tokenizer, source=model_name, verbose=True, windows=prepared)
@@ -163,6 +167,52 @@ def cmd_prune(args) -> int:
 
     print(f"wrote {out} (loads with {get_form(report.form).loads_with}) in {time.perf_counter() - t0:.1f}s total")
     return 0
+
+
+GRAIN_FLAGS = {"budget": ("expert",), "order": ("expert", "weight"), "form": ("atom",), "scope": ("atom",),
+               "structure": ("weight",)}
+
+
+def _check_prune_args(args, recipe) -> None:
+    """Flags that do not apply to the method's grain, and the layer-sequential options, before anything runs."""
+    from .files import check_positive
+
+    wrong = [f"--{f}" for f, grains in GRAIN_FLAGS.items() if getattr(args, f, None) is not None
+             and recipe.grain not in grains]
+    if wrong and not args.recipe:
+        raise MumoeError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {recipe.method} "
+                         f"({recipe.grain} grain); see `mumoe prune --help`")
+    check_positive(args.spill_gb, "--spill-gb", 0, integer=False)
+    if args.work_dir and Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+        raise MumoeError(f"--work-dir {args.work_dir} is a file; give a folder (created if missing)")
+    if args.work_dir:
+        from .files import check_writable
+
+        check_writable(Path(args.work_dir) / "x", "--work-dir")
+
+
+def _check_device(device: str | None) -> None:
+    """A device that is not there (cuda without a GPU) fails before anything is read."""
+    from .observe.runner import resolve_device
+
+    resolve_device(device or "cpu")
+
+
+def _width_note(recipe, config) -> str | None:
+    """For HEAPr's uniform form: the width actually kept (a multiple of 8) when it differs from --ratio's."""
+    if config is None or recipe.grain != "atom" or recipe.atom.form != "uniform":
+        return None
+    from .select.atoms import uniform_width
+
+    width = recipe.expert_width(config)
+    if not width:
+        return None
+    kept = uniform_width(width, recipe.ratio)
+    real = 1 - kept / width
+    if abs(real - recipe.ratio) < 5e-4:
+        return None
+    return (f"  uniform widths are multiples of 8: {kept} of {width} atoms kept per expert, {real:.1%} removed "
+            f"(--ratio {recipe.ratio:g})")
 
 
 def _calib_line(recipe, prepared) -> str:
@@ -247,6 +297,8 @@ def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:
               + (f" on {world} ranks" if world > 1 else ""))
         if recipe.grain == "atom" and recipe.method.startswith("heapr"):
             print(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
+        if args.width_note:
+            print(args.width_note)
         print(_calib_line(recipe, prepared))
     report = prune_layerwise(path, recipe, args.out, prepared, overwrite=args.overwrite, verbose=say,
                              work_dir=args.work_dir, spill_bytes=int(args.spill_gb * 2**30))
@@ -268,10 +320,11 @@ def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:
 
 def _load_model(name: str, dtype: str | None, device: str | None):
     """load() in `dtype` (default fp32), moved to `device` (default cpu)."""
-    from .loading import load
+    from .loading import check_model, load
     from .observe.runner import resolve_device
 
     dev = resolve_device(device or "cpu")  # a missing GPU fails before the weights are read
+    check_model(name)  # config, index and safetensors headers: before the weights are read
     model = load(name, dtype or "fp32")
     return model.to(dev) if dev.type != "cpu" else model
 
@@ -352,24 +405,53 @@ def _eval_texts(spec: str) -> dict[str, str]:
     return {name: read_text(path) for name, path in texts.items()}
 
 
+def _check_eval_args(args) -> None:
+    """eval's options, the --json target and the device, before any text or weight is read."""
+    from .files import check_positive, check_writable
+
+    check_positive(args.seqlen, "--seqlen", 2)
+    check_positive(args.batch_size, "--batch-size")
+    check_positive(args.max_windows, "--max-windows")
+    check_positive(args.limit, "--limit")
+    check_positive(args.prompt_len, "--prompt-len")
+    if args.testtime:
+        from .recipe import parse_structure
+        from .select.weights import check_active
+
+        check_active(args.active)
+        parse_structure(args.structure)
+        if args.calib:
+            from .observe.calib import check_sources
+
+            check_sources([args.calib])
+    if args.json:
+        if Path(args.json).is_dir():
+            raise MumoeError(f"--json {args.json} is a folder; give a file path")
+        check_writable(args.json, "--json")
+    _check_device(args.device)
+
+
 def cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
-    from .loading import load_tokenizer
+    from .loading import check_model, load_tokenizer
 
     if args.tasks:
+        _check_eval_args(args)
         return _eval_tasks(args)
     if args.ppl is None:
         raise MumoeError("nothing to evaluate: pass --ppl PATH (or --ppl domain for the bundled eval splits) "
                          "or --tasks NAMES")
+    _check_eval_args(args)
     texts = _eval_texts(args.ppl)
-    model = _load_model(args.model, args.dtype, args.device)
-    tokenizer = load_tokenizer(args.model)
-    if tokenizer is None:
-        raise MumoeError(f"{args.model} has no tokenizer; perplexity on text needs one")
-    ctx = getattr(model.config, "max_position_embeddings", 2048) or 2048
+    config = _model_config(check_model(args.model))
+    ctx = (getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None) or 2048
     seqlen = args.seqlen or min(2048, ctx)
     if seqlen > ctx:
         raise MumoeError(f"seqlen {seqlen} exceeds the model's context ({ctx})")
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise MumoeError(f"{args.model} has no tokenizer; perplexity on text needs one")
+    model = _load_model(args.model, args.dtype, args.device)
     if args.testtime:
         return _eval_testtime(args, model, tokenizer, texts, seqlen)
     print(f"perplexity with seqlen={seqlen} (non-overlapping windows, dtype {args.dtype}) of {args.model}")
@@ -385,6 +467,30 @@ def cmd_eval(args) -> int:
         Path(args.json).write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     return 0
+
+
+def _check_library_args(args) -> None:
+    """--keep against the model's experts and top_k, window options and device, before the model loads."""
+    from .files import check_positive
+    from .models.base import EXPERT_COUNT_KEYS, TOP_K_KEYS
+
+    check_positive(args.nsamples, "--nsamples")
+    check_positive(args.seqlen, "--seqlen", 2)
+    config = _model_config(args.model)
+    if config is not None:
+        cfg = config.get_text_config()
+        E = next((getattr(cfg, k) for k in EXPERT_COUNT_KEYS if getattr(cfg, k, None)), None)
+        k = next((getattr(cfg, k) for k in TOP_K_KEYS if getattr(cfg, k, None)), None)
+        if E is None:
+            raise MumoeError(f"{args.model} is a dense model; a task library keeps routed experts")
+        if k is not None and args.keep < k:
+            raise MumoeError(f"--keep {args.keep} is fewer than the router's top_k={k}")
+        if args.keep > E:
+            raise MumoeError(f"--keep {args.keep} is more than the {E} experts per layer")
+        ctx = getattr(cfg, "max_position_embeddings", None)
+        if ctx and args.seqlen > ctx:
+            raise MumoeError(f"--seqlen {args.seqlen} exceeds the model's context ({ctx} tokens)")
+    _check_device(args.device)
 
 
 def cmd_taer_build(args) -> int:
@@ -405,6 +511,7 @@ def cmd_taer_build(args) -> int:
         specs[name] = path
     for path in specs.values():
         read_text(path)  # missing or empty texts fail before the model loads
+    _check_library_args(args)
     if args.layerwise:
         from .loading import resolve
         from .observe.layerwise import LayerwiseCheckpoint, is_layerwise_source
@@ -433,6 +540,9 @@ def cmd_taer_build(args) -> int:
 def cmd_taer_match(args) -> int:
     from .retrieval import TaskServer
 
+    if not args.prompt.strip():
+        raise MumoeError("empty prompt")
+    _check_generate_args(args)
     m, ids, seconds = TaskServer(args.model, args.library, args.dtype, args.device).match(args.prompt)
     print(f"task {m.task} (distance {m.distance:.4f}); runner-up {m.runner_up} (distance {m.runner_up_distance:.4f}); "
           f"{ids.shape[-1]} prompt tokens, {seconds:.2f}s")
@@ -444,6 +554,7 @@ def cmd_taer_generate(args) -> int:
 
     if not args.prompt.strip():
         raise MumoeError("empty prompt")
+    _check_generate_args(args)
     server = TaskServer(args.model, args.library, args.dtype, args.device)
     res = server.generate(args.prompt, max_new_tokens=args.max_new_tokens)
     print(f"matched task {res.match.task} (distance {res.match.distance:.4f}, runner-up {res.match.runner_up} "
@@ -499,6 +610,18 @@ def _eval_tasks(args) -> int:
     return 0
 
 
+def _check_generate_args(args) -> None:
+    from .files import check_positive
+    from .loading import check_model
+    from .recipe import parse_structure
+
+    check_positive(args.max_new_tokens, "--max-new-tokens", 0)
+    if getattr(args, "structure", None) is not None:
+        parse_structure(args.structure)
+    check_model(args.model)
+    _check_device(args.device)
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -509,10 +632,11 @@ def cmd_generate(args) -> int:
     check_active(args.active)
     if not args.prompt.strip():
         raise MumoeError("empty prompt")
-    model = _load_model(args.model, args.dtype, args.device)
+    _check_generate_args(args)
     tok = load_tokenizer(args.model)
     if tok is None:
         raise MumoeError(f"{args.model} has no tokenizer")
+    model = _load_model(args.model, args.dtype, args.device)
     ids = torch.tensor([tok(args.prompt, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():  # a plain dense prefill, timed for reference
         t0 = time.perf_counter()
@@ -534,8 +658,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .apply.export import check_output_dir
     from .eval.demo import run_demo
 
+    check_output_dir(args.out, True)
     run_demo(args.out, args.eval_windows, args.calib_windows)
     return 0
 
@@ -566,8 +692,16 @@ def _local_checkpoint(model: str) -> bool:
     return p.is_dir() and any(p.glob("*.safetensors")) and not (p / "pruning.json").exists()
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one `mumoe: error:` line of every other bad input."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"mumoe: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mumoe", description="Prune Mixture-of-Experts language models without "
+    p = Parser(prog="mumoe", description="Prune Mixture-of-Experts language models without "
                                 "retraining: expert, atom and weight grain; offline, per task, per prompt.")
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -762,7 +896,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MumoeError as e:
-        print(f"mumoe: error: {e}", file=sys.stderr)
+        print(f"mumoe: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment, not the input: disk full, read-only or vanished files
+        from .errors import os_message
+
+        print(f"mumoe: error: {os_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mumoe: interrupted", file=sys.stderr)

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import torch
 from torch import nn
 
 from .apply.forms import get_form
-from .errors import MumoeError
+from .errors import MumoeError, MumoeFileError
+from .progress import hf_bars
 
 from .paths import ASSETS, DATA, DEFAULT_MODEL  # noqa: F401  (re-exported: mumoe.loading.DATA)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -40,19 +40,84 @@ def resolve(name_or_path: str | Path | None) -> str:
     return str(name_or_path)
 
 
+def read_config(path: str | Path):
+    """A local model folder's config.json as a transformers config; unreadable, malformed or unknown-architecture
+    configs are one-line errors naming the file."""
+    from transformers import AutoConfig
+
+    from .files import read_json
+
+    file = Path(path) / "config.json"
+    cfg = read_json(file, "the model config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise MumoeFileError(f"{file}: no model_type (not a transformers model config)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if cfg["model_type"] not in _known_model_types():
+            msg = (f"model_type {cfg['model_type']!r} is not an architecture this transformers knows (upgrade "
+                   "transformers, or check the config)")
+        raise MumoeFileError(f"cannot read {file}: {msg}") from e
+
+
+def _known_model_types() -> set[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return set(CONFIG_MAPPING_NAMES)
+
+
 def check_model(name_or_path: str | Path | None) -> str:
-    """The cheap checks of `load`, without reading weights: a local path must exist and hold config.json.
-    -> the resolved name."""
+    """The cheap checks of `load`, without reading weights: a local path must exist and hold a config.json that
+    parses, and its safetensors files sane headers (every shard the index names present, sizes that fit,
+    floating-point parameters: `checkpoint.check_files`). -> the resolved name."""
     name = resolve(name_or_path)
     if name.startswith("tiny:"):
         return name
     path = Path(name)
     looks_local = path.is_absolute() or name.startswith(".") or path.exists() or name.count("/") != 1
     if looks_local and not path.exists():
-        raise MumoeError(f"model not found: {name}")
-    if path.is_dir() and not (path / "config.json").exists():
-        raise MumoeError(f"{name} is not a model folder (no config.json)")
+        raise MumoeFileError(f"model not found: {name}")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise MumoeFileError(f"{name} is not a model folder (no config.json)")
+        read_config(path)
+        from .checkpoint import check_files
+
+        check_files(path)
+    elif path.exists():
+        raise MumoeFileError(f"{name} is a file; MODEL is a checkpoint folder, a hub id, 'default' or tiny:ARCH")
     return name
+
+
+def check_weights(model: nn.Module, source: str | Path | None = None) -> nn.Module:
+    """model unchanged, or a one-line MumoeDataError naming the first parameter (and, for a local checkpoint,
+    the file and tensor it came from) that holds NaN or inf."""
+    from .checkpoint import check_finite
+
+    for name, p in model.named_parameters():
+        try:
+            check_finite(p, name)
+        except MumoeError:
+            if source is not None and Path(source).is_dir():
+                _locate_nonfinite(Path(source), name)
+            raise
+    return model
+
+
+def _locate_nonfinite(path: Path, param: str) -> None:
+    """Raise the error for the checkpoint tensor behind parameter `param` that is not finite (the error path
+    only: reads the tensors of that module)."""
+    from .checkpoint import read_header, read_tensor, shard_files
+
+    layer = param.rsplit(".", 1)[0]  # e.g. model.layers.1.mlp.experts
+    for file in shard_files(path):
+        for key, meta in read_header(file).items():
+            if key.startswith(layer) or key.startswith(param):
+                read_tensor(file, meta)  # raises, naming file and tensor, on the first non-finite one
+    return None
 
 
 def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype = "fp32") -> nn.Module:
@@ -64,16 +129,29 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
         return tiny_model(name[len("tiny:"):]).to(_dtype(dtype))
     path = Path(name)
     report = path / "pruning.json"
-    form = get_form(json.loads(report.read_text()).get("form", "hf") if report.exists() else "hf")
+    if report.exists():
+        from .files import read_json
+
+        rep = read_json(report, "the pruning record")
+        form = get_form(rep.get("form", "hf") if isinstance(rep, dict) else "hf")
+    else:
+        form = get_form("hf")
     if form.read is not None:  # mumoe's own forms: shapes an HF config cannot hold
-        return form.read(path, _dtype(dtype))
+        return check_weights(form.read(path, _dtype(dtype)), path)
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype))
+        with hf_bars():
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype))
     except (OSError, ValueError, KeyError) as e:
-        raise MumoeError(f"cannot load {name}: {str(e).splitlines()[0]}") from e
-    return model.eval()
+        if isinstance(e, MumoeError):
+            raise
+        raise MumoeFileError(f"cannot load {name}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # safetensors' own error type (a corrupt file the header checks did not catch)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise MumoeFileError(f"cannot load {name}: {str(e).splitlines()[0]}") from e
+    return check_weights(model.eval(), name if path.is_dir() else None)
 
 
 def load_tokenizer(name_or_path: str | Path | None = "default"):

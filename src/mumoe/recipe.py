@@ -257,6 +257,16 @@ class Recipe:
             raise MumoeError(f"{p} was written by a mumoe without recipes; it cannot be replayed")
         return cls.from_dict(d)
 
+    @staticmethod
+    def expert_width(config) -> int | None:
+        """The routed experts' intermediate width from a config (None when it has none)."""
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for key in ("moe_intermediate_size", "intermediate_size"):
+            v = getattr(cfg, key, None)
+            if _is_int(v) and v > 0:
+                return v
+        return None
+
     def check_config(self, config) -> None:
         """The checks that need the model's config but not its weights (run before loading them): N:M blocks
         must divide every prunable input width; expert budgets must leave top_k experts."""
@@ -266,6 +276,10 @@ class Recipe:
 
         def get(key):
             return getattr(cfg, key, None)
+
+        if self.grain in ("expert", "atom") and not any(get(k) for k in EXPERT_COUNT_KEYS):
+            raise MumoeError(f"{get('model_type')} is a dense model with no routed experts; {self.method} prunes "
+                             f"{self.grain}s of routed experts (dense models: wanda or magnitude)")
 
         if self.grain == "weight":
             nm = parse_structure(self.weight.structure)
@@ -279,9 +293,25 @@ class Recipe:
                 if bad:
                     raise MumoeError(f"N:M structure {self.weight.structure} needs M={nm[1]} to divide every input "
                                      f"width; this model has width(s) {', '.join(map(str, bad))}")
+        if self.grain == "atom" and self.atom.form == "uniform":
+            width = self.expert_width(config)
+            if width:
+                from .select.atoms import uniform_width
+
+                step = 8 if width >= 8 else 1
+                if round((1 - self.ratio) * width / step) == 0:
+                    kept = uniform_width(width, self.ratio)
+                    raise MumoeError(f"--ratio {self.ratio:g} would keep {(1 - self.ratio) * width:.1f} of {width} atoms "
+                                     f"per expert; the uniform form keeps a multiple of {step} (at most "
+                                     f"{1 - kept / width:.1%} removed): lower --ratio or use --form global")
         if self.grain == "expert" and self.expert.budget == "uniform":
             E = next((get(k) for k in EXPERT_COUNT_KEYS if get(k) is not None), None)
             k = next((get(k) for k in TOP_K_KEYS if get(k) is not None), None)
             if _is_int(E) and _is_int(k) and E - round(self.ratio * E) < k:
                 raise MumoeError(f"ratio {self.ratio} keeps {E - round(self.ratio * E)} of {E} experts, fewer than "
                                  f"top_k={k}")
+        ctx = get("max_position_embeddings")
+        texts = [s for s in self.calib.sources if s not in ("tensor", "text")]
+        if texts and _is_int(ctx) and self.calib.seqlen > ctx:
+            raise MumoeError(f"calibration seqlen {self.calib.seqlen} exceeds the model's context ({ctx} tokens); "
+                             "pass --seqlen")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -12,7 +13,8 @@ from typing import Iterator
 
 from torch import nn
 
-from ..errors import MumoeError
+from ..errors import MumoeDataError, MumoeError, MumoeFileError, os_message
+from ..files import OWNER, check_writable, owned_temp_dir, sweep_stale
 from ..version import __version__
 
 
@@ -37,7 +39,11 @@ class PruneReport:
         return {"mumoe_version": d.pop("mumoe_version"), **d}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        """Strict JSON (no bare NaN/Infinity: a non-finite score is an error, not a file other tools reject)."""
+        try:
+            return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        except ValueError as e:
+            raise MumoeDataError(f"pruning.json would hold non-finite values ({e}); the scores are not usable") from e
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneReport":
@@ -60,7 +66,23 @@ def check_output_dir(out: str | Path, overwrite: bool, source: str | Path | None
         raise MumoeError(f"output directory {out} exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise MumoeError(f"output path {out} exists and is not a directory")
+    check_writable(out)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _umask_modes(folder: Path) -> None:
+    """Folders 0777 and files 0666 less the umask (0755 / 0644 under the usual 022), as mkdir and open give:
+    mkdtemp makes 0700 and transformers writes model.safetensors 0600, which a serving user could not read."""
+    mask = _umask()
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager
@@ -68,10 +90,14 @@ def atomic_output(out: str | Path, overwrite: bool = False, source: str | Path |
     """Yield a temp dir beside `out`; on success it replaces `out` by rename, on any error it is removed.
     source: the model the output is made from (never replaced; `check_output_dir`)."""
     out = check_output_dir(out, overwrite, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"))
+        tmp = owned_temp_dir(out.parent, f".{out.name}.tmp-")
         yield tmp
+        (tmp / OWNER).unlink()
+        _umask_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / "x")
@@ -79,9 +105,29 @@ def atomic_output(out: str | Path, overwrite: bool = False, source: str | Path |
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        io = _io_error(e)
+        if io is None:
+            raise
+        raise MumoeFileError(f"cannot write {out}: {io[0]}; nothing was written", io[1]) from e
+
+
+def _io_error(e: BaseException) -> tuple[str, int | None] | None:
+    """(message, errno) when `e` is the file system failing (disk full, read-only, quota, permissions) — as
+    an OSError or as the SafetensorError ("... (os error 28)") safetensors raises for it; else None."""
+    import re
+
+    if isinstance(e, MumoeError):
+        return None
+    if isinstance(e, OSError):
+        return os_message(e), e.errno
+    m = re.search(r"os error (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    if m:
+        n = int(m[1])
+        return os_message(OSError(n, os.strerror(n))), n
+    return None
 
 
 def _local_source(model: nn.Module) -> str | None:
@@ -95,6 +141,10 @@ def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenize
     nothing is left half-written."""
     from .forms import get_form
 
+    if not isinstance(report, PruneReport):
+        raise MumoeError(f"save_pruned needs the PruneReport that mumoe.prune returned, got {type(report).__name__}")
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise MumoeError(f"save_pruned takes the pruned transformers model, got {type(model).__name__}")
     form = get_form(report.form)
     with atomic_output(out, overwrite, _local_source(model)) as tmp:
         form.write(model, tmp, report)

@@ -30,7 +30,10 @@ class Form:
 
 
 def _write_hf(model: nn.Module, tmp: Path, report: PruneReport) -> None:
-    model.save_pretrained(tmp)
+    from ..progress import hf_bars
+
+    with hf_bars():
+        model.save_pretrained(tmp)
 
 
 def _write_experts(model: nn.Module, tmp: Path, report: PruneReport) -> None:

@@ -13,11 +13,11 @@ from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from ..checkpoint import FUSED, KIND, LEGACY, ROUTER, read_header, read_tensor, shard_files
 from ..errors import MumoeError
 from ..models.base import EXPERT_COUNT_KEYS
+from ..progress import bar
 from .export import PruneReport, atomic_output
 
 # (source key, read() -> tensor) -> [(output key, tensor)]
@@ -99,7 +99,7 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
     keys = list(_keys(path))
     with atomic_output(out, overwrite, source=path) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
-        for file, key, meta in tqdm(keys, desc="writing pruned tensors", disable=not progress, unit="tensor"):
+        for file, key, meta in bar(keys, desc="writing pruned tensors", enabled=progress, unit="tensor"):
             for out_key, t in transform(key, _reader(file, meta)):
                 writer.add(out_key, t)
         writer.finish()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import MumoeError
+from ..errors import MumoeDataError, MumoeError
 from . import expert
 from .stats import LayerStats
 
@@ -113,4 +113,26 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
             from ..models.prunable import prunable_names
 
             out[m.name] = {n: weight_scores.magnitude(params[n]) for n in prunable_names(model)}
-    return out
+    if stats is not None:
+        check_tokens([st.n_tokens for st in stats], [layer.index for layer in layers])
+    return check_scores(out, [layer.index for layer in layers])
+
+
+def check_tokens(counts: list[int], layer_index: list[int]) -> None:
+    """Calibration that routed no token through a MoE layer scores every expert 0 there: refuse it."""
+    empty = [j for j, n in zip(layer_index, counts) if n == 0]
+    if empty:
+        raise MumoeDataError(f"calibration saw no tokens at MoE layer(s) {', '.join(map(str, empty))}; every score "
+                             "there would be 0 — give calibration text (--calib) with at least one window")
+
+
+def check_scores(scores: dict[str, object], layer_index: list[int]) -> dict[str, object]:
+    """scores unchanged, or a one-line MumoeDataError naming the method and layer (or parameter) whose scores
+    hold NaN or inf: selecting on them would prune at random, silently."""
+    for name, per in scores.items():
+        items = per.items() if isinstance(per, dict) else zip((f"MoE layer {j}" for j in layer_index), per)
+        for where, s in items:
+            if isinstance(s, torch.Tensor) and s.is_floating_point() and s.numel() and not bool(torch.isfinite(s).all()):
+                raise MumoeDataError(f"{name} scores of {where} are not finite (NaN or inf): the activations "
+                                     "overflowed or the weights are corrupt; try --dtype fp32, or check the checkpoint")
+    return scores

@@ -6,10 +6,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from ..checkpoint import ORDER, _expert_matrices, read_header, shard_files
+from ..checkpoint import ORDER, _expert_matrices, check_finite, read_header, shard_files
 from ..errors import MumoeError
+from ..progress import bar
 from .expert import NormWorkspace, aimer_from_norms, matrix_norms
 
 
@@ -20,10 +20,11 @@ def stream_aimer(path: str | Path, progress: bool = True) -> dict[int, torch.Ten
     path = Path(path)
     norms: dict[int, dict[int, dict[str, tuple]]] = defaultdict(lambda: defaultdict(dict))  # (l1, l2², numel)
     ws = NormWorkspace()  # one fp32 buffer of the largest matrix, reused
-    for file in tqdm(shard_files(path), desc="aimer (streamed)", disable=not progress, unit="shard"):
+    for file in bar(shard_files(path), desc="aimer (streamed)", enabled=progress, unit="shard"):
         for key, meta in read_header(file).items():
             for L, e, kind, mapped in _expert_matrices(file, key, meta):
                 with mapped as w:
+                    check_finite(w, f"{file}: tensor {key}" + (f" (expert {e})" if key.endswith("_proj") else ""))
                     if kind == "gate_up_proj":
                         half = w.shape[0] // 2
                         norms[L][e]["gate_proj"] = (*matrix_norms(w[:half], ws), w[:half].numel())

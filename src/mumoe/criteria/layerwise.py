@@ -121,4 +121,7 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
             out.keep[j] = res["keep"]
         if isinstance(j, int) and "norms" in res:
             out.norms.update(res["norms"])
+    from . import check_scores
+
+    check_scores(out.scores, out.layer_index)
     return out

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..criteria import get_method
 from ..errors import MumoeError
 from ..recipe import Recipe
+from ..progress import bar
 from .perplexity import perplexity_of_windows
 
 
@@ -75,7 +75,7 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
                                                                                                    eval_batch_size)})
         if log:
             log(f"  dense: {rows[-1]['ppl']}")
-    for r in tqdm(recipes, desc="apply + evaluate", disable=not progress, unit="method"):
+    for r in bar(recipes, desc="apply + evaluate", enabled=progress, unit="method"):
         pruned = copy.deepcopy(model)
         report = apply_recipe(pruned, r, wins, groups, scores=scores[r.method])
         row = {"method": label(r), "grain": r.grain, "ratio": r.ratio,

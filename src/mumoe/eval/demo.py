@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..apply.export import atomic_output
 from ..loading import DATA, load_default
 from ..models import moe_adapter_for
 from ..observe import tokenize, windows
 from ..recipe import Recipe
+from ..progress import bar
 from .compare import compare
 from .perplexity import perplexity_of_windows
 from .report import markdown_table, write_report
@@ -39,7 +39,7 @@ def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 16, calib_windo
 
     def evaluate(m, name: str) -> dict[str, float]:
         return {d: round(perplexity_of_windows(m, w, batch_size=8, progress=False)["ppl"], 3)
-                for d, w in tqdm(evals.items(), desc=f"eval {name}", leave=False)}
+                for d, w in bar(evals.items(), desc=f"eval {name}", leave=False)}
 
     t0 = time.perf_counter()
     rows = [{"method": "dense", "grain": "-", "ratio": 0.0, "ppl": evaluate(model, "dense")}]
@@ -62,7 +62,7 @@ def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 16, calib_windo
     from ..testtime import continuation_perplexity, offline_masks
 
     testtime = {}
-    for d in tqdm(domains, desc="μ-MoE vs Wanda", leave=False):
+    for d in bar(domains, desc="μ-MoE vs Wanda", leave=False):
         w = evals[d][:4]
         shifted = offline_masks(model, per_domain[SHIFT[d]], 0.5, "row")
         testtime[d] = {

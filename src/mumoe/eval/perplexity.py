@@ -8,9 +8,9 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..observe.calib import tokenize, windows
+from ..progress import bar
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def perplexity_of_windows(model: nn.Module, wins: torch.Tensor, batch_size: int 
     model.eval()
     t0 = time.perf_counter()
     total, count = 0.0, 0
-    for i in tqdm(range(0, len(wins), batch_size), desc=desc, disable=not progress, unit="batch"):
+    for i in bar(range(0, len(wins), batch_size), desc=desc, enabled=progress, unit="batch"):
         nll, n = window_nll(model, wins[i : i + batch_size])
         total, count = total + nll, count + n
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "windows": len(wins),

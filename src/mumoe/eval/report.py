@@ -6,10 +6,10 @@ A result file holds {"rows": [{"method", "ratio", "ppl": {domain: value}, option
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..errors import MumoeError
+from ..errors import MumoeError, MumoeFileError
+from ..files import read_json
 
 
 def read_rows(paths: list[str | Path]) -> list[dict]:
@@ -21,13 +21,10 @@ def read_rows(paths: list[str | Path]) -> list[dict]:
         elif p.is_file():
             files.append(p)
         else:
-            raise MumoeError(f"no such result file or folder: {p}")
+            raise MumoeFileError(f"result file or folder not found: {p}")
     rows = []
     for f in files:
-        try:
-            data = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise MumoeError(f"{f} is not valid JSON: {e}") from e
+        data = read_json(f, "the result file")
         for r in data.get("rows", []) if isinstance(data, dict) else []:
             if {"method", "ratio", "ppl"} <= set(r):
                 rows.append(r)

@@ -35,11 +35,16 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
-    """A tiny random `model_type` causal LM in fp32, eval mode, eager attention."""
+def tiny_config(model_type: str, **overrides):
+    """The HF config of `tiny:model_type` (no weights)."""
     if model_type not in TINY_CONFIGS:
         raise MumoeError(f"no tiny config for {model_type!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
-    config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
+    return AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
+    """A tiny random `model_type` causal LM in fp32, eval mode, eager attention."""
+    config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     for module in model.modules():  # random correction bias so that slicing it matters

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MumoeError
+from ..errors import MumoeError, MumoeFileError
+from ..files import read_utf8
 from ..paths import DATA, bundled_domains
 
 
@@ -26,17 +27,17 @@ def read_text(path: str | Path) -> str:
         if not files:
             known = ", ".join(sorted(p.parent.name for p in DATA.glob("*/calib.txt")))
             raise MumoeError(f"no bundled calibration split {name!r}; known: {known}")
-        return "\n\n".join(f.read_text("utf-8") for f in files)
+        return "\n\n".join(read_utf8(f) for f in files)
     p = Path(path)
     if p.is_dir():
         files = sorted(p.rglob("*.txt"))
         if not files:
             raise MumoeError(f"calibration folder {p} holds no .txt files")
-        text = "\n\n".join(f.read_text("utf-8") for f in files)
+        text = "\n\n".join(read_utf8(f) for f in files)
     elif p.is_file():
-        text = p.read_text("utf-8")
+        text = read_utf8(p)
     else:
-        raise MumoeError(f"calibration text not found: {p}")
+        raise MumoeFileError(f"text not found: {p}")
     if not text.strip():
         raise MumoeError(f"calibration text {p} is empty")
     return text

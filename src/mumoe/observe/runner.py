@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import bar
 
 from ..errors import MumoeError
 from ..models import MoELayer, adapter_for
@@ -358,7 +358,7 @@ def run(model: nn.Module, windows: torch.Tensor, collectors: Sequence[Collector]
         model.eval()
         embed = model.get_input_embeddings()
         with Observation(model, collectors, layers) as obs:
-            for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
+            for i in bar(range(0, len(windows), batch_size), desc=desc, enabled=progress, unit="batch"):
                 ids = windows[i:i + batch_size].to(dev)
                 mask = None if attention_mask is None else attention_mask[i:i + batch_size].to(dev)
                 obs.attention_mask = mask

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import bar as progress_bar
 
 from ..errors import MumoeError
 from ..models import adapter_for
@@ -54,10 +54,13 @@ class Activations:
         self.spilled_bytes = 0
 
     def _file(self, key) -> Path:
-        if self.folder is None:
+        if self.folder is None:  # activations of a killed run are swept by the next one that spills
             import tempfile
 
-            self.folder = Path(tempfile.mkdtemp(prefix="mumoe-act-"))
+            from ..files import owned_temp_dir, sweep_stale
+
+            sweep_stale(Path(tempfile.gettempdir()), ("mumoe-act-",))
+            self.folder = owned_temp_dir(Path(tempfile.gettempdir()), "mumoe-act-")
         self.folder.mkdir(parents=True, exist_ok=True)
         return self.folder / ("_".join(map(str, key)) + ".pt")
 
@@ -308,52 +311,57 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
     moe = {layer.index: layer for layer in adapter.moe_layers()}
     spill_dir = work.acts("acts") if work is not None else None
     acts = Activations(spill_bytes, spill_dir)
-    need_bwd = bool(backward)
+    try:  # a failure or Ctrl-C before the sweep proper still removes spilled activations
+        need_bwd = bool(backward)
 
-    state = work.load() if work is not None else None
-    start = 0
-    if state is not None:
-        results.update(state["results"])
-        start = state["done"] + 1
-        info.resumed_after = state["done"]
-        for key, f in state["acts"].items():
-            acts.files[key] = (Path(f), dev)
+        state = work.load() if work is not None else None
+        start = 0
+        if state is not None:
+            results.update(state["results"])
+            start = state["done"] + 1
+            info.resumed_after = state["done"]
+            for key, f in state["acts"].items():
+                acts.files[key] = (Path(f), dev)
 
-    # embeddings and every layer's keyword arguments (recomputed on resume: cheap, never saved)
-    emb_name = ckpt.input_embeddings_name().rsplit(".", 1)[0]
-    kwargs = []
-    with ckpt.part(emb_name):
-        for b in range(len(batches)):
-            first, kw = _capture(ckpt, ids[b], masks[b])
-            kwargs.append(kw)
-            info.activation_bytes += first.numel() * first.element_size()
-            if state is None:
-                acts.put((0, b), first, to_disk=work is not None)
-    pending: list = []  # keys dropped once the next state is saved (a kill in between keeps the old state valid)
+        # embeddings and every layer's keyword arguments (recomputed on resume: cheap, never saved)
+        emb_name = ckpt.input_embeddings_name().rsplit(".", 1)[0]
+        kwargs = []
+        with ckpt.part(emb_name):
+            for b in range(len(batches)):
+                first, kw = _capture(ckpt, ids[b], masks[b])
+                kwargs.append(kw)
+                info.activation_bytes += first.numel() * first.element_size()
+                if state is None:
+                    acts.put((0, b), first, to_disk=work is not None)
+        pending: list = []  # keys dropped once the next state is saved (a kill in between keeps the old state valid)
 
-    def checkpoint(stage: str, j: int) -> None:
-        if work is not None:
-            work.save({"stage": stage, "done": j, "results": results,
-                       "acts": {k: str(v[0]) for k, v in acts.files.items() if k not in pending}})
-        for key in pending:
-            acts.drop(key)
-        pending.clear()
+        def checkpoint(stage: str, j: int) -> None:
+            if work is not None:
+                work.save({"stage": stage, "done": j, "results": results,
+                           "acts": {k: str(v[0]) for k, v in acts.files.items() if k not in pending}})
+            for key in pending:
+                acts.drop(key)
+            pending.clear()
 
-    def observe_layer(j: int, collectors: Sequence[Collector], fn) -> None:
-        layers = [moe[j]] if j in moe else []
-        with Observation(ckpt.model, collectors, layers) as obs:
-            for b, (a, e) in enumerate(batches):
-                obs.attention_mask = masks[b]
-                obs.window_groups = None if grp is None else grp[a:e]
-                obs.seqlen = ids[b].shape[1]
-                for c in collectors:
-                    c.on_forward_start(obs)
-                fn(b)
+        def observe_layer(j: int, collectors: Sequence[Collector], fn) -> None:
+            layers = [moe[j]] if j in moe else []
+            with Observation(ckpt.model, collectors, layers) as obs:
+                for b, (a, e) in enumerate(batches):
+                    obs.attention_mask = masks[b]
+                    obs.window_groups = None if grp is None else grp[a:e]
+                    obs.seqlen = ids[b].shape[1]
+                    for c in collectors:
+                        c.on_forward_start(obs)
+                    fn(b)
 
+    except BaseException:
+        if work is None:
+            _drop_spill(acts)
+        raise
     fwd_stage = list(forward)
     on_disk = work is not None
-    bar = tqdm(total=len(names) * (2 if need_bwd else 1), desc="layer-sequential calibration",
-               disable=not progress, unit="layer")
+    bar = progress_bar(total=len(names) * (2 if need_bwd else 1), desc="layer-sequential calibration",
+                       enabled=progress, unit="layer")
     try:
         if state is None or state["stage"] == "forward":
             bar.update(start)
@@ -425,7 +433,11 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
         info.peak_ram_activations = acts.peak_bytes
         info.spilled_bytes = acts.spilled_bytes
         if work is None:
-            acts.close()
-            if acts.folder is not None:
-                shutil.rmtree(acts.folder, ignore_errors=True)
+            _drop_spill(acts)
     return info
+
+
+def _drop_spill(acts: Activations) -> None:
+    acts.close()
+    if acts.folder is not None:
+        shutil.rmtree(acts.folder, ignore_errors=True)

@@ -27,9 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoint import read_header
 from ..criteria.expert import peu, tcess
 from ..criteria.stats import collect_stats
-from ..errors import MumoeError
+from ..errors import MumoeError, MumoeFileError
+from ..files import read_json
 from ..models import MoELayer, moe_adapter_for
 from ..observe.runner import RouteEvent
 from ..select import rank
@@ -110,9 +112,15 @@ class TaskLibrary:
     @classmethod
     def load(cls, path: str | Path) -> "TaskLibrary":
         path = Path(path)
+        if not path.is_dir():
+            raise MumoeFileError(f"task library not found: {path} (build one with `mumoe taer build`)")
+        meta = read_json(path / "library.json", "the task library")
+        tfile = path / "tensors.safetensors"
+        if not tfile.is_file():
+            raise MumoeFileError(f"task library {path} is incomplete: {tfile.name} is missing")
+        read_header(tfile)  # truncated / not safetensors: one line naming the file
         try:
-            meta = json.loads((path / "library.json").read_text())
-            tensors = load_file(path / "tensors.safetensors")
+            tensors = load_file(tfile)
             if meta.get("mumoe_taer_version") not in (1, VERSION):  # 1: TCESS keys, raw L2
                 raise ValueError(f"version {meta.get('mumoe_taer_version')} (expected {VERSION})")
             lib = cls(meta["fingerprint"], int(meta["keep"]), meta["score"], meta["key_mode"], meta["tasks"],
@@ -131,12 +139,10 @@ class TaskLibrary:
                 if sorted(task["kept"]) != lib.fingerprint["moe_layers"] or any(
                         len(v) != lib.keep for v in task["kept"].values()):
                     raise ValueError(f"task {name!r} has inconsistent kept sets")
-        except FileNotFoundError as e:
-            raise MumoeError(f"task library not found: {e.filename}") from e
         except KeyError as e:
             raise MumoeError(f"corrupted task library {path}: missing entry {e}") from e
-        except (ValueError, TypeError, json.JSONDecodeError, OSError) as e:
-            raise MumoeError(f"corrupted task library {path}: {e}") from e
+        except (ValueError, TypeError, AttributeError, OSError) as e:
+            raise MumoeFileError(f"corrupted task library {path}: {str(e).splitlines()[0]}") from e
         if not lib.tasks:
             raise MumoeError(f"task library {path} holds no tasks")
         return lib

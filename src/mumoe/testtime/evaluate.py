@@ -10,11 +10,11 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import MumoeError
 from ..observe.collectors import input_norms
 from ..select.weights import check_active, masks_from_norms
+from ..progress import bar
 from .prompt import PromptPruner
 
 
@@ -30,7 +30,7 @@ def continuation_perplexity(model: nn.Module, wins: torch.Tensor, prompt_len: in
     nll, count = 0.0, 0
     pruner = PromptPruner(model, active, structure, compacted=per_prompt or masks is not None)
     dev = next(model.parameters()).device
-    for w in tqdm(wins, desc="test-time windows", disable=not progress, unit="win"):
+    for w in bar(wins, desc="test-time windows", enabled=progress, unit="win"):
         w = w[None].to(dev)
         norms, cache = pruner.prefill(w[:, :prompt_len])
         with pruner.applied(pruner.select(norms) if per_prompt else masks):

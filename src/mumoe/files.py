@@ -1,0 +1,141 @@
+"""Reading the user's files and checking output locations, each failure one line that names the file.
+
+    read_utf8(path)        text, or "PATH: not UTF-8 text (byte N: 0xXX)"
+    read_json(path, what)  parsed JSON, or "cannot parse PATH: ... (line L column C)"
+    check_writable(out)    the nearest existing folder above `out` accepts a new entry (probed, not guessed)
+    owned_temp_dir / sweep_stale   temp folders that record their process, and the clean-up of those a killed
+                                   run left behind
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from .errors import MumoeError, MumoeFileError, os_message
+
+OWNER = ".mumoe-owner"  # inside every temp folder mumoe makes: {"pid", "host", "start"} of the process
+
+
+def read_utf8(path: str | Path) -> str:
+    """The file's text; a missing file, a folder or bytes that are not UTF-8 are one-line errors."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as e:
+        raise MumoeFileError(f"file not found: {p}", e.errno) from e
+    except OSError as e:
+        raise MumoeFileError(f"cannot read {p}: {os_message(e)}", e.errno) from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MumoeFileError(f"{p}: not UTF-8 text (byte {e.start}: 0x{data[e.start]:02x}); convert it, e.g. "
+                             "iconv -f latin1 -t utf-8") from e
+
+
+def read_json(path: str | Path, what: str = "") -> object:
+    """Parsed JSON of a file; missing, non-UTF-8 or malformed files are one-line errors naming it."""
+    p = Path(path)
+    text = read_utf8(p)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MumoeFileError(f"cannot parse {what + ' ' if what else ''}{p}: {e.msg} (line {e.lineno} column "
+                             f"{e.colno})") from e
+
+
+def _existing_parent(out: Path) -> Path:
+    p = out.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def check_writable(out: str | Path, flag: str = "--out") -> None:
+    """Fail now, in one line, if `out` could not be created: a parent that is a file, a read-only or
+    pseudo file system, no permission. Probed by creating and removing a temp folder in the nearest existing
+    folder above it."""
+    out = Path(out)
+    parent = _existing_parent(out.parent)
+    if not parent.is_dir():
+        raise MumoeFileError(f"cannot write {flag} {out}: {parent} is a file, not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".mumoe-probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as e:
+        raise MumoeFileError(f"cannot write {flag} {out}: {os_message(e, path=False)}", e.errno) from e
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a live pid from a reused one."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owned_temp_dir(parent: Path, prefix: str) -> Path:
+    """mkdtemp(prefix, dir=parent), recording this process inside so a later run can tell it was killed."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
+    (tmp / OWNER).write_text(json.dumps(me))
+    return tmp
+
+
+def _is_stale(folder: Path, grace_s: float = 600.0) -> bool:
+    """True when the process that made `folder` is gone (same host: pid not running, or running with another
+    start time). A folder without an owner record is stale once it is older than `grace_s`."""
+    try:
+        owner = json.loads((folder / OWNER).read_text())
+    except (OSError, ValueError):
+        import time
+
+        try:
+            return time.time() - folder.stat().st_mtime > grace_s
+        except OSError:
+            return False
+    if owner.get("host") != socket.gethostname():
+        return False  # another machine on a shared file system: not ours to judge
+    pid = int(owner.get("pid", -1))
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return owner.get("start") is not None and _start_time(pid) not in (None, owner.get("start"))
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def sweep_stale(parent: Path, prefixes: tuple[str, ...], say=print) -> list[Path]:
+    """Remove the temp folders `prefix*` under `parent` that a killed mumoe run left (see `_is_stale`), saying
+    so in one line each. -> the folders removed."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for p in sorted(parent.iterdir()):
+        if p.is_dir() and not p.is_symlink() and p.name.startswith(prefixes) and _is_stale(p):
+            size = _size(p)
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(p)
+                if say is not None:
+                    say(f"removed {p} ({size / 2**20:,.1f} MiB), left by a run that was killed")
+    return removed
+
+
+def check_positive(value, flag: str, low: float = 1, integer: bool = True) -> None:
+    """An option that must be a number >= low (None = not given)."""
+    if value is None:
+        return
+    if value < low:
+        raise MumoeError(f"{flag} must be {'an integer' if integer else 'a number'} >= {low:g}, got {value:g}")

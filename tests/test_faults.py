@@ -1,0 +1,268 @@
+"""Faults outside the input: a full disk, a read-only file system, runs killed by SIGINT or SIGKILL (the OOM
+killer's signal) during calibration and during export, and what the next run does with what they left.
+
+Real file systems (tmpfs mounts, root only: skipped elsewhere) and real signals to a real `python -m mumoe`
+process on a ~1 GB synthetic checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import SAMPLE_TEXT, char_tokenizer, make
+from mumoe.cli import main
+
+
+def _mount(path: Path, *opts: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(opts), "tmpfs", str(path)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}); needs root")
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A tiny qwen3_moe checkpoint with a tokenizer, and a calibration text."""
+    src = tmp_path / "src"
+    make("qwen3_moe").save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    return src
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    mounts = []
+
+    def mount(name, *opts):
+        p = tmp_path / name
+        _mount(p, *opts)
+        mounts.append(p)
+        return p
+
+    yield mount
+    for p in mounts:
+        subprocess.run(["umount", str(p)], capture_output=True)
+
+
+PATHS = {  # the three ways an export is written
+    "in-memory": ["--method", "reap", "--calib", "{calib}", "--seqlen", "16", "--nsamples", "4"],
+    "streamed-aimer": ["--method", "aimer"],
+    "layerwise": ["--method", "reap", "--calib", "{calib}", "--seqlen", "16", "--nsamples", "4", "--layerwise", "on"],
+}
+
+
+def _prune(src, out, path, calib):
+    return ["prune", str(src), "--ratio", "0.5", "--out", str(out),
+            *[a.replace("{calib}", str(calib)) for a in PATHS[path]]]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_disk_full_ends_in_one_line_with_nothing_left(small, tmp_path, mounted, capsys, path):
+    full = mounted("full", "size=48k")  # the tiny export needs ~180 kB
+    rc = main(_prune(small, full / "out", path, tmp_path / "calib.txt"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"mumoe: error: cannot write {full / 'out'}: No space left on device"), err
+    assert err[0].endswith("nothing was written")
+    assert list(full.iterdir()) == []  # no temp folder, no partial shard
+
+
+def test_read_only_file_system_is_refused_before_any_work(small, tmp_path, mounted, capsys, monkeypatch):
+    ro = mounted("ro", "ro,size=1m")
+    from mumoe import loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("model loaded before the --out check"))
+    rc = main(_prune(small, ro / "out", "in-memory", tmp_path / "calib.txt"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"mumoe: error: cannot write --out {ro / 'out'}: Read-only file system (a read-only "
+                               "file system; choose another --out)"]
+
+
+def test_export_permissions_are_those_of_save_pretrained(small, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        assert main(_prune(small, tmp_path / "out", "in-memory", tmp_path / "calib.txt")) == 0
+        (tmp_path / "ref").mkdir()  # what a plain mkdir/save_pretrained gives under this umask
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "out").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "ref").stat().st_mode) == 0o755
+    assert not (tmp_path / "out" / ".mumoe-owner").exists()
+    for f in (tmp_path / "out").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temp_of_a_killed_run_is_removed_live_one_kept(small, tmp_path, capsys):
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.tmp-killed"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 4096)
+    (stale / ".mumoe-owner").write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename,
+                                                     "start": None}))
+    live = tmp_path / ".out.tmp-running"  # another process, still running, writing to the same target
+    live.mkdir()
+    (live / ".mumoe-owner").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                                                    "start": Path(f"/proc/{os.getpid()}/stat").read_text()
+                                                   .rsplit(")", 1)[1].split()[19]}))
+    other = tmp_path / ".other.tmp-x"  # another target's: not ours to touch
+    other.mkdir()
+    assert main(_prune(small, out, "in-memory", tmp_path / "calib.txt")) == 0
+    said = capsys.readouterr().out
+    assert f"removed {stale} (0.0 MiB), left by a run that was killed" in said
+    assert not stale.exists() and live.exists() and other.exists() and out.is_dir()
+
+
+# ---------------------------------------------------------------- kill tests on a ~1 GB checkpoint
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A qwen3_moe checkpoint of 0.95 GB in bf16 (9 layers x 32 experts of 1024 x 512), fused expert tensors,
+    written tensor by tensor (never a whole model in memory), plus a char tokenizer and a calibration text."""
+    from transformers import AutoModelForCausalLM
+
+    from mumoe.checkpoint import read_header
+    from mumoe.models.tiny import tiny_config
+
+    root = tmp_path_factory.mktemp("big")
+    src = root / "src"
+    src.mkdir()
+    cfg = tiny_config("qwen3_moe", hidden_size=1024, moe_intermediate_size=512, intermediate_size=1024,
+                      num_experts=32, num_hidden_layers=9, num_attention_heads=16, num_key_value_heads=4,
+                      head_dim=64, max_position_embeddings=512)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    gen = torch.Generator().manual_seed(0)
+    shard, n, size = {}, 1, 0
+    for name, p in skeleton.state_dict().items():
+        t = (torch.ones(p.shape) if name.endswith("norm.weight") else
+             torch.randn(p.shape, generator=gen) * (0.5 / math.sqrt(p.shape[-1])))
+        shard[name] = t.to(torch.bfloat16)
+        size += shard[name].numel() * 2
+        if size > 256 << 20:
+            save_file(shard, src / f"part-{n}.safetensors", metadata={"format": "pt"})
+            shard, n, size = {}, n + 1, 0
+    if shard:
+        save_file(shard, src / f"part-{n}.safetensors", metadata={"format": "pt"})
+    weight_map = {k: f.name for f in sorted(src.glob("*.safetensors")) for k in read_header(f)}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg.save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    (root / "calib.txt").write_text(SAMPLE_TEXT * 8)
+    total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    assert 0.85e9 < total < 1.1e9, total
+    return root
+
+
+def _cmd(big, out, *extra):
+    return [sys.executable, "-m", "mumoe", "prune", str(big / "src"), "--method", "reap", "--ratio", "0.25",
+           "--calib", str(big / "calib.txt"), "--nsamples", "8", "--seqlen", "64", "--out",
+           str(out), *extra]
+
+
+def _start(big, out, *extra, env=None):
+    return subprocess.Popen(_cmd(big, out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def _wait_for_line(proc, words: str, timeout: float = 240) -> None:
+    t0 = time.time()
+    for line in proc.stdout:
+        if words in line:
+            return
+        assert time.time() - t0 < timeout, f"no line with {words!r}"
+    pytest.fail(f"process ended before printing {words!r}: {proc.wait()} {proc.stderr.read()}")
+
+
+def _wait_for_export(parent: Path, name: str, timeout: float = 240) -> Path:
+    """The moment the export's temp folder holds a shard being written."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        for tmp in parent.glob(f".{name}.tmp-*"):
+            if any(f.stat().st_size > 0 for f in tmp.glob("*.safetensors")):
+                return tmp
+        time.sleep(0.01)
+    pytest.fail("the export never started")
+
+
+def _litter(*folders: Path) -> list[str]:
+    return sorted(p.name for f in folders if f.exists() for p in f.iterdir()
+                  if p.name.startswith((".out.tmp-", ".out.old-", "mumoe-act-")))
+
+
+def _source_state(big):
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (big / "src").iterdir())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_killed_during_calibration(big, tmp_path, sig):
+    """Layer-sequential with every activation spilled to disk (--spill-gb 0): a kill mid-sweep. SIGINT: exit
+    130, nothing left. SIGKILL: the spill folder stays behind, and the next run removes it and succeeds."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = tmp_path / "out"
+    before = _source_state(big)
+    env = {"TMPDIR": str(scratch)}
+    proc = _start(big, out, "--layerwise", "on", "--spill-gb", "0", env=env)
+    _wait_for_line(proc, "calibration:")
+    t0 = time.time()
+    while not list(scratch.glob("mumoe-act-*/*.pt")) and time.time() - t0 < 120:
+        time.sleep(0.01)  # activations are on disk: the sweep is running
+    proc.send_signal(sig)
+    rc = proc.wait(120)
+    err = proc.stderr.read()
+    assert not out.exists() and _source_state(big) == before
+    if sig == signal.SIGINT:
+        assert rc == 130 and err.strip().splitlines()[-1] == "mumoe: interrupted" and "Traceback" not in err
+        assert _litter(scratch, tmp_path) == []
+        return
+    assert rc == -signal.SIGKILL and len(_litter(scratch)) == 1  # what a kill leaves
+    r = subprocess.run(_cmd(big, out, "--layerwise", "on", "--spill-gb", "0"), capture_output=True, text=True, env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    assert "left by a run that was killed" in r.stdout
+    assert _litter(scratch, tmp_path) == [] and (out / "pruning.json").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_killed_during_export(big, tmp_path, sig):
+    """A kill while the pruned shards are being written. SIGINT: exit 130, the temp folder removed. SIGKILL:
+    the temp folder stays (no process is left to remove it); the next run to the same --out removes it, says
+    so, and writes a checkpoint that loads."""
+    out = tmp_path / "out"
+    before = _source_state(big)
+    proc = _start(big, out)
+    _wait_for_line(proc, "calibration:")
+    _wait_for_export(tmp_path, "out")
+    proc.send_signal(sig)
+    rc = proc.wait(120)
+    err = proc.stderr.read()
+    assert not out.exists() and _source_state(big) == before
+    if sig == signal.SIGINT:
+        assert rc == 130 and err.strip().splitlines()[-1] == "mumoe: interrupted" and "Traceback" not in err
+        assert _litter(tmp_path) == []
+        return
+    assert rc == -signal.SIGKILL and len(_litter(tmp_path)) == 1
+    r = subprocess.run(proc.args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "left by a run that was killed" in r.stdout
+    assert _litter(tmp_path) == [] and _source_state(big) == before
+    report = json.loads((out / "pruning.json").read_text())
+    assert [len(e["kept"]) for e in report["layers"]] == [24] * 9
