@@ -337,7 +337,15 @@ def cmd_compare(args) -> int:
     from .observe.calib import check_sources, tokenize, windows
     from .recipe import Recipe
 
+    from .files import check_positive
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise MumoeError("--methods names no method (e.g. --methods reap,ean,frequency)")
+    for value, flag, low in ((args.eval_windows, "--eval-windows", 1), (args.eval_seqlen, "--eval-seqlen", 2),
+                             (args.batch_size, "--batch-size", 1)):
+        check_positive(value, flag, low)
+    _check_device(args.device)
     ratios = args.ratio or [0.5]
     opts = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen), ("seed", args.seed),
                               ("form", args.form), ("scope", args.scope)) if v is not None}
@@ -887,12 +895,26 @@ def _version() -> str:
     return f"mumoe {__version__}"
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler stopping the job): unwinds like Ctrl-C, so temp folders are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except MumoeError as e:
@@ -906,6 +928,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mumoe: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("mumoe: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
