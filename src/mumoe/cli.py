@@ -676,7 +676,11 @@ def cmd_demo(args) -> int:
 
 def cmd_report(args) -> int:
     from .eval.report import read_rows, write_report
+    from .files import check_writable
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise MumoeError(f"--out {args.out} is a file; give a folder")
+    check_writable(args.out)
     rows = read_rows(args.runs)
     md = write_report(rows, Path(args.out), args.title)
     print(md.read_text().split("![")[0].strip())

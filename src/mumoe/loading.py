@@ -86,7 +86,10 @@ def check_model(name_or_path: str | Path | None) -> str:
         read_config(path)
         from .checkpoint import check_files
 
-        check_files(path)
+        if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
+            check_files(path)
+        elif not any(path.glob("pytorch_model*.bin")):  # .bin checkpoints: transformers reads them (in memory)
+            raise MumoeFileError(f"{name} holds no weights (no .safetensors or pytorch_model*.bin files)")
     elif path.exists():
         raise MumoeFileError(f"{name} is a file; MODEL is a checkpoint folder, a hub id, 'default' or tiny:ARCH")
     return name
