@@ -68,15 +68,43 @@ def _prune(src, out, path, calib):
             *[a.replace("{calib}", str(calib)) for a in PATHS[path]]]
 
 
+def _allocated(folder: Path) -> int:
+    """Bytes a tmpfs charges for a folder's files (whole 4 KiB pages each)."""
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in folder.rglob("*") if f.is_file())
+
+
 @pytest.mark.parametrize("path", list(PATHS))
-def test_disk_full_ends_in_one_line_with_nothing_left(small, tmp_path, mounted, capsys, path):
-    full = mounted("full", "size=48k")  # the tiny export needs ~180 kB
-    rc = main(_prune(small, full / "out", path, tmp_path / "calib.txt"))
+def test_disk_full_during_export_ends_in_one_line_with_nothing_left(small, tmp_path, mounted, capsys, path):
+    """Free space above the early bound ((1 - ratio) of the weights) but below what the export writes: the
+    failure comes mid-write, and still ends in one line with nothing left on the disk."""
+    import shutil
+
+    calib = tmp_path / "calib.txt"
+    assert main(_prune(small, tmp_path / "ref", path, calib)) == 0  # the same export, where space is plenty
+    written = _allocated(tmp_path / "ref") + 4096  # + the temp folder's owner note
+    bound = 0.5 * sum(f.stat().st_size for f in small.glob("*.safetensors"))
+    assert written - bound > 16384, (written, bound)  # room for a fill between the two
+    full = mounted("full", "size=1m")
+    free = shutil.disk_usage(full).free
+    (full / "filler").write_bytes(b"\0" * (int(free - (bound + written) / 2) // 4096 * 4096))
+    capsys.readouterr()
+    rc = main(_prune(small, full / "out", path, calib))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"mumoe: error: cannot write {full / 'out'}: No space left on device"), err
     assert err[0].endswith("nothing was written")
-    assert list(full.iterdir()) == []  # no temp folder, no partial shard
+    assert [p.name for p in full.iterdir()] == ["filler"]  # no temp folder, no partial shard
+
+
+def test_disk_too_small_is_refused_before_any_work(small, tmp_path, mounted, capsys, monkeypatch):
+    full = mounted("small", "size=48k")  # the export needs at least half the tiny checkpoint's 166 kB
+    from mumoe import loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("model loaded before the free-space check"))
+    rc = main(_prune(small, full / "out", "in-memory", tmp_path / "calib.txt"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "free on its file system, but the export needs at least" in err[0], err
+    assert list(full.iterdir()) == []
 
 
 def test_read_only_file_system_is_refused_before_any_work(small, tmp_path, mounted, capsys, monkeypatch):

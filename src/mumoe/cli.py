@@ -138,6 +138,7 @@ def cmd_prune(args) -> int:
     if config is not None:
         recipe.check_config(config)
     _check_device(recipe.device)
+    _check_space(args.out, model_name, recipe)
     args.width_note = _width_note(recipe, config)
     t0 = time.perf_counter()
     if (recipe.method == "aimer" and not args.in_memory and recipe.expert.budget == "uniform"
@@ -189,6 +190,26 @@ def _check_prune_args(args, recipe) -> None:
         from .files import check_writable
 
         check_writable(Path(args.work_dir) / "x", "--work-dir")
+
+
+def _check_space(out: str, model_name: str, recipe) -> None:
+    """A lower bound on the export's size — (1 - ratio) of the checkpoint's weights, each in the smaller of its
+    file dtype and the load dtype (no grain removes more than `ratio` of them) — against the free space at
+    --out, so a full disk is found before the run, not after it."""
+    import math
+
+    from .checkpoint import DTYPES, read_header, shard_files
+    from .files import check_free_space
+    from .loading import resolve
+
+    path = Path(resolve(model_name))
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        return
+    load = _dtype_of(recipe.dtype).itemsize
+    need = sum(math.prod(m["shape"]) * min(DTYPES[m["dtype"]].itemsize, load)
+               for f in shard_files(path) for m in read_header(f).values() if m["dtype"] in DTYPES)
+    check_free_space(out, int((1 - recipe.ratio) * need),
+                     f"{1 - recipe.ratio:.0%} of the checkpoint's {need / 2**30:.2f} GiB of weights")
 
 
 def _check_device(device: str | None) -> None:

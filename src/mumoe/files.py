@@ -70,6 +70,24 @@ def check_writable(out: str | Path, flag: str = "--out") -> None:
         raise MumoeFileError(f"cannot write {flag} {out}: {os_message(e, path=False)}", e.errno) from e
 
 
+def check_free_space(out: str | Path, need: int, what: str) -> None:
+    """Refuse now when the file system of `out` has fewer than `need` bytes free (`what` says how the need was
+    reckoned), rather than failing at the end of a long run."""
+    parent = _existing_parent(Path(out).parent)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise MumoeFileError(f"--out {out}: {_human(free)} free on its file system, but the export needs at least "
+                             f"{_human(need)} ({what}); free space or choose another --out")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), to tell a live pid from a reused one."""
     try:
