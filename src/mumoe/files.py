@@ -81,6 +81,7 @@ def check_free_space(out: str | Path, need: int, what: str) -> None:
 
 
 def _human(n: float) -> str:
+    """Bytes for people: 1,234 B, 77.4 KiB, 1.6 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
