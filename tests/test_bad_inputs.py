@@ -60,6 +60,8 @@ def world(tmp_path_factory):
         "no_config": lambda d: (d / "config.json").unlink(),
         "missing_shard": lambda d: _index_missing_shard(d),
         "no_weights": lambda d: (d / "model.safetensors").unlink(),
+        "missing_tensor": lambda d: _drop_tensor(d, "model.layers.1.self_attn.q_proj.weight"),
+        "wrong_shape": lambda d: _reshape_tensor(d, "model.layers.0.self_attn.o_proj.weight"),
         "latin1_config": lambda d: (d / "config.json").write_bytes(b'{"model_type": "qwen3_moe", "x": "\xe9"}'),
     }
     for name, edit in variants.items():
@@ -90,6 +92,18 @@ def _poison(d: Path, value: float) -> None:
     t[key] = t[key].clone()
     t[key].view(-1)[7] = value
     save_file(t, f, metadata={"format": "pt"})
+
+
+def _drop_tensor(d: Path, key: str) -> None:
+    t = load_file(d / "model.safetensors")
+    del t[key]
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def _reshape_tensor(d: Path, key: str) -> None:
+    t = load_file(d / "model.safetensors")
+    t[key] = t[key][:, :-8].contiguous()
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
 
 
 def _int_weights(d: Path) -> None:
@@ -219,6 +233,16 @@ CASES = [
     ("safetensors-random-streamed", prune("{w}/random", "--method", "aimer", "--ratio", "0.5", calib=False),
      "safetensors", True),
     ("safetensors-huge-header", prune("{w}/huge_header", "--method", "reap", "--ratio", "0.5"), "header", True),
+    ("tensor-missing", prune("{w}/missing_tensor", "--method", "reap", "--ratio", "0.5"),
+     "model.layers.1.self_attn.q_proj.weight", False),
+    ("tensor-missing-layerwise", prune("{w}/missing_tensor", "--method", "reap", "--ratio", "0.5", "--layerwise",
+                                       "on"), "model.layers.1.self_attn.q_proj.weight", True),
+    ("tensor-missing-streamed", prune("{w}/missing_tensor", "--method", "aimer", "--ratio", "0.5", calib=False),
+     "model.layers.1.self_attn.q_proj.weight", True),
+    ("tensor-wrong-shape", prune("{w}/wrong_shape", "--method", "reap", "--ratio", "0.5"),
+     "model.layers.0.self_attn.o_proj.weight", False),
+    ("tensor-wrong-shape-layerwise", prune("{w}/wrong_shape", "--method", "reap", "--ratio", "0.5", "--layerwise",
+                                           "on"), "model.layers.0.self_attn.o_proj.weight", True),
     ("weights-int-dtype", prune("{w}/int_dtype", "--method", "reap", "--ratio", "0.5"), "I32", True),
     ("weights-nan", prune("{w}/nan", "--method", "reap", "--ratio", "0.5"), "NaN", False),
     ("weights-nan-layerwise", prune("{w}/nan", "--method", "reap", "--ratio", "0.5", "--layerwise", "on"),

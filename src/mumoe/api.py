@@ -287,6 +287,9 @@ def prune_streamed(path: str | Path, ratio: float, out: str | Path, method: str 
 
     cfg = read_json(path / "config.json", "the model config")
     check_files(path)
+    from .observe.layerwise import LayerwiseCheckpoint
+
+    LayerwiseCheckpoint(path)  # every tensor the model needs is in the files, with its shape (headers only)
     top_k = _config_field(cfg, TOP_K_KEYS)
     if top_k is None or _config_field(cfg, EXPERT_COUNT_KEYS) is None:
         raise MumoeError(f"{path}: config has no routed experts; expert pruning needs an MoE checkpoint")

@@ -110,6 +110,21 @@ def check_weights(model: nn.Module, source: str | Path | None = None) -> nn.Modu
     return model
 
 
+def _explain_mismatch(path: Path) -> None:
+    """On transformers' size-mismatch error: raise the one line naming the tensor (from the headers), if the
+    checkpoint is one mumoe can map tensor by tensor."""
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        return
+    from .observe.layerwise import LayerwiseCheckpoint
+
+    try:
+        LayerwiseCheckpoint(path)
+    except MumoeFileError:
+        raise
+    except Exception:  # an architecture the layer-sequential mapping does not know: the generic line
+        return
+
+
 def _locate_nonfinite(path: Path, param: str) -> None:
     """Raise the error for the checkpoint tensor behind parameter `param` that is not finite (the error path
     only: reads the tensors of that module)."""
@@ -144,16 +159,28 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
     from transformers import AutoModelForCausalLM
 
     try:
-        with hf_bars():
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype))
+        with hf_bars(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype), output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, MumoeError):
             raise
         raise MumoeFileError(f"cannot load {name}: {str(e).splitlines()[0]}") from e
+    except RuntimeError as e:  # transformers refuses tensors of the wrong shape (a multi-line report)
+        if "mismatched" not in str(e) and "size mismatch" not in str(e):
+            raise
+        _explain_mismatch(path)
+        raise MumoeFileError(f"cannot load {name}: weights of the wrong shape for its config.json") from e
     except Exception as e:  # safetensors' own error type (a corrupt file the header checks did not catch)
         if type(e).__name__ != "SafetensorError":
             raise
         raise MumoeFileError(f"cannot load {name}: {str(e).splitlines()[0]}") from e
+    missing = sorted(info.get("missing_keys") or []) + [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                      for k in info.get("mismatched_keys") or []]
+    if missing:  # transformers would have initialised them at random: a silently wrong model
+        raise MumoeFileError(f"{name}: {len(missing)} weight(s) missing from the checkpoint files or of the wrong "
+                             f"shape (first: {missing[0]}); an incomplete download or another architecture's "
+                             "checkpoint")
     return check_weights(model.eval(), name if path.is_dir() else None)
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import KIND, LEGACY, read_header, read_into, shard_files
-from ..errors import MumoeError
+from ..errors import MumoeError, MumoeFileError
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class LayerwiseCheckpoint:
                 self.sources[name].append(Source(file, key, index, meta))
         self.resident: set[str] = set()
         self.read_seconds = 0.0  # time spent materialising parts (reading + converting)
+        self.check_coverage()
 
     # -- structure -------------------------------------------------------------------------------------
     @property
@@ -116,15 +117,16 @@ class LayerwiseCheckpoint:
                 setattr(parent, name.rsplit(".", 1)[-1], real)
 
     # -- materialising ---------------------------------------------------------------------------------
-    def _fill(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy every source of model tensor `name` into `tensor` (already allocated on the device), read straight
-        into place (`checkpoint.read_into`: resident is the destination, not a mapping of the file)."""
+    def _plan(self, name: str, tensor: torch.Tensor) -> list[tuple[Source, torch.Tensor]]:
+        """(source, destination view) pairs that fill model tensor `name`; works on meta tensors too. A tensor
+        with no source, a source of the wrong shape or a tensor only partly covered is a one-line error."""
         sources = self.sources.get(name)
         if not sources and name.endswith("lm_head.weight") and getattr(self.config, "tie_word_embeddings", False):
             sources = self.sources.get(self.input_embeddings_name())
         if not sources:
-            raise MumoeError(f"{self.path}: no tensor for {name} in the checkpoint files")
-        filled = 0
+            raise MumoeFileError(f"{self.path}: no tensor for {name} in the checkpoint files (an incomplete "
+                                 "download, or another architecture's checkpoint)")
+        plan, filled = [], 0
         for src in sources:
             if not src.index:
                 dst = tensor
@@ -135,13 +137,27 @@ class LayerwiseCheckpoint:
                 half = tensor.shape[1] // 2
                 dst = tensor[e, :half] if kind == "gate_proj" else tensor[e, half:]
             if tuple(dst.shape) != tuple(src.meta["shape"]):
-                raise MumoeError(f"{src.file.name}: {src.key} has shape {src.meta['shape']}, the model expects "
-                                 f"{list(dst.shape)} for {name}")
-            read_into(src.file, src.meta, dst)
+                raise MumoeFileError(f"{src.file}: {src.key} has shape {src.meta['shape']}, the model expects "
+                                     f"{list(dst.shape)} for {name}")
+            plan.append((src, dst))
             filled += dst.numel()
         if filled != tensor.numel():
-            raise MumoeError(f"{self.path}: {name} is only partly in the checkpoint files "
-                             f"({filled} of {tensor.numel()} values; an expert missing?)")
+            raise MumoeFileError(f"{self.path}: {name} is only partly in the checkpoint files "
+                                 f"({filled} of {tensor.numel()} values; an expert missing?)")
+        return plan
+
+    def check_coverage(self) -> None:
+        """Every tensor of the model's state dict has its sources, with the right shapes (headers only, no
+        weight read): an incomplete checkpoint fails before the first layer, not at layer 40."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.device.type == "meta":
+                self._plan(name, tensor)
+
+    def _fill(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy every source of model tensor `name` into `tensor` (already allocated on the device), read straight
+        into place (`checkpoint.read_into`: resident is the destination, not a mapping of the file)."""
+        for src, dst in self._plan(name, tensor):
+            read_into(src.file, src.meta, dst)
 
     def input_embeddings_name(self) -> str:
         names = {id(m): n for n, m in self.model.named_modules()}
