@@ -501,15 +501,14 @@ def cmd_eval(args) -> int:
 def _check_library_args(args) -> None:
     """--keep against the model's experts and top_k, window options and device, before the model loads."""
     from .files import check_positive
-    from .models.base import EXPERT_COUNT_KEYS, TOP_K_KEYS
+    from .models.base import config_experts
 
     check_positive(args.nsamples, "--nsamples")
     check_positive(args.seqlen, "--seqlen", 2)
     config = _model_config(args.model)
     if config is not None:
         cfg = config.get_text_config()
-        E = next((getattr(cfg, k) for k in EXPERT_COUNT_KEYS if getattr(cfg, k, None)), None)
-        k = next((getattr(cfg, k) for k in TOP_K_KEYS if getattr(cfg, k, None)), None)
+        E, k = config_experts(config)
         if E is None:
             raise MumoeError(f"{args.model} is a dense model; a task library keeps routed experts")
         if k is not None and args.keep < k:

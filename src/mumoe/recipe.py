@@ -270,14 +270,15 @@ class Recipe:
     def check_config(self, config) -> None:
         """The checks that need the model's config but not its weights (run before loading them): N:M blocks
         must divide every prunable input width; expert budgets must leave top_k experts."""
-        from .models.base import EXPERT_COUNT_KEYS, TOP_K_KEYS
+        from .models.base import config_experts
 
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
 
         def get(key):
             return getattr(cfg, key, None)
 
-        if self.grain in ("expert", "atom") and not any(get(k) for k in EXPERT_COUNT_KEYS):
+        E, k = config_experts(config)
+        if self.grain in ("expert", "atom") and E is None:
             raise MumoeError(f"{get('model_type')} is a dense model with no routed experts; {self.method} prunes "
                              f"{self.grain}s of routed experts (dense models: wanda or magnitude)")
 
@@ -305,9 +306,7 @@ class Recipe:
                                      f"per expert; the uniform form keeps a multiple of {step} (at most "
                                      f"{1 - kept / width:.1%} removed): lower --ratio or use --form global")
         if self.grain == "expert" and self.expert.budget == "uniform":
-            E = next((get(k) for k in EXPERT_COUNT_KEYS if get(k) is not None), None)
-            k = next((get(k) for k in TOP_K_KEYS if get(k) is not None), None)
-            if _is_int(E) and _is_int(k) and E - round(self.ratio * E) < k:
+            if E is not None and k is not None and E - round(self.ratio * E) < k:
                 raise MumoeError(f"ratio {self.ratio} keeps {E - round(self.ratio * E)} of {E} experts, fewer than "
                                  f"top_k={k}")
         ctx = get("max_position_embeddings")

@@ -25,6 +25,17 @@ EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "mo
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k")
 
 
+def config_experts(config) -> tuple[int | None, int | None]:
+    """(routed experts per layer, top_k) from an HF config (its text config for multimodal ones); None where
+    the config has none (a dense model)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(keys):
+        return next((v for k in keys if isinstance(v := getattr(cfg, k, None), int) and v > 0), None)
+
+    return first(EXPERT_COUNT_KEYS), first(TOP_K_KEYS)
+
+
 @dataclass
 class MoELayer:
     """One sparse MoE block of a model, normalized across architectures.
