@@ -52,9 +52,7 @@ def read_config(path: str | Path):
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         raise MumoeFileError(f"{file}: no model_type (not a transformers model config)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return AutoConfig.from_pretrained(str(path))
+        return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if cfg["model_type"] not in _known_model_types():
@@ -159,8 +157,7 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
     from transformers import AutoModelForCausalLM
 
     try:
-        with hf_bars(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with hf_bars():
             model, info = AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype), output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, MumoeError):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..select.weights import check_active
-from .kvcache import grow_in_place
+from .kvcache import CACHE_KWARG, grow_in_place
 from .prompt import PromptPruner
 
 
@@ -30,6 +30,8 @@ class TestTimeResult:
     statistics_seconds: float = 0.0  # spent inside the statistics hooks (part of prefill_seconds)
     read_weights: int | None = None  # column, compacted: elements of the compacted matrices decoding reads
     # (fewer than active_weights: MLP rows whose outputs the masked down projection drops are not computed)
+
+
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure: str = "row",
@@ -53,7 +55,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure
         grow_in_place(cache)  # decode appends in place instead of copying the cache per token
         cache.crop(-1)  # drop the last prompt position: it is fed again through the pruned weights
         with torch.no_grad():
-            out = model.generate(ids, past_key_values=cache, **generate_kwargs)
+            out = model.generate(ids, **{CACHE_KWARG: cache}, **generate_kwargs)
     total = sum(m.numel() for m in masks.values())
     return TestTimeResult(out, t1 - t0, t2 - t1, int(sum(int(m.sum()) for m in masks.values())), total,
                           timing["hooks_s"], undo.weights if pruner.compacted else None)

@@ -1,0 +1,44 @@
+"""The main commands on the bundled model with transformers' (and torch's) deprecation warnings turned into
+errors: mumoe uses no API that is going away within the transformers versions pyproject allows."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from mumoe.cli import main
+
+CAL = ["--calib", "domain:code", "--nsamples", "2", "--seqlen", "64"]
+
+
+def commands(tmp):
+    lib = str(tmp / "lib")
+    return [
+        ["info"],
+        ["prune", "--method", "reap", "--ratio", "0.25", *CAL, "--out", str(tmp / "reap")],
+        ["prune", "--method", "heapr", "--ratio", "0.25", *CAL, "--layerwise", "on", "--out", str(tmp / "heapr")],
+        ["prune", "--method", "aimer", "--ratio", "0.25", "--out", str(tmp / "aimer")],
+        ["prune", "--method", "wanda", "--ratio", "0.5", *CAL, "--out", str(tmp / "wanda")],
+        ["eval", str(tmp / "reap"), "--ppl", "domain", "--seqlen", "64", "--max-windows", "1"],
+        ["eval", "--ppl", "domain", "--seqlen", "64", "--max-windows", "1", "--testtime"],
+        ["generate", "--prompt", "def main():", "--max-new-tokens", "4"],
+        ["generate", "--prompt", "def main():", "--max-new-tokens", "4", "--structure", "column"],
+        ["compare", "--methods", "reap,frequency", *CAL, "--eval", "domain", "--eval-windows", "1",
+         "--eval-seqlen", "64"],
+        ["taer", "build", "--task", "domain", "--keep", "8", "--nsamples", "2", "--seqlen", "64", "--out", lib],
+        ["taer", "match", lib, "--prompt", "The quick brown fox"],
+        ["taer", "generate", lib, "--prompt", "def main():", "--max-new-tokens", "4"],
+    ]
+
+
+def test_main_commands_use_no_deprecated_api(tmp_path, capsys):
+    for argv in commands(tmp_path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            try:
+                rc = main(argv)
+            except (FutureWarning, DeprecationWarning) as w:  # pragma: no cover - the failure being tested
+                pytest.fail(f"mumoe {' '.join(argv)}: {type(w).__name__}: {w}")
+        assert rc == 0, (argv, capsys.readouterr().err)
