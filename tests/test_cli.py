@@ -96,3 +96,33 @@ def test_console_script_subprocess(tmp_path):
                         "1.5", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["mumoe: error: ratio must be in [0, 1), got 1.5"]
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def _options(parser, path=("mumoe",)):
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                yield from _options(sp, path + (name,))
+        elif not isinstance(a, (argparse._HelpAction, argparse._VersionAction)):
+            yield " ".join(path), a
+
+
+def test_every_option_explains_itself_and_its_default(capsys):
+    import argparse
+
+    from mumoe.cli import build_parser
+
+    opts = list(_options(build_parser()))
+    assert len(opts) > 100
+    for cmd, a in opts:
+        name = "/".join(a.option_strings) or a.dest
+        assert a.help, f"{cmd} {name}: no help"
+        if a.default not in (None, False, argparse.SUPPRESS):
+            assert "default" in a.help.lower(), f"{cmd} {name}: default {a.default!r} not stated"
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    assert "50%" in text and "%%" not in text
+    assert "--max-new-tokens" not in [o for cmd, a in opts if cmd == "mumoe taer match" for o in a.option_strings]

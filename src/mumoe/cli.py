@@ -643,7 +643,7 @@ def _check_generate_args(args) -> None:
     from .loading import check_model
     from .recipe import parse_structure
 
-    check_positive(args.max_new_tokens, "--max-new-tokens", 0)
+    check_positive(getattr(args, "max_new_tokens", None), "--max-new-tokens", 0)
     if getattr(args, "structure", None) is not None:
         parse_structure(args.structure)
     check_model(args.model)
@@ -838,9 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="μ-MoE protocol: prompt = first --prompt-len tokens of each window (dense prefill), the "
                     "continuation is scored with masks from that prompt; compared with dense (and offline Wanda "
                     "calibrated on --calib)")
-    sp.add_argument("--active", type=float, default=0.5, help="--testtime: active-weight ratio rho")
+    sp.add_argument("--active", type=float, default=0.5, help="--testtime: active-weight ratio rho in (0, 1] "
+                    "(default 0.5)")
     sp.add_argument("--prompt-len", type=int, default=None, help="--testtime: prompt tokens (default seqlen/2)")
-    sp.add_argument("--structure", default="row", help="--testtime: row, N:M or column")
+    sp.add_argument("--structure", default="row", help="--testtime: row (default), N:M or column")
     sp.add_argument("--calib", help="--testtime: calibration text for the offline Wanda baseline")
     sp.add_argument("--json", help="also write the result as JSON to this path")
     sp.set_defaults(func=cmd_eval)
@@ -850,14 +851,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(per expert for routed experts); Wanda masks at active ratio rho are built for this prompt "
                         "and the continuation is decoded with them.")
     common(sp)
-    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--prompt", required=True, help="the prompt text; its own prefill is the calibration")
     sp.add_argument("--active", type=float, default=0.5, help="active-weight ratio rho in (0, 1] (default 0.5)")
-    sp.add_argument("--structure", default="row", help="row (default), N:M (e.g. 2:4) or column")
-    sp.add_argument("--max-new-tokens", type=int, default=48)
+    sp.add_argument("--structure", default="row", help="row (default), N:M (e.g. 2:4) or column (compacted "
+                    "decode: whole input columns dropped; lossy on a model as narrow as the bundled one)")
+    sp.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate, greedy (default 48)")
     sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("demo", help="the tour on the bundled model (start here)",
-                        description="Dense vs expert pruning at 50%% (AIMER, frequency, REAP, PEU), HEAPr at 25%% of "
+                        description="Dense vs expert pruning at 50% (AIMER, frequency, REAP, PEU), HEAPr at 25% of "
                         "atoms, μ-MoE vs offline Wanda under domain shift, TAER matching; writes a folder with "
                         "report.md, plots and JSON.")
     sp.add_argument("--out", default="mumoe-demo", help="output folder (replaced if it exists; default mumoe-demo)")
@@ -870,7 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and ppl_vs_ratio.png (one panel per domain, one line per method).")
     sp.add_argument("runs", nargs="+", help="result JSON files or folders")
     sp.add_argument("--out", default="mumoe-report", help="output folder (default mumoe-report)")
-    sp.add_argument("--title", default="mumoe report")
+    sp.add_argument("--title", default="mumoe report", help="title of report.md and the plot (default: mumoe "
+                    "report)")
     sp.set_defaults(func=cmd_report)
 
     taer = sub.add_parser("taer", help="PreMoe TAER: task library, matching, partial loading, serving",
@@ -899,7 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the tasks' windows through one decoder layer at a time, read from a local checkpoint's "
                     "safetensors files (the model is never loaded whole; same library)")
     sp.add_argument("--out", required=True, help="library directory")
-    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing library directory")
     sp.set_defaults(func=cmd_taer_build)
     for name, fn, helptext in (("match", cmd_taer_match, "match a prompt to the nearest task"),
                                ("generate", cmd_taer_generate, "match, load the task's experts only, generate")):
@@ -907,7 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
         common(sp)
         sp.add_argument("library", help="task library directory (from `mumoe taer build`)")
         sp.add_argument("--prompt", required=True, help="the query text")
-        sp.add_argument("--max-new-tokens", type=int, default=48)
+        if name == "generate":
+            sp.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate, greedy (default 48)")
         sp.set_defaults(func=fn)
     taer.set_defaults(func=lambda a: (taer.print_help(), 0)[1])
     return p
