@@ -115,7 +115,7 @@ def test_every_option_explains_itself_and_its_default(capsys):
     from mumoe.cli import build_parser
 
     opts = list(_options(build_parser()))
-    assert len(opts) > 100
+    assert len(opts) > 90
     for cmd, a in opts:
         name = "/".join(a.option_strings) or a.dest
         assert a.help, f"{cmd} {name}: no help"
