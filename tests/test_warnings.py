@@ -3,6 +3,7 @@ errors: mumoe uses no API that is going away within the transformers versions py
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -32,7 +33,32 @@ def commands(tmp):
     ]
 
 
+class _Deprecations(logging.Handler):
+    """transformers also announces deprecations through its logger (`warning_once`), not only as warnings."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record):
+        if "deprecat" in record.getMessage().lower():
+            self.seen.append(record.getMessage())
+
+
 def test_main_commands_use_no_deprecated_api(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()  # announced once per process: earlier tests may have used them up
+    handler = _Deprecations()
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        _run_all(tmp_path, capsys)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert handler.seen == []
+
+
+def _run_all(tmp_path, capsys):
     for argv in commands(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)

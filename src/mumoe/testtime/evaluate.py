@@ -15,7 +15,7 @@ from ..errors import MumoeError
 from ..observe.collectors import input_norms
 from ..select.weights import check_active, masks_from_norms
 from ..progress import bar
-from .kvcache import CACHE_KWARG
+from ..compat import CACHE_KWARG
 from .prompt import PromptPruner
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..select.weights import check_active
-from .kvcache import CACHE_KWARG, grow_in_place
+from ..compat import CACHE_KWARG
+from .kvcache import grow_in_place
 from .prompt import PromptPruner
 
 

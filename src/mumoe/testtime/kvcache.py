@@ -57,15 +57,3 @@ def grow_in_place(cache) -> int:
             layer.__class__ = GrowingLayer
             n += 1
     return n
-
-
-def _cache_kwarg() -> str:
-    """The cache argument of generate and forward: `cache` from transformers 5.24 on (`past_key_values` warns
-    there), `past_key_values` before."""
-    import transformers
-    from packaging.version import Version
-
-    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
-
-
-CACHE_KWARG = _cache_kwarg()
