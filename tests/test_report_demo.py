@@ -43,3 +43,30 @@ def test_demo_runs_and_its_dense_row_is_a_real_perplexity(tmp_path):
     assert len(res["taer"]["matches"]) == 12 and 0 <= res["taer"]["accuracy"] <= 1
     assert set(res["testtime"]) == {"code", "docs", "kernel", "prose"}
     assert all(r["μ-MoE"] > r["dense"] * 0.9 for r in res["testtime"].values())
+
+
+def test_report_keeps_each_files_dense_baseline(tmp_path, capsys):
+    """Two runs evaluated differently (dense 10 vs 40 on the same domain): each pruned row is compared with its
+    own file's dense, the plot draws both baselines, and nothing mixes them."""
+    import json
+
+    from mumoe.eval.report import _dense
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps({"rows": [
+        {"method": "dense", "ratio": 0.0, "ppl": {"x": 10.0}},
+        {"method": "reap", "ratio": 0.5, "ppl": {"x": 15.0}}]}))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": [
+        {"method": "dense", "ratio": 0.0, "ppl": {"x": 40.0}},
+        {"method": "heapr", "ratio": 0.25, "ppl": {"x": 44.0}}]}))
+    rows = read_rows([tmp_path / "a" / "results.json", tmp_path / "b.json"])
+    assert [r["run"] for r in rows] == ["a", "a", "b", "b"]
+    assert _dense(rows) == {"a": {"x": 10.0}, "b": {"x": 40.0}}
+    table = markdown_table(rows)
+    assert "| reap | a | 50% | 15.00 | 15.00 | 1.50× |" in table  # 15 / 10, its own dense
+    assert "| heapr | b | 25% | 44.00 | 44.00 | 1.10× |" in table  # 44 / 40, not 44 / 10
+    assert main(["report", str(tmp_path / "a" / "results.json"), str(tmp_path / "b.json"), "--out",
+                 str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "ppl_vs_ratio.png").stat().st_size > 10_000
+    one = read_rows([tmp_path / "b.json"])  # a single file: no run column
+    assert "run" not in one[0] and "| heapr | 25% | 44.00 | 44.00 | 1.10× |" in markdown_table(one)

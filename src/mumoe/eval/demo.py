@@ -1,5 +1,5 @@
-"""`mumoe demo`: the tour on the bundled model — dense, expert pruning at 50% (AIMER, frequency, REAP, PEU),
-HEAPr at 25% of atoms, μ-MoE vs offline Wanda under domain shift at ρ = 0.5, TAER matching — written to a
+"""`mumoe demo`: the tour on the bundled model — dense, expert pruning at 25/50/75% (AIMER, frequency, REAP,
+PEU), HEAPr at 10/25/50% of atoms, μ-MoE vs offline Wanda under domain shift at ρ = 0.5, TAER matching — written to a
 folder as JSON, a markdown report and plots."""
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from .perplexity import perplexity_of_windows
 from .report import markdown_table, write_report
 
 EXPERT_METHODS = ("aimer", "frequency", "reap", "peu")
+EXPERT_RATIOS = (0.25, 0.5, 0.75)  # of the 16 experts per layer: 4, 8, 12 dropped (4 >= top_k = 2 left)
+ATOM_RATIOS = (0.1, 0.25, 0.5)
 SHIFT = {"prose": "code", "code": "prose", "docs": "kernel", "kernel": "docs"}  # Wanda calibrated on the other
 
 
-def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 16, calib_windows: int = 8, seqlen: int = 512,
+def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 8, calib_windows: int = 8, seqlen: int = 512,
              log=print) -> dict:
     t_start = time.perf_counter()
     model, tok = load_default()
@@ -47,14 +49,19 @@ def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 16, calib_windo
 
     t0 = time.perf_counter()
     layers = moe_adapter_for(model).moe_layers()
-    # every expert criterion at 50% and HEAPr (the paper's global ranking) at 25% of atoms: ONE calibration pass
-    recipes = [Recipe.build(name, 0.5, calib="domain", nsamples=len(calib)) for name in EXPERT_METHODS]
-    recipes.append(Recipe.build("heapr", 0.25, calib="domain", nsamples=len(calib), form="global", batch_size=8))
+    # every expert criterion at each expert ratio, HEAPr (the paper's global ranking) at each atom ratio: the
+    # statistics of ONE calibration pass, each recipe applied to a copy and evaluated
+    recipes = [Recipe.build(name, ratio, calib="domain", nsamples=len(calib))
+               for name in EXPERT_METHODS for ratio in EXPERT_RATIOS]
+    recipes += [Recipe.build("heapr", ratio, calib="domain", nsamples=len(calib), form="global", batch_size=8)
+                for ratio in ATOM_RATIOS]
     res = compare(model, recipes, calib, None, evals, dense=False)
     for row, r in zip(res.rows, recipes):
         rows.append({"method": "heapr (global)" if r.method == "heapr" else r.method, "grain": r.grain,
                      "ratio": r.ratio, "ppl": row["ppl"]})
-    timings["expert criteria at 50% + HEAPr at 25% of atoms (one calibration pass)"] = time.perf_counter() - t0
+    timings[f"{len(recipes)} pruned models: expert criteria at {'/'.join(f'{x:.0%}' for x in EXPERT_RATIOS)} of "
+            f"experts, HEAPr at {'/'.join(f'{x:.0%}' for x in ATOM_RATIOS)} of atoms (one calibration pass)"] = (
+        time.perf_counter() - t0)
 
     per_domain = {d: windows(tokenize(tok, (DATA / d / "calib.txt").read_text("utf-8")), seqlen, calib_windows)
                   for d in domains}

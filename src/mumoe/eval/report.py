@@ -138,7 +138,7 @@ def plot_ppl_vs_ratio(rows: list[dict], out: Path, title: str = "Perplexity afte
         for i, run in enumerate(runs):
             if d in dense.get(run, {}):
                 y = dense[run][d]
-                ax.axhline(y, color="black", lw=1, ls=RUN_STYLES[i % len(RUN_STYLES)])
+                ax.hlines(y, -0.02, x_hi, color="black", lw=1, ls=RUN_STYLES[i % len(RUN_STYLES)])
                 ends.append((x_hi, y, "dense" + (f" ({run})" if run else ""), "black"))
         lo = min(e[1] for e in ends) if ends else 1.0
         hi = max(e[1] for e in ends) if ends else 10.0
@@ -148,7 +148,8 @@ def plot_ppl_vs_ratio(rows: list[dict], out: Path, title: str = "Perplexity afte
             ax.annotate(text, (x, y), xytext=(x_hi + 0.03 * max(x_hi, 0.1), 10 ** h), textcoords="data",
                         fontsize=7.5, color=c, va="center",
                         arrowprops=dict(arrowstyle="-", color=c, lw=0.5, alpha=0.6))
-        ax.set_xlim(-0.02, x_hi * 1.55 + 0.05)
+        ax.set_xlim(-0.02, x_hi * 1.32 + 0.02)  # room for the labels right of the lines
+        ax.set_xticks([t for t in ax.get_xticks() if -1e-9 <= t <= x_hi + 1e-9])
         ax.set_title(d)
         ax.set_xlabel("fraction removed")
         ax.set_ylabel("perplexity (log scale)")
