@@ -736,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="mumoe", description="Prune Mixture-of-Experts language models without "
                                 "retraining: expert, atom and weight grain; offline, per task, per prompt.")
     p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' own warnings (transformers' "
+                   "are silenced by default: they are about its internals, not about what you asked)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(sp, model_default="default"):
@@ -914,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate, greedy (default 48)")
         sp.set_defaults(func=fn)
     taer.set_defaults(func=lambda a: (taer.print_help(), 0)[1])
+    _add_verbose(p)
     return p
 
 
@@ -931,9 +934,21 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """--verbose on every (sub)command too (SUPPRESS: a subcommand never resets the top-level flag)."""
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in a.choices.values():
+                sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                                help="also show the libraries' own warnings (default: transformers' are silenced)")
+                _add_verbose(sp)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "verbose", False):  # read by transformers when it is first imported
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
