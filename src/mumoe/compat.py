@@ -1,25 +1,26 @@
 """What differs between the transformers versions pyproject allows (>= 5.0, < 6), in one place.
 
-    CACHE_KWARG       the KV-cache argument of forward/generate: `cache` from 5.24 on (`past_key_values`
+    cache_kwarg()     the KV-cache argument of forward/generate: `cache` from 5.24 on (`past_key_values`
                       still works there but warns, and goes in 6.0), `past_key_values` before
     output_cache(o)   a forward output's KV cache under either name, without the deprecation path
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 
-def _cache_kwarg() -> str:
+
+@lru_cache(maxsize=None)
+def cache_kwarg() -> str:
+    """'cache' or 'past_key_values', for the installed transformers (decided on first use, not at import)."""
     import transformers
     from packaging.version import Version
 
     return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
-CACHE_KWARG = _cache_kwarg()
-
-
 def output_cache(out):
     """The KV cache of a model output (`out.cache` on transformers >= 5.24, `out.past_key_values` before)."""
-    if CACHE_KWARG == "cache":
+    if cache_kwarg() == "cache":
         return out["cache"] if "cache" in out.keys() else None
     return out.past_key_values

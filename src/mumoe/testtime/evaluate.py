@@ -15,7 +15,7 @@ from ..errors import MumoeError
 from ..observe.collectors import input_norms
 from ..select.weights import check_active, masks_from_norms
 from ..progress import bar
-from ..compat import CACHE_KWARG
+from ..compat import cache_kwarg
 from .prompt import PromptPruner
 
 
@@ -35,7 +35,7 @@ def continuation_perplexity(model: nn.Module, wins: torch.Tensor, prompt_len: in
         w = w[None].to(dev)
         norms, cache = pruner.prefill(w[:, :prompt_len])
         with pruner.applied(pruner.select(norms) if per_prompt else masks):
-            logits = model(w[:, prompt_len:], **{CACHE_KWARG: cache}, use_cache=True).logits  # [1, L-P, V]
+            logits = model(w[:, prompt_len:], **{cache_kwarg(): cache}, use_cache=True).logits  # [1, L-P, V]
         logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)
         target = w[0, prompt_len + 1:]
         nll -= float(logp.gather(-1, target[:, None]).sum())

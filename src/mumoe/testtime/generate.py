@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..select.weights import check_active
-from ..compat import CACHE_KWARG
+from ..compat import cache_kwarg
 from .kvcache import grow_in_place
 from .prompt import PromptPruner
 
@@ -56,7 +56,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure
         grow_in_place(cache)  # decode appends in place instead of copying the cache per token
         cache.crop(-1)  # drop the last prompt position: it is fed again through the pruned weights
         with torch.no_grad():
-            out = model.generate(ids, **{CACHE_KWARG: cache}, **generate_kwargs)
+            out = model.generate(ids, **{cache_kwarg(): cache}, **generate_kwargs)
     total = sum(m.numel() for m in masks.values())
     return TestTimeResult(out, t1 - t0, t2 - t1, int(sum(int(m.sum()) for m in masks.values())), total,
                           timing["hooks_s"], undo.weights if pruner.compacted else None)
