@@ -106,12 +106,13 @@ PARAM_SUFFIXES = ("weight", "bias", "gate_up_proj", "down_proj", "e_score_correc
 
 def check_files(path: Path) -> list[Path]:
     """The cheap checks of a local safetensors checkpoint, before any weight is read: the index parses and
-    every shard it names exists; every header is sane and fits its file; every parameter is floating point.
+    every shard it names exists; every header is sane and fits its file; every parameter is floating point
+    (integer or fp8 weights are quantized checkpoints; boolean buffers such as old attention masks pass).
     -> the shard files."""
     files = shard_files(path)
     for file in files:
         for key, meta in read_header(file).items():
-            if key.endswith(PARAM_SUFFIXES) and meta["dtype"] not in _DTYPES:
+            if key.endswith(PARAM_SUFFIXES) and meta["dtype"] not in _DTYPES and meta["dtype"] != "BOOL":
                 raise MumoeFileError(f"{file}: tensor {key} is {meta['dtype']}; mumoe reads floating-point weights "
                                      f"({', '.join(_DTYPES)}) — dequantize the checkpoint first")
     return files

@@ -565,25 +565,33 @@ def cmd_taer_build(args) -> int:
     return 0
 
 
-def cmd_taer_match(args) -> int:
+def _task_server(args):
+    """The model and its task library, with one line saying what was loaded and how long it took."""
     from .retrieval import TaskServer
 
+    t0 = time.perf_counter()
+    server = TaskServer(args.model, args.library, args.dtype, args.device)
+    print(f"loaded {args.model} and the task library {args.library} ({len(server.lib.tasks)} tasks, keep "
+          f"{server.lib.keep} experts per layer) in {time.perf_counter() - t0:.1f}s")
+    return server
+
+
+def cmd_taer_match(args) -> int:
     if not args.prompt.strip():
         raise MumoeError("empty prompt")
     _check_generate_args(args)
-    m, ids, seconds = TaskServer(args.model, args.library, args.dtype, args.device).match(args.prompt)
+    server = _task_server(args)
+    m, ids, seconds = server.match(args.prompt)
     print(f"task {m.task} (distance {m.distance:.4f}); runner-up {m.runner_up} (distance {m.runner_up_distance:.4f}); "
           f"{ids.shape[-1]} prompt tokens, {seconds:.2f}s")
     return 0
 
 
 def cmd_taer_generate(args) -> int:
-    from .retrieval import TaskServer
-
     if not args.prompt.strip():
         raise MumoeError("empty prompt")
     _check_generate_args(args)
-    server = TaskServer(args.model, args.library, args.dtype, args.device)
+    server = _task_server(args)
     res = server.generate(args.prompt, max_new_tokens=args.max_new_tokens)
     print(f"matched task {res.match.task} (distance {res.match.distance:.4f}, runner-up {res.match.runner_up} "
           f"{res.match.runner_up_distance:.4f}) in {res.match_seconds:.2f}s; loaded its "

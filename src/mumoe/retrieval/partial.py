@@ -25,6 +25,7 @@ from ..apply.stream import prune_checkpoint
 from ..checkpoint import ROUTER, shard_files
 from ..errors import MumoeError
 from ..loading import _dtype, resolve
+from ..progress import hf_bars
 from .library import Match, TaskLibrary, match
 
 
@@ -67,7 +68,8 @@ def load_task_model(model: str | Path, lib: TaskLibrary, task: str, dtype: str |
                                  for i, (L, kept) in enumerate(sorted(entry["kept"].items()))])
     with tempfile.TemporaryDirectory(prefix="mumoe-taer-") as tmp:
         out = prune_checkpoint(path, Path(tmp) / "task", report, progress=False)
-        return AutoModelForCausalLM.from_pretrained(out, dtype=_dtype(dtype)).eval()
+        with hf_bars():
+            return AutoModelForCausalLM.from_pretrained(out, dtype=_dtype(dtype)).eval()
 
 
 def load_matcher(model: str | Path, lib: TaskLibrary, dtype: str | torch.dtype = "fp32") -> nn.Module:
@@ -85,7 +87,8 @@ def load_matcher(model: str | Path, lib: TaskLibrary, dtype: str | torch.dtype =
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity(logging.ERROR)  # the later layers' tensors are skipped on purpose
     try:
-        return AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=_dtype(dtype)).eval()
+        with hf_bars():
+            return AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=_dtype(dtype)).eval()
     finally:
         hf_logging.set_verbosity(level)
 
