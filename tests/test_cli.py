@@ -126,3 +126,19 @@ def test_every_option_explains_itself_and_its_default(capsys):
     text = capsys.readouterr().out
     assert "50%" in text and "%%" not in text
     assert "--max-new-tokens" not in [o for cmd, a in opts if cmd == "mumoe taer match" for o in a.option_strings]
+
+
+@pytest.mark.parametrize("where", ["top", "sub"])
+def test_quiet_prints_only_the_result(tmp_path, capsys, where):
+    (tmp_path / "t.txt").write_text(SAMPLE_TEXT)
+    make("qwen3_moe").save_pretrained(tmp_path / "m")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    flag = ["--quiet"]
+    argv = ["prune", str(tmp_path / "m"), "--method", "reap", "--ratio", "0.5", "--calib", str(tmp_path / "t.txt"),
+            "--seqlen", "16", "--nsamples", "4", "--out", str(tmp_path / "o")]
+    assert main(flag + argv if where == "top" else argv + flag) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"wrote {tmp_path / 'o'} ")
+    assert main(argv[:-1] + [str(tmp_path / "o2")]) == 0  # not quiet: the stages as well
+    assert len(capsys.readouterr().out.strip().splitlines()) > 3

@@ -11,6 +11,15 @@ from pathlib import Path
 
 from .errors import MumoeError
 
+QUIET = [False]  # --quiet: only the command's result (and errors)
+
+
+def say(*args, **kwargs) -> None:
+    """A stage line (what is being done, how long it took): printed unless --quiet."""
+    if not QUIET[0]:
+        print(*args, **kwargs)
+
+
 MODEL_HELP = ("model: 'default' (the bundled qwen3_moe, also when omitted), a local HF checkpoint folder, "
               "a hub id, or 'tiny:ARCH' for a tiny random model (e.g. tiny:mixtral)")
 
@@ -143,8 +152,8 @@ def cmd_prune(args) -> int:
     t0 = time.perf_counter()
     if (recipe.method == "aimer" and not args.in_memory and recipe.expert.budget == "uniform"
             and _local_checkpoint(model_name)):
-        print(f"pruning {recipe.describe()}, streamed from the checkpoint files")
-        api.prune_streamed(resolve(model_name), recipe.ratio, args.out, overwrite=args.overwrite, verbose=True,
+        say(f"pruning {recipe.describe()}, streamed from the checkpoint files")
+        api.prune_streamed(resolve(model_name), recipe.ratio, args.out, overwrite=args.overwrite, verbose=not QUIET[0],
                            recipe=recipe)
         print(f"wrote {args.out} (loads with AutoModelForCausalLM.from_pretrained) in {time.perf_counter() - t0:.1f}s total")
         return 0
@@ -154,15 +163,15 @@ def cmd_prune(args) -> int:
     if layerwise:
         return _prune_layerwise(args, recipe, resolve(model_name), prepared, t0)
     model = _load_model(model_name, recipe.dtype, recipe.device)
-    print(f"loaded {model_name} in {time.perf_counter() - t0:.1f}s; pruning {recipe.describe()}"
+    say(f"loaded {model_name} in {time.perf_counter() - t0:.1f}s; pruning {recipe.describe()}"
           + (f" on {recipe.device}" if recipe.device not in (None, "cpu") else ""))
     if recipe.grain == "atom" and recipe.method.startswith("heapr"):
-        print(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
+        say(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
     if args.width_note:
-        print(args.width_note)
+        say(args.width_note)
     if prepared is not None:
-        print(_calib_line(recipe, prepared))
-    report = api.prune(model, recipe, tokenizer=tokenizer, source=model_name, verbose=True, windows=prepared)
+        say(_calib_line(recipe, prepared))
+    report = api.prune(model, recipe, tokenizer=tokenizer, source=model_name, verbose=not QUIET[0], windows=prepared)
     out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite)
     from .apply.forms import get_form
 
@@ -312,21 +321,21 @@ def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(dev)
         recipe = type(recipe).from_dict({**recipe.to_dict(), "device": str(dev)})
-    say = rank == 0
-    if say:
-        print(f"pruning {recipe.describe()}, layer by layer from the checkpoint files (model not loaded)"
-              + (f" on {world} ranks" if world > 1 else ""))
+    lead = rank == 0  # rank 0 speaks for all
+    if lead:
+        say(f"pruning {recipe.describe()}, layer by layer from the checkpoint files (model not loaded)"
+            + (f" on {world} ranks" if world > 1 else ""))
         if recipe.grain == "atom" and recipe.method.startswith("heapr"):
-            print(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
+            say(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
         if args.width_note:
-            print(args.width_note)
-        print(_calib_line(recipe, prepared))
-    report = prune_layerwise(path, recipe, args.out, prepared, overwrite=args.overwrite, verbose=say,
+            say(args.width_note)
+        say(_calib_line(recipe, prepared))
+    report = prune_layerwise(path, recipe, args.out, prepared, overwrite=args.overwrite, verbose=lead and not QUIET[0],
                              work_dir=args.work_dir, spill_bytes=int(args.spill_gb * 2**30))
-    if say:
+    if lead:
         if report.grain == "expert":
             for entry in report.layers:
-                print(layer_summary(entry))
+                say(layer_summary(entry))
         from .apply.forms import get_form
 
         print(f"wrote {args.out} (loads with {get_form(report.form).loads_with}) in "
@@ -394,13 +403,13 @@ def cmd_compare(args) -> int:
         if tok is None:
             raise MumoeError(f"{args.model} has no tokenizer; --eval on text needs one")
         evals = {d: windows(tokenize(tok, text), args.eval_seqlen, args.eval_windows) for d, text in eval_texts.items()}
-    print(f"compare {', '.join(methods)} at {', '.join(f'{r:.0%}' for r in ratios)} on {args.model}: one calibration "
+    say(f"compare {', '.join(methods)} at {', '.join(f'{r:.0%}' for r in ratios)} on {args.model}: one calibration "
           f"pass" + (f" over {info['nsamples']} windows x {info['seqlen']} tokens ({info['source']})" if info else "")
           + (f"; eval {args.eval_windows} windows x {args.eval_seqlen} tokens of {', '.join(evals)}" if evals else ""))
     res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=_tty(),
                   log=None)
     print(markdown(res))
-    print(f"\none calibration pass for {len(set(methods))} methods: {res.pass_seconds:.1f}s; "
+    say(f"\none calibration pass for {len(set(methods))} methods: {res.pass_seconds:.1f}s; "
           f"total {time.perf_counter() - t0:.1f}s")
     if args.out:
         from .apply.export import atomic_output
@@ -483,7 +492,7 @@ def cmd_eval(args) -> int:
     model = _load_model(args.model, args.dtype, args.device)
     if args.testtime:
         return _eval_testtime(args, model, tokenizer, texts, seqlen)
-    print(f"perplexity with seqlen={seqlen} (non-overlapping windows, dtype {args.dtype}) of {args.model}")
+    say(f"perplexity with seqlen={seqlen} (non-overlapping windows, dtype {args.dtype}) of {args.model}")
     results = {}
     for name, text in texts.items():
         res = perplexity(model, tokenizer, text, seqlen, args.batch_size, args.max_windows)
@@ -571,7 +580,7 @@ def _task_server(args):
 
     t0 = time.perf_counter()
     server = TaskServer(args.model, args.library, args.dtype, args.device)
-    print(f"loaded {args.model} and the task library {args.library} ({len(server.lib.tasks)} tasks, keep "
+    say(f"loaded {args.model} and the task library {args.library} ({len(server.lib.tasks)} tasks, keep "
           f"{server.lib.keep} experts per layer) in {time.perf_counter() - t0:.1f}s")
     return server
 
@@ -610,7 +619,7 @@ def _eval_testtime(args, model, tokenizer, texts: dict, seqlen: int) -> int:
     fixed = None
     if args.calib:
         fixed = offline_masks(model, calibration_windows(tokenizer, args.calib, 32, seqlen), args.active, args.structure)
-    print(f"test-time protocol: windows of {seqlen} tokens, prompt {P} (dense prefill), continuation scored; "
+    say(f"test-time protocol: windows of {seqlen} tokens, prompt {P} (dense prefill), continuation scored; "
           f"active rho={args.active}, structure {args.structure}")
     results = {}
     for name, text in texts.items():
@@ -636,7 +645,7 @@ def _eval_tasks(args) -> int:
     model = _load_model(args.model, args.dtype, args.device)
     tokenizer = load_tokenizer(args.model)
     tasks = [t for t in args.tasks.split(",") if t]
-    print(f"lm-eval on {args.model} (in memory): {', '.join(tasks)}" + (f", limit {args.limit}" if args.limit else ""))
+    say(f"lm-eval on {args.model} (in memory): {', '.join(tasks)}" + (f", limit {args.limit}" if args.limit else ""))
     res = run_lm_eval(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit)
     for task, metrics in res.items():
         print(f"  {task:28s} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -746,6 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_version())
     p.add_argument("--verbose", action="store_true", help="also show the libraries' own warnings (transformers' "
                    "are silenced by default: they are about its internals, not about what you asked)")
+    p.add_argument("--quiet", action="store_true", help="print only the result (the 'wrote ...' line, the table, "
+                   "the generated text) and errors: no stage lines, no progress bars")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(sp, model_default="default"):
@@ -949,6 +960,8 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
             for sp in a.choices.values():
                 sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                                 help="also show the libraries' own warnings (default: transformers' are silenced)")
+                sp.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                                help="print only the result and errors: no stage lines, no progress bars")
                 _add_verbose(sp)
 
 
@@ -957,6 +970,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "verbose", False):  # read by transformers when it is first imported
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from . import progress
+
+    QUIET[0] = progress.QUIET[0] = bool(getattr(args, "quiet", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -9,8 +9,13 @@ import sys
 from tqdm.auto import tqdm
 
 
+QUIET = [False]  # the CLI's --quiet: no bars at all
+
+
 def show_progress() -> bool:
-    """Bars are drawn when stderr is a terminal; MUMOE_PROGRESS=1/0 forces them on/off."""
+    """Bars are drawn when stderr is a terminal; MUMOE_PROGRESS=1/0 forces them on/off; never under --quiet."""
+    if QUIET[0]:
+        return False
     forced = os.environ.get("MUMOE_PROGRESS")
     if forced in ("0", "1"):
         return forced == "1"
