@@ -8,6 +8,7 @@ a time), so resident memory stays at about one tensor, whatever the shard or mod
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
@@ -63,9 +64,20 @@ MAX_HEADER = 100 << 20  # the safetensors format's own limit on the header's siz
 def read_header(file: Path) -> dict[str, dict]:
     """The safetensors header: {key: {"dtype", "shape", "data_offsets", "start", "key"}} (data_offsets relative
     to the data start, start absolute). A file that is not safetensors, a truncated one or one whose header
-    points outside it is a one-line error naming it."""
+    points outside it is a one-line error naming it. Parsed once per file version (the checks before a run
+    and the run itself read the same headers); callers get their own copy."""
+    file = Path(file)
     try:
-        size = file.stat().st_size
+        st = file.stat()
+    except OSError as e:
+        raise MumoeFileError(f"cannot read {file}: {os_message(e)}", e.errno) from e
+    header = _parse_header(file, st.st_size, (st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+    return {k: {**m, "shape": list(m["shape"]), "data_offsets": list(m["data_offsets"])} for k, m in header.items()}
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_header(file: Path, size: int, version: tuple) -> dict[str, dict]:
+    try:
         with open(file, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             if size < 8 or n > MAX_HEADER or 8 + n > size:

@@ -208,7 +208,7 @@ def _check_space(out: str, model_name: str, recipe) -> None:
     import math
 
     from .checkpoint import DTYPES, read_header, shard_files
-    from .files import _human, check_free_space
+    from .files import check_free_space, human_bytes
     from .loading import resolve
 
     path = Path(resolve(model_name))
@@ -218,7 +218,7 @@ def _check_space(out: str, model_name: str, recipe) -> None:
     need = sum(math.prod(m["shape"]) * min(DTYPES[m["dtype"]].itemsize, load)
                for f in shard_files(path) for m in read_header(f).values() if m["dtype"] in DTYPES)
     check_free_space(out, int((1 - recipe.ratio) * need),
-                     f"{1 - recipe.ratio:.0%} of the checkpoint's {_human(need)} of weights")
+                     f"{1 - recipe.ratio:.0%} of the checkpoint's {human_bytes(need)} of weights")
 
 
 def _check_device(device: str | None) -> None:

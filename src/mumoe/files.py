@@ -76,11 +76,11 @@ def check_free_space(out: str | Path, need: int, what: str) -> None:
     parent = _existing_parent(Path(out).parent)
     free = shutil.disk_usage(parent).free
     if free < need:
-        raise MumoeFileError(f"--out {out}: {_human(free)} free on its file system, but the export needs at least "
-                             f"{_human(need)} ({what}); free space or choose another --out")
+        raise MumoeFileError(f"--out {out}: {human_bytes(free)} free on its file system, but the export needs at "
+                             f"least {human_bytes(need)} ({what}); free space or choose another --out")
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     """Bytes for people: 1,234 B, 77.4 KiB, 1.6 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":

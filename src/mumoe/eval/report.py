@@ -49,11 +49,15 @@ def _run_names(files: list[Path]) -> list[str]:
     return names
 
 
+def _method(row: dict) -> str:
+    """method [calibration], the calibration only where it is a single domain's."""
+    calib = row.get("calib")
+    return row["method"] + (f" [{calib}]" if calib and calib not in ("-", "mixed") else "")
+
+
 def label(row: dict) -> str:
     """method [calibration] (run), the parts shown only where they tell rows apart."""
-    calib = row.get("calib")
-    return (row["method"] + (f" [{calib}]" if calib and calib not in ("-", "mixed") else "")
-            + (f" ({row['run']})" if row.get("run") else ""))
+    return _method(row) + (f" ({row['run']})" if row.get("run") else "")
 
 
 def _dense(rows: list[dict]) -> dict[str | None, dict[str, float]]:
@@ -79,8 +83,7 @@ def markdown_table(rows: list[dict]) -> str:
         base = dense.get(r.get("run"), {})
         common = [d for d in domains if d in base and d in r["ppl"]]
         rel = (sum(r["ppl"][d] / base[d] for d in common) / len(common)) if common else None
-        name = r["method"] + (f" [{r['calib']}]" if r.get("calib") and r["calib"] not in ("-", "mixed") else "")
-        lines.append(f"| {name} | " + (f"{r.get('run', '')} | " if runs else "") + f"{r['ratio']:.0%} | "
+        lines.append(f"| {_method(r)} | " + (f"{r.get('run', '')} | " if runs else "") + f"{r['ratio']:.0%} | "
                      + " | ".join("–" if v is None else f"{v:.2f}" for v in vals)
                      + f" | {mean:.2f} | " + ("–" if rel is None else f"{rel:.2f}×") + " |")
     return "\n".join(lines)
