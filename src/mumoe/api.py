@@ -97,7 +97,7 @@ def as_recipe(method, ratio=None, calib=None, options: dict | None = None) -> Re
 
 
 _RECIPE_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "budget", "order", "form", "scope", "structure",
-                   "dtype", "device")
+                   "dtype", "device", "width_multiple")
 
 
 def check_model_arg(model, what: str = "prune") -> nn.Module:
@@ -232,7 +232,7 @@ def atom_report(recipe: Recipe, layers, scores) -> PruneReport:
     form, scope, ratio = recipe.atom.form, recipe.atom.scope, recipe.ratio
     entries = []
     if form == "uniform":
-        keeps = [keep_uniform_atoms(s, ratio) for s in scores]
+        keeps = [keep_uniform_atoms(s, ratio, recipe.atom.width_multiple) for s in scores]
         for layer, k in zip(layers, keeps):
             entries.append({"layer": layer.index, "num_experts": layer.num_experts,
                             "intermediate_size": layer.intermediate_size, "kept_width": k.shape[-1],

@@ -73,7 +73,7 @@ def cmd_info(args) -> int:
 
 
 PRUNE_FLAGS = ("method", "ratio", "calib", "nsamples", "seqlen", "seed", "batch_size", "budget", "order", "form",
-               "scope", "structure")
+               "scope", "structure", "width_multiple")
 
 
 def _recipe_from_args(args):
@@ -91,7 +91,7 @@ def _recipe_from_args(args):
     if missing:
         raise MumoeError(f"prune needs {' and '.join(missing)} (or --recipe RUN/pruning.json to replay a run)")
     opts = {f: getattr(args, f) for f in PRUNE_FLAGS[3:] if getattr(args, f) is not None}
-    return Recipe.build(args.method, args.ratio, calib=args.calib, dtype=args.dtype or "fp32",
+    return Recipe.build(args.method, args.ratio, calib=args.calib, dtype=args.dtype or "auto",
                         device=args.device or "cpu", **opts)
 
 
@@ -172,7 +172,7 @@ def cmd_prune(args) -> int:
     if prepared is not None:
         say(_calib_line(recipe, prepared))
     report = api.prune(model, recipe, tokenizer=tokenizer, source=model_name, verbose=not QUIET[0], windows=prepared)
-    out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite)
+    out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite, dtype=recipe.dtype)
     from .apply.forms import get_form
 
     print(f"wrote {out} (loads with {get_form(report.form).loads_with}) in {time.perf_counter() - t0:.1f}s total")
@@ -180,7 +180,7 @@ def cmd_prune(args) -> int:
 
 
 GRAIN_FLAGS = {"budget": ("expert",), "order": ("expert", "weight"), "form": ("atom",), "scope": ("atom",),
-               "structure": ("weight",)}
+               "structure": ("weight",), "width_multiple": ("atom",)}
 
 
 def _check_prune_args(args, recipe) -> None:
@@ -214,7 +214,7 @@ def _check_space(out: str, model_name: str, recipe) -> None:
     path = Path(resolve(model_name))
     if not path.is_dir() or not any(path.glob("*.safetensors")):
         return
-    load = _dtype_of(recipe.dtype).itemsize
+    load = _dtype_of(recipe.dtype, model_name, recipe.device).itemsize
     need = sum(math.prod(m["shape"]) * min(DTYPES[m["dtype"]].itemsize, load)
                for f in shard_files(path) for m in read_header(f).values() if m["dtype"] in DTYPES)
     check_free_space(out, int((1 - recipe.ratio) * need),
@@ -237,11 +237,11 @@ def _width_note(recipe, config) -> str | None:
     width = recipe.expert_width(config)
     if not width:
         return None
-    kept = uniform_width(width, recipe.ratio)
+    kept = uniform_width(width, recipe.ratio, recipe.atom.width_multiple)
     real = 1 - kept / width
     if abs(real - recipe.ratio) < 5e-4:
         return None
-    return (f"  uniform widths are multiples of 8: {kept} of {width} atoms kept per expert, {real:.1%} removed "
+    return (f"  uniform widths are multiples of {recipe.atom.width_multiple}: {kept} of {width} atoms kept per expert, {real:.1%} removed "
             f"(--ratio {recipe.ratio:g})")
 
 
@@ -253,10 +253,13 @@ def _calib_line(recipe, prepared) -> str:
             + ("" if got == recipe.calib.nsamples else f" — {recipe.calib.nsamples} asked for, the text holds fewer"))
 
 
-def _dtype_of(name: str | None):
-    from .loading import _dtype
+def _dtype_of(name: str | None, model_name: str | None = None, device: str | None = None):
+    """The dtype the model runs in (`loading.compute_dtype`: "auto" = the checkpoint's own, fp32 on the CPU for
+    a bf16/fp16 one)."""
+    from .loading import compute_dtype
+    from .observe.runner import resolve_device
 
-    return _dtype(name or "fp32")
+    return compute_dtype(name or "auto", model_name, resolve_device(device or "cpu"))
 
 
 def _source_dir(model_name: str) -> str | None:
@@ -284,7 +287,7 @@ def _use_layerwise(args, recipe, model_name: str) -> bool:
     local = is_layerwise_source(model_name) and _local_checkpoint(model_name)
     if mode == "auto":  # --work-dir asks for the resumable path; otherwise only when the model would not fit
         if not args.work_dir and not (local and get_method(recipe.method).needs_calib
-                                      and _too_big(model_name, recipe.dtype)):
+                                      and _too_big(model_name, recipe.dtype, recipe.device)):
             return False
     if not local:
         raise MumoeError(f"the layer-sequential path (--layerwise, --work-dir) reads a local safetensors checkpoint "
@@ -293,12 +296,12 @@ def _use_layerwise(args, recipe, model_name: str) -> bool:
     return True
 
 
-def _too_big(model_name: str, dtype: str | None) -> bool:
+def _too_big(model_name: str, dtype: str | None, device: str | None = None) -> bool:
     from .checkpoint import shard_files
     from .observe.layerwise import source_dtype
 
     size = sum(f.stat().st_size for f in shard_files(Path(model_name)))
-    size = size * _dtype_of(dtype).itemsize / source_dtype(model_name).itemsize
+    size = size * _dtype_of(dtype, model_name, device).itemsize / source_dtype(model_name).itemsize
     try:
         avail = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) * 1024
     except (OSError, StopIteration, ValueError):
@@ -349,13 +352,13 @@ def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:
 
 
 def _load_model(name: str, dtype: str | None, device: str | None):
-    """load() in `dtype` (default fp32), moved to `device` (default cpu)."""
-    from .loading import check_model, load
+    """load() in `dtype` (default auto: `loading.compute_dtype`), moved to `device` (default cpu)."""
+    from .loading import check_model, compute_dtype, load
     from .observe.runner import resolve_device
 
     dev = resolve_device(device or "cpu")  # a missing GPU fails before the weights are read
     check_model(name)  # config, index and safetensors headers: before the weights are read
-    model = load(name, dtype or "fp32")
+    model = load(name, compute_dtype(dtype or "auto", name, dev))
     return model.to(dev) if dev.type != "cpu" else model
 
 
@@ -380,7 +383,7 @@ def cmd_compare(args) -> int:
     opts = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen), ("seed", args.seed),
                               ("form", args.form), ("scope", args.scope)) if v is not None}
     opts["batch_size"] = args.batch_size or 8  # one pass: one batch size for every method
-    recipes = [Recipe.build(m, r, calib=(args.calib or ["domain"]) if get_method(m).needs_calib else None, dtype=args.dtype or "fp32",
+    recipes = [Recipe.build(m, r, calib=(args.calib or ["domain"]) if get_method(m).needs_calib else None, dtype=args.dtype or "auto",
                             device=args.device or "cpu", **opts) for m in methods for r in ratios]
     from .eval.compare import check_recipes
 
@@ -443,6 +446,19 @@ def _eval_texts(spec: str) -> dict[str, str]:
     return {name: read_text(path) for name, path in texts.items()}
 
 
+def _write_tasks(args) -> int:
+    """eval --write-tasks DIR: the local offline tasks for plain lm_eval, and the command that runs them."""
+    from .eval.harness import export_tasks
+
+    if args.tasks or args.ppl:
+        raise MumoeError("--write-tasks only writes the task files; drop --tasks / --ppl (or --write-tasks)")
+    names = export_tasks(args.write_tasks, args.limit or 100)
+    print(f"wrote {len(names)} lm-eval tasks to {args.write_tasks}: {', '.join(names)}")
+    print(f"  lm_eval --model hf --model_args pretrained=PATH --include_path {Path(args.write_tasks).resolve()} "
+          f"--tasks {','.join(names)}")
+    return 0
+
+
 def _check_eval_args(args) -> None:
     """eval's options, the --json target and the device, before any text or weight is read."""
     from .files import check_positive, check_writable
@@ -473,6 +489,8 @@ def cmd_eval(args) -> int:
     from .eval.perplexity import perplexity
     from .loading import check_model, load_tokenizer
 
+    if args.write_tasks:
+        return _write_tasks(args)
     if args.tasks:
         _check_eval_args(args)
         return _eval_tasks(args)
@@ -492,7 +510,8 @@ def cmd_eval(args) -> int:
     model = _load_model(args.model, args.dtype, args.device)
     if args.testtime:
         return _eval_testtime(args, model, tokenizer, texts, seqlen)
-    say(f"perplexity with seqlen={seqlen} (non-overlapping windows, dtype {args.dtype}) of {args.model}")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    say(f"perplexity with seqlen={seqlen} (non-overlapping windows, dtype {dtype}) of {args.model}")
     results = {}
     for name, text in texts.items():
         res = perplexity(model, tokenizer, text, seqlen, args.batch_size, args.max_windows)
@@ -500,7 +519,7 @@ def cmd_eval(args) -> int:
         print(f"  {name:10s} ppl {res['ppl']:9.3f}  ({res['tokens']:,} predicted tokens, {res['windows']} windows, "
               f"{res['seconds']:.1f}s)")
     if args.json:
-        payload = {"model": args.model, "dtype": args.dtype, "seqlen": seqlen, "ppl_source": args.ppl,
+        payload = {"model": args.model, "dtype": dtype, "seqlen": seqlen, "ppl_source": args.ppl,
                    "results": results}
         Path(args.json).write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
@@ -556,7 +575,8 @@ def cmd_taer_build(args) -> int:
 
         if not is_layerwise_source(resolve(args.model)):
             raise MumoeError(f"--layerwise reads a local safetensors checkpoint folder; {args.model} is not one")
-        model = LayerwiseCheckpoint(resolve(args.model), _dtype_of(args.dtype), resolve_device(args.device or "cpu"))
+        model = LayerwiseCheckpoint(resolve(args.model), _dtype_of(args.dtype, resolve(args.model), args.device),
+                                    resolve_device(args.device or "cpu"))
     else:
         model = _load_model(args.model, args.dtype, args.device)
     tok = load_tokenizer(args.model)
@@ -761,10 +781,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, model_default="default"):
         sp.add_argument("model", nargs="?", default=model_default, help=MODEL_HELP)
-        sp.add_argument("--dtype", default=None if model_default is None else "fp32", choices=["fp32", "bf16", "fp16"],
-                        help="weights dtype (default fp32); statistics are accumulated in fp32/fp64 whatever it is")
+        sp.add_argument("--dtype", default=None if model_default is None else "auto",
+                        choices=["auto", "fp32", "bf16", "fp16"],
+                        help="dtype the model is loaded and run in (default auto: the checkpoint's own, except fp32 "
+                        "on the CPU for a bf16/fp16 checkpoint); exports are written in the checkpoint's dtype "
+                        "unless --dtype is given. Statistics are accumulated in fp32/fp64 whatever it is")
         sp.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto (cuda when available): "
                         "where the model runs")
+        sp.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the modelling / tokenizer code the checkpoint ships (off by "
+                        "default; mumoe reads its own exports without it)")
 
     sp = sub.add_parser("info", help="architecture, layers, experts, top_k and parameter counts",
                         description="Print architecture, MoE layers, experts, top_k and parameter counts "
@@ -796,6 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "global = HEAPr's one ranking, per-expert widths (mumoe.load)")
     sp.add_argument("--scope", choices=["global", "layer"],
                     help="atom methods with --form global: rank over all layers (default) or per layer")
+    sp.add_argument("--width-multiple", type=int, metavar="N",
+                    help="atom methods, uniform form: kept expert widths are multiples of N (default 64, what GPU "
+                    "kernels tile by; 256 for llama.cpp's Q4_K/Q5_K/Q6_K, whose blocks span 256 values of a row)")
     sp.add_argument("--structure",
                     help="weight methods (wanda): row (unstructured per row, default), N:M (e.g. 2:4, then --ratio "
                     "is 1 - N/M) or column")
@@ -854,7 +883,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
     sp.add_argument("--tasks", help="lm-eval tasks, comma-separated ('local' = the offline mumoe_nextline_<domain> "
                     "tasks built from the bundled eval splits); needs the eval extra")
-    sp.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
+    sp.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task (default: all; "
+                    "with --write-tasks: documents written per local task, default 100)")
+    sp.add_argument("--write-tasks", metavar="DIR", help="write the local offline tasks (YAML + JSONL) to DIR for "
+                    "plain `lm_eval --include_path DIR` and print that command; loads no model")
     sp.add_argument("--testtime", action="store_true",
                     help="μ-MoE protocol: prompt = first --prompt-len tokens of each window (dense prefill), the "
                     "continuation is scored with masks from that prompt; compared with dense (and offline Wanda "
@@ -973,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import progress
 
     QUIET[0] = progress.QUIET[0] = bool(getattr(args, "quiet", False))
+    from . import loading
+
+    loading.TRUST_REMOTE_CODE = bool(getattr(args, "trust_remote_code", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

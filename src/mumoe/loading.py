@@ -23,12 +23,72 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+TRUST_REMOTE_CODE = False  # --trust-remote-code: let transformers run modelling/tokenizer code a checkpoint ships
+
+
+def hf_kwargs() -> dict:
+    """Keyword arguments for transformers' from_pretrained calls (trust_remote_code when the user allowed it)."""
+    return {"trust_remote_code": True} if TRUST_REMOTE_CODE else {}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype name (fp32, bf16, fp16 or their long forms) as a torch dtype; "auto" needs a model:
+    `compute_dtype`."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise MumoeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise MumoeError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+_dtype = parse_dtype
+
+
+def checkpoint_dtype(name_or_path: str | Path | None) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in: its config's `dtype` / `torch_dtype`, else the first
+    floating-point tensor of its safetensors headers, else fp32 (tiny:ARCH and unreadable hub ids: fp32)."""
+    name = resolve(name_or_path)
+    path = Path(name)
+    if name.startswith("tiny:") or not (path / "config.json").is_file():
+        try:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(name, **hf_kwargs()).to_dict() if not name.startswith("tiny:") else {}
+        except Exception:
+            cfg = {}
+    else:
+        import json
+
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            cfg = {}
+    sub = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    named = cfg.get("dtype") or cfg.get("torch_dtype") or sub.get("dtype") or sub.get("torch_dtype")
+    if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+        return getattr(torch, named)
+    if path.is_dir():
+        from .checkpoint import DTYPES as FILE_DTYPES, read_header, shard_files
+
+        for file in shard_files(path):
+            for meta in read_header(file).values():
+                dt = FILE_DTYPES.get(meta["dtype"])
+                if dt is not None and dt.is_floating_point:
+                    return dt
+    return torch.float32
+
+
+def compute_dtype(dtype: str | torch.dtype | None, name_or_path: str | Path | None,
+                  device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype a model is loaded and run in. "auto" (or None) = the checkpoint's own, except that a bf16 /
+    fp16 checkpoint runs in fp32 on the CPU (CPUs without half-precision matrix units run it several times
+    slower; exports are still written in the checkpoint's dtype)."""
+    if dtype is not None and dtype != "auto":
+        return parse_dtype(dtype)
+    own = checkpoint_dtype(name_or_path)
+    if torch.device(device).type == "cpu" and own in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return own
 
 
 def resolve(name_or_path: str | Path | None) -> str:
@@ -52,7 +112,7 @@ def read_config(path: str | Path):
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         raise MumoeFileError(f"{file}: no model_type (not a transformers model config)")
     try:
-        return AutoConfig.from_pretrained(str(path))
+        return AutoConfig.from_pretrained(str(path), **hf_kwargs())
     except (OSError, ValueError, KeyError, TypeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if cfg["model_type"] not in _known_model_types():
@@ -136,9 +196,11 @@ def _locate_nonfinite(path: Path, param: str) -> None:
     return None
 
 
-def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype = "fp32") -> nn.Module:
-    """Load a causal LM in eval mode (see module doc for the accepted names)."""
+def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype = "auto") -> nn.Module:
+    """Load a causal LM in eval mode, on the CPU (see module doc for the accepted names). dtype: fp32, bf16,
+    fp16, or "auto" = the checkpoint's own (fp32 for a bf16/fp16 checkpoint: `compute_dtype`)."""
     name = check_model(name_or_path)
+    dtype = compute_dtype(dtype, name, "cpu")
     if name.startswith("tiny:"):
         from .models.tiny import tiny_model
 
@@ -158,7 +220,8 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
 
     try:
         with hf_bars():
-            model, info = AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype), output_loading_info=True)
+            model, info = AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype), output_loading_info=True,
+                                                               **hf_kwargs())
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, MumoeError):
             raise
@@ -191,11 +254,11 @@ def load_tokenizer(name_or_path: str | Path | None = "default"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return AutoTokenizer.from_pretrained(name)
+            return AutoTokenizer.from_pretrained(name, **hf_kwargs())
         except (OSError, ValueError):
             return None
 
 
-def load_default(dtype: str | torch.dtype = "fp32") -> tuple[nn.Module, object]:
+def load_default(dtype: str | torch.dtype = "auto") -> tuple[nn.Module, object]:
     """The bundled model and its tokenizer."""
     return load("default", dtype), load_tokenizer("default")

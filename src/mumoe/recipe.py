@@ -23,7 +23,7 @@ BUDGETS = ("uniform", "global")
 ORDERS = ("one-shot", "progressive")
 FORMS = ("uniform", "global")
 SCOPES = ("global", "layer")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -96,6 +96,9 @@ class ExpertPart:
 class AtomPart:
     form: str = "uniform"  # uniform: one width for every expert (HF loadable); global: HEAPr's ranking
     scope: str = "global"  # global form: rank over all layers (HEAPr) or per layer
+    # uniform form: kept widths are multiples of this (GPU kernels tile by 64/128; llama.cpp's k-quants need
+    # 256 for the down projection's rows); recipes written before it existed used 8
+    width_multiple: int = 64
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ class Recipe:
     expert: ExpertPart | None = None
     atom: AtomPart | None = None
     weight: WeightPart | None = None
-    dtype: str = "fp32"
+    dtype: str = "auto"  # auto = the checkpoint's own (fp32 on the CPU for bf16/fp16); exports keep the source's
     device: str | None = None  # cpu | cuda | cuda:N | auto; None = where the model already is (CLI: cpu)
     version: int = RECIPE_VERSION
 
@@ -137,6 +140,8 @@ class Recipe:
         elif list(parts) != [m.grain]:
             raise MumoeError(f"method {self.method!r} is {m.grain}-grain; the recipe gives options for "
                              f"{', '.join(parts)}")
+        if self.atom is not None and (not _is_int(self.atom.width_multiple) or self.atom.width_multiple < 1):
+            raise MumoeError(f"width_multiple must be a positive integer, got {self.atom.width_multiple!r}")
         if self.dtype not in DTYPES:
             raise MumoeError(f"unknown dtype {self.dtype!r}; use {', '.join(DTYPES)}")
         if not (self.device is None or self.device in DEVICES or str(self.device).startswith("cuda:")):
@@ -201,7 +206,7 @@ class Recipe:
     def build(cls, method: str, ratio: float, calib=None, nsamples: int = 128, seqlen: int = 512,
               seed: int | None = None, batch_size: int | None = None, budget: str = "uniform",
               order: str = "one-shot", form: str = "uniform", scope: str = "global", structure: str = "row",
-              dtype: str = "fp32", device: str | None = None) -> "Recipe":
+              dtype: str = "auto", device: str | None = None, width_multiple: int = 64) -> "Recipe":
         """From flat options (the CLI's flags); the grain part is chosen by the method. calib: a source, a
         list of sources, or None."""
         from .criteria import get_method
@@ -211,7 +216,7 @@ class Recipe:
             raise MumoeError(f"method must be a name, got {method!r}")
         sources = () if calib is None else (calib,) if isinstance(calib, (str, Path)) else tuple(calib)
         bs = batch_size if batch_size is not None else (4 if m.grain == "atom" else 8)
-        part = {"expert": {"expert": ExpertPart(budget, order)}, "atom": {"atom": AtomPart(form, scope)},
+        part = {"expert": {"expert": ExpertPart(budget, order)}, "atom": {"atom": AtomPart(form, scope, width_multiple)},
                 "weight": {"weight": WeightPart(structure, order)}}[m.grain]
         return cls(method, ratio, CalibSpec(sources, nsamples, seqlen, seed, bs), dtype=dtype, device=device, **part)
 
@@ -231,6 +236,8 @@ class Recipe:
         try:
             kw = dict(d)
             kw["calib"] = CalibSpec(**{**kw.get("calib", {}), "sources": tuple(kw.get("calib", {}).get("sources", ()))})
+            if isinstance(kw.get("atom"), dict):
+                kw["atom"] = {"width_multiple": 8, **kw["atom"]}  # what a recipe without the field ran with
             for g, cls_part in GRAIN_PARTS.items():
                 if kw.get(g) is not None:
                     kw[g] = cls_part(**kw[g])
@@ -299,12 +306,17 @@ class Recipe:
             if width:
                 from .select.atoms import uniform_width
 
-                step = 8 if width >= 8 else 1
+                multiple = self.atom.width_multiple
+                step = multiple if width >= multiple else 1
                 if round((1 - self.ratio) * width / step) == 0:
-                    kept = uniform_width(width, self.ratio)
+                    kept = uniform_width(width, self.ratio, multiple)
                     raise MumoeError(f"--ratio {self.ratio:g} would keep {(1 - self.ratio) * width:.1f} of {width} atoms "
                                      f"per expert; the uniform form keeps a multiple of {step} (at most "
-                                     f"{1 - kept / width:.1%} removed): lower --ratio or use --form global")
+                                     f"{1 - kept / width:.1%} removed): lower --ratio, a smaller --width-multiple, "
+                                     "or --form global")
+                if self.ratio > 0 and uniform_width(width, self.ratio, multiple) == width:
+                    raise MumoeError(f"--ratio {self.ratio:g} removes nothing from experts {width} wide when widths "
+                                     f"are multiples of {step}: raise --ratio or lower --width-multiple")
         if self.grain == "expert" and self.expert.budget == "uniform":
             if E is not None and k is not None and E - round(self.ratio * E) < k:
                 raise MumoeError(f"ratio {self.ratio} keeps {E - round(self.ratio * E)} of {E} experts, fewer than "

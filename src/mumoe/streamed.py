@@ -22,7 +22,7 @@ from .checkpoint import DTYPES
 from .criteria import get_method
 from .criteria.layerwise import LayerwiseScores, score_layerwise
 from .errors import MumoeError
-from .loading import _dtype as parse_dtype
+from .loading import compute_dtype, parse_dtype
 from .models import adapter_for
 from .models.base import EXPERT_COUNT_KEYS
 from .observe.layerwise import LayerwiseCheckpoint, _target
@@ -57,7 +57,7 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
         raise MumoeError(f"method {recipe.method!r} needs calibration windows")
     dev = resolve_device(recipe.device or "cpu")
     t0 = time.perf_counter()
-    ckpt = LayerwiseCheckpoint(path, dtype=parse_dtype(recipe.dtype or "fp32"), device=dev)
+    ckpt = LayerwiseCheckpoint(path, dtype=compute_dtype(recipe.dtype, path, dev), device=dev)
     recipe.check_config(ckpt.config)
     m = get_method(recipe.method)
     adapter = adapter_for(ckpt.model)
@@ -126,7 +126,8 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
         else:
             transform, changes = wanda_transform(ckpt, res.norms, recipe), {}
         t1 = time.perf_counter()
-        write_streamed(path, out, report, transform, changes, overwrite, verbose, max_shard_bytes)
+        write_streamed(path, out, report, transform, changes, overwrite, verbose, max_shard_bytes,
+                       None if recipe.dtype in (None, "auto") else parse_dtype(recipe.dtype))
         if timing is not None:
             timing["export_s"] = time.perf_counter() - t1
     if timing is not None:

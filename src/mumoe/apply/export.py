@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from ..errors import MumoeDataError, MumoeError, MumoeFileError, os_message
@@ -136,19 +137,54 @@ def _local_source(model: nn.Module) -> str | None:
     return name if name and Path(name).is_dir() else None
 
 
-def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenizer=None, overwrite: bool = False) -> Path:
+def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenizer=None, overwrite: bool = False,
+                dtype: str | torch.dtype | None = None) -> Path:
     """Write model (+ tokenizer) and pruning.json to `out` atomically, in the report's form (`apply.forms`);
-    nothing is left half-written."""
+    nothing is left half-written. The export keeps the source's packaging (`apply.packaging`): weights in the
+    source checkpoint's dtype unless `dtype` is given ("auto" = the source's), its tokenizer and side files
+    byte for byte, its config.json keys with only the pruned values changed. `tokenizer` is saved only when
+    the source folder has no tokenizer files (a model built from a config)."""
+    from ..loading import checkpoint_dtype, parse_dtype
     from .forms import get_form
+    from .packaging import copy_side_files, source_folder, stored_as
 
     if not isinstance(report, PruneReport):
         raise MumoeError(f"save_pruned needs the PruneReport that mumoe.prune returned, got {type(report).__name__}")
     if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
         raise MumoeError(f"save_pruned takes the pruned transformers model, got {type(model).__name__}")
     form = get_form(report.form)
+    src = source_folder(model)
+    if dtype is None or dtype == "auto":
+        target = checkpoint_dtype(src) if src is not None else None
+    else:
+        target = parse_dtype(dtype)
     with atomic_output(out, overwrite, _local_source(model)) as tmp:
-        form.write(model, tmp, report)
-        if tokenizer is not None:
+        with stored_as(model, target):
+            form.write(model, tmp, report)
+        copied = copy_side_files(src, tmp) if src is not None else []
+        if tokenizer is not None and not any(n.startswith("tokenizer") for n in copied):
             tokenizer.save_pretrained(tmp)
+        _write_config(model, tmp, src, form, report, target)
         (tmp / "pruning.json").write_text(report.to_json())
     return Path(out)
+
+
+def _write_config(model: nn.Module, tmp: Path, src: Path | None, form, report: PruneReport,
+                  dtype: torch.dtype | None) -> None:
+    """config.json in the source's spelling (`packaging.export_config`), plus what the form adds (its
+    auto_map and modelling file for the mumoe forms)."""
+    from transformers import AutoConfig
+
+    from ..files import read_json
+    from ..models.registry import ADAPTERS
+    from .packaging import export_config
+
+    if src is not None:
+        adapter = ADAPTERS.get(model.config.model_type)
+        cfg = export_config(read_json(src / "config.json", "the source config"), AutoConfig.from_pretrained(src),
+                            model.config, getattr(adapter, "expert_count_key", None), dtype)
+    else:
+        cfg = read_json(tmp / "config.json", "the written config")
+    if form.package is not None:
+        cfg = form.package(cfg, tmp, report)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")

@@ -27,6 +27,9 @@ class Form:
     loads_with: str  # what a user calls to load it
     write: Callable[[nn.Module, Path, PruneReport], None]  # (model, folder, report): the weights + config
     read: Callable[[Path, torch.dtype], nn.Module] | None  # None: transformers' own from_pretrained
+    # (config.json dict, folder, report) -> the config to write, after adding what the form needs (its modelling
+    # code for trust_remote_code); None: the config as it is
+    package: Callable[[dict, Path, PruneReport], dict] | None = None
 
 
 def _write_hf(model: nn.Module, tmp: Path, report: PruneReport) -> None:
@@ -38,10 +41,21 @@ def _write_hf(model: nn.Module, tmp: Path, report: PruneReport) -> None:
 
 def _write_experts(model: nn.Module, tmp: Path, report: PruneReport) -> None:
     """Per-layer expert counts: keep the fused layout; mumoe.load rebuilds the shapes from pruning.json."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     model.config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_file(_state_once(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _state_once(model: nn.Module) -> dict:
+    """The state dict with tied tensors stored once, under the first name (the input embeddings, which
+    transformers loads and ties lm_head to; safetensors' save_model would keep `lm_head.weight` instead)."""
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            state[k] = v.contiguous()
+    return state
 
 
 def _write_atoms(model: nn.Module, tmp: Path, report: PruneReport) -> None:
@@ -56,11 +70,7 @@ def compact_atom_state(model: nn.Module, report: PruneReport) -> dict:
     """State dict with each routed expert stored at its own width: `<experts>.<e>.gate_up` [2k_e, H] and
     `<experts>.<e>.down` [H, k_e]; the fused expert tensors and tied copies are left out."""
     names = {id(m): n for n, m in model.named_modules()}
-    state, seen = {}, set()
-    for k, v in model.state_dict().items():  # tied tensors (lm_head = embeddings) are stored once
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            state[k] = v.contiguous()
+    state = _state_once(model)  # tied tensors (lm_head = embeddings) are stored once
     layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
     for entry in report.layers:
         layer = layers[entry["layer"]]
@@ -163,10 +173,47 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype).eval()
 
 
+REMOTE_FILE = "mumoe_modeling.py"
+REMOTE_CLASS = "MumoeForCausalLM"
+
+
+def remote_code(cfg: dict, folder: Path, report: PruneReport) -> dict:
+    """Ship the modelling file (`remote/mumoe_modeling.py`, its base class set to the source architecture's)
+    and describe each MoE layer's shape in the config, so that transformers alone loads the export with
+    trust_remote_code=True. The architecture is renamed: engines that build models from the config refuse it
+    instead of reading the wrong shapes."""
+    base = (cfg.get("architectures") or [None])[0]
+    if base == REMOTE_CLASS:  # re-pruning a mumoe export: keep its base
+        base = cfg.get("mumoe_base_architecture")
+    import transformers
+
+    if not isinstance(base, str):  # a model built from a config (no "architectures"): the type's CausalLM class
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        base = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.get("model_type"))
+    if not isinstance(base, str) or not hasattr(transformers, base):
+        raise MumoeError(f"cannot ship modelling code for architecture {base!r}: transformers has no such class")
+    template = (Path(__file__).parent / "remote" / REMOTE_FILE).read_text()
+    line = 'BASE_CLASS = "Qwen3MoeForCausalLM"'
+    (folder / REMOTE_FILE).write_text(template.replace(line, f'BASE_CLASS = "{base}"', 1))
+    if report.form == "mumoe":
+        layers = [{"layer": e["layer"], "experts": len(e["kept"])} for e in report.layers]
+    else:
+        layers = [{"layer": e["layer"], "widths": [len(x["kept"]) for x in e["experts"]]} for e in report.layers]
+    cfg = dict(cfg)
+    cfg["architectures"] = [REMOTE_CLASS]
+    cfg["mumoe_base_architecture"] = base
+    cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_FILE[:-3]}.{REMOTE_CLASS}"}
+    cfg["mumoe_layers"] = layers
+    return cfg
+
+
 FORMS: dict[str, Form] = {f.name: f for f in (
     Form("hf", "AutoModelForCausalLM.from_pretrained", _write_hf, None),
-    Form("mumoe", "mumoe.load", _write_experts, _read_experts),
-    Form("mumoe-atoms", "mumoe.load", _write_atoms, _read_atoms),
+    Form("mumoe", "mumoe.load, or from_pretrained(..., trust_remote_code=True)", _write_experts, _read_experts,
+         remote_code),
+    Form("mumoe-atoms", "mumoe.load, or from_pretrained(..., trust_remote_code=True)", _write_atoms, _read_atoms,
+         remote_code),
 )}
 
 

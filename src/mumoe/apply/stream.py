@@ -7,7 +7,6 @@ Tensors keep the source's layout (fused or per-expert keys) and dtype. Reading: 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,7 +21,6 @@ from .export import PruneReport, atomic_output
 
 # (source key, read() -> tensor) -> [(output key, tensor)]
 Transform = Callable[[str, Callable[[], torch.Tensor]], list[tuple[str, torch.Tensor]]]
-SKIP_FILES = ("model.safetensors.index.json", "pruning.json", "config.json", "card.json", "CARD.md")
 
 
 def rewrite_config(cfg: dict, changes: dict) -> None:
@@ -91,23 +89,37 @@ def _reader(file: Path, meta: dict) -> Callable[[], torch.Tensor]:
 
 def write_streamed(path: str | Path, out: str | Path, report: PruneReport, transform: Transform,
                    config_changes: dict, overwrite: bool = False, progress: bool = True,
-                   max_shard_bytes: int = 1 << 30) -> Path:
+                   max_shard_bytes: int = 1 << 30, dtype: torch.dtype | None = None) -> Path:
     """Write `path` through `transform`, tensor by tensor, atomically (temp dir beside `out`, then rename).
-    Config keys as the source spells them (only the values in `config_changes` change); tokenizer and other
-    files copied byte for byte; pruning.json from `report`."""
+    Config keys as the source spells them (only the values in `config_changes` change, plus the expert-count
+    key older readers need: `packaging`); tokenizer and other files copied byte for byte; pruning.json from
+    `report`. dtype: cast floating-point tensors to it (None: each keeps the source's)."""
+    from ..models.registry import ADAPTERS
+    from .forms import get_form
+    from .packaging import DTYPE_NAMES, copy_side_files
+
     path = Path(path)
     keys = list(_keys(path))
     with atomic_output(out, overwrite, source=path) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for file, key, meta in bar(keys, desc="writing pruned tensors", enabled=progress, unit="tensor"):
             for out_key, t in transform(key, _reader(file, meta)):
-                writer.add(out_key, t)
+                writer.add(out_key, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
         writer.finish()
-        for extra in path.iterdir():
-            if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name not in SKIP_FILES:
-                shutil.copy2(extra, tmp / extra.name)
+        copy_side_files(path, tmp)
         cfg = json.loads((path / "config.json").read_text())
-        rewrite_config(cfg, config_changes)
+        changes = dict(config_changes)
+        if dtype is not None:
+            changes.update({k: DTYPE_NAMES[dtype] for k in ("dtype", "torch_dtype")})
+            cfg.setdefault("dtype", DTYPE_NAMES[dtype])
+        rewrite_config(cfg, changes)
+        own = getattr(ADAPTERS.get(cfg.get("model_type")), "expert_count_key", None)
+        counts = [v for k, v in config_changes.items() if k in EXPERT_COUNT_KEYS]
+        if own and own not in cfg and counts and any(k in cfg for k in EXPERT_COUNT_KEYS):
+            cfg[own] = counts[0]
+        form = get_form(report.form)
+        if form.package is not None:
+            cfg = form.package(cfg, tmp, report)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "pruning.json").write_text(report.to_json())
     return Path(out)

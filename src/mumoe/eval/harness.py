@@ -39,9 +39,11 @@ def nextline_docs(text: str, n: int, seed: int = 0, context_lines: int = 4) -> l
     return docs
 
 
-def write_local_tasks(out: Path, n: int = 100, seed: int = 0) -> list[str]:
-    """Write the JSONL data and YAML configs of the local tasks into `out`; returns the task names."""
+def write_local_tasks(out: Path, n: int = 100, seed: int = 0, final: Path | None = None) -> list[str]:
+    """Write the JSONL data and YAML configs of the local tasks into `out`; returns the task names. final: the
+    folder the files will live in (the YAMLs name their data files there; default `out`)."""
     out.mkdir(parents=True, exist_ok=True)
+    final = Path(final or out).resolve()
     names = []
     for split in sorted(DATA.glob("*/eval.txt")):
         domain = split.parent.name
@@ -53,7 +55,7 @@ def write_local_tasks(out: Path, n: int = 100, seed: int = 0) -> list[str]:
         (out / f"{name}.yaml").write_text(
             f"task: {name}\n"
             f"dataset_path: json\n"
-            f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {final / data.name}\n"
             f"test_split: test\n"
             f"output_type: multiple_choice\n"
             f"doc_to_text: context\n"
@@ -64,6 +66,15 @@ def write_local_tasks(out: Path, n: int = 100, seed: int = 0) -> list[str]:
         )
         names.append(name)
     return names
+
+
+def export_tasks(out: str | Path, n: int = 100) -> list[str]:
+    """The local tasks as a folder for plain `lm_eval --include_path OUT` (written atomically; an existing
+    folder is refused). -> the task names."""
+    from ..apply.export import atomic_output
+
+    with atomic_output(out) as tmp:
+        return write_local_tasks(tmp, n, final=Path(out))
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: int | None = None,

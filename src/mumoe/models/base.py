@@ -190,6 +190,9 @@ class Adapter:
         raise MumoeError(f"{self.config.model_type}: no top-k key in config")
 
     expert_width_key: ClassVar[str] = "moe_intermediate_size"  # config key of the routed experts' width I
+    # the expert-count key the architecture's config class reads in transformers 4.x and llama.cpp's converter
+    # (v5 may spell it otherwise, e.g. qwen3_moe's num_local_experts); an export carries it (`apply.packaging`)
+    expert_count_key: ClassVar[str | None] = "num_experts"
 
     def set_expert_width(self, width: int) -> None:
         """Rewrite the config's routed-expert width (uniform atom pruning)."""

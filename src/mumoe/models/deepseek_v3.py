@@ -9,6 +9,7 @@ from .base import Adapter
 class DeepseekV3Adapter(Adapter):
     model_types = ("deepseek_v3",)
     scoring = "sigmoid"
+    expert_count_key = "n_routed_experts"
 
     def shared_modules(self, mlp):
         return getattr(mlp, "shared_experts", None), None

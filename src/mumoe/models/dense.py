@@ -6,6 +6,7 @@ from .base import Adapter
 class DenseAdapter(Adapter):
     model_types = ("llama", "qwen2")
     is_moe = False
+    expert_count_key = None
 
     def moe_layers(self):
         return []

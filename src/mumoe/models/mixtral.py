@@ -5,6 +5,7 @@ from .base import Adapter
 
 class MixtralAdapter(Adapter):
     model_types = ("mixtral",)
+    expert_count_key = "num_local_experts"
     expert_width_key = "intermediate_size"  # experts are sized by intermediate_size (no dense MLP layers)
 
     def layer_fields(self) -> dict:

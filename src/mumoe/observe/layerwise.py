@@ -74,7 +74,9 @@ class LayerwiseCheckpoint:
         if not (self.path / "config.json").exists():
             raise MumoeError(f"{self.path} is not a model folder (no config.json)")
         try:
-            self.config = AutoConfig.from_pretrained(self.path)
+            from ..loading import hf_kwargs
+
+            self.config = AutoConfig.from_pretrained(self.path, **hf_kwargs())
         except (OSError, ValueError, KeyError) as e:
             raise MumoeError(f"cannot read {self.path / 'config.json'}: {str(e).splitlines()[0]}") from e
         if dtype == "auto" or dtype is None:

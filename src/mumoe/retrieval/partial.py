@@ -24,7 +24,7 @@ from ..apply.export import PruneReport
 from ..apply.stream import prune_checkpoint
 from ..checkpoint import ROUTER, shard_files
 from ..errors import MumoeError
-from ..loading import _dtype, resolve
+from ..loading import compute_dtype, hf_kwargs, resolve
 from ..progress import hf_bars
 from .library import Match, TaskLibrary, match
 
@@ -55,7 +55,7 @@ def check_library(path: str | Path, lib: TaskLibrary) -> None:
         raise MumoeError(f"task library was built for another model (differs in: {', '.join(diff)})")
 
 
-def load_task_model(model: str | Path, lib: TaskLibrary, task: str, dtype: str | torch.dtype = "fp32") -> nn.Module:
+def load_task_model(model: str | Path, lib: TaskLibrary, task: str, dtype: str | torch.dtype = "auto") -> nn.Module:
     """The model with only `task`'s kept experts, read from the checkpoint files."""
     from transformers import AutoModelForCausalLM
 
@@ -69,10 +69,10 @@ def load_task_model(model: str | Path, lib: TaskLibrary, task: str, dtype: str |
     with tempfile.TemporaryDirectory(prefix="mumoe-taer-") as tmp:
         out = prune_checkpoint(path, Path(tmp) / "task", report, progress=False)
         with hf_bars():
-            return AutoModelForCausalLM.from_pretrained(out, dtype=_dtype(dtype)).eval()
+            return AutoModelForCausalLM.from_pretrained(out, dtype=compute_dtype(dtype, path), **hf_kwargs()).eval()
 
 
-def load_matcher(model: str | Path, lib: TaskLibrary, dtype: str | torch.dtype = "fp32") -> nn.Module:
+def load_matcher(model: str | Path, lib: TaskLibrary, dtype: str | torch.dtype = "auto") -> nn.Module:
     """A truncated model holding the decoder layers up to the first MoE router (enough to build keys);
     with key_mode="all" every layer is needed, so the full model is loaded."""
     import logging
@@ -81,14 +81,15 @@ def load_matcher(model: str | Path, lib: TaskLibrary, dtype: str | torch.dtype =
     from transformers.utils import logging as hf_logging
 
     path = Path(resolve(model))
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(path, **hf_kwargs())
     if lib.key_mode == "first":
         cfg.num_hidden_layers = lib.fingerprint["moe_layers"][0] + 1
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity(logging.ERROR)  # the later layers' tensors are skipped on purpose
     try:
         with hf_bars():
-            return AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=_dtype(dtype)).eval()
+            return AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=compute_dtype(dtype, path),
+                                                        **hf_kwargs()).eval()
     finally:
         hf_logging.set_verbosity(level)
 
@@ -105,7 +106,7 @@ class Served:
 class TaskServer:
     """match → partial load (cached per task) → generate."""
 
-    def __init__(self, model: str | Path, library: str | Path | TaskLibrary, dtype: str = "fp32",
+    def __init__(self, model: str | Path, library: str | Path | TaskLibrary, dtype: str = "auto",
                  device: str | None = None) -> None:
         from ..loading import load_tokenizer
         from ..observe.runner import resolve_device
@@ -115,7 +116,7 @@ class TaskServer:
         self.model = str(model)
         self.lib = library if isinstance(library, TaskLibrary) else TaskLibrary.load(library)
         check_library(resolve(model), self.lib)
-        self.dtype = dtype
+        self.dtype = compute_dtype(dtype, resolve(model), self.device)  # auto: `loading.compute_dtype`
         self.tokenizer = load_tokenizer(model)
         if self.tokenizer is None:
             raise MumoeError(f"{model} has no tokenizer")

@@ -1,0 +1,99 @@
+"""Modelling code for a checkpoint pruned by mumoe into a shape a plain transformers config cannot describe:
+a different number of routed experts per layer, or experts of different widths (HEAPr's global form).
+
+Load it with transformers alone (mumoe need not be installed):
+
+    AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
+    lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True ...
+
+The class is the architecture's own transformers class (BASE_CLASS, written by the export) with each MoE layer
+reshaped from config.mumoe_layers before the weights are read:
+    {"layer": i, "experts": E_i}             that layer keeps E_i experts (router rows and fused tensors)
+    {"layer": i, "widths": [k_0, ..., k_E]}  expert e keeps k_e atoms: per-expert tensors
+                                             mlp.experts.<e>.gate_up [2k_e, H] and mlp.experts.<e>.down [H, k_e]
+Engines that build their own model from the config (llama.cpp's converter, vLLM) do not know the
+architecture name "MumoeForCausalLM" and refuse it; export with a uniform form for them.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+from transformers.activations import ACT2FN
+
+BASE_CLASS = "Qwen3MoeForCausalLM"  # rewritten by the export: the source architecture's CausalLM class
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _resize(module: nn.Module, name: str, rows: int) -> None:
+    """Replace parameter/buffer `name` by an uninitialised one with `rows` rows (the checkpoint fills it)."""
+    old = getattr(module, name, None)
+    if old is None:
+        return
+    new = torch.empty((rows, *old.shape[1:]), dtype=old.dtype, device=old.device)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        module._buffers[name] = new
+
+
+class _Expert(nn.Module):
+    def __init__(self, width: int, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(2 * width, hidden, dtype=dtype))  # [2k, H]: gate rows, then up
+        self.down = nn.Parameter(torch.empty(hidden, width, dtype=dtype))  # [H, k]
+
+
+class RaggedExperts(nn.Module):
+    """Routed experts of different widths; the same call as transformers' fused experts module."""
+
+    def __init__(self, widths: list[int], hidden: int, act: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_experts, self.hidden_dim = len(widths), hidden
+        for e, k in enumerate(widths):
+            self.add_module(str(e), _Expert(k, hidden, dtype))
+        self.act_fn = ACT2FN[act]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        # hidden_states [T, H]; top_k_index, top_k_weights [T, top_k]
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            token, slot = torch.where(top_k_index == e)
+            expert = getattr(self, str(e))
+            gate, up = nn.functional.linear(hidden_states[token], expert.gate_up).chunk(2, dim=-1)
+            y = nn.functional.linear(self.act_fn(gate) * up, expert.down)  # [n, H]
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+def reshape_layers(model: nn.Module, config) -> None:
+    """Give every MoE layer named in config.mumoe_layers its pruned shape."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for entry in getattr(config, "mumoe_layers", None) or []:
+        mlp = model.model.layers[entry["layer"]].mlp
+        if "experts" in entry:
+            n = int(entry["experts"])
+            for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+                _resize(mlp.experts, name, n)
+            for name in ("weight", "bias", "e_score_correction_bias"):
+                _resize(mlp.gate, name, n)
+            for module in (mlp, mlp.gate, mlp.experts):
+                for attr in _COUNT_ATTRS:
+                    if isinstance(getattr(module, attr, None), int):
+                        setattr(module, attr, n)
+        if "widths" in entry:
+            dtype = mlp.experts.down_proj.dtype
+            mlp.experts = RaggedExperts([int(k) for k in entry["widths"]], text.hidden_size, text.hidden_act, dtype)
+
+
+_Base = getattr(transformers, BASE_CLASS)
+
+
+class MumoeForCausalLM(_Base):
+    """BASE_CLASS with the per-layer shapes of a mumoe export."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        reshape_layers(self, config)
