@@ -171,9 +171,18 @@ def main() -> int:
                "f16_mb": f16.stat().st_size / 1e6, "q4km_mb": q4.stat().st_size / 1e6, "q4km_fallback": fallback,
                "gguf_experts": meta["experts"], "gguf_expert_ff": meta["ff"], "add_bos": meta["add_bos"]}
         for quant, gguf in (("f16", f16), ("q4km", q4)):
-            out = sh([str(binary / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(args.ctx),
-                      "-b", str(args.ctx), "--chunks", str(args.chunks), "-t", str(os.cpu_count() or 2)])
-            row[f"llama_{quant}"] = float(re.search(r"Final estimate: PPL = ([\d.]+)", out)[1])
+            # the running estimate after the last chunk ("[24]31.8469,") is the final one. llama.cpp logs from a
+            # worker thread that does not always flush into a pipe before the process exits: run again then
+            for _attempt in range(5):
+                out = sh([str(binary / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c",
+                          str(args.ctx), "-b", str(args.ctx), "--chunks", str(args.chunks), "-t",
+                          str(os.cpu_count() or 2)])
+                chunks = re.findall(r"\[(\d+)\]([\d.]+),", out)
+                if chunks and int(chunks[-1][0]) == args.chunks:
+                    break
+            else:
+                sys.exit(f"llama-perplexity did not report {args.chunks} chunks on {gguf}:\n{out[-2000:]}")
+            row[f"llama_{quant}"] = float(chunks[-1][1])
         row["hf"], row["chunks"] = hf_ppl(Path(path), text, args.ctx, args.chunks, meta["add_bos"], meta["bos"] or 0)
         row["f16_over_hf"] = row["llama_f16"] / row["hf"]
         row["seconds"] = time.perf_counter() - t0

@@ -701,8 +701,11 @@ def cmd_generate(args) -> int:
     tok = load_tokenizer(args.model)
     if tok is None:
         raise MumoeError(f"{args.model} has no tokenizer")
+    t_load = time.perf_counter()
     model = _load_model(args.model, args.dtype, args.device)
     ids = torch.tensor([tok(args.prompt, add_special_tokens=False)["input_ids"]])
+    say(f"loaded {args.model} in {time.perf_counter() - t_load:.1f}s; μ-MoE at ρ={args.active:g} "
+        f"({args.structure}), {ids.shape[1]} prompt tokens, up to {args.max_new_tokens} new")
     with torch.no_grad():  # a plain dense prefill, timed for reference
         t0 = time.perf_counter()
         model(input_ids=ids, use_cache=True)
@@ -810,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--recipe", help="replay a recorded run: a pruning.json (or its folder) or a recipe JSON; "
                     "MODEL defaults to the model it names")
     sp.add_argument("--budget", choices=["uniform", "global"],
-                    help="expert methods: uniform = round(ratio*E) dropped in every layer (HF/vLLM loadable, "
+                    help="expert methods: uniform = round(ratio*E) dropped in every layer (a standard checkpoint every engine reads, "
                     "default); global = one ranking over all layers (scores normalized per layer, floor of top_k), "
                     "exported for mumoe.load")
     sp.add_argument("--order", choices=["one-shot", "progressive"],
@@ -818,7 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "progressive = layer l scored after layers < l are pruned (llm-compressor's REAP order; the "
                     "Wanda authors' order, layer-sequential only)")
     sp.add_argument("--form", choices=["uniform", "global"],
-                    help="atom methods: uniform = same width for every expert (HF/vLLM loadable, default); "
+                    help="atom methods: uniform = same width for every expert (a standard checkpoint, default); "
                     "global = HEAPr's one ranking, per-expert widths (mumoe.load)")
     sp.add_argument("--scope", choices=["global", "layer"],
                     help="atom methods with --form global: rank over all layers (default) or per layer")
