@@ -182,9 +182,7 @@ def remote_code(cfg: dict, folder: Path, report: PruneReport) -> dict:
     and describe each MoE layer's shape in the config, so that transformers alone loads the export with
     trust_remote_code=True. The architecture is renamed: engines that build models from the config refuse it
     instead of reading the wrong shapes."""
-    base = (cfg.get("architectures") or [None])[0]
-    if base == REMOTE_CLASS:  # re-pruning a mumoe export: keep its base
-        base = cfg.get("mumoe_base_architecture")
+    base = cfg.get("mumoe_base_architecture") or (cfg.get("architectures") or [None])[0]
     import transformers
 
     if not isinstance(base, str):  # a model built from a config (no "architectures"): the type's CausalLM class

@@ -18,6 +18,7 @@ from torch import nn
 # never copied from the source: weights and records an export writes itself
 SKIP_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "pruning.json", "config.json",
               "card.json", "CARD.md")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx")
 _NOT_CHANGES = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures", "auto_map"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -44,7 +45,7 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     generation_config.json, chat templates, licences, modelling code ...) byte for byte. -> the names."""
     names = []
     for f in sorted(src.iterdir()):
-        if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name not in SKIP_FILES \
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in SKIP_FILES \
                 and not f.name.startswith("."):
             shutil.copy2(f, dst / f.name)
             names.append(f.name)
@@ -83,6 +84,10 @@ def export_config(source_json: dict, before, after, expert_count_key: str | None
         n = getattr(after, expert_count_key, None)
         if isinstance(n, int) and n != getattr(before, expert_count_key, n):
             cfg[expert_count_key] = n
+    if "mumoe_base_architecture" in cfg:  # re-pruning a mumoe-form export: its form adds these back if it needs them
+        cfg["architectures"] = [cfg.pop("mumoe_base_architecture")]
+        for key in ("auto_map", "mumoe_layers"):
+            cfg.pop(key, None)
     if dtype is not None:
         keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
         for k in keys:
