@@ -189,7 +189,8 @@ def test_cli_generate_and_bad_active(capsys):
 
     assert main(["generate", "--prompt", "It is a truth universally acknowledged", "--active", "0.6",
                  "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
+    stage, out = capsys.readouterr().out.split("\n", 1)
+    assert stage.startswith("loaded default in") and "ρ=0.6 (row)" in stage
     assert out.startswith("It is a truth universally acknowledged") and "[μ-MoE]" in out and "(60.2%" in out  # floor((1 - 0.6)·256) = 102 of 256 dropped per row
     for bad in (["--active", "0"], ["--active", "1.2"]):
         assert main(["generate", "--prompt", "x", *bad]) == 2
