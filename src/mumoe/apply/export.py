@@ -131,12 +131,6 @@ def _io_error(e: BaseException) -> tuple[str, int | None] | None:
     return None
 
 
-def _local_source(model: nn.Module) -> str | None:
-    """The folder a model was loaded from, when it is a local one."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return name if name and Path(name).is_dir() else None
-
-
 def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenizer=None, overwrite: bool = False,
                 dtype: str | torch.dtype | None = None) -> Path:
     """Write model (+ tokenizer) and pruning.json to `out` atomically, in the report's form (`apply.forms`);
@@ -158,7 +152,7 @@ def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenize
         target = checkpoint_dtype(src) if src is not None else None
     else:
         target = parse_dtype(dtype)
-    with atomic_output(out, overwrite, _local_source(model)) as tmp:
+    with atomic_output(out, overwrite, src) as tmp:  # the source folder is never replaced
         with stored_as(model, target):
             form.write(model, tmp, report)
         copied = copy_side_files(src, tmp) if src is not None else []

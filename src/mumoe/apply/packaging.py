@@ -80,17 +80,23 @@ def export_config(source_json: dict, before, after, expert_count_key: str | None
         b, a = getattr(before, sub, None), getattr(after, sub, None)
         if isinstance(cfg.get(sub), dict) and hasattr(a, "to_dict") and hasattr(b, "to_dict") and a is not after:
             _spell(cfg[sub], _changed(b.to_dict(), a.to_dict()), getattr(a, "attribute_map", {}) or {})
-    if expert_count_key and expert_count_key not in cfg:
-        n = getattr(after, expert_count_key, None)
-        if isinstance(n, int) and n != getattr(before, expert_count_key, n):
-            cfg[expert_count_key] = n
+    n = getattr(after, expert_count_key, None) if expert_count_key else None
+    changed = isinstance(n, int) and n != getattr(before, expert_count_key, n)
     if "mumoe_base_architecture" in cfg:  # re-pruning a mumoe-form export: its form adds these back if it needs them
         cfg["architectures"] = [cfg.pop("mumoe_base_architecture")]
         for key in ("auto_map", "mumoe_layers"):
             cfg.pop(key, None)
+    return reader_keys(cfg, expert_count_key, n if changed else None, dtype)
+
+
+def reader_keys(cfg: dict, expert_count_key: str | None, experts: int | None, dtype: torch.dtype | None) -> dict:
+    """What older readers need in a config.json, set in place (both export paths): the expert count under the key
+    transformers 4.x and llama.cpp's converter read (`expert_count_key`), added when the source lacks it and the
+    count changed (`experts`); the export's `dtype` under the dtype keys the source has ("dtype" when none)."""
+    if expert_count_key and experts is not None and expert_count_key not in cfg:
+        cfg[expert_count_key] = experts
     if dtype is not None:
-        keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
-        for k in keys:
+        for k in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
             cfg[k] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     return cfg
 

@@ -96,7 +96,7 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
     `report`. dtype: cast floating-point tensors to it (None: each keeps the source's)."""
     from ..models.registry import ADAPTERS
     from .forms import get_form
-    from .packaging import DTYPE_NAMES, copy_side_files
+    from .packaging import DTYPE_NAMES, copy_side_files, reader_keys
 
     path = Path(path)
     keys = list(_keys(path))
@@ -108,15 +108,12 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
         writer.finish()
         copy_side_files(path, tmp)
         cfg = json.loads((path / "config.json").read_text())
-        changes = dict(config_changes)
-        if dtype is not None:
-            changes.update({k: DTYPE_NAMES[dtype] for k in ("dtype", "torch_dtype")})
-            cfg.setdefault("dtype", DTYPE_NAMES[dtype])
-        rewrite_config(cfg, changes)
-        own = getattr(ADAPTERS.get(cfg.get("model_type")), "expert_count_key", None)
+        dtype_keys = {k: DTYPE_NAMES[dtype] for k in ("dtype", "torch_dtype")} if dtype is not None else {}
+        rewrite_config(cfg, {**config_changes, **dtype_keys})  # nested text configs' dtype too
         counts = [v for k, v in config_changes.items() if k in EXPERT_COUNT_KEYS]
-        if own and own not in cfg and counts and any(k in cfg for k in EXPERT_COUNT_KEYS):
-            cfg[own] = counts[0]
+        own = getattr(ADAPTERS.get(cfg.get("model_type")), "expert_count_key", None)
+        has_count = any(k in cfg for k in EXPERT_COUNT_KEYS)
+        reader_keys(cfg, own, counts[0] if counts and has_count else None, dtype)
         form = get_form(report.form)
         if form.package is not None:
             cfg = form.package(cfg, tmp, report)

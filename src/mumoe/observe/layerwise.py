@@ -15,7 +15,6 @@ be filled from the files, or materialising it fails with one line naming what is
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import defaultdict
@@ -242,7 +241,7 @@ def is_layerwise_source(name: str | Path) -> bool:
 
 
 def source_dtype(path: str | Path) -> torch.dtype:
-    """The checkpoint's own dtype (config's `dtype`/`torch_dtype`, else fp32)."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
-    return getattr(torch, name, torch.float32) if isinstance(name, str) else torch.float32
+    """The checkpoint's own dtype (`loading.checkpoint_dtype`)."""
+    from ..loading import checkpoint_dtype
+
+    return checkpoint_dtype(path)
