@@ -725,6 +725,72 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _serve_defaults(args):
+    from .serve import Pruning
+
+    return Pruning(active=args.active, structure=args.structure, experts=args.experts, task=args.task)
+
+
+def cmd_serve(args) -> int:
+    """Check everything cheap, load once, then serve until SIGTERM / Ctrl-C (in-flight requests finish)."""
+    from .files import check_positive
+    from .serve import require_extra
+
+    require_extra()
+    check_positive(args.max_queue, "--max-queue", 1)
+    check_positive(args.max_task_models, "--max-task-models", 1)
+    if args.timeout <= 0:
+        raise MumoeError(f"--timeout must be positive, got {args.timeout}")
+    if not 0 < args.port < 65536:
+        raise MumoeError(f"--port must be in 1..65535, got {args.port}")
+    _check_generate_args(args)
+    if args.task is not None and not args.library:
+        raise MumoeError("--task needs --library LIB (a task library from `mumoe taer build`)")
+    template = None
+    if args.chat_template:
+        from .files import read_utf8
+
+        template = read_utf8(args.chat_template)
+    library = None
+    if args.library:
+        from .retrieval import TaskLibrary
+        from .retrieval.partial import check_library
+
+        library = TaskLibrary.load(args.library)
+        check_library(_source_dir(args.model) or args.model, library)
+    import uvicorn
+
+    from .loading import load_tokenizer
+    from .serve import Engine, ServerConfig, create_app
+
+    tok = load_tokenizer(args.model)
+    if tok is None:
+        raise MumoeError(f"{args.model} has no tokenizer; mumoe serve needs one")
+    t0 = time.perf_counter()
+    model = _load_model(args.model, args.dtype, args.device)
+    name = args.served_model_name or args.model
+    engine = Engine(model, tok, name, _serve_defaults(args), library, _source_dir(args.model), args.max_task_models,
+                    template)
+    d = engine.defaults
+    mode = {"dense": "dense", "mu-moe": f"μ-MoE ρ={d.active:g} ({d.structure})", "experts": f"{d.experts} experts "
+            "per layer per prompt", "task": f"TAER task {d.task}"}[d.kind]
+    say(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; default pruning: {mode}"
+        + (f"; task library {args.library} ({len(library.tasks)} tasks)" if library else ""))
+    app = create_app(engine, ServerConfig(max_queue=args.max_queue, timeout=args.timeout))
+    print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (OpenAI-compatible; Ctrl-C or SIGTERM stops "
+          "after the requests in flight)", flush=True)
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn installs its own graceful handler
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if QUIET[0] else "info",
+                            access_log=not QUIET[0], timeout_graceful_shutdown=args.timeout)
+    server = uvicorn.Server(config)
+    server.run()
+    if not getattr(server, "started", True):
+        raise MumoeError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .apply.export import check_output_dir
     from .eval.demo import run_demo
@@ -913,6 +979,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "decode: whole input columns dropped; lossy on a model as narrow as the bundled one)")
     sp.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate, greedy (default 48)")
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server; every request pruned for itself",
+                        description="Serve one model over an OpenAI-compatible API (/v1/completions, "
+                        "/v1/chat/completions, /v1/models, /health, /metrics). Each request is pruned for itself: the "
+                        "server defaults below, overridden per request by a \"mumoe\" object in the body, e.g. "
+                        "{\"active\": 0.5, \"structure\": \"column\"} (μ-MoE from the prompt's own prefill), "
+                        "{\"experts\": 8} (the 8 experts per layer the prompt routes to most) or {\"task\": \"auto\"} "
+                        "(TAER, with --library). One request decodes at a time; needs `pip install 'mumoe[serve]'`.")
+    common(sp)
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sp.add_argument("--served-model-name", help="the name clients pass as \"model\" (default: the MODEL argument)")
+    sp.add_argument("--active", type=float, default=1.0, help="default μ-MoE active-weight ratio rho in (0, 1] "
+                    "(default 1 = dense)")
+    sp.add_argument("--structure", default="row", help="default μ-MoE structure: row (default), N:M or column")
+    sp.add_argument("--experts", type=int, help="default per-prompt expert pruning: keep this many experts per layer "
+                    "(the prompt's own TCESS; default off)")
+    sp.add_argument("--library", help="TAER task library (from `mumoe taer build`): enables \"task\" requests")
+    sp.add_argument("--task", help="default TAER task: 'auto' (match each prompt) or a task name (needs --library; "
+                    "default off)")
+    sp.add_argument("--max-task-models", type=int, default=2, help="TAER task models kept in memory, least recently "
+                    "used dropped first (default 2)")
+    sp.add_argument("--max-queue", type=int, default=16, help="requests waiting behind the one decoding; more get "
+                    "HTTP 503 (default 16)")
+    sp.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take from arrival to its last "
+                    "token, queueing included; later: HTTP 504 (default 600)")
+    sp.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template for /v1/chat/completions when the "
+                    "tokenizer has none (default: the tokenizer's own)")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("demo", help="the tour on the bundled model (start here)",
                         description="Dense vs expert pruning at 25/50/75% (AIMER, frequency, REAP, PEU), HEAPr at "

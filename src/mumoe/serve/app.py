@@ -1,0 +1,403 @@
+"""The HTTP side of `mumoe serve`: an OpenAI-compatible FastAPI app in front of one `Engine`.
+
+    POST /v1/completions        prompt text or token ids (one or several), max_tokens, temperature, top_p, stop,
+                                seed, stream (server-sent events), logprobs + echo (prompt scoring, as lm-eval's
+                                local-completions asks), and the "mumoe" extension object
+    POST /v1/chat/completions   where the tokenizer has a chat template (or --chat-template)
+    GET  /v1/models, /health, /metrics (Prometheus text)
+
+Requests are checked in the event loop (JSON, fields, lengths, pruning settings: a 4xx with OpenAI's error object)
+and only then queued; one worker thread decodes them one at a time (batch 1). A full queue is a 503; a request
+past its timeout is a 504; a client that disconnects cancels its request (checked between tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import MumoeError
+from .engine import Engine, Finished, Pruning, Sampling
+from .protocol import ChatRequest, CompletionRequest, error_body, validation_message
+
+log = logging.getLogger("mumoe.serve")
+
+
+@dataclass
+class ServerConfig:
+    max_queue: int = 16  # requests waiting (the one decoding not counted); more: 503
+    timeout: float = 600.0  # seconds from arrival to the last token; more: 504
+
+
+class Job:
+    """One request on its way through the worker: its prompts, settings and the channel back to its handler."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompts: list[list[int]], sampling: Sampling,
+                 pruning: Pruning, timeout: float) -> None:
+        self.loop, self.prompts, self.sampling, self.pruning = loop, prompts, sampling, pruning
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.deadline = time.monotonic() + timeout
+        self.arrived = time.perf_counter()
+
+    def put(self, event: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def should_stop(self) -> str | None:
+        if self.cancelled.is_set():
+            return "cancelled"
+        return "timeout" if time.monotonic() > self.deadline else None
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry)."""
+
+    def __init__(self, worker: "Worker", engine: Engine) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("mumoe_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("mumoe_prompt_tokens", "prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("mumoe_generation_tokens", "tokens decoded", ["kind"], registry=r)
+        self.weight_tokens = Counter(
+            "mumoe_active_weight_tokens", "sum over decoded tokens of the weights active in their decode (divide "
+            "by mumoe_generation_tokens_total for the active weights read per decoded token)", ["kind"], registry=r)
+        Gauge("mumoe_queue_length", "requests waiting for the worker", registry=r).set_function(worker.jobs.qsize)
+        Gauge("mumoe_requests_running", "requests being decoded (0 or 1)", registry=r).set_function(
+            lambda: int(worker.busy))
+        Gauge("mumoe_model_weights", "weights of the loaded model", registry=r).set(engine.total_weights)
+        Gauge("mumoe_task_models_cached", "TAER task models in memory", registry=r).set_function(
+            lambda: len(engine.task_models))
+        Gauge("mumoe_task_models_bytes", "bytes held by the cached TAER task models", registry=r).set_function(
+            engine.task_cache_bytes)
+        self.overhead = Histogram("mumoe_pruning_overhead_seconds", "per-request pruning overhead (statistics, "
+                                  "selection, masking or slicing; TAER: matching and loading)", ["kind"], registry=r,
+                                  buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.latency = Histogram("mumoe_request_seconds", "request latency, arrival to last token", ["kind"],
+                                 registry=r, buckets=(.05, .1, .25, .5, 1, 2, 4, 8, 16, 32, 64, 128))
+
+    def finished(self, f: Finished) -> None:
+        kind = f.applied["kind"]
+        self.prompt_tokens.inc(f.prompt_tokens)
+        self.generation_tokens.labels(kind).inc(f.completion_tokens)
+        self.weight_tokens.labels(kind).inc(f.completion_tokens * f.applied.get("active_weights", 0))
+        self.overhead.labels(kind).observe(f.applied.get("overhead_ms", 0.0) / 1000)
+
+
+class Worker:
+    """The one thread that runs the model: jobs in arrival order, batch 1."""
+
+    def __init__(self, engine: Engine, max_queue: int) -> None:
+        self.engine = engine
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.busy = False
+        self.metrics: Metrics | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="mumoe-worker", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put_nowait(job)  # queue.Full: the caller answers 503
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            reason = job.should_stop()
+            if reason:
+                job.put(("end", reason))
+                continue
+            self.busy = True
+            end = None
+            try:
+                for i, ids in enumerate(job.prompts):
+                    f = self.engine.run(ids, job.sampling, job.pruning,
+                                        lambda text, entries, i=i: job.put(("delta", i, text, entries)), job.should_stop)
+                    if self.metrics is not None:
+                        self.metrics.finished(f)
+                    job.put(("done", i, f))
+                    if f.finish_reason in ("cancelled", "timeout"):
+                        end = f.finish_reason
+                        break
+            except MumoeError as e:
+                job.put(("error", 400, str(e).splitlines()[0] if str(e) else type(e).__name__))
+            except Exception as e:  # a bug, not the request: logged, answered, and the server keeps serving
+                log.error("request failed:\n%s", traceback.format_exc())
+                job.put(("error", 500, f"internal error: {type(e).__name__}: {e}"))
+            finally:
+                self.busy = False
+                job.put(("end", end))
+
+
+class _Reply(Exception):
+    """An error answer decided while handling a request."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, param, code)
+
+
+def _logprobs_block(entries: list[dict], offset0: int = 0) -> dict:
+    """The legacy completions logprobs object from engine entries."""
+    tokens, lps, tops, offsets, at = [], [], [], [], offset0
+    for e in entries:
+        tokens.append(e["token"])
+        lps.append(e["logprob"])
+        tops.append(None if e["top"] is None else {t: lp for t, lp in reversed(e["top"])} if e["top"] else {})
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(entries: list[dict]) -> dict:
+    def one(t, lp):
+        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+
+    return {"content": [{**one(e["token"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"] or []]}
+                        for e in entries]}
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None):
+    """The FastAPI app serving `engine` (its worker starts and stops with the app's lifespan)."""
+    config = config or ServerConfig()
+    worker = Worker(engine, config.max_queue)
+    metrics = worker.metrics = Metrics(worker, engine)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="mumoe serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.worker = engine, worker
+
+    def answer(endpoint: str, status: int, body: dict) -> JSONResponse:
+        metrics.requests.labels(endpoint, str(status)).inc()
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = validation_message(exc.errors())
+        return answer(request.url.path, 400, error_body(message, param=param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return answer(request.url.path, exc.status_code, error_body(f"{exc.detail}: {request.method} {request.url.path}", kind))
+
+    @app.exception_handler(_Reply)
+    async def _reply(request: Request, exc: _Reply):
+        return answer(request.url.path, exc.status, exc.body)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.error("handler failed:\n%s", traceback.format_exc())
+        return answer(request.url.path, 500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.name, "queue": worker.jobs.qsize(), "running": int(worker.busy)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "mumoe",
+                                            "max_model_len": engine.context_length}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def prepare(body, prompts: list, max_tokens: int, sampling: Sampling) -> Job:
+        if body.model != engine.name:
+            raise _Reply(404, f"the model '{body.model}' does not exist; this server serves '{engine.name}'",
+                         "not_found_error", "model", "model_not_found")
+        try:
+            ids = [engine.encode(p) for p in prompts]
+            for x in ids:
+                engine.check_length(x, max_tokens)
+            pruning = engine.pruning(body.mumoe.model_dump(exclude_unset=True) if body.mumoe else None)
+        except MumoeError as e:
+            raise _Reply(400, str(e).splitlines()[0]) from e
+        return Job(asyncio.get_running_loop(), ids, sampling, pruning, config.timeout)
+
+    def submit(job: Job) -> None:
+        try:
+            worker.submit(job)
+        except queue.Full:
+            raise _Reply(503, f"the server is busy ({config.max_queue} requests waiting); retry later",
+                         "server_busy", code="queue_full") from None
+
+    async def events(job: Job, request: Request):
+        """The job's events; cancels it when the client goes away or its time is up."""
+        while True:
+            try:
+                ev = await asyncio.wait_for(job.events.get(), 0.25)
+            except (TimeoutError, asyncio.TimeoutError):
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                if time.monotonic() > job.deadline + 5:  # the worker is stuck in a forward: give up waiting
+                    job.cancelled.set()
+                    yield ("end", "timeout")
+                    return
+                continue
+            yield ev
+            if ev[0] in ("end", "error"):
+                return
+
+    def timeout_reply() -> _Reply:
+        return _Reply(504, f"the request did not finish within the server's timeout ({config.timeout:g} s)",
+                      "timeout", code="timeout")
+
+    async def collect(job: Job, request: Request, n: int):
+        texts, entries, done = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+        async for ev in events(job, request):
+            if ev[0] == "delta":
+                texts[ev[1]].append(ev[2])
+                entries[ev[1]] += ev[3]
+            elif ev[0] == "done":
+                done[ev[1]] = ev[2]
+            elif ev[0] == "error":
+                raise _Reply(ev[1], ev[2], "invalid_request_error" if ev[1] < 500 else "server_error")
+            elif ev[0] == "end" and ev[1] == "timeout":
+                raise timeout_reply()
+        if any(d is None or d.finish_reason in ("cancelled", "timeout") for d in done):
+            raise timeout_reply()
+        return ["".join(t) for t in texts], entries, done
+
+    def usage(done: list[Finished]) -> dict:
+        p, c = sum(d.prompt_tokens for d in done), sum(d.completion_tokens for d in done)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def sse(obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def stream(job: Job, request: Request, endpoint: str, chat: bool, include_usage: bool):
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": engine.name}
+        done: list[Finished] = []
+        status = 200
+        try:
+            if chat:
+                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            async for ev in events(job, request):
+                if ev[0] == "delta":
+                    if not ev[2] and not ev[3]:
+                        continue
+                    if chat:
+                        choice = {"index": ev[1], "delta": {"content": ev[2]},
+                                  "logprobs": _chat_logprobs(ev[3]) if ev[3] else None, "finish_reason": None}
+                    else:
+                        choice = {"index": ev[1], "text": ev[2], "logprobs": _logprobs_block(ev[3]) if ev[3] else None,
+                                  "finish_reason": None}
+                    yield sse({**head, "choices": [choice]})
+                elif ev[0] == "done":
+                    f = ev[2]
+                    done.append(f)
+                    if f.finish_reason in ("cancelled", "timeout"):
+                        status = 504
+                        yield sse(timeout_reply().body)
+                        return
+                    last = {"index": ev[1], "finish_reason": f.finish_reason, "logprobs": None}
+                    last.update({"delta": {}} if chat else {"text": ""})
+                    yield sse({**head, "choices": [last], "mumoe": f.applied})
+                elif ev[0] == "error":
+                    status = ev[1]
+                    yield sse(error_body(ev[2], "invalid_request_error" if ev[1] < 500 else "server_error"))
+                    return
+                elif ev[0] == "end" and ev[1] == "timeout":
+                    status = 504
+                    yield sse(timeout_reply().body)
+                    return
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage(done)})
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # a client gone mid-stream: the worker stops at the next token
+            metrics.requests.labels(endpoint, str(status)).inc()
+            if done:
+                metrics.latency.labels(done[0].applied["kind"]).observe(time.perf_counter() - job.arrived)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        try:
+            prompts = body.prompts()
+        except ValueError as e:
+            raise _Reply(400, str(e), param="prompt") from None
+        if body.logprobs is not None and body.logprobs > 5:
+            raise _Reply(400, "logprobs must be at most 5", param="logprobs")
+        sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop, body.logprobs,
+                            body.echo)
+        job = prepare(body, prompts, body.max_tokens, sampling)
+        submit(job)
+        if body.stream:
+            return StreamingResponse(stream(job, request, "/v1/completions", False,
+                                            bool((body.stream_options or {}).get("include_usage"))),
+                                     media_type="text/event-stream")
+        texts, entries, done = await collect(job, request, len(prompts))
+        choices = [{"index": i, "text": t, "logprobs": _logprobs_block(e) if body.logprobs is not None else None,
+                    "finish_reason": d.finish_reason, "mumoe": d.applied}
+                   for i, (t, e, d) in enumerate(zip(texts, entries, done))]
+        metrics.latency.labels(done[0].applied["kind"]).observe(time.perf_counter() - job.arrived)
+        return answer("/v1/completions", 200, {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": engine.name, "choices": choices, "usage": usage(done), "mumoe": done[0].applied})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        if not getattr(engine.tokenizer, "chat_template", None):
+            raise _Reply(400, f"the tokenizer of '{engine.name}' has no chat template; use /v1/completions, or "
+                              "start the server with --chat-template FILE")
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except ValueError as e:
+            raise _Reply(400, str(e).splitlines()[0], param="messages") from None
+        except Exception as e:  # a template that raises on these messages (jinja errors)
+            raise _Reply(400, f"the chat template failed on these messages: {e}", param="messages") from None
+        top = body.top_logprobs if body.top_logprobs is not None else 0
+        sampling = Sampling(body.token_budget(), body.temperature, body.top_p, body.seed, body.stop,
+                            top if body.logprobs else None, False)
+        job = prepare(body, [prompt], sampling.max_tokens, sampling)
+        submit(job)
+        if body.stream:
+            return StreamingResponse(stream(job, request, "/v1/chat/completions", True,
+                                            bool((body.stream_options or {}).get("include_usage"))),
+                                     media_type="text/event-stream")
+        texts, entries, done = await collect(job, request, 1)
+        metrics.latency.labels(done[0].applied["kind"]).observe(time.perf_counter() - job.arrived)
+        return answer("/v1/chat/completions", 200, {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": engine.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[0]},
+                         "logprobs": _chat_logprobs(entries[0]) if body.logprobs else None,
+                         "finish_reason": done[0].finish_reason}],
+            "usage": usage(done), "mumoe": done[0].applied})
+
+    return app

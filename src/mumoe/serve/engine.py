@@ -1,0 +1,348 @@
+"""The serving engine: one model, one request at a time, each request pruned for itself.
+
+A request's pruning (`Pruning`) is one of
+    dense      the model as loaded
+    mu-moe     μ-MoE: masks at active ratio ρ from the prompt's own dense prefill (row, N:M or column)
+    experts    per-prompt expert pruning: the K experts per layer the prompt's prefill routes to most (TCESS)
+    task       PreMoe TAER: the prompt matched to a task of the library ("auto") or a named task; decoding runs
+               on that task's model, loaded from the checkpoint with only its experts (an LRU cache)
+
+Decoding follows `mumoe generate` exactly: the prompt is prefilled densely (statistics and KV cache), the cache
+is cropped by one position and the last prompt token is fed again through the pruned weights, then tokens are
+decoded one at a time (greedy at temperature 0, else temperature / top-p sampling from a seeded generator).
+With `echo` + `logprobs`, the prompt's own log-probabilities come from one more forward of the prompt through
+the request's pruned weights (the prompt scored by the model it chose).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..compat import cache_kwarg, output_cache
+from ..errors import MumoeError
+from ..recipe import parse_structure
+from ..select.weights import check_active
+from ..testtime.experts import capture_router_logits, check_experts, experts_kept, prompt_keep
+from ..testtime.kvcache import grow_in_place
+from ..testtime.prompt import PromptPruner
+
+EXTENSION_KEYS = ("active", "structure", "experts", "task")
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What one request's decode runs with (server defaults, overridden by the request's "mumoe" object)."""
+
+    active: float = 1.0  # μ-MoE active-weight ratio ρ; 1 = off
+    structure: str = "row"  # μ-MoE structure: row | N:M | column
+    experts: int | None = None  # per-prompt expert pruning: experts kept per layer
+    task: str | None = None  # TAER: "auto" or a task name of the library
+
+    @property
+    def kind(self) -> str:
+        if self.task is not None:
+            return "task"
+        if self.experts is not None:
+            return "experts"
+        return "mu-moe" if self.active < 1.0 else "dense"
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # top alternatives per position (0: only the chosen token's)
+    echo: bool = False
+
+
+@dataclass
+class Finished:
+    """The end of one completion."""
+
+    finish_reason: str  # stop | length | cancelled | timeout
+    prompt_tokens: int
+    completion_tokens: int
+    applied: dict  # what pruning ran, with its overhead in ms
+
+
+class TextStream:
+    """Incremental detokenization with stop strings: `push` returns the text that is safe to send (never a
+    partial UTF-8 character, never the beginning of a possible stop string) and whether a stop string ended it."""
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = 0  # characters already handed out
+        self.text = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return "", False
+        self.text = text
+        for s in self.stop:
+            at = text.find(s, max(0, self.sent - len(s) + 1))
+            if at >= 0:
+                self.text = text[:at]
+                return self._take(len(self.text)), True
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        return self._take(max(self.sent, len(text) - hold)), False
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        out = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return out
+
+
+def _top(logp: torch.Tensor, n: int, chosen: int) -> list[tuple[int, float]]:
+    """The n most likely tokens of one position and the chosen one: [(id, logprob)], most likely first."""
+    vals, idx = logp.topk(n) if n > 0 else (logp[:0], torch.zeros(0, dtype=torch.long))
+    out = [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    if chosen not in {i for i, _ in out}:
+        out.append((chosen, float(logp[chosen])))
+    return out
+
+
+class Engine:
+    """A loaded model with its tokenizer, serving defaults and (optionally) a TAER task library."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, defaults: Pruning | None = None,
+                 library=None, model_path: str | None = None, max_task_models: int = 2,
+                 chat_template: str | None = None) -> None:
+        if tokenizer is None:
+            raise MumoeError(f"{name} has no tokenizer; mumoe serve needs one")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.device = next(model.parameters()).device
+        cfg = model.config
+        self.context_length = int(getattr(cfg, "max_position_embeddings", None) or 2048)
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        self.library, self.model_path = library, model_path
+        if library is not None:
+            library.check_model(model)
+        self.max_task_models = max_task_models
+        self.task_models: OrderedDict[str, nn.Module] = OrderedDict()
+        self.total_weights = sum(p.numel() for p in model.parameters())
+        self._pruners: dict[tuple[float, str], PromptPruner] = {}
+        self.defaults = self.pruning(None, defaults or Pruning())
+
+    # ---- request checks (cheap; run before a request is queued) --------------------------------
+    def pruning(self, ext: dict | None, base: Pruning | None = None) -> Pruning:
+        """The pruning of one request: `base` (the server defaults) overridden by its "mumoe" object. Setting
+        any of active / experts / task replaces the default mode; structure alone keeps it."""
+        p = base if base is not None else self.defaults
+        ext = {k: v for k, v in (ext or {}).items() if v is not None}
+        unknown = sorted(set(ext) - set(EXTENSION_KEYS))
+        if unknown:
+            raise MumoeError(f"unknown field mumoe.{unknown[0]}; known: {', '.join(EXTENSION_KEYS)}")
+        modes = [k for k in ("experts", "task") if k in ext] + (["active"] if ext.get("active", 1.0) != 1.0 else [])
+        if len(modes) > 1:
+            raise MumoeError(f"mumoe: choose one of active, experts or task per request, got {' and '.join(modes)}")
+        if {"active", "experts", "task"} & set(ext):
+            p = Pruning(structure=p.structure)
+        p = replace(p, **ext)
+        if isinstance(p.active, bool) or not isinstance(p.active, (int, float)):
+            raise MumoeError(f"mumoe.active must be a number in (0, 1], got {p.active!r}")
+        check_active(p.active)
+        if not isinstance(p.structure, str):
+            raise MumoeError(f"mumoe.structure must be a string (row, column or N:M), got {p.structure!r}")
+        parse_structure(p.structure)
+        if p.experts is not None:
+            check_experts(self.model, p.experts)
+        if p.task is not None:
+            if self.library is None:
+                raise MumoeError("mumoe.task needs a task library: start the server with --library LIB")
+            if p.task != "auto":
+                self.library.task(p.task)
+        return replace(p, active=float(p.active))
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise MumoeError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return list(prompt)
+
+    def check_length(self, ids: list[int], max_tokens: int) -> None:
+        if not ids:
+            raise MumoeError("the prompt is empty (no tokens)")
+        if len(ids) + max_tokens > self.context_length:
+            raise MumoeError(f"this model's maximum context length is {self.context_length} tokens; the request "
+                             f"asks for {len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} for the "
+                             "completion)")
+
+    # ---- task models (TAER) --------------------------------------------------------------------
+    def task_model(self, task: str) -> tuple[nn.Module, bool]:
+        """A task's model from the cache (moved to most recent) or loaded with only its experts. -> (model, cached)"""
+        from ..retrieval.partial import load_task_model
+
+        if task in self.task_models:
+            self.task_models.move_to_end(task)
+            return self.task_models[task], True
+        while len(self.task_models) >= self.max_task_models:
+            self.task_models.popitem(last=False)
+        model = load_task_model(self.model_path, self.library, task, next(self.model.parameters()).dtype)
+        self.task_models[task] = model.to(self.device)
+        return self.task_models[task], False
+
+    def task_cache_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for m in self.task_models.values() for p in m.parameters())
+
+    def _pruner(self, active: float, structure: str) -> PromptPruner:
+        key = (active, structure)
+        if key not in self._pruners:
+            self._pruners[key] = PromptPruner(self.model, active, structure)
+        return self._pruners[key]
+
+    # ---- one completion ------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, ids: list[int], sampling: Sampling, pruning: Pruning,
+            emit: Callable[[str, list[dict]], None], should_stop: Callable[[], str | None] = lambda: None) -> Finished:
+        """Complete one prompt. `emit(text, logprob entries)` receives the text as it becomes safe to send (with
+        echo, the prompt first); `should_stop()` returns "cancelled" / "timeout" to end early."""
+        x = torch.tensor([ids], device=self.device)  # [1, L]
+        t0 = time.perf_counter()
+        model, ctx, applied, overhead, refeed = self.model, nullcontext(), {"kind": pruning.kind}, 0.0, False
+        if pruning.kind == "mu-moe":
+            pruner = self._pruner(pruning.active, pruning.structure)
+            timing: dict = {}
+            norms, cache = pruner.prefill(x, timing)
+            t1 = time.perf_counter()
+            masks = pruner.select(norms)
+            total, kept = sum(m.numel() for m in masks.values()), sum(int(m.sum()) for m in masks.values())
+            ctx, refeed = pruner.applied(masks), True
+            overhead = timing["hooks_s"] + time.perf_counter() - t1
+            applied.update(active=pruning.active, structure=pruning.structure,
+                           active_weights=self.total_weights - (total - kept))
+        elif pruning.kind == "experts":
+            with capture_router_logits(model) as logits:
+                out = model(input_ids=x, use_cache=True)
+            t1 = time.perf_counter()
+            keep = prompt_keep(logits, pruning.experts)
+            cache, ctx, refeed = output_cache(out), experts_kept(model, keep), True
+            overhead = time.perf_counter() - t1
+            applied.update(experts=pruning.experts)
+        elif pruning.kind == "task":
+            from ..retrieval.library import match
+
+            task, distance = pruning.task, None
+            if task == "auto":
+                m = match(self.model, self.library, x)
+                task, distance = m.task, m.distance
+            model, cached = self.task_model(task)
+            overhead = time.perf_counter() - t0
+            out = model(input_ids=x, use_cache=True)
+            cache = output_cache(out)
+            applied.update(task=task, matched=pruning.task == "auto", cached=cached,
+                           active_weights=sum(p.numel() for p in model.parameters()))
+            if distance is not None:
+                applied["distance"] = round(distance, 4)
+        else:
+            out = model(input_ids=x, use_cache=True)
+            cache = output_cache(out)
+        if "active_weights" not in applied:
+            applied["active_weights"] = self.total_weights
+        t_enter = time.perf_counter()
+        with ctx as undo:
+            overhead += time.perf_counter() - t_enter  # masking / compaction / slicing
+            if pruning.kind == "experts":
+                applied["active_weights"] = self.total_weights - undo
+            if sampling.echo:
+                self._echo(model, x, sampling, emit, None if refeed else out.logits)
+            if refeed:
+                grow_in_place(cache)
+                cache.crop(-1)
+                feed, logits = x[:, -1:], None
+            else:
+                feed, logits = None, out.logits[:, -1]
+            applied["overhead_ms"] = round(1000 * overhead, 3)
+            reason, n = self._decode(model, cache, feed, logits, sampling, emit, should_stop)
+        return Finished(reason, len(ids), n, applied)
+
+    def _echo(self, model: nn.Module, x: torch.Tensor, sampling: Sampling, emit, logits: torch.Tensor | None) -> None:
+        """The prompt as text, with its log-probabilities under `model` (as pruned for this request)."""
+        ids = x[0].tolist()
+        entries = []
+        if sampling.logprobs is not None:
+            if logits is None:
+                logits = model(input_ids=x, use_cache=False).logits
+            logp = torch.log_softmax(logits[0].float(), dim=-1)  # [L, V]
+            entries = [self._entry(ids[0], None, None)] + [
+                self._entry(t, float(logp[i, t]), _top(logp[i], sampling.logprobs, t))
+                for i, t in enumerate(ids[1:])]
+        emit(self.tokenizer.decode(ids, skip_special_tokens=True), entries)
+
+    def _entry(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> dict:
+        piece = self.tokenizer.decode([token])
+        return {"id": token, "token": piece, "logprob": logprob,
+                "top": None if top is None else [(self.tokenizer.decode([i]), lp) for i, lp in top]}
+
+    def _decode(self, model, cache, feed, logits, sampling: Sampling, emit, should_stop) -> tuple[str, int]:
+        """Decode up to max_tokens. feed: the token(s) to run first (refeed) or None with `logits` [1, V] given."""
+        if sampling.max_tokens == 0:
+            return "length", 0
+        gen = None
+        if sampling.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(6), "big"))
+        text = TextStream(self.tokenizer, sampling.stop)
+        kw = cache_kwarg()
+        n = 0
+        while True:
+            reason = should_stop()
+            if reason:
+                return reason, n
+            if feed is not None:
+                out = model(input_ids=feed, **{kw: cache}, use_cache=True)
+                logits, cache = out.logits[:, -1], output_cache(out)
+            token = self._pick(logits[0], sampling, gen)
+            n += 1
+            entries = []
+            if sampling.logprobs is not None:
+                logp = torch.log_softmax(logits[0].float(), dim=-1)
+                entries = [self._entry(token, float(logp[token]), _top(logp, sampling.logprobs, token))]
+            if token in self.eos:
+                emit(text.flush(), entries if entries else [])
+                return "stop", n
+            delta, stopped = text.push(token)
+            if stopped:
+                emit(delta, entries)
+                return "stop", n
+            if n >= sampling.max_tokens:
+                emit(delta + text.flush(), entries)
+                return "length", n
+            emit(delta, entries)
+            feed = torch.tensor([[token]], device=self.device)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
+        """Greedy at temperature 0; else softmax(logits / T) restricted to the top-p nucleus, sampled. [V] -> id"""
+        if sampling.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+        if sampling.top_p < 1.0:
+            p, idx = probs.sort(descending=True)
+            drop = p.cumsum(0) - p > sampling.top_p  # keep the smallest prefix whose mass reaches top_p
+            p[drop] = 0
+            return int(idx[torch.multinomial(p / p.sum(), 1, generator=gen)])
+        return int(torch.multinomial(probs, 1, generator=gen))

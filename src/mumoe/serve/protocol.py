@@ -1,0 +1,122 @@
+"""OpenAI-compatible request bodies (validated, unknown fields refused) and the error object.
+
+Only what the server does is accepted: n = 1, no penalties, no logit bias, no suffix. A field the server does not
+know is a 400 naming it — never silently ignored, so a client never believes a setting ran that did not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+
+class Extension(BaseModel):
+    """The "mumoe" object of a request: per-request pruning, overriding the server's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    active: float | None = Field(None, description="μ-MoE active-weight ratio ρ in (0, 1]; 1 = dense")
+    structure: str | None = Field(None, description="μ-MoE structure: row, column or N:M")
+    experts: StrictInt | None = Field(None, description="per-prompt expert pruning: experts kept per layer")
+    task: str | None = Field(None, description="TAER: 'auto' (match the prompt) or a task name of the library")
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    seed: int | None = None
+    stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per prompt")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: only 0")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: only 0")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported")
+    user: str | None = None
+    mumoe: Extension | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stops
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    max_tokens: int = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: StrictBool = False
+    best_of: int = Field(1, ge=1, le=1)
+    suffix: None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ValueError("the prompt is empty")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def token_budget(self) -> int:
+        for v in (self.max_completion_tokens, self.max_tokens):
+            if v is not None:
+                return v
+        return 256
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """The first pydantic / FastAPI validation error as one line (and the field it names)."""
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x not in ("body",)]
+    kind = e.get("type", "")
+    if kind == "json_invalid":
+        return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    # a union's members add their type to the location (prompt.str, prompt.list[int]...): keep the field path
+    path = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float"))
+    if kind == "missing":
+        return f"missing required field '{path}'", path
+    if kind == "extra_forbidden":
+        return f"unknown field '{path}' (not supported by mumoe serve)", path
+    if kind == "model_attributes_type" and not path:
+        return "the body must be a JSON object", None
+    return f"{path or 'body'}: {e.get('msg', 'invalid value')}", path or None
