@@ -474,6 +474,9 @@ def _check_eval_args(args) -> None:
 
         check_active(args.active)
         parse_structure(args.structure)
+        check_positive(args.calib_windows, "--calib-windows")
+        if args.library and args.experts is None:
+            raise MumoeError("--library is compared at the expert grain: add --experts K")
         if args.calib:
             from .observe.calib import check_sources
 
@@ -629,7 +632,63 @@ def cmd_taer_generate(args) -> int:
     return 0
 
 
+def _eval_testtime_experts(args, model, tokenizer, texts: dict, seqlen: int) -> int:
+    """Per-prompt expert pruning (K experts per layer from each prompt's own TCESS) against dense, offline TCESS
+    and REAP at the same K (calibrated on --calib, default the bundled domains' calibration splits) and TAER
+    (--library), all in the test-time protocol."""
+    from .api import calibration
+    from .criteria import score_methods
+    from .models import moe_adapter_for
+    from .observe.calib import tokenize, windows
+    from .recipe import Recipe
+    from .select import rank
+    from .testtime.evaluate import expert_continuation_perplexity, taer_chooser
+    from .testtime.experts import check_experts, prompt_keep
+
+    K = check_experts(model, args.experts)
+    P = args.prompt_len or seqlen // 2
+    lib = None
+    if args.library:
+        from .retrieval import TaskLibrary
+
+        lib = TaskLibrary.load(args.library)
+        lib.check_model(model)
+    calib = args.calib or "domain"
+    recipe = Recipe.build("reap", 0.0, calib=(calib,), nsamples=args.calib_windows, seqlen=seqlen)
+    wins_c, groups, _ = calibration(recipe, None, tokenizer)
+    say(f"offline baselines: TCESS and REAP scores from {wins_c.shape[0]} windows of {calib}")
+    scores = score_methods(model, ["tcess", "reap"], wins_c, groups, progress=True)
+    layers = moe_adapter_for(model).moe_layers()
+    fixed = {m: {l.index: sorted(rank(s)[:K].tolist()) for l, s in zip(layers, scores[m])} for m in scores}
+    choosers = {"dense": lambda r, ids: None, f"per-prompt K={K}": lambda r, ids: prompt_keep(r, K),
+                f"tcess[{calib}]": lambda r, ids: fixed["tcess"], f"reap[{calib}]": lambda r, ids: fixed["reap"]}
+    if lib is not None:
+        choosers[f"taer K={lib.keep}"] = taer_chooser(lib)
+    say(f"test-time protocol, expert grain: windows of {seqlen} tokens, prompt {P} (dense prefill), continuation "
+        f"scored with {K} of {layers[0].num_experts} experts per layer")
+    results = {}
+    for name, text in texts.items():
+        wins = windows(tokenize(tokenizer, text), seqlen, args.max_windows or 16)
+        for c in choosers.values():
+            getattr(c, "matched", []).clear()
+        row = {k: expert_continuation_perplexity(model, wins, P, c)["ppl"] for k, c in choosers.items()}
+        if lib is not None:
+            tasks = choosers[f"taer K={lib.keep}"].matched
+            row["taer matched"] = {t: tasks.count(t) for t in sorted(set(tasks))}
+        results[name] = row
+        print(f"  {name:10s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in row.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "seqlen": seqlen, "prompt_len": P, "experts": K,
+                                               "calib": calib, "library": args.library, "results": results},
+                                              indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _eval_testtime(args, model, tokenizer, texts: dict, seqlen: int) -> int:
+    if args.experts is not None:
+        return _eval_testtime_experts(args, model, tokenizer, texts, seqlen)
     from .observe.calib import calibration_windows, tokenize, windows
     from .select.weights import check_active
     from .testtime import continuation_perplexity, offline_masks
@@ -665,8 +724,14 @@ def _eval_tasks(args) -> int:
     model = _load_model(args.model, args.dtype, args.device)
     tokenizer = load_tokenizer(args.model)
     tasks = [t for t in args.tasks.split(",") if t]
-    say(f"lm-eval on {args.model} (in memory): {', '.join(tasks)}" + (f", limit {args.limit}" if args.limit else ""))
-    res = run_lm_eval(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit)
+    pruning = None
+    if args.testtime:
+        from .serve.engine import Pruning
+
+        pruning = Pruning(active=args.active, structure=args.structure, experts=args.experts)
+    say(f"lm-eval on {args.model} (in memory): {', '.join(tasks)}" + (f", limit {args.limit}" if args.limit else "")
+        + ("" if pruning is None else f"; every request pruned for itself ({pruning.kind}), as `mumoe serve` does"))
+    res = run_lm_eval(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit, pruning=pruning)
     for task, metrics in res.items():
         print(f"  {task:28s} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.json:
@@ -964,7 +1029,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 0.5)")
     sp.add_argument("--prompt-len", type=int, default=None, help="--testtime: prompt tokens (default seqlen/2)")
     sp.add_argument("--structure", default="row", help="--testtime: row (default), N:M or column")
-    sp.add_argument("--calib", help="--testtime: calibration text for the offline Wanda baseline")
+    sp.add_argument("--calib", help="--testtime: calibration text for the offline Wanda baseline (with --experts: for "
+                    "the offline TCESS/REAP baselines, default 'domain')")
+    sp.add_argument("--experts", type=int, help="--testtime at the expert grain: keep K experts per layer chosen from "
+                    "each prompt's own routing (TCESS), against dense, offline TCESS/REAP at the same K and TAER "
+                    "(--library); with --tasks: every lm-eval request pruned to its own K experts")
+    sp.add_argument("--calib-windows", type=int, default=32, help="--testtime --experts: calibration windows for the "
+                    "offline baselines (default 32)")
+    sp.add_argument("--library", help="--testtime --experts: a TAER task library to compare with")
     sp.add_argument("--json", help="also write the result as JSON to this path")
     sp.set_defaults(func=cmd_eval)
 

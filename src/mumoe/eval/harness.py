@@ -77,10 +77,54 @@ def export_tasks(out: str | Path, n: int = 100) -> list[str]:
         return write_local_tasks(tmp, n, final=Path(out))
 
 
+def _engine_lm(engine, pruning):
+    """An lm-eval LM that scores every request as `mumoe serve` does (batch 1, pruned for itself): the request's
+    tokens are the prompt, its pruning chosen from them (`serve.engine.Engine.run` with echo + logprobs)."""
+    from lm_eval.api.model import TemplateLM
+
+    from ..serve.engine import Sampling
+
+    class EngineLM(TemplateLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokenizer = engine.tokenizer
+
+        @property
+        def eot_token_id(self) -> int:
+            return self.tokenizer.eos_token_id
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+            return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            from ..progress import bar
+
+            out = []
+            for _, ctx, cont in bar(requests, desc="μ-MoE requests", enabled=not disable_tqdm, unit="req"):
+                ids = (ctx + cont)[-engine.context_length + 1:]
+                n_ctx = len(ids) - len(cont)
+                entries: list[dict] = []
+                engine.run(ids, Sampling(max_tokens=1, temperature=0.0, logprobs=1, echo=True), pruning,
+                           lambda text, e: entries.extend(e))
+                scored = entries[n_ctx:len(ids)]  # the continuation's tokens (the generated one left out)
+                greedy = all(e["logprob"] >= max(lp for _, lp in e["top"]) for e in scored)
+                out.append((sum(e["logprob"] for e in scored), greedy))
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("loglikelihood_rolling is not supported with per-request pruning")
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("generate_until is not supported with per-request pruning")
+
+    return EngineLM()
+
+
 def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: int | None = None,
-                n_local: int = 100) -> dict[str, dict[str, float]]:
+                n_local: int = 100, pruning=None) -> dict[str, dict[str, float]]:
     """Evaluate an in-memory model (or a checkpoint path) with lm-eval. tasks=["local"] runs every local task.
-    -> {task: {metric: value}}"""
+    pruning: a `serve.Pruning` — every request is pruned for itself as `mumoe serve` prunes it (μ-MoE from the
+    request's own tokens, per-prompt experts), scored one at a time. -> {task: {metric: value}}"""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -95,10 +139,16 @@ def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: 
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise MumoeError(f"unknown lm-eval task(s): {', '.join(unknown)}; local offline tasks: {', '.join(local)}")
-        device = "cpu" if isinstance(model, (str, Path)) else str(next(model.parameters()).device)
-        if isinstance(model, Path):
-            model = str(model)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        if pruning is not None:
+            from ..serve.engine import Engine
+
+            engine = Engine(model, tokenizer, "in-process", pruning)
+            lm = _engine_lm(engine, engine.defaults)
+        else:
+            device = "cpu" if isinstance(model, (str, Path)) else str(next(model.parameters()).device)
+            if isinstance(model, Path):
+                model = str(model)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, verbosity="ERROR")
     results = {}
     for task, metrics in out["results"].items():

@@ -48,3 +48,50 @@ def offline_masks(model: nn.Module, calib: torch.Tensor, active: float, structur
                   batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Wanda masks calibrated once on windows [N, L] (the offline baseline)."""
     return masks_from_norms(model, input_norms(model, calib, batch_size=batch_size), active, structure)
+
+
+@torch.no_grad()
+def expert_continuation_perplexity(model: nn.Module, wins: torch.Tensor, prompt_len: int, choose,
+                                   progress: bool = False, desc: str = "test-time windows") -> dict:
+    """The test-time protocol at the expert grain: per window [L], the prompt (first P tokens) is prefilled
+    densely with its router logits captured; `choose(router_logits, prompt_ids)` returns the experts kept for
+    this window's continuation ({layer: kept} or None = every expert), which is then scored with only those
+    experts and the prompt's dense KV cache. wins [N, L] -> {"ppl", "tokens", "windows", "prompt_len"}."""
+    from ..compat import output_cache
+    from .experts import capture_router_logits, experts_kept
+
+    N, L = wins.shape
+    if not 1 <= prompt_len <= L - 2:
+        raise MumoeError(f"prompt length {prompt_len} must leave at least 2 continuation tokens of {L}")
+    dev = next(model.parameters()).device
+    nll, count = 0.0, 0
+    kw = cache_kwarg()
+    for w in bar(wins, desc=desc, enabled=progress, unit="win"):
+        w = w[None].to(dev)
+        with capture_router_logits(model) as router:
+            cache = output_cache(model(input_ids=w[:, :prompt_len], use_cache=True))
+        with experts_kept(model, choose(router, w[:, :prompt_len])):
+            logits = model(w[:, prompt_len:], **{kw: cache}, use_cache=True).logits  # [1, L-P, V]
+        logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)
+        target = w[0, prompt_len + 1:]
+        nll -= float(logp.gather(-1, target[:, None]).sum())
+        count += target.numel()
+    return {"ppl": math.exp(nll / count), "tokens": count, "windows": N, "prompt_len": prompt_len}
+
+
+def taer_chooser(lib):
+    """`choose` for TAER inside the protocol: the prompt's key from its captured router logits (the library's
+    key statistic and layers), the nearest task, that task's kept experts."""
+    from ..retrieval.library import token_stat
+
+    layers = sorted(lib.fingerprint["moe_layers"])
+    wanted = layers[:1] if lib.key_mode == "first" else layers
+
+    def choose(router: dict, ids: torch.Tensor) -> dict[int, list[int]]:
+        key = torch.cat([token_stat(router[i], lib.key_stat).mean(0) for i in wanted]).float().cpu()
+        task = min(lib.keys, key=lambda name: lib.distance(key, name))
+        choose.matched.append(task)
+        return lib.tasks[task]["kept"]
+
+    choose.matched = []
+    return choose
