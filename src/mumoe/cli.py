@@ -801,7 +801,11 @@ def cmd_serve(args) -> int:
     from .files import check_positive
     from .serve import require_extra
 
+    from .select.weights import check_active
+
     require_extra()
+    check_active(args.active)
+    check_positive(args.experts, "--experts", 1)
     check_positive(args.max_queue, "--max-queue", 1)
     check_positive(args.max_task_models, "--max-task-models", 1)
     if args.timeout <= 0:
@@ -811,6 +815,8 @@ def cmd_serve(args) -> int:
     _check_generate_args(args)
     if args.task is not None and not args.library:
         raise MumoeError("--task needs --library LIB (a task library from `mumoe taer build`)")
+    if sum(x for x in (args.active < 1, args.experts is not None, args.task is not None)) > 1:
+        raise MumoeError("choose one default pruning: --active, --experts or --task")
     template = None
     if args.chat_template:
         from .files import read_utf8

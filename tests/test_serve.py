@@ -1,0 +1,513 @@
+"""`mumoe serve` over real HTTP on 127.0.0.1, spoken to with the real `openai` client (and `requests` for the
+malformed bodies no client would send). The server runs in a thread of this process (uvicorn, the same app the
+CLI starts) on the bundled model; the CLI itself, SIGTERM and the lm-eval run are separate tests."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+requests = pytest.importorskip("requests")
+
+import mumoe  # noqa: E402
+from mumoe.loading import DEFAULT_MODEL, DATA, load_tokenizer  # noqa: E402
+from mumoe.serve import Engine, Pruning  # noqa: E402
+from mumoe.serve.app import ServerConfig, create_app  # noqa: E402
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+PROSE = (DATA / "prose" / "eval.txt").read_text("utf-8")
+PROMPT = PROSE[:240]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return mumoe.load("default"), load_tokenizer("default")
+
+
+@pytest.fixture(scope="module")
+def library(model_tok):
+    from mumoe.observe.calib import tokenize, windows
+    from mumoe.retrieval import build_library
+
+    model, tok = model_tok
+    tasks = {d: windows(tokenize(tok, (DATA / d / "calib.txt").read_text("utf-8")), 128, 8) for d in ("code", "prose")}
+    return build_library(model, tasks, keep=8, progress=False)
+
+
+@contextmanager
+def serving(engine: Engine, **config):
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServerConfig(**config)), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(model_tok, library):
+    model, tok = model_tok
+    engine = Engine(model, tok, "default", library=library, model_path=str(DEFAULT_MODEL), max_task_models=1,
+                    chat_template=TEMPLATE)
+    with serving(engine, max_queue=4, timeout=120) as url:
+        yield url, engine
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def metrics(url: str) -> dict[str, float]:
+    out = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def generate_cli(*args: str) -> str:
+    """`mumoe generate` as a user runs it; -> the generated text (stdout minus the prompt and the stats)."""
+    r = subprocess.run([sys.executable, "-m", "mumoe", "generate", "--quiet", "--prompt", PROMPT, *args],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.split("\n\n[μ-MoE]")[0]
+    assert text.startswith(PROMPT)
+    return text[len(PROMPT):]
+
+
+# ---- completions ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("structure", ["row", "column"])
+def test_pruned_completion_equals_mumoe_generate(server, structure):
+    url, _ = server
+    want = generate_cli("--active", "0.5", "--structure", structure, "--max-new-tokens", "24")
+    r = client(url).completions.create(model="default", prompt=PROMPT, max_tokens=24, temperature=0,
+                                       extra_body={"mumoe": {"active": 0.5, "structure": structure}})
+    assert r.choices[0].text == want
+    assert r.mumoe["kind"] == "mu-moe" and r.mumoe["active"] == 0.5 and r.mumoe["structure"] == structure
+    assert r.mumoe["overhead_ms"] > 0
+    assert r.mumoe["active_weights"] < metrics(url)["mumoe_model_weights"]
+    assert r.usage.completion_tokens == len(load_tokenizer()(want)["input_ids"]) or r.choices[0].finish_reason == "length"
+
+
+def test_dense_completion_equals_hf_generate(server, model_tok):
+    url, _ = server
+    model, tok = model_tok
+    ids = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id)
+    want = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    c = client(url)
+    r = c.completions.create(model="default", prompt=PROMPT, max_tokens=20, temperature=0)
+    assert r.choices[0].text == want and r.mumoe["kind"] == "dense"
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 20
+    assert r.choices[0].finish_reason == "length"
+    # token ids as the prompt: the same completion
+    r2 = c.completions.create(model="default", prompt=ids, max_tokens=20, temperature=0)
+    assert r2.choices[0].text == want
+    # several prompts at once: one choice each, in order
+    r3 = c.completions.create(model="default", prompt=[PROMPT, PROSE[500:700]], max_tokens=5, temperature=0)
+    assert [ch.index for ch in r3.choices] == [0, 1] and r3.choices[0].text == c.completions.create(
+        model="default", prompt=PROMPT, max_tokens=5, temperature=0).choices[0].text
+
+
+def test_streaming_equals_non_streaming(server):
+    url, _ = server
+    c = client(url)
+    for ext in ({}, {"mumoe": {"active": 0.5}}, {"mumoe": {"experts": 8}}):
+        whole = c.completions.create(model="default", prompt=PROMPT, max_tokens=16, temperature=0, extra_body=ext)
+        chunks = list(c.completions.create(model="default", prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}, extra_body=ext))
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        assert text == whole.choices[0].text
+        assert sum(1 for ch in chunks if ch.choices and ch.choices[0].text) >= 2  # really streamed, token by token
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["length"]
+        assert chunks[-1].usage.completion_tokens == 16
+
+
+def test_stop_sequences_and_sampling_seed(server):
+    url, _ = server
+    c = client(url)
+    full = c.completions.create(model="default", prompt=PROMPT, max_tokens=30, temperature=0).choices[0].text
+    stop = full[8:11]
+    assert stop.strip()
+    r = c.completions.create(model="default", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="default", prompt=PROMPT, max_tokens=30, temperature=0, stop=stop, stream=True) if ch.choices)
+    assert streamed == r.choices[0].text
+    a = c.completions.create(model="default", prompt=PROMPT, max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    b = c.completions.create(model="default", prompt=PROMPT, max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    d = c.completions.create(model="default", prompt=PROMPT, max_tokens=12, temperature=1.0, top_p=0.9, seed=8)
+    assert a.choices[0].text == b.choices[0].text != d.choices[0].text
+
+
+def test_logprobs_and_echo_against_a_plain_forward(server, model_tok):
+    """echo + logprobs (lm-eval's loglikelihood request): the prompt's log-probabilities equal log_softmax of one
+    plain forward (dense) or of the masked model built independently from the prompt (μ-MoE)."""
+    from mumoe.apply.masking import apply_masks, restore
+    from mumoe.testtime import prompt_masks
+
+    url, engine = server
+    model, tok = model_tok
+    ids = tok(PROSE[:120], add_special_tokens=False)["input_ids"]
+    c = client(url)
+    for ext in ({}, {"mumoe": {"active": 0.5}}):
+        r = c.completions.create(model="default", prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True,
+                                 extra_body=ext)
+        lp = r.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert r.choices[0].text.startswith(tok.decode(ids))
+        with torch.no_grad():
+            if ext:
+                masks = prompt_masks(model, torch.tensor([ids]), 0.5)
+                undo = apply_masks(model, masks)
+                try:
+                    logits = model(torch.tensor([ids])).logits[0]
+                finally:
+                    restore(model, undo)
+            else:
+                logits = model(torch.tensor([ids])).logits[0]
+        want = torch.log_softmax(logits.double(), -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        got = torch.tensor(lp.token_logprobs[1:len(ids)], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for t, top in zip(lp.token_logprobs[1:len(ids)], lp.top_logprobs[1:len(ids)]):
+            assert max(top.values()) >= t  # the most likely token (and the actual one) are listed
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # generated tokens with logprobs: 3 alternatives each, the chosen one the most likely at temperature 0
+    r = c.completions.create(model="default", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4 and "".join(lp.tokens) == r.choices[0].text
+    for t, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) >= 3 and t == max(top.values())
+
+
+def test_chat_completions(server, model_tok):
+    url, _ = server
+    _, tok = model_tok
+    c = client(url)
+    messages = [{"role": "system", "content": "You write prose."}, {"role": "user", "content": PROSE[:80]}]
+    r = c.chat.completions.create(model="default", messages=messages, max_tokens=12, temperature=0)
+    prompt = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+    want = c.completions.create(model="default", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="default", messages=messages, max_tokens=12, temperature=0, stream=True) if ch.choices)
+    assert streamed == want
+    r = c.chat.completions.create(model="default", messages=messages, max_tokens=3, temperature=0, logprobs=True,
+                                  top_logprobs=2, extra_body={"mumoe": {"active": 0.5}})
+    assert len(r.choices[0].logprobs.content) == 3 and r.mumoe["kind"] == "mu-moe"
+
+
+def test_models_health(server):
+    url, engine = server
+    models = client(url).models.list()
+    assert [m.id for m in models.data] == ["default"]
+    h = requests.get(url + "/health", timeout=10).json()
+    assert h["status"] == "ok" and h["queue"] == 0
+
+
+# ---- the extension object -------------------------------------------------------------------------------------
+def test_experts_extension(server):
+    url, engine = server
+    c = client(url)
+    dense = c.completions.create(model="default", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+    every = c.completions.create(model="default", prompt=PROMPT, max_tokens=16, temperature=0,
+                                 extra_body={"mumoe": {"experts": 16}})
+    assert every.choices[0].text == dense and every.mumoe["kind"] == "experts"
+    half = c.completions.create(model="default", prompt=PROMPT, max_tokens=16, temperature=0,
+                                extra_body={"mumoe": {"experts": 4}})
+    assert half.mumoe["experts"] == 4 and half.mumoe["active_weights"] < every.mumoe["active_weights"]
+    # the model is whole again afterwards
+    assert c.completions.create(model="default", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text == dense
+
+
+def test_task_extension_matches_taer_generate(server, model_tok, library):
+    """{"task": "auto"}: the matched task and the text equal TAER's own match + partial-load + generate."""
+    from mumoe.retrieval.library import match
+    from mumoe.retrieval.partial import load_task_model
+
+    url, engine = server
+    model, tok = model_tok
+    code = (DATA / "code" / "eval.txt").read_text("utf-8")[:300]
+    c = client(url)
+    seen = []
+    for prompt in (code, PROMPT):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        task = match(model, library, torch.tensor([ids])).task
+        seen.append(task)
+        r = c.completions.create(model="default", prompt=prompt, max_tokens=12, temperature=0,
+                                 extra_body={"mumoe": {"task": "auto"}})
+        assert r.mumoe["task"] == task and r.mumoe["matched"] is True
+        task_model = load_task_model(DEFAULT_MODEL, library, task)
+        with torch.no_grad():
+            out = task_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                      pad_token_id=tok.eos_token_id)
+        assert r.choices[0].text == tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert seen == ["code", "prose"]
+    named = c.completions.create(model="default", prompt=PROMPT, max_tokens=4, temperature=0,
+                                 extra_body={"mumoe": {"task": "code"}})
+    assert named.mumoe["task"] == "code" and named.mumoe["matched"] is False
+    m = metrics(url)
+    assert m["mumoe_task_models_cached"] == 1  # --max-task-models 1: the least recently used was dropped
+    assert m["mumoe_task_models_bytes"] > 0
+
+
+# ---- bad requests ----------------------------------------------------------------------------------------------
+BAD = [
+    ("not json", "{bad", 400, "not valid JSON"),
+    ("not an object", "[1, 2]", 400, "JSON object"),
+    ("missing prompt", {"model": "default"}, 400, "missing required field 'prompt'"),
+    ("missing model", {"prompt": "x"}, 400, "missing required field 'model'"),
+    ("unknown field", {"model": "default", "prompt": "x", "frequency": 1}, 400, "unknown field 'frequency'"),
+    ("unknown mumoe field", {"model": "default", "prompt": "x", "mumoe": {"actve": 0.5}}, 400, "mumoe.actve"),
+    ("active above 1", {"model": "default", "prompt": "x", "mumoe": {"active": 1.5}}, 400, "(0, 1]"),
+    ("active 0", {"model": "default", "prompt": "x", "mumoe": {"active": 0}}, 400, "(0, 1]"),
+    ("bad structure", {"model": "default", "prompt": "x", "mumoe": {"structure": "diagonal"}}, 400, "structure"),
+    ("experts too few", {"model": "default", "prompt": "x", "mumoe": {"experts": 1}}, 400, "between top_k=2"),
+    ("experts not int", {"model": "default", "prompt": "x", "mumoe": {"experts": 2.5}}, 400, "experts"),
+    ("two modes", {"model": "default", "prompt": "x", "mumoe": {"experts": 4, "active": 0.5}}, 400, "one of"),
+    ("unknown task", {"model": "default", "prompt": "x", "mumoe": {"task": "poetry"}}, 400, "unknown task 'poetry'"),
+    ("max_tokens beyond context", {"model": "default", "prompt": "x", "max_tokens": 600}, 400, "maximum context"),
+    ("prompt beyond context", {"model": "default", "prompt": PROSE[:6000], "max_tokens": 1}, 400, "maximum context"),
+    ("negative max_tokens", {"model": "default", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("empty prompt", {"model": "default", "prompt": ""}, 400, "empty"),
+    ("empty token list", {"model": "default", "prompt": []}, 400, "empty"),
+    ("token id beyond vocab", {"model": "default", "prompt": [5, 99999]}, 400, "outside the vocabulary"),
+    ("temperature", {"model": "default", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("n > 1", {"model": "default", "prompt": "x", "n": 2}, 400, "n"),
+    ("penalty", {"model": "default", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("logprobs > 5", {"model": "default", "prompt": "x", "logprobs": 9}, 400, "at most 5"),
+    ("stream not bool", {"model": "default", "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("five stops", {"model": "default", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+    ("unknown model", {"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+]
+
+
+def test_every_bad_request_is_a_4xx_and_the_server_keeps_serving(server):
+    url, _ = server
+    before = metrics(url)
+    for name, body, status, words in BAD:
+        data = body if isinstance(body, str) else json.dumps(body)
+        r = requests.post(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        err = r.json()["error"]
+        assert words in err["message"], (name, err)
+        assert set(err) == {"message", "type", "param", "code"} and "\n" not in err["message"]
+    for path, body in (("/v1/chat/completions", {"model": "default", "messages": []}),
+                       ("/v1/chat/completions", {"model": "default", "messages": [{"role": "robot", "content": "x"}]}),
+                       ("/v1/chat/completions", {"model": "default"})):
+        r = requests.post(url + path, json=body, timeout=30)
+        assert r.status_code == 400 and "error" in r.json(), r.text
+    assert requests.get(url + "/v1/nothing", timeout=10).status_code == 404
+    assert requests.get(url + "/v1/completions", timeout=10).status_code == 405
+    # the real client sees the same as typed errors
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).completions.create(model="default", prompt="x", extra_body={"mumoe": {"active": 2}})
+    assert "(0, 1]" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client(url).completions.create(model="gpt-4", prompt="x")
+    # still serving, nothing counted as a 500
+    assert client(url).completions.create(model="default", prompt="Hello", max_tokens=2, temperature=0).choices
+    after = metrics(url)
+    assert not any(k.startswith("mumoe_requests_total") and 'status="500"' in k for k in after)
+    got_400 = after.get('mumoe_requests_total{endpoint="/v1/completions",status="400"}', 0) - before.get(
+        'mumoe_requests_total{endpoint="/v1/completions",status="400"}', 0)
+    assert got_400 == sum(1 for b in BAD if b[2] == 400) + 1
+
+
+def test_chat_without_template_is_a_400(model_tok):
+    model, tok = model_tok
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    assert not plain.chat_template
+    with serving(Engine(model, plain, "default")) as url:
+        with pytest.raises(openai.BadRequestError) as e:
+            client(url).chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}])
+        assert "no chat template" in e.value.message
+        with pytest.raises(openai.BadRequestError) as e:
+            client(url).completions.create(model="default", prompt="x", extra_body={"mumoe": {"task": "auto"}})
+        assert "--library" in e.value.message
+
+
+# ---- serving discipline ----------------------------------------------------------------------------------------
+def test_metrics_count_tokens_and_overhead(server):
+    url, _ = server
+    before = metrics(url)
+    c = client(url)
+    r1 = c.completions.create(model="default", prompt=PROMPT, max_tokens=7, temperature=0,
+                              extra_body={"mumoe": {"active": 0.5}})
+    r2 = c.completions.create(model="default", prompt=PROMPT, max_tokens=5, temperature=0)
+    after = metrics(url)
+    key = 'mumoe_generation_tokens_total{kind="%s"}'
+    assert after[key % "mu-moe"] - before.get(key % "mu-moe", 0) == r1.usage.completion_tokens == 7
+    assert after[key % "dense"] - before.get(key % "dense", 0) == r2.usage.completion_tokens == 5
+    assert after["mumoe_prompt_tokens_total"] - before["mumoe_prompt_tokens_total"] == 2 * r1.usage.prompt_tokens
+    wkey = 'mumoe_active_weight_tokens_total{kind="mu-moe"}'
+    assert after[wkey] - before.get(wkey, 0) == 7 * r1.mumoe["active_weights"]
+    okey = 'mumoe_pruning_overhead_seconds_sum{kind="mu-moe"}'
+    assert after[okey] - before.get(okey, 0) == pytest.approx(r1.mumoe["overhead_ms"] / 1000, rel=1e-6)
+    assert after["mumoe_queue_length"] == 0 and after["mumoe_requests_running"] == 0
+
+
+def test_full_queue_is_a_503_and_nothing_is_lost(model_tok):
+    model, tok = model_tok
+    with serving(Engine(model, tok, "default"), max_queue=1, timeout=120) as url:
+        results = []
+
+        def one():
+            r = requests.post(url + "/v1/completions", json={"model": "default", "prompt": PROMPT, "max_tokens": 40,
+                                                             "temperature": 0}, timeout=120)
+            results.append((r.status_code, r.json()))
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        codes = sorted(s for s, _ in results)
+        assert len(codes) == 6 and set(codes) <= {200, 503} and 503 in codes and codes.count(200) >= 2
+        texts = {b["choices"][0]["text"] for s, b in results if s == 200}
+        assert len(texts) == 1  # every served request got the same, complete greedy answer
+        assert all(b["error"]["code"] == "queue_full" for s, b in results if s == 503)
+        assert metrics(url)['mumoe_requests_total{endpoint="/v1/completions",status="503"}'] == codes.count(503)
+
+
+def test_timeout_is_a_504(model_tok):
+    model, tok = model_tok
+    with serving(Engine(model, tok, "default"), timeout=0.5) as url:
+        r = requests.post(url + "/v1/completions", json={"model": "default", "prompt": PROMPT, "max_tokens": 400,
+                                                         "temperature": 0}, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        ok = requests.post(url + "/v1/completions", json={"model": "default", "prompt": "Hi", "max_tokens": 1,
+                                                          "temperature": 0}, timeout=60)
+        assert ok.status_code == 200
+
+
+def test_client_disconnect_cancels_the_request(model_tok):
+    """A streaming client that goes away after two chunks: the worker stops decoding (its request would have
+    taken ~400 tokens) and the next request is answered at once."""
+    model, tok = model_tok
+    engine = Engine(model, tok, "default")
+    with serving(engine) as url:
+        r = requests.post(url + "/v1/completions", json={"model": "default", "prompt": PROMPT, "max_tokens": 260,
+                                                         "temperature": 0, "stream": True}, stream=True, timeout=60)
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(l.startswith(b"data: {") for l in got)
+        r.close()
+        t0 = time.perf_counter()
+        while metrics(url)["mumoe_requests_running"] and time.perf_counter() - t0 < 20:
+            time.sleep(0.05)
+        assert metrics(url)["mumoe_requests_running"] == 0
+        tokens = metrics(url)['mumoe_generation_tokens_total{kind="dense"}']
+        assert tokens < 200  # stopped early, not decoded to the end
+        ok = requests.post(url + "/v1/completions", json={"model": "default", "prompt": "Hi", "max_tokens": 1,
+                                                          "temperature": 0}, timeout=60)
+        assert ok.status_code == 200
+
+
+def _start_cli(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mumoe", "serve", "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+def test_cli_serve_defaults_and_sigterm_finishes_in_flight():
+    """The CLI with a server default --active 0.5: requests without an extension object are μ-MoE; SIGTERM while a
+    request decodes lets it finish (200, all its tokens), then the server exits and refuses connections."""
+    proc, url = _start_cli("--active", "0.5", "--structure", "row", "--served-model-name", "bundled")
+    try:
+        c = client(url)
+        r = c.completions.create(model="bundled", prompt=PROMPT, max_tokens=8, temperature=0)
+        assert r.mumoe["kind"] == "mu-moe" and r.mumoe["active"] == 0.5
+        d = c.completions.create(model="bundled", prompt=PROMPT, max_tokens=8, temperature=0,
+                                 extra_body={"mumoe": {"active": 1}})
+        assert d.mumoe["kind"] == "dense"
+        result = {}
+
+        def long():
+            result["r"] = requests.post(url + "/v1/completions", json={"model": "bundled", "prompt": PROMPT,
+                                                                       "max_tokens": 120, "temperature": 0}, timeout=120)
+
+        t = threading.Thread(target=long)
+        t.start()
+        for _ in range(200):
+            if requests.get(url + "/health", timeout=5).json()["running"]:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert result["r"].status_code == 200, result["r"].text
+        assert result["r"].json()["usage"]["completion_tokens"] == 120
+        assert proc.wait(60) in (0, -signal.SIGTERM, 143)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.stdout.read()
+    assert "Traceback" not in out and "serving 'bundled'" in out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--active", "0"], "(0, 1]"),
+    (["--structure", "3:2"], "structure"),
+    (["--task", "auto"], "--library"),
+    (["--active", "0.5", "--experts", "4"], "choose one default pruning"),
+    (["--experts", "0"], "--experts"),
+    (["--max-queue", "0"], "--max-queue"),
+    (["--port", "70000"], "--port"),
+    (["--library", "/nonexistent/lib"], "task library not found"),
+])
+def test_cli_serve_bad_flags_are_one_line(args, words, capsys):
+    from mumoe.cli import main
+
+    assert main(["serve", *args]) == 2  # refused before the model loads or a port is opened
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
