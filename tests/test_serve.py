@@ -511,3 +511,60 @@ def test_cli_serve_bad_flags_are_one_line(args, words, capsys):
     assert main(["serve", *args]) == 2  # refused before the model loads or a port is opened
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---- lm-eval against the server ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_tasks(tmp_path_factory):
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from mumoe.eval.harness import write_local_tasks
+
+    folder = tmp_path_factory.mktemp("tasks")
+    names = write_local_tasks(folder, 100)
+    return names[-2:], TaskManager(include_path=str(folder))  # two domains (kernel, prose); built once (~15 s)
+
+
+def test_lm_eval_local_completions_matches_in_process(model_tok, local_tasks):
+    """lm-eval's own `local-completions` model (its HTTP client, tokenization and logprob parsing) against the
+    server on the offline local tasks gives the in-process adapter's scores: plain HFLM for a dense server, the
+    per-request adapter (`run_lm_eval(pruning=...)`) for a server default of --active 0.5."""
+    import lm_eval
+
+    from mumoe.eval.harness import run_lm_eval
+
+    model, tok = model_tok
+    tasks, manager = local_tasks
+    limit = 4
+    lls = {}
+    for default in (Pruning(), Pruning(active=0.5)):
+        want = run_lm_eval(model, tok, tasks, limit=limit, pruning=None if default.kind == "dense" else default,
+                           manager=manager)
+        with serving(Engine(model, tok, "default", default)) as url:
+            out = lm_eval.simple_evaluate(
+                model="local-completions",
+                model_args={"model": "default", "base_url": url + "/v1/completions", "tokenizer": str(DEFAULT_MODEL),
+                            "tokenizer_backend": "huggingface", "tokenized_requests": True, "max_length": 511,
+                            "max_retries": 1},
+                tasks=tasks, task_manager=manager, limit=limit, verbosity="ERROR", log_samples=True)
+            served = metrics(url)
+        for t in tasks:
+            got = {k.split(",")[0]: v for k, v in out["results"][t].items() if k in ("acc,none", "acc_norm,none")}
+            assert got == {k: want[t][k] for k in ("acc", "acc_norm")}, (default, t, got, want[t])
+        # every choice of every document went through the server, pruned as its default says
+        n = limit * 4 * len(tasks)
+        assert served[f'mumoe_generation_tokens_total{{kind="{default.kind}"}}'] == n
+        assert sum(v for k, v in served.items() if k.startswith("mumoe_generation_tokens_total")) == n
+        lls[default.kind] = [(s["arguments"], [r[0] for r in s["filtered_resps"]])
+                             for t in tasks for s in out["samples"][t]]
+    # dense: the served loglikelihoods equal a plain forward of the same tokens (lm-eval's context/continuation split)
+    (ctx, cont), served_ll = lls["dense"][0][0][0], lls["dense"][0][1][0]
+    whole = tok(ctx + cont)["input_ids"]
+    n_ctx = len(tok(ctx.rstrip())["input_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+    assert served_ll == pytest.approx(sum(float(logp[i - 1, whole[i]]) for i in range(n_ctx, len(whole))), abs=1e-3)
+    # μ-MoE scored every request with its own pruned model: different loglikelihoods, the same documents
+    assert [a for a, _ in lls["dense"]] == [a for a, _ in lls["mu-moe"]]
+    assert all(d != m for (_, ds), (_, ms) in zip(lls["dense"], lls["mu-moe"]) for d, m in zip(ds, ms))

@@ -121,10 +121,11 @@ def _engine_lm(engine, pruning):
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: int | None = None,
-                n_local: int = 100, pruning=None) -> dict[str, dict[str, float]]:
+                n_local: int = 100, pruning=None, manager=None) -> dict[str, dict[str, float]]:
     """Evaluate an in-memory model (or a checkpoint path) with lm-eval. tasks=["local"] runs every local task.
     pruning: a `serve.Pruning` — every request is pruned for itself as `mumoe serve` prunes it (μ-MoE from the
-    request's own tokens, per-prompt experts), scored one at a time. -> {task: {metric: value}}"""
+    request's own tokens, per-prompt experts), scored one at a time. manager: an lm-eval TaskManager that already
+    includes the local tasks (building one takes seconds). -> {task: {metric: value}}"""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -132,10 +133,11 @@ def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: 
     except ImportError as e:
         raise MumoeError("lm-eval is not installed: pip install -e '.[eval]' (or pip install lm-eval)") from e
     with tempfile.TemporaryDirectory(prefix="mumoe-tasks-") as tmp:
-        local = write_local_tasks(Path(tmp), n_local)
+        local = write_local_tasks(Path(tmp), n_local) if manager is None else \
+            sorted(t for t in manager.all_tasks if t.startswith(LOCAL_PREFIX))
         if tasks == ["local"]:
             tasks = local
-        manager = TaskManager(include_path=tmp)
+        manager = manager or TaskManager(include_path=tmp)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise MumoeError(f"unknown lm-eval task(s): {', '.join(unknown)}; local offline tasks: {', '.join(local)}")
