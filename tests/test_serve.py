@@ -385,12 +385,13 @@ def test_metrics_count_tokens_and_overhead(server):
 def test_full_queue_is_a_503_and_nothing_is_lost(model_tok):
     model, tok = model_tok
     with serving(Engine(model, tok, "default"), max_queue=1, timeout=120) as url:
-        results = []
+        results, headers = [], []
 
         def one():
             r = requests.post(url + "/v1/completions", json={"model": "default", "prompt": PROMPT, "max_tokens": 40,
                                                              "temperature": 0}, timeout=120)
             results.append((r.status_code, r.json()))
+            headers.append((r.status_code, r.headers))
 
         threads = [threading.Thread(target=one) for _ in range(6)]
         for t in threads:
@@ -403,6 +404,7 @@ def test_full_queue_is_a_503_and_nothing_is_lost(model_tok):
         texts = {b["choices"][0]["text"] for s, b in results if s == 200}
         assert len(texts) == 1  # every served request got the same, complete greedy answer
         assert all(b["error"]["code"] == "queue_full" for s, b in results if s == 503)
+        assert all(h.get("Retry-After") == "1" for s, h in headers if s == 503)
         assert metrics(url)['mumoe_requests_total{endpoint="/v1/completions",status="503"}'] == codes.count(503)
 
 
@@ -485,14 +487,28 @@ def test_cli_serve_defaults_and_sigterm_finishes_in_flight():
         t.join(120)
         assert result["r"].status_code == 200, result["r"].text
         assert result["r"].json()["usage"]["completion_tokens"] == 120
-        assert proc.wait(60) in (0, -signal.SIGTERM, 143)
+        assert proc.wait(60) == 0
         with pytest.raises(requests.ConnectionError):
             requests.get(url + "/health", timeout=2)
     finally:
         if proc.poll() is None:
             proc.kill()
         out = proc.stdout.read()
-    assert "Traceback" not in out and "serving 'bundled'" in out
+    assert "Traceback" not in out and "serving 'bundled'" in out and "mumoe serve: stopped" in out
+
+
+def test_cli_serve_port_in_use_is_one_line(capsys):
+    from mumoe.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1, err
+    assert main(["serve", "--host", "no-such-host.invalid"]) == 2
+    assert "--host no-such-host.invalid" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, words", [

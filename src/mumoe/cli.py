@@ -796,6 +796,23 @@ def _serve_defaults(args):
     return Pruning(active=args.active, structure=args.structure, experts=args.experts, task=args.task)
 
 
+def _check_listen(host: str, port: int) -> None:
+    """The address can be listened on (before the model is loaded): in use, or not this machine's -> one line."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise MumoeError(f"--host {host}: {e.strerror}") from e
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise MumoeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
 def cmd_serve(args) -> int:
     """Check everything cheap, load once, then serve until SIGTERM / Ctrl-C (in-flight requests finish)."""
     from .files import check_positive
@@ -813,6 +830,7 @@ def cmd_serve(args) -> int:
     if not 0 < args.port < 65536:
         raise MumoeError(f"--port must be in 1..65535, got {args.port}")
     _check_generate_args(args)
+    _check_listen(args.host, args.port)
     if args.task is not None and not args.library:
         raise MumoeError("--task needs --library LIB (a task library from `mumoe taer build`)")
     if sum(x for x in (args.active < 1, args.experts is not None, args.task is not None)) > 1:
@@ -852,13 +870,16 @@ def cmd_serve(args) -> int:
           "after the requests in flight)", flush=True)
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn installs its own graceful handler
+    # uvicorn handles SIGTERM itself (stop listening, finish the requests in flight) and raises the signal again
+    # once it is done: by then the work is finished, so that second SIGTERM is ignored and the exit code is 0
+    signal.signal(signal.SIGTERM, lambda *a: None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if QUIET[0] else "info",
                             access_log=not QUIET[0], timeout_graceful_shutdown=args.timeout)
     server = uvicorn.Server(config)
     server.run()
-    if not getattr(server, "started", True):
+    if not server.started:
         raise MumoeError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine)")
+    say("mumoe serve: stopped")
     return 0
 
 

@@ -154,9 +154,9 @@ class _Reply(Exception):
     """An error answer decided while handling a request."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict | None = None) -> None:
         super().__init__(message)
-        self.status, self.body = status, error_body(message, type_, param, code)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
 def _logprobs_block(entries: list[dict], offset0: int = 0) -> dict:
@@ -194,9 +194,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None):
     app = FastAPI(title="mumoe serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.worker = engine, worker
 
-    def answer(endpoint: str, status: int, body: dict) -> JSONResponse:
+    def answer(endpoint: str, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
         metrics.requests.labels(endpoint, str(status)).inc()
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -210,7 +210,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None):
 
     @app.exception_handler(_Reply)
     async def _reply(request: Request, exc: _Reply):
-        return answer(request.url.path, exc.status, exc.body)
+        return answer(request.url.path, exc.status, exc.body, exc.headers)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
@@ -250,7 +250,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None):
             worker.submit(job)
         except queue.Full:
             raise _Reply(503, f"the server is busy ({config.max_queue} requests waiting); retry later",
-                         "server_busy", code="queue_full") from None
+                         "server_busy", code="queue_full", headers={"Retry-After": "1"}) from None
 
     async def events(job: Job, request: Request):
         """The job's events; cancels it when the client goes away or its time is up."""

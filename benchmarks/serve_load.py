@@ -1,0 +1,219 @@
+"""A bounded load test of `mumoe serve` on 127.0.0.1: concurrent clients, every request pruned for itself.
+
+    python benchmarks/serve_load.py [--clients 8] [--requests 64] [--max-tokens 32] [--prompt-tokens 128]
+                                    [--max-queue 4] [--model default] [--json PATH]
+
+Starts the real CLI (`mumoe serve`, a subprocess) on a free port with a TAER task library built for the run
+(`mumoe taer build`, the bundled domains' calibration splits, keep 8 of 16), then for each mode sends --requests
+completions from --clients threads (HTTP with `requests`): prompts are --prompt-tokens-token windows of the four
+bundled eval texts (as token ids), greedy, --max-tokens each. Modes, set per request by the "mumoe" object:
+    dense               no extension object
+    mu-moe column 0.5   {"active": 0.5, "structure": "column"}
+    experts 8           {"experts": 8}   (per-prompt expert pruning)
+    taer auto           {"task": "auto"} (TAER; task models cached, --max-task-models 4)
+The queue is kept small (--max-queue) so that some requests are refused with 503 on purpose: a client retries a
+503 after a quarter of its Retry-After, so every request is answered; any other error fails the run. Reported per mode: requests
+answered, 503s seen, p50/p95 latency (first send to answer, retries included), decode throughput (completion
+tokens / wall time), mean pruning overhead (from the responses), and the server's own counters. Then the same dense
+requests run in-process (`Engine.run`, no HTTP, one at a time) for the cost of serving itself.
+
+Not in CI (about 3 minutes on 2 cores); results go to benchmarks/results/serve_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
+MODES = {"dense": None, "mu-moe column 0.5": {"active": 0.5, "structure": "column"}, "experts 8": {"experts": 8},
+         "taer auto": {"task": "auto"}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n: int, length: int) -> list[list[int]]:
+    from mumoe.loading import DATA, load_tokenizer
+
+    tok = load_tokenizer("default")
+    per_domain = []
+    for split in sorted(DATA.glob("*/eval.txt")):
+        ids = tok(split.read_text("utf-8"), add_special_tokens=False)["input_ids"]
+        per_domain.append([ids[i:i + length] for i in range(0, len(ids) - length, length)])
+    out = []
+    while len(out) < n:  # round-robin over the domains
+        for windows in per_domain:
+            if len(out) < n and windows:
+                out.append(windows.pop(0))
+    return out
+
+
+def build_library(folder: Path, model: str) -> Path:
+    from mumoe.loading import DATA
+
+    lib = folder / "lib"
+    tasks = [a for d in sorted(DATA.glob("*/calib.txt")) for a in ("--task", f"{d.parent.name}={d}")]
+    subprocess.run([sys.executable, "-m", "mumoe", "taer", "build", model, *tasks, "--keep", "8", "--nsamples", "32",
+                    "--out", str(lib), "--quiet"], check=True)
+    return lib
+
+
+def start(model: str, lib: Path, max_queue: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mumoe", "serve", model, "--port", str(port), "--library", str(lib),
+                             "--max-task-models", "4", "--max-queue", str(max_queue), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read()}")
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("server did not start in 120 s")
+
+
+def counters(url: str) -> dict[str, float]:
+    out = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#") and "_bucket" not in line and "_created" not in line:
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def run_mode(url: str, model: str, ext: dict | None, work: list[list[int]], clients: int, max_tokens: int) -> dict:
+    todo = list(enumerate(work))
+    lock = threading.Lock()
+    lat, tokens, overhead, refused, errors, tasks = [], [], [], [0], [], {}
+
+    def client():
+        session = requests.Session()
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i, ids = todo.pop(0)
+            body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0}
+            if ext:
+                body["mumoe"] = ext
+            t0 = time.perf_counter()
+            while True:
+                r = session.post(url + "/v1/completions", json=body, timeout=300)
+                if r.status_code != 503:
+                    break
+                with lock:
+                    refused[0] += 1
+                time.sleep(float(r.headers.get("Retry-After", 1)) / 4)  # a quarter of the server's hint
+            dt = time.perf_counter() - t0
+            with lock:
+                if r.status_code != 200:
+                    errors.append((i, r.status_code, r.text[:200]))
+                    continue
+                data = r.json()
+                lat.append(dt)
+                tokens.append(data["usage"]["completion_tokens"])
+                overhead.append(data["mumoe"]["overhead_ms"])
+                if "task" in data["mumoe"]:
+                    tasks[data["mumoe"]["task"]] = tasks.get(data["mumoe"]["task"], 0) + 1
+
+    before = counters(url)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    after = counters(url)
+    if errors:
+        raise SystemExit(f"errors other than 503: {errors[:3]}")
+    q = statistics.quantiles(lat, n=20)
+    served = sum(v - before.get(k, 0) for k, v in after.items()
+                 if k.startswith('mumoe_requests_total{endpoint="/v1/completions",status="200"'))
+    return {"answered": len(lat), "sent": len(work), "refused_503": refused[0], "served_counter": served,
+            "p50_s": statistics.median(lat), "p95_s": q[18], "wall_s": wall, "completion_tokens": sum(tokens),
+            "tokens_per_s": sum(tokens) / wall, "overhead_ms_mean": statistics.mean(overhead),
+            "tasks": tasks or None}
+
+
+def in_process(model_name: str, work: list[list[int]], max_tokens: int) -> dict:
+    import torch
+
+    import mumoe
+    from mumoe.loading import load_tokenizer
+    from mumoe.serve import Engine, Sampling
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    engine = Engine(mumoe.load(model_name), load_tokenizer(model_name), model_name)
+    n, t0 = 0, time.perf_counter()
+    for ids in work:
+        n += engine.run(ids, Sampling(max_tokens, 0.0), engine.defaults, lambda *a: None).completion_tokens
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "completion_tokens": n, "tokens_per_s": n / wall}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--max-queue", type=int, default=4)
+    ap.add_argument("--json", default=str(RESULTS))
+    args = ap.parse_args()
+    work = prompts(args.requests, args.prompt_tokens)
+    results = {"machine": f"{os.cpu_count()} CPUs", "clients": args.clients, "requests": args.requests,
+               "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens, "max_queue": args.max_queue,
+               "modes": {}}
+    with tempfile.TemporaryDirectory(prefix="mumoe-serve-load-") as tmp:
+        lib = build_library(Path(tmp), args.model)
+        proc, url = start(args.model, lib, args.max_queue)
+        try:
+            for name, ext in MODES.items():
+                r = run_mode(url, args.model, ext, work, args.clients, args.max_tokens)
+                results["modes"][name] = r
+                print(f"{name:18s} {r['answered']}/{r['sent']} answered ({r['refused_503']} x 503 retried)  "
+                      f"p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s  {r['tokens_per_s']:.1f} tok/s  "
+                      f"overhead {r['overhead_ms_mean']:.1f} ms" + (f"  tasks {r['tasks']}" if r["tasks"] else ""),
+                      flush=True)
+            results["server_counters"] = {k: v for k, v in counters(url).items() if k.startswith("mumoe_")}
+        finally:
+            proc.terminate()
+            rc = proc.wait(60)
+        results["server_exit_code"] = rc
+    direct = in_process(args.model, work, args.max_tokens)
+    results["in_process_dense"] = direct
+    dense = results["modes"]["dense"]
+    print(f"in-process dense  {direct['tokens_per_s']:.1f} tok/s (no HTTP, one at a time); through the server "
+          f"{dense['tokens_per_s'] / direct['tokens_per_s']:.2f}x of that")
+    lost = [n for n, r in results["modes"].items() if r["answered"] != r["sent"]]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.json}; server exit code {rc}" + (f"; LOST requests in {lost}" if lost else "; no request lost"))
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
