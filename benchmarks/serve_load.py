@@ -11,6 +11,7 @@ bundled eval texts (as token ids), greedy, --max-tokens each. Modes, set per req
     mu-moe column 0.5   {"active": 0.5, "structure": "column"}
     experts 8           {"experts": 8}   (per-prompt expert pruning)
     taer auto           {"task": "auto"} (TAER; task models cached, --max-task-models 4)
+(first, dense from a single client: the server's own cost against the in-process run at the end)
 The queue is kept small (--max-queue) so that some requests are refused with 503 on purpose: a client retries a
 503 after a quarter of its Retry-After, so every request is answered; any other error fails the run. Reported per mode: requests
 answered, 503s seen, p50/p95 latency (first send to answer, retries included), decode throughput (completion
@@ -170,7 +171,20 @@ def in_process(model_name: str, work: list[list[int]], max_tokens: int) -> dict:
     for ids in work:
         n += engine.run(ids, Sampling(max_tokens, 0.0), engine.defaults, lambda *a: None).completion_tokens
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "completion_tokens": n, "tokens_per_s": n / wall}
+    out = {"wall_s": wall, "completion_tokens": n, "tokens_per_s": n / wall, "split": {}}
+    # where the time of one request goes, dense vs μ-MoE column: up to the first token, then per decoded token
+    for name, ext in (("dense", None), ("mu-moe column 0.5", MODES["mu-moe column 0.5"])):
+        pruning = engine.pruning(ext)
+
+        def timed(tokens: int) -> float:
+            t = time.perf_counter()
+            for ids in work[:8]:
+                engine.run(ids, Sampling(tokens, 0.0), pruning, lambda *a: None)
+            return (time.perf_counter() - t) / 8
+
+        first, full = timed(1), timed(max_tokens + 1)
+        out["split"][name] = {"first_token_ms": 1000 * first, "per_token_ms": 1000 * (full - first) / max_tokens}
+    return out
 
 
 def main() -> int:
@@ -191,8 +205,9 @@ def main() -> int:
         lib = build_library(Path(tmp), args.model)
         proc, url = start(args.model, lib, args.max_queue)
         try:
-            for name, ext in MODES.items():
-                r = run_mode(url, args.model, ext, work, args.clients, args.max_tokens)
+            phases = [("dense, 1 client", None, 1)] + [(n, e, args.clients) for n, e in MODES.items()]
+            for name, ext, clients in phases:
+                r = run_mode(url, args.model, ext, work, clients, args.max_tokens)
                 results["modes"][name] = r
                 print(f"{name:18s} {r['answered']}/{r['sent']} answered ({r['refused_503']} x 503 retried)  "
                       f"p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s  {r['tokens_per_s']:.1f} tok/s  "
@@ -205,9 +220,13 @@ def main() -> int:
         results["server_exit_code"] = rc
     direct = in_process(args.model, work, args.max_tokens)
     results["in_process_dense"] = direct
-    dense = results["modes"]["dense"]
-    print(f"in-process dense  {direct['tokens_per_s']:.1f} tok/s (no HTTP, one at a time); through the server "
-          f"{dense['tokens_per_s'] / direct['tokens_per_s']:.2f}x of that")
+    one = results["modes"]["dense, 1 client"]
+    print(f"in-process dense  {direct['tokens_per_s']:.1f} tok/s (no HTTP, one at a time); through the server with "
+          f"1 client {one['tokens_per_s'] / direct['tokens_per_s']:.2f}x of that, with {args.clients} clients "
+          f"{results['modes']['dense']['tokens_per_s'] / direct['tokens_per_s']:.2f}x")
+    for name, sp in direct["split"].items():
+        print(f"in-process {name}: {sp['first_token_ms']:.0f} ms to the first token, then {sp['per_token_ms']:.1f} ms "
+              "per token")
     lost = [n for n, r in results["modes"].items() if r["answered"] != r["sent"]]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))

@@ -230,6 +230,21 @@ def test_chat_completions(server, model_tok):
     assert len(r.choices[0].logprobs.content) == 3 and r.mumoe["kind"] == "mu-moe"
 
 
+def test_engine_uses_no_deprecated_api(server):
+    """Every pruning kind, with echo and streaming-sized decodes, with deprecation warnings as errors."""
+    import warnings
+
+    _, engine = server
+    ids = engine.encode(PROMPT)
+    for ext in (None, {"active": 0.5}, {"active": 0.5, "structure": "column"}, {"experts": 8}, {"task": "auto"}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            f = engine.run(ids, mumoe.serve.Sampling(3, 0.0, logprobs=1, echo=True), engine.pruning(ext),
+                           lambda *a: None)
+        assert f.completion_tokens == 3
+
+
 def test_models_health(server):
     url, engine = server
     models = client(url).models.list()

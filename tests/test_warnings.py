@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 from mumoe.cli import main
+from mumoe.paths import DATA
 
 CAL = ["--calib", "domain:code", "--nsamples", "2", "--seqlen", "64"]
 
@@ -30,6 +31,8 @@ def commands(tmp):
         ["taer", "build", "--task", "domain", "--keep", "8", "--nsamples", "2", "--seqlen", "64", "--out", lib],
         ["taer", "match", lib, "--prompt", "The quick brown fox"],
         ["taer", "generate", lib, "--prompt", "def main():", "--max-new-tokens", "4"],
+        ["eval", "--ppl", str(DATA / "code" / "eval.txt"), "--seqlen", "64", "--max-windows", "1", "--testtime", "--experts", "4",
+         "--calib", "domain:code", "--calib-windows", "2", "--library", lib],
     ]
 
 
