@@ -184,6 +184,21 @@ def in_process(model_name: str, work: list[list[int]], max_tokens: int) -> dict:
 
         first, full = timed(1), timed(max_tokens + 1)
         out["split"][name] = {"first_token_ms": 1000 * first, "per_token_ms": 1000 * (full - first) / max_tokens}
+    # the server decodes in a worker thread: the same 8 dense requests on the main thread and on a fresh thread,
+    # alternating, 3 times each
+    def dense8(box: list) -> None:
+        t = time.perf_counter()
+        for ids in work[:8]:
+            engine.run(ids, Sampling(max_tokens, 0.0), engine.defaults, lambda *a: None)
+        box.append(time.perf_counter() - t)
+
+    main_s, thread_s = [], []
+    for _ in range(3):
+        dense8(main_s)
+        th = threading.Thread(target=dense8, args=(thread_s,))
+        th.start()
+        th.join()
+    out["thread_over_main"] = statistics.median(thread_s) / statistics.median(main_s)
     return out
 
 
@@ -224,6 +239,7 @@ def main() -> int:
     print(f"in-process dense  {direct['tokens_per_s']:.1f} tok/s (no HTTP, one at a time); through the server with "
           f"1 client {one['tokens_per_s'] / direct['tokens_per_s']:.2f}x of that, with {args.clients} clients "
           f"{results['modes']['dense']['tokens_per_s'] / direct['tokens_per_s']:.2f}x")
+    print(f"in-process dense in a worker thread takes {direct['thread_over_main']:.2f}x the main thread's time")
     for name, sp in direct["split"].items():
         print(f"in-process {name}: {sp['first_token_ms']:.0f} ms to the first token, then {sp['per_token_ms']:.1f} ms "
               "per token")

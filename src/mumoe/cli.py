@@ -845,8 +845,11 @@ def cmd_serve(args) -> int:
         from .retrieval import TaskLibrary
         from .retrieval.partial import check_library
 
+        if _source_dir(args.model) is None:
+            raise MumoeError("--library needs MODEL to be a local checkpoint folder (task models are read from its "
+                             "safetensors files)")
         library = TaskLibrary.load(args.library)
-        check_library(_source_dir(args.model) or args.model, library)
+        check_library(_source_dir(args.model), library)
     import uvicorn
 
     from .loading import load_tokenizer

@@ -137,7 +137,8 @@ def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: 
             sorted(t for t in manager.all_tasks if t.startswith(LOCAL_PREFIX))
         if tasks == ["local"]:
             tasks = local
-        manager = manager or TaskManager(include_path=tmp)
+        # lm-eval's own task index takes ~15 s to build: only when a task outside the local ones is asked for
+        manager = manager or TaskManager(include_path=tmp, include_defaults=not set(tasks) <= set(local))
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise MumoeError(f"unknown lm-eval task(s): {', '.join(unknown)}; local offline tasks: {', '.join(local)}")
