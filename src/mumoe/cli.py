@@ -868,18 +868,31 @@ def cmd_serve(args) -> int:
             "per layer per prompt", "task": f"TAER task {d.task}"}[d.kind]
     say(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; default pruning: {mode}"
         + (f"; task library {args.library} ({len(library.tasks)} tasks)" if library else ""))
-    app = create_app(engine, ServerConfig(max_queue=args.max_queue, timeout=args.timeout))
+    app = create_app(engine, ServerConfig(max_queue=args.max_queue, timeout=args.timeout), worker_thread=False)
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (OpenAI-compatible; Ctrl-C or SIGTERM stops "
           "after the requests in flight)", flush=True)
     import signal
+    import threading
 
-    # uvicorn handles SIGTERM itself (stop listening, finish the requests in flight) and raises the signal again
-    # once it is done: by then the work is finished, so that second SIGTERM is ignored and the exit code is 0
-    signal.signal(signal.SIGTERM, lambda *a: None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if QUIET[0] else "info",
                             access_log=not QUIET[0], timeout_graceful_shutdown=args.timeout)
     server = uvicorn.Server(config)
-    server.run()
+    # HTTP in a thread, the model on the main thread (torch runs faster there). SIGTERM / Ctrl-C: uvicorn stops
+    # listening and waits for the requests in flight, which the worker below keeps decoding; a second one forces.
+    def stop(signum, frame):
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    http = threading.Thread(target=server.run, name="mumoe-http", daemon=True)
+    try:
+        http.start()
+        app.state.worker.run(alive=http.is_alive)
+        http.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not server.started:
         raise MumoeError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine)")
     say("mumoe serve: stopped")

@@ -4,7 +4,7 @@
     engine     one model + tokenizer; per-request pruning (dense, μ-MoE, per-prompt experts, TAER task) and
                decoding, as `mumoe generate` does it
     protocol   the OpenAI request bodies (validated) and error object
-    app        the FastAPI app: endpoints, the bounded queue and its worker thread, metrics
+    app        the FastAPI app: endpoints, the bounded queue and its worker, metrics
 """
 
 from .engine import Engine, Finished, Pruning, Sampling
