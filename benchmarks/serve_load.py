@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,12 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
 MODES = {"dense": None, "mu-moe column 0.5": {"active": 0.5, "structure": "column"}, "experts 8": {"experts": 8},
          "taer auto": {"task": "auto"}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompts(n: int, length: int) -> list[list[int]]:
@@ -76,22 +69,10 @@ def build_library(folder: Path, model: str) -> Path:
 
 
 def start(model: str, lib: Path, max_queue: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mumoe", "serve", model, "--port", str(port), "--library", str(lib),
-                             "--max-task-models", "4", "--max-queue", str(max_queue), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if requests.get(url + "/health", timeout=1).ok:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()}")
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server did not start in 120 s")
+    from mumoe.serve.launch import start_server
+
+    return start_server([model, "--library", str(lib), "--max-task-models", "4", "--max-queue", str(max_queue),
+                         "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def counters(url: str) -> dict[str, float]:

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,18 +24,13 @@ import mumoe  # noqa: E402
 from mumoe.loading import DEFAULT_MODEL, DATA, load_tokenizer  # noqa: E402
 from mumoe.serve import Engine, Pruning  # noqa: E402
 from mumoe.serve.app import ServerConfig, create_app  # noqa: E402
+from mumoe.serve.launch import free_port  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 PROSE = (DATA / "prose" / "eval.txt").read_text("utf-8")
 PROMPT = PROSE[:240]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -466,21 +460,9 @@ def test_client_disconnect_cancels_the_request(model_tok):
 
 
 def _start_cli(*args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mumoe", "serve", "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(url + "/health", timeout=1).ok:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not start")
+    from mumoe.serve.launch import start_server
+
+    return start_server(list(args), env=ENV)
 
 
 def test_cli_serve_defaults_and_sigterm_finishes_in_flight():
