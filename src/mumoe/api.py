@@ -383,8 +383,13 @@ def _prune_weights(model: nn.Module, recipe: Recipe, wins, verbose: bool) -> Pru
     ratio, structure = recipe.ratio, recipe.weight.structure
     t0 = time.perf_counter()
     if recipe.method == "wanda":
-        norms = run_collectors(model, wins, [InputNorms(model)], batch_size=recipe.calib.batch_size,
-                               progress=verbose)[0].result()
+        bs = recipe.calib.batch_size
+        if verbose:  # a stage line each (bars only on a terminal): the pass takes seconds to minutes
+            print(f"  statistics: input norms of every prunable weight over {wins.shape[0]} windows "
+                  f"({-(-wins.shape[0] // bs)} forwards of {bs})", flush=True)
+        norms = run_collectors(model, wins, [InputNorms(model)], batch_size=bs, progress=verbose)[0].result()
+        if verbose:
+            print(f"  statistics done in {time.perf_counter() - t0:.1f}s; selecting {structure} masks", flush=True)
         masks = masks_from_norms(model, norms, 1 - ratio, structure)
     else:
         params = dict(model.named_parameters())
