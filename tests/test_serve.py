@@ -301,6 +301,31 @@ def test_task_extension_matches_taer_generate(server, model_tok, library):
     assert m["mumoe_task_models_bytes"] > 0
 
 
+def test_taer_only_server_never_holds_the_full_model(server, model_tok, library):
+    """--taer-only: the matcher (layers up to the first MoE router) + task models; answers equal the full server's
+    task requests, every other mode is refused."""
+    from mumoe.retrieval.partial import load_matcher
+
+    url, _ = server
+    model, tok = model_tok
+    matcher = load_matcher(DEFAULT_MODEL, library)
+    engine = Engine(matcher, tok, "default", Pruning(task="auto"), library, str(DEFAULT_MODEL), max_task_models=1,
+                    taer_only=True)
+    full = sum(p.numel() for p in model.parameters())
+    later = sum(p.numel() for layer in model.model.layers[1:] for p in layer.parameters())
+    assert engine.total_weights == full - later  # decoder layer 0 (the first MoE router's) and the embeddings
+    want = client(url).completions.create(model="default", prompt=PROMPT, max_tokens=10, temperature=0,
+                                          extra_body={"mumoe": {"task": "auto"}})
+    with serving(engine) as only:
+        got = client(only).completions.create(model="default", prompt=PROMPT, max_tokens=10, temperature=0)
+        assert got.choices[0].text == want.choices[0].text and got.mumoe["task"] == want.mumoe["task"]
+        for ext in ({"active": 1}, {"active": 0.5}, {"experts": 8}):
+            with pytest.raises(openai.BadRequestError) as e:
+                client(only).completions.create(model="default", prompt=PROMPT, max_tokens=2, extra_body={"mumoe": ext})
+            assert "--taer-only" in e.value.message
+        assert metrics(only)["mumoe_task_models_bytes"] > 0
+
+
 # ---- bad requests ----------------------------------------------------------------------------------------------
 BAD = [
     ("not json", "{bad", 400, "not valid JSON"),
@@ -522,6 +547,7 @@ def test_cli_serve_port_in_use_is_one_line(capsys):
     (["--task", "auto"], "--library"),
     (["--active", "0.5", "--experts", "4"], "choose one default pruning"),
     (["--experts", "0"], "--experts"),
+    (["--taer-only"], "--taer-only needs --library"),
     (["--max-queue", "0"], "--max-queue"),
     (["--port", "70000"], "--port"),
     (["--library", "/nonexistent/lib"], "task library not found"),

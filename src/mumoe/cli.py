@@ -831,6 +831,12 @@ def cmd_serve(args) -> int:
         raise MumoeError(f"--port must be in 1..65535, got {args.port}")
     _check_generate_args(args)
     _check_listen(args.host, args.port)
+    if args.taer_only:
+        if not args.library:
+            raise MumoeError("--taer-only needs --library LIB (a task library from `mumoe taer build`)")
+        if args.active < 1 or args.experts is not None:
+            raise MumoeError("--taer-only serves task requests only: drop --active / --experts")
+        args.task = args.task or "auto"
     if args.task is not None and not args.library:
         raise MumoeError("--task needs --library LIB (a task library from `mumoe taer build`)")
     if sum(x for x in (args.active < 1, args.experts is not None, args.task is not None)) > 1:
@@ -859,14 +865,21 @@ def cmd_serve(args) -> int:
     if tok is None:
         raise MumoeError(f"{args.model} has no tokenizer; mumoe serve needs one")
     t0 = time.perf_counter()
-    model = _load_model(args.model, args.dtype, args.device)
+    if args.taer_only:  # the layers up to the first MoE router: enough to match; task models load on demand
+        from .observe.runner import resolve_device
+        from .retrieval.partial import load_matcher
+
+        model = load_matcher(args.model, library, args.dtype or "auto").to(resolve_device(args.device or "cpu"))
+    else:
+        model = _load_model(args.model, args.dtype, args.device)
     name = args.served_model_name or args.model
     engine = Engine(model, tok, name, _serve_defaults(args), library, _source_dir(args.model), args.max_task_models,
-                    template)
+                    template, taer_only=args.taer_only)
     d = engine.defaults
     mode = {"dense": "dense", "mu-moe": f"μ-MoE ρ={d.active:g} ({d.structure})", "experts": f"{d.experts} experts "
             "per layer per prompt", "task": f"TAER task {d.task}"}[d.kind]
-    say(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; default pruning: {mode}"
+    say(f"loaded {'the TAER matcher of ' if args.taer_only else ''}{args.model} ({engine.total_weights:,} weights) in "
+        f"{time.perf_counter() - t0:.1f}s; default pruning: {mode}"
         + (f"; task library {args.library} ({len(library.tasks)} tasks)" if library else ""))
     app = create_app(engine, ServerConfig(max_queue=args.max_queue, timeout=args.timeout), worker_thread=False)
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (OpenAI-compatible; Ctrl-C or SIGTERM stops "
@@ -1114,6 +1127,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--library", help="TAER task library (from `mumoe taer build`): enables \"task\" requests")
     sp.add_argument("--task", help="default TAER task: 'auto' (match each prompt) or a task name (needs --library; "
                     "default off)")
+    sp.add_argument("--taer-only", action="store_true", help="with --library: never load the full model — only the "
+                    "layers up to the first MoE router (to match prompts) and each requested task's experts; every "
+                    "request is a TAER request (default --task auto)")
     sp.add_argument("--max-task-models", type=int, default=2, help="TAER task models kept in memory, least recently "
                     "used dropped first (default 2)")
     sp.add_argument("--max-queue", type=int, default=16, help="requests waiting behind the one decoding; more get "

@@ -123,7 +123,10 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, name: str, defaults: Pruning | None = None,
                  library=None, model_path: str | None = None, max_task_models: int = 2,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, taer_only: bool = False) -> None:
+        """taer_only: `model` is TAER's matcher (the layers up to the first MoE router, `load_matcher`), not the
+        full model: only task requests are served, each decoded by its task's model — the full model is never
+        in memory."""
         if tokenizer is None:
             raise MumoeError(f"{name} has no tokenizer; mumoe serve needs one")
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -135,8 +138,10 @@ class Engine:
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         if chat_template is not None:
             tokenizer.chat_template = chat_template
-        self.library, self.model_path = library, model_path
-        if library is not None:
+        self.library, self.model_path, self.taer_only = library, model_path, taer_only
+        if taer_only and (library is None or model_path is None):
+            raise MumoeError("a TAER-only server needs a task library and the checkpoint folder")
+        if library is not None and not taer_only:
             library.check_model(model)
         self.max_task_models = max_task_models
         self.task_models: OrderedDict[str, nn.Module] = OrderedDict()
@@ -159,6 +164,9 @@ class Engine:
         if {"active", "experts", "task"} & set(ext):
             p = Pruning(structure=p.structure)
         p = replace(p, **ext)
+        if self.taer_only and p.task is None:
+            raise MumoeError("this server holds only TAER task models (--taer-only): requests may set "
+                             "mumoe.task (auto or a task name), nothing else")
         if isinstance(p.active, bool) or not isinstance(p.active, (int, float)):
             raise MumoeError(f"mumoe.active must be a number in (0, 1], got {p.active!r}")
         check_active(p.active)
