@@ -1234,9 +1234,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import progress
 
     QUIET[0] = progress.QUIET[0] = bool(getattr(args, "quiet", False))
-    from . import loading
+    from . import source
 
-    loading.TRUST_REMOTE_CODE = bool(getattr(args, "trust_remote_code", False))
+    source.TRUST_REMOTE_CODE = bool(getattr(args, "trust_remote_code", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import MumoeError
+from .select.experts import check_ratio  # noqa: F401  (re-exported: the one definition lives in select)
+from .select.weights import parse_structure  # noqa: F401
 
 RECIPE_VERSION = 1
 BUDGETS = ("uniform", "global")
@@ -29,25 +31,6 @@ DEVICES = ("cpu", "cuda", "auto")
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_ratio(ratio) -> float:
-    """ratio: the fraction removed, a number in [0, 1)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-        raise MumoeError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if not (0.0 <= ratio < 1.0):
-        raise MumoeError(f"ratio must be in [0, 1), got {ratio}")
-    return float(ratio)
-
-
-def parse_structure(structure: str) -> tuple[int, int] | None:
-    """'row' | 'column' -> None; 'N:M' -> (N, M) with 0 < N <= M; anything else a one-line error."""
-    if structure in ("row", "column"):
-        return None
-    n, sep, m = str(structure).partition(":")
-    if not sep or not n.isdigit() or not m.isdigit() or not (0 < int(n) <= int(m)):
-        raise MumoeError(f"unknown structure {structure!r}; use row, column or N:M with 0 < N <= M (e.g. 2:4)")
-    return int(n), int(m)
 
 
 @dataclass(frozen=True)

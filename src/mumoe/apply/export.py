@@ -7,51 +7,15 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from ..errors import MumoeDataError, MumoeError, MumoeFileError, os_message
+from ..errors import MumoeError, MumoeFileError, os_message
 from ..files import OWNER, check_writable, owned_temp_dir, sweep_stale
-from ..version import __version__
-
-
-@dataclass
-class PruneReport:
-    """What a pruning run did; serializes to the `pruning.json` schema of DESIGN.md."""
-
-    method: str
-    grain: str
-    ratio: float
-    budget: str = "uniform"
-    scoring_order: str = "one-shot"
-    calibration: dict = field(default_factory=dict)  # {source, nsamples, seqlen} or {}
-    model: dict = field(default_factory=dict)  # {source, model_type, num_experts}
-    layers: list[dict] = field(default_factory=list)  # {layer, num_experts, kept, scores}
-    form: str = "hf"  # "hf": from_pretrained loads it; "mumoe": only mumoe.load (per-layer shapes differ)
-    recipe: dict = field(default_factory=dict)  # the Recipe that replays this run (mumoe prune --recipe)
-    mumoe_version: str = __version__
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {"mumoe_version": d.pop("mumoe_version"), **d}
-
-    def to_json(self) -> str:
-        """Strict JSON (no bare NaN/Infinity: a non-finite score is an error, not a file other tools reject)."""
-        try:
-            return json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        except ValueError as e:
-            raise MumoeDataError(f"pruning.json would hold non-finite values ({e}); the scores are not usable") from e
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PruneReport":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    def kept(self) -> dict[int, list[int]]:
-        return {entry["layer"]: list(entry["kept"]) for entry in self.layers}
+from .report import PruneReport  # noqa: F401  (re-exported: mumoe.apply.export.PruneReport)
 
 
 def check_output_dir(out: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
@@ -138,7 +102,7 @@ def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenize
     source checkpoint's dtype unless `dtype` is given ("auto" = the source's), its tokenizer and side files
     byte for byte, its config.json keys with only the pruned values changed. `tokenizer` is saved only when
     the source folder has no tokenizer files (a model built from a config)."""
-    from ..loading import checkpoint_dtype, parse_dtype
+    from ..source import checkpoint_dtype, parse_dtype
     from .forms import get_form
     from .packaging import copy_side_files, source_folder, stored_as
 

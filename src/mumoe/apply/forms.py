@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import MumoeError
 from ..models import moe_adapter_for
 from .experts import remove_experts
-from .export import PruneReport
+from .report import PruneReport
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class LayerwiseCheckpoint:
         if not (self.path / "config.json").exists():
             raise MumoeError(f"{self.path} is not a model folder (no config.json)")
         try:
-            from ..loading import hf_kwargs
+            from ..source import hf_kwargs
 
             self.config = AutoConfig.from_pretrained(self.path, **hf_kwargs())
         except (OSError, ValueError, KeyError) as e:
@@ -242,6 +242,6 @@ def is_layerwise_source(name: str | Path) -> bool:
 
 def source_dtype(path: str | Path) -> torch.dtype:
     """The checkpoint's own dtype (`loading.checkpoint_dtype`)."""
-    from ..loading import checkpoint_dtype
+    from ..source import checkpoint_dtype
 
     return checkpoint_dtype(path)

@@ -6,10 +6,20 @@ layer. Group-limited routers (DeepSeek-V3 n_group/topk_group) drop equally in ev
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import MumoeError
-from ..recipe import check_ratio  # noqa: F401  (one definition of a valid ratio)
+
+
+def check_ratio(ratio) -> float:
+    """ratio: the fraction removed, a number in [0, 1)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        raise MumoeError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if not (0.0 <= ratio < 1.0):
+        raise MumoeError(f"ratio must be in [0, 1), got {ratio}")
+    return float(ratio)
 
 
 def rank(scores: torch.Tensor, prune_highest: bool = False) -> torch.Tensor:

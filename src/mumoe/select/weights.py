@@ -15,7 +15,16 @@ from torch import nn
 
 from ..criteria.weight import column_norms
 from ..errors import MumoeError
-from ..recipe import parse_structure
+
+
+def parse_structure(structure: str) -> tuple[int, int] | None:
+    """'row' | 'column' -> None; 'N:M' -> (N, M) with 0 < N <= M; anything else a one-line error."""
+    if structure in ("row", "column"):
+        return None
+    n, sep, m = str(structure).partition(":")
+    if not sep or not n.isdigit() or not m.isdigit() or not (0 < int(n) <= int(m)):
+        raise MumoeError(f"unknown structure {structure!r}; use row, column or N:M with 0 < N <= M (e.g. 2:4)")
+    return int(n), int(m)
 
 
 def check_active(active: float) -> float:
