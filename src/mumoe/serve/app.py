@@ -67,8 +67,9 @@ class Metrics:
     """Prometheus metrics of one server (its own registry)."""
 
     def __init__(self, worker: "Worker", engine: Engine) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+        disable_created_metrics()  # no `*_created` timestamp series beside every counter
         r = self.registry = CollectorRegistry()
         self.requests = Counter("mumoe_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("mumoe_prompt_tokens", "prompt tokens processed", registry=r)
