@@ -100,7 +100,7 @@ def _engine_lm(engine, pruning):
             from ..progress import bar
 
             out = []
-            for _, ctx, cont in bar(requests, desc="μ-MoE requests", enabled=not disable_tqdm, unit="req"):
+            for _, ctx, cont in bar(requests, desc=f"requests ({pruning.kind}, each pruned for itself)", enabled=not disable_tqdm, unit="req"):
                 ids = (ctx + cont)[-engine.context_length + 1:]
                 n_ctx = len(ids) - len(cont)
                 entries: list[dict] = []
