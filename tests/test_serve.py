@@ -547,6 +547,7 @@ def test_cli_serve_port_in_use_is_one_line(capsys):
     (["--task", "auto"], "--library"),
     (["--active", "0.5", "--experts", "4"], "choose one default pruning"),
     (["--experts", "0"], "--experts"),
+    (["--experts", "17"], "between top_k=2 and the expert count 16"),
     (["--taer-only"], "--taer-only needs --library"),
     (["--max-queue", "0"], "--max-queue"),
     (["--port", "70000"], "--port"),

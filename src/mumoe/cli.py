@@ -475,6 +475,7 @@ def _check_eval_args(args) -> None:
         check_active(args.active)
         parse_structure(args.structure)
         check_positive(args.calib_windows, "--calib-windows")
+        _check_experts_flag(args)
         if args.library and args.experts is None:
             raise MumoeError("--library is compared at the expert grain: add --experts K")
         if args.calib:
@@ -796,6 +797,23 @@ def _serve_defaults(args):
     return Pruning(active=args.active, structure=args.structure, experts=args.experts, task=args.task)
 
 
+def _check_experts_flag(args) -> None:
+    """--experts K against the model's config (top_k <= K <= experts per layer), before any weight is read."""
+    if getattr(args, "experts", None) is None:
+        return
+    from .loading import check_model
+    from .models.base import config_experts
+
+    config = _model_config(check_model(args.model))
+    if config is None:
+        return  # not readable without loading: the engine checks it after the load
+    E, top_k = config_experts(config)
+    if E is None:
+        raise MumoeError(f"--experts needs an MoE model; {args.model} has no routed experts")
+    if not (top_k or 1) <= args.experts <= E:
+        raise MumoeError(f"--experts must be between top_k={top_k} and the expert count {E}, got {args.experts}")
+
+
 def _check_listen(host: str, port: int) -> None:
     """The address can be listened on (before the model is loaded): in use, or not this machine's -> one line."""
     import socket
@@ -830,6 +848,7 @@ def cmd_serve(args) -> int:
     if not 0 < args.port < 65536:
         raise MumoeError(f"--port must be in 1..65535, got {args.port}")
     _check_generate_args(args)
+    _check_experts_flag(args)
     _check_listen(args.host, args.port)
     if args.taer_only:
         if not args.library:

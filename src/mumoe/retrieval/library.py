@@ -94,6 +94,12 @@ class TaskLibrary:
             diff = diff @ self.whiten
         return float(diff.norm())
 
+    def nearest(self, key: torch.Tensor) -> "Match":
+        """The task whose key is nearest to a prompt key (and the runner-up, to see ambiguity)."""
+        dist = sorted((self.distance(key, name), name) for name in self.keys)
+        second = dist[1] if len(dist) > 1 else (None, None)
+        return Match(dist[0][1], dist[0][0], second[1], second[0])
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -286,7 +292,13 @@ def prompt_key(model: nn.Module, ids: torch.Tensor, key_mode: str = "first", lay
     if ids.numel() == 0:
         raise MumoeError("empty prompt")
     wanted = _key_layers(layers or moe_adapter_for(model).moe_layers(), key_mode)
-    return torch.cat([token_stat(lg[0], key_stat).mean(0) for lg in router_logits(model, ids, wanted)]).float()
+    return key_from_logits([lg[0] for lg in router_logits(model, ids, wanted)], key_stat)
+
+
+def key_from_logits(logits: list[torch.Tensor], key_stat: str) -> torch.Tensor:
+    """A prompt's key from its router logits at the key layers (each [T, E]): the mean over its tokens of the
+    key statistic, layers concatenated. -> [D] float32"""
+    return torch.cat([token_stat(lg, key_stat).mean(0) for lg in logits]).float().cpu()
 
 
 @dataclass
@@ -300,7 +312,4 @@ class Match:
 def match(model: nn.Module, lib: TaskLibrary, ids: torch.Tensor) -> Match:
     """Nearest task by L2 (in the library's key space) between the prompt's key and each task's key, with the
     runner-up, to see ambiguity."""
-    key = prompt_key(model, ids, lib.key_mode, key_stat=lib.key_stat)
-    dist = sorted((lib.distance(key, name), name) for name in lib.keys)
-    second = dist[1] if len(dist) > 1 else (None, None)
-    return Match(dist[0][1], dist[0][0], second[1], second[0])
+    return lib.nearest(prompt_key(model, ids, lib.key_mode, key_stat=lib.key_stat))

@@ -82,14 +82,13 @@ def expert_continuation_perplexity(model: nn.Module, wins: torch.Tensor, prompt_
 def taer_chooser(lib):
     """`choose` for TAER inside the protocol: the prompt's key from its captured router logits (the library's
     key statistic and layers), the nearest task, that task's kept experts."""
-    from ..retrieval.library import token_stat
+    from ..retrieval.library import key_from_logits
 
     layers = sorted(lib.fingerprint["moe_layers"])
     wanted = layers[:1] if lib.key_mode == "first" else layers
 
     def choose(router: dict, ids: torch.Tensor) -> dict[int, list[int]]:
-        key = torch.cat([token_stat(router[i], lib.key_stat).mean(0) for i in wanted]).float().cpu()
-        task = min(lib.keys, key=lambda name: lib.distance(key, name))
+        task = lib.nearest(key_from_logits([router[i] for i in wanted], lib.key_stat)).task
         choose.matched.append(task)
         return lib.tasks[task]["kept"]
 
