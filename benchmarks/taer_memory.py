@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 CODE = """
@@ -78,7 +80,8 @@ def main() -> None:
     if args.synthetic and not (path / "config.json").exists():
         print(f"writing synthetic checkpoint to {path}", flush=True)
         make_synthetic(path)
-    lib = Path(str(path).rstrip("/") + f"-lib{args.keep_frac}")
+    # the library goes to a temporary folder: never beside the model (for the bundled model that was inside the package)
+    lib = Path(tempfile.mkdtemp(prefix="mumoe-taer-memory-")) / f"lib{args.keep_frac}"
     make_library(path, lib, args.keep_frac)
     run = lambda *a: json.loads(subprocess.run([sys.executable, "-c", CODE, str(path), *a], capture_output=True,
                                                text=True, check=True).stdout.strip().splitlines()[-1])
@@ -94,6 +97,7 @@ def main() -> None:
     out = Path(__file__).parent / "results" / name
     out.write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
+    shutil.rmtree(lib.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

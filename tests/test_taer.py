@@ -97,7 +97,6 @@ def test_whitened_keys_against_a_slow_reference(saved):
 
 def test_matching_stops_at_first_router_and_finds_the_task(saved):
     model, tmp, _ = saved
-    lib = TaskLibrary.load(tmp / "lib")
     layers = moe_adapter_for(model).moe_layers()
     calls = []
     h = layers[1].router.register_forward_hook(lambda *a: calls.append(1))
