@@ -10,7 +10,7 @@ from mumoe.observe import MoEObserver
 
 
 def reference_routing(layer, x):
-    """Routing from the formulas of METHODS.md, written independently of the model code. x [T, H]."""
+    """Routing from the formulas of docs/methods.md, written independently of the model code. x [T, H]."""
     logits = x.float() @ layer.router_weight.float().T  # [T, E]
     k = layer.top_k
     if layer.scoring == "softmax":

@@ -1,4 +1,4 @@
-"""Calibration windows: the DESIGN.md contract on hand-worked examples."""
+"""Calibration windows: the calibration contract (docs/cli.md) on hand-worked examples."""
 
 import pytest
 import torch

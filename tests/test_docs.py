@@ -121,3 +121,24 @@ def test_shown_commands_use_real_flags():
             checked += 1
     assert checked >= 30, checked       # the docs do show commands; the parser above found them
     assert not bad, "\n".join(bad)
+
+
+def test_layout_names_every_module():
+    """docs/architecture.md's layout block names every module of src/mumoe (and nothing that is not there)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = re.search(r"^## Layout\n.*?^```\n(.*?)^```", text, re.S | re.M).group(1)
+    pkg = ROOT / "src" / "mumoe"
+    named, folder = set(), None
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if indent == 2:
+            folder = None
+        first = line.split()[0] if line.strip() else ""
+        if indent == 2 and first.endswith("/"):
+            folder = first
+        for word in re.findall(r"(?<![\w./-])([\w/]+\.py)\b", line):
+            named.add(word if indent == 2 or folder is None else f"{folder}{word}")
+    modules = {str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
+               if p.name != "__init__.py" or p.parent == pkg}
+    assert modules - named == set(), f"modules the layout does not name: {sorted(modules - named)}"
+    assert named - modules == set(), f"the layout names modules that do not exist: {sorted(named - modules)}"

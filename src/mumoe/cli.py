@@ -1,4 +1,5 @@
-"""`mumoe` command line: info, prune, eval. Bad input ends in one line on stderr and exit code 2."""
+"""`mumoe` command line: demo, info, prune, compare, eval, generate, taer, serve, report. Bad input ends in one line on
+stderr and exit code 2."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from ..version import __version__
 
 @dataclass
 class PruneReport:
-    """What a pruning run did; serializes to the `pruning.json` schema of DESIGN.md."""
+    """What a pruning run did; serializes to `pruning.json` (docs/cli.md, "What a run writes")."""
 
     method: str
     grain: str

@@ -1,4 +1,4 @@
-"""Expert-grain criteria (METHODS.md), pure functions of LayerStats or of the weights.
+"""Expert-grain criteria (docs/methods.md), pure functions of LayerStats or of the weights.
 
 Higher = keep, except AIMER (prune the highest).
 """

@@ -1,6 +1,6 @@
 """HEAPr: second-order importance of atomic experts (one neuron k of expert i).
 
-    S_{i,k} = E_{t∈T_i}[h_{i,k}(t)²] · E_{t∈T_i}[(∂L/∂h_{i,k}(t))²]          (METHODS.md)
+    S_{i,k} = E_{t∈T_i}[h_{i,k}(t)²] · E_{t∈T_i}[(∂L/∂h_{i,k}(t))²]          (docs/methods.md)
 
 h is the down-projection input of expert i on its routed tokens; the gradient comes from one backward pass
 of the LM loss (labels = inputs, summed over tokens so that per-token gradients do not depend on the batch

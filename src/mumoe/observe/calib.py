@@ -1,4 +1,4 @@
-"""Calibration (and perplexity) windows, per the contract in DESIGN.md.
+"""Calibration (and perplexity) windows, as docs/cli.md states them (sources, windows, seeds).
 
 The text is tokenized once with `add_special_tokens=False` and cut into consecutive non-overlapping
 windows of `seqlen` tokens (the remainder is dropped); the first `nsamples` are used, or — when a seed is
