@@ -1029,7 +1029,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Wanda authors' order, layer-sequential only)")
     sp.add_argument("--form", choices=["uniform", "global"],
                     help="atom methods: uniform = same width for every expert (a standard checkpoint, default); "
-                    "global = HEAPr's one ranking, per-expert widths (mumoe.load)")
+                    "global = HEAPr's one ranking, per-expert widths (mumoe.load, or transformers with "
+                    "trust_remote_code=True)")
     sp.add_argument("--scope", choices=["global", "layer"],
                     help="atom methods with --form global: rank over all layers (default) or per layer")
     sp.add_argument("--width-multiple", type=int, metavar="N",
