@@ -122,7 +122,7 @@ def _engine_lm(engine, pruning):
 
 def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: int | None = None,
                 n_local: int = 100, pruning=None, manager=None) -> dict[str, dict[str, float]]:
-    """Evaluate an in-memory model (or a checkpoint path) with lm-eval. tasks=["local"] runs every local task.
+    """Evaluate an in-memory model (or a checkpoint path, loaded as `mumoe.load` loads it) with lm-eval. tasks=["local"] runs every local task.
     pruning: a `serve.Pruning` — every request is pruned for itself as `mumoe serve` prunes it (μ-MoE from the
     request's own tokens, per-prompt experts), scored one at a time. manager: an lm-eval TaskManager that already
     includes the local tasks (building one takes seconds). -> {task: {metric: value}}"""
@@ -148,9 +148,13 @@ def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: 
             engine = Engine(model, tokenizer, "in-process", pruning)
             lm = _engine_lm(engine, engine.defaults)
         else:
-            device = "cpu" if isinstance(model, (str, Path)) else str(next(model.parameters()).device)
-            if isinstance(model, Path):
-                model = str(model)
+            if isinstance(model, (str, Path)):
+                # loaded as every mumoe command loads it (mumoe forms, the --dtype auto rule: a bf16 export runs
+                # in fp32 on the CPU like its source), not by lm-eval's own loader in the checkpoint's dtype
+                from ..loading import load
+
+                model = load(model)
+            device = str(next(model.parameters()).device)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, verbosity="ERROR")
     results = {}
