@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,12 +79,13 @@ def main() -> None:
     if args.synthetic and not (path / "config.json").exists():
         print(f"writing synthetic checkpoint to {path}", flush=True)
         make_synthetic(path)
-    # the library goes to a temporary folder: never beside the model (for the bundled model that was inside the package)
-    lib = Path(tempfile.mkdtemp(prefix="mumoe-taer-memory-")) / f"lib{args.keep_frac}"
-    make_library(path, lib, args.keep_frac)
     run = lambda *a: json.loads(subprocess.run([sys.executable, "-c", CODE, str(path), *a], capture_output=True,
                                                text=True, check=True).stdout.strip().splitlines()[-1])
-    full, part = run("full"), run("task", str(lib))
+    # the library goes to a temporary folder: never beside the model (for the bundled model that was inside the package)
+    with tempfile.TemporaryDirectory(prefix="mumoe-taer-memory-") as tmp:
+        lib = Path(tmp) / f"lib{args.keep_frac}"
+        make_library(path, lib, args.keep_frac)
+        full, part = run("full"), run("task", str(lib))
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     res = {"checkpoint": str(path), "checkpoint_GB": round(size / 1e9, 2), "keep_frac": args.keep_frac,
            "full_rss_MB": round(full["rss_MB"], 1), "task_rss_MB": round(part["rss_MB"], 1),
@@ -97,7 +97,6 @@ def main() -> None:
     out = Path(__file__).parent / "results" / name
     out.write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
-    shutil.rmtree(lib.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":
