@@ -1,6 +1,7 @@
 """The user-facing docs hold together: every link and anchor resolves, no section is there twice, and every
 `mumoe` command they show names a real subcommand and only flags that subcommand accepts."""
 
+import argparse
 import re
 import shlex
 from pathlib import Path
@@ -67,22 +68,20 @@ def test_no_section_twice(doc):
 
 def _options(parser) -> dict:
     """{subcommand path: set of option strings}, e.g. {('prune',): {...}, ('taer', 'build'): {...}}."""
-    import argparse
     out = {}
 
-    def walk(p, path, inherited):
-        opts = set(inherited) | {o for a in p._actions for o in a.option_strings}
-        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
-        out[path] = opts
-        for s in subs:
-            for name, child in s.choices.items():
-                walk(child, path + (name,), opts if not path else set())
-    walk(parser, (), set())
+    def walk(p, path):
+        out[path] = {o for a in p._actions for o in a.option_strings}
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, child in a.choices.items():
+                    walk(child, path + (name,))
+    walk(parser, ())
     return out
 
 
 def commands(text: str):
-    """Every `mumoe ...` invocation in the fenced blocks, as (line, argv after `mumoe`)."""
+    """Every `mumoe ...` invocation in the fenced blocks, as (line, argv after `mumoe`, the --flags it uses)."""
     for block in FENCE.findall(text):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()

@@ -122,7 +122,8 @@ def _engine_lm(engine, pruning):
 
 def run_lm_eval(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: int | None = None,
                 n_local: int = 100, pruning=None, manager=None) -> dict[str, dict[str, float]]:
-    """Evaluate an in-memory model (or a checkpoint path, loaded as `mumoe.load` loads it) with lm-eval. tasks=["local"] runs every local task.
+    """Evaluate an in-memory model (or a checkpoint path, loaded as `mumoe.load` loads it) with lm-eval.
+    tasks=["local"] runs every local task.
     pruning: a `serve.Pruning` — every request is pruned for itself as `mumoe serve` prunes it (μ-MoE from the
     request's own tokens, per-prompt experts), scored one at a time. manager: an lm-eval TaskManager that already
     includes the local tasks (building one takes seconds). -> {task: {metric: value}}"""
