@@ -43,6 +43,8 @@ def world(tmp_path_factory):
     (root / "short.txt").write_text("hi")
     (root / "latin1.txt").write_bytes(b"It was the best of times, " + "café".encode("latin-1") + b" et cetera\n")
     (root / "emptydir").mkdir()
+    (root / "userdir").mkdir()
+    (root / "userdir" / "thesis.tex").write_text("a user's own file")
     (root / "bad.json").write_text('{"rows": [1, 2,')
     (root / "latin1.json").write_bytes(b'{"rows": [], "title": "caf\xe9"}')
     (root / "file").write_text("a file, not a folder")
@@ -174,6 +176,18 @@ CASES = [
     ("spill-negative", prune(T, "--method", "reap", "--ratio", "0.5", "--spill-gb", "-1"), "spill", True),
     ("work-dir-is-a-file", prune(T, "--method", "reap", "--ratio", "0.5", "--work-dir", "{w}/calib.txt"),
      "work-dir", True),
+    ("work-dir-holds-user-files", prune(T, "--method", "reap", "--ratio", "0.5", "--work-dir", "{w}/userdir"),
+     "mumoe did not write", True),
+    ("work-dir-is-the-source", prune(T, "--method", "reap", "--ratio", "0.5", "--work-dir", "{tiny}"),
+     "is the source model", True),
+    ("work-dir-inside-the-source", prune(T, "--method", "reap", "--ratio", "0.5", "--work-dir", "{tiny}/w"),
+     "is inside the source model", True),
+    ("work-dir-holds-the-source", prune(T, "--method", "reap", "--ratio", "0.5", "--work-dir", "{w}"),
+     "holds the source model", True),
+    ("work-dir-is-out", prune(T, "--method", "reap", "--ratio", "0.5", "--work-dir", "{out}"),
+     "is the --out folder", True),
+    ("work-dir-holds-out", prune(T, "--method", "reap", "--ratio", "0.5", "--work-dir", "{out}/.."),
+     "holds the --out folder", True),
     ("recipe-missing", ["prune", "--recipe", "{w}/nope.json", *OUT], "not found", True),
     ("recipe-garbled", ["prune", "--recipe", "{w}/recipe_bad.json", *OUT], "recipe_bad.json", True),
     ("dense-model-expert-method", prune("tiny:llama", "--method", "reap", "--ratio", "0.5"), "dense", True),
@@ -205,6 +219,8 @@ CASES = [
      "max-windows", True),
     ("eval-json-unwritable", ["eval", T, "--ppl", "{w}/calib.txt", "--seqlen", "16", "--json",
                               "{w}/file/r.json"], "--json", True),
+    ("eval-json-exists", ["eval", T, "--ppl", "{w}/calib.txt", "--seqlen", "16", "--json", "{w}/calib.txt"],
+     "exists; pass --overwrite", True),
     ("testtime-active-0", ["eval", T, "--ppl", "{w}/calib.txt", "--testtime", "--active", "0", "--json", "{out}"],
      "active", True),
     ("report-not-utf8", ["report", "{w}/latin1.json", *OUT], "not UTF-8", True),

@@ -194,12 +194,18 @@ def _check_prune_args(args, recipe) -> None:
         raise MumoeError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {recipe.method} "
                          f"({recipe.grain} grain); see `mumoe prune --help`")
     check_positive(args.spill_gb, "--spill-gb", 0, integer=False)
-    if args.work_dir and Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
-        raise MumoeError(f"--work-dir {args.work_dir} is a file; give a folder (created if missing)")
     if args.work_dir:
-        from .files import check_writable
+        from .observe.workdir import check_work_dir
 
-        check_writable(Path(args.work_dir) / "x", "--work-dir")
+        check_work_dir(args.work_dir, _source_dir_if_local(args), args.out)
+
+
+def _source_dir_if_local(args) -> str | None:
+    """The local folder of the model a prune reads (None for tiny/hub models), without loading anything."""
+    from .loading import resolve
+
+    name = resolve(_replay_model(args))
+    return name if Path(name).is_dir() else None
 
 
 def _check_space(out: str, model_name: str, recipe) -> None:
@@ -462,7 +468,7 @@ def _write_tasks(args) -> int:
 
 def _check_eval_args(args) -> None:
     """eval's options, the --json target and the device, before any text or weight is read."""
-    from .files import check_positive, check_writable
+    from .files import check_new_file, check_positive
 
     check_positive(args.seqlen, "--seqlen", 2)
     check_positive(args.batch_size, "--batch-size")
@@ -484,10 +490,15 @@ def _check_eval_args(args) -> None:
 
             check_sources([args.calib])
     if args.json:
-        if Path(args.json).is_dir():
-            raise MumoeError(f"--json {args.json} is a folder; give a file path")
-        check_writable(args.json, "--json")
+        check_new_file(args.json, args.overwrite, "--json")
     _check_device(args.device)
+
+
+def _write_json(path: str, text: str) -> None:
+    """eval --json: written atomically (temp file, then rename); a full disk is one line naming the path."""
+    from .files import write_file_atomic
+
+    write_file_atomic(path, text, "--json")
 
 
 def cmd_eval(args) -> int:
@@ -526,7 +537,7 @@ def cmd_eval(args) -> int:
     if args.json:
         payload = {"model": args.model, "dtype": dtype, "seqlen": seqlen, "ppl_source": args.ppl,
                    "results": results}
-        Path(args.json).write_text(json.dumps(payload, indent=1))
+        _write_json(args.json, json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     return 0
 
@@ -681,7 +692,7 @@ def _eval_testtime_experts(args, model, tokenizer, texts: dict, seqlen: int) -> 
         print(f"  {name:10s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in row.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "seqlen": seqlen, "prompt_len": P, "experts": K,
+        _write_json(args.json, json.dumps({"model": args.model, "seqlen": seqlen, "prompt_len": P, "experts": K,
                                                "calib": calib, "library": args.library, "results": results},
                                               indent=1))
         print(f"wrote {args.json}")
@@ -713,7 +724,7 @@ def _eval_testtime(args, model, tokenizer, texts: dict, seqlen: int) -> int:
         results[name] = row
         print(f"  {name:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "seqlen": seqlen, "prompt_len": P,
+        _write_json(args.json, json.dumps({"model": args.model, "seqlen": seqlen, "prompt_len": P,
                                                "active": args.active, "structure": args.structure,
                                                "results": results}, indent=1))
     return 0
@@ -737,7 +748,7 @@ def _eval_tasks(args) -> int:
     for task, metrics in res.items():
         print(f"  {task:28s} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "tasks": res}, indent=1))
+        _write_json(args.json, json.dumps({"model": args.model, "tasks": res}, indent=1))
         print(f"wrote {args.json}")
     return 0
 
@@ -1114,7 +1125,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib-windows", type=int, default=32, help="--testtime --experts: calibration windows for the "
                     "offline baselines (default 32)")
     sp.add_argument("--library", help="--testtime --experts: a TAER task library to compare with")
-    sp.add_argument("--json", help="also write the result as JSON to this path")
+    sp.add_argument("--json", help="also write the result as JSON to this path (refused if it exists, unless "
+                    "--overwrite)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("generate", help="μ-MoE: prune per prompt from its own activations, then generate",

@@ -152,6 +152,75 @@ def sweep_stale(parent: Path, prefixes: tuple[str, ...], say=print) -> list[Path
     return removed
 
 
+def write_failure(e: BaseException, where: str | Path, what: str, hint: str) -> MumoeFileError | None:
+    """A write that failed because of the file system (full, read-only, quota, permissions) as one line:
+    "cannot write WHAT: No space left on device (HINT)"; None when `e` is something else. Knows OSError,
+    safetensors' "(os error N)" and torch.save's "[enforce fail at inline_container.cc] ... file write failed"
+    (which carries no errno: a full file system is reported as such, anything else as an I/O error)."""
+    import errno
+    import re
+
+    if isinstance(e, MumoeError):
+        return None
+    n = None
+    if isinstance(e, OSError) and e.errno:
+        n = e.errno
+    elif type(e).__name__ == "SafetensorError" and (m := re.search(r"os error (\d+)", str(e))):
+        n = int(m[1])
+    elif isinstance(e, RuntimeError) and ("inline_container" in str(e) or "file write failed" in str(e)):
+        try:
+            full = shutil.disk_usage(_existing_parent(Path(where))).free < (1 << 20)
+        except OSError:
+            full = False
+        n = errno.ENOSPC if full else errno.EIO
+    if n is None:
+        return None
+    return MumoeFileError(f"cannot write {what}: {os.strerror(n)} ({hint})", n)
+
+
+def check_new_file(path: str | Path, overwrite: bool, flag: str) -> Path:
+    """A file output (`eval --json`): refused when it is a folder, when it exists and `overwrite` is not
+    given, or when it could not be created — before any work."""
+    p = Path(path)
+    if p.is_dir():
+        raise MumoeError(f"{flag} {p} is a folder; give a file path")
+    if p.exists() and not overwrite:
+        raise MumoeError(f"{flag} {p} exists; pass --overwrite to replace it")
+    check_writable(p, flag)
+    return p
+
+
+def write_file_atomic(path: str | Path, data: bytes | str, flag: str) -> Path:
+    """Write `data` to `path` through a temp file beside it, renamed into place: a full disk or a kill leaves
+    the old file (or none), never a partial one; a failure is one line naming the path and the flag."""
+    p = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    parent = p.absolute().parent
+    tmp = None
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        err = write_failure(e, p, f"{flag} {p}", f"free space there, or choose another {flag}")
+        if err is None:
+            raise
+        raise err from e
+    return p
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_positive(value, flag: str, low: float = 1, integer: bool = True) -> None:
     """An option that must be a number >= low (None = not given)."""
     if value is None:

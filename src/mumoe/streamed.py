@@ -27,7 +27,8 @@ from .models import adapter_for
 from .models.base import EXPERT_COUNT_KEYS
 from .observe.layerwise import LayerwiseCheckpoint, _target
 from .observe.runner import resolve_device
-from .observe.sequential import WorkDir, dist_world, fingerprint
+from .observe.sequential import dist_world, fingerprint
+from .observe.workdir import WorkDir, check_work_dir, source_identity
 from .recipe import Recipe
 from .select.weights import masks_from_norms
 
@@ -52,6 +53,8 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
     receives calib_s, export_s and the sweep's `SweepInfo` (as "sweep")."""
     check_layerwise(recipe)
     check_output_dir(out, overwrite, source=path)  # before any layer is read
+    if work_dir is not None:
+        check_work_dir(work_dir, source=path, out=out)
     wins, groups, info = windows
     if wins is None:
         raise MumoeError(f"method {recipe.method!r} needs calibration windows")
@@ -68,8 +71,9 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
     order = recipe.expert.order if m.grain == "expert" else recipe.weight.order if m.grain == "weight" else "one-shot"
     work = None
     if work_dir is not None:
-        key = fingerprint(wins, groups, recipe.to_dict(), str(Path(path).resolve()), dist_world())
-        work = WorkDir(work_dir, key)
+        key = fingerprint(wins, groups, recipe.to_dict(), str(Path(path).resolve()), source_identity(path),
+                          dist_world())
+        work = WorkDir(work_dir, key, say=print if verbose else None, rank_world=dist_world())
 
     def select(layer, s):
         from .api import select_experts
@@ -93,9 +97,14 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
         print(f"  layer-sequential on {dev}: {len(ckpt.decoder.layers)} decoder layers, largest "
               f"{ckpt.layer_bytes() / 2**20:.1f} MiB resident at a time; checkpoint "
               f"{ckpt.checkpoint_bytes() / 2**20:.1f} MiB")
-    res = score_layerwise(ckpt, [m.name], wins, groups, batch_size=recipe.calib.batch_size, progress=verbose,
-                          order=order, select=select, prune_layer=prune_layer, work=work,
-                          spill_bytes=spill_bytes)
+    try:
+        res = score_layerwise(ckpt, [m.name], wins, groups, batch_size=recipe.calib.batch_size, progress=verbose,
+                              order=order, select=select, prune_layer=prune_layer, work=work,
+                              spill_bytes=spill_bytes)
+    except BaseException:
+        if work is not None and not work.state_file.exists():
+            work.remove()  # no layer finished: nothing worth resuming, nothing left behind
+        raise
     t_score = time.perf_counter() - t0
     calib_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, for the memory benchmark
     if verbose and res.info is not None:

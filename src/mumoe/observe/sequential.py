@@ -36,6 +36,7 @@ from ..errors import MumoeError
 from ..models import adapter_for
 from .layerwise import LayerwiseCheckpoint
 from .runner import Collector, Observation
+from .workdir import WorkDir  # noqa: F401  (re-exported: mumoe.observe.sequential.WorkDir)
 
 
 class _Stop(Exception):
@@ -69,13 +70,26 @@ class Activations:
         n = t.numel() * t.element_size()
         if to_disk or self.ram_bytes + n > self.limit:
             f = self._file(key)
-            torch.save(t.detach().cpu(), f)
+            try:
+                torch.save(t.detach().cpu(), f)
+            except BaseException as e:
+                f.unlink(missing_ok=True)  # no partial file left on a full disk
+                raise self.failure(e) from e
             self.files[key] = (f, t.device)
             self.spilled_bytes += n
         else:
             self.ram[key] = t.detach()
             self.ram_bytes += n
             self.peak_bytes = max(self.peak_bytes, self.ram_bytes)
+
+    def failure(self, e: BaseException) -> BaseException:
+        """A spill that the file system refused, as one line that says where and what to do."""
+        from ..files import write_failure
+
+        return write_failure(e, self.folder, f"activations to {self.folder}", self.hint) or e
+
+    hint = ("they spill past --spill-gb of RAM: free space there, raise --spill-gb, or set TMPDIR (or --work-dir) "
+            "to a larger disk")
 
     def get(self, key) -> torch.Tensor:
         if key in self.ram:
@@ -178,38 +192,11 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-class WorkDir:
-    """Per-layer checkpoints of a sweep: state.pt (finished layer, results) + the next layer's inputs."""
-
-    def __init__(self, folder: str | Path, key: str) -> None:
-        self.folder, self.key = Path(folder), key
-        self.folder.mkdir(parents=True, exist_ok=True)
-        rank, world = dist_world()
-        self.suffix = f".rank{rank}" if world > 1 else ""  # every rank keeps its own state and activations
-        self.state_file = self.folder / f"state{self.suffix}.pt"
-
-    def load(self) -> dict | None:
-        if not self.state_file.exists():
-            return None
-        state = torch.load(self.state_file, weights_only=False)
-        if state.get("key") != self.key:
-            raise MumoeError(f"{self.folder} holds a different run (other checkpoint, recipe or windows); "
-                             "remove it or choose another --work-dir")
-        return state
-
-    def save(self, state: dict) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        torch.save({**state, "key": self.key}, tmp)
-        os.replace(tmp, self.state_file)
-        kill_at = os.environ.get("MUMOE_TEST_KILL_AFTER")  # the kill tests: SIGKILL right after a save
-        if kill_at is not None and kill_at == f"{state.get('stage')}:{state.get('done')}":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def acts(self, stage: str) -> Path:
-        return self.folder / f"{stage}{self.suffix}"
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+def _test_kill(state: dict) -> None:
+    """The kill tests: SIGKILL right after the state named by MUMOE_TEST_KILL_AFTER ("stage:layer") is saved."""
+    kill_at = os.environ.get("MUMOE_TEST_KILL_AFTER")
+    if kill_at is not None and kill_at == f"{state.get('stage')}:{state.get('done')}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- the sweep -----------------------------------------------------------------------------------------------
@@ -321,7 +308,7 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
             start = state["done"] + 1
             info.resumed_after = state["done"]
             for key, f in state["acts"].items():
-                acts.files[key] = (Path(f), dev)
+                acts.files[key] = (f, dev)
 
         # embeddings and every layer's keyword arguments (recomputed on resume: cheap, never saved)
         emb_name = ckpt.input_embeddings_name().rsplit(".", 1)[0]
@@ -333,12 +320,14 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
                 info.activation_bytes += first.numel() * first.element_size()
                 if state is None:
                     acts.put((0, b), first, to_disk=work is not None)
+        if state is None:
+            _check_spill_space(acts, info.activation_bytes, len(names), need_bwd, on_disk=work is not None)
         pending: list = []  # keys dropped once the next state is saved (a kill in between keeps the old state valid)
 
         def checkpoint(stage: str, j: int) -> None:
             if work is not None:
                 work.save({"stage": stage, "done": j, "results": results,
-                           "acts": {k: str(v[0]) for k, v in acts.files.items() if k not in pending}})
+                           "acts": {k: v[0] for k, v in acts.files.items() if k not in pending}}, _test_kill)
             for key in pending:
                 acts.drop(key)
             pending.clear()
@@ -435,6 +424,26 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
         if work is None:
             _drop_spill(acts)
     return info
+
+
+def _check_spill_space(acts: Activations, per_layer: int, n_layers: int, backward: bool, on_disk: bool) -> None:
+    """Refuse before the first layer when the activations that will be spilled cannot fit on their disk:
+    a forward sweep holds two layers' activations at a time (inputs and outputs), one with a backward pass
+    every layer's inputs plus two layers' gradients; RAM takes up to the spill limit (none with a work dir)."""
+    import tempfile
+
+    from ..files import _existing_parent, human_bytes
+
+    resident = per_layer * ((n_layers + 3) if backward else 2)
+    need = resident if on_disk else max(0, resident - acts.limit)
+    if need == 0:
+        return
+    where = acts.folder if acts.folder is not None else Path(tempfile.gettempdir())
+    free = shutil.disk_usage(_existing_parent(where)).free
+    if free < need:
+        raise MumoeError(f"the calibration activations need about {human_bytes(need)} on disk at {where} "
+                         f"({human_bytes(per_layer)} per layer), but only {human_bytes(free)} is free there; "
+                         + Activations.hint.replace("they spill", "they go to disk"))
 
 
 def _drop_spill(acts: Activations) -> None:
