@@ -307,13 +307,17 @@ def _too_big(model_name: str, dtype: str | None, device: str | None = None) -> b
     from .checkpoint import shard_files
     from .observe.layerwise import source_dtype
 
+    from .files import human_bytes
+    from .memlimit import available_memory
+
     size = sum(f.stat().st_size for f in shard_files(Path(model_name)))
     size = size * _dtype_of(dtype, model_name, device).itemsize / source_dtype(model_name).itemsize
-    try:
-        avail = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
+    avail = available_memory()  # the cgroup's limit too (a container, a Slurm job), not only the machine's
+    if avail is None or size <= 0.8 * avail:
         return False
-    return size > 0.8 * avail
+    say(f"the model ({human_bytes(size)} in its load dtype) does not fit in 80% of the {human_bytes(avail)} this "
+        "process may use: pruning layer by layer (--layerwise auto; --layerwise off to load it whole)")
+    return True
 
 
 def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:

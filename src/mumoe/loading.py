@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import warnings
 from pathlib import Path
 
@@ -69,11 +71,52 @@ def check_model(name_or_path: str | Path | None) -> str:
 
         if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
             check_files(path)
+            check_layout(path)
         elif not any(path.glob("pytorch_model*.bin")):  # .bin checkpoints: transformers reads them (in memory)
             raise MumoeFileError(f"{name} holds no weights (no .safetensors or pytorch_model*.bin files)")
     elif path.exists():
         raise MumoeFileError(f"{name} is a file; MODEL is a checkpoint folder, a hub id, 'default' or tiny:ARCH")
     return name
+
+
+def check_layout(path: Path) -> None:
+    """config.json against the tensors of a checkpoint of a supported architecture, from the headers only
+    (`LayerwiseCheckpoint`'s checks, both ways): every parameter the config declares is in the files with its
+    shape, and every tensor in the files belongs to a layer / expert the config declares. mumoe's own export
+    forms (shapes an HF config cannot hold) and architectures without an adapter are left to their loaders."""
+    report = path / "pruning.json"
+    if report.exists():
+        from .files import read_json
+
+        rep = read_json(report, "the pruning record")
+        if isinstance(rep, dict) and rep.get("form", "hf") != "hf":
+            return
+    from .models.registry import ADAPTERS
+
+    cfg = _raw_config(path)
+    if cfg.get("model_type") not in ADAPTERS:
+        return
+    files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    _check_layout_of(str(path.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _check_layout_of(path: str, identity: tuple) -> None:
+    from .observe.layerwise import LayerwiseCheckpoint
+
+    try:
+        LayerwiseCheckpoint(path)
+    except MumoeFileError:
+        raise
+    except Exception:  # noqa: BLE001 - a layout the header mapping does not know: transformers' loader decides
+        return
+
+
+def _raw_config(path: Path) -> dict:
+    from .files import read_json
+
+    cfg = read_json(path / "config.json", "the model config")
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def check_weights(model: nn.Module, source: str | Path | None = None) -> nn.Module:

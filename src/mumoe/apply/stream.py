@@ -1,7 +1,8 @@
 """Streamed apply and export: the pruned checkpoint written tensor by tensor from the source safetensors files,
 the model never materialised. Each source tensor goes through a transform (experts dropped and renumbered,
-router rows sliced, atoms sliced, Wanda masks applied) and into output shards of bounded size, so resident
-memory stays at about one shard buffer (+ one decoder layer for Wanda, whose masks need the layer's weights).
+router rows sliced, atoms sliced, Wanda masks applied) and straight into the output shard's file (`ShardWriter`),
+so resident memory stays at about one tensor (+ one decoder layer for Wanda, whose masks need the layer's
+weights), whatever the shard size.
 Tensors keep the source's layout (fused or per-expert keys) and dtype. Reading: `mumoe.checkpoint`."""
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import save_file
 
 from ..checkpoint import FUSED, KIND, LEGACY, ROUTER, read_header, read_tensor, shard_files
 from ..errors import MumoeError
@@ -33,34 +33,85 @@ def rewrite_config(cfg: dict, changes: dict) -> None:
             rewrite_config(cfg[sub], changes)
 
 
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
 class ShardWriter:
     """Output shards of at most `max_bytes` each (one tensor larger than that gets a shard of its own), named
-    as save_pretrained names them; `finish()` writes the index when there is more than one."""
+    as save_pretrained names them; `finish()` writes the index when there is more than one.
 
-    def __init__(self, folder: Path, max_bytes: int) -> None:
+    Each tensor's bytes go to disk as it is added: a shard file starts with room for its header
+    (`header_bytes`), the tensors follow one after another, and the header — known only once the shard is
+    complete — is written into that room at the end, padded with spaces as the safetensors format allows. So
+    resident memory is one tensor, not a shard (safetensors' `save_file` holds a whole shard, about twice).
+    A shard whose header would outgrow its room is closed early and the next one begun."""
+
+    def __init__(self, folder: Path, max_bytes: int, header_bytes: int = 64 << 10) -> None:
         self.folder, self.max_bytes = folder, max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.size = 0
+        self.header_bytes = -(-header_bytes // 8) * 8  # the data starts 8-byte aligned
         self.files: list[list[str]] = []
         self.total = 0
+        self._f = None
+        self._entries: dict[str, dict] = {}
+        self._size = 0  # data bytes in the open shard
+        self._room = 0  # header bytes of the open shard
+        self._json = 0  # length of its header so far
+
+    @staticmethod
+    def _entry_json(key: str, entry: dict) -> int:
+        return len(json.dumps({key: entry}, separators=(",", ":"))) - 1  # ',"key":{...}' within the header
 
     def add(self, key: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        if t.dtype not in _ST_NAMES:
+            raise MumoeError(f"cannot write tensor {key} of dtype {t.dtype} to safetensors")
         n = t.numel() * t.element_size()
-        if self.buffer and self.size + n > self.max_bytes:
-            self.flush()
-        self.buffer[key] = t.contiguous()
-        self.size += n
+        entry = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [self._size, self._size + n]}
+        grow = self._entry_json(key, entry)
+        if self._f is not None and self._entries and (self._size + n > self.max_bytes
+                                                      or self._json + grow + 8 > self._room):
+            self._close()
+            entry["data_offsets"] = [0, n]
+            grow = self._entry_json(key, entry)
+        if self._f is None:
+            self._open(grow)
+        if n:
+            self._f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, no copy
+        self._entries[key] = entry
+        self._size += n
+        self._json += grow
         self.total += n
 
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        save_file(self.buffer, self.folder / f"part-{len(self.files):05d}.safetensors", metadata={"format": "pt"})
-        self.files.append(list(self.buffer))
-        self.buffer, self.size = {}, 0
+    def _open(self, first_entry: int) -> None:
+        base = len(json.dumps({"__metadata__": {"format": "pt"}}, separators=(",", ":")))
+        self._room = max(self.header_bytes, -(-(base + first_entry + 64) // 8) * 8)
+        self._json = base
+        self._f = open(self.folder / f"part-{len(self.files):05d}.safetensors", "wb")
+        self._f.seek(8 + self._room)
+        self._entries, self._size = {}, 0
+
+    def _close(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        if len(header) > self._room:  # cannot happen: add() closes the shard before its header outgrows it
+            raise AssertionError(f"safetensors header of {len(header)} bytes in a room of {self._room}")
+        self._f.seek(0)
+        self._f.write(self._room.to_bytes(8, "little"))
+        self._f.write(header + b" " * (self._room - len(header)))
+        self._f.close()
+        self.files.append(list(self._entries))
+        self._f = None
+
+    def abort(self) -> None:
+        """Close the open shard's file without writing its header (the temp folder is removed by the caller)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
     def finish(self) -> list[str]:
-        self.flush()
+        if self._f is not None:
+            self._close()
         n = len(self.files)
         if n == 1:
             (self.folder / "part-00000.safetensors").rename(self.folder / "model.safetensors")
@@ -74,6 +125,13 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return names
+
+
+def header_room(keys: list[str]) -> int:
+    """Header bytes to reserve per shard: enough for every source key's entry (each output key is about its
+    source key's length) and a margin, at most 1 MiB (a fuller shard is closed early instead)."""
+    need = 4096 + sum(len(k) + 96 for k in keys)
+    return min(need, 1 << 20)
 
 
 def _keys(path: Path) -> Iterator[tuple[Path, str, dict]]:
@@ -101,11 +159,15 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
     path = Path(path)
     keys = list(_keys(path))
     with atomic_output(out, overwrite, source=path) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for file, key, meta in bar(keys, desc="writing pruned tensors", enabled=progress, unit="tensor"):
-            for out_key, t in transform(key, _reader(file, meta)):
-                writer.add(out_key, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
-        writer.finish()
+        writer = ShardWriter(tmp, max_shard_bytes, header_room([k for _, k, _ in keys]))
+        try:
+            for file, key, meta in bar(keys, desc="writing pruned tensors", enabled=progress, unit="tensor"):
+                for out_key, t in transform(key, _reader(file, meta)):
+                    writer.add(out_key, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+                    del t  # one output tensor resident at a time
+            writer.finish()
+        finally:
+            writer.abort()
         copy_side_files(path, tmp)
         cfg = json.loads((path / "config.json").read_text())
         dtype_keys = {k: DTYPE_NAMES[dtype] for k in ("dtype", "torch_dtype")} if dtype is not None else {}

@@ -66,7 +66,8 @@ class LayerwiseCheckpoint:
     demand (`part`). `model` is a normal transformers model object: adapters, hooks and collectors see it as
     usual; only the part inside a `part(...)` block has real weights."""
 
-    def __init__(self, path: str | Path, dtype: torch.dtype | str | None = None, device="cpu") -> None:
+    def __init__(self, path: str | Path, dtype: torch.dtype | str | None = None, device="cpu",
+                 check: bool = True) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path = Path(path)
@@ -96,7 +97,9 @@ class LayerwiseCheckpoint:
                 self.sources[name].append(Source(file, key, index, meta))
         self.resident: set[str] = set()
         self.read_seconds = 0.0  # time spent materialising parts (reading + converting)
-        self.check_coverage()
+        if check:
+            self.check_declared()
+            self.check_coverage()
 
     # -- structure -------------------------------------------------------------------------------------
     @property
@@ -153,6 +156,29 @@ class LayerwiseCheckpoint:
         for name, tensor in self.model.state_dict().items():
             if tensor.device.type == "meta":
                 self._plan(name, tensor)
+
+    def check_declared(self) -> None:
+        """The other direction of `check_coverage`: every tensor in the files belongs to a layer and an expert
+        config.json declares (headers only). A config that declares fewer layers or experts than the weights
+        hold would otherwise drop the rest silently, or fail at the first out-of-range expert. Keys the model
+        itself ignores on loading (multi-token-prediction layers, old rotary buffers) are allowed."""
+        import re
+
+        patterns = set(getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ())
+        patterns |= {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
+        ignore = re.compile("|".join(f"({p})" for p in sorted(patterns)))
+        state = {n: t.shape for n, t in self.model.state_dict().items()}
+        extra: list[str] = []
+        for name, sources in self.sources.items():
+            for src in sources:
+                if ignore.search(src.key):
+                    continue
+                if name not in state or (src.index and src.index[0] >= state[name][0]):
+                    extra.append(src.key)
+        if extra:
+            raise MumoeFileError(f"{self.path}: {len(extra)} tensor(s) in the checkpoint files belong to no "
+                                 f"{_declared(self.config, extra[0])} (first: {extra[0]}); config.json does not "
+                                 "match these weights — restore the checkpoint's own config.json")
 
     def _fill(self, name: str, tensor: torch.Tensor) -> None:
         """Copy every source of model tensor `name` into `tensor` (already allocated on the device), read straight
@@ -230,6 +256,25 @@ class LayerwiseCheckpoint:
 
     def checkpoint_bytes(self) -> int:
         return sum(f.stat().st_size for f in shard_files(self.path))
+
+
+def _declared(config, key: str) -> str:
+    """What config.json declares that `key` falls outside of, in words: "layer config.json declares (it
+    declares num_hidden_layers 3)", or the same for experts, or "parameter of the model"."""
+    import re
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    m = re.search(r"\.layers\.(\d+)\.", key)
+    n_layers = getattr(text, "num_hidden_layers", None)
+    if m and n_layers is not None and int(m[1]) >= n_layers:
+        return f"layer config.json declares (it says num_hidden_layers {n_layers})"
+    m = re.search(r"\.experts\.(\d+)\.", key)
+    if m:
+        from ..models.base import EXPERT_COUNT_KEYS
+
+        count = next((f"{k} {getattr(text, k)}" for k in EXPERT_COUNT_KEYS if getattr(text, k, None)), None)
+        return "expert config.json declares" + (f" (it says {count})" if count else "")
+    return "parameter of the model config.json declares"
 
 
 def is_layerwise_source(name: str | Path) -> bool:
