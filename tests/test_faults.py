@@ -299,3 +299,38 @@ def test_killed_during_export(big, tmp_path, sig):
     assert _litter(tmp_path) == [] and _source_state(big) == before
     report = json.loads((out / "pruning.json").read_text())
     assert [len(e["kept"]) for e in report["layers"]] == [24] * 9
+
+
+def _in_memory_cgroup(cap: int):
+    """A fresh cgroup-v1 memory cgroup capped at `cap` bytes (swap too where offered) -> (preexec_fn that moves
+    the child into it, the folder); skipped where none can be made (not root, no v1 memory controller)."""
+    base = Path("/sys/fs/cgroup/memory")
+    group = base / f"mumoe-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        group.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a memory cgroup here ({e}); needs root and cgroup v1")
+    (group / "memory.limit_in_bytes").write_text(str(cap))
+    if (group / "memory.memsw.limit_in_bytes").exists():
+        (group / "memory.memsw.limit_in_bytes").write_text(str(cap))
+    return (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))), group
+
+
+def test_default_flags_complete_under_a_memory_cgroup(big, tmp_path):
+    """The 0.95 GB bf16 checkpoint (1.9 GB in fp32, the CPU's load dtype) pruned with the default flags inside
+    a memory cgroup of 1 GiB, as a container or a Slurm job gives: `--layerwise auto` must see the cgroup's
+    limit (MemAvailable sees the whole machine and sends the run into the OOM killer), and the streamed export
+    must stay under it too (buffering a shard would not)."""
+    enter, group = _in_memory_cgroup(1 << 30)
+    try:
+        out = tmp_path / "out"
+        r = subprocess.run(_cmd(big, out), capture_output=True, text=True, preexec_fn=enter, timeout=600)
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+        fails = int((group / "memory.failcnt").read_text())
+    finally:
+        group.rmdir()
+    assert r.returncode == 0, (r.returncode, fails, r.stderr[-2000:])
+    assert "pruning layer by layer (--layerwise auto" in r.stdout, r.stdout
+    assert peak <= 1 << 30
+    report = json.loads((out / "pruning.json").read_text())
+    assert [len(e["kept"]) for e in report["layers"]] == [24] * 9
