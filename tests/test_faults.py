@@ -334,3 +334,24 @@ def test_default_flags_complete_under_a_memory_cgroup(big, tmp_path):
     assert peak <= 1 << 30
     report = json.loads((out / "pruning.json").read_text())
     assert [len(e["kept"]) for e in report["layers"]] == [24] * 9
+
+
+@pytest.mark.parametrize("size, words", [("4k", "cannot write activations to"),
+                                         ("20k", "the calibration activations need about")],
+                         ids=["full-at-first-spill", "too-small-for-the-sweep"])
+def test_spill_to_a_full_disk_is_one_line_and_leaves_nothing(small, tmp_path, mounted, capsys, monkeypatch, size,
+                                                            words):
+    """Activations spilled (--spill-gb 0) to a TMPDIR on a tiny file system: the first spill fails (4k), or the
+    free space cannot hold the sweep's two layers of activations and the run refuses before layer 0 (20k).
+    Either way one line naming the place and what to do, exit 2, no partial file, nothing at --out."""
+    import tempfile
+
+    scratch = mounted("tmp", f"size={size}")
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    out = tmp_path / "out"
+    rc = main(_prune(small, out, "layerwise", tmp_path / "calib.txt") + ["--spill-gb", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and words in err[0], err
+    assert "--spill-gb" in err[0] and "TMPDIR" in err[0]
+    assert list(scratch.iterdir()) == [] and not out.exists()
