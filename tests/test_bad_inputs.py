@@ -66,12 +66,19 @@ def world(tmp_path_factory):
         "wrong_shape": lambda d: _reshape_tensor(d, "model.layers.0.self_attn.o_proj.weight"),
         "fewer_layers": lambda d: _edit_config(d, num_hidden_layers=1),
         "fewer_experts": lambda d: _edit_config(d, num_local_experts=4),
+        "no_tokenizer": lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")],
+        "bad_tokenizer": lambda d: (d / "tokenizer.json").write_text("{not a tokenizer"),
+        "duplicated_tensor": lambda d: _duplicate_tensor(d, "model.layers.0.self_attn.o_proj.weight"),
         "latin1_config": lambda d: (d / "config.json").write_bytes(b'{"model_type": "qwen3_moe", "x": "\xe9"}'),
     }
     for name, edit in variants.items():
         shutil.copytree(good, root / name)
         edit(root / name)
     assert weights.exists()
+    os.mkfifo(root / "fifo")
+    recipe = json.loads(json.dumps({"method": "reap", "ratio": 0.5, "calib": {"sources": str(root / "nope.txt"),
+                                                                            "nsamples": 4, "seqlen": 16}}))
+    (root / "recipe_string_sources.json").write_text(json.dumps(recipe))
     lib = root / "lib"
     assert main(["taer", "build", str(good), "--task", f"a={root / 'calib.txt'}", "--task",
                  f"b={root / 'calib.txt'}", "--keep", "4", "--nsamples", "2", "--seqlen", "16", "--out",
@@ -108,6 +115,19 @@ def _reshape_tensor(d: Path, key: str) -> None:
     t = load_file(d / "model.safetensors")
     t[key] = t[key][:, :-8].contiguous()
     save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def _duplicate_tensor(d: Path, key: str) -> None:
+    """A second shard that holds one tensor of the first again (a stale shard of an earlier download)."""
+    t = load_file(d / "model.safetensors")
+    other = "model.norm.weight"  # in the second shard only (the index names it there)
+    save_file({k: v for k, v in t.items() if k != other}, d / "model-00001-of-00002.safetensors",
+              metadata={"format": "pt"})
+    save_file({key: t[key], other: t[other]}, d / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    (d / "model.safetensors").unlink()
+    wm = {k: "model-00001-of-00002.safetensors" for k in t}
+    wm[other] = "model-00002-of-00002.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
 
 
 def _int_weights(d: Path) -> None:
@@ -164,6 +184,9 @@ CASES = [
     ("ratio-negative", prune(T, "--method", "reap", "--ratio", "-0.1"), "ratio must be in [0, 1)", True),
     ("ratio-nan", prune(T, "--method", "reap", "--ratio", "nan"), "ratio", True),
     ("ratio-not-a-number", prune(T, "--method", "reap", "--ratio", "half"), "--ratio", True),
+    ("ratio-removes-no-expert", prune(T, "--method", "reap", "--ratio", "0.01"), "removes nothing", True),
+    ("ratio-removes-no-expert-streamed", prune(T, "--method", "aimer", "--ratio", "0.01", calib=False),
+     "removes nothing", True),
     ("ratio-leaves-fewer-than-top-k", prune(T, "--method", "reap", "--ratio", "0.9"), "top_k", True),
     ("unknown-method", prune(T, "--method", "bogus", "--ratio", "0.5"), "unknown method 'bogus'", True),
     ("missing-method", ["prune", T, "--ratio", "0.5", *OUT], "--method", True),
@@ -209,6 +232,18 @@ CASES = [
      "latin1.txt: not UTF-8 text (byte 29: 0xe9)", True),
     ("calib-shorter-than-a-window", ["prune", T, "--method", "reap", "--ratio", "0.5", "--calib", "{w}/short.txt",
                                      "--seqlen", "16", *OUT], "fewer than one window", True),
+    ("calib-is-a-fifo", ["prune", T, "--method", "reap", "--ratio", "0.5", "--calib", "{w}/fifo", "--seqlen", "16",
+                         *OUT], "not a regular file", True),
+    ("calib-is-dev-null", ["prune", T, "--method", "reap", "--ratio", "0.5", "--calib", "/dev/null", "--seqlen",
+                           "16", *OUT], "not a regular file", True),
+    ("text-calib-without-tokenizer", prune("{w}/no_tokenizer", "--method", "reap", "--ratio", "0.5"),
+     "this model has none (no tokenizer.json", True),
+    ("tokenizer-corrupt", prune("{w}/bad_tokenizer", "--method", "reap", "--ratio", "0.5"),
+     "cannot load the tokenizer of", True),
+    ("tensor-in-two-shards", prune("{w}/duplicated_tensor", "--method", "reap", "--ratio", "0.5"),
+     "model.layers.0.self_attn.o_proj.weight is stored twice", True),
+    ("recipe-sources-as-a-string", ["prune", "--recipe", "{w}/recipe_string_sources.json", *OUT],
+     "nope.txt", True),
     ("needs-calib", ["prune", T, "--method", "reap", "--ratio", "0.5", *OUT], "calibration", True),
     ("ppl-not-utf8", ["eval", T, "--ppl", "{w}/latin1.txt", "--json", "{out}"], "not UTF-8", True),
     ("ppl-missing", ["eval", T, "--ppl", "{w}/nope.txt", "--json", "{out}"], "not found", True),
@@ -305,6 +340,9 @@ CASES = [
     ("generate-negative-tokens", ["generate", "--prompt", "hello", "--max-new-tokens", "-1"], "max-new-tokens",
      True),
     ("generate-empty-prompt", ["generate", "--prompt", "  "], "empty prompt", True),
+    ("generate-beyond-context", ["generate", "--prompt", "hello", "--max-new-tokens", "100000"],
+     "maximum context length is 512 tokens", True),
+    ("generate-prompt-beyond-context", ["generate", "--prompt", "a b c d " * 400], "lower --max-new-tokens", True),
     ("generate-bad-structure", ["generate", "--prompt", "hello", "--structure", "9:4"], "structure", True),
     ("compare-unknown-method", ["compare", T, "--methods", "reap,bogus"], "unknown method 'bogus'", True),
     ("compare-ratio-1.5", ["compare", T, "--methods", "reap", "--ratio", "1.5"], "ratio", True),

@@ -331,7 +331,6 @@ BAD = [
     ("not json", "{bad", 400, "not valid JSON"),
     ("not an object", "[1, 2]", 400, "JSON object"),
     ("missing prompt", {"model": "default"}, 400, "missing required field 'prompt'"),
-    ("missing model", {"prompt": "x"}, 400, "missing required field 'model'"),
     ("unknown field", {"model": "default", "prompt": "x", "frequency": 1}, 400, "unknown field 'frequency'"),
     ("unknown mumoe field", {"model": "default", "prompt": "x", "mumoe": {"actve": 0.5}}, 400, "mumoe.actve"),
     ("active above 1", {"model": "default", "prompt": "x", "mumoe": {"active": 1.5}}, 400, "(0, 1]"),
@@ -354,6 +353,14 @@ BAD = [
     ("stream not bool", {"model": "default", "prompt": "x", "stream": "yes"}, 400, "stream"),
     ("five stops", {"model": "default", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
     ("unknown model", {"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+    ("temperature true", {"model": "default", "prompt": "x", "temperature": True}, 400,
+     "temperature must be a number, not true"),
+    ("max_tokens false", {"prompt": "x", "max_tokens": False}, 400, "max_tokens must be a number"),
+    ("experts true", {"prompt": "x", "mumoe": {"experts": True}}, 400, "mumoe.experts must be a number"),
+    ("seed beyond 64 bits", {"prompt": "x", "seed": 2**70}, 400, "seed"),
+    ("lone surrogate", '{"prompt": "a\\ud800b"}', 400, "prompt is not valid Unicode"),
+    ("lone surrogate in stop", '{"prompt": "ab", "stop": ["\\udfff"]}', 400, "not valid Unicode"),
+    ("prompt of 2 MB", {"prompt": "abc " * 500_000}, 400, "characters"),
 ]
 
 
@@ -387,6 +394,112 @@ def test_every_bad_request_is_a_4xx_and_the_server_keeps_serving(server):
     got_400 = after.get('mumoe_requests_total{endpoint="/v1/completions",status="400"}', 0) - before.get(
         'mumoe_requests_total{endpoint="/v1/completions",status="400"}', 0)
     assert got_400 == sum(1 for b in BAD if b[2] == 400) + 1
+
+
+def test_model_may_be_omitted_and_a_tiny_temperature_is_greedy(server):
+    """vLLM's and llama.cpp's servers default `model` to the served one; a temperature of 1e-45 (logits / T
+    overflow) samples the greedy token instead of failing on inf/nan probabilities."""
+    url, _ = server
+    greedy = requests.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0},
+                           timeout=60)
+    assert greedy.status_code == 200, greedy.text
+    assert greedy.json()["model"] == "default"
+    tiny = requests.post(url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "temperature": 1e-45,
+                                                       "seed": 2**64 - 1}, timeout=60)
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+    chat = requests.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                            "max_tokens": 2}, timeout=60)
+    assert chat.status_code == 200, chat.text
+
+
+def test_a_20_mb_body_is_refused_and_health_keeps_answering(server):
+    """A 20 MB body: 413 from its Content-Length, before it is read; /health answers within 1 s meanwhile,
+    and the server's memory does not grow by the body."""
+    url, _ = server
+    big = json.dumps({"prompt": "word " * 4_000_000}).encode()  # 20 MB
+    assert len(big) > 20e6
+    result = {}
+
+    def post():
+        try:
+            result["r"] = requests.post(url + "/v1/completions", data=big,
+                                        headers={"Content-Type": "application/json"}, timeout=60)
+        except requests.ConnectionError as e:  # the server may close before the client has sent it all
+            result["error"] = e
+
+    t = threading.Thread(target=post)
+    t.start()
+    slowest = 0.0
+    while t.is_alive():
+        t0 = time.perf_counter()
+        assert requests.get(url + "/health", timeout=5).status_code == 200
+        slowest = max(slowest, time.perf_counter() - t0)
+        time.sleep(0.02)
+    t.join()
+    assert slowest < 1.0, slowest
+    if "r" in result:
+        r = result["r"]
+        assert r.status_code == 413, r.text
+        assert "larger than the server's limit" in r.json()["error"]["message"]
+    assert metrics(url).get('mumoe_requests_total{endpoint="/v1/completions",status="413"}', 0) >= 1
+    # a chunked body (no Content-Length) past the limit: refused as the bytes pass it
+
+    def chunks():
+        for _ in range(40):
+            yield b" " * (1 << 20)
+
+    r = requests.post(url + "/v1/completions", data=chunks(), headers={"Content-Type": "application/json"},
+                      timeout=60)
+    assert r.status_code == 413, r.text
+
+
+def test_schema_fuzz_never_a_5xx(server):
+    """A few hundred requests generated from the request schema — right and wrong types, extremes, the
+    served model's name or another, the mumoe extension — each answered with a 2xx or a 4xx, never a 5xx."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    url, engine = server
+    anything = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
+                         st.text(max_size=8), st.lists(st.integers(-5, 200), max_size=4))
+    num = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-3, 3), st.just(1e-45),
+                    st.booleans(), anything)
+    text = st.text(st.characters(codec="utf-8"), max_size=40) | st.just("\ud800")
+    extension = st.fixed_dictionaries({}, optional={
+        "active": num, "structure": st.sampled_from(["row", "column", "2:4", "9:4", "x"]) | anything,
+        "experts": st.integers(-1, 12) | anything, "task": st.sampled_from(["auto", "code", "nope"]) | anything})
+    body = st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from([engine.name, "gpt-4"]) | anything,
+        "prompt": text | st.lists(st.integers(-2, 300), max_size=6) | st.lists(text, max_size=2) | anything,
+        "max_tokens": st.integers(-1, 3) | anything, "temperature": num, "top_p": num,
+        "seed": st.integers(-2**65, 2**65) | anything, "stop": text | st.lists(text, max_size=5) | anything,
+        "logprobs": st.integers(-1, 7) | anything, "echo": st.booleans() | anything, "n": st.integers(0, 2),
+        "stream": st.booleans() | anything, "mumoe": extension | anything, "best_of": st.integers(0, 2)})
+    typed = st.fixed_dictionaries({"prompt": st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)}, optional={
+        "model": st.just(engine.name), "max_tokens": st.integers(0, 3),
+        "temperature": st.sampled_from([0.0, 1e-45, 1e-8, 0.7, 2.0]) | st.floats(0, 2),
+        "top_p": st.sampled_from([1e-300, 0.5, 1.0]) | st.floats(0, 1, exclude_min=True),
+        "seed": st.integers(-2**63, 2**64 - 1), "stop": st.lists(st.text(max_size=3), max_size=4),
+        "logprobs": st.integers(0, 5), "echo": st.booleans(), "stream": st.booleans(),
+        "mumoe": st.fixed_dictionaries({}, optional={"active": st.floats(0.01, 1), "structure": st.sampled_from(
+            ["row", "column", "2:4"])}) | st.fixed_dictionaries({"experts": st.integers(2, 8)})})
+    body = typed | body
+    statuses = []
+
+    @settings(max_examples=250, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(body)
+    def one(b):
+        raw = json.dumps(b).encode("utf-8", "surrogatepass")
+        r = requests.post(url + "/v1/completions", data=raw, headers={"Content-Type": "application/json"},
+                          timeout=120)
+        statuses.append(r.status_code)
+        assert r.status_code < 500, (b, r.status_code, r.text[:500])
+
+    one()
+    assert len(statuses) >= 200 and 200 in statuses and 400 in statuses
 
 
 def test_chat_without_template_is_a_400(model_tok):

@@ -769,6 +769,20 @@ def _check_generate_args(args) -> None:
     _check_device(args.device)
 
 
+def _check_context(model_name: str, prompt_tokens: int, new_tokens: int) -> None:
+    """The prompt and the tokens to generate must fit the model's context (max_position_embeddings)."""
+    from .loading import check_model
+
+    config = _model_config(check_model(model_name))
+    if config is None:
+        return
+    ctx = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if ctx and prompt_tokens + new_tokens > ctx:
+        raise MumoeError(f"this model's maximum context length is {ctx} tokens; the prompt has {prompt_tokens} and "
+                         f"--max-new-tokens asks for {new_tokens} more ({prompt_tokens + new_tokens}): shorten the "
+                         "prompt or lower --max-new-tokens")
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -783,18 +797,22 @@ def cmd_generate(args) -> int:
     tok = load_tokenizer(args.model)
     if tok is None:
         raise MumoeError(f"{args.model} has no tokenizer")
+    ids = torch.tensor([tok(args.prompt, add_special_tokens=False)["input_ids"]])
+    _check_context(args.model, ids.shape[1], args.max_new_tokens)  # as the server does, before the weights
     t_load = time.perf_counter()
     model = _load_model(args.model, args.dtype, args.device)
-    ids = torch.tensor([tok(args.prompt, add_special_tokens=False)["input_ids"]])
     say(f"loaded {args.model} in {time.perf_counter() - t_load:.1f}s; μ-MoE at ρ={args.active:g} "
         f"({args.structure}), {ids.shape[1]} prompt tokens, up to {args.max_new_tokens} new")
     with torch.no_grad():  # a plain dense prefill, timed for reference
         t0 = time.perf_counter()
         model(input_ids=ids, use_cache=True)
         t_plain = time.perf_counter() - t0
+    from transformers import TextStreamer
+
+    print(args.prompt, end="", flush=True)  # then each new piece of text as it is decoded
     res = generate(model, ids, args.active, args.structure, max_new_tokens=args.max_new_tokens,
-                   do_sample=False, pad_token_id=tok.eos_token_id)
-    print(args.prompt + tok.decode(res.sequences[0, ids.shape[1]:], skip_special_tokens=True))
+                   do_sample=False, pad_token_id=tok.eos_token_id,
+                   streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
     stats = res.statistics_seconds  # measured inside the hooks
     print(f"\n[μ-MoE] {ids.shape[1]} prompt tokens; active weights {res.active_weights:,}/{res.total_weights:,} "
           f"({res.active_weights / res.total_weights:.1%}, structure {args.structure}); dense prefill {t_plain:.3f}s, "
@@ -858,6 +876,7 @@ def cmd_serve(args) -> int:
     check_active(args.active)
     check_positive(args.experts, "--experts", 1)
     check_positive(args.max_queue, "--max-queue", 1)
+    check_positive(args.max_body_mb, "--max-body-mb", 0.001, integer=False)
     check_positive(args.max_task_models, "--max-task-models", 1)
     if args.timeout <= 0:
         raise MumoeError(f"--timeout must be positive, got {args.timeout}")
@@ -916,7 +935,8 @@ def cmd_serve(args) -> int:
     say(f"loaded {'the TAER matcher of ' if args.taer_only else ''}{args.model} ({engine.total_weights:,} weights) in "
         f"{time.perf_counter() - t0:.1f}s; default pruning: {mode}"
         + (f"; task library {args.library} ({len(library.tasks)} tasks)" if library else ""))
-    app = create_app(engine, ServerConfig(max_queue=args.max_queue, timeout=args.timeout), worker_thread=False)
+    app = create_app(engine, ServerConfig(max_queue=args.max_queue, timeout=args.timeout,
+                                                max_body_bytes=int(args.max_body_mb * 2**20)), worker_thread=False)
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (OpenAI-compatible; Ctrl-C or SIGTERM stops "
           "after the requests in flight)", flush=True)
     import signal
@@ -1172,6 +1192,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "used dropped first (default 2)")
     sp.add_argument("--max-queue", type=int, default=16, help="requests waiting behind the one decoding; more get "
                     "HTTP 503 (default 16)")
+    sp.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB; larger ones get HTTP "
+                    "413 before they are read (default 8)")
     sp.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take from arrival to its last "
                     "token, queueing included; later: HTTP 504 (default 600)")
     sp.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template for /v1/chat/completions when the "

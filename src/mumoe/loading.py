@@ -217,12 +217,25 @@ def load_tokenizer(name_or_path: str | Path | None = "default"):
         return None
     from transformers import AutoTokenizer
 
+    path = Path(name)
+    local = path.is_dir()
+    if local and not any((path / f).exists() for f in TOKENIZER_FILES):
+        return None  # transformers would build an empty tokenizer from the model type: every text 0 tokens
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return AutoTokenizer.from_pretrained(name, **hf_kwargs())
-        except (OSError, ValueError):
-            return None
+            tok = AutoTokenizer.from_pretrained(name, **hf_kwargs())
+        except Exception as e:  # noqa: BLE001 - corrupt files raise anything from JSON to Rust panics
+            if not local:
+                return None
+            present = ", ".join(f for f in TOKENIZER_FILES if (path / f).exists())
+            raise MumoeFileError(f"cannot load the tokenizer of {name} ({present}): "
+                                 f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from e
+    return tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "spiece.model", "vocab.txt", "sentencepiece.bpe.model")
 
 
 def load_default(dtype: str | torch.dtype = "auto") -> tuple[nn.Module, object]:

@@ -218,7 +218,15 @@ class Recipe:
             raise MumoeError(f"recipe has unknown fields: {', '.join(sorted(unknown))}")
         try:
             kw = dict(d)
-            kw["calib"] = CalibSpec(**{**kw.get("calib", {}), "sources": tuple(kw.get("calib", {}).get("sources", ()))})
+            calib = kw.get("calib") or {}
+            if not isinstance(calib, dict):
+                raise MumoeError(f"malformed recipe: calib must be an object, got {type(calib).__name__}")
+            sources = calib.get("sources", ())
+            if isinstance(sources, str):
+                sources = [sources]  # one source written as a string (not split into characters)
+            if not isinstance(sources, (list, tuple)) or not all(isinstance(x, str) for x in sources):
+                raise MumoeError("malformed recipe: calib.sources must be a list of paths (or 'domain')")
+            kw["calib"] = CalibSpec(**{**calib, "sources": tuple(sources)})
             if isinstance(kw.get("atom"), dict):
                 kw["atom"] = {"width_multiple": 8, **kw["atom"]}  # what a recipe without the field ran with
             for g, cls_part in GRAIN_PARTS.items():
@@ -300,6 +308,13 @@ class Recipe:
                 if self.ratio > 0 and uniform_width(width, self.ratio, multiple) == width:
                     raise MumoeError(f"--ratio {self.ratio:g} removes nothing from experts {width} wide when widths "
                                      f"are multiples of {step}: raise --ratio or lower --width-multiple")
+        if self.grain == "expert" and E is not None and self.ratio > 0:
+            layers = get("num_hidden_layers") if self.expert.budget == "global" else 1
+            pool = E * (layers if _is_int(layers) else 1)  # the global budget ranks every layer's experts at once
+            if round(self.ratio * pool) == 0:
+                raise MumoeError(f"--ratio {self.ratio:g} removes nothing: round({self.ratio:g} x {pool} experts) = 0"
+                                 f"{'' if pool == E else ' over all layers'}; the smallest ratio that removes one "
+                                 f"is {1 / pool:.3g}")
         if self.grain == "expert" and self.expert.budget == "uniform":
             if E is not None and k is not None and E - round(self.ratio * E) < k:
                 raise MumoeError(f"ratio {self.ratio} keeps {E - round(self.ratio * E)} of {E} experts, fewer than "

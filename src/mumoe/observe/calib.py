@@ -29,6 +29,7 @@ def read_text(path: str | Path) -> str:
             raise MumoeError(f"no bundled calibration split {name!r}; known: {known}")
         return "\n\n".join(read_utf8(f) for f in files)
     p = Path(path)
+    _regular(p)
     if p.is_dir():
         files = sorted(p.rglob("*.txt"))
         if not files:
@@ -98,6 +99,16 @@ def check_sources(sources, read: bool = True) -> None:
             _check_domain(s)
         elif not Path(s).exists():
             raise MumoeError(f"calibration text not found: {s}")
+        else:
+            _regular(Path(s))
+
+
+def _regular(p: Path) -> None:
+    """A calibration path that exists but is neither a file nor a folder (a FIFO, /dev/null, a socket): one
+    line saying so — never read (a FIFO would block), never reported as missing."""
+    if p.exists() and not p.is_file() and not p.is_dir():
+        raise MumoeFileError(f"calibration text {p} is not a regular file (a device, FIFO or socket); give a .txt "
+                             "file or a folder of them")
 
 
 def _check_domain(source: str) -> None:
@@ -113,7 +124,9 @@ def spec_windows(tokenizer, spec) -> tuple[torch.Tensor, torch.Tensor, dict]:
     counts = replace(spec, sources=tuple(sources)).per_source()
     texts = [read_text(src) for src in sources]  # missing / empty / unreadable texts first, each read once
     if tokenizer is None:
-        raise MumoeError("calibration text needs a tokenizer (this model has none); pass token ids [N, L]")
+        raise MumoeError("calibration text needs a tokenizer, and this model has none (no tokenizer.json or "
+                         "tokenizer_config.json in its folder): copy the tokenizer files of the model it came from "
+                         "beside its config.json, or pass token ids [N, L]")
     wins, groups = [], []
     for i, (text, n) in enumerate(zip(texts, counts)):
         w = windows(tokenize(tokenizer, text), spec.seqlen, n, spec.seed)

@@ -131,7 +131,13 @@ class LayerwiseCheckpoint:
             raise MumoeFileError(f"{self.path}: no tensor for {name} in the checkpoint files (an incomplete "
                                  "download, or another architecture's checkpoint)")
         plan, filled = [], 0
+        seen: dict[tuple, Source] = {}
         for src in sources:
+            if src.index in seen:
+                first = seen[src.index]
+                raise MumoeFileError(f"{self.path}: tensor {src.key} is stored twice, in {first.file.name} and "
+                                     f"{src.file.name}; remove the stale shard or re-download the checkpoint")
+            seen[src.index] = src
             if not src.index:
                 dst = tensor
             elif len(src.index) == 1:

@@ -41,6 +41,62 @@ log = logging.getLogger("mumoe.serve")
 class ServerConfig:
     max_queue: int = 16  # requests waiting (the one decoding not counted); more: 503
     timeout: float = 600.0  # seconds from arrival to the last token; more: 504
+    max_body_bytes: int = 8 << 20  # a request body larger than this: 413, refused before it is read
+
+
+class BodyLimit:
+    """ASGI middleware: a body larger than `limit` bytes is answered 413 at once — from its Content-Length
+    before a byte of it is read, or, for a chunked body, as soon as the bytes received pass the limit — so no
+    request can hold the server's memory or its event loop with a huge prompt."""
+
+    def __init__(self, app, limit: int, on_refused=None) -> None:
+        self.app, self.limit, self.on_refused = app, limit, on_refused
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        try:
+            declared = int(headers.get(b"content-length", b"-1"))
+        except ValueError:
+            declared = -1
+        if declared > self.limit:
+            return await self._refuse(scope, send)
+        seen = 0
+        started = refused = False
+
+        async def counted():
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # answered now; the app sees a client that went away
+                    refused = True
+                    if not started:
+                        await self._refuse(scope, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def sending(message):
+            nonlocal started
+            if refused:
+                return  # the 413 is the answer; whatever the app says after it is dropped
+            started = True
+            await send(message)
+
+        await self.app(scope, counted, sending)
+
+    async def _refuse(self, scope, send):
+        body = json.dumps(error_body(f"the request body is larger than the server's limit of {self.limit:,} bytes "
+                                     "(mumoe serve --max-body-mb)", code="request_too_large")).encode()
+        if self.on_refused is not None:
+            self.on_refused(scope.get("path", ""))
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class Job:
@@ -202,6 +258,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None, worker_thread
 
     app = FastAPI(title="mumoe serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.worker = engine, worker
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes,
+                       on_refused=lambda path: metrics.requests.labels(path, "413").inc())
 
     def answer(endpoint: str, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
         metrics.requests.labels(endpoint, str(status)).inc()
@@ -241,12 +299,19 @@ def create_app(engine: Engine, config: ServerConfig | None = None, worker_thread
 
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def prepare(body, prompts: list, max_tokens: int, sampling: Sampling) -> Job:
-        if body.model != engine.name:
+    def check_model(body) -> None:
+        if body.model is not None and body.model != engine.name:
             raise _Reply(404, f"the model '{body.model}' does not exist; this server serves '{engine.name}'",
                          "not_found_error", "model", "model_not_found")
+
+    async def prepare(body, prompts: list, max_tokens: int, sampling: Sampling) -> Job:
+        check_model(body)
         try:
-            ids = [engine.encode(p) for p in prompts]
+            for p in prompts:
+                if isinstance(p, str):
+                    engine.check_chars(p, max_tokens)  # before tokenizing: a bound no tokenization can beat
+            # tokenized off the event loop: /health and other requests are answered meanwhile
+            ids = await asyncio.to_thread(lambda: [engine.encode(p) for p in prompts])
             for x in ids:
                 engine.check_length(x, max_tokens)
             pruning = engine.pruning(body.mumoe.model_dump(exclude_unset=True) if body.mumoe else None)
@@ -363,7 +428,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, worker_thread
             raise _Reply(400, "logprobs must be at most 5", param="logprobs")
         sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop, body.logprobs,
                             body.echo)
-        job = prepare(body, prompts, body.max_tokens, sampling)
+        job = await prepare(body, prompts, body.max_tokens, sampling)
         submit(job)
         if body.stream:
             return StreamingResponse(stream(job, request, "/v1/completions", False,
@@ -383,17 +448,20 @@ def create_app(engine: Engine, config: ServerConfig | None = None, worker_thread
         if not getattr(engine.tokenizer, "chat_template", None):
             raise _Reply(400, f"the tokenizer of '{engine.name}' has no chat template; use /v1/completions, or "
                               "start the server with --chat-template FILE")
+        check_model(body)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except ValueError as e:
+            engine.check_chars("".join(m["content"] for m in messages), body.token_budget())
+            prompt = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages,
+                                             add_generation_prompt=True, tokenize=False)
+        except ValueError as e:  # MumoeError included
             raise _Reply(400, str(e).splitlines()[0], param="messages") from None
         except Exception as e:  # a template that raises on these messages (jinja errors)
             raise _Reply(400, f"the chat template failed on these messages: {e}", param="messages") from None
         top = body.top_logprobs if body.top_logprobs is not None else 0
         sampling = Sampling(body.token_budget(), body.temperature, body.top_p, body.seed, body.stop,
                             top if body.logprobs else None, False)
-        job = prepare(body, [prompt], sampling.max_tokens, sampling)
+        job = await prepare(body, [prompt], sampling.max_tokens, sampling)
         submit(job)
         if body.stream:
             return StreamingResponse(stream(job, request, "/v1/chat/completions", True,

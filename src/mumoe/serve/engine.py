@@ -16,6 +16,8 @@ the request's pruned weights (the prompt scored by the model it chose).
 
 from __future__ import annotations
 
+import functools
+
 import os
 import time
 from collections import OrderedDict
@@ -191,6 +193,26 @@ class Engine:
             raise MumoeError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         return list(prompt)
 
+    def check_chars(self, text: str, max_tokens: int) -> None:
+        """Refuse, before tokenizing, a prompt that cannot fit the context whatever its tokenization: every
+        token covers at most `max_token_chars` characters, so more characters than context × that bound means
+        more tokens than the context holds."""
+        limit = max(0, self.context_length - max_tokens) * self.max_token_chars
+        if len(text) > limit:
+            raise MumoeError(f"this model's maximum context length is {self.context_length} tokens; the prompt has "
+                             f"{len(text):,} characters, more than any {self.context_length - max_tokens} tokens "
+                             f"can hold (at most {self.max_token_chars} characters per token)")
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token of this tokenizer decodes to (its longest vocabulary entry, counted in
+        UTF-8 bytes, which bounds the characters)."""
+        try:
+            vocab = self.tokenizer.get_vocab()
+            return max(16, max(len(t.encode("utf-8", "surrogatepass")) for t in vocab))
+        except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary listing: a generous bound
+            return 1024
+
     def check_length(self, ids: list[int], max_tokens: int) -> None:
         if not ids:
             raise MumoeError("the prompt is empty (no tokens)")
@@ -347,7 +369,9 @@ class Engine:
         """Greedy at temperature 0; else softmax(logits / T) restricted to the top-p nucleus, sampled. [V] -> id"""
         if sampling.temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+        z = logits.double()
+        z = (z - z.max()) / sampling.temperature  # the best token at 0, others <= 0 (-inf at a tiny T): finite
+        probs = torch.softmax(z, dim=-1)
         if sampling.top_p < 1.0:
             p, idx = probs.sort(descending=True)
             drop = p.cumsum(0) - p > sampling.top_p  # keep the smallest prefix whose mass reaches top_p

@@ -8,7 +8,46 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
+
+def _strict(data: Any, numbers: set[str], path: str = "") -> None:
+    """Refuse what JSON allows but a request cannot mean: true/false where a number belongs (`numbers`: the
+    numeric fields; pydantic would read true as 1), and text that is not valid Unicode (a lone surrogate such
+    as "\\ud800", which no tokenizer can encode)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            where = f"{path}.{k}" if path else str(k)
+            if isinstance(v, bool) and where in numbers:
+                raise ValueError(f"{where} must be a number, not {str(v).lower()}")
+            _strict(v, numbers, where)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _strict(v, numbers, f"{path}[{i}]")
+    elif isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{path or 'body'} is not valid Unicode text (a lone surrogate at character "
+                             f"{e.start})") from None
+
+
+def _numeric(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted names of the fields of `model` (and of its nested models) typed as numbers, not booleans."""
+    out = set()
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        args = [getattr(a, "__origin__", a) if hasattr(a, "__metadata__") else a  # Annotated[int, Strict()]
+                for a in (getattr(ann, "__args__", None) or (ann,))]
+        nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        for n in nested:
+            out |= _numeric(n, f"{prefix}{name}.")
+        kinds = {a for a in args if isinstance(a, type)}
+        if kinds & {int, float} and bool not in kinds:
+            out.add(prefix + name)
+    return out
 
 
 class Extension(BaseModel):
@@ -23,11 +62,11 @@ class Extension(BaseModel):
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: str | None = Field(None, description="the served model's name; may be omitted (the served model)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per prompt")
@@ -36,6 +75,12 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported")
     user: str | None = None
     mumoe: Extension | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_no_surrogates(cls, data):
+        _strict(data, _numeric(cls))
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -117,6 +162,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"missing required field '{path}'", path
     if kind == "extra_forbidden":
         return f"unknown field '{path}' (not supported by mumoe serve)", path
+    if kind == "value_error" and not path:
+        return str(e.get("msg", "invalid value")).removeprefix("Value error, "), None
     if kind == "model_attributes_type" and not path:
         return "the body must be a JSON object", None
     return f"{path or 'body'}: {e.get('msg', 'invalid value')}", path or None
