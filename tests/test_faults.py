@@ -355,3 +355,49 @@ def test_spill_to_a_full_disk_is_one_line_and_leaves_nothing(small, tmp_path, mo
     assert rc == 2 and len(err) == 1 and words in err[0], err
     assert "--spill-gb" in err[0] and "TMPDIR" in err[0]
     assert list(scratch.iterdir()) == [] and not out.exists()
+
+
+def _fill(folder: Path, leave: int) -> None:
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    (folder / "filler").write_bytes(b"\0" * max(0, (free - leave) // 4096 * 4096))
+
+
+@pytest.mark.parametrize("command", ["taer-build", "compare", "eval-json"])
+def test_full_disk_for_small_outputs_is_refused_before_the_work(small, tmp_path, mounted, capsys, monkeypatch,
+                                                                command):
+    """`taer build --out`, `compare --out` and `eval --json` on a file system with a few KiB free: refused
+    before the model is read, in one line naming the path and the flag; nothing left beside the filler (no
+    `.NAME.tmp-*`, no 0-byte file)."""
+    from mumoe import loading
+
+    full = mounted("full", "size=256k")
+    _fill(full, 8192)
+    calib = str(tmp_path / "calib.txt")
+    argv = {"taer-build": ["taer", "build", str(small), "--task", f"a={calib}", "--keep", "4", "--nsamples", "2",
+                           "--seqlen", "16", "--out", str(full / "lib")],
+            "compare": ["compare", str(small), "--methods", "reap", "--calib", calib, "--nsamples", "2", "--seqlen",
+                        "16", "--out", str(full / "cmp")],
+            "eval-json": ["eval", str(small), "--ppl", calib, "--seqlen", "16", "--json", str(full / "r.json")]}[command]
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("model loaded before the free-space check"))
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    flag = "--json" if command == "eval-json" else "--out"
+    assert rc == 2 and len(err) == 1 and f"{flag} {full}" in err[0] and "free on its file system" in err[0], err
+    assert [p.name for p in full.iterdir()] == ["filler"]
+
+
+def test_full_disk_mid_write_of_a_small_output_leaves_nothing(small, tmp_path, mounted, capsys, monkeypatch):
+    """The free-space bound passed, then the disk filled (another process): the temp folder of `taer build`,
+    owner note included, is removed and the message names the path."""
+    from mumoe import files
+
+    full = mounted("full", "size=256k")
+    monkeypatch.setattr(files, "check_free_space", lambda *a, **k: None)  # the bound passed...
+    _fill(full, 0)  # ...then the disk filled
+    rc = main(["taer", "build", str(small), "--task", f"a={tmp_path / 'calib.txt'}", "--keep", "4", "--nsamples",
+               "2", "--seqlen", "16", "--out", str(full / "lib")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(full / "lib") in err[0], err
+    assert [p.name for p in full.iterdir()] == ["filler"]

@@ -406,6 +406,9 @@ def cmd_compare(args) -> int:
         from .apply.export import check_output_dir
 
         check_output_dir(args.out, args.overwrite, _source_dir(check_model(args.model)))
+        from .files import SMALL_FILE, check_free_space
+
+        check_free_space(args.out, SMALL_FILE, "tables and plots of a few KiB", thing="the report")
     check_model(args.model)
     eval_texts = _eval_texts(args.eval) if args.eval else None
     t0 = time.perf_counter()
@@ -569,6 +572,20 @@ def _check_library_args(args) -> None:
     _check_device(args.device)
 
 
+def _check_library_space(args) -> None:
+    """A lower bound on a task library's size — one fp32 score per expert per MoE layer for each task — against
+    the free space at --out, before the model is read."""
+    from .files import SMALL_FILE, check_free_space
+    from .models.base import config_experts
+
+    config = _model_config(args.model)
+    E, _ = config_experts(config) if config is not None else (None, None)
+    layers = getattr(config.get_text_config(), "num_hidden_layers", 1) if config is not None else 1
+    need = SMALL_FILE + len(args.task) * (E or 1) * (layers or 1) * 4
+    check_free_space(args.out, need, f"{len(args.task)} task(s) x {layers} layers x {E} experts of scores",
+                     thing="the task library")
+
+
 def cmd_taer_build(args) -> int:
     from .apply.export import atomic_output, check_output_dir
     from .loading import DATA, check_model, load_tokenizer
@@ -576,6 +593,7 @@ def cmd_taer_build(args) -> int:
     from .retrieval import build_library
 
     check_output_dir(args.out, args.overwrite, _source_dir(check_model(args.model)))
+    _check_library_space(args)
     specs = {}
     for spec in args.task:
         if spec == "domain":

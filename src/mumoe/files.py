@@ -70,14 +70,14 @@ def check_writable(out: str | Path, flag: str = "--out") -> None:
         raise MumoeFileError(f"cannot write {flag} {out}: {os_message(e, path=False)}", e.errno) from e
 
 
-def check_free_space(out: str | Path, need: int, what: str) -> None:
+def check_free_space(out: str | Path, need: int, what: str, flag: str = "--out", thing: str = "the export") -> None:
     """Refuse now when the file system of `out` has fewer than `need` bytes free (`what` says how the need was
     reckoned), rather than failing at the end of a long run."""
     parent = _existing_parent(Path(out).parent)
     free = shutil.disk_usage(parent).free
     if free < need:
-        raise MumoeFileError(f"--out {out}: {human_bytes(free)} free on its file system, but the export needs at "
-                             f"least {human_bytes(need)} ({what}); free space or choose another --out")
+        raise MumoeFileError(f"{flag} {out}: {human_bytes(free)} free on its file system, but {thing} needs at "
+                             f"least {human_bytes(need)} ({what}); free space or choose another {flag}")
 
 
 def human_bytes(n: float) -> str:
@@ -101,7 +101,11 @@ def owned_temp_dir(parent: Path, prefix: str) -> Path:
     """mkdtemp(prefix, dir=parent), recording this process inside so a later run can tell it was killed."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
-    (tmp / OWNER).write_text(json.dumps(me))
+    try:
+        (tmp / OWNER).write_text(json.dumps(me))
+    except BaseException:  # a full disk takes even the note: the folder goes too, nothing is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 
@@ -187,7 +191,11 @@ def check_new_file(path: str | Path, overwrite: bool, flag: str) -> Path:
     if p.exists() and not overwrite:
         raise MumoeError(f"{flag} {p} exists; pass --overwrite to replace it")
     check_writable(p, flag)
+    check_free_space(p, SMALL_FILE, "a small JSON file", flag, "the result")
     return p
+
+
+SMALL_FILE = 64 << 10  # the least free space a report or a JSON result is written with
 
 
 def write_file_atomic(path: str | Path, data: bytes | str, flag: str) -> Path:
