@@ -438,7 +438,18 @@ def _api_cases(world, tmp_path):
     nan_model = make("qwen3_moe")
     with torch.no_grad():
         nan_model.model.layers[0].mlp.experts.down_proj[0, 0, 0] = float("nan")
+    with torch.device("meta"):
+        meta_model = make("qwen3_moe")
+    twice = make("qwen3_moe")
+    first = mumoe.prune(twice, "aimer", 0.25)
+    mumoe.prune(twice, "aimer", 0.2)
+    other_report = mumoe.prune(make("qwen3_moe"), "aimer", 0.5)
     return [
+        ("meta-model", lambda: mumoe.prune(meta_model, "aimer", 0.5), ValueError, "on the meta device"),
+        ("meta-model-score", lambda: mumoe.score(meta_model, "aimer"), ValueError, "on the meta device"),
+        ("save-an-earlier-stage-report", lambda: save_pruned(twice, out, first), ValueError, "earlier stage"),
+        ("save-another-models-report", lambda: save_pruned(make("qwen3_moe"), out, other_report), ValueError,
+         "another model's report"),
         ("ratio-string", lambda: mumoe.prune(model, "aimer", "abc"), ValueError, "ratio must be a number"),
         ("ratio-none", lambda: mumoe.prune(model, "aimer", None), ValueError, "ratio is required"),
         ("model-is-a-path", lambda: mumoe.prune(str(world / "good"), "aimer", 0.5), ValueError, "mumoe.load"),
@@ -462,7 +473,8 @@ def _api_cases(world, tmp_path):
     ]
 
 
-API_IDS = ["ratio-string", "ratio-none", "model-is-a-path", "model-not-a-model", "calib-empty-tensor",
+API_IDS = ["meta-model", "meta-model-score", "save-an-earlier-stage-report", "save-another-models-report",
+           "ratio-string", "ratio-none", "model-is-a-path", "model-not-a-model", "calib-empty-tensor",
            "calib-ids-beyond-vocab", "calib-float-tensor", "unknown-option", "save-without-report",
            "score-unknown-method", "load-missing", "load-truncated", "load-nan", "nan-weights-give-nan-scores",
            "library-missing"]

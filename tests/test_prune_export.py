@@ -153,3 +153,31 @@ def test_keep_below_top_k_and_bad_groups_are_refused():
         mumoe.prune(make("llama"), "random", 0.5)
     with pytest.raises(MumoeError, match="unknown method 'nope'; known: .*random"):
         mumoe.prune(make("qwen3_moe"), "nope", 0.5)
+
+
+def test_pruned_twice_the_record_describes_the_export(tmp_path):
+    """mumoe.prune twice on one model, then save_pruned: pruning.json keeps the original source and expert
+    count, both stages' recipes, and kept indices in the original numbering — checked against the weights
+    (each kept expert's tensors equal the original expert's)."""
+    import json
+
+    from conftest import make
+    from mumoe.loading import load
+
+    src = tmp_path / "src"
+    make("qwen3_moe").save_pretrained(src)
+    model = load(str(src))
+    orig = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
+    mumoe.prune(model, "aimer", 0.25)  # 8 -> 6
+    report = mumoe.prune(model, "aimer", 0.5)  # 6 -> 3
+    out = mumoe.save_pruned(model, tmp_path / "out", report)
+    rec = json.loads((out / "pruning.json").read_text())
+    assert rec["model"]["source"] == str(src) and rec["model"]["num_experts"] == 8
+    assert [st["ratio"] for st in rec["stages"]] == [0.25, 0.5]
+    assert abs(rec["ratio"] - 5 / 8) < 1e-9
+    for entry in rec["layers"]:
+        assert entry["num_experts"] == 8 and len(entry["kept"]) == 3 and len(set(entry["kept"])) == 3
+        for name in ("gate_up_proj", "down_proj"):
+            now = dict(model.named_parameters())[f"model.layers.{entry['layer']}.mlp.experts.{name}"]
+            was = orig[f"model.layers.{entry['layer']}.mlp.experts.{name}"]
+            assert torch.equal(now, was[entry["kept"]])

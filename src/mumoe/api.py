@@ -11,6 +11,7 @@ from torch import nn
 
 from .apply.experts import remove_experts
 from .apply.export import PruneReport
+from .apply.report import RECORDS
 from .criteria import get_method, score_methods
 from .criteria.heapr import ATOM_METHODS
 from .errors import MumoeError
@@ -132,6 +133,7 @@ def score(model: nn.Module, method, calib=None, seed: int | None = None, tokeniz
         method, 0.0, calib=_sources(calib), nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size,
         device=device)
     check_model_arg(model, "score")
+    check_materialised(model)
     wins, groups, _ = calibration(recipe, calib, tokenizer)
     check_token_ids(model, wins)
     return score_methods(model, [recipe.method], wins, groups, seed=recipe.calib.seed,
@@ -152,6 +154,7 @@ def prune(model: nn.Module, method, ratio: float | None = None, calib=None, *, t
     """
     recipe = as_recipe(method, ratio, calib, options)
     check_model_arg(model)
+    check_materialised(model)
     wins, groups, calib_info = windows if windows is not None else calibration(recipe, calib, tokenizer)
     check_token_ids(model, wins)
     if recipe.device is not None:
@@ -161,7 +164,21 @@ def prune(model: nn.Module, method, ratio: float | None = None, calib=None, *, t
     report.recipe = recipe.to_dict()
     report.model = {"source": source or getattr(model.config, "_name_or_path", ""),
                     "model_type": model.config.model_type, **report.model}
+    earlier = RECORDS.get(model)
+    if earlier is not None:  # pruned before: one record of every stage, describing the export
+        report = report.compose(earlier)
+    RECORDS[model] = report
     return report
+
+
+def check_materialised(model: nn.Module) -> None:
+    """A model whose weights are on the meta device (built with `torch.device("meta")` or `init_empty_weights`,
+    never loaded) cannot be scored or pruned: one line, not a NotImplementedError from deep in torch."""
+    meta = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if meta is not None:
+        raise MumoeError(f"the model's weights are not loaded (parameter {meta} is on the meta device): load it "
+                         "with mumoe.load(PATH), or prune the checkpoint folder with `mumoe prune PATH` "
+                         "(layer by layer, never loaded whole)")
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe, wins, groups=None, verbose: bool = False,

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import MumoeError, MumoeFileError, os_message
 from ..files import OWNER, check_writable, owned_temp_dir, sweep_stale
-from .report import PruneReport  # noqa: F401  (re-exported: mumoe.apply.export.PruneReport)
+from .report import PruneReport, check_report_matches  # noqa: F401  (PruneReport re-exported)
 
 
 def check_output_dir(out: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
@@ -110,6 +110,7 @@ def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenize
         raise MumoeError(f"save_pruned needs the PruneReport that mumoe.prune returned, got {type(report).__name__}")
     if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
         raise MumoeError(f"save_pruned takes the pruned transformers model, got {type(model).__name__}")
+    check_report_matches(model, report)
     form = get_form(report.form)
     src = source_folder(model)
     if dtype is None or dtype == "auto":
