@@ -142,3 +142,20 @@ def test_quiet_prints_only_the_result(tmp_path, capsys, where):
     assert len(out) == 1 and out[0].startswith(f"wrote {tmp_path / 'o'} ")
     assert main(argv[:-1] + [str(tmp_path / "o2")]) == 0  # not quiet: the stages as well
     assert len(capsys.readouterr().out.strip().splitlines()) > 3
+
+
+def test_a_command_leaves_nothing_in_the_temp_folder(tmp_path):
+    """`import torch` makes an empty $TMPDIR/torchinductor_$USER; a mumoe command removes it again."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mumoe", "info", "default"], capture_output=True, text=True,
+                       env={**os.environ, "TMPDIR": str(tmp_path)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "torchinductor_keep").mkdir()  # a user's own cache (TORCHINDUCTOR_CACHE_DIR) is left alone
+    r = subprocess.run([sys.executable, "-c", "import mumoe, torch"], capture_output=True, text=True,
+                       env={**os.environ, "TMPDIR": str(tmp_path),
+                            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "torchinductor_keep")}, timeout=300)
+    assert r.returncode == 0 and [p.name for p in tmp_path.iterdir()] == ["torchinductor_keep"]

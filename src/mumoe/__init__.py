@@ -6,7 +6,11 @@
     mumoe.save_pruned(model, "out/", report, tok)
 """
 
-from .api import prune, score
+from .files import tidy_torch_cache_dir
+
+tidy_torch_cache_dir()  # before torch is imported: the empty cache folder it makes is removed at exit
+
+from .api import prune, score  # noqa: E402
 from .apply.export import PruneReport, save_pruned
 from .errors import MumoeError
 from .loading import load, load_default, load_tokenizer

@@ -423,7 +423,7 @@ def cmd_compare(args) -> int:
     say(f"compare {', '.join(methods)} at {', '.join(f'{r:.0%}' for r in ratios)} on {args.model}: one calibration "
           f"pass" + (f" over {info['nsamples']} windows x {info['seqlen']} tokens ({info['source']})" if info else "")
           + (f"; eval {args.eval_windows} windows x {args.eval_seqlen} tokens of {', '.join(evals)}" if evals else ""))
-    res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=_tty(),
+    res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=not QUIET[0],
                   log=None)
     print(markdown(res))
     say(f"\none calibration pass for {len(set(methods))} methods: {res.pass_seconds:.1f}s; "
@@ -440,10 +440,6 @@ def cmd_compare(args) -> int:
                 write_report([r for r in res.rows if "ppl" in r], tmp, f"mumoe compare on {args.model}")
         print(f"wrote {args.out}/ (results.json" + (", report.md, ppl_vs_ratio.png)" if evals else ")"))
     return 0
-
-
-def _tty() -> bool:
-    return sys.stderr.isatty()
 
 
 def _eval_texts(spec: str) -> dict[str, str]:

@@ -21,6 +21,38 @@ from .errors import MumoeError, MumoeFileError, os_message
 OWNER = ".mumoe-owner"  # inside every temp folder mumoe makes: {"pid", "host", "start"} of the process
 
 
+def tidy_torch_cache_dir() -> None:
+    """`import torch` makes an empty `$TMPDIR/torchinductor_$USER` (its compile cache, which mumoe does not
+    use). Called before torch is first imported: when that folder is not there yet, it is removed again at exit
+    if it is still empty — a mumoe command leaves no trace in the temp folder."""
+    import atexit
+    import getpass
+    import re
+    import sys
+
+    if "torch" in sys.modules or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}"
+    path = Path(tempfile.gettempdir()) / ("torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+    if path.exists():
+        return
+    atexit.register(_remove_empty_tree, path)
+
+
+def _remove_empty_tree(path: Path) -> None:
+    """rmdir `path` and its subfolders, bottom up, if they hold no file at all."""
+    try:
+        for sub, dirs, files in os.walk(path, topdown=False):
+            if files:
+                return
+            os.rmdir(sub)
+    except OSError:
+        pass
+
+
 def read_utf8(path: str | Path) -> str:
     """The file's text; a missing file, a folder or bytes that are not UTF-8 are one-line errors."""
     p = Path(path)

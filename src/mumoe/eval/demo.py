@@ -55,7 +55,7 @@ def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 8, calib_window
                for name in EXPERT_METHODS for ratio in EXPERT_RATIOS]
     recipes += [Recipe.build("heapr", ratio, calib="domain", nsamples=len(calib), form="global", batch_size=8)
                 for ratio in ATOM_RATIOS]
-    res = compare(model, recipes, calib, None, evals, dense=False)
+    res = compare(model, recipes, calib, None, evals, dense=False, progress=True)
     for row, r in zip(res.rows, recipes):
         rows.append({"method": "heapr (global)" if r.method == "heapr" else r.method, "grain": r.grain,
                      "ratio": r.ratio, "ppl": row["ppl"]})
@@ -69,7 +69,7 @@ def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 8, calib_window
     from ..testtime import continuation_perplexity, offline_masks
 
     testtime = {}
-    for d in bar(domains, desc="μ-MoE vs Wanda", leave=False):
+    for d in bar(domains, desc="μ-MoE vs Wanda", leave=False, unit="domain"):
         w = evals[d][:4]
         shifted = offline_masks(model, per_domain[SHIFT[d]], 0.5, "row")
         testtime[d] = {
