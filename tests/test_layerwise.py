@@ -220,7 +220,16 @@ def _replace_weights(src):
     make("qwen3_moe", seed=1).save_pretrained(src)
 
 
-def test_killed_then_checkpoint_replaced_starts_over(checkpoint, tmp_path):
+def _main(cmd, capsys):
+    """A prune_cmd run in this process (the CLI's main, no interpreter start-up) -> (exit code, stdout)."""
+    from mumoe.cli import main
+
+    capsys.readouterr()
+    rc = main(cmd[3:])
+    return rc, capsys.readouterr().out
+
+
+def test_killed_then_checkpoint_replaced_starts_over(checkpoint, tmp_path, capsys):
     """SIGKILL mid-run, the source files replaced, the same --work-dir: the run starts over on the new bytes
     (never "resumed"), and equals a plain run on the new checkpoint."""
     work, out = tmp_path / "work", tmp_path / "out"
@@ -228,18 +237,16 @@ def test_killed_then_checkpoint_replaced_starts_over(checkpoint, tmp_path):
            env={"MUMOE_TEST_KILL_AFTER": "backward:1"})
     assert r.returncode == -9 and (work / "state.pt").exists(), r.stderr[-2000:]
     _replace_weights(checkpoint)
-    r = sh(prune_cmd(checkpoint, out, "--work-dir", str(work), method="heapr"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resumed" not in r.stdout and "starting over" in r.stdout, r.stdout
+    rc, said = _main(prune_cmd(checkpoint, out, "--work-dir", str(work), method="heapr"), capsys)
+    assert rc == 0 and "resumed" not in said and "starting over" in said, said
     assert not work.exists()
-    r = sh(prune_cmd(checkpoint, tmp_path / "plain", method="heapr"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert kept_and_scores(out) == kept_and_scores(tmp_path / "plain")
+    rc, _ = _main(prune_cmd(checkpoint, tmp_path / "plain", method="heapr"), capsys)
+    assert rc == 0 and kept_and_scores(out) == kept_and_scores(tmp_path / "plain")
 
 
-def test_work_dir_state_is_never_unpickled(checkpoint, tmp_path):
-    """A state.pt that would run code when unpickled (weights_only=False) is not executed: the run starts
-    over, and the marker file the pickle would write never appears."""
+def test_work_dir_state_is_never_unpickled(checkpoint, tmp_path, capsys):
+    """A state.pt in a mumoe work dir that would run code when unpickled (weights_only=False) is not executed:
+    the run starts over, and the file the pickle would create never appears."""
     import pickle
 
     work, out, flag = tmp_path / "work", tmp_path / "out", tmp_path / "pwned"
@@ -248,32 +255,30 @@ def test_work_dir_state_is_never_unpickled(checkpoint, tmp_path):
         def __reduce__(self):
             return (open, (str(flag), "w"))
 
-    r = sh(prune_cmd(checkpoint, out, "--work-dir", str(work)), env={"MUMOE_TEST_KILL_AFTER": "forward:0"})
-    assert r.returncode == -9 and (work / "state.pt").exists()
+    work.mkdir()
+    (work / ".mumoe-workdir").write_text(json.dumps({"created": [str(work)], "version": 1}))
     (work / "state.pt").write_bytes(pickle.dumps({"key": Evil()}))
-    r = sh(prune_cmd(checkpoint, out, "--work-dir", str(work)))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert not flag.exists() and "starting over" in r.stdout and "resumed" not in r.stdout
+    rc, said = _main(prune_cmd(checkpoint, out, "--work-dir", str(work)), capsys)
+    assert rc == 0 and not flag.exists() and "starting over" in said and "resumed" not in said, said
+    assert not work.exists()
 
 
-def test_work_dir_only_what_mumoe_wrote_is_deleted(checkpoint, tmp_path):
+def test_work_dir_only_what_mumoe_wrote_is_deleted(checkpoint, tmp_path, capsys):
     """An existing empty folder stays (empty) after the run; folders mumoe created (a/b/c) are removed; a file
-    someone adds to a mumoe work dir mid-run, and the folder holding it, stay."""
+    someone adds to a mumoe work dir between a kill and the resume, and the folder holding it, stay."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = sh(prune_cmd(checkpoint, tmp_path / "o1", "--work-dir", str(empty)))
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert _main(prune_cmd(checkpoint, tmp_path / "o1", "--work-dir", str(empty)), capsys)[0] == 0
     assert empty.is_dir() and list(empty.iterdir()) == []
     nested = tmp_path / "a" / "b" / "c"
-    r = sh(prune_cmd(checkpoint, tmp_path / "o2", "--work-dir", str(nested)))
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert _main(prune_cmd(checkpoint, tmp_path / "o2", "--work-dir", str(nested)), capsys)[0] == 0
     assert not (tmp_path / "a").exists()
     work = tmp_path / "w"
     r = sh(prune_cmd(checkpoint, tmp_path / "o3", "--work-dir", str(work)), env={"MUMOE_TEST_KILL_AFTER": "forward:0"})
     assert r.returncode == -9
     (work / "notes.txt").write_text("mine")
-    r = sh(prune_cmd(checkpoint, tmp_path / "o3", "--work-dir", str(work)))
-    assert r.returncode == 0 and "resumed after layer 0" in r.stdout, r.stderr[-2000:]
+    rc, said = _main(prune_cmd(checkpoint, tmp_path / "o3", "--work-dir", str(work)), capsys)
+    assert rc == 0 and "resumed after layer 0" in said, said
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
 
 

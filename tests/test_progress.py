@@ -2,9 +2,6 @@
 (none for a short one); nothing under --quiet."""
 
 import io
-import os
-import subprocess
-import sys
 import time
 
 from mumoe.progress import LineProgress
@@ -33,22 +30,25 @@ def test_update_form_and_unknown_total():
     assert out.getvalue().splitlines() == ["  writing: 2 its, 0:00 elapsed", "  writing: 5 its, 0:00 elapsed"]
 
 
-def test_cli_prints_progress_lines_in_a_pipe(tmp_path):
-    """`mumoe prune --layerwise on` with stderr a pipe: the layer-sequential stage reports in plain lines
-    (interval shortened by MUMOE_PROGRESS_EVERY); with --quiet, none."""
+def test_cli_prints_progress_lines_in_a_pipe(tmp_path, capsys, monkeypatch):
+    """`mumoe prune --layerwise on` with stderr not a terminal (captured): the layer-sequential stage and the
+    export report in plain lines (interval shortened to 0); with --quiet, none."""
     from conftest import SAMPLE_TEXT, char_tokenizer, make
+    from mumoe import progress
+    from mumoe.cli import main
 
     src = tmp_path / "src"
     make("qwen3_moe").save_pretrained(src)
     char_tokenizer().save_pretrained(src)
     (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
-    cmd = [sys.executable, "-m", "mumoe", "prune", str(src), "--method", "reap", "--ratio", "0.25", "--calib",
-           str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "16", "--layerwise", "on"]
-    env = {**os.environ, "MUMOE_PROGRESS_EVERY": "0"}
-    r = subprocess.run(cmd + ["--out", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "  layer-sequential calibration: 2/2 layers" in r.stderr, r.stderr
-    assert "writing pruned tensors:" in r.stderr and "\r" not in r.stderr
-    r = subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--quiet"], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0 and "elapsed" not in r.stderr, r.stderr
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)
+    monkeypatch.delenv("MUMOE_PROGRESS", raising=False)
+    cmd = ["prune", str(src), "--method", "reap", "--ratio", "0.25", "--calib", str(tmp_path / "calib.txt"),
+           "--nsamples", "4", "--seqlen", "16", "--layerwise", "on"]
+    capsys.readouterr()
+    assert main(cmd + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "  layer-sequential calibration: 2/2 layers" in err, err
+    assert "writing pruned tensors:" in err and "\r" not in err
+    assert main(cmd + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "elapsed" not in capsys.readouterr().err

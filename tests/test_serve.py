@@ -488,7 +488,7 @@ def test_schema_fuzz_never_a_5xx(server):
     body = typed | body
     statuses = []
 
-    @settings(max_examples=250, deadline=None, derandomize=True,
+    @settings(max_examples=200, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(body)
     def one(b):
@@ -499,7 +499,7 @@ def test_schema_fuzz_never_a_5xx(server):
         assert r.status_code < 500, (b, r.status_code, r.text[:500])
 
     one()
-    assert len(statuses) >= 200 and 200 in statuses and 400 in statuses
+    assert len(statuses) == 200 and 200 in statuses and 400 in statuses
 
 
 def test_chat_without_template_is_a_400(model_tok):
