@@ -5,6 +5,8 @@ model fits; MemAvailable alone sees the whole machine and sends a capped job int
 
     available_memory()                 bytes, or None when nothing can be read (not Linux)
     cgroup_available(proc, root)       what the cgroup leaves, from the given /proc/self/cgroup and mount root
+    return_freed_memory()              glibc: tensors above 64 KiB mapped on their own, so a freed layer's
+                                       memory goes back to the OS at once
 """
 
 from __future__ import annotations
@@ -102,3 +104,28 @@ def available_memory() -> int | None:
     """What this process may still allocate: min(MemAvailable, what its memory cgroup leaves)."""
     values = [v for v in (mem_available(), cgroup_available()) if v is not None]
     return min(values) if values else None
+
+
+_MALLOPT_DONE = [False]
+
+
+def return_freed_memory(threshold: int = 64 << 10) -> bool:
+    """Make glibc serve every allocation above `threshold` bytes with its own mapping, returned to the OS when
+    freed (mallopt M_MMAP_THRESHOLD; a fixed value also stops glibc from raising the threshold after each large
+    free, which otherwise keeps freed layers' pages in the heap). The layer-sequential path frees a whole decoder
+    layer per step: measured on a 3.3 GB checkpoint under a 1100 MiB cgroup, the calibration's anonymous peak
+    fell from 1,085 to 980 MiB (benchmarks/default_flags_memory.py). Same as MALLOC_MMAP_THRESHOLD_=65536; an
+    explicit MALLOC_MMAP_THRESHOLD_ in the environment wins. -> True when applied (glibc only)."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    if _MALLOPT_DONE[0] or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return _MALLOPT_DONE[0]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+    _MALLOPT_DONE[0] = ok
+    return ok
