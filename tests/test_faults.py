@@ -401,3 +401,15 @@ def test_full_disk_mid_write_of_a_small_output_leaves_nothing(small, tmp_path, m
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(full / "lib") in err[0], err
     assert [p.name for p in full.iterdir()] == ["filler"]
+
+
+def test_work_dir_on_a_full_disk_is_one_line_and_leaves_nothing(small, tmp_path, mounted, capsys):
+    """`--work-dir` on a file system too small for the sweep's activations: one line naming the place, exit 2,
+    and the work dir mumoe created is removed again (no layer finished: nothing worth resuming)."""
+    full = mounted("full", "size=20k")
+    out = tmp_path / "out"
+    rc = main(_prune(small, out, "layerwise", tmp_path / "calib.txt") + ["--work-dir", str(full / "w")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(full / "w") in err[0], err
+    assert "activations" in err[0] and "--work-dir" in err[0]
+    assert list(full.iterdir()) == [] and not out.exists()

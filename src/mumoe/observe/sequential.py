@@ -298,6 +298,8 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
     moe = {layer.index: layer for layer in adapter.moe_layers()}
     spill_dir = work.acts("acts") if work is not None else None
     acts = Activations(spill_bytes, spill_dir)
+    if work is not None:
+        acts.hint = WORK_HINT
     try:  # a failure or Ctrl-C before the sweep proper still removes spilled activations
         need_bwd = bool(backward)
 
@@ -426,6 +428,10 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
     return info
 
 
+WORK_HINT = ("with --work-dir every layer's activations are saved there for a resume: free space, or give a "
+             "--work-dir on a larger disk")
+
+
 def _check_spill_space(acts: Activations, per_layer: int, n_layers: int, backward: bool, on_disk: bool) -> None:
     """Refuse before the first layer when the activations that will be spilled cannot fit on their disk:
     a forward sweep holds two layers' activations at a time (inputs and outputs), one with a backward pass
@@ -443,7 +449,7 @@ def _check_spill_space(acts: Activations, per_layer: int, n_layers: int, backwar
     if free < need:
         raise MumoeError(f"the calibration activations need about {human_bytes(need)} on disk at {where} "
                          f"({human_bytes(per_layer)} per layer), but only {human_bytes(free)} is free there; "
-                         + Activations.hint.replace("they spill", "they go to disk"))
+                         + (WORK_HINT if on_disk else Activations.hint.replace("they spill", "they go to disk")))
 
 
 def _drop_spill(acts: Activations) -> None:
