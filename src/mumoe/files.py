@@ -188,27 +188,33 @@ def sweep_stale(parent: Path, prefixes: tuple[str, ...], say=print) -> list[Path
     return removed
 
 
-def write_failure(e: BaseException, where: str | Path, what: str, hint: str) -> MumoeFileError | None:
-    """A write that failed because of the file system (full, read-only, quota, permissions) as one line:
-    "cannot write WHAT: No space left on device (HINT)"; None when `e` is something else. Knows OSError,
-    safetensors' "(os error N)" and torch.save's "[enforce fail at inline_container.cc] ... file write failed"
-    (which carries no errno: a full file system is reported as such, anything else as an I/O error)."""
+def failure_errno(e: BaseException, where: str | Path | None = None) -> int | None:
+    """The errno of a write that failed because of the file system (full, read-only, quota, permissions), or
+    None when `e` is something else. Knows OSError, safetensors' "(os error N)" and torch.save's "[enforce fail
+    at inline_container.cc] ... file write failed" (which carries no errno: reported as a full file system when
+    `where`'s has under 1 MiB free, else as an I/O error)."""
     import errno
     import re
 
     if isinstance(e, MumoeError):
         return None
-    n = None
     if isinstance(e, OSError) and e.errno:
-        n = e.errno
-    elif type(e).__name__ == "SafetensorError" and (m := re.search(r"os error (\d+)", str(e))):
-        n = int(m[1])
-    elif isinstance(e, RuntimeError) and ("inline_container" in str(e) or "file write failed" in str(e)):
+        return e.errno
+    if type(e).__name__ == "SafetensorError" and (m := re.search(r"os error (\d+)", str(e))):
+        return int(m[1])
+    if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "file write failed" in str(e)):
         try:
-            full = shutil.disk_usage(_existing_parent(Path(where))).free < (1 << 20)
+            full = where is not None and shutil.disk_usage(_existing_parent(Path(where))).free < (1 << 20)
         except OSError:
             full = False
-        n = errno.ENOSPC if full else errno.EIO
+        return errno.ENOSPC if full else errno.EIO
+    return None
+
+
+def write_failure(e: BaseException, where: str | Path, what: str, hint: str) -> MumoeFileError | None:
+    """A write that failed because of the file system as one line, "cannot write WHAT: No space left on device
+    (HINT)"; None when `e` is something else (`failure_errno`)."""
+    n = failure_errno(e, where)
     if n is None:
         return None
     return MumoeFileError(f"cannot write {what}: {os.strerror(n)} ({hint})", n)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import MumoeError, MumoeFileError, os_message
-from ..files import OWNER, check_writable, owned_temp_dir, sweep_stale
+from ..files import OWNER, _umask, check_writable, owned_temp_dir, sweep_stale
 from .report import PruneReport, check_report_matches  # noqa: F401  (PruneReport re-exported)
 
 
@@ -33,12 +33,6 @@ def check_output_dir(out: str | Path, overwrite: bool, source: str | Path | None
         raise MumoeError(f"output path {out} exists and is not a directory")
     check_writable(out)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _umask_modes(folder: Path) -> None:
@@ -82,17 +76,12 @@ def atomic_output(out: str | Path, overwrite: bool = False, source: str | Path |
 def _io_error(e: BaseException) -> tuple[str, int | None] | None:
     """(message, errno) when `e` is the file system failing (disk full, read-only, quota, permissions) — as
     an OSError or as the SafetensorError ("... (os error 28)") safetensors raises for it; else None."""
-    import re
+    from ..files import failure_errno
 
-    if isinstance(e, MumoeError):
+    n = failure_errno(e) if not isinstance(e, RuntimeError) else None
+    if n is None:
         return None
-    if isinstance(e, OSError):
-        return os_message(e), e.errno
-    m = re.search(r"os error (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
-    if m:
-        n = int(m[1])
-        return os_message(OSError(n, os.strerror(n))), n
-    return None
+    return os_message(e if isinstance(e, OSError) else OSError(n, os.strerror(n))), n
 
 
 def save_pruned(model: nn.Module, out: str | Path, report: PruneReport, tokenizer=None, overwrite: bool = False,
