@@ -303,7 +303,9 @@ def _use_layerwise(args, recipe, model_name: str) -> bool:
     return True
 
 
-def _too_big(model_name: str, dtype: str | None, device: str | None = None) -> bool:
+def _too_big(model_name: str, dtype: str | None, device: str | None = None, factor: float = 0.8,
+             quiet: bool = False) -> bool:
+    """True when the model in its load dtype would not fit in `factor` x the memory this process may use."""
     from .checkpoint import shard_files
     from .observe.layerwise import source_dtype
 
@@ -313,10 +315,11 @@ def _too_big(model_name: str, dtype: str | None, device: str | None = None) -> b
     size = sum(f.stat().st_size for f in shard_files(Path(model_name)))
     size = size * _dtype_of(dtype, model_name, device).itemsize / source_dtype(model_name).itemsize
     avail = available_memory()  # the cgroup's limit too (a container, a Slurm job), not only the machine's
-    if avail is None or size <= 0.8 * avail:
+    if avail is None or size <= factor * avail:
         return False
-    say(f"the model ({human_bytes(size)} in its load dtype) does not fit in 80% of the {human_bytes(avail)} this "
-        "process may use: pruning layer by layer (--layerwise auto; --layerwise off to load it whole)")
+    if not quiet:
+            say(f"the model ({human_bytes(size)} in its load dtype) does not fit in 80% of the {human_bytes(avail)} this "
+            "process may use: pruning layer by layer (--layerwise auto; --layerwise off to load it whole)")
     return True
 
 
@@ -335,6 +338,10 @@ def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(dev)
         recipe = type(recipe).from_dict({**recipe.to_dict(), "device": str(dev)})
+    if _too_big(path, recipe.dtype, recipe.device, factor=1.0, quiet=True):
+        from .memlimit import return_freed_memory
+
+        return_freed_memory()  # memory is tight: a freed layer's pages go back to the OS at once
     lead = rank == 0  # rank 0 speaks for all
     if lead:
         say(f"pruning {recipe.describe()}, layer by layer from the checkpoint files (model not loaded)"

@@ -114,8 +114,11 @@ def return_freed_memory(threshold: int = 64 << 10) -> bool:
     freed (mallopt M_MMAP_THRESHOLD; a fixed value also stops glibc from raising the threshold after each large
     free, which otherwise keeps freed layers' pages in the heap). The layer-sequential path frees a whole decoder
     layer per step: measured on a 3.3 GB checkpoint under a 1100 MiB cgroup, the calibration's anonymous peak
-    fell from 1,085 to 980 MiB (benchmarks/default_flags_memory.py). Same as MALLOC_MMAP_THRESHOLD_=65536; an
-    explicit MALLOC_MMAP_THRESHOLD_ in the environment wins. -> True when applied (glibc only)."""
+    fell from 1,085 to 980 MiB (benchmarks/default_flags_memory.py). It costs speed (every large allocation is
+    a fresh mapping, its pages faulted in again) and lasts for the process, so `mumoe prune` sets it only when
+    the model does not fit in the memory it may use; from Python, call it yourself. Same as
+    MALLOC_MMAP_THRESHOLD_=65536; an explicit MALLOC_MMAP_THRESHOLD_ in the environment wins. -> True when
+    applied (glibc only)."""
     import ctypes
     import ctypes.util
     import os

@@ -24,7 +24,6 @@ from .criteria.layerwise import LayerwiseScores, score_layerwise
 from .errors import MumoeError
 from .loading import compute_dtype, parse_dtype
 from .models import adapter_for
-from .memlimit import return_freed_memory
 from .models.base import EXPERT_COUNT_KEYS
 from .observe.layerwise import LayerwiseCheckpoint, _target
 from .observe.runner import resolve_device
@@ -54,7 +53,6 @@ def prune_layerwise(path: str | Path, recipe: Recipe, out: str | Path, windows: 
     receives calib_s, export_s and the sweep's `SweepInfo` (as "sweep")."""
     check_layerwise(recipe)
     check_output_dir(out, overwrite, source=path)  # before any layer is read
-    return_freed_memory()  # a freed layer's pages go back to the OS at once (bounded memory, `memlimit`)
     if work_dir is not None:
         check_work_dir(work_dir, source=path, out=out)
     wins, groups, info = windows
