@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,7 +129,9 @@ class WorkDir:
         if not self.state_file.exists():
             return None
         try:
-            state = torch.load(self.state_file, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a foreign file's pickle protocol: we start over, no warning needed
+                warnings.simplefilter("ignore")
+                state = torch.load(self.state_file, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - unreadable, truncated, or not a plain-data file
             self._start_over(f"its state file cannot be read ({type(e).__name__})")
             return None
