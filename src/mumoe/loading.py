@@ -66,12 +66,12 @@ def check_model(name_or_path: str | Path | None) -> str:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise MumoeFileError(f"{name} is not a model folder (no config.json)")
-        read_config(path)
+        config = read_config(path)
         from .checkpoint import check_files
 
         if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
             check_files(path)
-            check_layout(path)
+            check_layout(path, config.model_type)
         elif not any(path.glob("pytorch_model*.bin")):  # .bin checkpoints: transformers reads them (in memory)
             raise MumoeFileError(f"{name} holds no weights (no .safetensors or pytorch_model*.bin files)")
     elif path.exists():
@@ -79,25 +79,28 @@ def check_model(name_or_path: str | Path | None) -> str:
     return name
 
 
-def check_layout(path: Path) -> None:
+def check_layout(path: Path, model_type: str | None) -> None:
     """config.json against the tensors of a checkpoint of a supported architecture, from the headers only
     (`LayerwiseCheckpoint`'s checks, both ways): every parameter the config declares is in the files with its
     shape, and every tensor in the files belongs to a layer / expert the config declares. mumoe's own export
     forms (shapes an HF config cannot hold) and architectures without an adapter are left to their loaders."""
-    report = path / "pruning.json"
-    if report.exists():
-        from .files import read_json
-
-        rep = read_json(report, "the pruning record")
-        if isinstance(rep, dict) and rep.get("form", "hf") != "hf":
-            return
     from .models.registry import ADAPTERS
 
-    cfg = _raw_config(path)
-    if cfg.get("model_type") not in ADAPTERS:
+    if model_type not in ADAPTERS or export_form(path).read is not None:
         return
     files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
     _check_layout_of(str(path.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def export_form(path: Path):
+    """The export form a checkpoint folder is stored in: its pruning.json's "form", else "hf"."""
+    report = path / "pruning.json"
+    if not report.exists():
+        return get_form("hf")
+    from .files import read_json
+
+    rep = read_json(report, "the pruning record")
+    return get_form(rep.get("form", "hf") if isinstance(rep, dict) else "hf")
 
 
 @functools.lru_cache(maxsize=8)
@@ -110,13 +113,6 @@ def _check_layout_of(path: str, identity: tuple) -> None:
         raise
     except Exception:  # noqa: BLE001 - a layout the header mapping does not know: transformers' loader decides
         return
-
-
-def _raw_config(path: Path) -> dict:
-    from .files import read_json
-
-    cfg = read_json(path / "config.json", "the model config")
-    return cfg if isinstance(cfg, dict) else {}
 
 
 def check_weights(model: nn.Module, source: str | Path | None = None) -> nn.Module:
@@ -172,14 +168,7 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
 
         return tiny_model(name[len("tiny:"):]).to(_dtype(dtype))
     path = Path(name)
-    report = path / "pruning.json"
-    if report.exists():
-        from .files import read_json
-
-        rep = read_json(report, "the pruning record")
-        form = get_form(rep.get("form", "hf") if isinstance(rep, dict) else "hf")
-    else:
-        form = get_form("hf")
+    form = export_form(path)
     if form.read is not None:  # mumoe's own forms: shapes an HF config cannot hold
         return check_weights(form.read(path, _dtype(dtype)), path)
     from transformers import AutoModelForCausalLM

@@ -6,6 +6,7 @@ know is a 400 naming it — never silently ignored, so a client never believes a
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 
 
-def _strict(data: Any, numbers: set[str], path: str = "") -> None:
+def _strict(data: Any, numbers: frozenset[str], path: str = "") -> None:
     """Refuse what JSON allows but a request cannot mean: true/false where a number belongs (`numbers`: the
     numeric fields; pydantic would read true as 1), and text that is not valid Unicode (a lone surrogate such
     as "\\ud800", which no tokenizer can encode)."""
@@ -34,7 +35,8 @@ def _strict(data: Any, numbers: set[str], path: str = "") -> None:
                              f"{e.start})") from None
 
 
-def _numeric(model: type[BaseModel], prefix: str = "") -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _numeric(model: type[BaseModel], prefix: str = "") -> frozenset[str]:
     """Dotted names of the fields of `model` (and of its nested models) typed as numbers, not booleans."""
     out = set()
     for name, f in model.model_fields.items():
@@ -47,7 +49,7 @@ def _numeric(model: type[BaseModel], prefix: str = "") -> set[str]:
         kinds = {a for a in args if isinstance(a, type)}
         if kinds & {int, float} and bool not in kinds:
             out.add(prefix + name)
-    return out
+    return frozenset(out)
 
 
 class Extension(BaseModel):
