@@ -10,7 +10,7 @@
    Computation runs in --dtype (default fp32: this CPU has no bf16 matrix units, bf16 matmuls are ~5x slower;
    on a GPU use --dtype bf16 --device cuda); the files stay bf16, so the resident layer is --dtype sized.
 3. For each method, a child process inside a cgroup-v1 memory cgroup capped at --cap-mb (memory.limit_in_bytes;
-   swap capped too where the kernel offers memory.memsw) runs `mumoe.streamed.prune_layerwise` on --device:
+   swap capped too where the kernel offers memory.memsw) runs `mumoe.drivers.layerwise.prune_layerwise` on --device:
    layer-sequential scoring + streamed export of the pruned checkpoint. The child reports its peak RSS
    (getrusage), the RSS after imports (torch + transformers, before any work), and the bound
        1.2 x (largest decoder layer + activations + statistics)
@@ -127,7 +127,7 @@ def child_plain(a) -> dict:
 
 
 def child_prune(a, method: str) -> dict:
-    import mumoe.streamed as streamed
+    import mumoe.drivers.layerwise as streamed
     from mumoe.observe.layerwise import LayerwiseCheckpoint
     from mumoe.recipe import Recipe
 

@@ -23,7 +23,7 @@ from mumoe.observe.collectors import InputNorms
 from mumoe.observe.layerwise import LayerwiseCheckpoint
 from mumoe.observe.runner import run
 from mumoe.recipe import Recipe
-from mumoe.streamed import prune_layerwise
+from mumoe.drivers.layerwise import prune_layerwise
 
 CALIBRATED = ["frequency", "gate", "ean", "reap", "easy-ep", "tcess", "peu", "heapr", "heapr-token", "atom-act"]
 

@@ -24,7 +24,7 @@ from mumoe.apply.atoms import mask_atoms, slice_atoms_uniform
 from mumoe.select.atoms import keep_global_atoms, keep_uniform_atoms
 from mumoe.apply.experts import remove_experts
 from mumoe.criteria import METHODS
-from mumoe.criteria.heapr import atom_scores, collect_atom_stats
+from mumoe.criteria.heapr import collect_atom_stats
 from mumoe.criteria.stats import collect_stats
 from mumoe.eval.perplexity import perplexity_of_windows
 from mumoe.loading import DATA
@@ -60,7 +60,7 @@ def main() -> None:
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     state_bytes = sum(t.numel() * t.element_size() for st in stats for t in (st.count, st.h2, st.g2, st.hg2))
     E, I, H = layers[0].num_experts, layers[0].intermediate_size, layers[0].hidden_size
-    scores = {m: [atom_scores(m, l, st) for l, st in zip(layers, stats)]
+    scores = {m: [METHODS[m].from_atoms(l, st) for l, st in zip(layers, stats)]
               for m in ("heapr", "heapr-token", "atom-act", "atom-magnitude")}
     reap = [METHODS["reap"].from_stats(st) for st in collect_stats(model, layers, calib, progress=False)]
 

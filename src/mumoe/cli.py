@@ -82,7 +82,7 @@ def _recipe_from_args(args):
     from .recipe import Recipe
 
     if args.recipe:
-        given = [f"--{f.replace('_', '-')}" for f in PRUNE_FLAGS if getattr(args, f) is not None]
+        given = [f"--{f.replace('_', '-')}" for f in PRUNE_FLAGS + ("then",) if getattr(args, f) is not None]
         if given:
             raise MumoeError(f"--recipe replays a run as recorded; drop {', '.join(given)} (or drop --recipe)")
         recipe = Recipe.load(args.recipe)
@@ -92,8 +92,15 @@ def _recipe_from_args(args):
     if missing:
         raise MumoeError(f"prune needs {' and '.join(missing)} (or --recipe RUN/pruning.json to replay a run)")
     opts = {f: getattr(args, f) for f in PRUNE_FLAGS[3:] if getattr(args, f) is not None}
-    return Recipe.build(args.method, args.ratio, calib=args.calib, dtype=args.dtype or "auto",
-                        device=args.device or "cpu", **opts)
+    recipe = Recipe.build(args.method, args.ratio, calib=args.calib, dtype=args.dtype or "auto",
+                          device=args.device or "cpu", **opts)
+    if args.then:
+        from dataclasses import replace
+
+        from .recipe import parse_stage
+
+        recipe = replace(recipe, later=tuple(parse_stage(t) for t in args.then))
+    return recipe
 
 
 def _replay_model(args) -> str:
@@ -113,29 +120,15 @@ def _replay_model(args) -> str:
 
 
 def _model_config(name: str):
-    """The model's config without its weights (for the checks that must run before loading); None if it
-    cannot be read cheaply (a hub id that is not cached: the load itself then says what is wrong)."""
-    from .loading import read_config, resolve
+    from .drivers.inputs import model_config
 
-    if name.startswith("tiny:"):
-        from .models.tiny import tiny_config
-
-        return tiny_config(name[len("tiny:"):])
-    path = Path(resolve(name))
-    if not (path / "config.json").exists():
-        return None
-    return read_config(path)
-
-
-HEAPR_FORMS = {"uniform": "the uniform form: every expert keeps its best atoms at one width (an HF checkpoint); the "
-                          "paper's method is the global ranking: --form global --scope global",
-               "global": "the paper's form: one global ranking of atoms"}
+    return model_config(name)
 
 
 def cmd_prune(args) -> int:
     from . import api
-    from .apply.export import check_output_dir, save_pruned
-    from .loading import check_model, load_tokenizer, resolve
+    from .apply.export import check_output_dir
+    from .loading import check_model
     from .observe.calib import check_sources
 
     recipe = _recipe_from_args(args)
@@ -149,47 +142,35 @@ def cmd_prune(args) -> int:
         recipe.check_config(config)
     _check_device(recipe.device)
     _check_space(args.out, model_name, recipe)
-    args.width_note = _width_note(recipe, config)
     t0 = time.perf_counter()
-    if (recipe.method == "aimer" and not args.in_memory and recipe.expert.budget == "uniform"
-            and _local_checkpoint(model_name)):
-        say(f"pruning {recipe.describe()}, streamed from the checkpoint files")
-        api.prune_streamed(resolve(model_name), recipe.ratio, args.out, overwrite=args.overwrite, verbose=not QUIET[0],
-                           recipe=recipe)
-        print(f"wrote {args.out} (loads with AutoModelForCausalLM.from_pretrained) in {time.perf_counter() - t0:.1f}s total")
+    report = api.prune(model_name, recipe, out=args.out, overwrite=args.overwrite,
+                       layerwise={"on": True, "off": False}.get(args.layerwise, "auto"), work_dir=args.work_dir,
+                       stream_files=not args.in_memory, verbose=not QUIET[0], say=say,
+                       spill_bytes=int(args.spill_gb * 2**30))
+    if not _lead():  # torchrun: rank 0 speaks for all
         return 0
-    tokenizer = load_tokenizer(model_name)  # the calibration windows are cut before the weights are read
-    layerwise = _use_layerwise(args, recipe, model_name)
-    prepared = api.calibration(recipe, None, tokenizer) if recipe.calib.sources else None
-    if layerwise:
-        return _prune_layerwise(args, recipe, resolve(model_name), prepared, t0)
-    model = _load_model(model_name, recipe.dtype, recipe.device)
-    say(f"loaded {model_name} in {time.perf_counter() - t0:.1f}s; pruning {recipe.describe()}"
-          + (f" on {recipe.device}" if recipe.device not in (None, "cpu") else ""))
-    if recipe.grain == "atom" and recipe.method.startswith("heapr"):
-        say(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
-    if args.width_note:
-        say(args.width_note)
-    if prepared is not None:
-        say(_calib_line(recipe, prepared))
-    report = api.prune(model, recipe, tokenizer=tokenizer, source=model_name, verbose=not QUIET[0], windows=prepared)
-    out = save_pruned(model, args.out, report, tokenizer, overwrite=args.overwrite, dtype=recipe.dtype)
     from .apply.forms import get_form
 
-    print(f"wrote {out} (loads with {get_form(report.form).loads_with}) in {time.perf_counter() - t0:.1f}s total")
+    print(f"wrote {args.out} (loads with {get_form(report.form).loads_with}) in {time.perf_counter() - t0:.1f}s total")
     return 0
 
 
-GRAIN_FLAGS = {"budget": ("expert",), "order": ("expert", "weight"), "form": ("atom",), "scope": ("atom",),
-               "structure": ("weight",), "width_multiple": ("atom",)}
+def _lead() -> bool:
+    """Rank 0 of a torchrun job (or no job): the one that speaks."""
+    from .observe.sequential import dist_world
+
+    return dist_world()[0] == 0
 
 
 def _check_prune_args(args, recipe) -> None:
     """Flags that do not apply to the method's grain, and the layer-sequential options, before anything runs."""
     from .files import check_positive
 
-    wrong = [f"--{f}" for f, grains in GRAIN_FLAGS.items() if getattr(args, f, None) is not None
-             and recipe.grain not in grains]
+    from .grains import GRAINS, get_grain
+
+    flags = [f for f in PRUNE_FLAGS if any(f in g.flags for g in GRAINS.values())]
+    wrong = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f, None) is not None
+             and f not in get_grain(recipe.grain).flags]
     if wrong and not args.recipe:
         raise MumoeError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {recipe.method} "
                          f"({recipe.grain} grain); see `mumoe prune --help`")
@@ -235,31 +216,6 @@ def _check_device(device: str | None) -> None:
     resolve_device(device or "cpu")
 
 
-def _width_note(recipe, config) -> str | None:
-    """For HEAPr's uniform form: the width actually kept (a multiple of 8) when it differs from --ratio's."""
-    if config is None or recipe.grain != "atom" or recipe.atom.form != "uniform":
-        return None
-    from .select.atoms import uniform_width
-
-    width = recipe.expert_width(config)
-    if not width:
-        return None
-    kept = uniform_width(width, recipe.ratio, recipe.atom.width_multiple)
-    real = 1 - kept / width
-    if abs(real - recipe.ratio) < 5e-4:
-        return None
-    return (f"  uniform widths are multiples of {recipe.atom.width_multiple}: {kept} of {width} atoms kept per expert, {real:.1%} removed "
-            f"(--ratio {recipe.ratio:g})")
-
-
-def _calib_line(recipe, prepared) -> str:
-    """What calibration the run got (windows actually cut, and why fewer than asked)."""
-    got = prepared[2]["nsamples"]
-    return (f"  calibration: {got} windows x {recipe.calib.seqlen} tokens from {', '.join(recipe.calib.sources)}"
-            + ("" if recipe.calib.seed is None else f" (random windows, seed {recipe.calib.seed})")
-            + ("" if got == recipe.calib.nsamples else f" — {recipe.calib.nsamples} asked for, the text holds fewer"))
-
-
 def _dtype_of(name: str | None, model_name: str | None = None, device: str | None = None):
     """The dtype the model runs in (`loading.compute_dtype`: "auto" = the checkpoint's own, fp32 on the CPU for
     a bf16/fp16 one)."""
@@ -277,107 +233,10 @@ def _source_dir(model_name: str) -> str | None:
     return name if Path(name).is_dir() else None
 
 
-def _use_layerwise(args, recipe, model_name: str) -> bool:
-    """--layerwise on|off, or auto: on when the model in its load dtype would not fit in 80% of the memory
-    available now (and the method calibrates on a local safetensors checkpoint)."""
-    from .criteria import get_method
-    from .loading import resolve
-    from .observe.layerwise import is_layerwise_source
-    from .streamed import check_layerwise
-
-    mode = args.layerwise
-    model_name = resolve(model_name)
-    if mode == "off":
-        if args.work_dir:
-            raise MumoeError("--work-dir resumes the layer-sequential path; drop it or use --layerwise on")
-        return False
-    local = is_layerwise_source(model_name) and _local_checkpoint(model_name)
-    if mode == "auto":  # --work-dir asks for the resumable path; otherwise only when the model would not fit
-        if not args.work_dir and not (local and get_method(recipe.method).needs_calib
-                                      and _too_big(model_name, recipe.dtype, recipe.device)):
-            return False
-    if not local:
-        raise MumoeError(f"the layer-sequential path (--layerwise, --work-dir) reads a local safetensors checkpoint "
-                         f"folder; {model_name} is not one")
-    check_layerwise(recipe)
-    return True
-
-
-def _too_big(model_name: str, dtype: str | None, device: str | None = None, factor: float = 0.8,
-             quiet: bool = False) -> bool:
-    """True when the model in its load dtype would not fit in `factor` x the memory this process may use."""
-    from .checkpoint import shard_files
-    from .observe.layerwise import source_dtype
-
-    from .files import human_bytes
-    from .memlimit import available_memory
-
-    size = sum(f.stat().st_size for f in shard_files(Path(model_name)))
-    size = size * _dtype_of(dtype, model_name, device).itemsize / source_dtype(model_name).itemsize
-    avail = available_memory()  # the cgroup's limit too (a container, a Slurm job), not only the machine's
-    if avail is None or size <= factor * avail:
-        return False
-    if not quiet:
-            say(f"the model ({human_bytes(size)} in its load dtype) does not fit in 80% of the {human_bytes(avail)} this "
-            "process may use: pruning layer by layer (--layerwise auto; --layerwise off to load it whole)")
-    return True
-
-
-def _prune_layerwise(args, recipe, path: str, prepared, t0: float) -> int:
-    from .api import layer_summary
-    from .observe.runner import resolve_device
-    from .observe.sequential import dist_world, init_distributed
-    from .streamed import prune_layerwise
-
-    dev = resolve_device(recipe.device or "cpu")
-    distributed = init_distributed(dev)
-    rank, world = dist_world()
-    if distributed and dev.type == "cuda":
-        import torch
-
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(dev)
-        recipe = type(recipe).from_dict({**recipe.to_dict(), "device": str(dev)})
-    if _too_big(path, recipe.dtype, recipe.device, factor=1.0, quiet=True):
-        from .memlimit import return_freed_memory
-
-        return_freed_memory()  # memory is tight: a freed layer's pages go back to the OS at once
-    lead = rank == 0  # rank 0 speaks for all
-    if lead:
-        say(f"pruning {recipe.describe()}, layer by layer from the checkpoint files (model not loaded)"
-            + (f" on {world} ranks" if world > 1 else ""))
-        if recipe.grain == "atom" and recipe.method.startswith("heapr"):
-            say(f"  {recipe.method}: {HEAPR_FORMS[recipe.atom.form]}")
-        if args.width_note:
-            say(args.width_note)
-        say(_calib_line(recipe, prepared))
-    report = prune_layerwise(path, recipe, args.out, prepared, overwrite=args.overwrite, verbose=lead and not QUIET[0],
-                             work_dir=args.work_dir, spill_bytes=int(args.spill_gb * 2**30))
-    if lead:
-        if report.grain == "expert":
-            for entry in report.layers:
-                say(layer_summary(entry))
-        from .apply.forms import get_form
-
-        print(f"wrote {args.out} (loads with {get_form(report.form).loads_with}) in "
-              f"{time.perf_counter() - t0:.1f}s total")
-    if distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
-
-
 def _load_model(name: str, dtype: str | None, device: str | None):
-    """load() in `dtype` (default auto: `loading.compute_dtype`), moved to `device` (default cpu)."""
-    from .loading import check_model, compute_dtype, load
-    from .observe.runner import resolve_device
+    from .drivers.inputs import load_model
 
-    dev = resolve_device(device or "cpu")  # a missing GPU fails before the weights are read
-    check_model(name)  # config, index and safetensors headers: before the weights are read
-    model = load(name, compute_dtype(dtype or "auto", name, dev))
-    return model.to(dev) if dev.type != "cpu" else model
+    return load_model(name, dtype, device)
 
 
 def cmd_compare(args) -> int:
@@ -1018,13 +877,9 @@ def _method_names() -> list[str]:
 
 
 def _local_checkpoint(model: str) -> bool:
-    from .loading import resolve
+    from .drivers.choose import local_checkpoint
 
-    try:
-        p = Path(resolve(model))
-    except MumoeError:
-        return False
-    return p.is_dir() and any(p.glob("*.safetensors")) and not (p / "pruning.json").exists()
+    return local_checkpoint(model)
 
 
 class Parser(argparse.ArgumentParser):
@@ -1075,6 +930,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(expert methods), of the atoms (HEAPr), or of the weights (wanda, magnitude)")
     sp.add_argument("--recipe", help="replay a recorded run: a pruning.json (or its folder) or a recipe JSON; "
                     "MODEL defaults to the model it names")
+    sp.add_argument("--then", action="append", metavar="METHOD:RATIO[:OPTION=VALUE...]",
+                    help="a later stage, run after --method on the model it left with the same calibration "
+                    "(repeatable, in order): e.g. --method reap --ratio 0.2 --then wanda:0.5 removes 20%% of the "
+                    "experts, then half of the remaining weights; options of that stage's grain as "
+                    "wanda:0.5:structure=2:4 or heapr:0.25:form=global")
     sp.add_argument("--budget", choices=["uniform", "global"],
                     help="expert methods: uniform = round(ratio*E) dropped in every layer (a standard checkpoint every engine reads, "
                     "default); global = one ranking over all layers (scores normalized per layer, floor of top_k), "

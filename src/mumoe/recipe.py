@@ -1,30 +1,29 @@
 """`Recipe`: one frozen, validated, versioned description of a pruning run.
 
-It names the method, the ratio, the calibration (sources, windows, seed, batch size), exactly one grain part
-(expert: budget + scoring order; atom: form + scope; weight: structure) and the run settings (dtype, device).
-It validates itself completely when built — before any model is loaded or any pass is run — and serialises
-into `pruning.json`, so that `mumoe prune --recipe run/pruning.json --out DIR` replays a run exactly.
+It names the calibration (sources, windows, seed, batch size), the run settings (dtype, device) and one or more
+stages, run in order on that one calibration, each calibrated on the model the stages before it left (STUN's
+order). A stage is a method, a ratio and the options of the method's grain (`grains`: expert — budget and
+scoring order; atom — form and scope; weight — structure). The first stage's fields are the recipe's own
+(`method`, `ratio`, the grain part), later ones are in `then`. A recipe validates itself completely when built —
+before any model is loaded or any pass is run — and serialises into `pruning.json`, so that
+`mumoe prune --recipe run/pruning.json --out DIR` replays a run exactly.
 
-    recipe = Recipe.build("reap", 0.5, calib="domain", nsamples=64)
+    recipe = Recipe.build("reap", 0.2, calib="domain", nsamples=64).then("wanda", 0.5)
     mumoe.prune(model, recipe, tokenizer=tok)
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import MumoeError
+from .grains import GRAINS, get_grain
 from .select.experts import check_ratio  # noqa: F401  (re-exported: the one definition lives in select)
 from .select.weights import parse_structure  # noqa: F401
 
 RECIPE_VERSION = 1
-BUDGETS = ("uniform", "global")
-ORDERS = ("one-shot", "progressive")
-FORMS = ("uniform", "global")
-SCOPES = ("global", "layer")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -69,155 +68,156 @@ class CalibSpec:
         return [self.nsamples // n + (i < self.nsamples % n) for i in range(n)]
 
 
-@dataclass(frozen=True)
-class ExpertPart:
-    budget: str = "uniform"  # uniform: round(ratio·E) per layer; global: one normalized ranking, floor top_k
-    order: str = "one-shot"  # one-shot: every layer on the unpruned model; progressive: on the pruned earlier layers
+def _check_stage(stage) -> object:
+    """Validate one stage (a Recipe or a Stage: method, ratio, part); -> its grain part, normalised."""
+    from .criteria import get_method
+
+    m = get_method(stage.method) if isinstance(stage.method, str) else None
+    if m is None:
+        raise MumoeError(f"method must be a name, got {stage.method!r}")
+    object.__setattr__(stage, "ratio", check_ratio(stage.ratio))
+    grain = get_grain(m.grain)
+    if stage.part is None:  # the grain's defaults
+        object.__setattr__(stage, "part", grain.part())
+    elif not isinstance(stage.part, grain.part):
+        raise MumoeError(f"method {stage.method!r} is {m.grain}-grain; the options given are "
+                         f"{type(stage.part).__name__}")
+    return grain.check(stage)
 
 
-@dataclass(frozen=True)
-class AtomPart:
-    form: str = "uniform"  # uniform: one width for every expert (HF loadable); global: HEAPr's ranking
-    scope: str = "global"  # global form: rank over all layers (HEAPr) or per layer
-    # uniform form: kept widths are multiples of this (GPU kernels tile by 64/128; llama.cpp's k-quants need
-    # 256 for the down projection's rows); recipes written before it existed used 8
-    width_multiple: int = 64
+class _Parts:
+    """`recipe.expert` / `.atom` / `.weight` (any registered grain's name): the stage's part when the method is of
+    that grain, else None."""
 
+    def __getattr__(self, name: str):
+        if name in GRAINS:
+            return self.part if self.grain == name else None
+        raise AttributeError(name)
 
-@dataclass(frozen=True)
-class WeightPart:
-    structure: str = "row"  # row | N:M | column
-    order: str = "one-shot"  # Wanda: one-shot (every layer on the dense model) or progressive (the Wanda authors'
-    #                          order: layer ℓ calibrated on the already-pruned layers < ℓ; layer-sequential only)
-
-
-GRAIN_PARTS = {"expert": ExpertPart, "atom": AtomPart, "weight": WeightPart}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A whole pruning run. Build with `Recipe.build(...)` (flat options) or `Recipe.from_dict` (pruning.json)."""
-
-    method: str
-    ratio: float
-    calib: CalibSpec = field(default_factory=CalibSpec)
-    expert: ExpertPart | None = None
-    atom: AtomPart | None = None
-    weight: WeightPart | None = None
-    dtype: str = "auto"  # auto = the checkpoint's own (fp32 on the CPU for bf16/fp16); exports keep the source's
-    device: str | None = None  # cpu | cuda | cuda:N | auto; None = where the model already is (CLI: cpu)
-    version: int = RECIPE_VERSION
-
-    def __post_init__(self) -> None:
-        from .criteria import get_method
-
-        m = get_method(self.method) if isinstance(self.method, str) else None
-        if m is None:
-            raise MumoeError(f"method must be a name, got {self.method!r}")
-        object.__setattr__(self, "ratio", check_ratio(self.ratio))
-        if self.version != RECIPE_VERSION:
-            raise MumoeError(f"recipe version {self.version} is not readable by this mumoe (reads {RECIPE_VERSION})")
-        parts = {g: getattr(self, g) for g in GRAIN_PARTS if getattr(self, g) is not None}
-        if not parts:  # the grain's defaults
-            object.__setattr__(self, m.grain, GRAIN_PARTS[m.grain]())
-        elif list(parts) != [m.grain]:
-            raise MumoeError(f"method {self.method!r} is {m.grain}-grain; the recipe gives options for "
-                             f"{', '.join(parts)}")
-        if self.atom is not None and (not _is_int(self.atom.width_multiple) or self.atom.width_multiple < 1):
-            raise MumoeError(f"width_multiple must be a positive integer, got {self.atom.width_multiple!r}")
-        if self.dtype not in DTYPES:
-            raise MumoeError(f"unknown dtype {self.dtype!r}; use {', '.join(DTYPES)}")
-        if not (self.device is None or self.device in DEVICES or str(self.device).startswith("cuda:")):
-            raise MumoeError(f"unknown device {self.device!r}; use cpu, cuda, cuda:N or auto")
-        if m.needs_calib and not self.calib.sources:
-            raise MumoeError(f"method {self.method!r} needs calibration data: pass --calib PATH (a .txt file or "
-                             "folder, 'domain' for the bundled splits)")
-        self.calib.per_source()
-        part = self.part
-        if m.grain == "expert":
-            if part.budget not in BUDGETS:
-                raise MumoeError(f"unknown budget {part.budget!r}; available: {', '.join(BUDGETS)}")
-            if part.order not in ORDERS:
-                raise MumoeError(f"unknown scoring order {part.order!r}; available: {', '.join(ORDERS)}")
-            if not m.needs_calib and part.order != "one-shot":  # data-free scores do not depend on earlier layers
-                object.__setattr__(self, "expert", replace(part, order="one-shot"))
-            if self.part.order == "progressive" and part.budget != "uniform":
-                raise MumoeError("progressive scoring needs the uniform budget")
-        elif m.grain == "atom":
-            if part.form not in FORMS:
-                raise MumoeError(f"unknown form {part.form!r}; use uniform or global")
-            if part.scope not in SCOPES:
-                raise MumoeError(f"unknown scope {part.scope!r}; use global or layer")
-        else:
-            nm = parse_structure(part.structure)
-            if part.order not in ORDERS:
-                raise MumoeError(f"unknown scoring order {part.order!r}; available: {', '.join(ORDERS)}")
-            if self.method != "wanda" and part.order != "one-shot":
-                object.__setattr__(self, "weight", replace(part, order="one-shot"))
-            if self.method == "magnitude" and part.structure != "row":
-                raise MumoeError("magnitude pruning has one threshold per matrix; --structure applies to wanda")
-            if nm is not None and not math.isclose(self.ratio, 1 - nm[0] / nm[1], abs_tol=1e-9):
-                raise MumoeError(f"--structure {part.structure} removes {1 - nm[0] / nm[1]:.0%} of the weights, but "
-                                 f"--ratio says {self.ratio:.0%}; pass --ratio {1 - nm[0] / nm[1]:g}")
-
-    # -- views -------------------------------------------------------------------------------------------
     @property
     def grain(self) -> str:
         from .criteria import get_method
 
         return get_method(self.method).grain
 
+    def _part_dict(self) -> dict:
+        return {self.grain: asdict(self.part)}
+
+
+@dataclass(frozen=True)
+class Stage(_Parts):
+    """A later stage of a recipe: a method, a ratio and its grain's options (`part`; None: the defaults). It runs
+    with the recipe's calibration, dtype and device."""
+
+    method: str
+    ratio: float
+    part: object | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "part", _check_stage(self))
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "ratio": self.ratio, **self._part_dict()}
+
+
+@dataclass(frozen=True)
+class Recipe(_Parts):
+    """A whole pruning run. Build with `Recipe.build(...)` (flat options) or `Recipe.from_dict` (pruning.json);
+    `.then(method, ratio, **options)` adds a stage."""
+
+    method: str
+    ratio: float
+    calib: CalibSpec = field(default_factory=CalibSpec)
+    part: object | None = None  # the first stage's grain options (ExpertPart, AtomPart, ...); None: defaults
+    dtype: str = "auto"  # auto = the checkpoint's own (fp32 on the CPU for bf16/fp16); exports keep the source's
+    device: str | None = None  # cpu | cuda | cuda:N | auto; None = where the model already is (CLI: cpu)
+    version: int = RECIPE_VERSION
+    later: tuple[Stage, ...] = ()  # the stages after the first, in order
+
+    def __post_init__(self) -> None:
+        from .criteria import get_method
+
+        object.__setattr__(self, "part", _check_stage(self))
+        if self.version != RECIPE_VERSION:
+            raise MumoeError(f"recipe version {self.version} is not readable by this mumoe (reads {RECIPE_VERSION})")
+        if self.dtype not in DTYPES:
+            raise MumoeError(f"unknown dtype {self.dtype!r}; use {', '.join(DTYPES)}")
+        if not (self.device is None or self.device in DEVICES or str(self.device).startswith("cuda:")):
+            raise MumoeError(f"unknown device {self.device!r}; use cpu, cuda, cuda:N or auto")
+        object.__setattr__(self, "later", tuple(self.later))
+        for st in self.later:
+            if not isinstance(st, Stage):
+                raise MumoeError(f"a later stage must be a Stage, got {type(st).__name__}")
+        for st in (self, *self.later):
+            if get_method(st.method).needs_calib and not self.calib.sources:
+                raise MumoeError(f"method {st.method!r} needs calibration data: pass --calib PATH (a .txt file or "
+                                 "folder, 'domain' for the bundled splits)")
+        for i, st in enumerate((self, *self.later[:-1])):
+            if self.later and not get_grain(st.grain).leaves_hf(st.part):
+                raise MumoeError(f"stage {i + 1} ({get_grain(st.grain).describe(st)}) leaves per-layer shapes that "
+                                 "only mumoe.load reads; a later stage needs a standard model: use the uniform "
+                                 "budget / form there, or make it the last stage")
+        self.calib.per_source()
+
+    # -- views -------------------------------------------------------------------------------------------
     @property
-    def part(self):
-        return getattr(self, self.grain)
+    def stages(self) -> list["Recipe"]:
+        """Every stage as a one-stage Recipe (with this recipe's calibration, dtype and device), in order."""
+        first = replace(self, later=()) if self.later else self
+        return [first] + [Recipe(st.method, st.ratio, self.calib, st.part, self.dtype, self.device)
+                          for st in self.later]
 
     def describe(self) -> str:
         """What is pruned, in words (for the CLI's first line)."""
-        if self.grain == "expert":
-            what = f"experts (budget {self.expert.budget}, scoring {self.expert.order})"
-        elif self.grain == "atom":
-            what = f"atoms ({self.atom.form} form)" + ("" if self.atom.form == "uniform" else
-                                                        " ranked over all layers" if self.atom.scope == "global"
-                                                        else " ranked per layer")
-        else:
-            what = f"weights ({self.weight.structure}" + (
-                ", progressive order)" if self.weight.order == "progressive" else ")")
-        return f"{self.ratio:.0%} of {what} with {self.method}"
+        return ", then ".join(get_grain(st.grain).describe(st) for st in self.stages)
+
+    def then(self, method: str, ratio: float, **options) -> "Recipe":
+        """This recipe with one more stage: `method` at `ratio`, with its grain's options (budget, order, form,
+        scope, structure, width_multiple)."""
+        return replace(self, later=self.later + (make_stage(method, ratio, options),))
 
     # -- construction --------------------------------------------------------------------------------------
     @classmethod
     def build(cls, method: str, ratio: float, calib=None, nsamples: int = 128, seqlen: int = 512,
-              seed: int | None = None, batch_size: int | None = None, budget: str = "uniform",
-              order: str = "one-shot", form: str = "uniform", scope: str = "global", structure: str = "row",
-              dtype: str = "auto", device: str | None = None, width_multiple: int = 64) -> "Recipe":
-        """From flat options (the CLI's flags); the grain part is chosen by the method. calib: a source, a
-        list of sources, or None."""
+              seed: int | None = None, batch_size: int | None = None, dtype: str = "auto",
+              device: str | None = None, **options) -> "Recipe":
+        """From flat options (the CLI's flags); the grain part is chosen by the method from `options` (budget,
+        order: expert; form, scope, width_multiple: atom; structure, order: weight). calib: a source, a list of
+        sources, or None."""
         from .criteria import get_method
 
         m = get_method(method) if isinstance(method, str) else None
         if m is None:
             raise MumoeError(f"method must be a name, got {method!r}")
+        grain = get_grain(m.grain)
+        unknown = set(options) - {f for g in GRAINS.values() for f in g.flags}
+        if unknown:
+            raise MumoeError(f"unknown option(s) {', '.join(sorted(unknown))}")
         sources = () if calib is None else (calib,) if isinstance(calib, (str, Path)) else tuple(calib)
-        bs = batch_size if batch_size is not None else (4 if m.grain == "atom" else 8)
-        part = {"expert": {"expert": ExpertPart(budget, order)}, "atom": {"atom": AtomPart(form, scope, width_multiple)},
-                "weight": {"weight": WeightPart(structure, order)}}[m.grain]
-        return cls(method, ratio, CalibSpec(sources, nsamples, seqlen, seed, bs), dtype=dtype, device=device, **part)
+        bs = batch_size if batch_size is not None else grain.batch_size
+        return cls(method, ratio, CalibSpec(sources, nsamples, seqlen, seed, bs), grain.build_part(options),
+                   dtype=dtype, device=device)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["calib"]["sources"] = list(self.calib.sources)
+        """The recipe as pruning.json holds it: method, ratio, calib, the grain's options under the grain's name,
+        dtype, device, version, and the later stages (`then`) when there are any."""
+        d = {"method": self.method, "ratio": self.ratio, "calib": {**asdict(self.calib),
+                                                                    "sources": list(self.calib.sources)},
+             **self._part_dict(), "dtype": self.dtype, "device": self.device, "version": self.version}
+        if self.later:
+            d["then"] = [st.to_dict() for st in self.later]
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         if not isinstance(d, dict) or "method" not in d or "ratio" not in d:
             raise MumoeError("not a mumoe recipe (needs at least 'method' and 'ratio')")
-        known = set(cls.__dataclass_fields__)
+        known = {f.name for f in fields(cls)} - {"part", "later"} | set(GRAINS) | {"then"}
         unknown = set(d) - known
         if unknown:
             raise MumoeError(f"recipe has unknown fields: {', '.join(sorted(unknown))}")
         try:
-            kw = dict(d)
+            kw = {k: v for k, v in d.items() if k not in GRAINS and k != "then"}
             calib = kw.get("calib") or {}
             if not isinstance(calib, dict):
                 raise MumoeError(f"malformed recipe: calib must be an object, got {type(calib).__name__}")
@@ -227,11 +227,18 @@ class Recipe:
             if not isinstance(sources, (list, tuple)) or not all(isinstance(x, str) for x in sources):
                 raise MumoeError("malformed recipe: calib.sources must be a list of paths (or 'domain')")
             kw["calib"] = CalibSpec(**{**calib, "sources": tuple(sources)})
-            if isinstance(kw.get("atom"), dict):
-                kw["atom"] = {"width_multiple": 8, **kw["atom"]}  # what a recipe without the field ran with
-            for g, cls_part in GRAIN_PARTS.items():
-                if kw.get(g) is not None:
-                    kw[g] = cls_part(**kw[g])
+            kw["part"] = _part_from_dict(d)
+            then = d.get("then") or []
+            if not isinstance(then, list) or not all(isinstance(x, dict) for x in then):
+                raise MumoeError("malformed recipe: then must be a list of stages")
+            stages = []
+            for x in then:
+                bad = set(x) - {"method", "ratio"} - set(GRAINS)
+                if bad or "method" not in x or "ratio" not in x:
+                    raise MumoeError(f"malformed recipe stage {x}: needs method and ratio"
+                                     + (f", has unknown fields {', '.join(sorted(bad))}" if bad else ""))
+                stages.append(Stage(x["method"], x["ratio"], _part_from_dict(x)))
+            kw["later"] = tuple(stages)
             return cls(**kw)
         except TypeError as e:
             raise MumoeError(f"malformed recipe: {e}") from e
@@ -255,19 +262,11 @@ class Recipe:
             raise MumoeError(f"{p} was written by a mumoe without recipes; it cannot be replayed")
         return cls.from_dict(d)
 
-    @staticmethod
-    def expert_width(config) -> int | None:
-        """The routed experts' intermediate width from a config (None when it has none)."""
-        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-        for key in ("moe_intermediate_size", "intermediate_size"):
-            v = getattr(cfg, key, None)
-            if _is_int(v) and v > 0:
-                return v
-        return None
-
     def check_config(self, config) -> None:
-        """The checks that need the model's config but not its weights (run before loading them): N:M blocks
-        must divide every prunable input width; expert budgets must leave top_k experts."""
+        """The checks that need the model's config but not its weights (run before loading them), for every
+        stage: what its grain needs of the model (routed experts, widths an N:M block divides, expert budgets
+        that leave top_k experts, ...) and a calibration that fits the model's context. A later stage's checks
+        run on the original config (its own shapes are checked again when it runs)."""
         from .models.base import config_experts
 
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -275,52 +274,86 @@ class Recipe:
         def get(key):
             return getattr(cfg, key, None)
 
-        E, k = config_experts(config)
-        if self.grain in ("expert", "atom") and E is None:
-            raise MumoeError(f"{get('model_type')} is a dense model with no routed experts; {self.method} prunes "
-                             f"{self.grain}s of routed experts (dense models: wanda or magnitude)")
-
-        if self.grain == "weight":
-            nm = parse_structure(self.weight.structure)
-            if nm is not None:
-                widths = {get(k) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size",
-                                            "shared_expert_intermediate_size", "ffn_dim")}
-                heads, head_dim = get("num_attention_heads"), get("head_dim")
-                if heads and head_dim:
-                    widths.add(heads * head_dim)
-                bad = sorted(w for w in widths if _is_int(w) and w % nm[1])
-                if bad:
-                    raise MumoeError(f"N:M structure {self.weight.structure} needs M={nm[1]} to divide every input "
-                                     f"width; this model has width(s) {', '.join(map(str, bad))}")
-        if self.grain == "atom" and self.atom.form == "uniform":
-            width = self.expert_width(config)
-            if width:
-                from .select.atoms import uniform_width
-
-                multiple = self.atom.width_multiple
-                step = multiple if width >= multiple else 1
-                if round((1 - self.ratio) * width / step) == 0:
-                    kept = uniform_width(width, self.ratio, multiple)
-                    raise MumoeError(f"--ratio {self.ratio:g} would keep {(1 - self.ratio) * width:.1f} of {width} atoms "
-                                     f"per expert; the uniform form keeps a multiple of {step} (at most "
-                                     f"{1 - kept / width:.1%} removed): lower --ratio, a smaller --width-multiple, "
-                                     "or --form global")
-                if self.ratio > 0 and uniform_width(width, self.ratio, multiple) == width:
-                    raise MumoeError(f"--ratio {self.ratio:g} removes nothing from experts {width} wide when widths "
-                                     f"are multiples of {step}: raise --ratio or lower --width-multiple")
-        if self.grain == "expert" and E is not None and self.ratio > 0:
-            layers = get("num_hidden_layers") if self.expert.budget == "global" else 1
-            pool = E * (layers if _is_int(layers) else 1)  # the global budget ranks every layer's experts at once
-            if round(self.ratio * pool) == 0:
-                raise MumoeError(f"--ratio {self.ratio:g} removes nothing: round({self.ratio:g} x {pool} experts) = 0"
-                                 f"{'' if pool == E else ' over all layers'}; the smallest ratio that removes one "
-                                 f"is {1 / pool:.3g}")
-        if self.grain == "expert" and self.expert.budget == "uniform":
-            if E is not None and k is not None and E - round(self.ratio * E) < k:
-                raise MumoeError(f"ratio {self.ratio} keeps {E - round(self.ratio * E)} of {E} experts, fewer than "
-                                 f"top_k={k}")
+        E, _ = config_experts(config)
+        for i, st in enumerate(self.stages):
+            grain = get_grain(st.grain)
+            if grain.needs_experts and E is None:
+                raise MumoeError(f"{get('model_type')} is a dense model with no routed experts; {st.method} prunes "
+                                 f"{st.grain}s of routed experts (dense models: "
+                                 f"{' or '.join(n for n, _ in _dense_methods())})")
+            if i == 0:
+                grain.check_config(st, config)
         ctx = get("max_position_embeddings")
         texts = [s for s in self.calib.sources if s not in ("tensor", "text")]
         if texts and _is_int(ctx) and self.calib.seqlen > ctx:
             raise MumoeError(f"calibration seqlen {self.calib.seqlen} exceeds the model's context ({ctx} tokens); "
                              "pass --seqlen")
+
+
+def _part_from_dict(d: dict):
+    """The grain part a recipe (or stage) dict gives, None when it gives none; refused when it gives options of
+    another grain than its method's."""
+    from .criteria import get_method
+
+    given = [g for g in GRAINS if d.get(g) is not None]
+    if not given:
+        return None
+    grain = get_method(d["method"]).grain if isinstance(d["method"], str) else None
+    if given != [grain]:
+        raise MumoeError(f"method {d['method']!r} is {grain}-grain; the recipe gives options for {', '.join(given)}")
+    if not isinstance(d[grain], dict):
+        raise MumoeError(f"malformed recipe: {grain} must be an object")
+    return get_grain(grain).part_from_dict(d[grain])
+
+
+def make_stage(method: str, ratio: float, options: dict | None = None) -> Stage:
+    """A later stage from flat options (its grain's flags only)."""
+    from .criteria import get_method
+
+    options = options or {}
+    m = get_method(method) if isinstance(method, str) else None
+    if m is None:
+        raise MumoeError(f"method must be a name, got {method!r}")
+    grain = get_grain(m.grain)
+    wrong = set(options) - set(grain.flags)
+    if wrong:
+        raise MumoeError(f"{', '.join(sorted(wrong))} {'does' if len(wrong) == 1 else 'do'} not apply to {method} "
+                         f"({m.grain} grain; its options: {', '.join(grain.flags)})")
+    return Stage(method, ratio, grain.build_part(options))
+
+
+def _dense_methods():
+    from .criteria import METHODS
+
+    return [(n, m) for n, m in METHODS.items() if not get_grain(m.grain).needs_experts]
+
+
+def parse_stage(text: str) -> Stage:
+    """A stage from the CLI's `METHOD:RATIO[:OPTION=VALUE...]` (`--then`): wanda:0.5, wanda:0.5:structure=2:4
+    (a part without '=' continues the value before it), heapr:0.25:form=global:scope=layer."""
+    parts = text.split(":")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise MumoeError(f"--then {text}: give METHOD:RATIO (e.g. wanda:0.5), options as :OPTION=VALUE")
+    try:
+        ratio = float(parts[1])
+    except ValueError:
+        raise MumoeError(f"--then {text}: ratio {parts[1]!r} is not a number") from None
+    options: dict = {}
+    last = None
+    for part in parts[2:]:
+        if "=" in part:
+            last, value = part.split("=", 1)
+            last = last.replace("-", "_")
+            options[last] = value
+        elif last is not None:
+            options[last] += ":" + part
+        else:
+            raise MumoeError(f"--then {text}: {part!r} is not OPTION=VALUE")
+    for k, v in options.items():  # the integer options (width_multiple)
+        default = next((getattr(g.part(), k) for g in GRAINS.values() if k in g.flags), None)
+        if isinstance(default, int) and not isinstance(default, bool):
+            try:
+                options[k] = int(v)
+            except ValueError:
+                raise MumoeError(f"--then {text}: {k} must be an integer, got {v!r}") from None
+    return make_stage(parts[0], ratio, options)

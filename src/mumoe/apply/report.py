@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ..errors import MumoeDataError
 from ..version import __version__
+
+
+SCHEMA = 2  # pruning.json's layout: 2 adds `schema` and per-stage records in `stages`; the layers are unchanged
 
 
 @dataclass
@@ -24,12 +28,23 @@ class PruneReport:
     layers: list[dict] = field(default_factory=list)  # {layer, num_experts, kept, scores}
     form: str = "hf"  # "hf": from_pretrained loads it; "mumoe": only mumoe.load (per-layer shapes differ)
     recipe: dict = field(default_factory=dict)  # the Recipe that replays this run (mumoe prune --recipe)
-    stages: list[dict] = field(default_factory=list)  # a model pruned more than once: every run's recipe, in order
+    # a model pruned in more than one stage (a multi-stage recipe, or mumoe.prune called again): every stage's
+    # own record, in order ({method, grain, ratio, budget, scoring_order, form, layers, recipe})
+    stages: list[dict] = field(default_factory=list)
     mumoe_version: str = __version__
+    schema: int = SCHEMA
+    # the typed plan this report was written from (`grains`: ExpertPlan, AtomPlan, WeightPlan); not serialised
+    plan: Any = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "plan"}
         return {"mumoe_version": d.pop("mumoe_version"), **d}
+
+    def stage_record(self) -> dict:
+        """This run as one entry of `stages`."""
+        return {"method": self.method, "grain": self.grain, "ratio": self.ratio, "budget": self.budget,
+                "scoring_order": self.scoring_order, "form": self.form, "layers": _plain(self.layers),
+                "recipe": _plain(self.recipe)}
 
     def to_json(self) -> str:
         """Strict JSON (no bare NaN/Infinity: a non-finite score is an error, not a file other tools reject)."""
@@ -40,18 +55,21 @@ class PruneReport:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PruneReport":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        """A pruning.json as written by any mumoe (schema 1 had no `schema` field; the layers are the same)."""
+        return cls(**{"schema": 1, **{k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "plan"}})
 
     def kept(self) -> dict[int, list[int]]:
         return {entry["layer"]: list(entry["kept"]) for entry in self.layers}
 
     def compose(self, earlier: "PruneReport") -> "PruneReport":
         """This run's report on a model `earlier` had pruned, as one record of both: the source and model of the
-        first run, every stage's recipe in `stages`; for experts after experts, kept indices in the original
-        numbering and the ratio against the original expert count."""
-        stages = (earlier.stages or [earlier.recipe]) + [self.recipe]
+        first run, every stage's record in `stages`; for experts after experts (entries with kept experts in
+        both), kept indices in the original numbering (`kept`; or, when the counts differ per layer and mumoe.load
+        rebuilds the shapes from the export's config, in the numbering of that config, with the original one in
+        `kept_original`) and the ratio against the original expert count."""
+        stages = (earlier.stages or [earlier.stage_record()]) + [self.stage_record()]
         model = {**self.model, **{k: v for k, v in earlier.model.items() if k in ("source", "model_type")}}
-        if not self.grain == earlier.grain == "expert":
+        if not (_keeps_experts(self.layers) and _keeps_experts(earlier.layers)):
             return PruneReport(**{**self.__dict__, "model": model, "stages": stages})
         before = earlier.kept()
         layers = []
@@ -60,12 +78,30 @@ class PruneReport:
             kept = [orig[i] for i in entry["kept"]] if orig is not None else list(entry["kept"])
             n = next((e["num_experts"] for e in earlier.layers if e["layer"] == entry["layer"]),
                      entry["num_experts"])
-            layers.append({**entry, "kept": kept, "num_experts": n, "scores_of": "the last stage's experts"})
-        total = sum(e["num_experts"] for e in layers)
+            if self.form == "hf":
+                layers.append({**entry, "kept": kept, "num_experts": n, "scores_of": "the last stage's experts"})
+            else:
+                layers.append({**entry, "kept_original": kept, "num_experts_original": n,
+                               "scores_of": "the last stage's experts"})
+        total = sum(e.get("num_experts_original", e["num_experts"]) for e in layers)
         ratio = 1 - sum(len(e["kept"]) for e in layers) / total if total else self.ratio
         model["num_experts"] = earlier.model.get("num_experts", model.get("num_experts"))
         return PruneReport(**{**self.__dict__, "model": model, "layers": layers, "ratio": round(ratio, 6),
                               "stages": stages})
+
+
+def _keeps_experts(layers: list[dict]) -> bool:
+    """Entries of the expert grain (one kept list of experts per layer)."""
+    return bool(layers) and all("kept" in e and "num_experts" in e for e in layers)
+
+
+def _plain(v):
+    """A JSON-ready copy (dicts and lists copied, so the record does not share state with the caller)."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
 
 
 # model -> the report of everything mumoe.prune did to it (composed over repeated runs); save_pruned checks the
@@ -87,7 +123,7 @@ def check_report_matches(model, report: PruneReport) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if report.model.get("model_type") not in (None, model_type):
         raise MumoeError(f"this report is of a {report.model['model_type']} model, the model is {model_type}")
-    if report.grain != "expert":
+    if not _keeps_experts(report.layers):
         return
     from ..models import adapter_for
 

@@ -7,37 +7,65 @@ needs calibration data. Any set of calibrated methods shares one observation pas
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import MumoeDataError, MumoeError
-from . import expert
+from . import expert, heapr
+from . import weight as weight_scores
 from .stats import LayerStats
 
 
 @dataclass(frozen=True)
 class Method:
+    """One scoring method: its grain, how its scores are read, and the one function that computes them (the
+    field that is set says which statistics it needs). Everything a driver asks of a method is a field here;
+    no code outside this registry compares method names."""
+
     name: str
-    grain: str  # "expert" | "atom" | "weight"
+    grain: str  # a name in mumoe.grains.GRAINS
     needs_calib: bool
     prune_highest: bool
     description: str
     from_stats: Callable[[LayerStats], torch.Tensor] | None = None  # calibrated: LayerStats -> [E]
     from_weights: Callable | None = None  # calibration-free: MoELayer -> [E]
     needs_expert_outputs: bool = False
+    from_seed: Callable | None = None  # (layers, seed) -> one [E] per layer (a baseline)
+    from_atoms: Callable | None = None  # (MoELayer, AtomLayerStats | None) -> [E, I]
+    needs_backward: bool = False  # its atom statistics need the loss gradient (one backward pass)
+    from_norms: Callable | None = None  # (weight, input norms) -> the weight's scores (weight grain)
+    from_weight: Callable | None = None  # (weight) -> the weight's scores (weight grain, calibration-free)
+    from_files: Callable | None = None  # (checkpoint folder, progress) -> {layer: [E]}, the model never loaded
+    progressive: bool | None = None  # may score layer by layer on the pruned earlier layers (None: if calibrated)
+    structures: tuple[str, ...] | None = None  # weight grain: the --structure values it takes (None: every one)
+    notes: dict[str, str] = field(default_factory=dict)  # grain option value -> a line the CLI prints
+
+    @property
+    def may_progress(self) -> bool:
+        return self.needs_calib if self.progressive is None else self.progressive
 
 
-def random_scores(layers, seed: int = 0) -> list[torch.Tensor]:
+def random_scores(layers, seed: int | None = 0) -> list[torch.Tensor]:
     """Seeded uniform scores, one generator per call so results do not depend on global RNG state."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
     return [torch.rand(layer.num_experts, generator=gen, dtype=torch.float64) for layer in layers]
 
 
+def _aimer_files(path, progress: bool):
+    from .aimer_stream import stream_aimer
+
+    return stream_aimer(path, progress)
+
+
+HEAPR_NOTES = {"uniform": "the uniform form: every expert keeps its best atoms at one width (an HF checkpoint); the "
+                          "paper's method is the global ranking: --form global --scope global",
+               "global": "the paper's form: one global ranking of atoms"}
+
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("random", "expert", False, False, "seeded random expert scores (baseline)"),
+    Method("random", "expert", False, False, "seeded random expert scores (baseline)", from_seed=random_scores),
     Method("aimer", "expert", False, True, "AIMER: ‖w‖₁/(√N‖w‖₂) from weights alone; prunes the highest",
-           from_weights=expert.aimer),
+           from_weights=expert.aimer, from_files=_aimer_files),
     Method("frequency", "expert", True, False, "how often the router selects the expert", expert.frequency),
     Method("gate", "expert", True, False, "gate score: summed combine weights (soft count)", expert.gate_score),
     Method("ean", "expert", True, False, "EAN: summed output norm over routed tokens", expert.ean,
@@ -48,12 +76,17 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            expert.easy_ep, needs_expert_outputs=True),
     Method("tcess", "expert", True, False, "PreMoe TCESS (v1): mean arg-max router logit", expert.tcess),
     Method("peu", "expert", True, False, "PreMoe PEU (v3): thresholded pool scores", expert.peu),
-    Method("heapr", "atom", True, False, "HEAPr: E[h²]·E[(∂L/∂h)²] per expert neuron (forward + backward)"),
-    Method("heapr-token", "atom", True, False, "HEAPr per-token variant: E[h²·(∂L/∂h)²]"),
-    Method("atom-act", "atom", True, False, "atom baseline: E[h²]·‖down[:, k]‖²"),
-    Method("atom-magnitude", "atom", False, False, "atom baseline: weight norm of the neuron's rows/column"),
-    Method("wanda", "weight", True, False, "Wanda: |W|·‖X‖ per weight (row, N:M or column structure)"),
-    Method("magnitude", "weight", False, False, "magnitude: |W| with one threshold per matrix"),
+    Method("heapr", "atom", True, False, "HEAPr: E[h²]·E[(∂L/∂h)²] per expert neuron (forward + backward)",
+           from_atoms=heapr.heapr, needs_backward=True, notes=HEAPR_NOTES),
+    Method("heapr-token", "atom", True, False, "HEAPr per-token variant: E[h²·(∂L/∂h)²]",
+           from_atoms=heapr.heapr_token, needs_backward=True, notes=HEAPR_NOTES),
+    Method("atom-act", "atom", True, False, "atom baseline: E[h²]·‖down[:, k]‖²", from_atoms=heapr.atom_act),
+    Method("atom-magnitude", "atom", False, False, "atom baseline: weight norm of the neuron's rows/column",
+           from_atoms=heapr.atom_magnitude),
+    Method("wanda", "weight", True, False, "Wanda: |W|·‖X‖ per weight (row, N:M or column structure)",
+           from_norms=weight_scores.wanda, progressive=True),
+    Method("magnitude", "weight", False, False, "magnitude: |W| with one threshold per matrix",
+           from_weight=weight_scores.magnitude, structures=("row",)),
 ]}
 
 
@@ -61,6 +94,11 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise MumoeError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def methods_of(grain: str) -> list[str]:
+    """The registered methods of one grain, by name."""
+    return [n for n, m in METHODS.items() if m.grain == grain]
 
 
 def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: torch.Tensor | None = None,
@@ -74,23 +112,21 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
     from ..models import adapter_for, moe_adapter_for
     from ..observe.collectors import AtomStats, ExpertStats, InputNorms
     from ..observe.runner import run
-    from . import weight as weight_scores
-    from .heapr import atom_scores
 
     methods = [get_method(n) for n in names]
-    if layers is None:  # expert and atom grains need routed experts: one clear line for a dense model
-        needs_moe = any(m.grain != "weight" for m in methods)
+    if layers is None:  # methods of routed experts need them: one clear line for a dense model
+        needs_moe = any(m.from_norms is None and m.from_weight is None for m in methods)
         layers = moe_adapter_for(model).moe_layers() if needs_moe else adapter_for(model).moe_layers()
     calibrated = [m for m in methods if m.needs_calib]
     if calibrated and calib is None:
         raise MumoeError(f"method {calibrated[0].name!r} needs calibration data (--calib PATH)")
     experts = ExpertStats(layers, any(m.needs_expert_outputs for m in calibrated),
                           n_groups=1 if groups is None else int(groups.max()) + 1)
-    atoms = AtomStats(layers, backward=any(m.name in ("heapr", "heapr-token") for m in calibrated))
+    atoms = AtomStats(layers, backward=any(m.needs_backward for m in calibrated))
     norms = InputNorms(model)
-    collectors = ([experts] if any(m.grain == "expert" for m in calibrated) else []) + (
-        [atoms] if any(m.grain == "atom" for m in calibrated) else []) + (
-        [norms] if any(m.name == "wanda" for m in calibrated) else [])
+    collectors = ([experts] if any(m.from_stats is not None for m in calibrated) else []) + (
+        [atoms] if any(m.from_atoms is not None for m in calibrated) else []) + (
+        [norms] if any(m.from_norms is not None for m in calibrated) else [])
     if collectors:
         run(model, calib, collectors, batch_size=batch_size, progress=progress, layers=layers, groups=groups,
             device=device)
@@ -99,20 +135,20 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
     params = dict(model.named_parameters())
     out: dict[str, object] = {}
     for m in methods:
-        if m.name == "random":
-            out[m.name] = random_scores(layers, 0 if seed is None else seed)
+        if m.from_seed is not None:
+            out[m.name] = m.from_seed(layers, seed)
         elif m.from_weights is not None:
             out[m.name] = [m.from_weights(layer) for layer in layers]
         elif m.from_stats is not None:
             out[m.name] = [m.from_stats(st) for st in stats]
-        elif m.grain == "atom":
-            out[m.name] = [atom_scores(m.name, layer, st) for layer, st in zip(layers, atom_st)]
-        elif m.name == "wanda":
-            out[m.name] = {n: weight_scores.wanda(params[n], v) for n, v in norms.result().items()}
-        else:  # magnitude
+        elif m.from_atoms is not None:
+            out[m.name] = [m.from_atoms(layer, st) for layer, st in zip(layers, atom_st)]
+        elif m.from_norms is not None:
+            out[m.name] = {n: m.from_norms(params[n], v) for n, v in norms.result().items()}
+        else:
             from ..models.prunable import prunable_names
 
-            out[m.name] = {n: weight_scores.magnitude(params[n]) for n in prunable_names(model)}
+            out[m.name] = {n: m.from_weight(params[n]) for n in prunable_names(model)}
     if stats is not None:
         check_tokens([st.n_tokens for st in stats], [layer.index for layer in layers])
     return check_scores(out, [layer.index for layer in layers])

@@ -21,9 +21,6 @@ from ..models import MoELayer
 from ..observe.collectors import AtomLayerStats, AtomStats
 from ..observe.runner import run
 
-ATOM_METHODS = ("heapr", "heapr-token", "atom-magnitude", "atom-act")
-
-
 def collect_atom_stats(model: nn.Module, layers: list[MoELayer], calib: torch.Tensor, batch_size: int = 4,
                        backward: bool = True, progress: bool = True, device=None) -> list[AtomLayerStats]:
     """One forward (+ backward with the summed LM loss) pass over calib [N, L]. Parameters are not updated
@@ -38,21 +35,32 @@ def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1)[:, None]
 
 
-def atom_scores(method: str, layer: MoELayer, st: AtomLayerStats | None) -> torch.Tensor:
-    """[E, I] scores of one layer (higher = keep). Experts with no routed tokens score −1."""
-    if method == "atom-magnitude":
-        with torch.no_grad():
-            I = layer.intermediate_size
-            gu = layer.experts.gate_up_proj.double()  # [E, 2I, H]
-            sq = gu[:, :I].pow(2).sum(-1) + gu[:, I:].pow(2).sum(-1) + layer.experts.down_proj.double().pow(2).sum(1)
-        return sq.sqrt().cpu()
-    if method == "heapr":
-        s = _mean(st.h2, st.count) * _mean(st.g2, st.count)
-    elif method == "heapr-token":
-        s = _mean(st.hg2, st.count)
-    elif method == "atom-act":
-        with torch.no_grad():
-            s = _mean(st.h2, st.count) * layer.experts.down_proj.double().pow(2).sum(1).cpu()  # ‖down[:, k]‖²
-    else:
-        raise ValueError(method)
+def _unrouted(s: torch.Tensor, st: AtomLayerStats) -> torch.Tensor:
+    """Experts that no calibration token reached score −1 (pruned first)."""
     return torch.where(st.count[:, None] > 0, s, torch.full_like(s, -1.0))
+
+
+def heapr(layer: MoELayer, st: AtomLayerStats) -> torch.Tensor:
+    """HEAPr: E[h²]·E[(∂L/∂h)²] per atom, [E, I] (higher = keep)."""
+    return _unrouted(_mean(st.h2, st.count) * _mean(st.g2, st.count), st)
+
+
+def heapr_token(layer: MoELayer, st: AtomLayerStats) -> torch.Tensor:
+    """HEAPr's per-token variant: E[h²·(∂L/∂h)²], [E, I]."""
+    return _unrouted(_mean(st.hg2, st.count), st)
+
+
+def atom_act(layer: MoELayer, st: AtomLayerStats) -> torch.Tensor:
+    """Baseline: E[h²]·‖down[:, k]‖², [E, I]."""
+    with torch.no_grad():
+        s = _mean(st.h2, st.count) * layer.experts.down_proj.double().pow(2).sum(1).cpu()  # ‖down[:, k]‖²
+    return _unrouted(s, st)
+
+
+def atom_magnitude(layer: MoELayer, st: AtomLayerStats | None = None) -> torch.Tensor:
+    """Baseline from weights alone: ‖[gate[k], up[k], down[:, k]]‖₂, [E, I]."""
+    with torch.no_grad():
+        I = layer.intermediate_size
+        gu = layer.experts.gate_up_proj.double()  # [E, 2I, H]
+        sq = gu[:, :I].pow(2).sum(-1) + gu[:, I:].pow(2).sum(-1) + layer.experts.down_proj.double().pow(2).sum(1)
+    return sq.sqrt().cpu()

@@ -20,7 +20,6 @@ from ..observe.collectors import AtomStats, ExpertStats, InputNorms
 from ..observe.layerwise import LayerwiseCheckpoint
 from ..observe.sequential import SweepInfo, WorkDir, all_cat, all_sum, sweep
 from . import get_method
-from .heapr import atom_scores
 
 
 @dataclass
@@ -55,12 +54,12 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
     adapter = adapter_for(model)
     layers = adapter.moe_layers()
     by_index = {layer.index: layer for layer in layers}
-    expert_m = [m for m in methods if m.grain == "expert"]
-    atom_m = [m for m in methods if m.grain == "atom"]
-    wanda = any(m.name == "wanda" for m in methods)
+    expert_m = [m for m in methods if m.from_stats is not None]
+    atom_m = [m for m in methods if m.from_atoms is not None]
+    wanda = any(m.from_norms is not None for m in methods)
     if (expert_m or atom_m) and not layers:
         raise MumoeError(f"{model.config.model_type} has no routed experts; {methods[0].name} needs an MoE model")
-    backward = any(m.name in ("heapr", "heapr-token") for m in atom_m)
+    backward = any(m.needs_backward for m in atom_m)
     experts = ExpertStats(layers, any(m.needs_expert_outputs for m in expert_m),
                           n_groups=1 if groups is None else int(groups.max()) + 1) if expert_m else None
     atoms = AtomStats(layers, backward=backward) if atom_m else None
@@ -79,17 +78,15 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
         if norms is not None:
             norms.reduce(layer_names[j], all_sum)
             out["norms"] = {k: v.cpu() for k, v in norms.result(layer_names[j]).items()}
-        if order == "progressive" and select is not None:
-            m = methods[0]
-            if m.grain == "expert" and j in by_index:
-                out["keep"] = select(by_index[j], out["scores"][m.name])
+        if order == "progressive" and select is not None and j in by_index and methods[0] in expert_m:
+            out["keep"] = select(by_index[j], out["scores"][methods[0].name])
         return out or None
 
     def atom_layer(j: int) -> dict:
         layer = by_index[j]
         atoms.reduce(layer, all_sum)
         st = atoms.stats[j].to("cpu")
-        res = {m.name: atom_scores(m.name, layer, st) for m in atom_m}
+        res = {m.name: m.from_atoms(layer, st) for m in atom_m}
         del atoms.stats[j]
         return res
 
@@ -112,9 +109,9 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
                  attention_mask=attention_mask)
     out = LayerwiseScores(layer_index=[layer.index for layer in layers], info=info)
     for m in methods:
-        if m.grain == "weight":
+        if m not in expert_m and m not in atom_m:  # weight scores: made from the norms at export
             continue
-        key = (lambda j: ("bwd", j)) if m.grain == "atom" and backward else (lambda j: j)
+        key = (lambda j: ("bwd", j)) if m in atom_m and backward else (lambda j: j)
         out.scores[m.name] = [results[key(layer.index)]["scores"][m.name] for layer in layers]
     for j, res in results.items():
         if isinstance(j, int) and "keep" in res:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..criteria import get_method
 from ..errors import MumoeError
+from ..grains import GRAINS, get_grain
 from ..recipe import Recipe
 from ..progress import bar
 from .perplexity import perplexity_of_windows
@@ -34,19 +35,21 @@ def check_recipes(recipes: list[Recipe]) -> None:
     if not recipes:
         raise MumoeError("compare needs at least one method")
     for r in recipes:
-        if r.grain == "weight":
-            raise MumoeError(f"compare scores expert and atom methods; {r.method!r} is weight-grain (use mumoe prune "
-                             "or mumoe eval --testtime)")
-        if r.grain == "expert" and r.expert.order != "one-shot":
+        grain = get_grain(r.grain)
+        if not grain.shares_pass:
+            raise MumoeError(f"compare scores {' and '.join(n for n, g in GRAINS.items() if g.shares_pass)} methods; "
+                             f"{r.method!r} is {r.grain}-grain (use mumoe prune or mumoe eval --testtime)")
+        if grain.order(r.part) != "one-shot":
             raise MumoeError("compare scores every method from one pass: the scoring order is one-shot")
+        if r.later:
+            raise MumoeError("compare runs one-stage recipes (a later stage scores on the earlier stages' model)")
     calibs = {(c.sources, c.nsamples, c.seqlen, c.seed) for c in (r.calib for r in recipes) if c.sources}
     if len(calibs) > 1:
         raise MumoeError("compare needs one calibration for every method")
 
 
 def label(recipe: Recipe) -> str:
-    extra = f" ({recipe.atom.form})" if recipe.grain == "atom" and recipe.atom.form != "uniform" else ""
-    return recipe.method + extra
+    return get_grain(recipe.grain).label(recipe)
 
 
 @torch.no_grad()
@@ -60,8 +63,8 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
             progress: bool = False, log=None, dense: bool = True) -> CompareResult:
     """Score every recipe's method in one pass over `wins`, apply each to a deep copy of `model` and evaluate
     the copy on `evals` (domain -> windows [N, L]; dense=False: no dense row). The model is left unchanged."""
-    from ..api import apply_recipe
     from ..criteria import score_methods
+    from ..drivers.memory import apply_stage
 
     check_recipes(recipes)
     cal = next((r.calib for r in recipes if r.calib.sources), recipes[0].calib)
@@ -77,9 +80,9 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
             log(f"  dense: {rows[-1]['ppl']}")
     for r in bar(recipes, desc="apply + evaluate", enabled=progress, unit="method"):
         pruned = copy.deepcopy(model)
-        report = apply_recipe(pruned, r, wins, groups, scores=scores[r.method])
+        report = apply_stage(pruned, r, wins, groups, scores=scores[r.method])
         row = {"method": label(r), "grain": r.grain, "ratio": r.ratio,
-               "calib": calib_label if get_method(r.method).needs_calib else "-", "kept": _kept_summary(report.layers, r.grain)}
+               "calib": calib_label if get_method(r.method).needs_calib else "-", "kept": get_grain(r.grain).summary(report.layers)}
         if evals:
             row["ppl"] = _evaluate(pruned, evals, eval_batch_size)
         rows.append(row)
@@ -88,15 +91,6 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
             log(f"  {row['method']} {r.ratio:.0%}: {row.get('ppl', row['kept'])}")
         del pruned
     return CompareResult(rows, scores, pass_seconds, reports)
-
-
-def _kept_summary(layers: list[dict], grain: str) -> str:
-    if grain == "expert":
-        counts = sorted({len(e["kept"]) for e in layers})
-        return f"{'/'.join(map(str, counts))} of {layers[0]['num_experts']} experts per layer"
-    widths = [len(x["kept"]) for e in layers for x in e["experts"]]
-    total = sum(e["intermediate_size"] * e["num_experts"] for e in layers)
-    return f"{sum(widths):,} of {total:,} atoms (per expert {min(widths)}..{max(widths)})"
 
 
 def markdown(result: CompareResult) -> str:

@@ -16,7 +16,7 @@ from ..models import moe_adapter_for
 from ..observe import tokenize, windows
 from ..recipe import Recipe
 from ..progress import bar
-from .compare import compare
+from .compare import compare, label
 from .perplexity import perplexity_of_windows
 from .report import markdown_table, write_report
 
@@ -57,7 +57,7 @@ def run_demo(out: str | Path = "mumoe-demo", eval_windows: int = 8, calib_window
                 for ratio in ATOM_RATIOS]
     res = compare(model, recipes, calib, None, evals, dense=False, progress=True)
     for row, r in zip(res.rows, recipes):
-        rows.append({"method": "heapr (global)" if r.method == "heapr" else r.method, "grain": r.grain,
+        rows.append({"method": label(r), "grain": r.grain,
                      "ratio": r.ratio, "ppl": row["ppl"]})
     timings[f"{len(recipes)} pruned models: expert criteria at {'/'.join(f'{x:.0%}' for x in EXPERT_RATIOS)} of "
             f"experts, HEAPr at {'/'.join(f'{x:.0%}' for x in ATOM_RATIOS)} of atoms (one calibration pass)"] = (

@@ -90,6 +90,7 @@ class LayerwiseCheckpoint:
             p.requires_grad_(False)
         self._rebuild_rotary()
         has_bs = any(".block_sparse_moe." in n for n, _ in self.model.named_parameters())
+        self.block_sparse = has_bs  # the model names its MoE blocks block_sparse_moe (checkpoint keys map as they are)
         self.sources: dict[str, list[Source]] = defaultdict(list)
         for file in shard_files(self.path):
             for key, meta in read_header(file).items():

@@ -1,0 +1,75 @@
+"""The files driver: calibration-free scores read straight from a checkpoint's safetensors files (the model is
+never loaded) and the pruned checkpoint written shard by shard. For methods with a `from_files` scorer (AIMER),
+one stage, one-shot, a selection that leaves a standard HF model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+from ..apply.report import PruneReport
+from ..criteria import get_method
+from ..criteria.layerwise import LayerwiseScores
+from ..errors import MumoeError
+from ..grains import get_grain
+from .record import finish, stage_report
+
+
+def runs_from_files(recipe) -> bool:
+    """Whether the files driver can run `recipe`."""
+    stage = recipe.stages[0]
+    grain = get_grain(stage.grain)
+    return (len(recipe.stages) == 1 and get_method(stage.method).from_files is not None
+            and grain.order(stage.part) == "one-shot" and grain.leaves_hf(stage.part))
+
+
+def _config_field(cfg: dict, keys: tuple[str, ...]):
+    for c in (cfg, cfg.get("text_config") or {}):
+        for key in keys:
+            if c.get(key) is not None:
+                return c[key]
+    return None
+
+
+def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = False, progress: bool = True,
+                verbose: bool = False, say: Callable[[str], None] | None = None) -> PruneReport:
+    """Score `recipe`'s method from the files at `path`, select, and write the pruned checkpoint to `out`."""
+    from ..apply.export import check_output_dir
+    from ..apply.stream import write_streamed
+    from ..checkpoint import check_files
+    from ..files import read_json
+    from ..models.base import EXPERT_COUNT_KEYS, TOP_K_KEYS
+    from ..observe.layerwise import LayerwiseCheckpoint
+
+    if not runs_from_files(recipe):
+        raise MumoeError(f"{recipe.describe()} cannot run from the checkpoint files alone; load the model "
+                         "(mumoe.prune on a loaded model, or the layer-sequential driver)")
+    path = Path(path)
+    check_output_dir(out, overwrite, source=path)
+    cfg = read_json(path / "config.json", "the model config")
+    check_files(path)
+    ckpt = LayerwiseCheckpoint(path)  # every tensor the model needs is in the files, with its shape (headers only)
+    top_k = _config_field(cfg, TOP_K_KEYS)
+    if top_k is None or _config_field(cfg, EXPERT_COUNT_KEYS) is None:
+        raise MumoeError(f"{path}: config has no routed experts; expert pruning needs an MoE checkpoint")
+    n_group, topk_group = _config_field(cfg, ("n_group",)), _config_field(cfg, ("topk_group",))
+    m = get_method(recipe.method)
+    t0 = time.perf_counter()
+    scores = m.from_files(path, progress)  # decoder layer -> [E]
+    t_score = time.perf_counter() - t0
+    layers = [SimpleNamespace(index=j, num_experts=len(s), top_k=int(top_k), n_group=n_group, topk_group=topk_group)
+              for j, s in scores.items()]
+    res = LayerwiseScores(scores={m.name: list(scores.values())}, layer_index=list(scores))
+    grain = get_grain(recipe.grain)
+    plan = grain.plan_layerwise(recipe, layers, res)
+    report = finish(stage_report(recipe, plan), recipe, {},
+                    {"source": str(path), "model_type": cfg.get("model_type")})
+    if verbose:
+        for line in grain.layer_lines(report.layers):
+            print(line)
+        print(f"  scored {len(scores)} layers from the checkpoint files in {t_score:.2f}s (model not loaded)")
+    transform, changes = grain.transform(plan, ckpt, recipe)
+    write_streamed(path, out, report, transform, changes, overwrite, progress)
+    return report

@@ -1,0 +1,219 @@
+"""The atom grain: single neurons of routed experts (HEAPr's atomic experts) removed.
+
+Forms: uniform (every expert keeps its best (1 − ratio)·I atoms, rounded to a multiple of `width_multiple`; a
+standard HF model with a narrower expert width) or global (the lowest `ratio` of all atoms go, ranked over all
+layers — scope global, HEAPr — or per layer; widths differ per expert: removed atoms are zeroed in memory and
+the export, mumoe's own form, stores only the kept ones).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import MumoeError
+from .base import Grain, Plan
+
+FORMS = ("uniform", "global")
+SCOPES = ("global", "layer")
+
+
+@dataclass(frozen=True)
+class AtomPart:
+    form: str = "uniform"  # uniform: one width for every expert (HF loadable); global: HEAPr's ranking
+    scope: str = "global"  # global form: rank over all layers (HEAPr) or per layer
+    # uniform form: kept widths are multiples of this (GPU kernels tile by 64/128; llama.cpp's k-quants need
+    # 256 for the down projection's rows); recipes written before it existed used 8
+    width_multiple: int = 64
+
+
+@dataclass(frozen=True)
+class AtomPlan(Plan):
+    """Kept atoms of every routed expert: decoder-layer index -> one sorted index tensor per expert ([k_e]);
+    the uniform form keeps the same count k in every expert. widths: each layer's expert width before."""
+
+    uniform: bool
+    keep: dict[int, tuple[torch.Tensor, ...]]
+    widths: dict[int, int]
+
+    def export_form(self) -> str:
+        return "hf" if self.uniform else "mumoe-atoms"
+
+    def stacked(self) -> dict[int, torch.Tensor]:
+        """The uniform form's keep sets as one [E, k] tensor per layer."""
+        return {j: torch.stack(list(k)) for j, k in self.keep.items()}
+
+
+def make_plan(recipe, layers, scores) -> AtomPlan:
+    """Keep sets chosen from `scores` (one [E, I] per MoE layer) in the recipe's form."""
+    from ..select.atoms import keep_global_atoms, keep_uniform_atoms
+
+    part = recipe.atom
+    widths = {layer.index: layer.intermediate_size for layer in layers}
+    if part.form == "uniform":
+        keeps = [keep_uniform_atoms(s, recipe.ratio, part.width_multiple) for s in scores]
+        keep = {layer.index: tuple(k[e].long() for e in range(k.shape[0])) for layer, k in zip(layers, keeps)}
+    else:
+        masks = keep_global_atoms(scores, recipe.ratio, part.scope)
+        keep = {layer.index: tuple(torch.nonzero(mk[e]).flatten() for e in range(mk.shape[0]))
+                for layer, mk in zip(layers, masks)}
+    return AtomPlan(uniform=part.form == "uniform", keep=keep, widths=widths)
+
+
+def apply_plan(model: nn.Module, plan: AtomPlan) -> None:
+    """Slice (uniform form: the expert width changes in the config too) or zero (global form) the atoms."""
+    from ..apply.atoms import mask_atoms, slice_atoms_uniform
+    from ..models import moe_adapter_for
+
+    adapter = moe_adapter_for(model)
+    for layer in adapter.moe_layers():
+        if layer.index not in plan.keep:
+            continue
+        keep = plan.keep[layer.index]
+        if plan.uniform:
+            slice_atoms_uniform(layer, torch.stack(list(keep)))
+        else:
+            mask = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
+            for e, k in enumerate(keep):
+                mask[e, k] = True
+            mask_atoms(layer, mask)
+    if plan.uniform:
+        adapter.set_expert_width(len(next(iter(plan.keep.values()))[0]))
+
+
+class AtomGrain(Grain):
+    name: ClassVar[str] = "atom"
+    part: ClassVar[type] = AtomPart
+    flags: ClassVar[tuple[str, ...]] = ("form", "scope", "width_multiple")
+    batch_size: ClassVar[int] = 4
+
+    def part_from_dict(self, d: dict) -> AtomPart:
+        return AtomPart(**{"width_multiple": 8, **d})  # what a recipe without the field ran with
+
+    def check(self, recipe) -> AtomPart:
+        part = recipe.atom
+        wm = part.width_multiple
+        if not isinstance(wm, int) or isinstance(wm, bool) or wm < 1:
+            raise MumoeError(f"width_multiple must be a positive integer, got {wm!r}")
+        if part.form not in FORMS:
+            raise MumoeError(f"unknown form {part.form!r}; use uniform or global")
+        if part.scope not in SCOPES:
+            raise MumoeError(f"unknown scope {part.scope!r}; use global or layer")
+        return part
+
+    def leaves_hf(self, part) -> bool:
+        return part.form == "uniform"
+
+    def describe(self, recipe) -> str:
+        a = recipe.atom
+        what = f"atoms ({a.form} form)" + ("" if a.form == "uniform" else " ranked over all layers"
+                                           if a.scope == "global" else " ranked per layer")
+        return f"{recipe.ratio:.0%} of {what} with {recipe.method}"
+
+    def label(self, recipe) -> str:
+        return recipe.method + ("" if recipe.atom.form == "uniform" else f" ({recipe.atom.form})")
+
+    def check_config(self, recipe, config) -> None:
+        from ..select.atoms import uniform_width
+
+        if recipe.atom.form != "uniform":
+            return
+        width = expert_width(config)
+        if not width:
+            return
+        ratio, multiple = recipe.ratio, recipe.atom.width_multiple
+        step = multiple if width >= multiple else 1
+        if round((1 - ratio) * width / step) == 0:
+            kept = uniform_width(width, ratio, multiple)
+            raise MumoeError(f"--ratio {ratio:g} would keep {(1 - ratio) * width:.1f} of {width} atoms per expert; "
+                             f"the uniform form keeps a multiple of {step} (at most {1 - kept / width:.1%} removed): "
+                             "lower --ratio, a smaller --width-multiple, or --form global")
+        if ratio > 0 and uniform_width(width, ratio, multiple) == width:
+            raise MumoeError(f"--ratio {ratio:g} removes nothing from experts {width} wide when widths are multiples "
+                             f"of {step}: raise --ratio or lower --width-multiple")
+
+    def notes(self, recipe, config) -> list[str]:
+        from ..criteria import get_method
+        from ..select.atoms import uniform_width
+
+        out = []
+        note = get_method(recipe.method).notes.get(recipe.atom.form)
+        if note:
+            out.append(f"  {recipe.method}: {note}")
+        width = expert_width(config) if config is not None and recipe.atom.form == "uniform" else None
+        if width:
+            kept = uniform_width(width, recipe.ratio, recipe.atom.width_multiple)
+            real = 1 - kept / width
+            if abs(real - recipe.ratio) >= 5e-4:
+                out.append(f"  uniform widths are multiples of {recipe.atom.width_multiple}: {kept} of {width} atoms "
+                           f"kept per expert, {real:.1%} removed (--ratio {recipe.ratio:g})")
+        return out
+
+    # -- a loaded model -------------------------------------------------------------------------------------
+    def prune(self, model: nn.Module, recipe, wins, groups, verbose: bool, scores=None) -> AtomPlan:
+        from ..criteria import score_methods
+        from ..models import moe_adapter_for
+
+        layers = moe_adapter_for(model).moe_layers()
+        t0 = time.perf_counter()
+        if scores is None:
+            scores = score_methods(model, [recipe.method], wins, None, recipe.calib.seed, recipe.calib.batch_size,
+                                   verbose, layers=layers)[recipe.method]  # [E, I] each
+        plan = make_plan(recipe, layers, scores)
+        apply_plan(model, plan)
+        if verbose:
+            for e in self.entries(plan):
+                widths = [len(x["kept"]) for x in e["experts"]]
+                print(f"  layer {e['layer']:3d}: kept atoms per expert {min(widths)}..{max(widths)} of "
+                      f"{e['intermediate_size']} (total {sum(widths)}/{e['intermediate_size'] * len(widths)})")
+            print(f"  scored and applied in {time.perf_counter() - t0:.2f}s")
+        return plan
+
+    # -- a checkpoint, layer by layer -------------------------------------------------------------------------
+    def plan_layerwise(self, recipe, layers: list, res) -> AtomPlan:
+        return make_plan(recipe, layers, res.scores[recipe.method])
+
+    def transform(self, plan: AtomPlan, ckpt, recipe):
+        from ..apply.stream import atom_ragged_transform, atom_transform
+        from ..models import adapter_for
+
+        if plan.uniform:
+            keep = plan.stacked()
+            width = next(iter(keep.values())).shape[-1]
+            return atom_transform(keep), {adapter_for(ckpt.model).expert_width_key: width}
+        return atom_ragged_transform({j: list(k) for j, k in plan.keep.items()}), {}
+
+    # -- the record -----------------------------------------------------------------------------------------
+    def entries(self, plan: AtomPlan) -> list[dict]:
+        out = []
+        for j, keep in plan.keep.items():
+            e = {"layer": j, "num_experts": len(keep), "intermediate_size": plan.widths[j]}
+            if plan.uniform:
+                e["kept_width"] = len(keep[0])
+            e["experts"] = [{"expert": i, "kept": k.tolist()} for i, k in enumerate(keep)]
+            out.append(e)
+        return out
+
+    def report_fields(self, recipe, plan: AtomPlan) -> dict:
+        a = recipe.atom
+        return {"budget": a.form + ("" if a.form == "uniform" else f"/{a.scope}"),
+                "model": {"num_experts": len(next(iter(plan.keep.values())))}}
+
+    def summary(self, entries: list[dict]) -> str:
+        widths = [len(x["kept"]) for e in entries for x in e["experts"]]
+        total = sum(e["intermediate_size"] * e["num_experts"] for e in entries)
+        return f"{sum(widths):,} of {total:,} atoms (per expert {min(widths)}..{max(widths)})"
+
+
+def expert_width(config) -> int | None:
+    """The routed experts' intermediate width from a config (None when it has none)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("moe_intermediate_size", "intermediate_size"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None

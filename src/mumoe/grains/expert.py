@@ -1,0 +1,209 @@
+"""The expert grain: whole routed experts removed (router rows, fused expert tensors, biases sliced together).
+
+Budgets: uniform (round(ratio·E) per layer; the form HF configs express) or global (one normalised ranking over
+all layers, each layer keeping at least top_k; per-layer counts differ, mumoe's own export form). Scoring order:
+one-shot (every layer scored on the unpruned model) or progressive (layer ℓ scored on the pruned layers < ℓ).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import MumoeError
+from .base import Grain, LayerwiseHooks, Plan
+
+BUDGETS = ("uniform", "global")
+ORDERS = ("one-shot", "progressive")
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    budget: str = "uniform"  # uniform: round(ratio·E) per layer; global: one normalized ranking, floor top_k
+    order: str = "one-shot"  # one-shot: every layer on the unpruned model; progressive: on the pruned earlier layers
+
+
+@dataclass(frozen=True)
+class ExpertPlan(Plan):
+    """Kept experts per MoE layer (decoder-layer index -> sorted expert indices of the model it was chosen on),
+    each layer's expert count before, and the scores the choice was made from."""
+
+    keep: dict[int, tuple[int, ...]]
+    num_experts: dict[int, int]
+    scores: dict[int, tuple[float, ...]]
+
+    def export_form(self) -> str:
+        return "hf" if len({len(k) for k in self.keep.values()}) <= 1 else "mumoe"
+
+    def kept(self) -> dict[int, list[int]]:
+        return {j: list(k) for j, k in self.keep.items()}
+
+
+def select_experts(layers, scores, ratio: float, budget: str, prune_highest: bool) -> dict[int, list[int]]:
+    """Keep sets per decoder-layer index under the budget."""
+    from ..select import keep_global, keep_uniform
+
+    if budget == "global":
+        kept = keep_global(scores, ratio, [layer.top_k for layer in layers], prune_highest)
+        return {layer.index: k for layer, k in zip(layers, kept)}
+    return {layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group, prune_highest)
+            for layer, s in zip(layers, scores)}
+
+
+def make_plan(layers, scores, keep: dict[int, list[int]]) -> ExpertPlan:
+    return ExpertPlan(keep={layer.index: tuple(keep[layer.index]) for layer in layers},
+                      num_experts={layer.index: len(s) for layer, s in zip(layers, scores)},
+                      scores={layer.index: tuple(float(v) for v in s) for layer, s in zip(layers, scores)})
+
+
+def layer_summary(entry: dict) -> str:
+    """One line per layer: kept count and the dropped experts."""
+    dropped = sorted(set(range(entry["num_experts"])) - set(entry["kept"]))
+    shown = ", ".join(map(str, dropped[:12])) + (", ..." if len(dropped) > 12 else "")
+    return f"  layer {entry['layer']:3d}: kept {len(entry['kept'])}/{entry['num_experts']}  dropped [{shown}]"
+
+
+def _group_limited(layers) -> bool:
+    return any(layer.n_group and layer.n_group > 1 for layer in layers)
+
+
+class ExpertGrain(Grain):
+    name: ClassVar[str] = "expert"
+    part: ClassVar[type] = ExpertPart
+    flags: ClassVar[tuple[str, ...]] = ("budget", "order")
+
+    def check(self, recipe) -> ExpertPart:
+        from ..criteria import get_method
+
+        part, m = recipe.expert, get_method(recipe.method)
+        if part.budget not in BUDGETS:
+            raise MumoeError(f"unknown budget {part.budget!r}; available: {', '.join(BUDGETS)}")
+        if part.order not in ORDERS:
+            raise MumoeError(f"unknown scoring order {part.order!r}; available: {', '.join(ORDERS)}")
+        if not m.may_progress and part.order != "one-shot":  # data-free scores do not depend on earlier layers
+            part = replace(part, order="one-shot")
+        if part.order == "progressive" and part.budget != "uniform":
+            raise MumoeError("progressive scoring needs the uniform budget")
+        return part
+
+    def order(self, part) -> str:
+        return part.order
+
+    def leaves_hf(self, part) -> bool:
+        return part.budget == "uniform"
+
+    def describe(self, recipe) -> str:
+        return (f"{recipe.ratio:.0%} of experts (budget {recipe.expert.budget}, scoring {recipe.expert.order}) "
+                f"with {recipe.method}")
+
+    def check_config(self, recipe, config) -> None:
+        from ..models.base import config_experts
+
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        E, k = config_experts(config)
+        if E is not None and recipe.ratio > 0:
+            layers = getattr(cfg, "num_hidden_layers", None) if recipe.expert.budget == "global" else 1
+            pool = E * (layers if isinstance(layers, int) and not isinstance(layers, bool) else 1)
+            if round(recipe.ratio * pool) == 0:  # the global budget ranks every layer's experts at once
+                raise MumoeError(f"--ratio {recipe.ratio:g} removes nothing: round({recipe.ratio:g} x {pool} experts) "
+                                 f"= 0{'' if pool == E else ' over all layers'}; the smallest ratio that removes one "
+                                 f"is {1 / pool:.3g}")
+        if recipe.expert.budget == "uniform" and E is not None and k is not None and E - round(recipe.ratio * E) < k:
+            raise MumoeError(f"ratio {recipe.ratio} keeps {E - round(recipe.ratio * E)} of {E} experts, fewer than "
+                             f"top_k={k}")
+
+    # -- a loaded model -------------------------------------------------------------------------------------
+    def prune(self, model: nn.Module, recipe, wins, groups, verbose: bool, scores=None) -> ExpertPlan:
+        from ..apply.experts import remove_experts
+        from ..criteria import get_method, score_methods
+        from ..models import moe_adapter_for
+
+        m = get_method(recipe.method)
+        budget, order = recipe.expert.budget, recipe.expert.order
+        layers = moe_adapter_for(model).moe_layers()
+        if budget == "global" and _group_limited(layers):
+            raise MumoeError("global budgets are not available for group-limited routers; use --budget uniform")
+        seed, bs = recipe.calib.seed, recipe.calib.batch_size
+        t0 = time.perf_counter()
+        if scores is not None:
+            if order != "one-shot":
+                raise MumoeError("precomputed scores are one-shot; progressive scoring needs its own passes")
+        elif order == "progressive":
+            scores, keep = [], {}
+            for layer in layers:  # score this layer on the model whose earlier layers are already sliced
+                s = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=[layer])[m.name][0]
+                scores.append(s)
+                keep.update(select_experts([layer], [s], recipe.ratio, budget, m.prune_highest))
+                remove_experts(model, {layer.index: keep[layer.index]})
+        else:
+            scores = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=layers)[m.name]
+        if order != "progressive":
+            keep = select_experts(layers, scores, recipe.ratio, budget, m.prune_highest)
+            remove_experts(model, keep)
+        plan = make_plan(layers, scores, keep)
+        if verbose:
+            for entry in self.entries(plan):
+                print(layer_summary(entry))
+            print(f"  scored and sliced in {time.perf_counter() - t0:.2f}s" + (
+                "" if plan.export_form() == "hf" else "; per-layer expert counts differ: an HF config cannot hold "
+                "them, so the export is in mumoe's own form (load it with mumoe.load)"))
+        return plan
+
+    # -- a checkpoint, layer by layer -------------------------------------------------------------------------
+    def check_layerwise(self, recipe, layers) -> None:
+        if recipe.expert.budget == "global" and _group_limited(layers):
+            raise MumoeError("global budgets are not available for group-limited routers; use --budget uniform")
+
+    def hooks(self, recipe, ckpt, layers: dict) -> LayerwiseHooks:
+        from ..apply.experts import slice_layer
+        from ..criteria import get_method
+
+        m = get_method(recipe.method)
+
+        def select(layer, s):
+            return select_experts([layer], [s], recipe.ratio, recipe.expert.budget, m.prune_highest)[layer.index]
+
+        def prune_layer(j: int, module, res: dict) -> bool:
+            if j not in layers:
+                return False
+            slice_layer(layers[j], res["keep"], inplace=True)
+            return True
+
+        return LayerwiseHooks(select, prune_layer)
+
+    def plan_layerwise(self, recipe, layers: list, res) -> ExpertPlan:
+        from ..criteria import get_method
+
+        m = get_method(recipe.method)
+        scores = res.scores[m.name]
+        keep = res.keep if recipe.expert.order == "progressive" else select_experts(
+            layers, scores, recipe.ratio, recipe.expert.budget, m.prune_highest)
+        return make_plan(layers, scores, keep)
+
+    def transform(self, plan: ExpertPlan, ckpt, recipe):
+        from ..apply.stream import expert_transform
+        from ..models.base import EXPERT_COUNT_KEYS
+
+        counts = {len(v) for v in plan.keep.values()}
+        changes = dict.fromkeys(EXPERT_COUNT_KEYS, counts.pop()) if plan.export_form() == "hf" else {}
+        return expert_transform(plan.kept()), changes
+
+    # -- the record -----------------------------------------------------------------------------------------
+    def entries(self, plan: ExpertPlan) -> list[dict]:
+        return [{"layer": j, "num_experts": plan.num_experts[j], "kept": list(plan.keep[j]),
+                 "scores": list(plan.scores[j])} for j in plan.keep]
+
+    def report_fields(self, recipe, plan: ExpertPlan) -> dict:
+        return {"budget": recipe.expert.budget, "scoring_order": recipe.expert.order,
+                "model": {"num_experts": next(iter(plan.num_experts.values()))}}
+
+    def summary(self, entries: list[dict]) -> str:
+        counts = sorted({len(e["kept"]) for e in entries})
+        return f"{'/'.join(map(str, counts))} of {entries[0]['num_experts']} experts per layer"
+
+    def layer_lines(self, entries: list[dict]) -> list[str]:
+        return [layer_summary(e) for e in entries]

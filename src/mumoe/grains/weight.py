@@ -1,0 +1,216 @@
+"""The weight grain: single weights of every decoder linear and routed expert set to zero (Wanda, magnitude).
+
+Structures: row (each output row keeps its best (1 − ratio) weights), N:M (N of every M consecutive inputs), and
+column (whole input columns, compacted for decoding). Embeddings, lm_head and routers are never pruned.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import MumoeError
+from .base import Grain, LayerwiseHooks, Plan
+
+ORDERS = ("one-shot", "progressive")
+_LAYER = re.compile(r"\.layers\.(?P<layer>\d+)\.")
+
+
+@dataclass(frozen=True)
+class WeightPart:
+    structure: str = "row"  # row | N:M | column
+    order: str = "one-shot"  # Wanda: one-shot (every layer on the dense model) or progressive (the Wanda authors'
+    #                          order: layer ℓ calibrated on the already-pruned layers < ℓ; layer-sequential only)
+
+
+@dataclass(frozen=True)
+class WeightPlan(Plan):
+    """Which weights stay: in memory, a keep mask per parameter (`masks`); from a layer-sequential sweep, the
+    calibration's input norms per parameter (`norms`), from which the export makes each layer's masks while it
+    holds that layer (the masks of a whole model need not fit in memory)."""
+
+    structure: str
+    active: float  # the fraction of weights kept
+    masks: dict[str, torch.Tensor] | None = None
+    norms: dict[str, torch.Tensor] | None = None
+
+    def params(self) -> list[str]:
+        return list(self.masks) if self.masks is not None else sorted(self.norms)
+
+
+class WeightGrain(Grain):
+    name: ClassVar[str] = "weight"
+    part: ClassVar[type] = WeightPart
+    flags: ClassVar[tuple[str, ...]] = ("structure", "order")
+    needs_experts: ClassVar[bool] = False
+    shares_pass: ClassVar[bool] = False  # scored and masked in one step
+
+    def check(self, recipe) -> WeightPart:
+        from ..criteria import get_method, methods_of
+        from ..select.weights import parse_structure
+
+        part, m = recipe.weight, get_method(recipe.method)
+        nm = parse_structure(part.structure)
+        if part.order not in ORDERS:
+            raise MumoeError(f"unknown scoring order {part.order!r}; available: {', '.join(ORDERS)}")
+        if not m.may_progress and part.order != "one-shot":
+            part = replace(part, order="one-shot")
+        if m.structures is not None and part.structure not in m.structures:
+            raise MumoeError(f"{m.name} pruning has one threshold per matrix; --structure applies to "
+                             f"{', '.join(n for n in methods_of(self.name) if get_method(n).structures is None)}")
+        if nm is not None and not math.isclose(recipe.ratio, 1 - nm[0] / nm[1], abs_tol=1e-9):
+            raise MumoeError(f"--structure {part.structure} removes {1 - nm[0] / nm[1]:.0%} of the weights, but "
+                             f"--ratio says {recipe.ratio:.0%}; pass --ratio {1 - nm[0] / nm[1]:g}")
+        return part
+
+    def order(self, part) -> str:
+        return part.order
+
+    def describe(self, recipe) -> str:
+        w = recipe.weight
+        return (f"{recipe.ratio:.0%} of weights ({w.structure}" + (", progressive order)" if w.order == "progressive"
+                                                                   else ")") + f" with {recipe.method}")
+
+    def check_config(self, recipe, config) -> None:
+        from ..select.weights import parse_structure
+
+        nm = parse_structure(recipe.weight.structure)
+        if nm is None:
+            return
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+        def get(key):
+            return getattr(cfg, key, None)
+
+        widths = {get(k) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size",
+                                    "shared_expert_intermediate_size", "ffn_dim")}
+        heads, head_dim = get("num_attention_heads"), get("head_dim")
+        if heads and head_dim:
+            widths.add(heads * head_dim)
+        bad = sorted(w for w in widths if isinstance(w, int) and not isinstance(w, bool) and w % nm[1])
+        if bad:
+            raise MumoeError(f"N:M structure {recipe.weight.structure} needs M={nm[1]} to divide every input "
+                             f"width; this model has width(s) {', '.join(map(str, bad))}")
+
+    # -- a loaded model -------------------------------------------------------------------------------------
+    def prune(self, model: nn.Module, recipe, wins, groups, verbose: bool, scores=None) -> WeightPlan:
+        """Wanda (|W|·‖X‖ from calibration windows; structures row, N:M, column) or magnitude (one threshold
+        per matrix) on every linear of the decoder layers and every routed expert (per expert, from its routed
+        tokens); embeddings, lm_head, routers untouched. ratio = sparsity."""
+        from ..apply.masking import apply_masks
+        from ..criteria import get_method
+        from ..models import adapter_for
+        from ..models.prunable import prunable_names
+        from ..observe.collectors import InputNorms
+        from ..observe.runner import run
+        from ..select.weights import magnitude_mask, masks_from_norms
+
+        if scores is not None:
+            raise MumoeError("weight-grain methods are scored and masked in one step; no precomputed scores")
+        adapter_for(model)
+        recipe.check_config(model.config)
+        if recipe.weight.order == "progressive":
+            raise MumoeError("Wanda's progressive order calibrates one layer at a time: it runs on the "
+                             "layer-sequential path (mumoe prune CHECKPOINT --layerwise)")
+        m = get_method(recipe.method)
+        ratio, structure = recipe.ratio, recipe.weight.structure
+        t0 = time.perf_counter()
+        if m.from_norms is not None:
+            bs = recipe.calib.batch_size
+            if verbose:  # a stage line each (bars only on a terminal): the pass takes seconds to minutes
+                print(f"  statistics: input norms of every prunable weight over {wins.shape[0]} windows "
+                      f"({-(-wins.shape[0] // bs)} forwards of {bs})", flush=True)
+            norms = run(model, wins, [InputNorms(model)], batch_size=bs, progress=verbose)[0].result()
+            if verbose:
+                print(f"  statistics done in {time.perf_counter() - t0:.1f}s; selecting {structure} masks", flush=True)
+            masks = masks_from_norms(model, norms, 1 - ratio, structure)
+        else:
+            params = dict(model.named_parameters())
+            masks = {n: magnitude_mask(params[n], ratio) for n in prunable_names(model)}
+        apply_masks(model, masks)
+        plan = WeightPlan(structure=structure, active=1 - ratio, masks=masks)
+        if verbose:
+            total = sum(x.numel() for x in masks.values())
+            kept = sum(int(x.sum()) for x in masks.values())
+            print(f"  {len(masks)} weight tensors, {kept:,}/{total:,} weights kept ({kept / total:.1%}) in "
+                  f"{time.perf_counter() - t0:.2f}s")
+        return plan
+
+    # -- a checkpoint, layer by layer -------------------------------------------------------------------------
+    def hooks(self, recipe, ckpt, layers: dict) -> LayerwiseHooks:
+        from ..apply.masking import apply_masks
+        from ..select.weights import masks_from_norms
+
+        def prune_layer(j: int, module, res: dict) -> bool:
+            params = dict(ckpt.model.named_parameters())
+            apply_masks(ckpt.model, masks_from_norms(ckpt.model, res["norms"], 1 - recipe.ratio,
+                                                     recipe.weight.structure, params=params))
+            return True
+
+        return LayerwiseHooks(prune_layer=prune_layer)
+
+    def plan_layerwise(self, recipe, layers: list, res) -> WeightPlan:
+        return WeightPlan(structure=recipe.weight.structure, active=1 - recipe.ratio, norms=dict(res.norms))
+
+    def transform(self, plan: WeightPlan, ckpt, recipe):
+        """Per source tensor: its decoder layer is materialised (once per run of consecutive keys), masked with
+        the masks made from the calibration norms, and the tensor cut back out in the source's layout and dtype."""
+        from ..apply.masking import apply_masks
+        from ..checkpoint import DTYPES
+        from ..observe.layerwise import _target
+        from ..select.weights import masks_from_norms
+
+        norms = plan.norms
+        current: dict = {"layer": None}
+        has_bs = ckpt.block_sparse
+        dtypes = {s.key: DTYPES[s.meta["dtype"]] for srcs in ckpt.sources.values() for s in srcs}  # source dtypes
+        names = ckpt.layer_names()
+
+        def load(j: int) -> dict:
+            if current["layer"] != j:
+                if current["layer"] is not None:
+                    ckpt.release(names[current["layer"]])
+                ckpt.materialise(names[j])
+                params = dict(ckpt.model.named_parameters())
+                mine = {k: v for k, v in norms.items() if k.startswith(names[j] + ".")}
+                apply_masks(ckpt.model, masks_from_norms(ckpt.model, mine, plan.active, plan.structure,
+                                                         params=params))
+                current.update(layer=j, params=params)
+            return current["params"]
+
+        def transform(key: str, read):
+            mm = _LAYER.search(key)
+            name, index = _target(key, has_bs)
+            if mm is None or name not in norms:  # not a Wanda-pruned weight: as it is
+                return [(key, read())]
+            t = load(int(mm["layer"]))[name]  # the masked weight; the source tensor itself is not read again
+            if len(index) == 1:
+                t = t[index[0]]
+            elif len(index) == 2:
+                half = t.shape[1] // 2
+                t = t[index[0], :half] if index[1] == "gate_proj" else t[index[0], half:]
+            return [(key, t.detach().to(device="cpu", dtype=dtypes[key]).clone())]
+
+        return transform, {}
+
+    # -- the record -----------------------------------------------------------------------------------------
+    def entries(self, plan: WeightPlan) -> list[dict]:
+        if plan.masks is None:
+            return [{"param": n, "active": None} for n in plan.params()]
+        return [{"param": n, "active": round(float(m.float().mean()), 6)} for n, m in plan.masks.items()]
+
+    def report_fields(self, recipe, plan: WeightPlan) -> dict:
+        fields = {"budget": recipe.weight.structure, "model": {"num_experts": None}}
+        if plan.norms is not None:  # the layer-sequential path records the order it ran in
+            fields["scoring_order"] = recipe.weight.order
+        return fields
+
+    def summary(self, entries: list[dict]) -> str:
+        return f"{len(entries)} weight tensors"
+
