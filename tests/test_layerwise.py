@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,6 +178,12 @@ def prune_cmd(src, out, *extra, method="reap"):
             "--layerwise", "on", "--out", str(out), *extra]
 
 
+def killed_after(stage, cmd):
+    """cmd (a `python -m mumoe ...` command) SIGKILLed right after the state `stage` is saved (tests/killed.py)."""
+    assert cmd[1:3] == ["-m", "mumoe"]
+    return [cmd[0], str(Path(__file__).parent / "killed.py"), stage, *cmd[3:]]
+
+
 def sh(cmd, env=None, timeout=300):
     """Run cmd in its own process group; on a timeout the whole group is killed (torchrun's ranks too)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -199,8 +206,7 @@ def kept_and_scores(folder):
                                           ("heapr", "forward:1")])
 def test_killed_and_resumed_equals_uninterrupted(checkpoint, tmp_path, method, stage):
     work, out = tmp_path / "work", tmp_path / "out"
-    r = sh(prune_cmd(checkpoint, out, "--work-dir", str(work), method=method),
-           env={"MUMOE_TEST_KILL_AFTER": stage})
+    r = sh(killed_after(stage, prune_cmd(checkpoint, out, "--work-dir", str(work), method=method)))
     assert r.returncode == -9, r.stderr[-2000:]  # SIGKILL, mid-run
     assert not out.exists() and (work / "state.pt").exists()
     r = sh(prune_cmd(checkpoint, out, "--work-dir", str(work), method=method))
@@ -233,8 +239,7 @@ def test_killed_then_checkpoint_replaced_starts_over(checkpoint, tmp_path, capsy
     """SIGKILL mid-run, the source files replaced, the same --work-dir: the run starts over on the new bytes
     (never "resumed"), and equals a plain run on the new checkpoint."""
     work, out = tmp_path / "work", tmp_path / "out"
-    r = sh(prune_cmd(checkpoint, out, "--work-dir", str(work), method="heapr"),
-           env={"MUMOE_TEST_KILL_AFTER": "backward:1"})
+    r = sh(killed_after("backward:1", prune_cmd(checkpoint, out, "--work-dir", str(work), method="heapr")))
     assert r.returncode == -9 and (work / "state.pt").exists(), r.stderr[-2000:]
     _replace_weights(checkpoint)
     rc, said = _main(prune_cmd(checkpoint, out, "--work-dir", str(work), method="heapr"), capsys)
@@ -275,7 +280,7 @@ def test_work_dir_only_what_mumoe_wrote_is_deleted(checkpoint, tmp_path, capsys)
     assert _main(prune_cmd(checkpoint, tmp_path / "o2", "--work-dir", str(nested)), capsys)[0] == 0
     assert not (tmp_path / "a").exists()
     work = tmp_path / "w"
-    r = sh(prune_cmd(checkpoint, tmp_path / "o3", "--work-dir", str(work)), env={"MUMOE_TEST_KILL_AFTER": "forward:0"})
+    r = sh(killed_after("forward:0", prune_cmd(checkpoint, tmp_path / "o3", "--work-dir", str(work))))
     assert r.returncode == -9
     (work / "notes.txt").write_text("mine")
     rc, said = _main(prune_cmd(checkpoint, tmp_path / "o3", "--work-dir", str(work)), capsys)

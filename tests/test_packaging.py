@@ -196,7 +196,7 @@ def test_write_tasks_for_plain_lm_eval(tmp_path, capsys):
 
 
 def test_trust_remote_code_flag_reaches_transformers(monkeypatch, tmp_path):
-    import mumoe.source as source
+    from mumoe.settings import SETTINGS
 
     seen = []
     real = transformers.AutoModelForCausalLM.from_pretrained
@@ -208,7 +208,7 @@ def test_trust_remote_code_flag_reaches_transformers(monkeypatch, tmp_path):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     assert main(["info", "--trust-remote-code"]) == 0 and seen[-1] is True
     assert main(["info"]) == 0 and seen[-1] is None
-    assert source.TRUST_REMOTE_CODE is False
+    assert SETTINGS.trust_remote_code is False
 
 
 def test_plain_lm_eval_cli_reads_a_mumoe_form_export(tmp_path):

@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 
 from .errors import MumoeError
-
-QUIET = [False]  # --quiet: only the command's result (and errors)
+from .settings import SETTINGS
 
 
 def say(*args, **kwargs) -> None:
     """A stage line (what is being done, how long it took): printed unless --quiet."""
-    if not QUIET[0]:
+    if not SETTINGS.quiet:
         print(*args, **kwargs)
 
 
@@ -145,7 +144,7 @@ def cmd_prune(args) -> int:
     t0 = time.perf_counter()
     report = api.prune(model_name, recipe, out=args.out, overwrite=args.overwrite,
                        layerwise={"on": True, "off": False}.get(args.layerwise, "auto"), work_dir=args.work_dir,
-                       stream_files=not args.in_memory, verbose=not QUIET[0], say=say,
+                       stream_files=not args.in_memory, verbose=not SETTINGS.quiet, say=say,
                        spill_bytes=int(args.spill_gb * 2**30))
     if not _lead():  # torchrun: rank 0 speaks for all
         return 0
@@ -289,7 +288,7 @@ def cmd_compare(args) -> int:
     say(f"compare {', '.join(methods)} at {', '.join(f'{r:.0%}' for r in ratios)} on {args.model}: one calibration "
           f"pass" + (f" over {info['nsamples']} windows x {info['seqlen']} tokens ({info['source']})" if info else "")
           + (f"; eval {args.eval_windows} windows x {args.eval_seqlen} tokens of {', '.join(evals)}" if evals else ""))
-    res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=not QUIET[0],
+    res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=not SETTINGS.quiet,
                   log=None)
     print(markdown(res))
     say(f"\none calibration pass for {len(set(methods))} methods: {res.pass_seconds:.1f}s; "
@@ -822,8 +821,8 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if QUIET[0] else "info",
-                            access_log=not QUIET[0], timeout_graceful_shutdown=args.timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if SETTINGS.quiet else "info",
+                            access_log=not SETTINGS.quiet, timeout_graceful_shutdown=args.timeout)
     server = uvicorn.Server(config)
     # HTTP in a thread, the model on the main thread (torch runs faster there). SIGTERM / Ctrl-C: uvicorn stops
     # listening and waits for the requests in flight, which the worker below keeps decoding; a second one forces.
@@ -1172,12 +1171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "verbose", False):  # read by transformers when it is first imported
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from . import progress
-
-    QUIET[0] = progress.QUIET[0] = bool(getattr(args, "quiet", False))
-    from . import source
-
-    source.TRUST_REMOTE_CODE = bool(getattr(args, "trust_remote_code", False))
+    SETTINGS.quiet = bool(getattr(args, "quiet", False))
+    SETTINGS.trust_remote_code = bool(getattr(args, "trust_remote_code", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

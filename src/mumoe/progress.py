@@ -10,13 +10,14 @@ import time
 
 from tqdm.auto import tqdm
 
+from .settings import SETTINGS
 
-QUIET = [False]  # the CLI's --quiet: no bars at all
+
 
 
 def show_progress() -> bool:
     """Bars are drawn when stderr is a terminal; MUMOE_PROGRESS=1/0 forces them on/off; never under --quiet."""
-    if QUIET[0]:
+    if SETTINGS.quiet:
         return False
     forced = os.environ.get("MUMOE_PROGRESS")
     if forced in ("0", "1"):
@@ -42,7 +43,7 @@ def bar(iterable=None, *, enabled: bool = True, **kw):
     not `enabled`, under --quiet or with MUMOE_PROGRESS=0."""
     if enabled and show_progress():
         return tqdm(iterable, **kw)
-    if enabled and not QUIET[0] and os.environ.get("MUMOE_PROGRESS") != "0":
+    if enabled and not SETTINGS.quiet and os.environ.get("MUMOE_PROGRESS") != "0":
         return LineProgress(iterable, desc=kw.get("desc"), total=kw.get("total"), unit=kw.get("unit", "it"))
     return tqdm(iterable, disable=True, **kw)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .settings import SETTINGS
+
 from .errors import MumoeError
 from .paths import DEFAULT_MODEL
 
@@ -17,12 +19,11 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
-TRUST_REMOTE_CODE = False  # --trust-remote-code: let transformers run modelling/tokenizer code a checkpoint ships
 
 
 def hf_kwargs() -> dict:
     """Keyword arguments for transformers' from_pretrained calls (trust_remote_code when the user allowed it)."""
-    return {"trust_remote_code": True} if TRUST_REMOTE_CODE else {}
+    return {"trust_remote_code": True} if SETTINGS.trust_remote_code else {}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from ..models import adapter_for
+from ..models.swap import restore_forward, set_forward
+from ..settings import TensorCache
 
 
 def is_column_major(w: torch.Tensor) -> bool:
@@ -75,18 +77,18 @@ def gather_columns(w: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None
     return res.t() if col_major else res
 
 
-_BUFFER = "_mumoe_compact_buffer"
+_BUFFERS = TensorCache()  # weight -> {"buf": flat buffer reused across prompts, "busy": in use}
 
 
 def _claim(w: torch.Tensor, numel: int) -> tuple[torch.Tensor, list]:
     """A flat buffer of ≥ numel elements kept with weight w and reused across prompts; -> (buffer, undo
     entries). A buffer already in use (nested compaction) is not shared: a fresh one is returned."""
-    entry = getattr(w, _BUFFER, None)
+    entry = _BUFFERS.get(w)
     if entry is not None and entry["busy"]:
         return torch.empty(numel, dtype=w.dtype, device=w.device), []
     if entry is None or entry["buf"].numel() < numel:
         entry = {"buf": torch.empty(numel, dtype=w.dtype, device=w.device), "busy": False}
-        setattr(w, _BUFFER, entry)
+        _BUFFERS.set(w, entry)
     entry["busy"] = True
     return entry["buf"], [(entry, "busy", False)]
 
@@ -96,10 +98,10 @@ def release_buffers(model: nn.Module) -> int:
     -> bytes freed."""
     freed = 0
     for p in model.parameters():
-        entry = getattr(p, _BUFFER, None)
+        entry = _BUFFERS.get(p)
         if entry is not None and not entry["busy"]:
             freed += entry["buf"].numel() * entry["buf"].element_size()
-            delattr(p, _BUFFER)
+            _BUFFERS.pop(p)
     return freed
 
 
@@ -193,10 +195,13 @@ class Compaction(list):
 
     def swap(self, owner, attr: str, compacted) -> None:
         """Install `compacted` as owner.attr, remembering what was there (None: an instance forward was absent)."""
-        original = owner.__dict__.get(attr) if attr == "forward" else getattr(owner, attr)
+        if attr == "forward":
+            original = set_forward(owner, compacted)
+        else:
+            original = getattr(owner, attr)
+            setattr(owner, attr, compacted)
         self.append((owner, attr, original))
         self.swapped.append((owner, attr, original, compacted))
-        setattr(owner, attr, compacted)
 
     def use(self, compacted: bool) -> None:
         for owner, attr, original, new in self.swapped:
@@ -204,8 +209,8 @@ class Compaction(list):
 
 
 def _put(owner, attr: str, value) -> None:
-    if attr == "forward" and value is None:  # the class's forward again
-        owner.__dict__.pop("forward", None)
+    if attr == "forward":  # None: the class's forward again
+        restore_forward(owner, value)
     else:
         setattr(owner, attr, value)
 

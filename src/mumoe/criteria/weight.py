@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..settings import TensorCache
+
 
 def wanda(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """|W|·‖X‖ per weight. weight [d_out, d_in] (or fused [E, d_out, d_in]), norms [d_in] ([E, d_in]) -> float64,
@@ -20,11 +22,14 @@ def magnitude(weight: torch.Tensor) -> torch.Tensor:
 def column_norms(weight: torch.Tensor) -> torch.Tensor:
     """‖W[:, j]‖₂ per input column ([..., d_in], float64), cached per weight tensor until it is modified:
     they do not depend on the prompt, so μ-MoE computes them once per model, not per prompt."""
-    hit = getattr(weight, "_mumoe_column_norms", None)
+    hit = _COLUMN_NORMS.get(weight)
     if hit is not None and hit[0] == weight._version:
         return hit[1]
     col = weight.detach().float().pow(2).sum(-2).double().sqrt()
-    weight._mumoe_column_norms = (weight._version, col)
+    _COLUMN_NORMS.set(weight, (weight._version, col))
     return col
+
+
+_COLUMN_NORMS = TensorCache()  # weight -> (its version, its column norms); dropped with the weight
 
 

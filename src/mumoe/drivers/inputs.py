@@ -38,7 +38,7 @@ def _sources(calib) -> tuple[str, ...]:
     return (str(calib),) if _is_path(calib) else ("text",)
 
 
-def calibration(recipe: Recipe, calib=None, tokenizer=None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+def calibration(recipe, calib=None, tokenizer=None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
     """The recipe's calibration windows: (ids [N, L] or None, source index per window [N] or None, info).
     `calib` (API only) overrides the recipe's sources: token ids [N, L], raw text, or paths."""
     spec = recipe.calib

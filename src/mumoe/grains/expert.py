@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from ..errors import MumoeError

@@ -33,6 +33,7 @@ from ..progress import bar
 
 from ..errors import MumoeError
 from ..models import MoELayer, adapter_for
+from ..models.swap import restore_forward, set_forward
 
 
 @dataclass
@@ -248,8 +249,8 @@ class Observation:
                     self.add_handle(layer.router.register_forward_hook(self._router_hook(layer)))
             if self._routes:  # every MoE observation runs the same experts computation, whichever collectors
                 for layer in self.layers:  # are attached: any combination of methods sees identical activations
-                    self._saved_forward.append((layer.experts, layer.experts.__dict__.get("forward")))
-                    layer.experts.forward = types.MethodType(self._experts_forward(layer), layer.experts)
+                    fwd = types.MethodType(self._experts_forward(layer), layer.experts)
+                    self._saved_forward.append((layer.experts, set_forward(layer.experts, fwd)))
             for c in self.collectors:
                 c.attach(self)
         except BaseException:
@@ -261,11 +262,8 @@ class Observation:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for module, fwd in self._saved_forward:
-            if fwd is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = fwd
+        for module, previous in reversed(self._saved_forward):
+            restore_forward(module, previous)
         self._saved_forward.clear()
         self._residual.clear()
         self._route.clear()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -34,6 +33,7 @@ from ..progress import bar as progress_bar
 
 from ..errors import MumoeError
 from ..models import adapter_for
+from ..models.swap import forwards_swapped
 from .layerwise import LayerwiseCheckpoint
 from .runner import Collector, Observation
 from .workdir import WorkDir  # noqa: F401  (re-exported: mumoe.observe.sequential.WorkDir)
@@ -192,11 +192,13 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def _test_kill(state: dict) -> None:
-    """The kill tests: SIGKILL right after the state named by MUMOE_TEST_KILL_AFTER ("stage:layer") is saved."""
-    kill_at = os.environ.get("MUMOE_TEST_KILL_AFTER")
-    if kill_at is not None and kill_at == f"{state.get('stage')}:{state.get('done')}":
-        os.kill(os.getpid(), signal.SIGKILL)
+# called with each state right after the work dir saved it (the kill tests inject a SIGKILL here: tests/killed.py)
+SAVE_HOOKS: list[Callable[[dict], None]] = []
+
+
+def _after_save(state: dict) -> None:
+    for hook in SAVE_HOOKS:
+        hook(state)
 
 
 # -- the sweep -----------------------------------------------------------------------------------------------
@@ -219,21 +221,11 @@ def _capture(ckpt: LayerwiseCheckpoint, ids: torch.Tensor, mask: torch.Tensor | 
             return hidden_states
         return forward
 
-    saved = [layer.__dict__.get("forward") for layer in layers]
-    try:
-        for j, layer in enumerate(layers):
-            layer.forward = recorder(j)
-        with torch.no_grad():
-            try:
-                ckpt.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for layer, fwd in zip(layers, saved):
-            if fwd is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = fwd
+    with forwards_swapped((layer, recorder(j)) for j, layer in enumerate(layers)), torch.no_grad():
+        try:
+            ckpt.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Stop:
+            pass
     return first[0], kwargs
 
 
@@ -329,7 +321,7 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
         def checkpoint(stage: str, j: int) -> None:
             if work is not None:
                 work.save({"stage": stage, "done": j, "results": results,
-                           "acts": {k: v[0] for k, v in acts.files.items() if k not in pending}}, _test_kill)
+                           "acts": {k: v[0] for k, v in acts.files.items() if k not in pending}}, _after_save)
             for key in pending:
                 acts.drop(key)
             pending.clear()
