@@ -17,9 +17,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "mumoe"
 NAMES = set(GRAINS) | set(METHODS)
 SUBJECT = re.compile(r"grain|method|(^|\.)name$")  # what a dispatch compares a name with
 
-# Architecture key names not yet moved into the adapters (issue 26, item 5): this list may only shrink, and each
-# file in it must still need its entry (so the list is kept exact).
-KEYS_PENDING = {"apply/forms.py", "apply/stream.py", "checkpoint.py", "observe/layerwise.py"}
+# Architecture key names outside the adapters: none (a file listed here would have to still need its entry).
+KEYS_PENDING: set[str] = set()
 ARCH_KEYS = re.compile(r"block_sparse_moe|\bw[123]\b")
 
 

@@ -21,14 +21,8 @@ import torch
 from .errors import MumoeDataError, MumoeError, MumoeFileError, os_message
 from .files import read_json
 
-# The MoE block is `mlp` in v5 and in most hub checkpoints, `block_sparse_moe` in Mixtral's; Mixtral's
-# legacy expert matrices are w1 (gate), w3 (up), w2 (down).
-_BLOCK = r"^(?P<pre>.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts)"
-FUSED = re.compile(_BLOCK + r"\.(?P<kind>gate_up_proj|down_proj)$")
-LEGACY = re.compile(_BLOCK + r"\.(?P<e>\d+)\.(?P<kind>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
-ROUTER = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.gate\.(?P<kind>weight|bias|e_score_correction_bias)$")
-KIND = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj", "w1": "gate_proj", "w3": "up_proj",
-        "w2": "down_proj"}
+# the architectures' key layouts (fused, per-expert, legacy names) are the adapters' (`models.keys`)
+from .models.keys import FUSED, KIND, LEGACY, ROUTER  # noqa: E402,F401  (re-exported for the readers here)
 
 
 def shard_files(path: Path) -> list[Path]:

@@ -7,8 +7,9 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
+from ..models.base import EXPERT_COUNT_KEYS
 
-_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+_COUNT_ATTRS = EXPERT_COUNT_KEYS  # a module attribute holding the expert count is spelt like the config key
 
 
 def _slice_param(module: nn.Module, name: str, idx: torch.Tensor, inplace: bool = False) -> None:

@@ -107,9 +107,10 @@ def _load_state(path: Path) -> dict:
 
 
 def fuse_legacy_experts(state: dict, model: nn.Module) -> dict:
-    """Per-expert keys (`experts.J.{gate,up,down}_proj.weight`, Mixtral's `block_sparse_moe.experts.J.w1|w2|w3`,
+    """Per-expert keys (`experts.J.{gate,up,down}_proj.weight`, or an architecture's legacy spelling: `models.keys`,
     as the streamed export keeps them) stacked into the model's fused `experts.gate_up_proj` / `down_proj`."""
     from ..checkpoint import KIND, LEGACY
+    from ..models.keys import canonical
 
     parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     out = {}
@@ -117,9 +118,9 @@ def fuse_legacy_experts(state: dict, model: nn.Module) -> dict:
     for key, t in state.items():
         m = LEGACY.match(key)
         if m is None:
-            out[key if key in names else key.replace(".block_sparse_moe.", ".mlp.")] = t
+            out[key if key in names else canonical(key)] = t
             continue
-        pre = m["pre"] if f"{m['pre']}.gate_up_proj" in names else m["pre"].replace(".block_sparse_moe.", ".mlp.")
+        pre = m["pre"] if f"{m['pre']}.gate_up_proj" in names else canonical(m["pre"])
         parts.setdefault(pre, {}).setdefault(int(m["e"]), {})[KIND[m["kind"]]] = t
     for pre, experts in parts.items():
         order = sorted(experts)

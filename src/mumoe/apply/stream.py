@@ -16,6 +16,7 @@ import torch
 from ..checkpoint import FUSED, KIND, LEGACY, ROUTER, read_header, read_tensor, shard_files
 from ..errors import MumoeError
 from ..models.base import EXPERT_COUNT_KEYS
+from ..models.keys import canonical
 from ..progress import bar
 from .export import PruneReport, atomic_output
 
@@ -226,7 +227,7 @@ def atom_ragged_transform(keep: dict[int, list[torch.Tensor]]) -> Transform:
     def transform(key: str, read):
         if (m := LEGACY.match(key)) and int(m["layer"]) in keep:
             L, e, kind = int(m["layer"]), int(m["e"]), KIND[m["kind"]]
-            pre, k = m["pre"].replace(".block_sparse_moe.", ".mlp."), keep[L][e]
+            pre, k = canonical(m["pre"]), keep[L][e]
             if kind == "down_proj":
                 return [(f"{pre}.{e}.down", read()[:, k])]
             pending[(pre, e, kind)] = read()[k]
@@ -236,7 +237,7 @@ def atom_ragged_transform(keep: dict[int, list[torch.Tensor]]) -> Transform:
             del pending[(pre, e, "gate_proj")], pending[(pre, e, "up_proj")]
             return [(f"{pre}.{e}.gate_up", torch.cat([gate, up]))]
         if (m := FUSED.match(key)) and int(m["layer"]) in keep:
-            L, pre = int(m["layer"]), m["pre"].replace(".block_sparse_moe.", ".mlp.")
+            L, pre = int(m["layer"]), canonical(m["pre"])
             w = read()
             if m["kind"] == "down_proj":  # [E, H, I]
                 return [(f"{pre}.{e}.down", w[e][:, k]) for e, k in enumerate(keep[L])]

@@ -33,6 +33,27 @@ def too_big(model_name: str, dtype: str | None, device: str | None = None, facto
     return True
 
 
+def check_export_space(out: str | Path, name: str, recipe) -> None:
+    """A lower bound on the export's size — the checkpoint's weights, each in the smaller of its file dtype and
+    the load dtype, times (1 - ratio) of every stage (no grain removes more than its ratio of them) — against the
+    free space at `out`, so a full disk is found before the run, not after it."""
+    import math
+
+    from ..checkpoint import DTYPES, read_header, shard_files
+    from ..files import check_free_space, human_bytes
+    from ..loading import compute_dtype, resolve
+    from ..observe.runner import resolve_device
+
+    path = Path(resolve(name))
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        return
+    load = compute_dtype(recipe.dtype or "auto", str(path), resolve_device(recipe.device or "cpu")).itemsize
+    need = sum(math.prod(m["shape"]) * min(DTYPES[m["dtype"]].itemsize, load)
+               for f in shard_files(path) for m in read_header(f).values() if m["dtype"] in DTYPES)
+    kept = math.prod(1 - st.ratio for st in recipe.stages)
+    check_free_space(out, int(kept * need), f"{kept:.0%} of the checkpoint's {human_bytes(need)} of weights")
+
+
 def local_checkpoint(model: str) -> bool:
     """A local folder of safetensors files that is not a mumoe export (not a tiny model, not a hub id)."""
     from ..loading import resolve
@@ -90,6 +111,7 @@ def prune_path(name: str, recipe, out: str | Path, *, layerwise="auto", work_dir
     say = say or (lambda line: None)
     t0 = time.perf_counter()
     path = resolve(name)
+    check_export_space(out, name, recipe)
     if stream_files and layerwise is not True and not work_dir and runs_from_files(recipe) and local_checkpoint(name):
         say(f"pruning {recipe.describe()}, streamed from the checkpoint files")
         return prune_files(path, recipe, out, overwrite, progress=True, verbose=verbose), "files"

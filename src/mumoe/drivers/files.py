@@ -25,14 +25,6 @@ def runs_from_files(recipe) -> bool:
             and grain.order(stage.part) == "one-shot" and grain.leaves_hf(stage.part))
 
 
-def _config_field(cfg: dict, keys: tuple[str, ...]):
-    for c in (cfg, cfg.get("text_config") or {}):
-        for key in keys:
-            if c.get(key) is not None:
-                return c[key]
-    return None
-
-
 def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = False, progress: bool = True,
                 verbose: bool = False, say: Callable[[str], None] | None = None) -> PruneReport:
     """Score `recipe`'s method from the files at `path`, select, and write the pruned checkpoint to `out`."""
@@ -40,7 +32,7 @@ def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = Fal
     from ..apply.stream import write_streamed
     from ..checkpoint import check_files
     from ..files import read_json
-    from ..models.base import EXPERT_COUNT_KEYS, TOP_K_KEYS
+    from ..models.keys import EXPERT_COUNT_KEYS, TOP_K_KEYS, config_value
     from ..observe.layerwise import LayerwiseCheckpoint
 
     if not runs_from_files(recipe):
@@ -51,10 +43,10 @@ def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = Fal
     cfg = read_json(path / "config.json", "the model config")
     check_files(path)
     ckpt = LayerwiseCheckpoint(path)  # every tensor the model needs is in the files, with its shape (headers only)
-    top_k = _config_field(cfg, TOP_K_KEYS)
-    if top_k is None or _config_field(cfg, EXPERT_COUNT_KEYS) is None:
+    top_k = config_value(cfg, TOP_K_KEYS)
+    if top_k is None or config_value(cfg, EXPERT_COUNT_KEYS) is None:
         raise MumoeError(f"{path}: config has no routed experts; expert pruning needs an MoE checkpoint")
-    n_group, topk_group = _config_field(cfg, ("n_group",)), _config_field(cfg, ("topk_group",))
+    n_group, topk_group = config_value(cfg, ("n_group",)), config_value(cfg, ("topk_group",))
     m = get_method(recipe.method)
     t0 = time.perf_counter()
     scores = m.from_files(path, progress)  # decoder layer -> [E]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import MumoeError
+from ..models.keys import expert_width
 from .base import Grain, Plan
 
 FORMS = ("uniform", "global")
@@ -208,12 +209,3 @@ class AtomGrain(Grain):
         total = sum(e["intermediate_size"] * e["num_experts"] for e in entries)
         return f"{sum(widths):,} of {total:,} atoms (per expert {min(widths)}..{max(widths)})"
 
-
-def expert_width(config) -> int | None:
-    """The routed experts' intermediate width from a config (None when it has none)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("moe_intermediate_size", "intermediate_size"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None

@@ -78,22 +78,14 @@ class WeightGrain(Grain):
                                                                    else ")") + f" with {recipe.method}")
 
     def check_config(self, recipe, config) -> None:
+        from ..models.keys import input_widths
         from ..select.weights import parse_structure
 
         nm = parse_structure(recipe.weight.structure)
         if nm is None:
             return
-        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-
-        def get(key):
-            return getattr(cfg, key, None)
-
-        widths = {get(k) for k in ("hidden_size", "intermediate_size", "moe_intermediate_size",
-                                    "shared_expert_intermediate_size", "ffn_dim")}
-        heads, head_dim = get("num_attention_heads"), get("head_dim")
-        if heads and head_dim:
-            widths.add(heads * head_dim)
-        bad = sorted(w for w in widths if isinstance(w, int) and not isinstance(w, bool) and w % nm[1])
+        widths = input_widths(config)
+        bad = sorted(w for w in widths if w % nm[1])
         if bad:
             raise MumoeError(f"N:M structure {recipe.weight.structure} needs M={nm[1]} to divide every input "
                              f"width; this model has width(s) {', '.join(map(str, bad))}")

@@ -125,6 +125,10 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     scoring: ClassVar[str] = "softmax"
     is_moe: ClassVar[bool] = True
+    # checkpoint spellings besides transformers v5's (`models.keys`): other names of the MoE block in the files,
+    # and per-expert matrix names -> gate_proj / up_proj / down_proj
+    checkpoint_block_names: ClassVar[tuple[str, ...]] = ()
+    checkpoint_expert_kinds: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

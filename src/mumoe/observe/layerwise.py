@@ -8,7 +8,7 @@ is needed, then freed.
     # here layer 3 is back on the meta device (its memory freed)
 
 Both expert layouts are read (fused `experts.gate_up_proj [E, 2I, H]`, and the per-expert
-`experts.J.{gate,up,down}_proj.weight` / Mixtral `block_sparse_moe.experts.J.w1|w2|w3.weight` that
+`experts.J.{gate,up,down}_proj.weight`, with the legacy spellings the adapters declare (`models.keys`), that
 save_pretrained and the hub write), from one file or a sharded index. Every parameter and buffer of a part must
 be filled from the files, or materialising it fails with one line naming what is missing.
 """
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import KIND, LEGACY, read_header, read_into, shard_files
+from ..models.keys import canonical, legacy_blocks
 from ..errors import MumoeError, MumoeFileError
 
 
@@ -40,18 +41,17 @@ class Source:
     meta: dict  # the safetensors header entry (dtype, shape, offsets)
 
 
-def _target(key: str, has_block_sparse: bool) -> tuple[str, tuple]:
-    """Checkpoint key -> (model parameter name, index into it)."""
+def _target(key: str, legacy: bool) -> tuple[str, tuple]:
+    """Checkpoint key -> (model parameter name, index into it). legacy: the model names its MoE blocks as the
+    legacy checkpoints do (`models.keys.legacy_blocks`); else keys are mapped to the v5 names."""
     if m := LEGACY.match(key):
         pre, e, kind = m["pre"], int(m["e"]), KIND[m["kind"]]
-        if not has_block_sparse:
-            pre = pre.replace(".block_sparse_moe.", ".mlp.")
+        if not legacy:
+            pre = canonical(pre)
         if kind == "down_proj":
             return f"{pre}.down_proj", (e,)
         return f"{pre}.gate_up_proj", (e, kind)  # gate rows first, then up rows (resolved on copy)
-    if not has_block_sparse:
-        key = key.replace(".block_sparse_moe.", ".mlp.")
-    return key, ()
+    return (key if legacy else canonical(key)), ()
 
 
 def _config_dtype(config) -> torch.dtype:
@@ -89,8 +89,8 @@ class LayerwiseCheckpoint:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._rebuild_rotary()
-        has_bs = any(".block_sparse_moe." in n for n, _ in self.model.named_parameters())
-        self.block_sparse = has_bs  # the model names its MoE blocks block_sparse_moe (checkpoint keys map as they are)
+        has_bs = legacy_blocks(n for n, _ in self.model.named_parameters())
+        self.block_sparse = has_bs  # the model names its MoE blocks the legacy way (checkpoint keys map as they are)
         self.sources: dict[str, list[Source]] = defaultdict(list)
         for file in shard_files(self.path):
             for key, meta in read_header(file).items():

@@ -13,6 +13,7 @@ import hashlib
 import json
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from torch import nn
 from ..apply.export import PruneReport
 from ..apply.stream import prune_checkpoint
 from ..checkpoint import ROUTER, shard_files
+from ..models.keys import TOP_K_KEYS, config_value
 from ..errors import MumoeError
 from ..loading import compute_dtype, hf_kwargs, resolve
 from ..progress import hf_bars
@@ -42,7 +44,7 @@ def checkpoint_fingerprint(path: str | Path) -> dict:
     h = hashlib.sha256()
     for L in sorted(routers):
         h.update(routers[L].float().contiguous().numpy().tobytes())
-    top_k = next(cfg[k] for k in ("num_experts_per_tok", "moe_topk", "moe_k") if k in cfg)
+    top_k = config_value(cfg, TOP_K_KEYS)
     return {"model_type": cfg["model_type"], "moe_layers": sorted(routers),
             "num_experts": [routers[L].shape[0] for L in sorted(routers)], "top_k": top_k,
             "router_sha256": h.hexdigest()[:16]}
@@ -94,6 +96,37 @@ def load_matcher(model: str | Path, lib: TaskLibrary, dtype: str | torch.dtype =
         hf_logging.set_verbosity(level)
 
 
+class TaskModels:
+    """Task models, each loaded from the checkpoint with only its task's experts, the `capacity` most recently
+    used kept in memory (an LRU): the one cache of `TaskServer` and the server's engine."""
+
+    def __init__(self, model: str | Path, library: TaskLibrary, dtype: torch.dtype, device, capacity: int = 2) -> None:
+        if capacity < 1:
+            raise MumoeError(f"the task-model cache holds at least 1 model, got {capacity}")
+        self.model, self.library, self.dtype, self.device, self.capacity = model, library, dtype, device, capacity
+        self.models: OrderedDict[str, nn.Module] = OrderedDict()
+
+    def get(self, task: str) -> tuple[nn.Module, bool, float]:
+        """The task's model, from the cache (made most recent) or loaded. -> (model, cached, load seconds)"""
+        if task in self.models:
+            self.models.move_to_end(task)
+            return self.models[task], True, 0.0
+        while len(self.models) >= self.capacity:
+            self.models.popitem(last=False)
+        t0 = time.perf_counter()
+        self.models[task] = load_task_model(self.model, self.library, task, self.dtype).to(self.device)
+        return self.models[task], False, time.perf_counter() - t0
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __contains__(self, task: str) -> bool:
+        return task in self.models
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for m in self.models.values() for p in m.parameters())
+
+
 @dataclass
 class Served:
     text: str
@@ -107,7 +140,7 @@ class TaskServer:
     """match → partial load (cached per task) → generate."""
 
     def __init__(self, model: str | Path, library: str | Path | TaskLibrary, dtype: str = "auto",
-                 device: str | None = None) -> None:
+                 device: str | None = None, capacity: int = 2) -> None:
         from ..loading import load_tokenizer
         from ..observe.runner import resolve_device
 
@@ -121,14 +154,11 @@ class TaskServer:
         if self.tokenizer is None:
             raise MumoeError(f"{model} has no tokenizer")
         self.matcher = load_matcher(model, self.lib, dtype).to(self.device)
-        self.cache: dict[str, nn.Module] = {}
+        self.cache = TaskModels(self.model, self.lib, self.dtype, self.device, capacity)
 
     def task_model(self, task: str) -> tuple[nn.Module, float, bool]:
-        if task in self.cache:
-            return self.cache[task], 0.0, True
-        t0 = time.perf_counter()
-        self.cache[task] = load_task_model(self.model, self.lib, task, self.dtype).to(self.device)
-        return self.cache[task], time.perf_counter() - t0, False
+        model, cached, seconds = self.cache.get(task)
+        return model, seconds, cached
 
     def match(self, prompt: str) -> tuple[Match, torch.Tensor, float]:
         """The nearest task of a prompt. -> (match, prompt ids [1, L], seconds)"""

@@ -99,6 +99,41 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+@dataclass(frozen=True)
+class Delta:
+    """Text of choice `index` safe to send, with its log-probability entries."""
+
+    index: int
+    text: str
+    entries: list
+
+
+@dataclass(frozen=True)
+class Done:
+    """Choice `index` is complete."""
+
+    index: int
+    finished: Finished
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request failed: the HTTP status and the one-line message."""
+
+    status: int
+    message: str
+
+
+@dataclass(frozen=True)
+class End:
+    """The worker is done with the job; reason: None, "cancelled" or "timeout"."""
+
+    reason: str | None = None
+
+
+Event = Delta | Done | Failed | End
+
+
 class Job:
     """One request on its way through the worker: its prompts, settings and the channel back to its handler."""
 
@@ -110,7 +145,7 @@ class Job:
         self.deadline = time.monotonic() + timeout
         self.arrived = time.perf_counter()
 
-    def put(self, event: tuple) -> None:
+    def put(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def should_stop(self) -> str | None:
@@ -138,7 +173,7 @@ class Metrics:
             lambda: int(worker.busy))
         Gauge("mumoe_model_weights", "weights of the loaded model", registry=r).set(engine.total_weights)
         Gauge("mumoe_task_models_cached", "TAER task models in memory", registry=r).set_function(
-            lambda: len(engine.task_models))
+            engine.task_models_cached)
         Gauge("mumoe_task_models_bytes", "bytes held by the cached TAER task models", registry=r).set_function(
             engine.task_cache_bytes)
         self.overhead = Histogram("mumoe_pruning_overhead_seconds", "per-request pruning overhead (statistics, "
@@ -189,28 +224,28 @@ class Worker:
                 continue
             reason = job.should_stop()
             if reason:
-                job.put(("end", reason))
+                job.put(End(reason))
                 continue
             self.busy = True
             end = None
             try:
                 for i, ids in enumerate(job.prompts):
                     f = self.engine.run(ids, job.sampling, job.pruning,
-                                        lambda text, entries, i=i: job.put(("delta", i, text, entries)), job.should_stop)
+                                        lambda text, entries, i=i: job.put(Delta(i, text, entries)), job.should_stop)
                     if self.metrics is not None:
                         self.metrics.finished(f)
-                    job.put(("done", i, f))
+                    job.put(Done(i, f))
                     if f.finish_reason in ("cancelled", "timeout"):
                         end = f.finish_reason
                         break
             except MumoeError as e:
-                job.put(("error", 400, str(e).splitlines()[0] if str(e) else type(e).__name__))
+                job.put(Failed(400, str(e).splitlines()[0] if str(e) else type(e).__name__))
             except Exception as e:  # a bug, not the request: logged, answered, and the server keeps serving
                 log.error("request failed:\n%s", traceback.format_exc())
-                job.put(("error", 500, f"internal error: {type(e).__name__}: {e}"))
+                job.put(Failed(500, f"internal error: {type(e).__name__}: {e}"))
             finally:
                 self.busy = False
-                job.put(("end", end))
+                job.put(End(end))
 
 
 class _Reply(Exception):
@@ -242,91 +277,75 @@ def _chat_logprobs(entries: list[dict]) -> dict:
                         for e in entries]}
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None, worker_thread: bool = True):
-    """The FastAPI app serving `engine`. worker_thread: its worker starts and stops in a thread with the app's
-    lifespan; False: the caller runs `app.state.worker.run()` (on the main thread), stopped at shutdown."""
-    config = config or ServerConfig()
-    worker = Worker(engine, config.max_queue)
-    metrics = worker.metrics = Metrics(worker, engine)
+class Server:
+    """The app's state and its endpoints: the engine, the settings, the worker and the metrics, in one object
+    (`create_app` registers its methods as the routes)."""
 
-    @asynccontextmanager
-    async def lifespan(app):
-        if worker_thread:
-            worker.start()
-        yield
-        worker.stop()
+    def __init__(self, engine: Engine, config: ServerConfig, worker: Worker, metrics: Metrics) -> None:
+        self.engine, self.config, self.worker, self.metrics = engine, config, worker, metrics
 
-    app = FastAPI(title="mumoe serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine, app.state.worker = engine, worker
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes,
-                       on_refused=lambda path: metrics.requests.labels(path, "413").inc())
-
-    def answer(endpoint: str, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
-        metrics.requests.labels(endpoint, str(status)).inc()
+    def answer(self, endpoint: str, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        self.metrics.requests.labels(endpoint, str(status)).inc()
         return JSONResponse(body, status_code=status, headers=headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
+    async def _invalid(self, request: Request, exc: RequestValidationError):
         message, param = validation_message(exc.errors())
-        return answer(request.url.path, 400, error_body(message, param=param))
+        return self.answer(request.url.path, 400, error_body(message, param=param))
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException):
+    async def _http(self, request: Request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return answer(request.url.path, exc.status_code, error_body(f"{exc.detail}: {request.method} {request.url.path}", kind))
+        return self.answer(request.url.path, exc.status_code,
+                           error_body(f"{exc.detail}: {request.method} {request.url.path}", kind))
 
-    @app.exception_handler(_Reply)
-    async def _reply(request: Request, exc: _Reply):
-        return answer(request.url.path, exc.status, exc.body, exc.headers)
+    async def _reply(self, request: Request, exc: _Reply):
+        return self.answer(request.url.path, exc.status, exc.body, exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
+    async def _bug(self, request: Request, exc: Exception):
         log.error("handler failed:\n%s", traceback.format_exc())
-        return answer(request.url.path, 500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+        return self.answer(request.url.path, 500,
+                           error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"))
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": engine.name, "queue": worker.jobs.qsize(), "running": int(worker.busy)}
+    async def health(self):
+        return {"status": "ok", "model": self.engine.name, "queue": self.worker.jobs.qsize(),
+                "running": int(self.worker.busy)}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "mumoe",
-                                            "max_model_len": engine.context_length}]}
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.engine.name, "object": "model", "created": 0,
+                                            "owned_by": "mumoe", "max_model_len": self.engine.context_length}]}
 
-    @app.get("/metrics")
-    async def prometheus():
+    async def prometheus(self):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def check_model(body) -> None:
-        if body.model is not None and body.model != engine.name:
-            raise _Reply(404, f"the model '{body.model}' does not exist; this server serves '{engine.name}'",
+    def check_model(self, body) -> None:
+        if body.model is not None and body.model != self.engine.name:
+            raise _Reply(404, f"the model '{body.model}' does not exist; this server serves '{self.engine.name}'",
                          "not_found_error", "model", "model_not_found")
 
-    async def prepare(body, prompts: list, max_tokens: int, sampling: Sampling) -> Job:
-        check_model(body)
+    async def prepare(self, body, prompts: list, max_tokens: int, sampling: Sampling) -> Job:
+        self.check_model(body)
         try:
             for p in prompts:
                 if isinstance(p, str):
-                    engine.check_chars(p, max_tokens)  # before tokenizing: a bound no tokenization can beat
+                    self.engine.check_chars(p, max_tokens)  # before tokenizing: a bound no tokenization can beat
             # tokenized off the event loop: /health and other requests are answered meanwhile
-            ids = await asyncio.to_thread(lambda: [engine.encode(p) for p in prompts])
+            ids = await asyncio.to_thread(lambda: [self.engine.encode(p) for p in prompts])
             for x in ids:
-                engine.check_length(x, max_tokens)
-            pruning = engine.pruning(body.mumoe.model_dump(exclude_unset=True) if body.mumoe else None)
+                self.engine.check_length(x, max_tokens)
+            pruning = self.engine.pruning(body.mumoe.model_dump(exclude_unset=True) if body.mumoe else None)
         except MumoeError as e:
             raise _Reply(400, str(e).splitlines()[0]) from e
-        return Job(asyncio.get_running_loop(), ids, sampling, pruning, config.timeout)
+        return Job(asyncio.get_running_loop(), ids, sampling, pruning, self.config.timeout)
 
-    def submit(job: Job) -> None:
+    def submit(self, job: Job) -> None:
         try:
-            worker.submit(job)
+            self.worker.submit(job)
         except queue.Full:
-            raise _Reply(503, f"the server is busy ({config.max_queue} requests waiting); retry later",
+            raise _Reply(503, f"the server is busy ({self.config.max_queue} requests waiting); retry later",
                          "server_busy", code="queue_full", headers={"Retry-After": "1"}) from None
 
-    async def events(job: Job, request: Request):
+    async def events(self, job: Job, request: Request):
         """The job's events; cancels it when the client goes away or its time is up."""
         while True:
             try:
@@ -336,90 +355,90 @@ def create_app(engine: Engine, config: ServerConfig | None = None, worker_thread
                     job.cancelled.set()
                 if time.monotonic() > job.deadline + 5:  # the worker is stuck in a forward: give up waiting
                     job.cancelled.set()
-                    yield ("end", "timeout")
+                    yield End("timeout")
                     return
                 continue
             yield ev
-            if ev[0] in ("end", "error"):
+            if isinstance(ev, (End, Failed)):
                 return
 
-    def timeout_reply() -> _Reply:
-        return _Reply(504, f"the request did not finish within the server's timeout ({config.timeout:g} s)",
+    def timeout_reply(self) -> _Reply:
+        return _Reply(504, f"the request did not finish within the server's timeout ({self.config.timeout:g} s)",
                       "timeout", code="timeout")
 
-    async def collect(job: Job, request: Request, n: int):
+    async def collect(self, job: Job, request: Request, n: int):
         texts, entries, done = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
-        async for ev in events(job, request):
-            if ev[0] == "delta":
-                texts[ev[1]].append(ev[2])
-                entries[ev[1]] += ev[3]
-            elif ev[0] == "done":
-                done[ev[1]] = ev[2]
-            elif ev[0] == "error":
-                raise _Reply(ev[1], ev[2], "invalid_request_error" if ev[1] < 500 else "server_error")
-            elif ev[0] == "end" and ev[1] == "timeout":
-                raise timeout_reply()
+        async for ev in self.events(job, request):
+            if isinstance(ev, Delta):
+                texts[ev.index].append(ev.text)
+                entries[ev.index] += ev.entries
+            elif isinstance(ev, Done):
+                done[ev.index] = ev.finished
+            elif isinstance(ev, Failed):
+                raise _Reply(ev.status, ev.message, "invalid_request_error" if ev.status < 500 else "server_error")
+            elif isinstance(ev, End) and ev.reason == "timeout":
+                raise self.timeout_reply()
         if any(d is None or d.finish_reason in ("cancelled", "timeout") for d in done):
-            raise timeout_reply()
+            raise self.timeout_reply()
         return ["".join(t) for t in texts], entries, done
 
-    def usage(done: list[Finished]) -> dict:
+    def usage(self, done: list[Finished]) -> dict:
         p, c = sum(d.prompt_tokens for d in done), sum(d.completion_tokens for d in done)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def sse(obj: dict) -> str:
+    def sse(self, obj: dict) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream(job: Job, request: Request, endpoint: str, chat: bool, include_usage: bool):
+    async def stream(self, job: Job, request: Request, endpoint: str, chat: bool, include_usage: bool):
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                "model": engine.name}
+                "model": self.engine.name}
         done: list[Finished] = []
         status = 200
         try:
             if chat:
-                yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                yield self.sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]})
-            async for ev in events(job, request):
-                if ev[0] == "delta":
-                    if not ev[2] and not ev[3]:
+            async for ev in self.events(job, request):
+                if isinstance(ev, Delta):
+                    if not ev.text and not ev.entries:
                         continue
                     if chat:
-                        choice = {"index": ev[1], "delta": {"content": ev[2]},
-                                  "logprobs": _chat_logprobs(ev[3]) if ev[3] else None, "finish_reason": None}
+                        choice = {"index": ev.index, "delta": {"content": ev.text},
+                                  "logprobs": _chat_logprobs(ev.entries) if ev.entries else None, "finish_reason": None}
                     else:
-                        choice = {"index": ev[1], "text": ev[2], "logprobs": _logprobs_block(ev[3]) if ev[3] else None,
-                                  "finish_reason": None}
-                    yield sse({**head, "choices": [choice]})
-                elif ev[0] == "done":
-                    f = ev[2]
+                        choice = {"index": ev.index, "text": ev.text, "finish_reason": None,
+                                  "logprobs": _logprobs_block(ev.entries) if ev.entries else None}
+                    yield self.sse({**head, "choices": [choice]})
+                elif isinstance(ev, Done):
+                    f = ev.finished
                     done.append(f)
                     if f.finish_reason in ("cancelled", "timeout"):
                         status = 504
-                        yield sse(timeout_reply().body)
+                        yield self.sse(self.timeout_reply().body)
                         return
-                    last = {"index": ev[1], "finish_reason": f.finish_reason, "logprobs": None}
+                    last = {"index": ev.index, "finish_reason": f.finish_reason, "logprobs": None}
                     last.update({"delta": {}} if chat else {"text": ""})
-                    yield sse({**head, "choices": [last], "mumoe": f.applied})
-                elif ev[0] == "error":
-                    status = ev[1]
-                    yield sse(error_body(ev[2], "invalid_request_error" if ev[1] < 500 else "server_error"))
+                    yield self.sse({**head, "choices": [last], "mumoe": f.applied})
+                elif isinstance(ev, Failed):
+                    status = ev.status
+                    kind = "invalid_request_error" if ev.status < 500 else "server_error"
+                    yield self.sse(error_body(ev.message, kind))
                     return
-                elif ev[0] == "end" and ev[1] == "timeout":
+                elif isinstance(ev, End) and ev.reason == "timeout":
                     status = 504
-                    yield sse(timeout_reply().body)
+                    yield self.sse(self.timeout_reply().body)
                     return
             if include_usage:
-                yield sse({**head, "choices": [], "usage": usage(done)})
+                yield self.sse({**head, "choices": [], "usage": self.usage(done)})
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled.set()  # a client gone mid-stream: the worker stops at the next token
-            metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.requests.labels(endpoint, str(status)).inc()
             if done:
-                metrics.latency.labels(done[0].applied["kind"]).observe(time.perf_counter() - job.arrived)
+                self.metrics.latency.labels(done[0].applied["kind"]).observe(time.perf_counter() - job.arrived)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(self, body: CompletionRequest, request: Request):
         try:
             prompts = body.prompts()
         except ValueError as e:
@@ -428,31 +447,30 @@ def create_app(engine: Engine, config: ServerConfig | None = None, worker_thread
             raise _Reply(400, "logprobs must be at most 5", param="logprobs")
         sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop, body.logprobs,
                             body.echo)
-        job = await prepare(body, prompts, body.max_tokens, sampling)
-        submit(job)
+        job = await self.prepare(body, prompts, body.max_tokens, sampling)
+        self.submit(job)
         if body.stream:
-            return StreamingResponse(stream(job, request, "/v1/completions", False,
+            return StreamingResponse(self.stream(job, request, "/v1/completions", False,
                                             bool((body.stream_options or {}).get("include_usage"))),
                                      media_type="text/event-stream")
-        texts, entries, done = await collect(job, request, len(prompts))
+        texts, entries, done = await self.collect(job, request, len(prompts))
         choices = [{"index": i, "text": t, "logprobs": _logprobs_block(e) if body.logprobs is not None else None,
                     "finish_reason": d.finish_reason, "mumoe": d.applied}
                    for i, (t, e, d) in enumerate(zip(texts, entries, done))]
-        metrics.latency.labels(done[0].applied["kind"]).observe(time.perf_counter() - job.arrived)
-        return answer("/v1/completions", 200, {
+        self.metrics.latency.labels(done[0].applied["kind"]).observe(time.perf_counter() - job.arrived)
+        return self.answer("/v1/completions", 200, {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": engine.name, "choices": choices, "usage": usage(done), "mumoe": done[0].applied})
+            "model": self.engine.name, "choices": choices, "usage": self.usage(done), "mumoe": done[0].applied})
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
-        if not getattr(engine.tokenizer, "chat_template", None):
-            raise _Reply(400, f"the tokenizer of '{engine.name}' has no chat template; use /v1/completions, or "
+    async def chat(self, body: ChatRequest, request: Request):
+        if not getattr(self.engine.tokenizer, "chat_template", None):
+            raise _Reply(400, f"the tokenizer of '{self.engine.name}' has no chat template; use /v1/completions, or "
                               "start the server with --chat-template FILE")
-        check_model(body)
+        self.check_model(body)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            engine.check_chars("".join(m["content"] for m in messages), body.token_budget())
-            prompt = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages,
+            self.engine.check_chars("".join(m["content"] for m in messages), body.token_budget())
+            prompt = await asyncio.to_thread(self.engine.tokenizer.apply_chat_template, messages,
                                              add_generation_prompt=True, tokenize=False)
         except ValueError as e:  # MumoeError included
             raise _Reply(400, str(e).splitlines()[0], param="messages") from None
@@ -461,20 +479,49 @@ def create_app(engine: Engine, config: ServerConfig | None = None, worker_thread
         top = body.top_logprobs if body.top_logprobs is not None else 0
         sampling = Sampling(body.token_budget(), body.temperature, body.top_p, body.seed, body.stop,
                             top if body.logprobs else None, False)
-        job = await prepare(body, [prompt], sampling.max_tokens, sampling)
-        submit(job)
+        job = await self.prepare(body, [prompt], sampling.max_tokens, sampling)
+        self.submit(job)
         if body.stream:
-            return StreamingResponse(stream(job, request, "/v1/chat/completions", True,
+            return StreamingResponse(self.stream(job, request, "/v1/chat/completions", True,
                                             bool((body.stream_options or {}).get("include_usage"))),
                                      media_type="text/event-stream")
-        texts, entries, done = await collect(job, request, 1)
-        metrics.latency.labels(done[0].applied["kind"]).observe(time.perf_counter() - job.arrived)
-        return answer("/v1/chat/completions", 200, {
+        texts, entries, done = await self.collect(job, request, 1)
+        self.metrics.latency.labels(done[0].applied["kind"]).observe(time.perf_counter() - job.arrived)
+        return self.answer("/v1/chat/completions", 200, {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": engine.name,
+            "model": self.engine.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[0]},
                          "logprobs": _chat_logprobs(entries[0]) if body.logprobs else None,
                          "finish_reason": done[0].finish_reason}],
-            "usage": usage(done), "mumoe": done[0].applied})
+            "usage": self.usage(done), "mumoe": done[0].applied})
 
+
+def create_app(engine: Engine, config: ServerConfig | None = None, worker_thread: bool = True):
+    """The FastAPI app serving `engine`. worker_thread: its worker starts and stops in a thread with the app's
+    lifespan; False: the caller runs `app.state.worker.run()` (on the main thread), stopped at shutdown."""
+    config = config or ServerConfig()
+    worker = Worker(engine, config.max_queue)
+    metrics = worker.metrics = Metrics(worker, engine)
+    server = Server(engine, config, worker, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if worker_thread:
+            worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="mumoe serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.worker, app.state.server = engine, worker, server
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes,
+                       on_refused=lambda path: metrics.requests.labels(path, "413").inc())
+    app.exception_handler(RequestValidationError)(server._invalid)
+    app.exception_handler(HTTPException)(server._http)
+    app.exception_handler(_Reply)(server._reply)
+    app.exception_handler(Exception)(server._bug)
+    app.get("/health")(server.health)
+    app.get("/v1/models")(server.models)
+    app.get("/metrics")(server.prometheus)
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat)
     return app

@@ -19,10 +19,7 @@ from __future__ import annotations
 import functools
 
 import os
-import time
-from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -32,9 +29,8 @@ from ..compat import cache_kwarg, output_cache
 from ..errors import MumoeError
 from ..recipe import parse_structure
 from ..select.weights import check_active
-from ..testtime.experts import capture_router_logits, check_experts, experts_kept, prompt_keep
-from ..testtime.kvcache import grow_in_place
-from ..testtime.prompt import PromptPruner
+from ..testtime.experts import check_experts
+from ..testtime.protocol import Dense, Experts, MuMoE, PerPrompt, Task, ready_to_decode
 
 EXTENSION_KEYS = ("active", "structure", "experts", "task")
 
@@ -146,9 +142,14 @@ class Engine:
         if library is not None and not taer_only:
             library.check_model(model)
         self.max_task_models = max_task_models
-        self.task_models: OrderedDict[str, nn.Module] = OrderedDict()
+        self.task_models = None
+        if library is not None:
+            from ..retrieval.partial import TaskModels
+
+            self.task_models = TaskModels(model_path, library, next(model.parameters()).dtype, self.device,
+                                          max_task_models)
         self.total_weights = sum(p.numel() for p in model.parameters())
-        self._pruners: dict[tuple[float, str], PromptPruner] = {}
+        self._protocols: dict[tuple, PerPrompt] = {}
         self.defaults = self.pruning(None, defaults or Pruning())
 
     # ---- request checks (cheap; run before a request is queued) --------------------------------
@@ -224,25 +225,29 @@ class Engine:
     # ---- task models (TAER) --------------------------------------------------------------------
     def task_model(self, task: str) -> tuple[nn.Module, bool]:
         """A task's model from the cache (moved to most recent) or loaded with only its experts. -> (model, cached)"""
-        from ..retrieval.partial import load_task_model
-
-        if task in self.task_models:
-            self.task_models.move_to_end(task)
-            return self.task_models[task], True
-        while len(self.task_models) >= self.max_task_models:
-            self.task_models.popitem(last=False)
-        model = load_task_model(self.model_path, self.library, task, next(self.model.parameters()).dtype)
-        self.task_models[task] = model.to(self.device)
-        return self.task_models[task], False
+        model, cached, _ = self.task_models.get(task)
+        return model, cached
 
     def task_cache_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for m in self.task_models.values() for p in m.parameters())
+        return self.task_models.nbytes() if self.task_models is not None else 0
 
-    def _pruner(self, active: float, structure: str) -> PromptPruner:
-        key = (active, structure)
-        if key not in self._pruners:
-            self._pruners[key] = PromptPruner(self.model, active, structure)
-        return self._pruners[key]
+    def task_models_cached(self) -> int:
+        return len(self.task_models) if self.task_models is not None else 0
+
+    def protocol(self, pruning: Pruning) -> PerPrompt:
+        """The per-prompt protocol of a request's pruning (`testtime.protocol`), one per setting (a μ-MoE
+        pruner plans its model once)."""
+        key = (pruning.kind, pruning.active, pruning.structure, pruning.experts, pruning.task)
+        if key not in self._protocols:
+            if pruning.kind == "mu-moe":
+                self._protocols[key] = MuMoE(self.model, pruning.active, pruning.structure)
+            elif pruning.kind == "experts":
+                self._protocols[key] = Experts(pruning.experts)
+            elif pruning.kind == "task":
+                self._protocols[key] = Task(self.library, self.task_models, pruning.task)
+            else:
+                self._protocols[key] = Dense()
+        return self._protocols[key]
 
     # ---- one completion ------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,62 +256,18 @@ class Engine:
         """Complete one prompt. `emit(text, logprob entries)` receives the text as it becomes safe to send (with
         echo, the prompt first); `should_stop()` returns "cancelled" / "timeout" to end early."""
         x = torch.tensor([ids], device=self.device)  # [1, L]
-        t0 = time.perf_counter()
-        model, ctx, applied, overhead, refeed = self.model, nullcontext(), {"kind": pruning.kind}, 0.0, False
-        if pruning.kind == "mu-moe":
-            pruner = self._pruner(pruning.active, pruning.structure)
-            timing: dict = {}
-            norms, cache = pruner.prefill(x, timing)
-            t1 = time.perf_counter()
-            masks = pruner.select(norms)
-            total, kept = sum(m.numel() for m in masks.values()), sum(int(m.sum()) for m in masks.values())
-            ctx, refeed = pruner.applied(masks), True
-            overhead = timing["hooks_s"] + time.perf_counter() - t1
-            applied.update(active=pruning.active, structure=pruning.structure,
-                           active_weights=self.total_weights - (total - kept))
-        elif pruning.kind == "experts":
-            with capture_router_logits(model) as logits:
-                out = model(input_ids=x, use_cache=True)
-            t1 = time.perf_counter()
-            keep = prompt_keep(logits, pruning.experts)
-            cache, ctx, refeed = output_cache(out), experts_kept(model, keep), True
-            overhead = time.perf_counter() - t1
-            applied.update(experts=pruning.experts)
-        elif pruning.kind == "task":
-            from ..retrieval.library import match
-
-            task, distance = pruning.task, None
-            if task == "auto":
-                m = match(self.model, self.library, x)
-                task, distance = m.task, m.distance
-            model, cached = self.task_model(task)
-            overhead = time.perf_counter() - t0
-            out = model(input_ids=x, use_cache=True)
-            cache = output_cache(out)
-            applied.update(task=task, matched=pruning.task == "auto", cached=cached,
-                           active_weights=sum(p.numel() for p in model.parameters()))
-            if distance is not None:
-                applied["distance"] = round(distance, 4)
-        else:
-            out = model(input_ids=x, use_cache=True)
-            cache = output_cache(out)
-        if "active_weights" not in applied:
-            applied["active_weights"] = self.total_weights
-        t_enter = time.perf_counter()
-        with ctx as undo:
-            overhead += time.perf_counter() - t_enter  # masking / compaction / slicing
-            if pruning.kind == "experts":
-                applied["active_weights"] = self.total_weights - undo
+        prefilled = self.protocol(pruning).prefill(self.model, x)
+        applied = dict(prefilled.info)
+        with prefilled.applied() as _:
+            st = prefilled.stats
+            if "active_weights" not in applied:  # what decoding multiplies by, per token
+                applied["active_weights"] = self.total_weights - st.get("removed_weights", 0)
             if sampling.echo:
-                self._echo(model, x, sampling, emit, None if refeed else out.logits)
-            if refeed:
-                grow_in_place(cache)
-                cache.crop(-1)
-                feed, logits = x[:, -1:], None
-            else:
-                feed, logits = None, out.logits[:, -1]
-            applied["overhead_ms"] = round(1000 * overhead, 3)
-            reason, n = self._decode(model, cache, feed, logits, sampling, emit, should_stop)
+                self._echo(prefilled.model, x, sampling, emit, prefilled.logits)
+            ready_to_decode(prefilled)
+            feed, logits = (x[:, -1:], None) if prefilled.refeed else (None, prefilled.logits[:, -1])
+            applied["overhead_ms"] = round(1000 * prefilled.overhead_s, 3)
+            reason, n = self._decode(prefilled.model, prefilled.cache, feed, logits, sampling, emit, should_stop)
         return Finished(reason, len(ids), n, applied)
 
     def _echo(self, model: nn.Module, x: torch.Tensor, sampling: Sampling, emit, logits: torch.Tensor | None) -> None:

@@ -79,6 +79,20 @@ def expert_continuation_perplexity(model: nn.Module, wins: torch.Tensor, prompt_
     return {"ppl": math.exp(nll / count), "tokens": count, "windows": N, "prompt_len": prompt_len}
 
 
+def offline_expert_keeps(model: nn.Module, methods: list[str], wins: torch.Tensor, groups, keep: int,
+                         progress: bool = True) -> dict[str, dict[int, list[int]]]:
+    """The offline baselines of the expert-grain test-time protocol: each method scored once on calibration
+    windows [N, L] (one pass for all), its `keep` best experts per MoE layer -> {method: {layer: kept}}."""
+    from ..criteria import get_method, score_methods
+    from ..models import moe_adapter_for
+    from ..select import rank
+
+    scores = score_methods(model, methods, wins, groups, progress=progress)
+    layers = moe_adapter_for(model).moe_layers()
+    return {m: {layer.index: sorted(rank(s, get_method(m).prune_highest)[:keep].tolist())
+                for layer, s in zip(layers, scores[m])} for m in methods}
+
+
 def taer_chooser(lib):
     """`choose` for TAER inside the protocol: the prompt's key from its captured router logits (the library's
     key statistic and layers), the nearest task, that task's kept experts."""

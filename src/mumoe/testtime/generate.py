@@ -17,8 +17,7 @@ from torch import nn
 from ..errors import MumoeError
 from ..select.weights import check_active
 from ..compat import cache_kwarg
-from .kvcache import grow_in_place
-from .prompt import PromptPruner
+from .protocol import MuMoE, ready_to_decode
 
 
 @dataclass
@@ -37,26 +36,24 @@ class TestTimeResult:
 
 def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure: str = "row",
              compacted: bool = True, **generate_kwargs) -> TestTimeResult:
-    """Generate a continuation of one prompt [L] or [1, L] with masks chosen from the prompt itself.
-    structure="column" decodes with compacted matrices and gathered inputs (compacted=False: zeroed columns);
-    its first call stores the model's prunable weights column-major (`prepare_columns`, once per model, values
-    unchanged) so that each prompt's compaction is a fast row gather."""
+    """Generate a continuation of one prompt [L] or [1, L] with masks chosen from the prompt itself (the
+    per-prompt protocol's μ-MoE, `protocol.MuMoE`). structure="column" decodes with compacted matrices and
+    gathered inputs (compacted=False: zeroed columns); its first call stores the model's prunable weights
+    column-major (`prepare_columns`, once per model, values unchanged) so that each prompt's compaction is a fast
+    row gather."""
     check_active(active)
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     if ids.numel() == 0:
         raise MumoeError("empty prompt")
-    pruner = PromptPruner(model, active, structure, compacted)
+    per_prompt = MuMoE(model, active, structure, compacted)
     t0 = time.perf_counter()
-    timing: dict = {}
-    norms, cache = pruner.prefill(ids, timing)
+    prefilled = per_prompt.prefill(model, ids)
     t1 = time.perf_counter()
-    masks = pruner.select(norms)
-    with pruner.applied(masks) as undo:
+    with prefilled.applied():
         t2 = time.perf_counter()
-        grow_in_place(cache)  # decode appends in place instead of copying the cache per token
-        cache.crop(-1)  # drop the last prompt position: it is fed again through the pruned weights
+        ready_to_decode(prefilled)  # decode appends in place; the last prompt position is fed again, pruned
         with torch.no_grad():
-            out = model.generate(ids, **{cache_kwarg(): cache}, **generate_kwargs)
-    total = sum(m.numel() for m in masks.values())
-    return TestTimeResult(out, t1 - t0, t2 - t1, int(sum(int(m.sum()) for m in masks.values())), total,
-                          timing["hooks_s"], undo.weights if pruner.compacted else None)
+            out = model.generate(ids, **{cache_kwarg(): prefilled.cache}, **generate_kwargs)
+    st = prefilled.stats
+    return TestTimeResult(out, t1 - t0 - st["select_s"], st["select_s"] + t2 - t1, st["kept_weights"],
+                          st["prunable_weights"], st["statistics_s"], st.get("read_weights"))

@@ -1,0 +1,103 @@
+"""`mumoe compare`: several methods from one calibration pass, each applied and evaluated."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ..errors import MumoeError
+from ..settings import SETTINGS
+from .common import check_device, load_model, source_dir, model_args, say
+from .evaluate import _eval_texts
+
+def cmd_compare(args) -> int:
+    from .. import api
+    from ..criteria import get_method
+    from ..eval.compare import compare, markdown
+    from ..loading import check_model, load_tokenizer
+    from ..observe.calib import check_sources, tokenize, windows
+    from ..recipe import Recipe
+
+    from ..files import check_positive
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise MumoeError("--methods names no method (e.g. --methods reap,ean,frequency)")
+    for value, flag, low in ((args.eval_windows, "--eval-windows", 1), (args.eval_seqlen, "--eval-seqlen", 2),
+                             (args.batch_size, "--batch-size", 1)):
+        check_positive(value, flag, low)
+    check_device(args.device)
+    ratios = args.ratio or [0.5]
+    opts = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen), ("seed", args.seed),
+                              ("form", args.form), ("scope", args.scope)) if v is not None}
+    opts["batch_size"] = args.batch_size or 8  # one pass: one batch size for every method
+    recipes = [Recipe.build(m, r, calib=(args.calib or ["domain"]) if get_method(m).needs_calib else None, dtype=args.dtype or "auto",
+                            device=args.device or "cpu", **opts) for m in methods for r in ratios]
+    from ..eval.compare import check_recipes
+
+    check_recipes(recipes)
+    cal = next((r for r in recipes if r.calib.sources), None)
+    if cal is not None:
+        check_sources(cal.calib.sources, read=False)
+    if args.out:
+        from ..apply.export import check_output_dir
+
+        check_output_dir(args.out, args.overwrite, source_dir(check_model(args.model)))
+        from ..files import SMALL_FILE, check_free_space
+
+        check_free_space(args.out, SMALL_FILE, "tables and plots of a few KiB", thing="the report")
+    check_model(args.model)
+    eval_texts = _eval_texts(args.eval) if args.eval else None
+    t0 = time.perf_counter()
+    tok = load_tokenizer(args.model)  # calibration windows cut (each text read once) before the weights load
+    wins, groups, info = api.calibration(cal, None, tok) if cal is not None else (None, None, {})
+    model = load_model(args.model, args.dtype, args.device)
+    evals = None
+    if eval_texts:
+        if tok is None:
+            raise MumoeError(f"{args.model} has no tokenizer; --eval on text needs one")
+        evals = {d: windows(tokenize(tok, text), args.eval_seqlen, args.eval_windows) for d, text in eval_texts.items()}
+    say(f"compare {', '.join(methods)} at {', '.join(f'{r:.0%}' for r in ratios)} on {args.model}: one calibration "
+          f"pass" + (f" over {info['nsamples']} windows x {info['seqlen']} tokens ({info['source']})" if info else "")
+          + (f"; eval {args.eval_windows} windows x {args.eval_seqlen} tokens of {', '.join(evals)}" if evals else ""))
+    res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=not SETTINGS.quiet,
+                  log=None)
+    print(markdown(res))
+    say(f"\none calibration pass for {len(set(methods))} methods: {res.pass_seconds:.1f}s; "
+          f"total {time.perf_counter() - t0:.1f}s")
+    if args.out:
+        from ..apply.export import atomic_output
+        from ..eval.report import write_report
+
+        payload = {"model": args.model, "calibration": info, "pass_seconds": round(res.pass_seconds, 3),
+                   "recipes": [r.to_dict() for r in recipes], "rows": res.rows, "reports": res.reports}
+        with atomic_output(args.out, args.overwrite) as tmp:
+            (tmp / "results.json").write_text(json.dumps(payload, indent=1))
+            if evals:
+                write_report([r for r in res.rows if "ppl" in r], tmp, f"mumoe compare on {args.model}")
+        print(f"wrote {args.out}/ (results.json" + (", report.md, ppl_vs_ratio.png)" if evals else ")"))
+    return 0
+
+
+def add_parser(sub) -> None:
+    sp = sub.add_parser("compare", help="score several methods from ONE calibration pass, apply and evaluate each",
+                        description="Every method's statistics come from a single calibration pass (forward, plus "
+                        "backward when HEAPr is among them); each method is then applied to a copy of the model and, "
+                        "with --eval, scored by perplexity. Expert and atom methods; one-shot scoring.")
+    model_args(sp)
+    sp.add_argument("--methods", required=True, help="comma-separated methods, e.g. reap,ean,frequency,peu,heapr")
+    sp.add_argument("--ratio", type=float, action="append",
+                    help="fraction removed (experts per layer, or atoms); repeat for several (default 0.5)")
+    sp.add_argument("--calib", action="append", help="calibration sources as for prune (default: domain)")
+    sp.add_argument("--nsamples", type=int, help="calibration windows in all (default 128)")
+    sp.add_argument("--seqlen", type=int, help="calibration window length (default 512)")
+    sp.add_argument("--seed", type=int, help="random windows / random scores seed (default: first windows)")
+    sp.add_argument("--batch-size", type=int, help="calibration windows per forward (default 8)")
+    sp.add_argument("--form", choices=["uniform", "global"], help="atom methods: uniform (default) or global")
+    sp.add_argument("--scope", choices=["global", "layer"], help="atom methods, global form: ranking scope")
+    sp.add_argument("--eval", help="evaluate each pruned copy: 'domain' (bundled eval splits) or a .txt file/folder")
+    sp.add_argument("--eval-windows", type=int, default=12, help="eval windows per text (default 12)")
+    sp.add_argument("--eval-seqlen", type=int, default=512, help="eval window length (default 512)")
+    sp.add_argument("--out", help="write results.json (+ report.md and ppl_vs_ratio.png with --eval) here")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    sp.set_defaults(func=cmd_compare)

@@ -1,0 +1,89 @@
+"""`mumoe generate`: μ-MoE generation, each prompt pruned for itself."""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import MumoeError
+from .common import check_device, load_model, model_config, model_args, say
+
+def _check_generate_args(args) -> None:
+    from ..files import check_positive
+    from ..loading import check_model
+    from ..recipe import parse_structure
+
+    check_positive(getattr(args, "max_new_tokens", None), "--max-new-tokens", 0)
+    if getattr(args, "structure", None) is not None:
+        parse_structure(args.structure)
+    check_model(args.model)
+    check_device(args.device)
+
+
+def _check_context(model_name: str, prompt_tokens: int, new_tokens: int) -> None:
+    """The prompt and the tokens to generate must fit the model's context (max_position_embeddings)."""
+    from ..loading import check_model
+
+    config = model_config(check_model(model_name))
+    if config is None:
+        return
+    ctx = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if ctx and prompt_tokens + new_tokens > ctx:
+        raise MumoeError(f"this model's maximum context length is {ctx} tokens; the prompt has {prompt_tokens} and "
+                         f"--max-new-tokens asks for {new_tokens} more ({prompt_tokens + new_tokens}): shorten the "
+                         "prompt or lower --max-new-tokens")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from ..loading import load_tokenizer
+    from ..select.weights import check_active
+    from ..testtime import generate
+
+    check_active(args.active)
+    if not args.prompt.strip():
+        raise MumoeError("empty prompt")
+    _check_generate_args(args)
+    tok = load_tokenizer(args.model)
+    if tok is None:
+        raise MumoeError(f"{args.model} has no tokenizer")
+    ids = torch.tensor([tok(args.prompt, add_special_tokens=False)["input_ids"]])
+    _check_context(args.model, ids.shape[1], args.max_new_tokens)  # as the server does, before the weights
+    t_load = time.perf_counter()
+    model = load_model(args.model, args.dtype, args.device)
+    say(f"loaded {args.model} in {time.perf_counter() - t_load:.1f}s; μ-MoE at ρ={args.active:g} "
+        f"({args.structure}), {ids.shape[1]} prompt tokens, up to {args.max_new_tokens} new")
+    with torch.no_grad():  # a plain dense prefill, timed for reference
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=True)
+        t_plain = time.perf_counter() - t0
+    from transformers import TextStreamer
+
+    print(args.prompt, end="", flush=True)  # then each new piece of text as it is decoded
+    res = generate(model, ids, args.active, args.structure, max_new_tokens=args.max_new_tokens,
+                   do_sample=False, pad_token_id=tok.eos_token_id,
+                   streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+    stats = res.statistics_seconds  # measured inside the hooks
+    print(f"\n[μ-MoE] {ids.shape[1]} prompt tokens; active weights {res.active_weights:,}/{res.total_weights:,} "
+          f"({res.active_weights / res.total_weights:.1%}, structure {args.structure}); dense prefill {t_plain:.3f}s, "
+          f"statistics {stats:.3f}s + selection and {'compaction' if args.structure == 'column' else 'masking'} "
+          f"{res.select_seconds:.3f}s "
+          f"= {(stats + res.select_seconds) / t_plain:.0%} of the prefill")
+    if res.read_weights is not None:
+        print(f"[μ-MoE] compacted decoding reads {res.read_weights:,} weights ({res.read_weights / res.total_weights:.1%}): "
+              f"MLP rows whose outputs the masked down projection drops are not computed")
+    return 0
+
+
+def add_parser(sub) -> None:
+    sp = sub.add_parser("generate", help="μ-MoE: prune per prompt from its own activations, then generate",
+                        description="Dense prefill of the prompt collects per-input-feature norms of every linear "
+                        "(per expert for routed experts); Wanda masks at active ratio rho are built for this prompt "
+                        "and the continuation is decoded with them.")
+    model_args(sp)
+    sp.add_argument("--prompt", required=True, help="the prompt text; its own prefill is the calibration")
+    sp.add_argument("--active", type=float, default=0.5, help="active-weight ratio rho in (0, 1] (default 0.5)")
+    sp.add_argument("--structure", default="row", help="row (default), N:M (e.g. 2:4) or column (compacted "
+                    "decode: whole input columns dropped; lossy on a model as narrow as the bundled one)")
+    sp.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate, greedy (default 48)")
+    sp.set_defaults(func=cmd_generate)

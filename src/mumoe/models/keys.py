@@ -1,0 +1,70 @@
+"""Checkpoint key layouts, gathered from the adapters: under which names the architectures' safetensors files store
+the MoE block (`mlp`, and the legacy names an adapter declares in `checkpoint_block_names`), the per-expert
+matrices (`gate_proj|up_proj|down_proj`, and an adapter's legacy `checkpoint_expert_kinds`), fused expert tensors
+and the router. Code outside `models/` reads keys only through these patterns and `canonical`: a new architecture
+with its own spelling adds it to its adapter, nowhere else."""
+
+from __future__ import annotations
+
+import re
+
+from .base import EXPERT_COUNT_KEYS, TOP_K_KEYS  # noqa: F401  (the config keys, with the key names)
+from .registry import ADAPTERS
+
+BLOCK_NAMES: tuple[str, ...] = ("mlp", *sorted({n for cls in ADAPTERS.values() for n in cls.checkpoint_block_names}
+                                              - {"mlp"}))
+KIND: dict[str, str] = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj",
+                        **{k: v for cls in ADAPTERS.values() for k, v in cls.checkpoint_expert_kinds.items()}}
+
+_BLOCK = rf"^(?P<pre>.*\.layers\.(?P<layer>\d+)\.(?:{'|'.join(BLOCK_NAMES)})\.experts)"
+FUSED = re.compile(_BLOCK + r"\.(?P<kind>gate_up_proj|down_proj)$")  # transformers v5: [E, 2I, H] and [E, H, I]
+LEGACY = re.compile(_BLOCK + rf"\.(?P<e>\d+)\.(?P<kind>{'|'.join(KIND)})\.weight$")  # one matrix per expert
+ROUTER = re.compile(rf"^.*\.layers\.(?P<layer>\d+)\.(?:{'|'.join(BLOCK_NAMES)})\.gate\."
+                    r"(?P<kind>weight|bias|e_score_correction_bias)$")
+
+
+def canonical(key: str) -> str:
+    """`key` with its MoE block under the name transformers v5 gives it (`mlp`)."""
+    for name in BLOCK_NAMES[1:]:
+        key = key.replace(f".{name}.", ".mlp.")
+    return key
+
+
+def legacy_blocks(param_names) -> bool:
+    """Whether a model names its MoE blocks the legacy way (then checkpoint keys map onto it as they are)."""
+    return any(canonical(n) != n for n in param_names)
+
+
+def config_value(cfg: dict, keys: tuple[str, ...]):
+    """The first of `keys` set in a config.json dict (or its text_config), else None."""
+    for c in (cfg, cfg.get("text_config") or {}):
+        for key in keys:
+            if c.get(key) is not None:
+                return c[key]
+    return None
+
+
+# config keys of the widths a prunable linear can take as input (an N:M block must divide each)
+INPUT_WIDTH_KEYS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+                    "ffn_dim")
+EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size")  # the routed experts' width, first found
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def input_widths(config) -> set[int]:
+    """Every input width of the model's prunable linears that its config states (attention output included)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    widths = {w for k in INPUT_WIDTH_KEYS if _int(w := getattr(cfg, k, None))}
+    heads, head_dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "head_dim", None)
+    if heads and head_dim:
+        widths.add(heads * head_dim)
+    return widths
+
+
+def expert_width(config) -> int | None:
+    """The routed experts' intermediate width from a config (None when it has none)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return next((v for k in EXPERT_WIDTH_KEYS if _int(v := getattr(cfg, k, None)) and v > 0), None)
