@@ -15,11 +15,12 @@ from .drivers.inputs import (_sources, calibration, check_materialised, check_mo
                              check_token_ids)
 from .drivers.memory import apply_stage, prune_loaded
 from .errors import MumoeError
+from .grains import GRAINS
 from .grains.expert import layer_summary, select_experts  # noqa: F401  (re-exported)
 from .recipe import Recipe, make_stage
 
-_RECIPE_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "budget", "order", "form", "scope", "structure",
-                   "dtype", "device", "width_multiple")
+_RECIPE_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "dtype", "device",
+                   *dict.fromkeys(f for g in GRAINS.values() for f in g.flags))  # and every grain's options
 
 
 def as_recipe(method, ratio=None, calib=None, options: dict | None = None, then=()) -> Recipe:

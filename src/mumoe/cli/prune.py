@@ -11,8 +11,18 @@ from ..errors import MumoeError
 from ..settings import SETTINGS
 from .common import check_device, lead, method_names, model_config, source_dir, model_args, say
 
-PRUNE_FLAGS = ("method", "ratio", "calib", "nsamples", "seqlen", "seed", "batch_size", "budget", "order", "form",
-               "scope", "structure", "width_multiple")
+def grain_flags() -> dict[str, dict]:
+    """Every grain's options as argparse specs: name -> kwargs, the first grain declaring a name giving it."""
+    from ..grains import GRAINS
+
+    out: dict[str, dict] = {}
+    for g in GRAINS.values():
+        for name, spec in g.cli.items():
+            out.setdefault(name, spec)
+    return out
+
+
+PRUNE_FLAGS = ("method", "ratio", "calib", "nsamples", "seqlen", "seed", "batch_size", *grain_flags())
 
 
 def _recipe_from_args(args):
@@ -129,26 +139,8 @@ def add_parser(sub) -> None:
                     "(repeatable, in order): e.g. --method reap --ratio 0.2 --then wanda:0.5 removes 20%% of the "
                     "experts, then half of the remaining weights; options of that stage's grain as "
                     "wanda:0.5:structure=2:4 or heapr:0.25:form=global")
-    sp.add_argument("--budget", choices=["uniform", "global"],
-                    help="expert methods: uniform = round(ratio*E) dropped in every layer (a standard checkpoint every engine reads, "
-                    "default); global = one ranking over all layers (scores normalized per layer, floor of top_k), "
-                    "exported for mumoe.load")
-    sp.add_argument("--order", choices=["one-shot", "progressive"],
-                    help="expert methods and wanda: one-shot = every layer scored on the unpruned model (default); "
-                    "progressive = layer l scored after layers < l are pruned (llm-compressor's REAP order; the "
-                    "Wanda authors' order, layer-sequential only)")
-    sp.add_argument("--form", choices=["uniform", "global"],
-                    help="atom methods: uniform = same width for every expert (a standard checkpoint, default); "
-                    "global = HEAPr's one ranking, per-expert widths (mumoe.load, or transformers with "
-                    "trust_remote_code=True)")
-    sp.add_argument("--scope", choices=["global", "layer"],
-                    help="atom methods with --form global: rank over all layers (default) or per layer")
-    sp.add_argument("--width-multiple", type=int, metavar="N",
-                    help="atom methods, uniform form: kept expert widths are multiples of N (default 64, what GPU "
-                    "kernels tile by; 256 for llama.cpp's Q4_K/Q5_K/Q6_K, whose blocks span 256 values of a row)")
-    sp.add_argument("--structure",
-                    help="weight methods (wanda): row (unstructured per row, default), N:M (e.g. 2:4, then --ratio "
-                    "is 1 - N/M) or column")
+    for flag, spec in grain_flags().items():  # each grain's options (`Grain.cli`), in registry order
+        sp.add_argument(f"--{flag.replace('_', '-')}", **spec)
     sp.add_argument("--in-memory", action="store_true", help="aimer: load the model instead of streaming the files")
     sp.add_argument("--layerwise", choices=["auto", "on", "off"], default="auto",
                     help="calibrated methods on a local checkpoint: on = layer-sequential (one decoder layer "

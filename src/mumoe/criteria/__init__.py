@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MumoeDataError, MumoeError
+from ..select.merge import average_linkage
 from . import expert, heapr
+from . import merge as merge_features
 from . import weight as weight_scores
 from .stats import LayerStats
 
@@ -37,6 +39,8 @@ class Method:
     from_norms: Callable | None = None  # (weight, input norms) -> the weight's scores (weight grain)
     from_weight: Callable | None = None  # (weight) -> the weight's scores (weight grain, calibration-free)
     from_files: Callable | None = None  # (checkpoint folder, progress) -> {layer: [E]}, the model never loaded
+    from_means: Callable | None = None  # merge grain: MeanOutputs (every expert on every token) -> features [E, D]
+    group: Callable | None = None  # merge grain: (features [E, D], M) -> M groups of expert ids
     progressive: bool | None = None  # may score layer by layer on the pruned earlier layers (None: if calibrated)
     structures: tuple[str, ...] | None = None  # weight grain: the --structure values it takes (None: every one)
     notes: dict[str, str] = field(default_factory=dict)  # grain option value -> a line the CLI prints
@@ -87,6 +91,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            from_norms=weight_scores.wanda, progressive=True),
     Method("magnitude", "weight", False, False, "magnitude: |W| with one threshold per matrix",
            from_weight=weight_scores.magnitude, structures=("row",)),
+    Method("hc-smoe", "merge", True, False, "HC-SMoE: experts' mean outputs over all tokens, average-linkage "
+           "clusters, frequency-weighted average", from_means=merge_features.hc_smoe, group=average_linkage),
 ]}
 
 
@@ -110,7 +116,7 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
     norms. -> name: per MoE layer [E] (expert grain) or [E, I] (atom grain); weight grain: {param: scores}.
     groups: [N] calibration source of each window (EASY-EP normalizes per source)."""
     from ..models import adapter_for, moe_adapter_for
-    from ..observe.collectors import AtomStats, ExpertStats, InputNorms
+    from ..observe.collectors import AtomStats, ExpertMeans, ExpertStats, InputNorms
     from ..observe.runner import run
 
     methods = [get_method(n) for n in names]
@@ -124,9 +130,11 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
                           n_groups=1 if groups is None else int(groups.max()) + 1)
     atoms = AtomStats(layers, backward=any(m.needs_backward for m in calibrated))
     norms = InputNorms(model)
+    means = ExpertMeans(layers)
     collectors = ([experts] if any(m.from_stats is not None for m in calibrated) else []) + (
         [atoms] if any(m.from_atoms is not None for m in calibrated) else []) + (
-        [norms] if any(m.from_norms is not None for m in calibrated) else [])
+        [norms] if any(m.from_norms is not None for m in calibrated) else []) + (
+        [means] if any(m.from_means is not None for m in calibrated) else [])
     if collectors:
         run(model, calib, collectors, batch_size=batch_size, progress=progress, layers=layers, groups=groups,
             device=device)
@@ -145,6 +153,10 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
             out[m.name] = [m.from_atoms(layer, st) for layer, st in zip(layers, atom_st)]
         elif m.from_norms is not None:
             out[m.name] = {n: m.from_norms(params[n], v) for n, v in norms.result().items()}
+        elif m.from_means is not None:  # features to group, and the routed counts that weight the merge
+            res = means.result()
+            check_tokens([st.n_tokens for st in res], [layer.index for layer in layers])
+            out[m.name] = [{"features": m.from_means(st).cpu(), "freq": st.freq.cpu()} for st in res]
         else:
             from ..models.prunable import prunable_names
 
@@ -168,6 +180,8 @@ def check_scores(scores: dict[str, object], layer_index: list[int]) -> dict[str,
     for name, per in scores.items():
         items = per.items() if isinstance(per, dict) else zip((f"MoE layer {j}" for j in layer_index), per)
         for where, s in items:
+            if isinstance(s, dict):  # several tensors per layer (the merge grain's features and counts)
+                s = torch.cat([v.flatten().double() for v in s.values() if isinstance(v, torch.Tensor)])
             if isinstance(s, torch.Tensor) and s.is_floating_point() and s.numel() and not bool(torch.isfinite(s).all()):
                 raise MumoeDataError(f"{name} scores of {where} are not finite (NaN or inf): the activations "
                                      "overflowed or the weights are corrupt; try --dtype fp32, or check the checkpoint")

@@ -90,6 +90,16 @@ class AtomGrain(Grain):
     name: ClassVar[str] = "atom"
     part: ClassVar[type] = AtomPart
     flags: ClassVar[tuple[str, ...]] = ("form", "scope", "width_multiple")
+    cli: ClassVar[dict[str, dict]] = {
+        "form": {"choices": list(FORMS), "help": "atom methods: uniform = same width for every expert (a standard "
+                 "checkpoint, default); global = HEAPr's one ranking, per-expert widths (mumoe.load, or transformers "
+                 "with trust_remote_code=True)"},
+        "scope": {"choices": list(SCOPES),
+                  "help": "atom methods with --form global: rank over all layers (default) or per layer"},
+        "width_multiple": {"type": int, "metavar": "N", "help": "atom methods, uniform form: kept expert widths are "
+                           "multiples of N (default 64, what GPU kernels tile by; 256 for llama.cpp's "
+                           "Q4_K/Q5_K/Q6_K, whose blocks span 256 values of a row)"},
+    }
     batch_size: ClassVar[int] = 4
 
     def part_from_dict(self, d: dict) -> AtomPart:

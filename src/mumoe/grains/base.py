@@ -48,6 +48,7 @@ class Grain:
     name: ClassVar[str]
     part: ClassVar[type]  # its recipe options (a frozen dataclass; `Recipe.<name>`)
     flags: ClassVar[tuple[str, ...]]  # the part's fields that `Recipe.build` and the CLI take as flat options
+    cli: ClassVar[dict[str, dict]] = {}  # flag -> argparse kwargs for `mumoe prune` (a flag two grains share: once)
     batch_size: ClassVar[int] = 8  # the default calibration batch
     needs_experts: ClassVar[bool] = True  # it prunes routed experts (a dense model is refused)
     shares_pass: ClassVar[bool] = True  # its scores can come from a pass shared with other methods (compare)

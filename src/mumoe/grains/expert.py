@@ -74,6 +74,14 @@ class ExpertGrain(Grain):
     name: ClassVar[str] = "expert"
     part: ClassVar[type] = ExpertPart
     flags: ClassVar[tuple[str, ...]] = ("budget", "order")
+    cli: ClassVar[dict[str, dict]] = {
+        "budget": {"choices": list(BUDGETS), "help": "expert methods: uniform = round(ratio*E) dropped in every layer "
+                   "(a standard checkpoint every engine reads, default); global = one ranking over all layers "
+                   "(scores normalized per layer, floor of top_k), exported for mumoe.load"},
+        "order": {"choices": list(ORDERS), "help": "expert methods and wanda: one-shot = every layer scored on the "
+                  "unpruned model (default); progressive = layer l scored after layers < l are pruned "
+                  "(llm-compressor's REAP order; the Wanda authors' order, layer-sequential only)"},
+    }
 
     def check(self, recipe) -> ExpertPart:
         from ..criteria import get_method

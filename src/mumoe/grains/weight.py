@@ -48,6 +48,11 @@ class WeightGrain(Grain):
     name: ClassVar[str] = "weight"
     part: ClassVar[type] = WeightPart
     flags: ClassVar[tuple[str, ...]] = ("structure", "order")
+    cli: ClassVar[dict[str, dict]] = {
+        "structure": {"help": "weight methods (wanda): row (unstructured per row, default), N:M (e.g. 2:4, then "
+                      "--ratio is 1 - N/M) or column"},
+        "order": {"choices": list(ORDERS), "help": "see the expert methods' --order"},
+    }
     needs_experts: ClassVar[bool] = False
     shares_pass: ClassVar[bool] = False  # scored and masked in one step
 

@@ -61,6 +61,58 @@ class LayerStats:
         return self
 
 
+@dataclass
+class MeanOutputs:
+    """One MoE layer's outputs of every expert on every calibration token (HC-SMoE's features), summed."""
+
+    layer: MoELayer
+    sum: torch.Tensor  # [E, H] Σ_t f_i(x_t), every expert on every token (float64)
+    freq: torch.Tensor  # [E] routed count: top-k selections of each expert (float64)
+    n_tokens: int = 0
+
+    def mean(self) -> torch.Tensor:
+        """[E, H] the mean output of each expert over all tokens."""
+        return self.sum / max(self.n_tokens, 1)
+
+
+class ExpertMeans(Collector):
+    """Every expert run on every token (not only its routed ones) and its outputs summed: [E, H] per layer, in
+    row chunks of `chunk` tokens (never E × T × H at once); plus each expert's routed count."""
+
+    def __init__(self, layers: list[MoELayer], chunk: int = 1024) -> None:
+        self.layers, self.chunk = layers, chunk
+        self.stats: dict[int, MeanOutputs] = {}
+
+    def on_route(self, ev: RouteEvent) -> None:
+        layer = ev.layer
+        E, H = layer.num_experts, ev.hidden.shape[-1]
+        st = self.stats.get(layer.index)
+        if st is None:
+            dev = ev.hidden.device
+            st = self.stats[layer.index] = MeanOutputs(layer, torch.zeros(E, H, dtype=torch.float64, device=dev),
+                                                        torch.zeros(E, dtype=torch.float64, device=dev))
+        st.n_tokens += ev.hidden.shape[0]
+        st.freq += torch.bincount(ev.indices.reshape(-1), minlength=E).double()
+        with torch.no_grad():
+            for start in range(0, ev.hidden.shape[0], self.chunk):
+                x = ev.hidden[start:start + self.chunk]  # [c, H]
+                for e in range(E):
+                    st.sum[e] += layer.expert_forward(e, x).double().sum(0)
+
+    def reduce(self, index: int, total: Callable) -> None:
+        """Sum one layer's statistics over data-parallel ranks."""
+        st = self.stats[index]
+        st.sum, st.freq = total(st.sum), total(st.freq)
+        st.n_tokens = int(total(torch.tensor(float(st.n_tokens), device=st.sum.device)))
+
+    def result(self) -> list[MeanOutputs]:
+        """One MeanOutputs per layer (a layer no token reached: zeros, n_tokens 0)."""
+        return [self.stats.get(layer.index) or MeanOutputs(
+            layer, torch.zeros(layer.num_experts, layer.hidden_size, dtype=F64), torch.zeros(layer.num_experts,
+                                                                                          dtype=F64))
+            for layer in self.layers]
+
+
 class ExpertStats(Collector):
     """Fills one LayerStats per MoE layer. experts=False: routing statistics only (no expert outputs needed)."""
 
