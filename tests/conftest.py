@@ -49,3 +49,13 @@ def tok():
 
 SAMPLE_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
                "must be in want of a wife.\n\ndef f(x):\n    return x * 2\n\n") * 6
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A tiny qwen3_moe checkpoint with a character tokenizer (tmp_path/m), and a calibration text (tmp_path/c.txt)."""
+    model, tok = make("qwen3_moe"), char_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "c.txt").write_text(SAMPLE_TEXT * 4)
+    return tmp_path

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import mumoe
-from conftest import SAMPLE_TEXT, char_tokenizer, ids, make
+from conftest import char_tokenizer, ids, make
 from mumoe import MumoeError
 from mumoe.apply.merge import merge_layer
 from mumoe.cli import main
@@ -102,15 +102,6 @@ def test_identical_experts_merge_into_that_expert():
     assert [2, 5] in groups and len(groups) == 7
     m = groups.index([2, 5])
     assert torch.allclose(moe_adapter_for(model).moe_layers()[0].experts.gate_up_proj[m], expert)
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    model, tok = make("qwen3_moe"), char_tokenizer()
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    (tmp_path / "c.txt").write_text(SAMPLE_TEXT * 4)
-    return tmp_path
 
 
 def test_cli_merge_export_is_compact_and_reloads_to_the_same_logits(ckpt, capsys):

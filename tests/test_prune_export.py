@@ -181,3 +181,22 @@ def test_pruned_twice_the_record_describes_the_export(tmp_path):
             now = dict(model.named_parameters())[f"model.layers.{entry['layer']}.mlp.experts.{name}"]
             was = orig[f"model.layers.{entry['layer']}.mlp.experts.{name}"]
             assert torch.equal(now, was[entry["kept"]])
+
+
+def test_pruned_twice_last_global_reloads(tmp_path):
+    """Uniform, then a global budget (per-layer counts differ: mumoe's own form): mumoe.load rebuilds the export
+    from the record — kept indices in the numbering of the export's config — to the in-memory model's logits."""
+    from conftest import ids, make
+    from mumoe.loading import load
+
+    src = tmp_path / "src"
+    make("qwen3_moe").save_pretrained(src)
+    model = load(str(src))
+    mumoe.prune(model, "aimer", 0.25)  # 8 -> 6 in every layer
+    report = mumoe.prune(model, "aimer", 0.5, budget="global")  # 6 -> per-layer counts
+    assert report.form == "mumoe" and all(max(e["kept"]) < 6 for e in report.layers)
+    assert all(max(e["kept_original"]) < 8 and len(e["kept_original"]) == len(e["kept"]) for e in report.layers)
+    out = mumoe.save_pruned(model, tmp_path / "out", report)
+    x = ids(batch=2, length=10)
+    with torch.no_grad():
+        assert torch.equal(load(str(out)).eval()(x).logits, model.eval()(x).logits)

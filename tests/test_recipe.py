@@ -6,21 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLE_TEXT, char_tokenizer, make
+from conftest import SAMPLE_TEXT
 from mumoe import MumoeError
 from mumoe.cli import main
 from mumoe.observe.calib import spec_windows
 from mumoe.recipe import CalibSpec, Recipe
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    """A tiny qwen3_moe checkpoint with a character tokenizer, and a calibration text."""
-    model, tok = make("qwen3_moe"), char_tokenizer()
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    (tmp_path / "c.txt").write_text(SAMPLE_TEXT * 4)
-    return tmp_path
 
 
 def cli(argv, capsys):

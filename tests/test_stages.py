@@ -9,20 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import mumoe
-from conftest import SAMPLE_TEXT, char_tokenizer, make
 from mumoe import MumoeError
 from mumoe.cli import main
 from mumoe.recipe import Recipe, parse_stage
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    """A tiny qwen3_moe checkpoint (8 experts, top 2) with a character tokenizer, and a calibration text."""
-    model, tok = make("qwen3_moe"), char_tokenizer()
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    (tmp_path / "c.txt").write_text(SAMPLE_TEXT * 4)
-    return tmp_path
 
 
 def cli(argv, capsys):
