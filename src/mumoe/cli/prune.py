@@ -125,9 +125,12 @@ def _source_dir_if_local(args) -> str | None:
 
 def add_parser(sub) -> None:
     sp = sub.add_parser("prune", help="prune experts, atoms or weights and export an HF checkpoint + pruning.json",
-                        description="Score, select and apply one method at one ratio, then export atomically. The "
-                        "run is recorded as a recipe in pruning.json: `mumoe prune --recipe OUT/pruning.json --out "
-                        "DIR` replays it exactly. Everything is validated before the model is loaded.")
+                        description="Score, select and apply one method at one ratio (and any later stages, "
+                        "--then), then export atomically. The driver is chosen for the model: from the checkpoint "
+                        "files alone (aimer), layer by layer when it would not fit in memory (--layerwise), else "
+                        "loaded whole. The run is recorded as a recipe in pruning.json: `mumoe prune --recipe "
+                        "OUT/pruning.json --out DIR` replays it exactly. Everything is validated before the model "
+                        "is loaded.")
     model_args(sp, model_default=None)
     sp.add_argument("--method", help="scoring method: " + ", ".join(method_names()))
     sp.add_argument("--ratio", type=float, help="fraction removed, in [0, 1): of the routed experts of every layer "
