@@ -17,7 +17,7 @@ from mumoe.cli import main
 from mumoe.models import moe_adapter_for
 from mumoe.observe.collectors import ExpertMeans
 from mumoe.observe.runner import run
-from mumoe.select.merge import average_linkage
+from mumoe.criteria.merge import average_linkage
 from mumoe.testtime.experts import capture_router_logits
 
 

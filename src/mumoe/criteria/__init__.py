@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MumoeDataError, MumoeError
-from ..select.merge import average_linkage
 from . import expert, heapr
 from . import merge as merge_features
 from . import weight as weight_scores
@@ -92,7 +91,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("magnitude", "weight", False, False, "magnitude: |W| with one threshold per matrix",
            from_weight=weight_scores.magnitude, structures=("row",)),
     Method("hc-smoe", "merge", True, False, "HC-SMoE: experts' mean outputs over all tokens, average-linkage "
-           "clusters, frequency-weighted average", from_means=merge_features.hc_smoe, group=average_linkage),
+           "clusters, frequency-weighted average", from_means=merge_features.hc_smoe, group=merge_features.average_linkage),
 ]}
 
 
