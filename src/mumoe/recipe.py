@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 from .errors import MumoeError
@@ -68,13 +69,18 @@ class CalibSpec:
         return [self.nsamples // n + (i < self.nsamples % n) for i in range(n)]
 
 
-def _check_stage(stage) -> object:
-    """Validate one stage (a Recipe or a Stage: method, ratio, part); -> its grain part, normalised."""
+def _method(name):
+    """The registered Method called `name`; a one-line error for anything else."""
     from .criteria import get_method
 
-    m = get_method(stage.method) if isinstance(stage.method, str) else None
-    if m is None:
-        raise MumoeError(f"method must be a name, got {stage.method!r}")
+    if not isinstance(name, str):
+        raise MumoeError(f"method must be a name, got {name!r}")
+    return get_method(name)
+
+
+def _check_stage(stage) -> object:
+    """Validate one stage (a Recipe or a Stage: method, ratio, part); -> its grain part, normalised."""
+    m = _method(stage.method)
     object.__setattr__(stage, "ratio", check_ratio(stage.ratio))
     grain = get_grain(m.grain)
     if stage.part is None:  # the grain's defaults
@@ -160,12 +166,13 @@ class Recipe(_Parts):
         self.calib.per_source()
 
     # -- views -------------------------------------------------------------------------------------------
-    @property
-    def stages(self) -> list["Recipe"]:
-        """Every stage as a one-stage Recipe (with this recipe's calibration, dtype and device), in order."""
+    @cached_property
+    def stages(self) -> tuple["Recipe", ...]:
+        """Every stage as a one-stage Recipe (with this recipe's calibration, dtype and device), in order; built
+        (and validated) once per recipe."""
         first = replace(self, later=()) if self.later else self
-        return [first] + [Recipe(st.method, st.ratio, self.calib, st.part, self.dtype, self.device)
-                          for st in self.later]
+        return (first, *(Recipe(st.method, st.ratio, self.calib, st.part, self.dtype, self.device)
+                         for st in self.later))
 
     def describe(self) -> str:
         """What is pruned, in words (for the CLI's first line)."""
@@ -184,11 +191,7 @@ class Recipe(_Parts):
         """From flat options (the CLI's flags); the grain part is chosen by the method from `options` (budget,
         order: expert; form, scope, width_multiple: atom; structure, order: weight). calib: a source, a list of
         sources, or None."""
-        from .criteria import get_method
-
-        m = get_method(method) if isinstance(method, str) else None
-        if m is None:
-            raise MumoeError(f"method must be a name, got {method!r}")
+        m = _method(method)
         grain = get_grain(m.grain)
         unknown = set(options) - {f for g in GRAINS.values() for f in g.flags}
         if unknown:
@@ -308,12 +311,8 @@ def _part_from_dict(d: dict):
 
 def make_stage(method: str, ratio: float, options: dict | None = None) -> Stage:
     """A later stage from flat options (its grain's flags only)."""
-    from .criteria import get_method
-
     options = options or {}
-    m = get_method(method) if isinstance(method, str) else None
-    if m is None:
-        raise MumoeError(f"method must be a name, got {method!r}")
+    m = _method(method)
     grain = get_grain(m.grain)
     wrong = set(options) - set(grain.flags)
     if wrong:

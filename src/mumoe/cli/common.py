@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..drivers.choose import local_checkpoint  # noqa: F401  (the library's checks and loading, for every command)
+from ..drivers.inputs import load_dtype as dtype_of  # noqa: F401
+from ..drivers.inputs import load_model, model_config  # noqa: F401
 from ..settings import SETTINGS
+
 
 def say(*args, **kwargs) -> None:
     """A stage line (what is being done, how long it took): printed unless --quiet."""
@@ -16,26 +20,11 @@ MODEL_HELP = ("model: 'default' (the bundled qwen3_moe, also when omitted), a lo
               "a hub id, or 'tiny:ARCH' for a tiny random model (e.g. tiny:mixtral)")
 
 
-def model_config(name: str):
-    from ..drivers.inputs import model_config
-
-    return model_config(name)
-
-
 def check_device(device: str | None) -> None:
     """A device that is not there (cuda without a GPU) fails before anything is read."""
     from ..observe.runner import resolve_device
 
     resolve_device(device or "cpu")
-
-
-def dtype_of(name: str | None, model_name: str | None = None, device: str | None = None):
-    """The dtype the model runs in (`loading.compute_dtype`: "auto" = the checkpoint's own, fp32 on the CPU for
-    a bf16/fp16 one)."""
-    from ..loading import compute_dtype
-    from ..observe.runner import resolve_device
-
-    return compute_dtype(name or "auto", model_name, resolve_device(device or "cpu"))
 
 
 def source_dir(model_name: str) -> str | None:
@@ -46,22 +35,10 @@ def source_dir(model_name: str) -> str | None:
     return name if Path(name).is_dir() else None
 
 
-def load_model(name: str, dtype: str | None, device: str | None):
-    from ..drivers.inputs import load_model
-
-    return load_model(name, dtype, device)
-
-
 def method_names() -> list[str]:
     from ..criteria import METHODS
 
     return [f"{m.name}" for m in METHODS.values()]
-
-
-def local_checkpoint(model: str) -> bool:
-    from ..drivers.choose import local_checkpoint
-
-    return local_checkpoint(model)
 
 
 def write_json(path: str, text: str) -> None:

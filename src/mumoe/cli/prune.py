@@ -112,15 +112,7 @@ def _check_prune_args(args, recipe) -> None:
     if args.work_dir:
         from ..observe.workdir import check_work_dir
 
-        check_work_dir(args.work_dir, _source_dir_if_local(args), args.out)
-
-
-def _source_dir_if_local(args) -> str | None:
-    """The local folder of the model a prune reads (None for tiny/hub models), without loading anything."""
-    from ..loading import resolve
-
-    name = resolve(_replay_model(args))
-    return name if Path(name).is_dir() else None
+        check_work_dir(args.work_dir, source_dir(_replay_model(args)), args.out)
 
 
 def add_parser(sub) -> None:

@@ -16,14 +16,12 @@ def too_big(model_name: str, dtype: str | None, device: str | None = None, facto
     cgroup's limit too: a container, a Slurm job; `memlimit`). say: where the reason goes, when it is True."""
     from ..checkpoint import shard_files
     from ..files import human_bytes
-    from ..loading import compute_dtype
     from ..memlimit import available_memory
     from ..observe.layerwise import source_dtype
-    from ..observe.runner import resolve_device
+    from .inputs import load_dtype
 
     size = sum(f.stat().st_size for f in shard_files(Path(model_name)))
-    load = compute_dtype(dtype or "auto", model_name, resolve_device(device or "cpu"))
-    size = size * load.itemsize / source_dtype(model_name).itemsize
+    size = size * load_dtype(dtype, model_name, device).itemsize / source_dtype(model_name).itemsize
     avail = available_memory()
     if avail is None or size <= factor * avail:
         return False
@@ -41,13 +39,13 @@ def check_export_space(out: str | Path, name: str, recipe) -> None:
 
     from ..checkpoint import DTYPES, read_header, shard_files
     from ..files import check_free_space, human_bytes
-    from ..loading import compute_dtype, resolve
-    from ..observe.runner import resolve_device
+    from ..loading import resolve
+    from .inputs import load_dtype
 
     path = Path(resolve(name))
     if not path.is_dir() or not any(path.glob("*.safetensors")):
         return
-    load = compute_dtype(recipe.dtype or "auto", str(path), resolve_device(recipe.device or "cpu")).itemsize
+    load = load_dtype(recipe.dtype, str(path), recipe.device).itemsize
     need = sum(math.prod(m["shape"]) * min(DTYPES[m["dtype"]].itemsize, load)
                for f in shard_files(path) for m in read_header(f).values() if m["dtype"] in DTYPES)
     kept = math.prod(1 - st.ratio for st in recipe.stages)

@@ -120,6 +120,15 @@ def model_config(name: str):
     return read_config(path)
 
 
+def load_dtype(dtype: str | None, name: str | None, device: str | None):
+    """The dtype the model runs in (`loading.compute_dtype`: "auto" = the checkpoint's own, fp32 on the CPU for
+    a bf16/fp16 one) on `device` (None: cpu)."""
+    from ..loading import compute_dtype
+    from ..observe.runner import resolve_device
+
+    return compute_dtype(dtype or "auto", name, resolve_device(device or "cpu"))
+
+
 def load_model(name: str, dtype: str | None, device: str | None):
     """load() in `dtype` (default auto: `loading.compute_dtype`), moved to `device` (default cpu)."""
     from ..loading import check_model, compute_dtype, load

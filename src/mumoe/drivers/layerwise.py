@@ -87,10 +87,9 @@ def prune_layerwise(path: str | Path, recipe, out: str | Path, windows: tuple, *
 def _prune_stage(path: str | Path, recipe, out: str | Path, windows: tuple, *, overwrite: bool, verbose: bool,
                  work_dir: str | Path | None = None, spill_bytes: int, max_shard_bytes: int,
                  timing: dict | None, source: str | None = None, record: Callable | None = None) -> PruneReport:
-    """One stage (a one-stage recipe) from the checkpoint at `path` to `out`. source: the model the run started
-    from (recorded in pruning.json), when `path` is an earlier stage's export; record: report -> the report the
-    export records (a multi-stage run's last stage: every stage's)."""
-    check_output_dir(out, overwrite, source=path)  # before any layer is read
+    """One stage (a one-stage recipe) from the checkpoint at `path` to `out` (checked by the caller). source: the
+    model the run started from (recorded in pruning.json), when `path` is an earlier stage's export; record:
+    report -> the report the export records (a multi-stage run's last stage: every stage's)."""
     if work_dir is not None:
         check_work_dir(work_dir, source=path, out=out)
     wins, groups, info = windows

@@ -24,12 +24,10 @@ Transform = Callable[[str, Callable[[], torch.Tensor]], list]
 @dataclass(frozen=True)
 class Plan:
     """What a selection chose, before (and independent of) applying it. Each grain's plan is a frozen dataclass
-    deriving from this one; `form` names the export form (`apply.forms`) a model pruned by it is written in."""
-
-    form: ClassVar[str] = "hf"
+    deriving from this one; `export_form` names the export form (`apply.forms`) a model pruned by it is written in."""
 
     def export_form(self) -> str:
-        return self.form
+        return "hf"
 
 
 @dataclass(frozen=True)
