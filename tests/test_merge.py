@@ -137,3 +137,12 @@ def test_cli_merge_export_is_compact_and_reloads_to_the_same_logits(ckpt, capsys
     assert main(["prune", str(ckpt / "m"), "--method", "hc-smoe", "--ratio", "0.25", *calib, "--layerwise", "on",
                  "--out", str(ckpt / "lw")]) == 2
     assert "loaded model only" in capsys.readouterr().err
+
+
+def test_merge_refused_before_loading_where_it_cannot_run(ckpt, capsys):
+    """A group-limited router (DeepSeek-V3 n_group): one line, from the config, before any weight is read."""
+    assert main(["prune", "tiny:deepseek_v3", "--method", "hc-smoe", "--ratio", "0.25", "--calib",
+                 str(ckpt / "c.txt"), "--out", str(ckpt / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == "mumoe: error: merging is not available for group-limited routers (DeepSeek-V3 n_group) yet\n"
+    assert not (ckpt / "o").exists()

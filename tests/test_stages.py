@@ -3,6 +3,7 @@ commands (the second on the first's export, same calibration), tensor for tensor
 pruning.json; in memory, layer by layer and from Python it gives the same export."""
 
 import json
+import socket
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 import mumoe
 from mumoe import MumoeError
 from mumoe.cli import main
+from mumoe.files import OWNER, owned_temp_dir
 from mumoe.recipe import Recipe, parse_stage
 
 
@@ -57,8 +59,11 @@ def test_two_stages_equal_two_commands_replay_and_layerwise(ckpt, capsys):
     cli(["prune", "--recipe", str(ckpt / "both" / "pruning.json"), "--out", str(ckpt / "replay")], capsys)
     same(ckpt / "both", ckpt / "replay")
 
+    stale = owned_temp_dir(ckpt, ".seq.stages-")  # the earlier exports of a multi-stage run that was killed
+    (stale / OWNER).write_text(json.dumps({"pid": 2**22 - 1, "host": socket.gethostname(), "start": 0}))
     out = cli(["prune", m, "--method", "reap", "--ratio", "0.25", "--then", "wanda:0.5", *calib, "--layerwise", "on",
                "--out", str(ckpt / "seq")], capsys)
+    assert f"removed {stale}" in out
     assert "layer by layer" in out
     same(ckpt / "both", ckpt / "seq")
     seq = json.loads((ckpt / "seq" / "pruning.json").read_text())

@@ -61,10 +61,11 @@ def prune_layerwise(path: str | Path, recipe, out: str | Path, windows: tuple, *
     if len(stages) == 1:
         return _prune_stage(path, recipe, out, windows, overwrite=overwrite, verbose=verbose, work_dir=work_dir,
                             spill_bytes=spill_bytes, max_shard_bytes=max_shard_bytes, timing=timing)
-    from ..files import owned_temp_dir
+    from ..files import owned_temp_dir, sweep_stale
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out.parent, (f".{out.name}.stages-",))  # a killed multi-stage run's earlier exports
     scratch = owned_temp_dir(out.parent, f".{out.name}.stages-")
     reports, src = [], Path(path)
     try:

@@ -83,6 +83,9 @@ class MergeGrain(Grain):
         E, k = config_experts(config)
         if E is None:
             return
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if (getattr(cfg, "n_group", None) or 1) > 1:  # before any weight is read (apply.merge checks it again)
+            raise MumoeError("merging is not available for group-limited routers (DeepSeek-V3 n_group) yet")
         if round(recipe.ratio * E) == 0 and recipe.ratio > 0:
             raise MumoeError(f"--ratio {recipe.ratio:g} merges nothing: round({recipe.ratio:g} x {E} experts) = 0; "
                              f"the smallest ratio that merges two is {1 / E:.3g}")
