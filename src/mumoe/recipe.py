@@ -159,7 +159,7 @@ class Recipe(_Parts):
                 raise MumoeError(f"method {st.method!r} needs calibration data: pass --calib PATH (a .txt file or "
                                  "folder, 'domain' for the bundled splits)")
         for i, st in enumerate((self, *self.later[:-1])):
-            if self.later and not get_grain(st.grain).leaves_hf(st.part):
+            if self.later and not get_grain(st.grain).leaves_hf(st):
                 raise MumoeError(f"stage {i + 1} ({get_grain(st.grain).describe(st)}) leaves per-layer shapes that "
                                  "only mumoe.load reads; a later stage needs a standard model: use the uniform "
                                  "budget / form there, or make it the last stage")

@@ -1,6 +1,15 @@
-"""Expert merging applied: each group of experts becomes one expert whose tensors are the weighted average of its
-members' (gate/up, down and their biases), with one router row (and bias) per merged expert — the same weighted
-average of the members' rows ("centroid" router: a standard compact checkpoint every engine loads)."""
+"""Expert merging applied: each group of experts becomes one expert, with one router row (and bias) per merged
+expert — the weighted average of its members' rows ("centroid" router: a standard compact checkpoint every engine
+loads). The expert tensors are merged by the plan's operator:
+
+    average   W = Σ w_i W_i (gate, up, down and their biases), w_i = f_i / Σ f over the group
+    svd       Sub-MoE's subspace merge, per matrix: [W_1 … W_n] = U Σ Vᵀ (concatenated along the input
+              dimension), Vᵀ split into per-expert column blocks V_iᵀ, V_mᵀ = Σ w_i V_iᵀ, W = U_r Σ_r V_{m,r}ᵀ at
+              rank r (None: full). At full rank U Σ V_iᵀ = W_i, so the result is the weighted average.
+
+The same pure functions serve the loaded model (`merge_layer`) and the streamed export (`merge_transform`), so
+the two agree tensor for tensor.
+"""
 
 from __future__ import annotations
 
@@ -9,44 +18,114 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
+from ..models.keys import FUSED, LEGACY, ROUTER
 from .experts import slice_layer
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")  # [E, ...] each
 ROUTER_TENSORS = ("weight", "bias", "e_score_correction_bias")
+OPERATORS = ("average", "svd")
+
+
+def svd_merge(mats: torch.Tensor, w: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """Sub-MoE's subspace merge of n matrices mats [n, out, in] with weights w [n] -> [out, in] (float64)."""
+    n, o, i = mats.shape
+    cat = mats.double().permute(1, 0, 2).reshape(o, n * i)  # [W_1 … W_n], [out, n·in]
+    U, S, Vh = torch.linalg.svd(cat, full_matrices=False)  # U [out, q], S [q], Vh [q, n·in]
+    r = S.shape[0] if rank is None else min(rank, S.shape[0])
+    blocks = Vh[:r].reshape(r, n, i)  # V_iᵀ: the column block of expert i, [r, n, in]
+    merged = (blocks * w.double().view(1, n, 1)).sum(1)  # V_mᵀ [r, in]
+    return (U[:, :r] * S[:r]) @ merged
+
+
+def merge_rows(t: torch.Tensor, w: list[float], operator: str = "average", rank: int | None = None,
+               kind: str = "matrix") -> torch.Tensor:
+    """One group's tensor from its members' t [n, ...] (same dtype as t). kind: "matrix" ([n, out, in]),
+    "gate_up" (fused [n, 2I, H]: the gate and up halves merged apart, as the per-expert layout is) or "vector"
+    (biases and router rows: always the weighted average)."""
+    coef = torch.tensor(w, dtype=torch.float64, device=t.device)
+    if operator == "average" or kind == "vector" or t.dim() != 3:
+        merged = (coef.view(-1, *[1] * (t.dim() - 1)) * t.double()).sum(0)
+    elif operator == "svd":
+        if kind == "gate_up":
+            half = t.shape[1] // 2
+            merged = torch.cat([svd_merge(t[:, :half], coef, rank), svd_merge(t[:, half:], coef, rank)])
+        else:
+            merged = svd_merge(t, coef, rank)
+    else:
+        raise MumoeError(f"unknown merge operator {operator!r}; available: {', '.join(OPERATORS)}")
+    return merged.to(t.dtype)
+
+
+def check_groups(index: int, E: int, groups: list[list[int]]) -> None:
+    if sorted(i for g in groups for i in g) != list(range(E)):
+        raise MumoeError(f"layer {index}: merge groups must cover the {E} experts once each, got {groups}")
 
 
 @torch.no_grad()
-def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[float]]) -> None:
+def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[float]], operator: str = "average",
+                rank: int | None = None) -> None:
     """Merge one MoE layer in place: group g (member ids, ascending, groups ordered by their first member) becomes
-    expert g with Σ w_i W_i over its members (weights summing to 1), router rows included."""
-    E = layer.num_experts
-    members = sorted(i for g in groups for i in g)
-    if members != list(range(E)):
-        raise MumoeError(f"layer {layer.index}: merge groups must cover the {E} experts once each, got {groups}")
+    expert g, its tensors merged by `operator` with the group's weights (summing to 1), router rows averaged."""
+    check_groups(layer.index, layer.num_experts, groups)
     if layer.n_group and layer.n_group > 1:
         raise MumoeError("merging is not available for group-limited routers (DeepSeek-V3 n_group) yet")
     for g, w in zip(groups, weights):
         if len(g) == 1:
             continue
-        first = g[0]
-        coef = torch.tensor(w, dtype=torch.float64)
         for module, names in ((layer.experts, EXPERT_TENSORS), (layer.router, ROUTER_TENSORS)):
             for name in names:
                 t = getattr(module, name, None)
                 if t is None:
                     continue
-                rows = t.data[g].double()  # [n, ...]
-                merged = (coef.to(rows.device).view(-1, *[1] * (rows.dim() - 1)) * rows).sum(0)
-                t.data[first].copy_(merged.to(t.dtype))
+                kind = "gate_up" if name == "gate_up_proj" else "matrix" if module is layer.experts else "vector"
+                t.data[g[0]].copy_(merge_rows(t.data[g], w, operator, rank, kind))
     slice_layer(layer, [g[0] for g in groups])  # each group's first slot now holds its merged expert
 
 
-def merge_experts(model: nn.Module, groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]]) -> None:
+def merge_experts(model: nn.Module, groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
+                  operator: str = "average", rank: int | None = None) -> None:
     """Merge every MoE layer named in `groups`; the config's expert count set when every layer ends equal."""
     adapter = moe_adapter_for(model)
     for layer in adapter.moe_layers():
         if layer.index in groups:
-            merge_layer(layer, groups[layer.index], weights[layer.index])
+            merge_layer(layer, groups[layer.index], weights[layer.index], operator, rank)
     counts = {layer.num_experts for layer in adapter.moe_layers()}
     if len(counts) == 1:
         adapter.set_num_experts(counts.pop())
+
+
+def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
+                    operator: str = "average", rank: int | None = None):
+    """The streamed export of a merge (`apply.stream.write_streamed`): fused expert tensors and router tensors
+    [E, ...] become [M, ...]; per-expert matrices (legacy layouts) wait until every member of their group has
+    been read (at most one layer's matrices of one kind), then leave as expert g's."""
+    where = {j: {e: (g, pos) for g, members in enumerate(gs) for pos, e in enumerate(members)}
+             for j, gs in groups.items()}
+    pending: dict[tuple, dict[int, torch.Tensor]] = {}
+
+    def merged(j: int, t: torch.Tensor, kind: str) -> torch.Tensor:
+        check_groups(j, t.shape[0], groups[j])
+        return torch.stack([t[g[0]] if len(g) == 1 else merge_rows(t[g], w, operator, rank, kind)
+                            for g, w in zip(groups[j], weights[j])])
+
+    def transform(key: str, read):
+        if (m := LEGACY.match(key)) and int(m["layer"]) in groups:
+            j, e = int(m["layer"]), int(m["e"])
+            g, pos = where[j][e]
+            members = groups[j][g]
+            if len(members) == 1:
+                return [(f"{m['pre']}.{g}.{m['kind']}.weight", read())]
+            slot = pending.setdefault((j, m["pre"], m["kind"], g), {})
+            slot[pos] = read()
+            if len(slot) < len(members):
+                return []
+            del pending[(j, m["pre"], m["kind"], g)]
+            t = torch.stack([slot[p] for p in range(len(members))])  # [n, out, in]
+            return [(f"{m['pre']}.{g}.{m['kind']}.weight", merge_rows(t, weights[j][g], operator, rank))]
+        if (m := FUSED.match(key)) and int(m["layer"]) in groups:
+            return [(key, merged(int(m["layer"]), read(), "gate_up" if m["kind"] == "gate_up_proj" else "matrix"))]
+        if (m := ROUTER.match(key)) and int(m["layer"]) in groups:
+            return [(key, merged(int(m["layer"]), read(), "vector"))]
+        return [(key, read())]
+
+    return transform

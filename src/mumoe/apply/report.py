@@ -61,6 +61,12 @@ class PruneReport:
     def kept(self) -> dict[int, list[int]]:
         return {entry["layer"]: list(entry["kept"]) for entry in self.layers}
 
+    def expert_slots(self) -> dict[int, list[int]]:
+        """Per MoE layer, the source expert slots the export's experts occupy, in order: the kept experts, or each
+        merged expert's first member (a merge writes the group's expert there). `mumoe.load` rebuilds per-layer
+        expert counts by slicing to these."""
+        return {e["layer"]: list(e["kept"]) if "kept" in e else [g[0] for g in e["groups"]] for e in self.layers}
+
     def compose(self, earlier: "PruneReport") -> "PruneReport":
         """This run's report on a model `earlier` had pruned, as one record of both: the source and model of the
         first run, every stage's record in `stages`; for experts after experts (entries with kept experts in

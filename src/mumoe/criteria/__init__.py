@@ -38,8 +38,11 @@ class Method:
     from_norms: Callable | None = None  # (weight, input norms) -> the weight's scores (weight grain)
     from_weight: Callable | None = None  # (weight) -> the weight's scores (weight grain, calibration-free)
     from_files: Callable | None = None  # (checkpoint folder, progress) -> {layer: [E]}, the model never loaded
-    from_means: Callable | None = None  # merge grain: MeanOutputs (every expert on every token) -> features [E, D]
-    group: Callable | None = None  # merge grain: (features [E, D], M) -> M groups of expert ids
+    from_merge: Callable | None = None  # merge grain: MergeLayerStats -> {name: tensor} (the grouping's features)
+    merge_stats: tuple[str, ...] = ()  # merge grain: the costly statistics it needs ("outputs", "pairwise")
+    group: Callable | None = None  # merge grain: (features + "freq", M, seed) -> M groups of expert ids
+    merge_budget: Callable | None = None  # merge grain: (counts per layer, ratio, top_ks) -> M per layer (global)
+    operator: str = "average"  # merge grain: how a group's tensors become one ("average", "svd")
     progressive: bool | None = None  # may score layer by layer on the pruned earlier layers (None: if calibrated)
     structures: tuple[str, ...] | None = None  # weight grain: the --structure values it takes (None: every one)
     notes: dict[str, str] = field(default_factory=dict)  # grain option value -> a line the CLI prints
@@ -91,7 +94,15 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("magnitude", "weight", False, False, "magnitude: |W| with one threshold per matrix",
            from_weight=weight_scores.magnitude, structures=("row",)),
     Method("hc-smoe", "merge", True, False, "HC-SMoE: experts' mean outputs over all tokens, average-linkage "
-           "clusters, frequency-weighted average", from_means=merge_features.hc_smoe, group=merge_features.average_linkage),
+           "clusters, frequency-weighted average", from_merge=merge_features.hc_smoe, merge_stats=("outputs",),
+           group=merge_features.group_by_linkage),
+    Method("m-smoe", "merge", True, False, "M-SMoE: most-used experts dominant (one threshold over all layers), "
+           "the others join the most similar by router logits; frequency-weighted average",
+           from_merge=merge_features.msmoe, group=merge_features.group_by_dominance,
+           merge_budget=merge_features.msmoe_counts),
+    Method("sub-moe", "merge", True, False, "Sub-MoE: K-means on the experts' output cosine similarity, joint-SVD "
+           "subspace merge (--rank; full rank = the frequency-weighted average)", from_merge=merge_features.sub_moe,
+           merge_stats=("pairwise",), group=merge_features.group_by_kmeans, operator="svd"),
 ]}
 
 
@@ -115,7 +126,7 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
     norms. -> name: per MoE layer [E] (expert grain) or [E, I] (atom grain); weight grain: {param: scores}.
     groups: [N] calibration source of each window (EASY-EP normalizes per source)."""
     from ..models import adapter_for, moe_adapter_for
-    from ..observe.collectors import AtomStats, ExpertMeans, ExpertStats, InputNorms
+    from ..observe.collectors import AtomStats, ExpertStats, InputNorms, MergeStats
     from ..observe.runner import run
 
     methods = [get_method(n) for n in names]
@@ -129,11 +140,13 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
                           n_groups=1 if groups is None else int(groups.max()) + 1)
     atoms = AtomStats(layers, backward=any(m.needs_backward for m in calibrated))
     norms = InputNorms(model)
-    means = ExpertMeans(layers)
+    merging = [m for m in calibrated if m.from_merge is not None]
+    means = MergeStats(layers, outputs=any("outputs" in m.merge_stats for m in merging),
+                       pairwise=any("pairwise" in m.merge_stats for m in merging))
     collectors = ([experts] if any(m.from_stats is not None for m in calibrated) else []) + (
         [atoms] if any(m.from_atoms is not None for m in calibrated) else []) + (
         [norms] if any(m.from_norms is not None for m in calibrated) else []) + (
-        [means] if any(m.from_means is not None for m in calibrated) else [])
+        [means] if merging else [])
     if collectors:
         run(model, calib, collectors, batch_size=batch_size, progress=progress, layers=layers, groups=groups,
             device=device)
@@ -152,10 +165,10 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
             out[m.name] = [m.from_atoms(layer, st) for layer, st in zip(layers, atom_st)]
         elif m.from_norms is not None:
             out[m.name] = {n: m.from_norms(params[n], v) for n, v in norms.result().items()}
-        elif m.from_means is not None:  # features to group, and the routed counts that weight the merge
+        elif m.from_merge is not None:  # features to group, and the routed counts that weight the merge
             res = means.result()
             check_tokens([st.n_tokens for st in res], [layer.index for layer in layers])
-            out[m.name] = [{"features": m.from_means(st).cpu(), "freq": st.freq.cpu()} for st in res]
+            out[m.name] = [merge_scores(m, st) for st in res]
         else:
             from ..models.prunable import prunable_names
 
@@ -163,6 +176,11 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
     if stats is not None:
         check_tokens([st.n_tokens for st in stats], [layer.index for layer in layers])
     return check_scores(out, [layer.index for layer in layers])
+
+
+def merge_scores(m: Method, st) -> dict[str, torch.Tensor]:
+    """A merge method's per-layer scores: its features and the routed counts that weight the merge (CPU)."""
+    return {**{k: v.cpu() for k, v in m.from_merge(st).items()}, "freq": st.freq.cpu()}
 
 
 def check_tokens(counts: list[int], layer_index: list[int]) -> None:

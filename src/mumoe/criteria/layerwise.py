@@ -16,10 +16,10 @@ import torch
 
 from ..errors import MumoeError
 from ..models import adapter_for
-from ..observe.collectors import AtomStats, ExpertStats, InputNorms
+from ..observe.collectors import AtomStats, ExpertStats, InputNorms, MergeStats
 from ..observe.layerwise import LayerwiseCheckpoint
 from ..observe.sequential import SweepInfo, WorkDir, all_cat, all_sum, sweep
-from . import get_method
+from . import check_tokens, get_method, merge_scores
 
 
 @dataclass
@@ -56,14 +56,17 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
     by_index = {layer.index: layer for layer in layers}
     expert_m = [m for m in methods if m.from_stats is not None]
     atom_m = [m for m in methods if m.from_atoms is not None]
+    merge_m = [m for m in methods if m.from_merge is not None]
     wanda = any(m.from_norms is not None for m in methods)
-    if (expert_m or atom_m) and not layers:
+    if (expert_m or atom_m or merge_m) and not layers:
         raise MumoeError(f"{model.config.model_type} has no routed experts; {methods[0].name} needs an MoE model")
     backward = any(m.needs_backward for m in atom_m)
     experts = ExpertStats(layers, any(m.needs_expert_outputs for m in expert_m),
                           n_groups=1 if groups is None else int(groups.max()) + 1) if expert_m else None
     atoms = AtomStats(layers, backward=backward) if atom_m else None
     norms = InputNorms(model) if wanda else None
+    merging = MergeStats(layers, outputs=any("outputs" in m.merge_stats for m in merge_m),
+                         pairwise=any("pairwise" in m.merge_stats for m in merge_m)) if merge_m else None
     layer_names = {j: n for j, n in enumerate(ckpt.layer_names())}
 
     def forward_done(j: int) -> dict | None:
@@ -73,6 +76,11 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
             st = experts.stats[j].to("cpu")
             out["scores"] = {m.name: m.from_stats(st) for m in expert_m}
             experts.stats[j] = type(st)(st.layer)  # free the pools
+        if merging is not None and j in by_index:
+            merging.reduce(j, all_sum)
+            st = merging.take(j)
+            check_tokens([st.n_tokens], [j])
+            out.setdefault("scores", {}).update({m.name: merge_scores(m, st) for m in merge_m})
         if atoms is not None and not backward and j in by_index:
             out.setdefault("scores", {}).update(atom_layer(j))
         if norms is not None:
@@ -101,7 +109,7 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
         return prune_layer(j, model.get_submodule(layer_names[j]), results.get(j) or {})
 
     # on_layer's result is stored by the sweep into `results` before modify runs
-    info = sweep(ckpt, calib, [c for c in (experts, norms) if c is not None] + (
+    info = sweep(ckpt, calib, [c for c in (experts, norms, merging) if c is not None] + (
                      [atoms] if atoms is not None and not backward else []),
                  [atoms] if backward else [], batch_size=batch_size, groups=groups, on_layer=forward_done,
                  on_layer_backward=backward_done if backward else None, modify=modify,
@@ -109,7 +117,7 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
                  attention_mask=attention_mask)
     out = LayerwiseScores(layer_index=[layer.index for layer in layers], info=info)
     for m in methods:
-        if m not in expert_m and m not in atom_m:  # weight scores: made from the norms at export
+        if m not in expert_m and m not in atom_m and m not in merge_m:  # weight scores: made from the norms at export
             continue
         key = (lambda j: ("bwd", j)) if m in atom_m and backward else (lambda j: j)
         out.scores[m.name] = [results[key(layer.index)]["scores"][m.name] for layer in layers]

@@ -22,7 +22,7 @@ def runs_from_files(recipe) -> bool:
     stage = recipe.stages[0]
     grain = get_grain(stage.grain)
     return (len(recipe.stages) == 1 and get_method(stage.method).from_files is not None
-            and grain.order(stage.part) == "one-shot" and grain.leaves_hf(stage.part))
+            and grain.order(stage.part) == "one-shot" and grain.leaves_hf(stage))
 
 
 def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = False, progress: bool = True,

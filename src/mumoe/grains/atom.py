@@ -116,8 +116,8 @@ class AtomGrain(Grain):
             raise MumoeError(f"unknown scope {part.scope!r}; use global or layer")
         return part
 
-    def leaves_hf(self, part) -> bool:
-        return part.form == "uniform"
+    def leaves_hf(self, stage) -> bool:
+        return stage.part.form == "uniform"
 
     def describe(self, recipe) -> str:
         a = recipe.atom

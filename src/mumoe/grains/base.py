@@ -68,8 +68,9 @@ class Grain:
         """The scoring order the part asks for: "one-shot" or "progressive"."""
         return "one-shot"
 
-    def leaves_hf(self, part) -> bool:
-        """Whether a model pruned with this part is still a standard HF model (then a later stage can run on it)."""
+    def leaves_hf(self, stage) -> bool:
+        """Whether a model pruned by this stage (a one-stage recipe or `Stage`: method, ratio, part) is still a
+        standard HF model (then a later stage can run on it)."""
         return True
 
     def describe(self, recipe) -> str:

@@ -100,8 +100,8 @@ class ExpertGrain(Grain):
     def order(self, part) -> str:
         return part.order
 
-    def leaves_hf(self, part) -> bool:
-        return part.budget == "uniform"
+    def leaves_hf(self, stage) -> bool:
+        return stage.part.budget == "uniform"
 
     def describe(self, recipe) -> str:
         return (f"{recipe.ratio:.0%} of experts (budget {recipe.expert.budget}, scoring {recipe.expert.order}) "

@@ -1,12 +1,14 @@
-"""The merge grain: groups of routed experts merged into one expert each (expert merging: HC-SMoE, ...).
+"""The merge grain: groups of routed experts merged into one expert each (HC-SMoE, M-SMoE, Sub-MoE).
 
-Per MoE layer, E experts -> M = round((1 − ratio)·E) merged experts: the method's features are grouped by its rule
-(`select.merge`), each group's tensors averaged with weights f_i / Σ f (f_i: the expert's routed count on the
-calibration tokens), and — router policy "centroid", the one so far — one router row (and bias) per merged expert,
-the same weighted average of the members' rows: a standard compact checkpoint every engine loads.
+Per MoE layer, E experts -> M = E − round(ratio·E) merged experts (M-SMoE: one usage threshold over all layers,
+M per layer differs, their mean ≤ that): the method's features are grouped by its rule (`criteria.merge`), each
+group's tensors merged by the method's operator with weights f_i / Σ f (f_i: the expert's routed count on the
+calibration tokens; `apply.merge`), and — router policy "centroid", the one so far — one router row (and bias)
+per merged expert, the same weighted average of the members' rows: a standard compact checkpoint every engine
+loads (per-layer counts that differ: mumoe's own form).
 
-Runs on a loaded model (the in-memory driver, `mumoe compare`, and as any stage of a multi-stage recipe); the
-layer-sequential driver and the streamed export of a merge plan are not built yet.
+Runs on a loaded model (the in-memory driver, `mumoe compare`, any stage of a multi-stage recipe) and in the
+layer-sequential sweep (statistics layer by layer, the plan at the end, a streamed export of the merge).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ ROUTERS = ("centroid",)
 @dataclass(frozen=True)
 class MergePart:
     router: str = "centroid"  # centroid: one router row per merged expert (the weighted average of its members')
+    rank: int | None = None  # the svd operator's rank (None: full rank, the weighted average)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,18 @@ class MergePlan(Plan):
     weights: dict[int, tuple[tuple[float, ...], ...]]
     num_experts: dict[int, int]
     router: str = "centroid"
+    operator: str = "average"
+    rank: int | None = None
+
+    def export_form(self) -> str:
+        return "hf" if len({len(g) for g in self.groups.values()}) <= 1 else "mumoe"
+
+    def as_lists(self) -> tuple[dict, dict]:
+        return ({j: [list(g) for g in gs] for j, gs in self.groups.items()},
+                {j: [list(w) for w in ws] for j, ws in self.weights.items()})
+
+
+OPERATOR_NAMES = {"average": "frequency-weighted average", "svd": "joint-SVD subspace merge"}
 
 
 def make_plan(recipe, layers, scores) -> MergePlan:
@@ -46,9 +61,12 @@ def make_plan(recipe, layers, scores) -> MergePlan:
 
     m = get_method(recipe.method)
     groups, weights = {}, {}
-    for layer, s in zip(layers, scores):
-        M = merged_count(layer.num_experts, recipe.ratio, layer.top_k)
-        gs = m.group(s["features"], M)
+    if m.merge_budget is not None:
+        counts = m.merge_budget([s["freq"] for s in scores], recipe.ratio, [layer.top_k for layer in layers])
+    else:
+        counts = [merged_count(layer.num_experts, recipe.ratio, layer.top_k) for layer in layers]
+    for layer, s, M in zip(layers, scores, counts):
+        gs = m.group(s, M, recipe.calib.seed)
         freq = s["freq"].double()
         ws = []
         for g in gs:
@@ -57,25 +75,45 @@ def make_plan(recipe, layers, scores) -> MergePlan:
             ws.append(tuple(float(v) / total for v in f) if total > 0 else tuple(1.0 / len(g) for _ in g))
         groups[layer.index] = tuple(tuple(g) for g in gs)
         weights[layer.index] = tuple(ws)
-    return MergePlan(groups, weights, {layer.index: layer.num_experts for layer in layers}, recipe.merge.router)
+    return MergePlan(groups, weights, {layer.index: layer.num_experts for layer in layers}, recipe.merge.router,
+                     m.operator, recipe.merge.rank)
 
 
 class MergeGrain(Grain):
     name: ClassVar[str] = "merge"
     part: ClassVar[type] = MergePart
-    flags: ClassVar[tuple[str, ...]] = ("router",)
+    flags: ClassVar[tuple[str, ...]] = ("router", "rank")
     cli: ClassVar[dict[str, dict]] = {
         "router": {"choices": list(ROUTERS), "help": "merge methods: centroid = one router row per merged expert, "
                    "the weighted average of its members' rows (a standard compact checkpoint, default)"},
+        "rank": {"type": int, "metavar": "R", "help": "sub-moe: the rank of each merged matrix (default: full rank, "
+                 "which equals the frequency-weighted average)"},
     }
 
     def check(self, recipe) -> MergePart:
-        if recipe.merge.router not in ROUTERS:
-            raise MumoeError(f"unknown router policy {recipe.merge.router!r}; available: {', '.join(ROUTERS)}")
-        return recipe.merge
+        from ..criteria import get_method
+
+        part = recipe.merge
+        if part.router not in ROUTERS:
+            raise MumoeError(f"unknown router policy {part.router!r}; available: {', '.join(ROUTERS)}")
+        if part.rank is not None:
+            if get_method(recipe.method).operator != "svd":
+                raise MumoeError(f"--rank sets the rank of a subspace merge; {recipe.method} averages its groups")
+            if isinstance(part.rank, bool) or not isinstance(part.rank, int) or part.rank < 1:
+                raise MumoeError(f"--rank must be a positive integer, got {part.rank!r}")
+        return part
+
+    def leaves_hf(self, stage) -> bool:
+        from ..criteria import get_method
+
+        return get_method(stage.method).merge_budget is None  # a global budget: per-layer counts differ
 
     def describe(self, recipe) -> str:
-        return f"{recipe.ratio:.0%} of experts merged away (router {recipe.merge.router}) with {recipe.method}"
+        rank = f", rank {recipe.merge.rank}" if recipe.merge.rank is not None else ""
+        return f"{recipe.ratio:.0%} of experts merged away (router {recipe.merge.router}{rank}) with {recipe.method}"
+
+    def label(self, recipe) -> str:
+        return recipe.method + (f" r{recipe.merge.rank}" if recipe.merge.rank is not None else "")
 
     def check_config(self, recipe, config) -> None:
         from ..models.base import config_experts
@@ -104,25 +142,41 @@ class MergeGrain(Grain):
             scores = score_methods(model, [recipe.method], wins, groups, recipe.calib.seed, recipe.calib.batch_size,
                                    verbose, layers=layers)[recipe.method]
         plan = make_plan(recipe, layers, scores)
-        merge_experts(model, {j: [list(g) for g in gs] for j, gs in plan.groups.items()},
-                      {j: [list(w) for w in ws] for j, ws in plan.weights.items()})
+        merge_experts(model, *plan.as_lists(), plan.operator, plan.rank)
         if verbose:
             for line in self.layer_lines(self.entries(plan)):
                 print(line)
             print(f"  scored, grouped and merged in {time.perf_counter() - t0:.2f}s")
         return plan
 
+    # -- a checkpoint, layer by layer -------------------------------------------------------------------------
     def check_layerwise(self, recipe, layers) -> None:
-        raise MumoeError(f"{recipe.method} merges experts on a loaded model only, for now: --layerwise off (the "
-                         "layer-sequential merge is not built yet)")
+        if any(layer.n_group and layer.n_group > 1 for layer in layers):
+            raise MumoeError("merging is not available for group-limited routers (DeepSeek-V3 n_group) yet")
 
+    def plan_layerwise(self, recipe, layers: list, res) -> MergePlan:
+        return make_plan(recipe, layers, res.scores[recipe.method])
+
+    def transform(self, plan: MergePlan, ckpt, recipe):
+        from ..apply.merge import merge_transform
+        from ..models.base import EXPERT_COUNT_KEYS
+
+        counts = {len(g) for g in plan.groups.values()}
+        changes = dict.fromkeys(EXPERT_COUNT_KEYS, counts.pop()) if plan.export_form() == "hf" else {}
+        return merge_transform(*plan.as_lists(), plan.operator, plan.rank), changes
+
+    # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: MergePlan) -> list[dict]:
+        op = OPERATOR_NAMES[plan.operator] + (f" (rank {plan.rank})" if plan.rank is not None else "")
         return [{"layer": j, "num_experts": plan.num_experts[j], "groups": [list(g) for g in plan.groups[j]],
-                 "weights": [list(w) for w in plan.weights[j]], "router": plan.router,
-                 "operator": "frequency-weighted average"} for j in plan.groups]
+                 "weights": [list(w) for w in plan.weights[j]], "router": plan.router, "operator": op}
+                for j in plan.groups]
 
     def report_fields(self, recipe, plan: MergePlan) -> dict:
-        return {"budget": f"uniform/{plan.router}", "model": {"num_experts": next(iter(plan.num_experts.values()))}}
+        from ..criteria import get_method
+
+        budget = "global" if get_method(recipe.method).merge_budget is not None else "uniform"
+        return {"budget": f"{budget}/{plan.router}", "model": {"num_experts": next(iter(plan.num_experts.values()))}}
 
     def summary(self, entries: list[dict]) -> str:
         counts = sorted({len(e["groups"]) for e in entries})

@@ -3,6 +3,8 @@
     ExpertStats   per-expert sums for the expert criteria (frequency, gate, EAN, REAP, EASY-EP, TCESS, PEU)
     AtomStats     per-neuron sums for HEAPr and the atom baselines (forward, + backward for gradients)
     InputNorms    per-input-feature Σx² of every prunable linear (Wanda offline, μ-MoE per prompt)
+    MergeStats    per-layer merge statistics: routed counts, router-logit Gram, every expert's outputs on
+                  every token (means, pairwise cosines) for the merge grain
     OnRoute       any callable on the route events (TAER keys, routing counts)
 
 All sums are float64 whatever the weights' dtype (fp32 within one forward where marked), so the statistics do
@@ -62,55 +64,101 @@ class LayerStats:
 
 
 @dataclass
-class MeanOutputs:
-    """One MoE layer's outputs of every expert on every calibration token (HC-SMoE's features), summed."""
+class MergeLayerStats:
+    """One MoE layer's merge statistics (float64): the routed counts and the router logits' Gram matrix always;
+    the summed outputs of every expert on every token (HC-SMoE), and the summed per-token cosine similarity of
+    every pair of experts' outputs (Sub-MoE), when asked for."""
 
     layer: MoELayer
-    sum: torch.Tensor  # [E, H] Σ_t f_i(x_t), every expert on every token (float64)
-    freq: torch.Tensor  # [E] routed count: top-k selections of each expert (float64)
+    freq: torch.Tensor  # [E] routed count: top-k selections of each expert
+    gram: torch.Tensor  # [E, E] Σ_t l_t l_tᵀ over the raw router logits l_t [E] (column dot products)
+    sum: torch.Tensor | None = None  # [E, H] Σ_t f_i(x_t), every expert on every token
+    cos: torch.Tensor | None = None  # [E, E] Σ_t f_i·f_j / (‖f_i‖‖f_j‖ + 1e-8), every expert on every token
     n_tokens: int = 0
 
     def mean(self) -> torch.Tensor:
         """[E, H] the mean output of each expert over all tokens."""
         return self.sum / max(self.n_tokens, 1)
 
+    def mean_cosine(self) -> torch.Tensor:
+        """[E, E] the mean over tokens of the cosine similarity of two experts' outputs."""
+        return self.cos / max(self.n_tokens, 1)
 
-class ExpertMeans(Collector):
-    """Every expert run on every token (not only its routed ones) and its outputs summed: [E, H] per layer, in
-    row chunks of `chunk` tokens (never E × T × H at once); plus each expert's routed count."""
 
-    def __init__(self, layers: list[MoELayer], chunk: int = 1024) -> None:
-        self.layers, self.chunk = layers, chunk
-        self.stats: dict[int, MeanOutputs] = {}
+COS_EPS = 1e-8  # added to the norm product (the Sub-MoE re-implementation's epsilon)
+
+
+class MergeStats(Collector):
+    """The merge grain's statistics per MoE layer: routed counts and router-logit Gram always (cheap);
+    outputs=True: every expert run on every token (not only its routed ones) and its outputs summed;
+    pairwise=True: the per-token cosine of every pair of experts' outputs, summed. Expert outputs are computed in
+    row chunks (at most `chunk` tokens, and at most `budget` bytes of stacked outputs: never E × T × H at once)."""
+
+    def __init__(self, layers: list[MoELayer], outputs: bool = True, pairwise: bool = False, chunk: int = 1024,
+                 budget: int = 256 << 20) -> None:
+        self.layers, self.chunk, self.budget = layers, chunk, budget
+        self.outputs, self.pairwise = outputs, pairwise
+        self.stats: dict[int, MergeLayerStats] = {}
+
+    def _new(self, layer: MoELayer, H: int, dev) -> MergeLayerStats:
+        E = layer.num_experts
+        z = lambda *shape: torch.zeros(*shape, dtype=F64, device=dev)  # noqa: E731
+        return MergeLayerStats(layer, z(E), z(E, E), z(E, H) if self.outputs else None,
+                               z(E, E) if self.pairwise else None)
 
     def on_route(self, ev: RouteEvent) -> None:
         layer = ev.layer
-        E, H = layer.num_experts, ev.hidden.shape[-1]
+        E, (T, H) = layer.num_experts, ev.hidden.shape
         st = self.stats.get(layer.index)
         if st is None:
-            dev = ev.hidden.device
-            st = self.stats[layer.index] = MeanOutputs(layer, torch.zeros(E, H, dtype=torch.float64, device=dev),
-                                                        torch.zeros(E, dtype=torch.float64, device=dev))
-        st.n_tokens += ev.hidden.shape[0]
+            st = self.stats[layer.index] = self._new(layer, H, ev.hidden.device)
+        st.n_tokens += T
         st.freq += torch.bincount(ev.indices.reshape(-1), minlength=E).double()
+        logits = ev.logits.double()  # [T, E]
+        st.gram += logits.T @ logits
+        if not (self.outputs or self.pairwise):
+            return
+        # the stacked outputs of a chunk [E, c, H] (and its [c, E, E] Gram when pairwise) stay under the budget
+        per_token = E * H * 4 + (E * E * 8 if self.pairwise else 0)
+        c = max(1, min(self.chunk, self.budget // per_token))
         with torch.no_grad():
-            for start in range(0, ev.hidden.shape[0], self.chunk):
-                x = ev.hidden[start:start + self.chunk]  # [c, H]
-                for e in range(E):
-                    st.sum[e] += layer.expert_forward(e, x).double().sum(0)
+            for start in range(0, T, c):
+                x = ev.hidden[start:start + c]  # [c, H]
+                if not self.pairwise:
+                    for e in range(E):
+                        st.sum[e] += layer.expert_forward(e, x).double().sum(0)
+                    continue
+                out = torch.stack([layer.expert_forward(e, x).float() for e in range(E)])  # [E, c, H]
+                if st.sum is not None:
+                    st.sum += out.double().sum(1)
+                per = out.transpose(0, 1)  # [c, E, H]
+                dots = torch.bmm(per, per.transpose(1, 2)).double()  # [c, E, E]
+                norms = per.norm(dim=-1).double()  # [c, E]
+                st.cos += (dots / (norms[:, :, None] * norms[:, None, :] + COS_EPS)).sum(0)
 
     def reduce(self, index: int, total: Callable) -> None:
-        """Sum one layer's statistics over data-parallel ranks."""
+        """Sum one layer's statistics over data-parallel ranks (a rank no token reached adds zeros)."""
+        if index not in self.stats:
+            layer = next(layer for layer in self.layers if layer.index == index)
+            self.stats[index] = self._new(layer, layer.hidden_size, layer.experts.down_proj.device)
         st = self.stats[index]
-        st.sum, st.freq = total(st.sum), total(st.freq)
-        st.n_tokens = int(total(torch.tensor(float(st.n_tokens), device=st.sum.device)))
+        st.freq, st.gram = total(st.freq), total(st.gram)
+        st.sum = total(st.sum) if st.sum is not None else None
+        st.cos = total(st.cos) if st.cos is not None else None
+        st.n_tokens = int(total(torch.tensor(float(st.n_tokens), device=st.freq.device)))
 
-    def result(self) -> list[MeanOutputs]:
-        """One MeanOutputs per layer (a layer no token reached: zeros, n_tokens 0)."""
-        return [self.stats.get(layer.index) or MeanOutputs(
-            layer, torch.zeros(layer.num_experts, layer.hidden_size, dtype=F64), torch.zeros(layer.num_experts,
-                                                                                          dtype=F64))
-            for layer in self.layers]
+    def take(self, index: int) -> MergeLayerStats:
+        """One layer's statistics, moved to the CPU and released here (the layer-sequential sweep)."""
+        layer = next(layer for layer in self.layers if layer.index == index)
+        st = self.stats.pop(index, None) or self._new(layer, layer.hidden_size, "cpu")
+        for name in ("freq", "gram", "sum", "cos"):
+            if getattr(st, name) is not None:
+                setattr(st, name, getattr(st, name).cpu())
+        return st
+
+    def result(self) -> list[MergeLayerStats]:
+        """One MergeLayerStats per layer (a layer no token reached: zeros, n_tokens 0)."""
+        return [self.stats.get(layer.index) or self._new(layer, layer.hidden_size, "cpu") for layer in self.layers]
 
 
 class ExpertStats(Collector):
