@@ -48,6 +48,14 @@ def cmd_compare(args) -> int:
         check_free_space(args.out, SMALL_FILE, "tables and plots of a few KiB", thing="the report")
     check_model(args.model)
     eval_texts = _eval_texts(args.eval) if args.eval else None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if args.tasks is not None and not tasks:
+        raise MumoeError("--tasks names no task (e.g. --tasks local)")
+    if tasks:
+        try:
+            import lm_eval  # noqa: F401  (before the model loads)
+        except ImportError:
+            raise MumoeError("--tasks needs lm-eval: pip install -e '.[eval]' (or pip install lm-eval)") from None
     t0 = time.perf_counter()
     tok = load_tokenizer(args.model)  # calibration windows cut (each text read once) before the weights load
     wins, groups, info = api.calibration(cal, None, tok) if cal is not None else (None, None, {})
@@ -59,9 +67,12 @@ def cmd_compare(args) -> int:
         evals = {d: windows(tokenize(tok, text), args.eval_seqlen, args.eval_windows) for d, text in eval_texts.items()}
     say(f"compare {', '.join(methods)} at {', '.join(f'{r:.0%}' for r in ratios)} on {args.model}: one calibration "
           f"pass" + (f" over {info['nsamples']} windows x {info['seqlen']} tokens ({info['source']})" if info else "")
-          + (f"; eval {args.eval_windows} windows x {args.eval_seqlen} tokens of {', '.join(evals)}" if evals else ""))
+          + (f"; eval {args.eval_windows} windows x {args.eval_seqlen} tokens of {', '.join(evals)}" if evals else "")
+          + (f"; lm-eval tasks {', '.join(tasks)}" if tasks else ""))
+    if tasks and tok is None:
+        raise MumoeError(f"{args.model} has no tokenizer; --tasks needs one")
     res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=not SETTINGS.quiet,
-                  log=None)
+                  log=None, tasks=tasks, tokenizer=tok)
     print(markdown(res))
     say(f"\none calibration pass for {len(set(methods))} methods: {res.pass_seconds:.1f}s; "
           f"total {time.perf_counter() - t0:.1f}s")
@@ -83,7 +94,8 @@ def add_parser(sub) -> None:
     sp = sub.add_parser("compare", help="score several methods from ONE calibration pass, apply and evaluate each",
                         description="Every method's statistics come from a single calibration pass (forward, plus "
                         "backward when HEAPr is among them); each method is then applied to a copy of the model and, "
-                        "with --eval, scored by perplexity. Expert and atom methods; one-shot scoring.")
+                        "with --eval, scored by perplexity (and with --tasks, by lm-eval task accuracy). Expert, "
+                        "atom and merge methods; one-shot scoring.")
     model_args(sp)
     sp.add_argument("--methods", required=True, help="comma-separated methods, e.g. reap,ean,frequency,peu,heapr")
     sp.add_argument("--ratio", type=float, action="append",
@@ -98,6 +110,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--eval", help="evaluate each pruned copy: 'domain' (bundled eval splits) or a .txt file/folder")
     sp.add_argument("--eval-windows", type=int, default=12, help="eval windows per text (default 12)")
     sp.add_argument("--eval-seqlen", type=int, default=512, help="eval window length (default 512)")
+    sp.add_argument("--tasks", help="also score each copy on lm-eval tasks (comma-separated; 'local' = the offline "
+                    "next-line tasks on the bundled eval splits; needs the eval extra)")
     sp.add_argument("--out", help="write results.json (+ report.md and ppl_vs_ratio.png with --eval) here")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     sp.set_defaults(func=cmd_compare)

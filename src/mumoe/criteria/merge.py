@@ -33,8 +33,10 @@ def hc_smoe(st: MergeLayerStats) -> dict[str, torch.Tensor]:
 
 def sub_moe(st: MergeLayerStats) -> dict[str, torch.Tensor]:
     """Rows of the distance matrix 1 − S, S_ij = (1/T) Σ_t cos(E_i(x_t), E_j(x_t)) (every expert on every
-    token; the K-means points, as the Sub-MoE re-implementation clusters them). -> [E, E]"""
-    return {"features": 1.0 - st.mean_cosine()}
+    token), S_ii = 1; the K-means points, as the Sub-MoE re-implementation clusters them. -> [E, E]"""
+    S = st.mean_cosine().clone()
+    S.fill_diagonal_(1.0)
+    return {"features": 1.0 - S}
 
 
 def msmoe(st: MergeLayerStats, eps: float = 1.1920928955078125e-07) -> dict[str, torch.Tensor]:

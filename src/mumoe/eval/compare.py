@@ -60,9 +60,27 @@ def _evaluate(model: nn.Module, evals: dict[str, torch.Tensor], batch_size: int)
 
 def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, groups: torch.Tensor | None = None,
             evals: dict[str, torch.Tensor] | None = None, calib_label: str = "-", eval_batch_size: int = 8,
-            progress: bool = False, log=None, dense: bool = True) -> CompareResult:
+            progress: bool = False, log=None, dense: bool = True, tasks: list[str] | None = None,
+            tokenizer=None, n_local: int = 100) -> CompareResult:
     """Score every recipe's method in one pass over `wins`, apply each to a deep copy of `model` and evaluate
-    the copy on `evals` (domain -> windows [N, L]; dense=False: no dense row). The model is left unchanged."""
+    the copy on `evals` (domain -> windows [N, L]; dense=False: no dense row) and, with `tasks`, on lm-eval tasks
+    ("local": the offline tasks on shipped data; their accuracy in each row's "tasks"). The model is left
+    unchanged."""
+    from contextlib import nullcontext
+
+    from .harness import run_lm_eval, task_manager
+
+    with task_manager(tasks, n_local) if tasks else nullcontext() as manager:
+        def accuracy(m: nn.Module) -> dict[str, float]:
+            res = run_lm_eval(m, tokenizer, tasks, batch_size=eval_batch_size, manager=manager)
+            return {t: round(v["acc"], 4) for t, v in sorted(res.items()) if "acc" in v}
+
+        return _compare(model, recipes, wins, groups, evals, calib_label, eval_batch_size, progress, log, dense,
+                        accuracy if tasks else None)
+
+
+def _compare(model, recipes, wins, groups, evals, calib_label, eval_batch_size, progress, log, dense,
+             accuracy) -> CompareResult:
     from ..criteria import score_methods
     from ..drivers.memory import apply_stage
 
@@ -76,8 +94,12 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
     if evals and dense:
         rows.append({"method": "dense", "grain": "-", "ratio": 0.0, "calib": "-", "ppl": _evaluate(model, evals,
                                                                                                    eval_batch_size)})
-        if log:
-            log(f"  dense: {rows[-1]['ppl']}")
+    if accuracy is not None and dense:
+        if not rows:
+            rows.append({"method": "dense", "grain": "-", "ratio": 0.0, "calib": "-"})
+        rows[-1]["tasks"] = accuracy(model)
+    if rows and log:
+        log(f"  dense: {rows[-1].get('ppl', rows[-1].get('tasks'))}")
     for r in bar(recipes, desc="apply + evaluate", enabled=progress, unit="method"):
         pruned = copy.deepcopy(model)
         report = apply_stage(pruned, r, wins, groups, scores=scores[r.method])
@@ -85,6 +107,8 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
                "calib": calib_label if get_method(r.method).needs_calib else "-", "kept": get_grain(r.grain).summary(report.layers)}
         if evals:
             row["ppl"] = _evaluate(pruned, evals, eval_batch_size)
+        if accuracy is not None:
+            row["tasks"] = accuracy(pruned)
         rows.append(row)
         reports[f"{label(r)}@{r.ratio:g}"] = report.to_dict()
         if log:
@@ -94,12 +118,19 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
 
 
 def markdown(result: CompareResult) -> str:
-    """The comparison as a markdown table (perplexity columns when evaluated)."""
+    """The comparison as a markdown table (perplexity columns when evaluated, then task accuracies)."""
     domains = sorted({d for r in result.rows for d in r.get("ppl", {})})
-    head = "| method | removed | kept |" + "".join(f" {d} |" for d in domains) + (" mean |" if domains else "")
-    lines = [head, "|---|---|---|" + "---|" * (len(domains) + (1 if domains else 0))]
+    tasks = sorted({t for r in result.rows for t in r.get("tasks", {})})
+    head = "| method | removed | kept |" + "".join(f" {d} |" for d in domains) + (" mean |" if domains else "") + \
+        "".join(f" {t} acc |" for t in tasks) + (" mean acc |" if tasks else "")
+    lines = [head, "|---|---|---|" + "---|" * (len(domains) + (1 if domains else 0) + len(tasks) + (1 if tasks else 0))]
     for r in result.rows:
         vals = [r["ppl"][d] for d in domains] if domains else []
         cells = "".join(f" {v:.2f} |" for v in vals) + (f" {sum(vals) / len(vals):.2f} |" if vals else "")
+        accs = [r.get("tasks", {}).get(t) for t in tasks]
+        cells += "".join(" - |" if a is None else f" {a:.3f} |" for a in accs)
+        if tasks:
+            got = [a for a in accs if a is not None]
+            cells += f" {sum(got) / len(got):.3f} |" if got else " - |"
         lines.append(f"| {r['method']} | {r['ratio']:.0%} | {r.get('kept', '-')} |{cells}")
     return "\n".join(lines)

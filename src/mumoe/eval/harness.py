@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import MumoeError
@@ -75,6 +77,19 @@ def export_tasks(out: str | Path, n: int = 100) -> list[str]:
 
     with atomic_output(out) as tmp:
         return write_local_tasks(tmp, n, final=Path(out))
+
+
+@contextmanager
+def task_manager(tasks: list[str], n_local: int = 100) -> Iterator:
+    """An lm-eval TaskManager holding the local tasks (their files in a temporary folder while it is open), built
+    once for several evaluations (`mumoe compare --tasks`): pass it to `run_lm_eval(..., manager=)`."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise MumoeError("lm-eval is not installed: pip install -e '.[eval]' (or pip install lm-eval)") from e
+    with tempfile.TemporaryDirectory(prefix="mumoe-tasks-") as tmp:
+        local = write_local_tasks(Path(tmp), n_local)
+        yield TaskManager(include_path=tmp, include_defaults=not (tasks == ["local"] or set(tasks) <= set(local)))
 
 
 def _engine_lm(engine, pruning):
