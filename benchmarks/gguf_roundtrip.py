@@ -2,7 +2,8 @@
 
     python benchmarks/gguf_roundtrip.py [--llama-cpp DIR] [--work DIR] [--ctx 256] [--chunks 24]
 
-Dense (the bundled model itself), REAP 25% and HEAPr 25% (uniform form) are exported by `mumoe prune`, converted
+Dense (the bundled model itself), REAP 25%, HEAPr 25% (uniform form) and two expert merges (HC-SMoE 25%, Sub-MoE
+25% at rank 128: compact checkpoints with one router row per merged expert) are exported by `mumoe prune`, converted
 with llama.cpp's `convert_hf_to_gguf.py` to GGUF f16, quantized to Q4_K_M with `llama-quantize`, and scored by
 `llama-perplexity` on the bundled eval text. The same scoring rule is computed in transformers on the mumoe export
 (llama-perplexity: non-overlapping windows of --ctx tokens, BOS first when the vocabulary asks for it, only the
@@ -55,6 +56,14 @@ TextModel.get_vocab_base_pre = get_vocab_base_pre
 sys.argv = ["convert_hf_to_gguf.py", *sys.argv[1:]]
 runpy.run_path({tree!r} + "/convert_hf_to_gguf.py", run_name="__main__")
 """
+
+
+EXPORTS = {  # name -> `mumoe prune` flags (the export's folder: the name's first word)
+    "reap 25%": ["--method", "reap", "--ratio", "0.25", "--calib", "domain"],
+    "heapr 25% (uniform)": ["--method", "heapr", "--ratio", "0.25", "--calib", "domain"],
+    "hc-smoe 25% (merged, centroid router)": ["--method", "hc-smoe", "--ratio", "0.25", "--calib", "domain"],
+    "sub-moe 25% (merged, rank 128)": ["--method", "sub-moe", "--ratio", "0.25", "--calib", "domain", "--rank", "128"],
+}
 
 
 def sh(cmd: list[str], **kw) -> str:
@@ -135,6 +144,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mumoe-gguf"), help="where exports and GGUFs go")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=24)
+    ap.add_argument("--only", nargs="+", help="exports to run besides dense (first words: reap heapr hc-smoe sub-moe)")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -151,8 +161,9 @@ def main() -> int:
     known = sha256(str(tok.encode(chktxt(tree))).encode()).hexdigest()
     convert = CONVERT.format(tree=str(tree), known=known, chktxt=chktxt(tree))
     exports = {"dense": DEFAULT_MODEL}
-    for name, flags in (("reap 25%", ["--method", "reap", "--ratio", "0.25", "--calib", "domain"]),
-                        ("heapr 25% (uniform)", ["--method", "heapr", "--ratio", "0.25", "--calib", "domain"])):
+    for name, flags in EXPORTS.items():
+        if args.only and name.split()[0] not in args.only:
+            continue
         out = work / name.split()[0]
         if not (out / "pruning.json").exists():
             sh([sys.executable, "-m", "mumoe", "prune", *flags, "--out", str(out), "--overwrite", "--quiet"])
@@ -197,6 +208,11 @@ def main() -> int:
               f"({r['q4km_fallback']}) | {r['gguf_experts']} / {r['gguf_expert_ff']} | {r['hf']:.3f} | "
               f"{r['llama_f16']:.3f} | {r['f16_over_hf']:.5f} | {r['llama_q4km']:.3f} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and RESULTS.exists():  # a partial run keeps the other exports' earlier rows
+        earlier = json.loads(RESULTS.read_text())
+        if (earlier.get("ctx"), earlier.get("chunks")) == (args.ctx, args.chunks):
+            done = {r["model"] for r in rows}
+            rows = [r for r in earlier["rows"] if r["model"] not in done] + rows
     RESULTS.write_text(json.dumps({"ctx": args.ctx, "chunks": args.chunks, "llama_cpp": str(tree), "rows": rows},
                                   indent=1))
     print(f"\nwrote {RESULTS}")

@@ -329,3 +329,70 @@ def test_layerwise_merge_equals_in_memory(arch, method, ratio, opts, form, tmp_p
                                                       dtype=torch.float32).eval()
         with torch.no_grad():
             assert torch.allclose(remote(x).logits, b(x).logits, atol=1e-5)
+
+
+# -- the bound router ---------------------------------------------------------------------------------------------
+def test_bound_router_merge_of_identical_experts_leaves_the_logits_unchanged():
+    """Bound: every router row kept, each pick mapped to its merged expert. Merging two experts with the same
+    weights (router rows different) changes nothing the model computes: logits equal the unmerged model's, also
+    where a token picks both members (their gates add). A centroid router of the same merge does change them."""
+    from mumoe.apply.merge import merge_experts
+
+    model = make("qwen3_moe")
+    for layer in moe_adapter_for(model).moe_layers():
+        with torch.no_grad():
+            layer.experts.gate_up_proj[5].copy_(layer.experts.gate_up_proj[2])
+            layer.experts.down_proj[5].copy_(layer.experts.down_proj[2])
+    x = ids(batch=3, length=16)
+    with torch.no_grad():
+        before = model(x).logits
+    groups = [[0], [1], [2, 5], [3], [4], [6], [7]]
+    weights = [[1.0], [1.0], [0.3, 0.7], [1.0], [1.0], [1.0], [1.0]]
+    layers = [layer.index for layer in moe_adapter_for(model).moe_layers()]
+    bound, centroid = make("qwen3_moe"), None
+    bound.load_state_dict(model.state_dict())
+    merge_experts(bound, dict.fromkeys(layers, groups), dict.fromkeys(layers, weights), router="bound")
+    layer = moe_adapter_for(bound).moe_layers()[0]
+    assert layer.experts.gate_up_proj.shape[0] == 7 and layer.router.weight.shape[0] == 8
+    assert layer.experts.mumoe_expert_map == (0, 1, 2, 3, 4, 2, 5, 6)
+    with torch.no_grad():
+        assert torch.allclose(bound(x).logits, before, atol=1e-6)
+    centroid = make("qwen3_moe")
+    centroid.load_state_dict(model.state_dict())
+    merge_experts(centroid, dict.fromkeys(layers, groups), dict.fromkeys(layers, weights))
+    with torch.no_grad():
+        assert not torch.allclose(centroid(x).logits, before, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,method", [("qwen3_moe", "hc-smoe"), ("mixtral", "m-smoe")])
+def test_bound_router_exports_reload_to_the_same_logits(arch, method, tmp_path):
+    """In memory, streamed (layer-sequential), mumoe.load and transformers with trust_remote_code: one model."""
+    from mumoe.apply.export import save_pruned
+    from mumoe.drivers.layerwise import prune_layerwise
+    from mumoe.loading import load
+
+    src = tmp_path / "src"
+    make(arch).save_pretrained(src)
+    recipe = mumoe.Recipe.build(method, 0.25, calib="tensor", nsamples=6, seqlen=16, router="bound")
+    wins = ids(batch=6, length=16)
+    report = prune_layerwise(src, recipe, tmp_path / "streamed", (wins, None, {}), verbose=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref = mumoe.prune(model, recipe, calib=wins)
+    save_pruned(model, tmp_path / "memory", ref)
+    assert report.layers == ref.layers and report.form == ref.form == "mumoe"
+    assert all(e["router"] == "bound" for e in report.layers)
+    cfg = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    maps = [e["expert_map"] for e in cfg["mumoe_layers"]]
+    assert all(len(m) == 8 and max(m) + 1 == e["experts"] for m, e in zip(maps, cfg["mumoe_layers"]))
+    x = ids(batch=2, length=12, seed=3)
+    with torch.no_grad():
+        want = model(x).logits
+        for folder in ("streamed", "memory"):
+            assert torch.allclose(load(tmp_path / folder)(x).logits, want, atol=1e-5)
+        remote = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", trust_remote_code=True,
+                                                      dtype=torch.float32).eval()
+        assert torch.allclose(remote(x).logits, want, atol=1e-5)
+    state = load_file(tmp_path / "streamed" / "model.safetensors")
+    gate = next(k for k in state if k.endswith("layers.0.mlp.gate.weight") or
+                k.endswith("layers.0.block_sparse_moe.gate.weight"))
+    assert state[gate].shape[0] == 8  # every router row kept

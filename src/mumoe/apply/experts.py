@@ -30,10 +30,11 @@ def _slice_param(module: nn.Module, name: str, idx: torch.Tensor, inplace: bool 
         module._buffers[name] = new
 
 
-def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False) -> None:
+def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False, router: bool = True) -> None:
     """Keep only experts `keep` (sorted, unique) of one MoE layer, in place. inplace: move the kept experts
     within the existing tensors instead of copying them out (no second copy of the layer; the tensors become
-    views of the old storage — for a layer that is about to be freed, as in the layer-sequential sweep)."""
+    views of the old storage — for a layer that is about to be freed, as in the layer-sequential sweep).
+    router=False: the router keeps all its rows (a bound merge maps them onto the kept experts)."""
     E = layer.num_experts
     if sorted(set(keep)) != list(keep) or not keep or keep[0] < 0 or keep[-1] >= E:
         raise MumoeError(f"layer {layer.index}: keep set must be sorted unique indices in [0, {E}), got {keep}")
@@ -48,9 +49,9 @@ def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False) -> None
     idx = torch.tensor(keep, dtype=torch.long)
     for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
         _slice_param(layer.experts, name, idx, inplace)
-    for name in ("weight", "bias", "e_score_correction_bias"):
+    for name in ("weight", "bias", "e_score_correction_bias") if router else ():
         _slice_param(layer.router, name, idx, inplace)
-    for module in (layer.router, layer.experts):
+    for module in (layer.router, layer.experts) if router else (layer.experts,):
         for attr in _COUNT_ATTRS:
             if hasattr(module, attr):
                 setattr(module, attr, len(keep))

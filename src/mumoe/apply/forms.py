@@ -140,7 +140,11 @@ def _read_experts(path: Path, dtype: torch.dtype) -> nn.Module:
     report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    remove_experts(model, report.expert_slots())
+    from .merge import bind_layers
+
+    slots, maps = report.expert_slots(), report.expert_maps()
+    remove_experts(model, {j: s for j, s in slots.items() if j not in maps})
+    bind_layers(model, slots, maps)
     _load_checked(model, fuse_legacy_experts(_load_state(path), model), path)
     return model.to(dtype).eval()
 
@@ -196,7 +200,7 @@ def remote_code(cfg: dict, folder: Path, report: PruneReport) -> dict:
     line = 'BASE_CLASS = "Qwen3MoeForCausalLM"'
     (folder / REMOTE_FILE).write_text(template.replace(line, f'BASE_CLASS = "{base}"', 1))
     if report.form == "mumoe":
-        layers = [{"layer": j, "experts": len(slots)} for j, slots in report.expert_slots().items()]
+        layers = report.moe_shapes()
     else:
         layers = [{"layer": e["layer"], "widths": [len(x["kept"]) for x in e["experts"]]} for e in report.layers]
     cfg = dict(cfg)

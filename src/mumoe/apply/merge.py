@@ -1,6 +1,13 @@
-"""Expert merging applied: each group of experts becomes one expert, with one router row (and bias) per merged
-expert — the weighted average of its members' rows ("centroid" router: a standard compact checkpoint every engine
-loads). The expert tensors are merged by the plan's operator:
+"""Expert merging applied: each group of experts becomes one expert. Router policies:
+
+    centroid  one router row (and bias) per merged expert, the weighted average of its members' rows: a standard
+              compact checkpoint every engine loads
+    bound     all E router rows kept; the router picks its top-k among the E as before and each pick is mapped
+              to its member's merged expert (`expert_map`), so two picked members of one group add their gates —
+              the papers' evaluation setting; mumoe's own form (`mumoe.load`, or transformers with
+              trust_remote_code)
+
+The expert tensors are merged by the plan's operator:
 
     average   W = Σ w_i W_i (gate, up, down and their biases), w_i = f_i / Σ f over the group
     svd       Sub-MoE's subspace merge, per matrix: [W_1 … W_n] = U Σ Vᵀ (concatenated along the input
@@ -24,6 +31,32 @@ from .experts import slice_layer
 EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")  # [E, ...] each
 ROUTER_TENSORS = ("weight", "bias", "e_score_correction_bias")
 OPERATORS = ("average", "svd")
+ROUTERS = ("centroid", "bound")
+
+
+def expert_map(groups: list[list[int]], E: int) -> list[int]:
+    """map[e] = the merged expert (group position) expert e belongs to."""
+    out = [-1] * E
+    for g, members in enumerate(groups):
+        for e in members:
+            out[e] = g
+    return out
+
+
+def _bound_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    # the router's picks [T, k] in the E source experts -> the merged experts they belong to
+    mapping = torch.tensor(self.mumoe_expert_map, dtype=torch.long, device=top_k_index.device)  # [E]
+    return super(type(self), self).forward(hidden_states, mapping[top_k_index], top_k_weights, *args, **kwargs)
+
+
+def bind_experts(experts: nn.Module, mapping: list[int]) -> None:
+    """Make a (merged) experts module take the router's picks among the E source experts: every pick is mapped
+    through `mapping` [E] before the experts run (`mumoe_expert_map`, a plain attribute: nothing in the state
+    dict; the class becomes a subclass of its own whose forward maps the indices — parameter names unchanged)."""
+    experts.mumoe_expert_map = tuple(int(m) for m in mapping)
+    cls = type(experts)
+    if not getattr(cls, "_mumoe_bound", False):
+        experts.__class__ = type(f"Bound{cls.__name__}", (cls,), {"forward": _bound_forward, "_mumoe_bound": True})
 
 
 def svd_merge(mats: torch.Tensor, w: torch.Tensor, rank: int | None = None) -> torch.Tensor:
@@ -63,42 +96,61 @@ def check_groups(index: int, E: int, groups: list[list[int]]) -> None:
 
 @torch.no_grad()
 def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[float]], operator: str = "average",
-                rank: int | None = None) -> None:
+                rank: int | None = None, router: str = "centroid") -> None:
     """Merge one MoE layer in place: group g (member ids, ascending, groups ordered by their first member) becomes
-    expert g, its tensors merged by `operator` with the group's weights (summing to 1), router rows averaged."""
-    check_groups(layer.index, layer.num_experts, groups)
+    expert g, its tensors merged by `operator` with the group's weights (summing to 1); router rows averaged
+    (centroid) or all kept and mapped onto the merged experts (bound)."""
+    E = layer.num_experts
+    check_groups(layer.index, E, groups)
     if layer.n_group and layer.n_group > 1:
         raise MumoeError("merging is not available for group-limited routers (DeepSeek-V3 n_group) yet")
+    if router not in ROUTERS:
+        raise MumoeError(f"unknown router policy {router!r}; available: {', '.join(ROUTERS)}")
+    parts = ((layer.experts, EXPERT_TENSORS),) + (((layer.router, ROUTER_TENSORS),) if router == "centroid" else ())
     for g, w in zip(groups, weights):
         if len(g) == 1:
             continue
-        for module, names in ((layer.experts, EXPERT_TENSORS), (layer.router, ROUTER_TENSORS)):
+        for module, names in parts:
             for name in names:
                 t = getattr(module, name, None)
                 if t is None:
                     continue
                 kind = "gate_up" if name == "gate_up_proj" else "matrix" if module is layer.experts else "vector"
                 t.data[g[0]].copy_(merge_rows(t.data[g], w, operator, rank, kind))
-    slice_layer(layer, [g[0] for g in groups])  # each group's first slot now holds its merged expert
+    # each group's first slot now holds its merged expert
+    slice_layer(layer, [g[0] for g in groups], router=router == "centroid")
+    if router == "bound":
+        bind_experts(layer.experts, expert_map(groups, E))
 
 
 def merge_experts(model: nn.Module, groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
-                  operator: str = "average", rank: int | None = None) -> None:
-    """Merge every MoE layer named in `groups`; the config's expert count set when every layer ends equal."""
+                  operator: str = "average", rank: int | None = None, router: str = "centroid") -> None:
+    """Merge every MoE layer named in `groups`; the config's expert count set when every layer ends equal (and
+    the router is centroid: a bound router keeps the source count, its number of rows)."""
     adapter = moe_adapter_for(model)
     for layer in adapter.moe_layers():
         if layer.index in groups:
-            merge_layer(layer, groups[layer.index], weights[layer.index], operator, rank)
+            merge_layer(layer, groups[layer.index], weights[layer.index], operator, rank, router)
     counts = {layer.num_experts for layer in adapter.moe_layers()}
-    if len(counts) == 1:
+    if len(counts) == 1 and router == "centroid":
         adapter.set_num_experts(counts.pop())
 
 
+def bind_layers(model: nn.Module, slots: dict[int, list[int]], maps: dict[int, list[int]]) -> None:
+    """A bound merge rebuilt on a freshly built model (`mumoe.load` of the export): each layer in `maps` keeps
+    the expert slots `slots[layer]` (its router all rows) and maps the router's picks through `maps[layer]`."""
+    for layer in moe_adapter_for(model).moe_layers():
+        if layer.index in maps:
+            slice_layer(layer, slots[layer.index], router=False)
+            bind_experts(layer.experts, maps[layer.index])
+
+
 def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
-                    operator: str = "average", rank: int | None = None):
-    """The streamed export of a merge (`apply.stream.write_streamed`): fused expert tensors and router tensors
-    [E, ...] become [M, ...]; per-expert matrices (legacy layouts) wait until every member of their group has
-    been read (at most one layer's matrices of one kind), then leave as expert g's."""
+                    operator: str = "average", rank: int | None = None, router: str = "centroid"):
+    """The streamed export of a merge (`apply.stream.write_streamed`): fused expert tensors and (centroid) router
+    tensors [E, ...] become [M, ...]; per-expert matrices (legacy layouts) wait until every member of their group
+    has been read (at most one layer's matrices of one kind), then leave as expert g's. A bound router is
+    written as it is."""
     where = {j: {e: (g, pos) for g, members in enumerate(gs) for pos, e in enumerate(members)}
              for j, gs in groups.items()}
     pending: dict[tuple, dict[int, torch.Tensor]] = {}
@@ -124,7 +176,7 @@ def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[
             return [(f"{m['pre']}.{g}.{m['kind']}.weight", merge_rows(t, weights[j][g], operator, rank))]
         if (m := FUSED.match(key)) and int(m["layer"]) in groups:
             return [(key, merged(int(m["layer"]), read(), "gate_up" if m["kind"] == "gate_up_proj" else "matrix"))]
-        if (m := ROUTER.match(key)) and int(m["layer"]) in groups:
+        if (m := ROUTER.match(key)) and int(m["layer"]) in groups and router == "centroid":
             return [(key, merged(int(m["layer"]), read(), "vector"))]
         return [(key, read())]
 

@@ -67,6 +67,20 @@ class PruneReport:
         expert counts by slicing to these."""
         return {e["layer"]: list(e["kept"]) if "kept" in e else [g[0] for g in e["groups"]] for e in self.layers}
 
+    def expert_maps(self) -> dict[int, list[int]]:
+        """Per MoE layer merged with a bound router: map[e] = the merged expert source expert e's router row
+        routes to."""
+        return {e["layer"]: [next(g for g, members in enumerate(e["groups"]) if i in members)
+                             for i in range(e["num_experts"])]
+                for e in self.layers if e.get("router") == "bound"}
+
+    def moe_shapes(self) -> list[dict]:
+        """Per MoE layer, what mumoe's own form records for a loader: its expert count, and a bound router's
+        expert map (config.json `mumoe_layers`)."""
+        maps = self.expert_maps()
+        return [{"layer": j, "experts": len(slots), **({"expert_map": maps[j]} if j in maps else {})}
+                for j, slots in self.expert_slots().items()]
+
     def compose(self, earlier: "PruneReport") -> "PruneReport":
         """This run's report on a model `earlier` had pruned, as one record of both: the source and model of the
         first run, every stage's record in `stages`; for experts after experts (entries with kept experts in

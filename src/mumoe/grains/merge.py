@@ -19,15 +19,14 @@ from typing import ClassVar
 
 from torch import nn
 
+from ..apply.merge import ROUTERS
 from ..errors import MumoeError
 from .base import Grain, Plan
-
-ROUTERS = ("centroid",)
 
 
 @dataclass(frozen=True)
 class MergePart:
-    router: str = "centroid"  # centroid: one router row per merged expert (the weighted average of its members')
+    router: str = "centroid"  # centroid: one router row per merged expert; bound: all E rows, mapped
     rank: int | None = None  # the svd operator's rank (None: full rank, the weighted average)
 
 
@@ -44,7 +43,8 @@ class MergePlan(Plan):
     rank: int | None = None
 
     def export_form(self) -> str:
-        return "hf" if len({len(g) for g in self.groups.values()}) <= 1 else "mumoe"
+        uniform = len({len(g) for g in self.groups.values()}) <= 1
+        return "hf" if uniform and self.router == "centroid" else "mumoe"
 
     def as_lists(self) -> tuple[dict, dict]:
         return ({j: [list(g) for g in gs] for j, gs in self.groups.items()},
@@ -85,7 +85,8 @@ class MergeGrain(Grain):
     flags: ClassVar[tuple[str, ...]] = ("router", "rank")
     cli: ClassVar[dict[str, dict]] = {
         "router": {"choices": list(ROUTERS), "help": "merge methods: centroid = one router row per merged expert, "
-                   "the weighted average of its members' rows (a standard compact checkpoint, default)"},
+                   "the weighted average of its members' rows (a standard compact checkpoint, default); bound = all "
+                   "router rows kept, each mapped to its merged expert (the papers' setting; mumoe's own form)"},
         "rank": {"type": int, "metavar": "R", "help": "sub-moe: the rank of each merged matrix (default: full rank, "
                  "which equals the frequency-weighted average)"},
     }
@@ -106,7 +107,8 @@ class MergeGrain(Grain):
     def leaves_hf(self, stage) -> bool:
         from ..criteria import get_method
 
-        return get_method(stage.method).merge_budget is None  # a global budget: per-layer counts differ
+        # a global budget (per-layer counts differ) or a bound router: mumoe's own form
+        return get_method(stage.method).merge_budget is None and stage.part.router == "centroid"
 
     def describe(self, recipe) -> str:
         rank = f", rank {recipe.merge.rank}" if recipe.merge.rank is not None else ""
@@ -142,7 +144,7 @@ class MergeGrain(Grain):
             scores = score_methods(model, [recipe.method], wins, groups, recipe.calib.seed, recipe.calib.batch_size,
                                    verbose, layers=layers)[recipe.method]
         plan = make_plan(recipe, layers, scores)
-        merge_experts(model, *plan.as_lists(), plan.operator, plan.rank)
+        merge_experts(model, *plan.as_lists(), plan.operator, plan.rank, plan.router)
         if verbose:
             for line in self.layer_lines(self.entries(plan)):
                 print(line)
@@ -163,7 +165,7 @@ class MergeGrain(Grain):
 
         counts = {len(g) for g in plan.groups.values()}
         changes = dict.fromkeys(EXPERT_COUNT_KEYS, counts.pop()) if plan.export_form() == "hf" else {}
-        return merge_transform(*plan.as_lists(), plan.operator, plan.rank), changes
+        return merge_transform(*plan.as_lists(), plan.operator, plan.rank, plan.router), changes
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: MergePlan) -> list[dict]:

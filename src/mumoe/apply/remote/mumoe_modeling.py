@@ -9,6 +9,8 @@ Load it with transformers alone (mumoe need not be installed):
 The class is the architecture's own transformers class (BASE_CLASS, written by the export) with each MoE layer
 reshaped from config.mumoe_layers before the weights are read:
     {"layer": i, "experts": E_i}             that layer keeps E_i experts (router rows and fused tensors)
+    {"layer": i, "experts": M_i,             M_i merged experts; the router keeps all its rows and each pick e is
+     "expert_map": [m_0, ..., m_E-1]}        routed to merged expert m_e (a bound merge: two picks may add up)
     {"layer": i, "widths": [k_0, ..., k_E]}  expert e keeps k_e atoms: per-expert tensors
                                              mlp.experts.<e>.gate_up [2k_e, H] and mlp.experts.<e>.down [H, k_e]
 Engines that build their own model from the config (llama.cpp's converter, vLLM) do not know the
@@ -36,6 +38,19 @@ def _resize(module: nn.Module, name: str, rows: int) -> None:
         setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
         module._buffers[name] = new
+
+
+def _bound_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    # the router's picks [T, k] among the source experts -> the merged experts they belong to
+    mapping = torch.tensor(self.mumoe_expert_map, dtype=torch.long, device=top_k_index.device)  # [E]
+    return super(type(self), self).forward(hidden_states, mapping[top_k_index], top_k_weights, *args, **kwargs)
+
+
+def _bind(experts: nn.Module, mapping: list[int]) -> None:
+    experts.mumoe_expert_map = tuple(int(m) for m in mapping)  # a plain attribute: no buffer to initialise
+    cls = type(experts)
+    if not getattr(cls, "_mumoe_bound", False):
+        experts.__class__ = type(f"Bound{cls.__name__}", (cls,), {"forward": _bound_forward, "_mumoe_bound": True})
 
 
 class _Expert(nn.Module):
@@ -74,15 +89,17 @@ def reshape_layers(model: nn.Module, config) -> None:
     for entry in getattr(config, "mumoe_layers", None) or []:
         mlp = model.model.layers[entry["layer"]].mlp
         if "experts" in entry:
-            n = int(entry["experts"])
+            n, bound = int(entry["experts"]), "expert_map" in entry
             for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
                 _resize(mlp.experts, name, n)
-            for name in ("weight", "bias", "e_score_correction_bias"):
+            for name in ("weight", "bias", "e_score_correction_bias") if not bound else ():
                 _resize(mlp.gate, name, n)
-            for module in (mlp, mlp.gate, mlp.experts):
+            for module in (mlp, mlp.gate, mlp.experts) if not bound else (mlp.experts,):
                 for attr in _COUNT_ATTRS:
                     if isinstance(getattr(module, attr, None), int):
                         setattr(module, attr, n)
+            if bound:
+                _bind(mlp.experts, [int(m) for m in entry["expert_map"]])
         if "widths" in entry:
             dtype = mlp.experts.down_proj.dtype
             mlp.experts = RaggedExperts([int(k) for k in entry["widths"]], text.hidden_size, text.hidden_act, dtype)
