@@ -337,9 +337,22 @@ def parse_stage(text: str) -> Stage:
         ratio = float(parts[1])
     except ValueError:
         raise MumoeError(f"--then {text}: ratio {parts[1]!r} is not a number") from None
+    options = parse_options(parts[2:], f"--then {text}")
+    return make_stage(parts[0], ratio, options)
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """`METHOD[:OPTION=VALUE...]` (`mumoe compare --methods`): hc-smoe:router=bound -> ("hc-smoe", {...})."""
+    parts = text.split(":")
+    return parts[0], parse_options(parts[1:], f"--methods {text}")
+
+
+def parse_options(parts: list[str], where: str) -> dict:
+    """OPTION=VALUE parts (a part without '=' continues the value before it: structure=2:4); the options a
+    grain's CLI flag types as int (width_multiple, rank) converted."""
     options: dict = {}
     last = None
-    for part in parts[2:]:
+    for part in parts:
         if "=" in part:
             last, value = part.split("=", 1)
             last = last.replace("-", "_")
@@ -347,12 +360,11 @@ def parse_stage(text: str) -> Stage:
         elif last is not None:
             options[last] += ":" + part
         else:
-            raise MumoeError(f"--then {text}: {part!r} is not OPTION=VALUE")
-    for k, v in options.items():  # the integer options (width_multiple)
-        default = next((getattr(g.part(), k) for g in GRAINS.values() if k in g.flags), None)
-        if isinstance(default, int) and not isinstance(default, bool):
+            raise MumoeError(f"{where}: {part!r} is not OPTION=VALUE")
+    for k, v in options.items():
+        if any(g.cli.get(k, {}).get("type") is int for g in GRAINS.values()):
             try:
                 options[k] = int(v)
             except ValueError:
-                raise MumoeError(f"--then {text}: {k} must be an integer, got {v!r}") from None
-    return make_stage(parts[0], ratio, options)
+                raise MumoeError(f"{where}: {k} must be an integer, got {v!r}") from None
+    return options

@@ -20,7 +20,10 @@ def cmd_compare(args) -> int:
 
     from ..files import check_positive
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from ..recipe import parse_method
+
+    specs = [parse_method(m.strip()) for m in args.methods.split(",") if m.strip()]
+    methods = [name for name, _ in specs]
     if not methods:
         raise MumoeError("--methods names no method (e.g. --methods reap,ean,frequency)")
     for value, flag, low in ((args.eval_windows, "--eval-windows", 1), (args.eval_seqlen, "--eval-seqlen", 2),
@@ -31,8 +34,9 @@ def cmd_compare(args) -> int:
     opts = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen), ("seed", args.seed),
                               ("form", args.form), ("scope", args.scope)) if v is not None}
     opts["batch_size"] = args.batch_size or 8  # one pass: one batch size for every method
-    recipes = [Recipe.build(m, r, calib=(args.calib or ["domain"]) if get_method(m).needs_calib else None, dtype=args.dtype or "auto",
-                            device=args.device or "cpu", **opts) for m in methods for r in ratios]
+    recipes = [Recipe.build(m, r, calib=(args.calib or ["domain"]) if get_method(m).needs_calib else None,
+                            dtype=args.dtype or "auto", device=args.device or "cpu", **{**opts, **own})
+               for m, own in specs for r in ratios]
     from ..eval.compare import check_recipes
 
     check_recipes(recipes)
@@ -97,7 +101,9 @@ def add_parser(sub) -> None:
                         "with --eval, scored by perplexity (and with --tasks, by lm-eval task accuracy). Expert, "
                         "atom and merge methods; one-shot scoring.")
     model_args(sp)
-    sp.add_argument("--methods", required=True, help="comma-separated methods, e.g. reap,ean,frequency,peu,heapr")
+    sp.add_argument("--methods", required=True, help="comma-separated methods, e.g. reap,ean,frequency,peu,heapr; "
+                    "each may carry its own options as METHOD:OPTION=VALUE (hc-smoe:router=bound, "
+                    "heapr:form=global, sub-moe:rank=64)")
     sp.add_argument("--ratio", type=float, action="append",
                     help="fraction removed (experts per layer, or atoms); repeat for several (default 0.5)")
     sp.add_argument("--calib", action="append", help="calibration sources as for prune (default: domain)")

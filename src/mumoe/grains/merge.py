@@ -115,7 +115,8 @@ class MergeGrain(Grain):
         return f"{recipe.ratio:.0%} of experts merged away (router {recipe.merge.router}{rank}) with {recipe.method}"
 
     def label(self, recipe) -> str:
-        return recipe.method + (f" r{recipe.merge.rank}" if recipe.merge.rank is not None else "")
+        return recipe.method + (f" r{recipe.merge.rank}" if recipe.merge.rank is not None else "") + (
+            f" ({recipe.merge.router})" if recipe.merge.router != "centroid" else "")
 
     def check_config(self, recipe, config) -> None:
         from ..models.base import config_experts
