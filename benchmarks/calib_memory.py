@@ -136,8 +136,12 @@ def child_prune(a, method: str) -> dict:
     with torch.device("meta"):  # import the modelling code (~150 MiB of Python modules) before measuring
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.dir))
     base = current_rss_mb()
-    name, order = (method.split("-")[0], "progressive") if method.endswith("-progressive") else (method, "one-shot")
-    opts = {"order": order} if name != "heapr" else {"form": "uniform"}
+    from mumoe.criteria import get_method
+
+    name = method.removesuffix("-progressive")
+    grain = get_method(name).grain
+    opts = ({"order": "progressive" if method.endswith("-progressive") else "one-shot"} if grain == "expert" else
+            {"form": "uniform"} if grain == "atom" else {})
     recipe = Recipe.build(name, 0.25, calib="tensor", nsamples=a.nsamples, seqlen=a.seqlen,
                           batch_size=a.batch_size, dtype=a.dtype, device=a.device, **opts)
     out = Path(a.out) / method
@@ -154,7 +158,13 @@ def child_prune(a, method: str) -> dict:
     n_layers = len(ckpt.decoder.layers)
     kept_acts = acts * (2 if name != "heapr" else (n_layers + 2))  # in + out; HEAPr: every layer's input + grads
     T, k, E, I = a.nsamples * a.seqlen, a.top_k, a.experts, a.inter
-    stats = (T * k * 16 + E * 8 * 8) if name != "heapr" else E * I * 8 * 4
+    if grain == "atom":
+        stats = E * I * 8 * 4
+    elif grain == "merge":  # float64 sums [E, H] and [E, E] x 2; one chunk of stacked outputs (pairwise: budgeted)
+        pairwise = "pairwise" in get_method(name).merge_stats
+        stats = E * a.hidden * 8 + 2 * E * E * 8 + (256 << 20 if pairwise else min(T, 1024) * a.hidden * 4 * 3)
+    else:
+        stats = T * k * 16 + E * 8 * 8
     shard = a.shard_mb * 2**20
     sweep = info["sweep"]
     calib_work = (info["calib_peak_rss_mb"] - base) * 2**20
@@ -167,7 +177,8 @@ def child_prune(a, method: str) -> dict:
             "peak_rss_mb": rss_mb(), "base_rss_mb": base, "layer_mb": layer / 2**20,
             "activations_mb": kept_acts / 2**20, "stats_mb": stats / 2**20, "shard_buffer_mb": shard / 2**20,
             "bound_mb": 1.2 * (layer + kept_acts + stats) / 2**20,
-            "kept": [e["kept"] for e in report.layers] if report.grain == "expert" else None}
+            "kept": [e["kept"] for e in report.layers] if report.grain == "expert" else None,
+            "groups": [e["groups"] for e in report.layers] if report.grain == "merge" else None}
 
 
 def capped(cmd: list[str], cap: int | None, check: bool = True) -> tuple[dict | None, int]:

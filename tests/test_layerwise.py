@@ -199,11 +199,12 @@ def sh(cmd, env=None, timeout=300):
 
 def kept_and_scores(folder):
     rep = json.loads((folder / "pruning.json").read_text())
-    return [(e.get("kept"), e.get("scores"), e.get("experts")) for e in rep["layers"]]
+    return [(e.get("kept"), e.get("scores"), e.get("experts"), e.get("groups"), e.get("weights"))
+            for e in rep["layers"]]
 
 
 @pytest.mark.parametrize("method,stage", [("reap", "forward:0"), ("heapr", "backward:1"),
-                                          ("heapr", "forward:1")])
+                                          ("heapr", "forward:1"), ("sub-moe", "forward:0")])
 def test_killed_and_resumed_equals_uninterrupted(checkpoint, tmp_path, method, stage):
     work, out = tmp_path / "work", tmp_path / "out"
     r = sh(killed_after(stage, prune_cmd(checkpoint, out, "--work-dir", str(work), method=method)))
@@ -288,21 +289,23 @@ def test_work_dir_only_what_mumoe_wrote_is_deleted(checkpoint, tmp_path, capsys)
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
 
 
-def test_torchrun_two_ranks_equal_one_process(checkpoint, tmp_path):
+@pytest.mark.parametrize("method", ["ean", "hc-smoe"])
+def test_torchrun_two_ranks_equal_one_process(checkpoint, tmp_path, method):
     if shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")):
         pytest.skip("torchrun not installed")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    one = sh(prune_cmd(checkpoint, tmp_path / "one", method="ean"))
+    one = sh(prune_cmd(checkpoint, tmp_path / "one", method=method))
     assert one.returncode == 0, one.stderr[-2000:]
-    cmd = prune_cmd(checkpoint, tmp_path / "two", method="ean")
+    cmd = prune_cmd(checkpoint, tmp_path / "two", method=method)
     two = sh([torchrun, "--standalone", "--nproc-per-node", "2", *cmd[1:]],
              env={"OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     assert "on 2 ranks" in two.stdout
     a, b = kept_and_scores(tmp_path / "one"), kept_and_scores(tmp_path / "two")
-    for (ka, sa, _), (kb, sb, _) in zip(a, b):
-        assert ka == kb
-        assert max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(sa, sb)) <= 1e-6
+    for (ka, sa, _, ga, wa), (kb, sb, _, gb, wb) in zip(a, b):
+        assert ka == kb and ga == gb  # the same kept sets / merge groups
+        pairs = list(zip(sa, sb)) if sa is not None else [(x, y) for u, v in zip(wa, wb) for x, y in zip(u, v)]
+        assert max(abs(x - y) / max(abs(y), 1e-30) for x, y in pairs) <= 1e-6
 
 
 def _refused(cmd, capsys) -> str:

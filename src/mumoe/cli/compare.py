@@ -69,7 +69,7 @@ def cmd_compare(args) -> int:
         if tok is None:
             raise MumoeError(f"{args.model} has no tokenizer; --eval on text needs one")
         evals = {d: windows(tokenize(tok, text), args.eval_seqlen, args.eval_windows) for d, text in eval_texts.items()}
-    say(f"compare {', '.join(methods)} at {', '.join(f'{r:.0%}' for r in ratios)} on {args.model}: one calibration "
+    say(f"compare {', '.join(m.strip() for m in args.methods.split(',') if m.strip())} at {', '.join(f'{r:.0%}' for r in ratios)} on {args.model}: one calibration "
           f"pass" + (f" over {info['nsamples']} windows x {info['seqlen']} tokens ({info['source']})" if info else "")
           + (f"; eval {args.eval_windows} windows x {args.eval_seqlen} tokens of {', '.join(evals)}" if evals else "")
           + (f"; lm-eval tasks {', '.join(tasks)}" if tasks else ""))
