@@ -8,7 +8,9 @@ on the same windows: a plain forward (the model as transformers runs it, its def
 hooks); mumoe's REAP statistics pass (`observe.run` with the ExpertStats collector: routing + expert outputs
 from the routed-token dispatch); the routing-only pass (frequency / TCESS / PEU); and, for reference, the way
 mumoe gathered REAP statistics before the runner (a plain forward plus every routed expert recomputed in a
-hook). With --heapr, also the forward+backward pass of HEAPr against a plain forward+backward. Ratios are
+hook). With --heapr, also the forward+backward pass of HEAPr against a plain forward+backward; with --merge, the
+merge grain's statistics passes (HC-SMoE runs every expert on every token: E/top_k times the routed experts'
+work, the floor of its ratio). Ratios are
 paired per repeat (same minute, same windows); the table gives their medians. Writes
 benchmarks/results/calib_pass.json.
 """
@@ -27,7 +29,7 @@ from torch import nn
 
 from mumoe.models import moe_adapter_for
 from mumoe.observe import ExpertStats, run
-from mumoe.observe.collectors import AtomStats
+from mumoe.observe.collectors import AtomStats, MergeStats
 
 
 def build(hidden: int, inter: int, experts: int, top_k: int, layers: int, vocab: int, dtype: torch.dtype):
@@ -106,6 +108,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--heapr", action="store_true", help="also time HEAPr's forward+backward pass")
+    ap.add_argument("--merge", action="store_true", help="also time the merge statistics: HC-SMoE (every expert on "
+                    "every token), Sub-MoE (+ pairwise output cosines), M-SMoE (routing and logit Gram only)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calib_pass.json"))
     args = ap.parse_args()
 
@@ -119,7 +123,8 @@ def main() -> None:
           f"tokens, batch {args.batch}; torch threads {torch.get_num_threads()}")
     plain(model, windows[: args.batch], args.batch)  # warm-up
     run(model, windows[: args.batch], [ExpertStats(layers)], batch_size=args.batch)
-    rows: dict[str, list[float]] = {k: [] for k in ("plain", "reap", "routing", "recompute", "plain_fb", "heapr")}
+    rows: dict[str, list[float]] = {k: [] for k in ("plain", "reap", "routing", "recompute", "plain_fb", "heapr",
+                                                    "hc_smoe", "sub_moe", "m_smoe")}
     for rep in range(args.repeats):
         rows["plain"].append(plain(model, windows, args.batch))
         rows["reap"].append(timed(lambda: run(model, windows, [ExpertStats(layers)], batch_size=args.batch)))
@@ -129,6 +134,10 @@ def main() -> None:
         if args.heapr:
             rows["plain_fb"].append(plain(model, windows, args.batch, backward=True))
             rows["heapr"].append(timed(lambda: run(model, windows, [AtomStats(layers)], batch_size=args.batch)))
+        if args.merge:
+            for key, kw in (("hc_smoe", {}), ("sub_moe", {"outputs": False, "pairwise": True}),
+                            ("m_smoe", {"outputs": False})):
+                rows[key].append(timed(lambda: run(model, windows, [MergeStats(layers, **kw)], batch_size=args.batch)))
         print(f"  repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in rows.items() if v))
 
     def ratio(a: str, b: str) -> float:
@@ -140,6 +149,9 @@ def main() -> None:
                          "recompute-in-hooks / plain": ratio("recompute", "plain")}}
     if args.heapr:
         result["ratios"]["heapr / plain forward+backward"] = ratio("heapr", "plain_fb")
+    if args.merge:
+        for k in ("hc_smoe", "sub_moe", "m_smoe"):
+            result["ratios"][f"{k} / plain"] = ratio(k, "plain")
     print("\n| pass | median seconds | / plain forward |")
     print("|---|---|---|")
     for k, name in (("plain", "plain forward (transformers, default experts kernel)"),
@@ -151,6 +163,11 @@ def main() -> None:
         print(f"| plain forward + backward | {statistics.median(rows['plain_fb']):.2f} | – |")
         print(f"| HEAPr statistics (forward + backward) | {statistics.median(rows['heapr']):.2f} | "
               f"{ratio('heapr', 'plain_fb'):.2f} of plain forward + backward |")
+    if args.merge:
+        for k, name in (("hc_smoe", f"HC-SMoE statistics: all {args.experts} experts on every token (MergeStats)"),
+                        ("sub_moe", "Sub-MoE statistics: + pairwise output cosines"),
+                        ("m_smoe", "M-SMoE statistics: routing counts + router-logit Gram")):
+            print(f"| {name} | {statistics.median(rows[k]):.2f} | {ratio(k, 'plain'):.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}")

@@ -23,6 +23,15 @@ from mumoe.criteria.merge import average_linkage
 from mumoe.testtime.experts import capture_router_logits
 
 
+def capture_expert_inputs(layers):
+    """-> ({decoder layer: [experts' input per forward]}, hook handles) for the slow loops below."""
+    inputs = {}
+    hooks = [layer.experts.register_forward_pre_hook(
+        lambda m, a, kw, j=layer.index: inputs.setdefault(j, []).append(a[0] if a else kw["hidden_states"]),
+        with_kwargs=True) for layer in layers]
+    return inputs, hooks
+
+
 def test_average_linkage_equals_scipy():
     hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
     g = torch.Generator().manual_seed(0)
@@ -48,10 +57,7 @@ def test_mean_outputs_equal_a_slow_loop():
     x = ids(batch=3, length=10)
     col = MergeStats(layers, chunk=7)  # chunks that do not divide the token count
     run(model, x, [col], batch_size=2)
-    inputs = {}
-    hooks = [layer.experts.register_forward_pre_hook(
-        lambda m, a, kw, j=layer.index: inputs.setdefault(j, []).append(a[0] if a else kw["hidden_states"]),
-        with_kwargs=True) for layer in layers]
+    inputs, hooks = capture_expert_inputs(layers)
     with capture_router_logits(model) as logits, torch.no_grad():
         counts = {layer.index: torch.zeros(layer.num_experts) for layer in layers}
         for b in range(3):
@@ -155,10 +161,7 @@ def test_pairwise_cosines_and_logit_gram_equal_a_slow_loop():
     x = ids(batch=3, length=10)
     col = MergeStats(layers, outputs=True, pairwise=True, budget=4 * 1024)  # a few tokens per chunk
     run(model, x, [col], batch_size=2)
-    inputs = {}
-    hooks = [layer.experts.register_forward_pre_hook(
-        lambda m, a, kw, j=layer.index: inputs.setdefault(j, []).append(a[0] if a else kw["hidden_states"]),
-        with_kwargs=True) for layer in layers]
+    inputs, hooks = capture_expert_inputs(layers)
     with capture_router_logits(model) as logits, torch.no_grad():
         per = {layer.index: [] for layer in layers}
         for b in range(3):

@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import MumoeError
 from .grains import GRAINS, get_grain
 from .select.experts import check_ratio  # noqa: F401  (re-exported: the one definition lives in select)
-from .select.weights import parse_structure  # noqa: F401
+from .select.weights import parse_structure  # noqa: F401  (re-exported: the CLI and serve import it from here)
 
 RECIPE_VERSION = 1
 DTYPES = ("auto", "fp32", "bf16", "fp16")
