@@ -21,6 +21,12 @@ def test_report_table_and_plot(tmp_path, capsys):
     png = (tmp_path / "rep" / "ppl_vs_ratio.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "| dense | 0% | 10.00 | 20.00 | 15.00 |" in (tmp_path / "rep" / "report.md").read_text()
+    from mumoe.eval.report import plot_series
+
+    assert sorted(plot_series(run["rows"])) == ["x"]  # several calibrations: the single-domain one not drawn
+    one = [{"method": "dense", "ratio": 0.0, "ppl": {"a": 1.0}}] + [
+        {"method": m, "calib": "/data/c.txt", "ratio": r, "ppl": {"a": 2.0}} for m in ("x", "y") for r in (0.25, 0.5)]
+    assert {k: len(v) for k, v in plot_series(one).items()} == {"x [/data/c.txt]": 2, "y [/data/c.txt]": 2}
     with pytest.raises(MumoeError, match="no evaluation rows"):
         (tmp_path / "empty.json").write_text("{}")
         read_rows([tmp_path / "empty.json"])

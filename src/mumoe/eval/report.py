@@ -49,10 +49,13 @@ def _run_names(files: list[Path]) -> list[str]:
     return names
 
 
+MIXED = (None, "-", "mixed", "domain")  # data-free, or calibrated on every domain ("domain": the bundled mix)
+
+
 def _method(row: dict) -> str:
     """method [calibration], the calibration only where it is a single domain's."""
     calib = row.get("calib")
-    return row["method"] + (f" [{calib}]" if calib and calib not in ("-", "mixed") else "")
+    return row["method"] + (f" [{calib}]" if calib and calib not in MIXED else "")
 
 
 def label(row: dict) -> str:
@@ -103,6 +106,18 @@ def _spread(ys: list[float], gap: float) -> list[float]:
     return out
 
 
+def plot_series(rows: list[dict]) -> dict[str, list[dict]]:
+    """The plotted lines: label -> its rows. Where the rows come from several calibrations, single-domain ones stay
+    in the table and the plot shows the mixed / data-free ones; rows of one calibration (a `mumoe compare` run,
+    whatever its source) are all plotted."""
+    calibs = {r.get("calib") or "mixed" for r in rows if r["method"] != "dense"} - {"-"}  # "-": data-free
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] != "dense" and (len(calibs) <= 1 or r.get("calib") in MIXED):
+            series.setdefault(label(r), []).append(r)
+    return series
+
+
 def plot_ppl_vs_ratio(rows: list[dict], out: Path, title: str = "Perplexity after pruning") -> Path:
     """One panel per domain; x = fraction removed, y = perplexity (log); one line per method (and run), labelled
     at its end; each run's dense perplexity as its own dashed line."""
@@ -117,10 +132,7 @@ def plot_ppl_vs_ratio(rows: list[dict], out: Path, title: str = "Perplexity afte
     domains = sorted({d for r in rows for d in r["ppl"]})
     dense = _dense(rows)
     runs = sorted({r.get("run") for r in rows}, key=lambda x: (x is None, x or ""))
-    series: dict[str, list[dict]] = {}
-    for r in rows:  # single-domain calibrations stay in the table; the plot shows the mixed / data-free ones
-        if r["method"] != "dense" and r.get("calib") in (None, "-", "mixed"):
-            series.setdefault(label(r), []).append(r)
+    series = plot_series(rows)
     methods = sorted({r["method"] for rs in series.values() for r in rs})
     color = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
     cols = 2 if len(domains) > 1 else 1
