@@ -160,9 +160,9 @@ def child_prune(a, method: str) -> dict:
     T, k, E, I = a.nsamples * a.seqlen, a.top_k, a.experts, a.inter
     if grain == "atom":
         stats = E * I * 8 * 4
-    elif grain == "merge":  # float64 sums [E, H] and [E, E] x 2; one chunk of stacked outputs (pairwise: budgeted)
+    elif grain == "merge":  # float64 sums [E, H] and [E, E] x 2; one chunk of outputs (pairwise: the 256 MiB budget)
         pairwise = "pairwise" in get_method(name).merge_stats
-        stats = E * a.hidden * 8 + 2 * E * E * 8 + (256 << 20 if pairwise else min(T, 1024) * a.hidden * 4 * 3)
+        stats = E * a.hidden * 8 + 2 * E * E * 8 + (256 << 20 if pairwise else min(T, 1024) * (a.hidden + a.inter * 3) * 4)
     else:
         stats = T * k * 16 + E * 8 * 8
     shard = a.shard_mb * 2**20

@@ -12,7 +12,7 @@ from mumoe.criteria import METHODS
 from mumoe.models import moe_adapter_for
 from mumoe.select import keep_uniform
 
-CALIBRATED = ["frequency", "gate", "ean", "reap", "easy-ep", "tcess", "peu"]
+CALIBRATED = ["frequency", "gate", "ean", "reap", "easy-ep", "tcess", "peu", "man", "msan"]
 
 
 def reference_scores(model, calib):
@@ -56,6 +56,8 @@ def reference_scores(model, calib):
                     sc["frequency"][i] += 1
                     sc["gate"][i] += float(w[slot])
                     sc["ean"][i] += n
+                    sc["man"][i] += n
+                    sc["msan"][i] += n * n
                     sc["reap"][i] += float(w[slot]) * n
                     sc["easy-ep"][i] += float(w[slot]) * n * shift
                 top = int(logits.argmax())
@@ -63,7 +65,8 @@ def reference_scores(model, calib):
                 order = sorted(range(E), key=lambda e: -float(logits[e]))[:k]
                 pools.append([(e, float(logits[e])) for e in order])
             N = X.shape[0]
-            sc["reap"] = [sc["reap"][i] / count[i] if count[i] else 0.0 for i in range(E)]
+            for m in ("reap", "man", "msan"):
+                sc[m] = [sc[m][i] / count[i] if count[i] else 0.0 for i in range(E)]
             sc["tcess"] = [v / N for v in sc["tcess"]]
             ps = []
             for pool in pools:

@@ -12,13 +12,21 @@ from ..settings import SETTINGS
 from .common import check_device, lead, method_names, model_config, source_dir, model_args, say
 
 def grain_flags() -> dict[str, dict]:
-    """Every grain's options as argparse specs: name -> kwargs, the first grain declaring a name giving it."""
+    """Every grain's options as argparse specs: name -> kwargs. A name several grains declare (--budget,
+    --order) is one flag: its choices the union of theirs, its help theirs joined; each grain checks its own."""
     from ..grains import GRAINS
 
     out: dict[str, dict] = {}
     for g in GRAINS.values():
         for name, spec in g.cli.items():
-            out.setdefault(name, spec)
+            if name not in out:
+                out[name] = dict(spec)
+                continue
+            have = out[name]
+            if "choices" in spec and "choices" in have:
+                have["choices"] = list(dict.fromkeys([*have["choices"], *spec["choices"]]))
+            if spec.get("help") and spec["help"] not in have.get("help", "") and not spec["help"].startswith("see "):
+                have["help"] = f"{have.get('help', '')}; {spec['help']}"
     return out
 
 

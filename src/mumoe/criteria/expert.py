@@ -25,9 +25,24 @@ def ean(st: LayerStats) -> torch.Tensor:
     return st.ean.clone()
 
 
+def _routed_mean(total: torch.Tensor, st: LayerStats) -> torch.Tensor:
+    """A sum over each expert's routed tokens divided by their count; 0 for an expert never routed."""
+    return torch.where(st.freq > 0, total / st.freq.clamp(min=1), torch.zeros_like(st.freq))
+
+
+def man(st: LayerStats) -> torch.Tensor:
+    """MAN: the mean output norm over the expert's routed tokens, (1/|T_i|) Σ_{t∈T_i} ‖f_i(t)‖₂."""
+    return _routed_mean(st.ean, st)
+
+
+def msan(st: LayerStats) -> torch.Tensor:
+    """MSAN: the mean squared output norm over the expert's routed tokens, (1/|T_i|) Σ_{t∈T_i} ‖f_i(t)‖₂²."""
+    return _routed_mean(st.ean_sq, st)
+
+
 def reap(st: LayerStats) -> torch.Tensor:
     """Conditional mean of g·‖f‖ over routed tokens; 0 for an expert never routed."""
-    return torch.where(st.freq > 0, st.reap_sum / st.freq.clamp(min=1), torch.zeros_like(st.freq))
+    return _routed_mean(st.reap_sum, st)
 
 
 def easy_ep(st: LayerStats) -> torch.Tensor:

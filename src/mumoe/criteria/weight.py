@@ -1,4 +1,4 @@
-"""Weight-grain scores (pure functions): Wanda S_ij = |W_ij|·‖X_j‖₂ and magnitude |W_ij|.
+"""Weight-grain scores (pure functions): Wanda S_ij = |W_ij|·‖X_j‖₂ and magnitude |W_ij|; OWL's layer outlier ratio.
 
 The keep rules over these scores (per row, N:M, columns, one threshold per matrix) are in
 `select.weights` (`wanda_mask`, `keep_columns`, `magnitude_mask` build the masks)."""
@@ -33,3 +33,12 @@ def column_norms(weight: torch.Tensor) -> torch.Tensor:
 _COLUMN_NORMS = TensorCache()  # weight -> (its version, its column norms); dropped with the weight
 
 
+
+
+def outlier_ratio(scores: list[torch.Tensor], m: float = 5.0) -> float:
+    """OWL's layer outlier ratio D (in %): the share of a decoder layer's Wanda scores (all its linears' scores
+    together) above m times their mean. Two passes over the tensors, no concatenated copy."""
+    total = sum(float(s.double().sum()) for s in scores)
+    count = sum(s.numel() for s in scores)
+    threshold = total / max(count, 1) * m
+    return 100.0 * sum(int((s > threshold).sum()) for s in scores) / max(count, 1)

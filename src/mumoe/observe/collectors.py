@@ -38,6 +38,7 @@ class LayerStats:
     freq: torch.Tensor = None  # Σ_t 1[i ∈ TopK(t)]
     soft: torch.Tensor = None  # Σ_t g_i(t)
     ean: torch.Tensor = None  # Σ_{t∈T_i} ‖f_i(t)‖
+    ean_sq: torch.Tensor = None  # Σ_{t∈T_i} ‖f_i(t)‖²
     reap_sum: torch.Tensor = None  # Σ_{t∈T_i} g_i(t)‖f_i(t)‖
     easy: torch.Tensor = None  # Σ_{t∈T_i} g_i(t)‖f_i(t)‖ · max(0, 1 − cos(h_t, h_t + Σ_j g_j f_j))
     tcess_sum: torch.Tensor = None  # Σ_t s_i(t) · 1[i = argmax_j s_j(t)]
@@ -45,7 +46,7 @@ class LayerStats:
     pool_index: list[torch.Tensor] = field(default_factory=list)  # per batch [T, k] their expert ids
     easy_groups: torch.Tensor | None = None  # [G, E] the EASY-EP sums per calibration source (G > 1 sources)
 
-    SUMS = ("freq", "soft", "ean", "reap_sum", "easy", "tcess_sum")
+    SUMS = ("freq", "soft", "ean", "ean_sq", "reap_sum", "easy", "tcess_sum")
 
     def __post_init__(self) -> None:
         E = self.layer.num_experts
@@ -118,9 +119,9 @@ class MergeStats(Collector):
         st.gram += logits.T @ logits
         if not (self.outputs or self.pairwise):
             return
-        # the stacked outputs of a chunk [E, c, H] (and its [c, E, E] Gram when pairwise) stay under the budget
-        per_token = E * H * 4 + (E * E * 8 if self.pairwise else 0)
-        c = max(1, min(self.chunk, self.budget // per_token))
+        # pairwise: one buffer of a chunk's outputs [c, E, H] (fp32) and its Gram [c, E, E] (fp64, twice) stay
+        # under the budget; outputs only: one expert's output at a time, `chunk` tokens
+        c = self.chunk if not self.pairwise else max(1, min(self.chunk, self.budget // (E * H * 4 + E * E * 16)))
         with torch.no_grad():
             for start in range(0, T, c):
                 x = ev.hidden[start:start + c]  # [c, H]
@@ -128,13 +129,15 @@ class MergeStats(Collector):
                     for e in range(E):
                         st.sum[e] += layer.expert_forward(e, x).double().sum(0)
                     continue
-                out = torch.stack([layer.expert_forward(e, x).float() for e in range(E)])  # [E, c, H]
+                out = torch.empty(x.shape[0], E, H, dtype=torch.float32, device=x.device)  # [c, E, H]
+                for e in range(E):
+                    out[:, e] = layer.expert_forward(e, x)
                 if st.sum is not None:
-                    st.sum += out.double().sum(1)
-                per = out.transpose(0, 1)  # [c, E, H]
-                dots = torch.bmm(per, per.transpose(1, 2)).double()  # [c, E, E]
-                norms = per.norm(dim=-1).double()  # [c, E]
+                    st.sum += out.sum(0, dtype=torch.float64)
+                dots = torch.bmm(out, out.transpose(1, 2)).double()  # [c, E, E], no copy of out
+                norms = out.norm(dim=-1).double()  # [c, E]
                 st.cos += (dots / (norms[:, :, None] * norms[:, None, :] + COS_EPS)).sum(0)
+                del out, dots
 
     def reduce(self, index: int, total: Callable) -> None:
         """Sum one layer's statistics over data-parallel ranks (a rank no token reached adds zeros)."""
@@ -207,6 +210,7 @@ class ExpertStats(Collector):
             0, dtype=F64)  # [S] ‖f_i(t)‖, in row chunks: no float64 copy of all of f
         gn = r.weight.double() * norm  # [S] g·‖f‖
         st.ean.index_add_(0, r.expert, norm)
+        st.ean_sq.index_add_(0, r.expert, norm * norm)
         st.reap_sum.index_add_(0, r.expert, gn)
         contrib = gn * shift[r.token]  # [S]
         st.easy.index_add_(0, r.expert, contrib)

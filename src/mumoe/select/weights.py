@@ -9,12 +9,16 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
 from ..criteria.weight import column_norms
 from ..errors import MumoeError
+
+
+_LAYER = re.compile(r"\.layers\.(?P<layer>\d+)\.")
 
 
 def parse_structure(structure: str) -> tuple[int, int] | None:
@@ -74,11 +78,18 @@ def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, active: float, structu
 
 
 def masks_from_norms(model: nn.Module, norms: dict[str, torch.Tensor], active: float, structure: str = "row",
-                     params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                     params: dict[str, torch.Tensor] | None = None,
+                     layer_active: dict[int, float] | None = None) -> dict[str, torch.Tensor]:
     """Wanda masks for every weight named in `norms`. Fused gate_up [E, 2I, H] uses the expert-input norms
-    [E, H]; fused down [E, H, I] the intermediate norms [E, I]."""
+    [E, H]; fused down [E, H, I] the intermediate norms [E, I]. layer_active: decoder layer -> kept fraction
+    (OWL), for the weights of that layer instead of `active`."""
     params = dict(model.named_parameters()) if params is None else params
-    return {name: wanda_mask(params[name], n, active, structure) for name, n in norms.items()}
+
+    def rho(name: str) -> float:
+        mm = _LAYER.search("." + name) if layer_active else None
+        return layer_active.get(int(mm["layer"]), active) if mm is not None else active
+
+    return {name: wanda_mask(params[name], n, rho(name), structure) for name, n in norms.items()}
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -91,3 +102,17 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     if drop:
         mask.scatter_(-1, torch.argsort(flat, dim=-1, stable=True)[:, :drop], False)
     return mask.reshape(w.shape)
+
+
+def owl_sparsities(outliers: list[float], target: float, lam: float = 0.08) -> list[float]:
+    """OWL's per-layer sparsity from the layers' outlier ratios D_l (Yin et al. 2024, the authors' code): density
+    r_l = (D_l − min D)/(max D − min D)·2λ, shifted so that the mean density is 1 − target; sparsity 1 − r_l,
+    where that is ≤ 0 set to 0.01 as the authors do. Every D equal: the target everywhere. Layers with more
+    outliers keep more weights; the plain mean over layers is the target (as published, not parameter-weighted)."""
+    lo, hi = min(outliers), max(outliers)
+    if hi == lo:
+        return [target] * len(outliers)
+    dens = [(d - lo) / (hi - lo) * 2 * lam for d in outliers]
+    mean = sum(dens) / len(dens)
+    dens = [r - mean + (1 - target) for r in dens]
+    return [1 - r if 1 - r > 0 else 0.01 for r in dens]
