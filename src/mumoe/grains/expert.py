@@ -88,7 +88,7 @@ class ExpertGrain(Grain):
 
         part, m = recipe.expert, get_method(recipe.method)
         if part.budget not in BUDGETS:
-            raise MumoeError(f"unknown budget {part.budget!r}; available: {', '.join(BUDGETS)}")
+            raise MumoeError(f"--budget {part.budget} is not an expert budget; expert methods take {', '.join(BUDGETS)}")
         if part.order not in ORDERS:
             raise MumoeError(f"unknown scoring order {part.order!r}; available: {', '.join(ORDERS)}")
         if not m.may_progress and part.order != "one-shot":  # data-free scores do not depend on earlier layers
