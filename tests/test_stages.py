@@ -54,8 +54,8 @@ def test_two_stages_equal_two_commands_replay_and_layerwise(ckpt, capsys):
     assert rec["schema"] == 2 and rec["grain"] == "weight" and rec["model"]["source"] == m
     assert [s["method"] for s in rec["stages"]] == ["reap", "wanda"]
     assert rec["stages"][0]["layers"] == first["layers"]  # the experts stage's kept sets are recorded too
-    assert rec["recipe"]["then"] == [{"method": "wanda", "ratio": 0.5, "weight": {"structure": "row",
-                                                                                   "order": "one-shot"}}]
+    assert rec["recipe"]["then"] == [{"method": "wanda", "ratio": 0.5, "weight": {
+        "structure": "row", "order": "one-shot", "budget": "uniform", "owl_m": 5.0, "owl_lambda": 0.08}}]
     cli(["prune", "--recipe", str(ckpt / "both" / "pruning.json"), "--out", str(ckpt / "replay")], capsys)
     same(ckpt / "both", ckpt / "replay")
 
@@ -92,7 +92,7 @@ def test_stage_parsing_and_refusals(ckpt, capsys):
     assert parse_stage("wanda:0.5:structure=2:4").part.structure == "2:4"
     assert parse_stage("heapr:0.25:form=global:width-multiple=8").part.width_multiple == 8
     for text, message in [("wanda", "METHOD:RATIO"), ("wanda:x", "not a number"), ("wanda:0.5:row", "OPTION=VALUE"),
-                          ("wanda:0.5:budget=global", "budget does not apply to wanda"),
+                          ("wanda:0.5:budget=global", "not a weight budget"), ("wanda:0.5:router=bound", "router does not apply to wanda"),
                           ("nope:0.5", "unknown method"), ("heapr:0.25:width_multiple=x", "must be an integer")]:
         with pytest.raises(MumoeError, match=message):
             parse_stage(text)
@@ -104,7 +104,7 @@ def test_stage_parsing_and_refusals(ckpt, capsys):
     assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     assert Recipe.build("reap", 0.25, calib="x").to_dict().keys() >= {"method", "expert"}
     assert "then" not in Recipe.build("reap", 0.25, calib="x").to_dict()  # one-stage recipes are unchanged
-    rc = main(["prune", str(ckpt / "m"), "--method", "reap", "--ratio", "0.25", "--then", "wanda:0.5:budget=global",
+    rc = main(["prune", str(ckpt / "m"), "--method", "reap", "--ratio", "0.25", "--then", "wanda:0.5:router=bound",
                "--calib", str(ckpt / "c.txt"), "--out", str(ckpt / "o")])
-    assert rc != 0 and "budget does not apply to wanda" in capsys.readouterr().err
+    assert rc != 0 and "router does not apply to wanda" in capsys.readouterr().err
     assert not (ckpt / "o").exists()
