@@ -20,16 +20,15 @@ benchmarks/results/merge_authors.json.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import json
-import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 
 import torch
+
+from authors import function_from, run_beside
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "merge_authors.json"
@@ -115,16 +114,6 @@ def load_file(path: Path, name: str, stubs: dict | None = None) -> types.ModuleT
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def function_from(path: Path, fn: str, env: dict) -> types.FunctionType:
-    """One top-level function of a file whose module-level imports cannot run here (relative imports), its source
-    executed unmodified with the names it uses."""
-    tree = ast.parse(path.read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == fn)
-    code = compile(ast.Module([node], []), str(path), "exec")
-    exec(code, env)
-    return env[fn]
 
 
 def partition(labels) -> list[list[int]]:
@@ -245,14 +234,7 @@ def main() -> int:
     if args.theirs:
         theirs(Path(args.theirs), args.repos)
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / "ours.pt"
-        ours(file)
-        p = subprocess.run([args.python, __file__, "--python", args.python, "--repos", str(args.repos), "--theirs",
-                            str(file)], capture_output=True, text=True)
-        if p.returncode:
-            sys.exit(p.stderr[-4000:])
-        res = json.loads(p.stdout.strip().splitlines()[-1])
+    res = run_beside(args.python, __file__, ["--python", args.python, "--repos", str(args.repos)], ours)
     for name, r in res.items():
         rows = r["rows"]
         n = len(rows)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 
 import torch
+
+from authors import run_beside, top_level_functions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "owl_authors.json"
@@ -72,8 +72,7 @@ def theirs(file: Path, repo: Path) -> None:
     env: dict = {"torch": torch, "nn": torch.nn}
     exec(compile((repo / "lib" / "layerwrapper.py").read_text(), "layerwrapper.py", "exec"), env)
     WrappedGPT = env["WrappedGPT"]
-    tree = ast.parse((repo / "lib" / "prune_all.py").read_text())
-    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    funcs = top_level_functions(repo / "lib" / "prune_all.py")
     scope: dict = {"torch": torch, "np": np}
     exec(compile(ast.Module([funcs["check_outlier_mean"]], []), "prune_all.py", "exec"), scope)
     body = funcs["prune_wanda_outlier"].body
@@ -115,17 +114,9 @@ def main() -> int:
     if args.theirs:
         theirs(Path(args.theirs), args.repo)
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / "ours.pt"
-        ours(file)
-        p = subprocess.run([args.python, __file__, "--python", args.python, "--repo", str(args.repo), "--theirs",
-                            str(file)], capture_output=True, text=True)
-        if p.returncode:
-            sys.exit(p.stderr[-4000:])
-        res = json.loads(p.stdout.strip().splitlines()[-1])
+    res = run_beside(args.python, __file__, ["--python", args.python, "--repo", str(args.repo)], ours)
     for name, r in res.items():
-        diff = max(abs(r["ours"][str(j)] - v) if str(j) in r["ours"] else abs(r["ours"][j] - v)
-                   for j, v in ((int(k), v) for k, v in r["theirs"].items()))
+        diff = max(abs(r["ours"][k] - v) for k, v in r["theirs"].items())  # JSON: the same string keys
         print(f"{name}: OWL layer sparsities (target {TARGET}, M {M}, λ {LAMBDA}), max |ours − theirs| {diff:.1e}")
         print("  theirs " + ", ".join(f"{int(k)}: {v:.4f}" for k, v in r["theirs"].items()))
         print("  ours   " + ", ".join(f"{int(k)}: {v:.4f}" for k, v in r["ours"].items()))
