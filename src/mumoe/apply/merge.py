@@ -32,6 +32,7 @@ EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_b
 ROUTER_TENSORS = ("weight", "bias", "e_score_correction_bias")
 OPERATORS = ("average", "svd")
 ROUTERS = ("centroid", "bound")
+GROUP_LIMITED = "merging is not available for group-limited routers (DeepSeek-V3 n_group) yet"
 
 
 def expert_map(groups: list[list[int]], E: int) -> list[int]:
@@ -109,7 +110,7 @@ def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[flo
     E = layer.num_experts
     check_groups(layer.index, E, groups)
     if layer.n_group and layer.n_group > 1:
-        raise MumoeError("merging is not available for group-limited routers (DeepSeek-V3 n_group) yet")
+        raise MumoeError(GROUP_LIMITED)
     if router not in ROUTERS:
         raise MumoeError(f"unknown router policy {router!r}; available: {', '.join(ROUTERS)}")
     parts = ((layer.experts, EXPERT_TENSORS),) + (((layer.router, ROUTER_TENSORS),) if router == "centroid" else ())

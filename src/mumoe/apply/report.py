@@ -70,9 +70,10 @@ class PruneReport:
     def expert_maps(self) -> dict[int, list[int]]:
         """Per MoE layer merged with a bound router: map[e] = the merged expert source expert e's router row
         routes to."""
-        return {e["layer"]: [next(g for g, members in enumerate(e["groups"]) if i in members)
-                             for i in range(e["num_experts"])]
-                for e in self.layers if e.get("router") == "bound"}
+        from .merge import expert_map
+
+        return {e["layer"]: expert_map(e["groups"], e["num_experts"]) for e in self.layers
+                if e.get("router") == "bound"}
 
     def moe_shapes(self) -> list[dict]:
         """Per MoE layer, what mumoe's own form records for a loader: its expert count, and a bound router's

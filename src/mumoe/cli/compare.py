@@ -62,6 +62,8 @@ def cmd_compare(args) -> int:
             raise MumoeError("--tasks needs lm-eval: pip install -e '.[eval]' (or pip install lm-eval)") from None
     t0 = time.perf_counter()
     tok = load_tokenizer(args.model)  # calibration windows cut (each text read once) before the weights load
+    if tasks and tok is None:
+        raise MumoeError(f"{args.model} has no tokenizer; --tasks needs one")
     wins, groups, info = api.calibration(cal, None, tok) if cal is not None else (None, None, {})
     model = load_model(args.model, args.dtype, args.device)
     evals = None
@@ -73,8 +75,6 @@ def cmd_compare(args) -> int:
           f"pass" + (f" over {info['nsamples']} windows x {info['seqlen']} tokens ({info['source']})" if info else "")
           + (f"; eval {args.eval_windows} windows x {args.eval_seqlen} tokens of {', '.join(evals)}" if evals else "")
           + (f"; lm-eval tasks {', '.join(tasks)}" if tasks else ""))
-    if tasks and tok is None:
-        raise MumoeError(f"{args.model} has no tokenizer; --tasks needs one")
     res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=not SETTINGS.quiet,
                   log=None, tasks=tasks, tokenizer=tok)
     print(markdown(res))

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..apply.merge import ROUTERS
+from ..apply.merge import GROUP_LIMITED, ROUTERS
 from ..errors import MumoeError
 from .base import Grain, Plan
 
@@ -126,7 +126,7 @@ class MergeGrain(Grain):
             return
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         if (getattr(cfg, "n_group", None) or 1) > 1:  # before any weight is read (apply.merge checks it again)
-            raise MumoeError("merging is not available for group-limited routers (DeepSeek-V3 n_group) yet")
+            raise MumoeError(GROUP_LIMITED)
         if round(recipe.ratio * E) == 0 and recipe.ratio > 0:
             raise MumoeError(f"--ratio {recipe.ratio:g} merges nothing: round({recipe.ratio:g} x {E} experts) = 0; "
                              f"the smallest ratio that merges two is {1 / E:.3g}")
@@ -155,7 +155,7 @@ class MergeGrain(Grain):
     # -- a checkpoint, layer by layer -------------------------------------------------------------------------
     def check_layerwise(self, recipe, layers) -> None:
         if any(layer.n_group and layer.n_group > 1 for layer in layers):
-            raise MumoeError("merging is not available for group-limited routers (DeepSeek-V3 n_group) yet")
+            raise MumoeError(GROUP_LIMITED)
 
     def plan_layerwise(self, recipe, layers: list, res) -> MergePlan:
         return make_plan(recipe, layers, res.scores[recipe.method])

@@ -44,7 +44,6 @@ class WeightPlan(Plan):
     masks: dict[str, torch.Tensor] | None = None
     norms: dict[str, torch.Tensor] | None = None
     owl: tuple[float, float, float] | None = None  # (target sparsity, m, lambda): per-layer ratios (OWL budget)
-    layer_active: dict[int, float] | None = None  # OWL: each decoder layer's kept fraction (None: `active`)
 
     def params(self) -> list[str]:
         return list(self.masks) if self.masks is not None else sorted(self.norms)

@@ -101,6 +101,9 @@ class MergeStats(Collector):
         self.outputs, self.pairwise = outputs, pairwise
         self.stats: dict[int, MergeLayerStats] = {}
 
+    def _layer(self, index: int) -> MoELayer:
+        return next(layer for layer in self.layers if layer.index == index)
+
     def _new(self, layer: MoELayer, H: int, dev) -> MergeLayerStats:
         E = layer.num_experts
         z = lambda *shape: torch.zeros(*shape, dtype=F64, device=dev)  # noqa: E731
@@ -142,7 +145,7 @@ class MergeStats(Collector):
     def reduce(self, index: int, total: Callable) -> None:
         """Sum one layer's statistics over data-parallel ranks (a rank no token reached adds zeros)."""
         if index not in self.stats:
-            layer = next(layer for layer in self.layers if layer.index == index)
+            layer = self._layer(index)
             self.stats[index] = self._new(layer, layer.hidden_size, layer.experts.down_proj.device)
         st = self.stats[index]
         st.freq, st.gram = total(st.freq), total(st.gram)
@@ -152,8 +155,7 @@ class MergeStats(Collector):
 
     def take(self, index: int) -> MergeLayerStats:
         """One layer's statistics, moved to the CPU and released here (the layer-sequential sweep)."""
-        layer = next(layer for layer in self.layers if layer.index == index)
-        st = self.stats.pop(index, None) or self._new(layer, layer.hidden_size, "cpu")
+        st = self.stats.pop(index, None) or self._new(self._layer(index), self._layer(index).hidden_size, "cpu")
         for name in ("freq", "gram", "sum", "cos"):
             if getattr(st, name) is not None:
                 setattr(st, name, getattr(st, name).cpu())
