@@ -132,10 +132,10 @@ def _start_time(pid: int) -> str | None:
 def owned_temp_dir(parent: Path, prefix: str) -> Path:
     """mkdtemp(prefix, dir=parent), recording this process inside so a later run can tell it was killed."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
     try:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
         (tmp / OWNER).write_text(json.dumps(me))
-    except BaseException:  # a full disk takes even the note: the folder goes too, nothing is left
+    except BaseException:  # a full disk (or Ctrl-C) takes even the note: the folder goes too, nothing is left
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp

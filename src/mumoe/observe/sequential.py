@@ -337,14 +337,14 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
                         c.on_forward_start(obs)
                     fn(b)
 
-    except BaseException:
+        fwd_stage = list(forward)
+        on_disk = work is not None
+        bar = progress_bar(total=len(names) * (2 if need_bwd else 1), desc="layer-sequential calibration",
+                           enabled=progress, unit="layer")
+    except BaseException:  # Ctrl-C here, or anywhere up to the sweep's own try, still removes the spill folder
         if work is None:
             _drop_spill(acts)
         raise
-    fwd_stage = list(forward)
-    on_disk = work is not None
-    bar = progress_bar(total=len(names) * (2 if need_bwd else 1), desc="layer-sequential calibration",
-                       enabled=progress, unit="layer")
     try:
         if state is None or state["stage"] == "forward":
             bar.update(start)
