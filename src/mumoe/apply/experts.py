@@ -7,23 +7,21 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
-from ..models.base import EXPERT_COUNT_KEYS
-
-_COUNT_ATTRS = EXPERT_COUNT_KEYS  # a module attribute holding the expert count is spelt like the config key
+from ..models.base import COUNT_ATTRS
 
 
-def _slice_param(module: nn.Module, name: str, idx: torch.Tensor, inplace: bool = False) -> None:
+def _slice_param(module: nn.Module, name: str, idx: torch.Tensor, inplace: bool = False, dim: int = 0) -> None:
     tensor = getattr(module, name, None)
     if tensor is None:
         return
-    if inplace:  # kept rows moved to the front of the same storage (idx ascending: never overwrites a later one)
+    if inplace and dim == 0:  # kept rows moved to the front of the same storage (idx ascending: never overwrites)
         data = tensor.data
         for new_i, old_i in enumerate(idx.tolist()):
             if new_i != old_i:
                 data[new_i].copy_(data[old_i])
         new = data[: len(idx)]
     else:
-        new = tensor.data.index_select(0, idx.to(tensor.device)).contiguous()
+        new = tensor.data.index_select(dim, idx.to(tensor.device)).contiguous()
     if isinstance(tensor, nn.Parameter):
         setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
     else:  # buffer (e_score_correction_bias)
@@ -49,12 +47,23 @@ def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False, router:
     idx = torch.tensor(keep, dtype=torch.long)
     for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
         _slice_param(layer.experts, name, idx, inplace)
-    for name in ("weight", "bias", "e_score_correction_bias") if router else ():
-        _slice_param(layer.router, name, idx, inplace)
-    for module in (layer.router, layer.experts) if router else (layer.experts,):
-        for attr in _COUNT_ATTRS:
-            if hasattr(module, attr):
+    for rt in layer.router_tensors if router else ():
+        _slice_param(rt.module, rt.name, idx, inplace, rt.dim)
+    for module in count_modules(layer) if router else (layer.experts,):
+        for attr in COUNT_ATTRS:
+            if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, len(keep))
+
+
+def count_modules(layer: MoELayer) -> list[nn.Module]:
+    """The modules a slice changes: those whose attributes may hold the layer's expert count (the block, its
+    router and the router's parts, the experts) and the owners of its routing tensors; shared experts excluded."""
+    shared = {id(m) for s in (layer.shared, layer.shared_gate) if s is not None for m in s.modules()}
+    out: dict[int, nn.Module] = {}
+    for m in (layer.block, *layer.router.modules(), layer.experts, *(rt.module for rt in layer.router_tensors)):
+        if id(m) not in shared:
+            out.setdefault(id(m), m)
+    return list(out.values())
 
 
 def remove_experts(model: nn.Module, keep: dict[int, list[int]]) -> list[int]:

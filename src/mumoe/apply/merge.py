@@ -29,7 +29,6 @@ from ..models.keys import FUSED, LEGACY, ROUTER
 from .experts import slice_layer
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")  # [E, ...] each
-ROUTER_TENSORS = ("weight", "bias", "e_score_correction_bias")
 OPERATORS = ("average", "svd")
 ROUTERS = ("centroid", "bound")
 GROUP_LIMITED = "merging is not available for group-limited routers (DeepSeek-V3 n_group) yet"
@@ -113,17 +112,18 @@ def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[flo
         raise MumoeError(GROUP_LIMITED)
     if router not in ROUTERS:
         raise MumoeError(f"unknown router policy {router!r}; available: {', '.join(ROUTERS)}")
-    parts = ((layer.experts, EXPERT_TENSORS),) + (((layer.router, ROUTER_TENSORS),) if router == "centroid" else ())
+    parts = [(layer.experts, name, 0) for name in EXPERT_TENSORS]
+    parts += [(rt.module, rt.name, rt.dim) for rt in layer.router_tensors] if router == "centroid" else []
     for g, w in zip(groups, weights):
         if len(g) == 1:
             continue
-        for module, names in parts:
-            for name in names:
-                t = getattr(module, name, None)
-                if t is None:
-                    continue
-                kind = "gate_up" if name == "gate_up_proj" else "matrix" if module is layer.experts else "vector"
-                t.data[g[0]].copy_(merge_rows(t.data[g], w, operator, rank, kind))
+        for module, name, dim in parts:
+            t = getattr(module, name, None)
+            if t is None:
+                continue
+            kind = "gate_up" if name == "gate_up_proj" else "matrix" if module is layer.experts else "vector"
+            data = t.data.movedim(dim, 0)  # a view: [E, ...]
+            data[g[0]].copy_(merge_rows(data[g], w, operator, rank, kind))
     # each group's first slot now holds its merged expert
     slice_layer(layer, [g[0] for g in groups], router=router == "centroid")
     if router == "bound":

@@ -13,6 +13,7 @@ Shapes follow transformers v5 fused experts:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Callable, ClassVar
 
 import torch
@@ -23,6 +24,10 @@ from ..errors import MumoeError
 # Every key under which an HF config may hold the number of routed experts.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k")
+# names a selection-only per-expert bias goes by (on the router, the block or ERNIE's moe_statics)
+CORRECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+# module attributes that hold a layer's expert count (rewritten when experts are removed)
+COUNT_ATTRS = EXPERT_COUNT_KEYS + ("num_routed_experts", "n_experts")
 
 
 def config_experts(config) -> tuple[int | None, int | None]:
@@ -34,6 +39,21 @@ def config_experts(config) -> tuple[int | None, int | None]:
         return next((v for k in keys if isinstance(v := getattr(cfg, k, None), int) and v > 0), None)
 
     return first(EXPERT_COUNT_KEYS), first(TOP_K_KEYS)
+
+
+@dataclass
+class RouterTensor:
+    """One tensor of the routing path with a row (or column) per routed expert: the router's weight [E, H], its
+    bias [E], a selection-only correction bias [E] (on the router, the block or a statistics module), ...
+    Removing or merging experts slices all of them along `dim` together."""
+
+    module: nn.Module
+    name: str
+    dim: int = 0  # the expert axis
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.module, self.name)
 
 
 @dataclass
@@ -62,6 +82,8 @@ class MoELayer:
     shared_gate: nn.Module | None = None  # Qwen2-MoE sigmoid gate of the shared expert
     residual_norm: nn.Module | None = None  # post-attention norm: its input is the residual stream h_t
     act_fn: Callable[[torch.Tensor], torch.Tensor] = field(default=torch.nn.functional.silu)
+    routed_scale: float = 1.0  # the block multiplies the routed sum Σ g_i f_i by it (after the experts)
+    router_tensors: list[RouterTensor] = field(default_factory=list)  # every per-expert routing tensor
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -77,17 +99,29 @@ class MoELayer:
         return self.experts.down_proj.shape[1]
 
     # ---- router tensors ----------------------------------------------------------------------
+    def _router_tensor(self, names: tuple[str, ...], dims: int) -> torch.Tensor | None:
+        for rt in self.router_tensors:
+            t = rt.tensor
+            if rt.name in names and t is not None and t.dim() == dims:
+                return t
+        return None
+
     @property
     def router_weight(self) -> torch.Tensor:  # [E, H]
-        return self.router.weight
+        t = self._router_tensor(("weight",), 2)
+        return self.router.weight if t is None else t
 
     @property
     def router_bias(self) -> torch.Tensor | None:  # [E] where the router has one
-        return getattr(self.router, "bias", None)
+        return self._router_tensor(("bias",), 1)
 
     @property
-    def correction_bias(self) -> torch.Tensor | None:  # [E] DeepSeek-V3 e_score_correction_bias
-        return getattr(self.router, "e_score_correction_bias", None)
+    def correction_bias(self) -> torch.Tensor | None:  # [E] selection-only bias (DeepSeek-V3 style)
+        t = self._router_tensor(CORRECTION_BIAS_NAMES, 1)
+        if t is None:
+            t = self._router_tensor(CORRECTION_BIAS_NAMES, 2)  # ERNIE's moe_statics [1, E]
+            t = None if t is None else t[0]
+        return t
 
     # ---- per-expert weight views (no copies) -------------------------------------------------
     def gate_proj(self, i: int) -> torch.Tensor:  # [I, H]
@@ -134,34 +168,93 @@ class Adapter:
         self.model = model
         self.config = model.config
 
+    # where transformers v5 puts the parts of a sparse block; a family with other names overrides these
+    block_names: ClassVar[tuple[str, ...]] = ("mlp", "feed_forward", "block_sparse_moe")  # on the decoder layer
+    router_names: ClassVar[tuple[str, ...]] = ("gate", "router")  # on the block
+    shared_names: ClassVar[tuple[str, ...]] = ()  # shared expert MLP(s) on the block, added to the routed sum
+    shared_gate_name: ClassVar[str | None] = None  # a sigmoid gate of the shared expert (Qwen2-MoE style)
+    residual_norm_name: ClassVar[str | None] = "post_attention_layernorm"  # its output is the block's input
+
     # -- structure -----------------------------------------------------------------------------
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.layers
 
     def is_sparse_block(self, mlp: nn.Module) -> bool:
-        return hasattr(mlp, "experts") and hasattr(mlp.experts, "gate_up_proj")
+        """transformers v5 fused experts: gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I],
+        no biases, not transposed; a router with a row per expert."""
+        experts = getattr(mlp, "experts", None)
+        gate_up = getattr(experts, "gate_up_proj", None)
+        return (isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3
+                and getattr(experts, "has_gate", True) and not getattr(experts, "has_bias", False)
+                and not getattr(experts, "is_transposed", False) and self.router_of(mlp) is not None)
+
+    def block_of(self, layer: nn.Module) -> nn.Module | None:
+        """The decoder layer's sparse MoE block, or None (a dense or mixer-only layer)."""
+        for name in self.block_names:
+            mlp = getattr(layer, name, None)
+            if isinstance(mlp, nn.Module) and self.is_sparse_block(mlp):
+                return mlp
+        return None
+
+    def router_of(self, mlp: nn.Module) -> nn.Module | None:
+        for name in self.router_names:
+            router = getattr(mlp, name, None)
+            if isinstance(router, nn.Module):
+                return router
+        return None
 
     def shared_modules(self, mlp: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-        return None, None
+        shared = next((m for n in self.shared_names if isinstance(m := getattr(mlp, n, None), nn.Module)), None)
+        gate = getattr(mlp, self.shared_gate_name, None) if self.shared_gate_name else None
+        return shared, gate
+
+    def router_tensors(self, mlp: nn.Module, skip: list[nn.Module | None]) -> list[RouterTensor]:
+        """Every parameter or buffer of the block outside its experts, shared experts and norms with an axis of
+        one entry per routed expert: dim 0 of length E, or [1, E] (dim 1)."""
+        E = mlp.experts.gate_up_proj.shape[0]
+        skipped = {id(m) for s in skip if s is not None for m in s.modules()}
+        out = []
+        for module in mlp.modules():
+            if id(module) in skipped or "Norm" in type(module).__name__:
+                continue
+            for name, t in chain(module._parameters.items(), module._buffers.items()):
+                if t is None or t.dim() == 0:
+                    continue
+                if t.shape[0] == E:
+                    out.append(RouterTensor(module, name, 0))
+                elif t.dim() == 2 and t.shape == (1, E):
+                    out.append(RouterTensor(module, name, 1))
+        return out
 
     def layer_fields(self) -> dict:
+        """Routing constants of the family's config: top-k renormalization, routed scaling, expert groups."""
         cfg = self.config
-        return {"norm_topk_prob": bool(getattr(cfg, "norm_topk_prob", True))}
+        groups = next((g for k in ("n_group", "num_expert_group") if isinstance(g := getattr(cfg, k, None), int)), None)
+        grouped = (groups or 1) > 1 and getattr(cfg, "topk_method", "group_limited") != "greedy"
+        return {"norm_topk_prob": bool(getattr(cfg, "norm_topk_prob", True)),
+                "routed_scaling_factor": float(getattr(cfg, "routed_scaling_factor", None) or 1.0),
+                "n_group": groups if grouped else None,
+                "topk_group": int(cfg.topk_group) if grouped else None}
 
     def moe_layers(self) -> list[MoELayer]:
         out = []
         for i, layer in enumerate(self.decoder_layers()):
-            mlp = layer.mlp
-            if not self.is_sparse_block(mlp):
+            mlp = self.block_of(layer)
+            if mlp is None:
                 continue
             shared, shared_gate = self.shared_modules(mlp)
             out.append(MoELayer(
-                index=i, block=mlp, router=mlp.gate, experts=mlp.experts, decoder_layer=layer,
+                index=i, block=mlp, router=self.router_of(mlp), experts=mlp.experts, decoder_layer=layer,
                 top_k=self.top_k, scoring=self.scoring, shared=shared, shared_gate=shared_gate,
-                residual_norm=getattr(layer, "post_attention_layernorm", None),
-                act_fn=mlp.experts.act_fn, **self.layer_fields(),
+                residual_norm=getattr(layer, self.residual_norm_name, None) if self.residual_norm_name else None,
+                act_fn=mlp.experts.act_fn, routed_scale=self.routed_scale(mlp),
+                router_tensors=self.router_tensors(mlp, [mlp.experts, shared, shared_gate]), **self.layer_fields(),
             ))
         return out
+
+    def routed_scale(self, mlp: nn.Module) -> float:
+        """A factor the block applies to the routed sum after the experts (1: none)."""
+        return 1.0
 
     def module_names(self) -> dict[int, str]:
         """id(module) -> its full name in the model."""

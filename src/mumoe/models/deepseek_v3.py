@@ -11,17 +11,7 @@ class DeepseekV3Adapter(Adapter):
     scoring = "sigmoid"
     expert_count_key = "n_routed_experts"
 
-    def shared_modules(self, mlp):
-        return getattr(mlp, "shared_experts", None), None
-
-    def layer_fields(self) -> dict:
-        cfg = self.config
-        return {
-            "norm_topk_prob": bool(cfg.norm_topk_prob),
-            "routed_scaling_factor": float(cfg.routed_scaling_factor),
-            "n_group": int(cfg.n_group),
-            "topk_group": int(cfg.topk_group),
-        }
+    shared_names = ("shared_experts",)
 
     def set_expert_width(self, width: int) -> None:
         """The shared experts are sized moe_intermediate_size × n_shared_experts: keep their width."""

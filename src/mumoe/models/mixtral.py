@@ -10,6 +10,3 @@ class MixtralAdapter(Adapter):
     # hub checkpoints (transformers 4.x) store the block as block_sparse_moe, experts as w1 (gate), w3 (up), w2 (down)
     checkpoint_block_names = ("block_sparse_moe",)
     checkpoint_expert_kinds = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-
-    def layer_fields(self) -> dict:
-        return {"norm_topk_prob": True}

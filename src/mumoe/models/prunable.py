@@ -14,7 +14,7 @@ def prunable_linears(model: nn.Module):
     gate are excluded, embeddings and lm_head are never among them."""
     adapter = adapter_for(model)
     layers = adapter.moe_layers()
-    skip = {id(l.router) for l in layers} | {id(l.shared_gate) for l in layers}
+    skip = {id(m) for l in layers for part in (l.router, l.shared_gate) if part is not None for m in part.modules()}
     return [d for d in adapter.dense_linears() if id(d.module) not in skip], layers
 
 

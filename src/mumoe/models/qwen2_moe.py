@@ -5,6 +5,5 @@ from .base import Adapter
 
 class Qwen2MoeAdapter(Adapter):
     model_types = ("qwen2_moe",)
-
-    def shared_modules(self, mlp):
-        return getattr(mlp, "shared_expert", None), getattr(mlp, "shared_expert_gate", None)
+    shared_names = ("shared_expert",)
+    shared_gate_name = "shared_expert_gate"

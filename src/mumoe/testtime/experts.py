@@ -18,7 +18,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..apply.experts import _COUNT_ATTRS, slice_layer
+from ..apply.experts import count_modules, slice_layer
+from ..models.base import COUNT_ATTRS
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
 
@@ -96,12 +97,13 @@ def experts_kept(model: nn.Module, keep: dict[int, list[int]] | None) -> Iterato
     try:
         for index, kept in sorted(keep.items()):
             layer = layers[index]
-            before = sum(p.numel() for m in (layer.router, layer.experts) for p in m.parameters(recurse=False))
-            state = [(m, dict(m._parameters), dict(m._buffers), {a: getattr(m, a) for a in _COUNT_ATTRS if hasattr(m, a)})
-                     for m in (layer.router, layer.experts)]
+            modules = count_modules(layer)  # the block, its router's parts, the experts: every sliced tensor's owner
+            before = sum(p.numel() for m in modules for p in m.parameters(recurse=False))
+            state = [(m, dict(m._parameters), dict(m._buffers), {a: getattr(m, a) for a in COUNT_ATTRS if hasattr(m, a)})
+                     for m in modules]
             saved.append(state)
             slice_layer(layer, list(kept))
-            removed += before - sum(p.numel() for m in (layer.router, layer.experts) for p in m.parameters(recurse=False))
+            removed += before - sum(p.numel() for m in modules for p in m.parameters(recurse=False))
         yield removed
     finally:
         for state in reversed(saved):
