@@ -8,6 +8,7 @@ from ..errors import MumoeError
 from .base import Adapter
 from .deepseek_v3 import DeepseekV3Adapter
 from .dense import DenseAdapter, OptAdapter
+from .families import FAMILY_ADAPTERS, NOT_YET
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
 from .qwen2_moe import Qwen2MoeAdapter
@@ -16,7 +17,7 @@ from .qwen3_moe import Qwen3MoeAdapter
 ADAPTERS: dict[str, type[Adapter]] = {
     t: cls
     for cls in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter,
-                DenseAdapter, OptAdapter)
+                *FAMILY_ADAPTERS, DenseAdapter, OptAdapter)
     for t in cls.model_types
 }
 MOE_TYPES = sorted(t for t, c in ADAPTERS.items() if c.is_moe)
@@ -27,6 +28,10 @@ def adapter_for(model: nn.Module) -> Adapter:
     """The adapter of `model`, or a one-line MumoeError listing the supported architectures."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     cls = ADAPTERS.get(model_type)
+    if cls is None and model_type in NOT_YET:
+        why, nearest = NOT_YET[model_type]
+        raise MumoeError(f"{model_type} is not supported yet ({why}); the nearest supported family is {nearest}; "
+                         "`mumoe info --architectures` lists every supported one")
     if cls is None:
         raise MumoeError(
             f"unsupported architecture {model_type!r}; supported MoE: {', '.join(MOE_TYPES)}; "

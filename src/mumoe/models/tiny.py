@@ -15,6 +15,11 @@ _COMMON = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_va
                max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
+_MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            num_key_value_heads=4)  # multi-head latent attention (DeepSeek-V2/V3, GLM-4 MoE Lite, Kimi)
+_LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
+               linear_key_head_dim=8, linear_value_head_dim=8)  # gated delta-net + full attention (Qwen3-Next)
+
 TINY_CONFIGS: dict[str, dict] = {
     "mixtral": dict(_COMMON, num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
     "qwen2_moe": dict(_COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16,
@@ -27,6 +32,78 @@ TINY_CONFIGS: dict[str, dict] = {
                         first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                         q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
                         rope_interleave=True, num_key_value_heads=4),
+    **{t: dict(_COMMON, **kw) for t, kw in {
+        # softmax routers
+        "cohere2_moe": dict(num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2),
+        "deepseek_v2": dict(_MLA, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                            routed_scaling_factor=1.5),
+        "ernie4_5_moe": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
+                             moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=8),
+        "flex_olmo": dict(num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2),
+        "granitemoe": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+        "granitemoe_swa": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8,
+                               num_experts_per_tok=2),
+        "granitemoeshared": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8,
+                                 num_experts_per_tok=2, shared_intermediate_size=24),
+        "hunyuan_v1_moe": dict(num_hidden_layers=2, intermediate_size=16, num_experts=8, moe_topk=2, head_dim=8),
+        "jamba": dict(num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                      attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+                      mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4),
+        "lara_mini": dict(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                          num_experts_per_tok=2, shared_expert_intermediate_size=24, head_dim=8, **_LINEAR),
+        "mellum": dict(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, num_local_experts=8,
+                       num_experts_per_tok=2, head_dim=8),
+        "minimax": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                        head_dim=8),
+        "phimoe": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+        "qwen3_next": dict(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                           num_experts_per_tok=2, shared_expert_intermediate_size=24, head_dim=8, **_LINEAR),
+        "qwen3_5_moe_text": dict(num_hidden_layers=2, moe_intermediate_size=16, num_experts=8,
+                                 num_experts_per_tok=2, shared_expert_intermediate_size=24, head_dim=8, **_LINEAR),
+        # sigmoid routers
+        "afmoe": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                      num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1, head_dim=8),
+        "deepseek_v32": dict(_MLA, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                             n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                             first_k_dense_replace=1, routed_scaling_factor=2.5, index_head_dim=16,
+                             index_n_heads=2, index_topk=8),
+        "dots1": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                      num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                      norm_topk_prob=True, routed_scaling_factor=2.0, head_dim=8, max_window_layers=3),
+        "exaone_moe": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                           num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1, head_dim=8),
+        "glm4_moe": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+                         topk_group=1, routed_scaling_factor=2.5, head_dim=8),
+        "glm4_moe_lite": dict(_MLA, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                              n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                              first_k_dense_replace=1, routed_scaling_factor=1.8),
+        "glm_moe_dsa": dict(_MLA, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                            index_head_dim=16, index_n_heads=2, index_topk=8),
+        "hy_v3": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                      num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1, head_dim=8,
+                      router_scaling_factor=2.0),
+        "kimi_linear": dict(_MLA, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                            num_experts=8, num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1,
+                            linear_attn_config={"kda_layers": [2], "full_attn_layers": [1, 3], "head_dim": 8,
+                                                "num_heads": 4, "short_conv_kernel_size": 4}),
+        "kolibri1": dict(num_hidden_layers=2, moe_intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                         head_dim=8),
+        "laguna": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                       num_experts_per_tok=2, shared_expert_intermediate_size=24, head_dim=8,
+                       moe_routed_scaling_factor=2.0, moe_router_logit_softcapping=5.0),
+        "mimo_v2_flash": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                              n_routed_experts=8, num_experts_per_tok=2, head_dim=8, n_group=2, topk_group=1),
+        "minicpm5_moe": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                             n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, head_dim=8,
+                             routed_scaling_factor=2.5),
+        "minimax_m2": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                           head_dim=8),
+        "solar_open": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                           n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, head_dim=8),
+    }.items()},
     "llama": dict(_COMMON, num_hidden_layers=2, intermediate_size=48),
     "qwen2": dict(_COMMON, num_hidden_layers=2, intermediate_size=48),
     "opt": dict(vocab_size=128, hidden_size=32, num_attention_heads=4, ffn_dim=48, num_hidden_layers=2,
@@ -52,4 +129,22 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
         if bias is not None:
             with torch.no_grad():
                 bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    _randomize_zero_routers(model, seed, config.initializer_range)
     return model.eval()
+
+
+def _randomize_zero_routers(model: PreTrainedModel, seed: int, std: float) -> None:
+    """Routing tensors a family initializes to zero (AFMoE's router and expert bias, ERNIE's statistics): random,
+    so that routing is not a tie between all experts and slicing them matters."""
+    from .registry import ADAPTERS
+
+    cls = ADAPTERS.get(model.config.model_type)
+    if cls is None or not cls.is_moe:
+        return
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in cls(model).moe_layers():
+            for rt in layer.router_tensors:
+                t = rt.tensor
+                if t.is_floating_point() and not bool(t.any()):
+                    t.copy_(torch.randn(t.shape, generator=gen) * (std if t.dim() == 2 and t.shape[-1] > 1 else 0.1))

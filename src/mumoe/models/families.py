@@ -1,0 +1,136 @@
+"""The MoE families that follow transformers v5's shared layout — an `XxxExperts` module with fused
+`gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]` (gate rows first, SiLU-gated, no biases) behind
+`@use_experts_implementation`, and a router module returning (logits, combine weights, indices) — each as a few
+lines of quirks over the generic `Adapter`: where the block, router, shared experts and the block's input norm
+sit; which config key holds the expert count and width; a scale the block puts on the routed sum.
+
+The routing itself is always the model's own (the observer reads the router's output), and every per-expert
+routing tensor (router rows, biases, correction biases wherever the family keeps them) is found by shape
+(`Adapter.router_tensors`), so removing or merging experts needs no family code.
+
+Families whose experts differ (GPT-OSS: biases, clamped interleaved SwiGLU, transposed; Llama 4: transposed
+experts with their own forward; DBRX, JetMoE: other expert modules; Nemotron-H: ungated ReLU² experts;
+LongCat-Flash: zero-computation experts; DeepSeek-V4: hash routing) are not in this table yet:
+`adapter_for` refuses them in one line naming the nearest supported family.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import MumoeError
+from .base import Adapter
+
+
+class SharedWidthAdapter(Adapter):
+    """Families whose shared experts are sized `moe_intermediate_size × <count key>` (DeepSeek, GLM-4 MoE,
+    ERNIE ...): a uniform atom prune rewrites the width and the count so the shared experts keep theirs."""
+
+    shared_count_key: str = "n_shared_experts"
+
+    def set_expert_width(self, width: int) -> None:
+        cfg = self.config
+        n = getattr(cfg, self.shared_count_key, None) or 0
+        shared = cfg.moe_intermediate_size * n
+        if shared % width:
+            raise MumoeError(f"{cfg.model_type}: expert width {width} does not divide the shared experts' width "
+                             f"{shared}, so an HF config cannot hold both; use the global form (mumoe.load)")
+        cfg.moe_intermediate_size = width
+        if n:
+            setattr(cfg, self.shared_count_key, shared // width)
+
+
+class NoWidthKeyAdapter(Adapter):
+    """Families whose config sizes the routed experts with the same key as other MLPs (Jamba's dense layers,
+    Hunyuan's shared MLP): an HF config cannot hold a narrower expert width."""
+
+    def set_expert_width(self, width: int) -> None:
+        raise MumoeError(f"{self.config.model_type}: the config's {self.expert_width_key} also sizes the dense "
+                         "MLPs, so an HF config cannot hold a narrower expert width; use the global form "
+                         "(mumoe.load)")
+
+
+def family(name: str, model_types: tuple[str, ...], base: type[Adapter] = Adapter, **quirks) -> type[Adapter]:
+    """An adapter class for one family: `base` with the quirks as class attributes."""
+    return type(name, (base,), {"model_types": model_types, "__module__": __name__, **quirks})
+
+
+class _BlockScaled(Adapter):
+    """The block multiplies the routed sum by its `routed_scaling_factor` after the experts (Laguna)."""
+
+    def routed_scale(self, mlp: nn.Module) -> float:
+        return float(mlp.routed_scaling_factor)
+
+    def layer_fields(self) -> dict:
+        return {**super().layer_fields(), "routed_scaling_factor": 1.0}  # the router itself does not scale
+
+
+# model_type -> adapter: softmax routers ---------------------------------------------------------------------
+Cohere2Moe = family("Cohere2MoeAdapter", ("cohere2_moe",), expert_width_key="intermediate_size",
+                    shared_names=("shared_experts",))
+DeepseekV2 = family("DeepseekV2Adapter", ("deepseek_v2",), SharedWidthAdapter, expert_count_key="n_routed_experts",
+                    shared_names=("shared_experts",))
+Ernie45Moe = family("Ernie45MoeAdapter", ("ernie4_5_moe",), SharedWidthAdapter, expert_count_key="moe_num_experts",
+                    shared_names=("shared_experts",), shared_count_key="moe_num_shared_experts")
+FlexOlmo = family("FlexOlmoAdapter", ("flex_olmo",), expert_width_key="intermediate_size",
+                  residual_norm_name=None)  # OLMo-2 post-norms: the block reads the residual stream itself
+GraniteMoe = family("GraniteMoeAdapter", ("granitemoe", "granitemoe_swa", "granitemoeshared"),
+                    expert_width_key="intermediate_size", expert_count_key="num_local_experts")
+HunyuanV1Moe = family("HunyuanV1MoeAdapter", ("hunyuan_v1_moe",), NoWidthKeyAdapter,
+                      expert_width_key="intermediate_size", shared_names=("shared_mlp",))
+Jamba = family("JambaAdapter", ("jamba",), NoWidthKeyAdapter, expert_width_key="intermediate_size",
+               residual_norm_name="pre_ff_layernorm")
+LaraMini = family("LaraMiniAdapter", ("lara_mini",), shared_names=("shared_expert",),
+                  shared_gate_name="shared_expert_gate")
+Mellum = family("MellumAdapter", ("mellum",), expert_count_key="num_local_experts")
+MiniMax = family("MiniMaxAdapter", ("minimax",), expert_width_key="intermediate_size",
+                 expert_count_key="num_local_experts")
+Phimoe = family("PhimoeAdapter", ("phimoe",), scoring="sparsemixer", expert_width_key="intermediate_size",
+                expert_count_key="num_local_experts")
+Qwen3Next = family("Qwen3NextAdapter", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"),
+                   shared_names=("shared_expert",), shared_gate_name="shared_expert_gate")
+
+# sigmoid routers (+ a selection-only correction bias; DeepSeek-V3-style group-limited top-k where n_group > 1) --
+_SIGMOID = dict(scoring="sigmoid", shared_names=("shared_experts",))
+Afmoe = family("AfmoeAdapter", ("afmoe",), SharedWidthAdapter, shared_count_key="num_shared_experts",
+               residual_norm_name="pre_mlp_layernorm", **_SIGMOID)
+DeepseekV32 = family("DeepseekV32Adapter", ("deepseek_v32",), SharedWidthAdapter, expert_count_key="n_routed_experts",
+                     **_SIGMOID)
+Dots1 = family("Dots1Adapter", ("dots1",), SharedWidthAdapter, expert_count_key="n_routed_experts", **_SIGMOID)
+ExaoneMoe = family("ExaoneMoeAdapter", ("exaone_moe",), SharedWidthAdapter, shared_count_key="num_shared_experts",
+                   **_SIGMOID)
+Glm4Moe = family("Glm4MoeAdapter", ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa"), SharedWidthAdapter,
+                 expert_count_key="n_routed_experts", **_SIGMOID)
+Kolibri1 = family("Kolibri1Adapter", ("kolibri1",), expert_count_key="num_local_experts", **_SIGMOID)
+HYV3 = family("HYV3Adapter", ("hy_v3",), SharedWidthAdapter, shared_count_key="num_shared_experts", **_SIGMOID)
+KimiLinear = family("KimiLinearAdapter", ("kimi_linear",), SharedWidthAdapter, shared_count_key="num_shared_experts",
+                    **_SIGMOID)
+Laguna = family("LagunaAdapter", ("laguna",), _BlockScaled, scoring="sigmoid", shared_names=("shared_experts",))
+MimoV2Flash = family("MimoV2FlashAdapter", ("mimo_v2_flash",), expert_count_key="n_routed_experts",
+                     scoring="sigmoid")
+MiniCPM5Moe = family("MiniCPM5MoeAdapter", ("minicpm5_moe",), SharedWidthAdapter, expert_count_key="n_routed_experts",
+                     **_SIGMOID)
+MiniMaxM2 = family("MiniMaxM2Adapter", ("minimax_m2",), scoring="sigmoid", expert_width_key="intermediate_size",
+                   expert_count_key="num_local_experts")
+SolarOpen = family("SolarOpenAdapter", ("solar_open",), SharedWidthAdapter, expert_count_key="n_routed_experts",
+                   **_SIGMOID)
+
+FAMILY_ADAPTERS: tuple[type[Adapter], ...] = (
+    Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, HunyuanV1Moe, Jamba, LaraMini, Mellum, MiniMax, Phimoe,
+    Qwen3Next, Afmoe, DeepseekV32, Dots1, ExaoneMoe, Glm4Moe, HYV3, KimiLinear, Kolibri1, Laguna, MimoV2Flash, MiniCPM5Moe,
+    MiniMaxM2, SolarOpen,
+)
+
+# families transformers ships that mumoe does not support yet: why, and the nearest supported one
+NOT_YET: dict[str, tuple[str, str]] = {
+    "gpt_oss": ("experts with biases, a clamped interleaved SwiGLU, transposed tensors", "qwen3_moe"),
+    "llama4": ("transposed experts with their own forward", "mixtral"),
+    "llama4_text": ("transposed experts with their own forward", "mixtral"),
+    "dbrx": ("experts outside the fused v5 layout", "mixtral"),
+    "jetmoe": ("experts outside the fused v5 layout (and attention experts)", "mixtral"),
+    "nemotron_h": ("ungated ReLU² experts", "deepseek_v3"),
+    "longcat_flash": ("zero-computation (identity) experts", "deepseek_v3"),
+    "deepseek_v4": ("hash routing and hyper-connections", "deepseek_v3"),
+    "hy_v4": ("hyper-connections around the blocks", "hy_v3"),
+    "granitemoehybrid": ("Mamba layers with a shared MLP outside the block", "granitemoe"),
+}

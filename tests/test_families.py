@@ -1,0 +1,238 @@
+"""Every supported MoE family, on a tiny model built offline from its HF config class: the normalized view,
+routing against the family's own formula (re-derived here from its modelling code, written independently of
+the adapter), the block output recomposed from per-expert outputs, ratio 0 leaving logits identical, removed
+experts re-routed by the formula over the kept ones, and exports (expert, atom and weight grains) that reload
+with plain transformers to the same logits."""
+
+from functools import lru_cache
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ids
+import mumoe
+from mumoe import MumoeError
+from mumoe.apply import remove_experts, save_pruned
+from mumoe.models import MOE_TYPES, moe_adapter_for
+from mumoe.models.tiny import TINY_CONFIGS, tiny_model
+from mumoe.observe import MoEObserver
+
+FAMILIES = sorted(t for t in TINY_CONFIGS if t in MOE_TYPES)
+
+
+def spec(**kw):
+    """How a family routes. act: softmax | sigmoid | sparsemixer; bias: a selection-only per-expert bias;
+    choose: what top-k ranks (scores = act(logits) [+ bias], or logits [+ bias]); renorm: True / False / a
+    config key; scale: config key of a factor on the weights; block_scale: a factor the block puts on the routed
+    sum; softcap: config key of tanh logit capping; groups: DeepSeek-V3 group-limited top-k from n_group."""
+    return {"act": "softmax", "bias": False, "choose": "scores", "renorm": "norm_topk_prob", "scale": None,
+            "block_scale": None, "softcap": None, "groups": False, **kw}
+
+
+_DSV3 = spec(act="sigmoid", bias=True, groups=True, scale="routed_scaling_factor")
+ROUTING = {
+    "mixtral": spec(renorm=True), "qwen2_moe": spec(), "qwen3_moe": spec(), "olmoe": spec(),
+    "deepseek_v3": _DSV3, "deepseek_v32": _DSV3, "dots1": _DSV3, "exaone_moe": _DSV3, "glm4_moe": _DSV3,
+    "glm4_moe_lite": _DSV3, "glm_moe_dsa": _DSV3, "kimi_linear": _DSV3, "mimo_v2_flash": _DSV3,
+    "minicpm5_moe": _DSV3, "solar_open": _DSV3,
+    "cohere2_moe": spec(renorm=True),  # top-k of the logits, softmax over those k
+    "deepseek_v2": spec(renorm=False, scale="routed_scaling_factor"),  # greedy top-k, never renormalized
+    "ernie4_5_moe": spec(bias=True, renorm=True),  # softmax, + moe_statics bias for the choice
+    "flex_olmo": spec(), "granitemoe": spec(renorm=True), "granitemoe_swa": spec(renorm=True),
+    "granitemoeshared": spec(renorm=True), "hunyuan_v1_moe": spec(renorm=True), "jamba": spec(renorm=False),
+    "lara_mini": spec(), "mellum": spec(), "minimax": spec(renorm=True), "qwen3_next": spec(),
+    "qwen3_5_moe_text": spec(), "phimoe": spec(act="sparsemixer"),
+    "afmoe": spec(act="sigmoid", bias=True, renorm=True, scale="route_scale"),
+    "hy_v3": spec(act="sigmoid", bias=True, renorm=True, scale="router_scaling_factor"),
+    "kolibri1": spec(act="sigmoid", bias=True, choose="logits"),
+    "laguna": spec(act="sigmoid", bias=True, renorm=True, softcap="moe_router_logit_softcapping",
+                   block_scale="moe_routed_scaling_factor"),
+    "minimax_m2": spec(act="sigmoid", bias=True, renorm=True),
+}
+
+
+def test_every_family_has_a_routing_formula_and_there_are_30():
+    assert set(ROUTING) == set(FAMILIES)
+    assert len(FAMILIES) >= 30
+
+
+@lru_cache(maxsize=None)
+def _model(family):
+    return tiny_model(family)
+
+
+def fresh(family):
+    model = tiny_model(family)
+    return model
+
+
+def reference(family, cfg, logits, bias, keep=None):
+    """Combine weights [T, k] and experts [T, k] from the family's formula; keep: only these experts exist."""
+    s = spec_of(family)
+    E = logits.shape[-1]
+    keep = list(range(E)) if keep is None else keep
+    lg = logits.double()[:, keep]  # [T, E']
+    b = None if bias is None else bias.double()[keep]
+    k = cfg.num_experts_per_tok if hasattr(cfg, "num_experts_per_tok") else cfg.moe_k
+    if s["softcap"]:
+        cap = getattr(cfg, s["softcap"])
+        lg = torch.tanh(lg / cap) * cap
+    T = lg.shape[0]
+    if s["act"] == "sparsemixer":  # PhiMoE at inference: argmax, then the next, each softmax-weighted over the
+        eps = cfg.router_jitter_noise  # logits within a relative band of it
+        w, idx = torch.zeros(T, 2, dtype=torch.float64), torch.zeros(T, 2, dtype=torch.long)
+        for t in range(T):
+            row = lg[t].clone()
+            for slot in range(2):
+                m, j = row.max(0)
+                band = ((m - lg[t]) / lg[t].abs().clamp(min=m)) > 2 * eps
+                masked = row.masked_fill(band, float("-inf"))
+                w[t, slot] = torch.softmax(masked, 0)[j]
+                idx[t, slot] = j
+                row = row.clone()
+                row[j] = float("-inf")
+        return w, torch.tensor(keep)[idx]
+    scores = torch.softmax(lg, -1) if s["act"] == "softmax" else torch.sigmoid(lg)
+    choice = (scores if s["choose"] == "scores" else lg) + (b if s["bias"] else 0)
+    w, idx = torch.zeros(T, k, dtype=torch.float64), torch.zeros(T, k, dtype=torch.long)
+    G = getattr(cfg, "n_group", None) or 1
+    for t in range(T):
+        allowed = list(range(len(keep)))
+        if s["groups"] and G > 1:
+            per = len(keep) // G
+            top2 = [sorted(choice[t, g * per:(g + 1) * per].tolist())[-2:] for g in range(G)]
+            chosen_groups = sorted(range(G), key=lambda g: -sum(top2[g]))[: cfg.topk_group]
+            allowed = [e for e in allowed if e // per in chosen_groups]
+        chosen = sorted(allowed, key=lambda e: -choice[t, e].item())[:k]
+        if s["choose"] == "logits":
+            wt = torch.sigmoid(lg[t, chosen])
+        else:
+            wt = scores[t, chosen]
+        renorm = s["renorm"] if isinstance(s["renorm"], bool) else bool(getattr(cfg, s["renorm"], True))
+        if renorm:
+            wt = wt / wt.sum()
+        if s["scale"]:
+            wt = wt * getattr(cfg, s["scale"])
+        w[t], idx[t] = wt, torch.tensor(chosen)
+    return w, torch.tensor(keep)[idx]
+
+
+def spec_of(family):
+    return ROUTING[family]
+
+
+def observe(model, x):
+    routes, experts, blocks = {}, {}, {}
+    layers = moe_adapter_for(model).moe_layers()
+    hooks = [l.block.register_forward_hook(lambda m, a, o, i=l.index: blocks.__setitem__(i, o.reshape(-1, o.shape[-1])))
+             for l in layers]
+    try:
+        with torch.no_grad(), MoEObserver(model, on_route=lambda ev: routes.__setitem__(ev.layer.index, ev),
+                                          on_expert=lambda ev: experts.setdefault(ev.layer.index, []).append(ev)):
+            logits = model(x).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return layers, routes, experts, blocks, logits
+
+
+def assert_routing(family, model, layer, ev, keep=None):
+    """The observed routing equals the family's formula over `keep` (the original expert ids)."""
+    W = layer.router_weight.double()
+    logits = ev.hidden.double() @ W.T  # [T, E'] from the block input and the (sliced) router rows
+    bias = layer.correction_bias
+    if spec_of(family)["bias"]:
+        assert bias is not None, "the family's selection bias was not found"
+    full = torch.arange(W.shape[0]).tolist()
+    w, idx = reference(family, model.config, logits, None if bias is None else bias.detach(), full)
+    order_ev, order_ref = ev.indices.sort(-1), idx.sort(-1)
+    assert torch.equal(order_ev.values, order_ref.values), family
+    torch.testing.assert_close(ev.weights.gather(-1, order_ev.indices).double(), w.gather(-1, order_ref.indices),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_view_routing_and_block_recomposition(family):
+    model = _model(family)
+    cfg = model.config
+    x = ids()
+    layers, routes, experts, blocks, _ = observe(model, x)
+    assert layers, family
+    for layer in layers:
+        assert layer.num_experts == 8 and layer.top_k == 2 and layer.intermediate_size == 16
+        assert layer.router_weight.shape == (8, cfg.hidden_size)
+        assert layer.gate_proj(3).data_ptr() == layer.experts.gate_up_proj[3].data_ptr()
+        ev = routes[layer.index]
+        # routing: the model's router output equals the family's formula
+        assert_routing(family, model, layer, ev)
+        # the block input is the residual stream through the norm the adapter names
+        if layer.residual_norm is not None:
+            torch.testing.assert_close(layer.residual_norm(ev.residual), ev.hidden)
+        # block output = block_scale · Σ_i g_i f_i(x) (+ shared expert), token by token from the expert events
+        T, H = ev.hidden.shape
+        total, seen = torch.zeros(T, H), torch.zeros(T, dtype=torch.long)
+        for e in experts[layer.index]:
+            for n, t in enumerate(e.tokens.tolist()):
+                total[t] += e.weight[n] * e.output[n]
+                seen[t] += 1
+        assert torch.equal(seen, torch.full((T,), 2))
+        block_scale = spec_of(family)["block_scale"]
+        total = total * (getattr(cfg, block_scale) if block_scale else 1.0)
+        assert layer.routed_scale == pytest.approx(getattr(cfg, block_scale) if block_scale else 1.0)
+        if layer.shared is not None:
+            shared = layer.shared(ev.hidden)
+            if layer.shared_gate is not None:
+                shared = torch.sigmoid(layer.shared_gate(ev.hidden)) * shared
+            total += shared
+        torch.testing.assert_close(total, blocks[layer.index], rtol=1e-5, atol=1e-5)
+
+
+def _drop_two(layer):
+    """Two experts to remove, one per group where the router has groups (equal kept per group)."""
+    if layer.n_group and layer.n_group > 1:
+        per = layer.num_experts // layer.n_group
+        return [g * per + 1 for g in range(layer.n_group)][:2] if layer.n_group == 2 else None
+    return [1, 6]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_zero_and_removed_experts_follow_the_formula(family):
+    model, x = fresh(family), ids()
+    with torch.no_grad():
+        before = model(x).logits
+    report = mumoe.prune(model, "random", 0.0)
+    assert all(len(e["kept"]) == 8 for e in report.layers)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)
+    # remove two experts per layer: the pruned router picks among the kept ones by the same formula
+    layers = moe_adapter_for(model).moe_layers()
+    keep = {l.index: sorted(set(range(8)) - set(_drop_two(l))) for l in layers}
+    remove_experts(model, keep)
+    layers, routes, *_ = observe(model, x)
+    for layer in layers:
+        assert layer.num_experts == 6 and all(rt.tensor.shape[rt.dim] == 6 for rt in layer.router_tensors)
+        assert_routing(family, model, layer, routes[layer.index])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exports_reload_with_plain_transformers(family, tmp_path):
+    x = ids()
+    for method, ratio, opts in (("random", 0.25, {}), ("heapr", 0.5, {"form": "uniform"}), ("wanda", 0.5, {})):
+        if family in ("deepseek_v3", "deepseek_v32", "dots1", "glm4_moe", "mimo_v2_flash") and method == "random":
+            ratio = 0.5  # group-limited routers drop equally in every group
+        model = fresh(family)
+        calib = ids(4, 16, seed=1) if method != "random" else None
+        try:
+            report = mumoe.prune(model, method, ratio, calib=calib, batch_size=4, **opts)
+        except MumoeError as e:  # a family whose config cannot hold a narrower expert width says so in one line
+            assert method == "heapr" and "global form" in str(e) and "\n" not in str(e), (family, str(e))
+            continue
+        with torch.no_grad():
+            expected = model(x).logits
+        out = save_pruned(model, tmp_path / method, report)
+        reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+        with torch.no_grad():
+            got = reloaded.eval()(x).logits
+        assert (got - expected).abs().max() <= 1e-5, (family, method)
