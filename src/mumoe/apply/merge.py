@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
-from ..models.keys import FUSED, LEGACY, ROUTER
+from ..models.keys import FUSED, LEGACY
 from .experts import slice_layer
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")  # [E, ...] each
@@ -153,11 +153,14 @@ def bind_layers(model: nn.Module, slots: dict[int, list[int]], maps: dict[int, l
 
 
 def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
-                    operator: str = "average", rank: int | None = None, router: str = "centroid"):
-    """The streamed export of a merge (`apply.stream.write_streamed`): fused expert tensors and (centroid) router
-    tensors [E, ...] become [M, ...]; per-expert matrices (legacy layouts) wait until every member of their group
-    has been read (at most one layer's matrices of one kind), then leave as expert g's. A bound router is
-    written as it is."""
+                    operator: str = "average", rank: int | None = None, router: str = "centroid",
+                    routers: dict[str, tuple[int, int]] | None = None):
+    """The streamed export of a merge (`apply.stream.write_streamed`): fused expert tensors and (centroid) routing
+    tensors (`apply.stream.router_axis`: [E, ...] on their expert axis) become [M, ...]; per-expert matrices
+    (legacy layouts) wait until every member of their group has been read (at most one layer's matrices of one
+    kind), then leave as expert g's. A bound router is written as it is."""
+    from .stream import router_axis
+
     where = {j: {e: (g, pos) for g, members in enumerate(gs) for pos, e in enumerate(members)}
              for j, gs in groups.items()}
     pending: dict[tuple, dict[int, torch.Tensor]] = {}
@@ -183,8 +186,9 @@ def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[
             return [(f"{m['pre']}.{g}.{m['kind']}.weight", merge_rows(t, weights[j][g], operator, rank))]
         if (m := FUSED.match(key)) and int(m["layer"]) in groups:
             return [(key, merged(int(m["layer"]), read(), "gate_up" if m["kind"] == "gate_up_proj" else "matrix"))]
-        if (m := ROUTER.match(key)) and int(m["layer"]) in groups and router == "centroid":
-            return [(key, merged(int(m["layer"]), read(), "vector"))]
+        if router == "centroid" and (r := router_axis(key, routers)) and r[0] in groups:
+            t = read().movedim(r[1], 0)
+            return [(key, merged(r[0], t, "vector").movedim(0, r[1]).contiguous())]
         return [(key, read())]
 
     return transform

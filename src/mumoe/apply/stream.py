@@ -186,16 +186,28 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
 
 
 # -- transforms ----------------------------------------------------------------------------------------------
-def expert_transform(keep: dict[int, list[int]]) -> Transform:
-    """Drop the experts not in `keep` (decoder layer -> kept, sorted), renumber per-expert keys, slice router
-    rows / bias / correction bias and fused expert tensors."""
+def router_axis(key: str, routers: dict[str, tuple[int, int]] | None) -> tuple[int, int] | None:
+    """(decoder layer, expert axis) of a checkpoint key holding a per-expert routing tensor, else None. routers:
+    `models.keys.router_names` of the model (every family's own places); None: the v5 router names only."""
+    if routers is not None:
+        return routers.get(canonical(key))
+    m = ROUTER.match(key)
+    return (int(m["layer"]), 0) if m else None
+
+
+def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, int]] | None = None) -> Transform:
+    """Drop the experts not in `keep` (decoder layer -> kept, sorted), renumber per-expert keys, slice fused
+    expert tensors and every routing tensor (`router_axis`: rows, biases, correction biases) along its expert
+    axis."""
     def transform(key: str, read):
         if (m := LEGACY.match(key)) and int(m["layer"]) in keep:
             kept = keep[int(m["layer"])]
             e = int(m["e"])
             return [(f"{m['pre']}.{kept.index(e)}.{m['kind']}.weight", read())] if e in kept else []
-        if ((m := FUSED.match(key)) or (m := ROUTER.match(key))) and int(m["layer"]) in keep:
+        if (m := FUSED.match(key)) and int(m["layer"]) in keep:
             return [(key, read().index_select(0, torch.tensor(keep[int(m["layer"])])))]
+        if (r := router_axis(key, routers)) and r[0] in keep:
+            return [(key, read().index_select(r[1], torch.tensor(keep[r[0]])).contiguous())]
         return [(key, read())]
     return transform
 
@@ -257,7 +269,10 @@ def check_uniform(keep: dict[int, list[int]]) -> int:
 def prune_checkpoint(path: str | Path, out: str | Path, report: PruneReport, overwrite: bool = False,
                      progress: bool = True) -> Path:
     """Write `path` with only the experts kept in `report`, tensor by tensor, atomically."""
+    from ..models.keys import meta_model, router_names
+
     keep = report.kept()
     n = check_uniform(keep)
-    return write_streamed(path, out, report, expert_transform(keep), {k: n for k in EXPERT_COUNT_KEYS},
+    routers = router_names(meta_model(path))
+    return write_streamed(path, out, report, expert_transform(keep, routers), {k: n for k in EXPERT_COUNT_KEYS},
                           overwrite, progress)

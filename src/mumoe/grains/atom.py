@@ -146,6 +146,11 @@ class AtomGrain(Grain):
         if ratio > 0 and uniform_width(width, ratio, multiple) == width:
             raise MumoeError(f"--ratio {ratio:g} removes nothing from experts {width} wide when widths are multiples "
                              f"of {step}: raise --ratio or lower --width-multiple")
+        from ..models.registry import ADAPTERS
+
+        cls = ADAPTERS.get(getattr(config, "model_type", None))
+        if cls is not None and cls.is_moe and ratio > 0:  # the family's config must hold the width (before loading)
+            width_changes(cls, config, uniform_width(width, ratio, multiple))
 
     def notes(self, recipe, config) -> list[str]:
         from ..criteria import get_method
@@ -195,7 +200,7 @@ class AtomGrain(Grain):
         if plan.uniform:
             keep = plan.stacked()
             width = next(iter(keep.values())).shape[-1]
-            return atom_transform(keep), {adapter_for(ckpt.model).expert_width_key: width}
+            return atom_transform(keep), width_changes(type(adapter_for(ckpt.model)), ckpt.config, width)
         return atom_ragged_transform({j: list(k) for j, k in plan.keep.items()}), {}
 
     # -- the record -----------------------------------------------------------------------------------------
@@ -219,3 +224,17 @@ class AtomGrain(Grain):
         total = sum(e["intermediate_size"] * e["num_experts"] for e in entries)
         return f"{sum(widths):,} of {total:,} atoms (per expert {min(widths)}..{max(widths)})"
 
+
+def width_changes(adapter_cls, config, width: int) -> dict:
+    """The config values a uniform expert width changes, as the family's adapter sets them on a loaded model
+    (the width key; DeepSeek-style shared experts also their count, so they keep their width): applied to a
+    copy of `config`, read back as {key: new value}. A family whose config cannot hold the width refuses here."""
+    import copy
+
+    config = copy.deepcopy(config)
+    before = config.to_dict()
+    on_copy = object.__new__(adapter_cls)  # the family's adapter over the copy (no model needed)
+    on_copy.model, on_copy.config = None, config
+    on_copy.set_expert_width(width)
+    after = config.to_dict()
+    return {k: v for k, v in after.items() if before.get(k) != v}

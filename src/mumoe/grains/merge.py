@@ -166,7 +166,10 @@ class MergeGrain(Grain):
 
         counts = {len(g) for g in plan.groups.values()}
         changes = dict.fromkeys(EXPERT_COUNT_KEYS, counts.pop()) if plan.export_form() == "hf" else {}
-        return merge_transform(*plan.as_lists(), plan.operator, plan.rank, plan.router), changes
+        from ..models.keys import router_names
+
+        return merge_transform(*plan.as_lists(), plan.operator, plan.rank, plan.router,
+                               routers=router_names(ckpt.model)), changes
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: MergePlan) -> list[dict]:

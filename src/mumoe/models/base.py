@@ -163,6 +163,8 @@ class Adapter:
     # and per-expert matrix names -> gate_proj / up_proj / down_proj
     checkpoint_block_names: ClassVar[tuple[str, ...]] = ()
     checkpoint_expert_kinds: ClassVar[dict[str, str]] = {}
+    # None: checkpoints of the family can be calibrated layer by layer and exported streamed; else why not (yet)
+    layerwise_gap: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -254,6 +256,11 @@ class Adapter:
 
     def routed_scale(self, mlp: nn.Module) -> float:
         """A factor the block applies to the routed sum after the experts (1: none)."""
+        return 1.0
+
+    def head_scale(self) -> float:
+        """The factor the causal-LM head puts on lm_head's output (Cohere's logit_scale, Granite's
+        1/logits_scaling): the layer-sequential sweep's loss must use the model's own logits."""
         return 1.0
 
     def module_names(self) -> dict[int, str]:

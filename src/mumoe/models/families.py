@@ -50,6 +50,9 @@ class NoWidthKeyAdapter(Adapter):
                          "(mumoe.load)")
 
 
+RENAMED = "transformers renames its checkpoint tensors on loading, which the layer-by-layer reader does not do yet"
+
+
 def family(name: str, model_types: tuple[str, ...], base: type[Adapter] = Adapter, **quirks) -> type[Adapter]:
     """An adapter class for one family: `base` with the quirks as class attributes."""
     return type(name, (base,), {"model_types": model_types, "__module__": __name__, **quirks})
@@ -65,28 +68,44 @@ class _BlockScaled(Adapter):
         return {**super().layer_fields(), "routed_scaling_factor": 1.0}  # the router itself does not scale
 
 
+class _LogitScaled(Adapter):
+    """Cohere: logits = lm_head(h) · logit_scale."""
+
+    def head_scale(self) -> float:
+        return float(self.config.logit_scale)
+
+
+class _LogitsScaling(Adapter):
+    """Granite: logits = lm_head(h) / logits_scaling."""
+
+    def head_scale(self) -> float:
+        return 1.0 / float(self.config.logits_scaling)
+
+
 # model_type -> adapter: softmax routers ---------------------------------------------------------------------
-Cohere2Moe = family("Cohere2MoeAdapter", ("cohere2_moe",), expert_width_key="intermediate_size",
+Cohere2Moe = family("Cohere2MoeAdapter", ("cohere2_moe",), _LogitScaled, expert_width_key="intermediate_size",
                     shared_names=("shared_experts",))
 DeepseekV2 = family("DeepseekV2Adapter", ("deepseek_v2",), SharedWidthAdapter, expert_count_key="n_routed_experts",
                     shared_names=("shared_experts",))
 Ernie45Moe = family("Ernie45MoeAdapter", ("ernie4_5_moe",), SharedWidthAdapter, expert_count_key="moe_num_experts",
-                    shared_names=("shared_experts",), shared_count_key="moe_num_shared_experts")
+                    shared_names=("shared_experts",), shared_count_key="moe_num_shared_experts", layerwise_gap=RENAMED)
 FlexOlmo = family("FlexOlmoAdapter", ("flex_olmo",), expert_width_key="intermediate_size",
                   residual_norm_name=None)  # OLMo-2 post-norms: the block reads the residual stream itself
-GraniteMoe = family("GraniteMoeAdapter", ("granitemoe", "granitemoe_swa", "granitemoeshared"),
-                    expert_width_key="intermediate_size", expert_count_key="num_local_experts")
+GraniteMoe = family("GraniteMoeAdapter", ("granitemoe", "granitemoeshared"), _LogitsScaling,
+                    expert_width_key="intermediate_size", expert_count_key="num_local_experts", layerwise_gap=RENAMED)
+GraniteMoeSWA = family("GraniteMoeSWAAdapter", ("granitemoe_swa",), GraniteMoe,
+                       layerwise_gap="per-layer rotary embeddings the layer-by-layer skeleton does not rebuild yet")
 HunyuanV1Moe = family("HunyuanV1MoeAdapter", ("hunyuan_v1_moe",), NoWidthKeyAdapter,
                       expert_width_key="intermediate_size", shared_names=("shared_mlp",))
 Jamba = family("JambaAdapter", ("jamba",), NoWidthKeyAdapter, expert_width_key="intermediate_size",
-               residual_norm_name="pre_ff_layernorm")
+               residual_norm_name="pre_ff_layernorm", checkpoint_block_names=("feed_forward",))
 LaraMini = family("LaraMiniAdapter", ("lara_mini",), shared_names=("shared_expert",),
-                  shared_gate_name="shared_expert_gate")
+                  shared_gate_name="shared_expert_gate", layerwise_gap=RENAMED)
 Mellum = family("MellumAdapter", ("mellum",), expert_count_key="num_local_experts")
 MiniMax = family("MiniMaxAdapter", ("minimax",), expert_width_key="intermediate_size",
                  expert_count_key="num_local_experts")
 Phimoe = family("PhimoeAdapter", ("phimoe",), scoring="sparsemixer", expert_width_key="intermediate_size",
-                expert_count_key="num_local_experts")
+                expert_count_key="num_local_experts", layerwise_gap=RENAMED)
 Qwen3Next = family("Qwen3NextAdapter", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"),
                    shared_names=("shared_expert",), shared_gate_name="shared_expert_gate")
 
@@ -98,26 +117,31 @@ DeepseekV32 = family("DeepseekV32Adapter", ("deepseek_v32",), SharedWidthAdapter
                      **_SIGMOID)
 Dots1 = family("Dots1Adapter", ("dots1",), SharedWidthAdapter, expert_count_key="n_routed_experts", **_SIGMOID)
 ExaoneMoe = family("ExaoneMoeAdapter", ("exaone_moe",), SharedWidthAdapter, shared_count_key="num_shared_experts",
-                   **_SIGMOID)
-Glm4Moe = family("Glm4MoeAdapter", ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa"), SharedWidthAdapter,
+                   **_SIGMOID, layerwise_gap=RENAMED)
+Glm4Moe = family("Glm4MoeAdapter", ("glm4_moe", "glm4_moe_lite"), SharedWidthAdapter,
                  expert_count_key="n_routed_experts", **_SIGMOID)
-Kolibri1 = family("Kolibri1Adapter", ("kolibri1",), expert_count_key="num_local_experts", **_SIGMOID)
-HYV3 = family("HYV3Adapter", ("hy_v3",), SharedWidthAdapter, shared_count_key="num_shared_experts", **_SIGMOID)
+GlmMoeDsa = family("GlmMoeDsaAdapter", ("glm_moe_dsa",), Glm4Moe,
+                   layerwise_gap="its decoder layers pass the indexer's top-k positions to the next layer")
+Kolibri1 = family("Kolibri1Adapter", ("kolibri1",), expert_count_key="num_local_experts", layerwise_gap=RENAMED,
+                  **_SIGMOID)
+HYV3 = family("HYV3Adapter", ("hy_v3",), SharedWidthAdapter, shared_count_key="num_shared_experts",
+              layerwise_gap=RENAMED, **_SIGMOID)
 KimiLinear = family("KimiLinearAdapter", ("kimi_linear",), SharedWidthAdapter, shared_count_key="num_shared_experts",
-                    **_SIGMOID)
-Laguna = family("LagunaAdapter", ("laguna",), _BlockScaled, scoring="sigmoid", shared_names=("shared_experts",))
+                    **_SIGMOID, layerwise_gap=RENAMED)
+Laguna = family("LagunaAdapter", ("laguna",), _BlockScaled, scoring="sigmoid", shared_names=("shared_experts",),
+                layerwise_gap=RENAMED)
 MimoV2Flash = family("MimoV2FlashAdapter", ("mimo_v2_flash",), expert_count_key="n_routed_experts",
-                     scoring="sigmoid")
+                     scoring="sigmoid", layerwise_gap=RENAMED)
 MiniCPM5Moe = family("MiniCPM5MoeAdapter", ("minicpm5_moe",), SharedWidthAdapter, expert_count_key="n_routed_experts",
-                     **_SIGMOID)
+                     **_SIGMOID, layerwise_gap=RENAMED)
 MiniMaxM2 = family("MiniMaxM2Adapter", ("minimax_m2",), scoring="sigmoid", expert_width_key="intermediate_size",
                    expert_count_key="num_local_experts")
 SolarOpen = family("SolarOpenAdapter", ("solar_open",), SharedWidthAdapter, expert_count_key="n_routed_experts",
                    **_SIGMOID)
 
 FAMILY_ADAPTERS: tuple[type[Adapter], ...] = (
-    Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, HunyuanV1Moe, Jamba, LaraMini, Mellum, MiniMax, Phimoe,
-    Qwen3Next, Afmoe, DeepseekV32, Dots1, ExaoneMoe, Glm4Moe, HYV3, KimiLinear, Kolibri1, Laguna, MimoV2Flash, MiniCPM5Moe,
+    Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, GraniteMoeSWA, HunyuanV1Moe, Jamba, LaraMini, Mellum, MiniMax, Phimoe,
+    Qwen3Next, Afmoe, DeepseekV32, Dots1, ExaoneMoe, Glm4Moe, GlmMoeDsa, HYV3, KimiLinear, Kolibri1, Laguna, MimoV2Flash, MiniCPM5Moe,
     MiniMaxM2, SolarOpen,
 )
 

@@ -30,6 +30,28 @@ def canonical(key: str) -> str:
     return key
 
 
+def router_names(model) -> dict[str, tuple[int, int]]:
+    """Every per-expert routing tensor of `model` (a meta skeleton is enough) by its `canonical` parameter name ->
+    (decoder layer, expert axis): router rows and biases, correction biases wherever the family keeps them. A
+    streamed export slices (or merges) the checkpoint tensors of these names along that axis."""
+    from .registry import moe_adapter_for
+
+    names = {id(m): n for n, m in model.named_modules()}
+    return {canonical(f"{names[id(rt.module)]}.{rt.name}"): (layer.index, rt.dim)
+            for layer in moe_adapter_for(model).moe_layers() for rt in layer.router_tensors}
+
+
+def meta_model(path):
+    """The model of a checkpoint folder as a meta-device skeleton (its config only; no weight is read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..source import hf_kwargs
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **hf_kwargs()))
+
+
 def legacy_blocks(param_names) -> bool:
     """Whether a model names its MoE blocks the legacy way (then checkpoint keys map onto it as they are)."""
     return any(canonical(n) != n for n in param_names)

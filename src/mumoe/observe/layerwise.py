@@ -54,6 +54,29 @@ def _target(key: str, legacy: bool) -> tuple[str, tuple]:
     return (key if legacy else canonical(key)), ()
 
 
+FINAL_NORMS = ("norm", "final_layernorm", "norm_f")  # the decoder's last norm, as the families name it
+
+
+def _renamed_on_loading(model_type: str, key: str) -> bool:
+    """Whether one of transformers' checkpoint conversion rules of `model_type` (other than the per-expert merge,
+    which the reader does itself) applies to `key`."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        rules = get_checkpoint_conversion_mapping(model_type) or []
+    except Exception:  # an older or newer transformers without this helper: no diagnosis, the plain error
+        return False
+    for rule in rules:
+        for pattern in getattr(rule, "source_patterns", None) or ():
+            if ".*." in pattern:  # mlp.experts.*.gate_proj.weight: the per-expert merge
+                continue
+            if re.search(pattern, key):
+                return True
+    return False
+
+
 def _config_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
@@ -79,6 +102,12 @@ class LayerwiseCheckpoint:
             self.config = AutoConfig.from_pretrained(self.path, **hf_kwargs())
         except (OSError, ValueError, KeyError) as e:
             raise MumoeError(f"cannot read {self.path / 'config.json'}: {str(e).splitlines()[0]}") from e
+        from ..models.registry import ADAPTERS
+
+        family = ADAPTERS.get(self.config.model_type)
+        if family is not None and family.layerwise_gap:
+            raise MumoeError(f"layer-by-layer work on {self.config.model_type} checkpoints is not supported yet "
+                             f"({family.layerwise_gap}); run without --layerwise (the model in memory)")
         if dtype == "auto" or dtype is None:
             dtype = _config_dtype(self.config)
         self.dtype = dtype
@@ -182,6 +211,10 @@ class LayerwiseCheckpoint:
                     continue
                 if name not in state or (src.index and src.index[0] >= state[name][0]):
                     extra.append(src.key)
+        if extra and _renamed_on_loading(self.config.model_type, extra[0]):
+            raise MumoeError(f"{self.path}: {extra[0]} is a tensor transformers renames on loading "
+                             f"{self.config.model_type} checkpoints; the layer-by-layer reader does not rename yet: "
+                             "run without --layerwise (the model in memory)")
         if extra:
             raise MumoeFileError(f"{self.path}: {len(extra)} tensor(s) in the checkpoint files belong to no "
                                  f"{_declared(self.config, extra[0])} (first: {extra[0]}); config.json does not "
@@ -254,7 +287,11 @@ class LayerwiseCheckpoint:
     def head_names(self) -> list[str]:
         """The parts the loss needs after the last decoder layer: final norm and lm_head."""
         names = {id(m): n for n, m in self.model.named_modules()}
-        return [names[id(self.decoder.norm)], names[id(self.model.get_output_embeddings())]]
+        norm = next((m for a in FINAL_NORMS if isinstance(m := getattr(self.decoder, a, None), nn.Module)), None)
+        if norm is None:
+            raise MumoeError(f"{self.config.model_type}: no final norm ({', '.join(FINAL_NORMS)}) after the decoder "
+                             "layers; layer-by-layer work is not supported for it")
+        return [names[id(norm)], names[id(self.model.get_output_embeddings())]]
 
     def layer_bytes(self) -> int:
         """Bytes of the largest decoder layer in the load dtype (the resident weights of a pass)."""

@@ -236,6 +236,7 @@ def _loss_grad(ckpt: LayerwiseCheckpoint, hidden: torch.Tensor, ids: torch.Tenso
     positions whose logits stay under `logits_bytes` (vocabularies of 150k make [B, L, V] the largest tensor of
     the pass); the gradient is the same as in one piece."""
     norm, head = (ckpt.model.get_submodule(n) for n in ckpt.head_names())
+    scale = adapter_for(ckpt.model).head_scale()  # the head's own factor on the logits (Cohere, Granite)
     B, L, _ = hidden.shape
     V = head.weight.shape[0]
     step = max(1, logits_bytes // max(1, B * V * 4))
@@ -246,6 +247,8 @@ def _loss_grad(ckpt: LayerwiseCheckpoint, hidden: torch.Tensor, ids: torch.Tenso
         with torch.enable_grad():
             h = hidden[:, s:e].detach().requires_grad_(True)
             logits = head(norm(h))  # [B, e-s, V]
+            if scale != 1.0:
+                logits = logits * scale
             n = min(e, L - 1) - s  # positions of this chunk that predict a next token
             if n > 0:
                 loss = nn.functional.cross_entropy(logits[:, :n].flatten(0, 1).float(),
