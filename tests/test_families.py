@@ -16,13 +16,17 @@ import mumoe
 import mumoe.api
 from mumoe import MumoeError
 from mumoe.apply import remove_experts, save_pruned
+from mumoe.apply.masking import apply_masks, restore
 from mumoe.drivers.layerwise import prune_layerwise
 from mumoe.models import ADAPTERS, MOE_TYPES, moe_adapter_for
 from mumoe.models.families import NoWidthKeyAdapter
+from mumoe.models.prunable import prunable_names
 from mumoe.models.tiny import TINY_CONFIGS, tiny_model
 from mumoe.observe import MoEObserver
 from mumoe.observe.layerwise import LayerwiseCheckpoint
 from mumoe.recipe import Recipe
+from mumoe.testtime import prompt_masks
+from mumoe.testtime.experts import check_experts, experts_kept
 
 FAMILIES = sorted(t for t in TINY_CONFIGS if t in MOE_TYPES)
 
@@ -292,3 +296,83 @@ def test_layerwise_gaps_are_refused_in_one_line(family, tmp_path):
     with pytest.raises(MumoeError) as e:
         LayerwiseCheckpoint(tmp_path, torch.float32)
     assert "not supported yet" in str(e.value) and "\n" not in str(e.value) and family in str(e.value)
+
+
+def _grouped(model):
+    return any(l.n_group and l.n_group > 1 for l in moe_adapter_for(model).moe_layers())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_prompt_and_merge_grains(family, tmp_path):
+    """Per-prompt μ-MoE masks (Wanda on the prompt) reverse exactly; per-prompt experts equal offline removal and
+    reverse; an HC-SMoE merge exports and reloads to the same logits. Group-limited routers refuse the last two
+    in one line."""
+    model, x = fresh(family), ids(1, 10)
+    with torch.no_grad():
+        dense = model(x).logits
+    masks = prompt_masks(model, x, 0.5, "row")
+    names = set(prunable_names(model))
+    # every prunable weight a forward reads through its module (Mamba's dt_proj is read as a tensor: no inputs seen)
+    assert set(masks) <= names and {n for n in names if ".experts." in n or "mamba" not in n} <= set(masks)
+    for name, m in masks.items():  # each output row keeps half of its inputs
+        assert bool((m.sum(-1) == m.shape[-1] // 2).all()), name
+    saved = apply_masks(model, masks)
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits, dense)
+    restore(model, saved)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, dense)
+    layers = moe_adapter_for(model).moe_layers()
+    if _grouped(model):
+        with pytest.raises(MumoeError):
+            check_experts(layers, 3)
+        with pytest.raises(MumoeError) as e:
+            mumoe.prune(model, "hc-smoe", 0.25, calib=ids(4, 12))
+        assert "\n" not in str(e.value)
+        return
+    keep = {l.index: [0, 2, 5] for l in layers}
+    offline = fresh(family)
+    remove_experts(offline, keep)
+    with torch.no_grad():
+        want = offline(x).logits
+        with experts_kept(model, keep):
+            got = model(x).logits
+        assert torch.equal(got, want)
+        assert torch.equal(model(x).logits, dense)
+    report = mumoe.prune(model, "hc-smoe", 0.25, calib=ids(4, 12))
+    assert all(len(e["groups"]) == 6 for e in report.layers)
+    with torch.no_grad():
+        expected = model(x).logits
+    out = save_pruned(model, tmp_path / "merged", report)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (reloaded(x).logits - expected).abs().max() <= 1e-5
+
+
+def test_readme_table_is_the_registry(capsys):
+    from pathlib import Path
+
+    from mumoe.cli import main
+    from mumoe.models.support import markdown, support_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("<!-- architectures:")
+    section = readme[readme.index("\n", start) + 1: readme.index("<!-- /architectures -->")].strip()
+    assert section == markdown()
+    rows = support_table()
+    assert len(rows) >= 30 and sum(r.tiny for r in rows) >= 30
+    assert main(["info", "--architectures"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{r.model_type} " in out for r in rows)
+
+
+def test_unsupported_family_names_the_nearest():
+    from transformers import AutoConfig
+
+    class Fake:
+        config = AutoConfig.for_model("gpt_oss")
+
+    with pytest.raises(MumoeError) as e:
+        mumoe.models.adapter_for(Fake())
+    assert "gpt_oss is not supported yet" in str(e.value) and "qwen3_moe" in str(e.value)
+    assert "\n" not in str(e.value)

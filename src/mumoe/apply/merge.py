@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
-from ..models.keys import FUSED, LEGACY
+from ..models.keys import FUSED, LEGACY, router_axis
 from .experts import slice_layer
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")  # [E, ...] each
@@ -159,8 +159,6 @@ def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[
     tensors (`apply.stream.router_axis`: [E, ...] on their expert axis) become [M, ...]; per-expert matrices
     (legacy layouts) wait until every member of their group has been read (at most one layer's matrices of one
     kind), then leave as expert g's. A bound router is written as it is."""
-    from .stream import router_axis
-
     where = {j: {e: (g, pos) for g, members in enumerate(gs) for pos, e in enumerate(members)}
              for j, gs in groups.items()}
     pending: dict[tuple, dict[int, torch.Tensor]] = {}

@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import FUSED, KIND, LEGACY, ROUTER, read_header, read_tensor, shard_files
 from ..errors import MumoeError
 from ..models.base import EXPERT_COUNT_KEYS
-from ..models.keys import canonical
+from ..models.keys import canonical, router_axis
 from ..progress import bar
 from .export import PruneReport, atomic_output
 
@@ -186,15 +186,6 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
 
 
 # -- transforms ----------------------------------------------------------------------------------------------
-def router_axis(key: str, routers: dict[str, tuple[int, int]] | None) -> tuple[int, int] | None:
-    """(decoder layer, expert axis) of a checkpoint key holding a per-expert routing tensor, else None. routers:
-    `models.keys.router_names` of the model (every family's own places); None: the v5 router names only."""
-    if routers is not None:
-        return routers.get(canonical(key))
-    m = ROUTER.match(key)
-    return (int(m["layer"]), 0) if m else None
-
-
 def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, int]] | None = None) -> Transform:
     """Drop the experts not in `keep` (decoder layer -> kept, sorted), renumber per-expert keys, slice fused
     expert tensors and every routing tensor (`router_axis`: rows, biases, correction biases) along its expert
@@ -259,6 +250,16 @@ def atom_ragged_transform(keep: dict[int, list[torch.Tensor]]) -> Transform:
     return transform
 
 
+def meta_model(path: str | Path):
+    """The model of a checkpoint folder as a meta-device skeleton (its config only; no weight is read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..source import hf_kwargs
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **hf_kwargs()))
+
+
 def check_uniform(keep: dict[int, list[int]]) -> int:
     counts = {len(v) for v in keep.values()}
     if len(counts) != 1:
@@ -269,7 +270,7 @@ def check_uniform(keep: dict[int, list[int]]) -> int:
 def prune_checkpoint(path: str | Path, out: str | Path, report: PruneReport, overwrite: bool = False,
                      progress: bool = True) -> Path:
     """Write `path` with only the experts kept in `report`, tensor by tensor, atomically."""
-    from ..models.keys import meta_model, router_names
+    from ..models.keys import router_names
 
     keep = report.kept()
     n = check_uniform(keep)

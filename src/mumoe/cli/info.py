@@ -18,6 +18,11 @@ def _param_counts(model, adapter) -> dict:
 def cmd_info(args) -> int:
     from ..models import adapter_for
 
+    if args.architectures:
+        from ..models.support import text
+
+        print(text())
+        return 0
     model = load_model(args.model, args.dtype, args.device)
     adapter = adapter_for(model)
     layers = adapter.moe_layers()
@@ -60,4 +65,6 @@ def add_parser(sub) -> None:
                         "(total / active per token / routed-expert share).")
     model_args(sp)
     sp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sp.add_argument("--architectures", action="store_true",
+                    help="list every supported model_type with what works on it (no model is loaded)")
     sp.set_defaults(func=cmd_info)

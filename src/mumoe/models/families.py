@@ -99,15 +99,17 @@ HunyuanV1Moe = family("HunyuanV1MoeAdapter", ("hunyuan_v1_moe",), NoWidthKeyAdap
                       expert_width_key="intermediate_size", shared_names=("shared_mlp",))
 Jamba = family("JambaAdapter", ("jamba",), NoWidthKeyAdapter, expert_width_key="intermediate_size",
                residual_norm_name="pre_ff_layernorm", checkpoint_block_names=("feed_forward",))
-LaraMini = family("LaraMiniAdapter", ("lara_mini",), shared_names=("shared_expert",),
-                  shared_gate_name="shared_expert_gate", layerwise_gap=RENAMED)
+LaraMini = family("LaraMiniAdapter", ("lara_mini",), shared_names=("shared_expert",), layerwise_gap=RENAMED)
 Mellum = family("MellumAdapter", ("mellum",), expert_count_key="num_local_experts")
 MiniMax = family("MiniMaxAdapter", ("minimax",), expert_width_key="intermediate_size",
                  expert_count_key="num_local_experts")
 Phimoe = family("PhimoeAdapter", ("phimoe",), scoring="sparsemixer", expert_width_key="intermediate_size",
                 expert_count_key="num_local_experts", layerwise_gap=RENAMED)
-Qwen3Next = family("Qwen3NextAdapter", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"),
+Qwen3Next = family("Qwen3NextAdapter", ("qwen3_next", "qwen3_5_moe_text"),
                    shared_names=("shared_expert",), shared_gate_name="shared_expert_gate")
+# the multimodal Qwen3.5-MoE checkpoint: AutoModelForCausalLM builds its text model (qwen3_5_moe_text) in memory
+Qwen35MoeVL = family("Qwen35MoeVLAdapter", ("qwen3_5_moe",), Qwen3Next,
+                     layerwise_gap="a multimodal checkpoint, its language model's tensors under another prefix")
 
 # sigmoid routers (+ a selection-only correction bias; DeepSeek-V3-style group-limited top-k where n_group > 1) --
 _SIGMOID = dict(scoring="sigmoid", shared_names=("shared_experts",))
@@ -140,9 +142,9 @@ SolarOpen = family("SolarOpenAdapter", ("solar_open",), SharedWidthAdapter, expe
                    **_SIGMOID)
 
 FAMILY_ADAPTERS: tuple[type[Adapter], ...] = (
-    Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, GraniteMoeSWA, HunyuanV1Moe, Jamba, LaraMini, Mellum, MiniMax, Phimoe,
-    Qwen3Next, Afmoe, DeepseekV32, Dots1, ExaoneMoe, Glm4Moe, GlmMoeDsa, HYV3, KimiLinear, Kolibri1, Laguna, MimoV2Flash, MiniCPM5Moe,
-    MiniMaxM2, SolarOpen,
+    Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, GraniteMoeSWA, HunyuanV1Moe, Jamba, LaraMini, Mellum,
+    MiniMax, Phimoe, Qwen3Next, Qwen35MoeVL, Afmoe, DeepseekV32, Dots1, ExaoneMoe, Glm4Moe, GlmMoeDsa, HYV3,
+    KimiLinear, Kolibri1, Laguna, MimoV2Flash, MiniCPM5Moe, MiniMaxM2, SolarOpen,
 )
 
 # families transformers ships that mumoe does not support yet: why, and the nearest supported one

@@ -41,15 +41,13 @@ def router_names(model) -> dict[str, tuple[int, int]]:
             for layer in moe_adapter_for(model).moe_layers() for rt in layer.router_tensors}
 
 
-def meta_model(path):
-    """The model of a checkpoint folder as a meta-device skeleton (its config only; no weight is read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..source import hf_kwargs
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **hf_kwargs()))
+def router_axis(key: str, routers: dict[str, tuple[int, int]] | None) -> tuple[int, int] | None:
+    """(decoder layer, expert axis) of a checkpoint key holding a per-expert routing tensor, else None. routers:
+    `router_names` of the model (every family's own places); None: the v5 router names only (`ROUTER`)."""
+    if routers is not None:
+        return routers.get(canonical(key))
+    m = ROUTER.match(key)
+    return (int(m["layer"]), 0) if m else None
 
 
 def legacy_blocks(param_names) -> bool:

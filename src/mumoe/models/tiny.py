@@ -129,7 +129,7 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
         if bias is not None:
             with torch.no_grad():
                 bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
-    _randomize_zero_routers(model, seed, config.initializer_range)
+    _randomize_zero_routers(model, seed, getattr(config, "initializer_range", 0.02))
     return model.eval()
 
 
@@ -146,5 +146,5 @@ def _randomize_zero_routers(model: PreTrainedModel, seed: int, std: float) -> No
         for layer in cls(model).moe_layers():
             for rt in layer.router_tensors:
                 t = rt.tensor
-                if t.is_floating_point() and not bool(t.any()):
+                if t.is_floating_point() and not t.is_meta and not bool(t.any()):
                     t.copy_(torch.randn(t.shape, generator=gen) * (std if t.dim() == 2 and t.shape[-1] > 1 else 0.1))
