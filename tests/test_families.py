@@ -376,3 +376,20 @@ def test_unsupported_family_names_the_nearest():
         mumoe.models.adapter_for(Fake())
     assert "gpt_oss is not supported yet" in str(e.value) and "qwen3_moe" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("family", LAYERWISE)
+def test_aimer_from_the_files_equals_in_memory(family, tmp_path):
+    """AIMER scored straight from the safetensors files (the model never loaded) equals AIMER on the loaded
+    model, whatever names the family's checkpoint gives its expert tensors."""
+    from mumoe.criteria import score_methods
+    from mumoe.criteria.aimer_stream import stream_aimer
+
+    tiny_model(family).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ref = score_methods(model, ["aimer"], None)["aimer"]
+    got = stream_aimer(tmp_path, progress=False)
+    layers = moe_adapter_for(model).moe_layers()
+    assert list(got) == [l.index for l in layers]
+    for a, b in zip(got.values(), ref):
+        assert torch.equal(a.double(), b.double()), family

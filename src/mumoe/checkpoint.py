@@ -224,11 +224,12 @@ def read_tensor(file: Path, meta: dict) -> torch.Tensor:
     return read_into(file, meta, torch.empty(tuple(meta["shape"]), dtype=dtype))
 
 
-def _expert_matrices(file: Path, key: str, meta: dict):
+def _expert_matrices(file: Path, key: str, meta: dict, view: str | None = None):
     """Yield (layer, expert, kind, MappedTensor) for an expert tensor key; a fused gate_up is read per expert
-    and split into gate and up by the caller (kind "gate_up_proj")."""
+    and split into gate and up by the caller (kind "gate_up_proj"). view: the key as the family names it on
+    loading (`models.keys.checkpoint_renamer`; Granite's input_linear is its fused gate_up)."""
     if m := LEGACY.match(key):
         yield int(m["layer"]), int(m["e"]), KIND[m["kind"]], MappedTensor(file, meta)
-    elif m := FUSED.match(key):
+    elif m := FUSED.match(view or key):
         for e in range(meta["shape"][0]):
             yield int(m["layer"]), e, m["kind"], MappedTensor(file, meta, e)

@@ -154,7 +154,7 @@ def bind_layers(model: nn.Module, slots: dict[int, list[int]], maps: dict[int, l
 
 def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
                     operator: str = "average", rank: int | None = None, router: str = "centroid",
-                    routers: dict[str, tuple[int, int]] | None = None):
+                    routers: dict[str, tuple[int, int]] | None = None, rename=lambda key: key):
     """The streamed export of a merge (`apply.stream.write_streamed`): fused expert tensors and (centroid) routing
     tensors (`apply.stream.router_axis`: [E, ...] on their expert axis) become [M, ...]; per-expert matrices
     (legacy layouts) wait until every member of their group has been read (at most one layer's matrices of one
@@ -182,9 +182,10 @@ def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[
             del pending[(j, m["pre"], m["kind"], g)]
             t = torch.stack([slot[p] for p in range(len(members))])  # [n, out, in]
             return [(f"{m['pre']}.{g}.{m['kind']}.weight", merge_rows(t, weights[j][g], operator, rank))]
-        if (m := FUSED.match(key)) and int(m["layer"]) in groups:
+        view = rename(key)  # the family's own key renames on loading (`models.keys.checkpoint_renamer`)
+        if (m := FUSED.match(view)) and int(m["layer"]) in groups:
             return [(key, merged(int(m["layer"]), read(), "gate_up" if m["kind"] == "gate_up_proj" else "matrix"))]
-        if router == "centroid" and (r := router_axis(key, routers)) and r[0] in groups:
+        if router == "centroid" and (r := router_axis(view, routers)) and r[0] in groups:
             t = read().movedim(r[1], 0)
             return [(key, merged(r[0], t, "vector").movedim(0, r[1]).contiguous())]
         return [(key, read())]

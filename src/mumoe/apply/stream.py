@@ -186,32 +186,40 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
 
 
 # -- transforms ----------------------------------------------------------------------------------------------
-def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, int]] | None = None) -> Transform:
+def _same(key: str) -> str:
+    return key
+
+
+def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, int]] | None = None,
+                     rename: Callable[[str], str] = _same) -> Transform:
     """Drop the experts not in `keep` (decoder layer -> kept, sorted), renumber per-expert keys, slice fused
     expert tensors and every routing tensor (`router_axis`: rows, biases, correction biases) along its expert
-    axis."""
+    axis. rename: the family's own key renames on loading (`models.keys.checkpoint_renamer`): keys are understood
+    by their loaded names and written under their own."""
     def transform(key: str, read):
         if (m := LEGACY.match(key)) and int(m["layer"]) in keep:
             kept = keep[int(m["layer"])]
             e = int(m["e"])
             return [(f"{m['pre']}.{kept.index(e)}.{m['kind']}.weight", read())] if e in kept else []
-        if (m := FUSED.match(key)) and int(m["layer"]) in keep:
+        view = rename(key)
+        if (m := FUSED.match(view)) and int(m["layer"]) in keep:
             return [(key, read().index_select(0, torch.tensor(keep[int(m["layer"])])))]
-        if (r := router_axis(key, routers)) and r[0] in keep:
+        if (r := router_axis(view, routers)) and r[0] in keep:
             return [(key, read().index_select(r[1], torch.tensor(keep[r[0]])).contiguous())]
         return [(key, read())]
     return transform
 
 
-def atom_transform(keep: dict[int, torch.Tensor]) -> Transform:
+def atom_transform(keep: dict[int, torch.Tensor], rename: Callable[[str], str] = _same) -> Transform:
     """Keep each expert's atoms `keep[layer][e]` (sorted neuron indices, the same count for every expert):
-    gate/up rows and down columns; fused gate_up [E, 2I, H] keeps rows k and I + k."""
+    gate/up rows and down columns; fused gate_up [E, 2I, H] keeps rows k and I + k (keys understood by their
+    loaded names, `expert_transform`)."""
     def transform(key: str, read):
         if (m := LEGACY.match(key)) and int(m["layer"]) in keep:
             k = keep[int(m["layer"])][int(m["e"])]
             w = read()
             return [(key, w[:, k] if KIND[m["kind"]] == "down_proj" else w[k])]
-        if (m := FUSED.match(key)) and int(m["layer"]) in keep:
+        if (m := FUSED.match(rename(key))) and int(m["layer"]) in keep:
             k = keep[int(m["layer"])]  # [E, I']
             w = read()
             if m["kind"] == "down_proj":  # [E, H, I]
@@ -222,7 +230,7 @@ def atom_transform(keep: dict[int, torch.Tensor]) -> Transform:
     return transform
 
 
-def atom_ragged_transform(keep: dict[int, list[torch.Tensor]]) -> Transform:
+def atom_ragged_transform(keep: dict[int, list[torch.Tensor]], rename: Callable[[str], str] = _same) -> Transform:
     """HEAPr's global form, mumoe's own layout (`forms.compact_atom_state`): each routed expert stored at its own
     width, `<experts>.<e>.gate_up` [2k_e, H] and `<experts>.<e>.down` [H, k_e]; keep[layer][e] = kept atoms."""
     pending: dict[tuple, torch.Tensor] = {}  # a per-expert gate (or up) waiting for its other half
@@ -239,7 +247,7 @@ def atom_ragged_transform(keep: dict[int, list[torch.Tensor]]) -> Transform:
                 return []
             del pending[(pre, e, "gate_proj")], pending[(pre, e, "up_proj")]
             return [(f"{pre}.{e}.gate_up", torch.cat([gate, up]))]
-        if (m := FUSED.match(key)) and int(m["layer"]) in keep:
+        if (m := FUSED.match(rename(key))) and int(m["layer"]) in keep:
             L, pre = int(m["layer"]), canonical(m["pre"])
             w = read()
             if m["kind"] == "down_proj":  # [E, H, I]
@@ -272,8 +280,10 @@ def prune_checkpoint(path: str | Path, out: str | Path, report: PruneReport, ove
     """Write `path` with only the experts kept in `report`, tensor by tensor, atomically."""
     from ..models.keys import router_names
 
+    from ..models.keys import checkpoint_renamer
+
     keep = report.kept()
     n = check_uniform(keep)
-    routers = router_names(meta_model(path))
-    return write_streamed(path, out, report, expert_transform(keep, routers), {k: n for k in EXPERT_COUNT_KEYS},
-                          overwrite, progress)
+    skeleton = meta_model(path)
+    transform = expert_transform(keep, router_names(skeleton), checkpoint_renamer(skeleton.config.model_type))
+    return write_streamed(path, out, report, transform, {k: n for k in EXPERT_COUNT_KEYS}, overwrite, progress)

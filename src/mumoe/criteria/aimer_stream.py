@@ -17,12 +17,16 @@ def stream_aimer(path: str | Path, progress: bool = True) -> dict[int, torch.Ten
     """AIMER scores per decoder layer, read straight from the checkpoint. -> {layer: [E] float64}
 
     Bit-identical to the in-memory `criteria.expert.aimer` (same per-matrix reductions, same order)."""
+    from ..files import read_json
+    from ..models.keys import checkpoint_renamer
+
     path = Path(path)
+    rename = checkpoint_renamer(read_json(path / "config.json", "the model config").get("model_type"))
     norms: dict[int, dict[int, dict[str, tuple]]] = defaultdict(lambda: defaultdict(dict))  # (l1, l2², numel)
     ws = NormWorkspace()  # one fp32 buffer of the largest matrix, reused
     for file in bar(shard_files(path), desc="aimer (streamed)", enabled=progress, unit="shard"):
         for key, meta in read_header(file).items():
-            for L, e, kind, mapped in _expert_matrices(file, key, meta):
+            for L, e, kind, mapped in _expert_matrices(file, key, meta, rename(key)):
                 with mapped as w:
                     check_finite(w, f"{file}: tensor {key}" + (f" (expert {e})" if key.endswith("_proj") else ""))
                     if kind == "gate_up_proj":

@@ -200,8 +200,8 @@ class AtomGrain(Grain):
         if plan.uniform:
             keep = plan.stacked()
             width = next(iter(keep.values())).shape[-1]
-            return atom_transform(keep), width_changes(type(adapter_for(ckpt.model)), ckpt.config, width)
-        return atom_ragged_transform({j: list(k) for j, k in plan.keep.items()}), {}
+            return atom_transform(keep, ckpt.rename), width_changes(type(adapter_for(ckpt.model)), ckpt.config, width)
+        return atom_ragged_transform({j: list(k) for j, k in plan.keep.items()}, ckpt.rename), {}
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: AtomPlan) -> list[dict]:

@@ -198,7 +198,7 @@ class ExpertGrain(Grain):
 
         counts = {len(v) for v in plan.keep.values()}
         changes = dict.fromkeys(EXPERT_COUNT_KEYS, counts.pop()) if plan.export_form() == "hf" else {}
-        return expert_transform(plan.kept(), router_names(ckpt.model)), changes
+        return expert_transform(plan.kept(), router_names(ckpt.model), ckpt.rename), changes
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: ExpertPlan) -> list[dict]:

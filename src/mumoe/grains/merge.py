@@ -169,7 +169,7 @@ class MergeGrain(Grain):
         from ..models.keys import router_names
 
         return merge_transform(*plan.as_lists(), plan.operator, plan.rank, plan.router,
-                               routers=router_names(ckpt.model)), changes
+                               routers=router_names(ckpt.model), rename=ckpt.rename), changes
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: MergePlan) -> list[dict]:

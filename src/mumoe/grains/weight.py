@@ -269,7 +269,7 @@ class WeightGrain(Grain):
 
         def transform(key: str, read):
             mm = _LAYER.search(key)
-            name, index = _target(key, has_bs)
+            name, index = _target(ckpt.rename(key), has_bs)
             if mm is None or name not in norms:  # not a Wanda-pruned weight: as it is
                 return [(key, read())]
             t = load(int(mm["layer"]))[name]  # the masked weight; the source tensor itself is not read again

@@ -50,7 +50,8 @@ class NoWidthKeyAdapter(Adapter):
                          "(mumoe.load)")
 
 
-RENAMED = "transformers renames its checkpoint tensors on loading, which the layer-by-layer reader does not do yet"
+CONVERTED = ("transformers splits or joins some of its checkpoint tensors on loading (linear attention), which the "
+             "layer-by-layer reader does not do yet")
 
 
 def family(name: str, model_types: tuple[str, ...], base: type[Adapter] = Adapter, **quirks) -> type[Adapter]:
@@ -88,23 +89,23 @@ Cohere2Moe = family("Cohere2MoeAdapter", ("cohere2_moe",), _LogitScaled, expert_
 DeepseekV2 = family("DeepseekV2Adapter", ("deepseek_v2",), SharedWidthAdapter, expert_count_key="n_routed_experts",
                     shared_names=("shared_experts",))
 Ernie45Moe = family("Ernie45MoeAdapter", ("ernie4_5_moe",), SharedWidthAdapter, expert_count_key="moe_num_experts",
-                    shared_names=("shared_experts",), shared_count_key="moe_num_shared_experts", layerwise_gap=RENAMED)
+                    shared_names=("shared_experts",), shared_count_key="moe_num_shared_experts")
 FlexOlmo = family("FlexOlmoAdapter", ("flex_olmo",), expert_width_key="intermediate_size",
                   residual_norm_name=None)  # OLMo-2 post-norms: the block reads the residual stream itself
 GraniteMoe = family("GraniteMoeAdapter", ("granitemoe", "granitemoeshared"), _LogitsScaling,
-                    expert_width_key="intermediate_size", expert_count_key="num_local_experts", layerwise_gap=RENAMED)
+                    expert_width_key="intermediate_size", expert_count_key="num_local_experts")
 GraniteMoeSWA = family("GraniteMoeSWAAdapter", ("granitemoe_swa",), GraniteMoe,
                        layerwise_gap="per-layer rotary embeddings the layer-by-layer skeleton does not rebuild yet")
 HunyuanV1Moe = family("HunyuanV1MoeAdapter", ("hunyuan_v1_moe",), NoWidthKeyAdapter,
                       expert_width_key="intermediate_size", shared_names=("shared_mlp",))
 Jamba = family("JambaAdapter", ("jamba",), NoWidthKeyAdapter, expert_width_key="intermediate_size",
                residual_norm_name="pre_ff_layernorm", checkpoint_block_names=("feed_forward",))
-LaraMini = family("LaraMiniAdapter", ("lara_mini",), shared_names=("shared_expert",), layerwise_gap=RENAMED)
+LaraMini = family("LaraMiniAdapter", ("lara_mini",), shared_names=("shared_expert",), layerwise_gap=CONVERTED)
 Mellum = family("MellumAdapter", ("mellum",), expert_count_key="num_local_experts")
 MiniMax = family("MiniMaxAdapter", ("minimax",), expert_width_key="intermediate_size",
                  expert_count_key="num_local_experts")
 Phimoe = family("PhimoeAdapter", ("phimoe",), scoring="sparsemixer", expert_width_key="intermediate_size",
-                expert_count_key="num_local_experts", layerwise_gap=RENAMED)
+                expert_count_key="num_local_experts")
 Qwen3Next = family("Qwen3NextAdapter", ("qwen3_next", "qwen3_5_moe_text"),
                    shared_names=("shared_expert",), shared_gate_name="shared_expert_gate")
 # the multimodal Qwen3.5-MoE checkpoint: AutoModelForCausalLM builds its text model (qwen3_5_moe_text) in memory
@@ -119,23 +120,20 @@ DeepseekV32 = family("DeepseekV32Adapter", ("deepseek_v32",), SharedWidthAdapter
                      **_SIGMOID)
 Dots1 = family("Dots1Adapter", ("dots1",), SharedWidthAdapter, expert_count_key="n_routed_experts", **_SIGMOID)
 ExaoneMoe = family("ExaoneMoeAdapter", ("exaone_moe",), SharedWidthAdapter, shared_count_key="num_shared_experts",
-                   **_SIGMOID, layerwise_gap=RENAMED)
+                   **_SIGMOID)
 Glm4Moe = family("Glm4MoeAdapter", ("glm4_moe", "glm4_moe_lite"), SharedWidthAdapter,
                  expert_count_key="n_routed_experts", **_SIGMOID)
 GlmMoeDsa = family("GlmMoeDsaAdapter", ("glm_moe_dsa",), Glm4Moe,
                    layerwise_gap="its decoder layers pass the indexer's top-k positions to the next layer")
-Kolibri1 = family("Kolibri1Adapter", ("kolibri1",), expert_count_key="num_local_experts", layerwise_gap=RENAMED,
-                  **_SIGMOID)
-HYV3 = family("HYV3Adapter", ("hy_v3",), SharedWidthAdapter, shared_count_key="num_shared_experts",
-              layerwise_gap=RENAMED, **_SIGMOID)
+Kolibri1 = family("Kolibri1Adapter", ("kolibri1",), expert_count_key="num_local_experts", **_SIGMOID)
+HYV3 = family("HYV3Adapter", ("hy_v3",), SharedWidthAdapter, shared_count_key="num_shared_experts", **_SIGMOID)
 KimiLinear = family("KimiLinearAdapter", ("kimi_linear",), SharedWidthAdapter, shared_count_key="num_shared_experts",
-                    **_SIGMOID, layerwise_gap=RENAMED)
-Laguna = family("LagunaAdapter", ("laguna",), _BlockScaled, scoring="sigmoid", shared_names=("shared_experts",),
-                layerwise_gap=RENAMED)
+                    layerwise_gap=CONVERTED, **_SIGMOID)
+Laguna = family("LagunaAdapter", ("laguna",), _BlockScaled, scoring="sigmoid", shared_names=("shared_experts",))
 MimoV2Flash = family("MimoV2FlashAdapter", ("mimo_v2_flash",), expert_count_key="n_routed_experts",
-                     scoring="sigmoid", layerwise_gap=RENAMED)
+                     scoring="sigmoid")
 MiniCPM5Moe = family("MiniCPM5MoeAdapter", ("minicpm5_moe",), SharedWidthAdapter, expert_count_key="n_routed_experts",
-                     **_SIGMOID, layerwise_gap=RENAMED)
+                     **_SIGMOID)
 MiniMaxM2 = family("MiniMaxM2Adapter", ("minimax_m2",), scoring="sigmoid", expert_width_key="intermediate_size",
                    expert_count_key="num_local_experts")
 SolarOpen = family("SolarOpenAdapter", ("solar_open",), SharedWidthAdapter, expert_count_key="n_routed_experts",

@@ -50,6 +50,32 @@ def router_axis(key: str, routers: dict[str, tuple[int, int]] | None) -> tuple[i
     return (int(m["layer"]), 0) if m else None
 
 
+def _identity(key: str) -> str:
+    return key
+
+
+def checkpoint_renamer(model_type: str | None):
+    """key -> the name transformers gives it on loading a `model_type` checkpoint, by the family's own renaming
+    rules (`WeightRenaming` in transformers' conversion mapping: Granite's input_linear -> experts.gate_up_proj,
+    PhiMoE's block_sparse_moe.gate -> mlp.router, HY-V3's expert_bias -> e_score_correction_bias, ...). The
+    per-expert merges are not applied here (`LEGACY` keys are read per expert). Identity where there are none."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # a transformers without conversion mappings: keys are read as they are
+        return _identity
+    rules = [r for r in (get_checkpoint_conversion_mapping(model_type) or []) if isinstance(r, WeightRenaming)]
+    if not rules:
+        return _identity
+    cache: dict[str, str] = {}
+
+    def rename(key: str) -> str:
+        if key not in cache:
+            cache[key] = apply_renamings(key, rules)
+        return cache[key]
+    return rename
+
+
 def legacy_blocks(param_names) -> bool:
     """Whether a model names its MoE blocks the legacy way (then checkpoint keys map onto it as they are)."""
     return any(canonical(n) != n for n in param_names)

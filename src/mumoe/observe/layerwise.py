@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import KIND, LEGACY, read_header, read_into, shard_files
-from ..models.keys import canonical, legacy_blocks
+from ..models.keys import canonical, checkpoint_renamer, legacy_blocks
 from ..errors import MumoeError, MumoeFileError
 
 
@@ -57,15 +57,16 @@ def _target(key: str, legacy: bool) -> tuple[str, tuple]:
 FINAL_NORMS = ("norm", "final_layernorm", "norm_f")  # the decoder's last norm, as the families name it
 
 
-def _renamed_on_loading(model_type: str, key: str) -> bool:
-    """Whether one of transformers' checkpoint conversion rules of `model_type` (other than the per-expert merge,
-    which the reader does itself) applies to `key`."""
+def _converted_on_loading(model_type: str, key: str) -> bool:
+    """Whether one of transformers' checkpoint conversion rules of `model_type` (other than its renames and the
+    per-expert merge, which the reader does itself) applies to `key`."""
     import re
 
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
 
-        rules = get_checkpoint_conversion_mapping(model_type) or []
+        rules = [r for r in get_checkpoint_conversion_mapping(model_type) or [] if not isinstance(r, WeightRenaming)]
     except Exception:  # an older or newer transformers without this helper: no diagnosis, the plain error
         return False
     for rule in rules:
@@ -120,10 +121,11 @@ class LayerwiseCheckpoint:
         self._rebuild_rotary()
         has_bs = legacy_blocks(n for n, _ in self.model.named_parameters())
         self.block_sparse = has_bs  # the model names its MoE blocks the legacy way (checkpoint keys map as they are)
+        self.rename = checkpoint_renamer(self.config.model_type)  # the family's own renames on loading
         self.sources: dict[str, list[Source]] = defaultdict(list)
         for file in shard_files(self.path):
             for key, meta in read_header(file).items():
-                name, index = _target(key, has_bs)
+                name, index = _target(self.rename(key), has_bs)
                 self.sources[name].append(Source(file, key, index, meta))
         self.resident: set[str] = set()
         self.read_seconds = 0.0  # time spent materialising parts (reading + converting)
@@ -211,10 +213,10 @@ class LayerwiseCheckpoint:
                     continue
                 if name not in state or (src.index and src.index[0] >= state[name][0]):
                     extra.append(src.key)
-        if extra and _renamed_on_loading(self.config.model_type, extra[0]):
-            raise MumoeError(f"{self.path}: {extra[0]} is a tensor transformers renames on loading "
-                             f"{self.config.model_type} checkpoints; the layer-by-layer reader does not rename yet: "
-                             "run without --layerwise (the model in memory)")
+        if extra and _converted_on_loading(self.config.model_type, extra[0]):
+            raise MumoeError(f"{self.path}: {extra[0]} is a tensor transformers converts on loading "
+                             f"{self.config.model_type} checkpoints (splits or joins it); the layer-by-layer reader "
+                             "does not yet: run without --layerwise (the model in memory)")
         if extra:
             raise MumoeFileError(f"{self.path}: {len(extra)} tensor(s) in the checkpoint files belong to no "
                                  f"{_declared(self.config, extra[0])} (first: {extra[0]}); config.json does not "
