@@ -111,7 +111,8 @@ def _logits(model, x):
         return model(x).logits.float()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral", "granitemoe", "afmoe", "ernie4_5_moe",
+                                  "jamba", "hy_v3"])
 @pytest.mark.parametrize("grain", ["experts", "atoms"])
 def test_mumoe_form_loads_with_plain_transformers(tmp_path, arch, grain):
     """The non-uniform forms ship their modelling code: from_pretrained(trust_remote_code=True) gives the

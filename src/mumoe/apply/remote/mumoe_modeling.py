@@ -25,15 +25,48 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 BASE_CLASS = "Qwen3MoeForCausalLM"  # rewritten by the export: the source architecture's CausalLM class
-_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
+                "n_experts")
+_BLOCKS = ("mlp", "feed_forward", "block_sparse_moe")  # where transformers v5 families keep the sparse block
+_SHARED = ("shared_experts", "shared_expert", "shared_mlp", "shared_expert_gate")
 
 
-def _resize(module: nn.Module, name: str, rows: int) -> None:
-    """Replace parameter/buffer `name` by an uninitialised one with `rows` rows (the checkpoint fills it)."""
+def _sparse_block(layer: nn.Module) -> nn.Module:
+    for name in _BLOCKS:
+        block = getattr(layer, name, None)
+        if isinstance(getattr(getattr(block, "experts", None), "gate_up_proj", None), torch.Tensor):
+            return block
+    raise ValueError(f"no sparse MoE block ({', '.join(_BLOCKS)}) in decoder layer {type(layer).__name__}")
+
+
+def _routing_tensors(block: nn.Module, experts: int) -> list:
+    """(module, name, expert axis) of every tensor of the block outside its experts, shared experts and norms
+    with one entry per routed expert (router rows and biases, selection biases wherever the family keeps them)."""
+    skip = {id(m) for part in [block.experts, *(getattr(block, n, None) for n in _SHARED)] if part is not None
+            for m in part.modules()}
+    out = []
+    for module in block.modules():
+        if id(module) in skip or "Norm" in type(module).__name__:
+            continue
+        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is None or t.dim() == 0:
+                continue
+            if t.shape[0] == experts:
+                out.append((module, name, 0))
+            elif t.dim() == 2 and tuple(t.shape) == (1, experts):
+                out.append((module, name, 1))
+    return out
+
+
+def _resize(module: nn.Module, name: str, rows: int, dim: int = 0) -> None:
+    """Replace parameter/buffer `name` by an uninitialised one with `rows` entries on axis `dim` (the checkpoint
+    fills it)."""
     old = getattr(module, name, None)
     if old is None:
         return
-    new = torch.empty((rows, *old.shape[1:]), dtype=old.dtype, device=old.device)
+    shape = list(old.shape)
+    shape[dim] = rows
+    new = torch.empty(shape, dtype=old.dtype, device=old.device)
     if isinstance(old, nn.Parameter):
         setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
@@ -87,14 +120,18 @@ def reshape_layers(model: nn.Module, config) -> None:
     """Give every MoE layer named in config.mumoe_layers its pruned shape."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for entry in getattr(config, "mumoe_layers", None) or []:
-        mlp = model.model.layers[entry["layer"]].mlp
+        mlp = _sparse_block(model.model.layers[entry["layer"]])
         if "experts" in entry:
             n, bound = int(entry["experts"]), "expert_map" in entry
+            routing = _routing_tensors(mlp, mlp.experts.gate_up_proj.shape[0]) if not bound else []
             for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
                 _resize(mlp.experts, name, n)
-            for name in ("weight", "bias", "e_score_correction_bias") if not bound else ():
-                _resize(mlp.gate, name, n)
-            for module in (mlp, mlp.gate, mlp.experts) if not bound else (mlp.experts,):
+            for module, name, dim in routing:
+                _resize(module, name, n, dim)
+            shared = {id(m) for part in (getattr(mlp, a, None) for a in _SHARED) if part is not None
+                      for m in part.modules()}
+            owners = [m for m in mlp.modules() if id(m) not in shared] if not bound else [mlp.experts]
+            for module in owners:
                 for attr in _COUNT_ATTRS:
                     if isinstance(getattr(module, attr, None), int):
                         setattr(module, attr, n)
