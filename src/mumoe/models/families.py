@@ -94,8 +94,7 @@ FlexOlmo = family("FlexOlmoAdapter", ("flex_olmo",), expert_width_key="intermedi
                   residual_norm_name=None)  # OLMo-2 post-norms: the block reads the residual stream itself
 GraniteMoe = family("GraniteMoeAdapter", ("granitemoe", "granitemoeshared"), _LogitsScaling,
                     expert_width_key="intermediate_size", expert_count_key="num_local_experts")
-GraniteMoeSWA = family("GraniteMoeSWAAdapter", ("granitemoe_swa",), GraniteMoe,
-                       layerwise_gap="per-layer rotary embeddings the layer-by-layer skeleton does not rebuild yet")
+GraniteMoeSWA = family("GraniteMoeSWAAdapter", ("granitemoe_swa",), GraniteMoe)  # per-theta rotary embeddings
 HunyuanV1Moe = family("HunyuanV1MoeAdapter", ("hunyuan_v1_moe",), NoWidthKeyAdapter,
                       expert_width_key="intermediate_size", shared_names=("shared_mlp",))
 Jamba = family("JambaAdapter", ("jamba",), NoWidthKeyAdapter, expert_width_key="intermediate_size",

@@ -144,11 +144,12 @@ class LayerwiseCheckpoint:
         return [names[id(layer)] for layer in self.decoder.layers]
 
     def _rebuild_rotary(self) -> None:
-        """Rotary embeddings hold computed (non-persistent) buffers, never in a checkpoint: build them for real."""
+        """Rotary embeddings hold computed (non-persistent) buffers, never in a checkpoint: build them for real,
+        each from the config it was built with (Granite-SWA keeps one per rope theta, in a list)."""
         for name, module in list(self.model.named_modules()):
-            if name.endswith("rotary_emb"):
+            if name.endswith("rotary_emb") or type(module).__name__.endswith("RotaryEmbedding"):
                 with torch.device(self.device):
-                    real = type(module)(config=self.config)
+                    real = type(module)(config=getattr(module, "config", None) or self.config)
                 parent = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.model
                 setattr(parent, name.rsplit(".", 1)[-1], real)
 
