@@ -42,6 +42,16 @@ def char_tokenizer():
                                    pad_token="<unk>")
 
 
+def safetensors_of(folder):
+    """Every tensor of a checkpoint folder's safetensors files, by key."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tok():
     return char_tokenizer()

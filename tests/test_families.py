@@ -8,10 +8,9 @@ from functools import lru_cache
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ids
+from conftest import ids, safetensors_of
 import mumoe
 import mumoe.api
 from mumoe import MumoeError
@@ -252,13 +251,6 @@ LAYERWISE = [f for f in FAMILIES if ADAPTERS[f].layerwise_gap is None]
 GAPS = [f for f in FAMILIES if ADAPTERS[f].layerwise_gap is not None]
 
 
-def _tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 @pytest.mark.parametrize("family", LAYERWISE)
 def test_layer_sequential_streamed_export_equals_in_memory(family, tmp_path):
     """A checkpoint as save_pretrained writes it, pruned layer by layer and written tensor by tensor, equals the
@@ -281,7 +273,7 @@ def test_layer_sequential_streamed_export_equals_in_memory(family, tmp_path):
         save_pruned(model, tmp_path / f"{method}-memory", ref)
         if report.grain != "weight":
             assert report.layers == ref.layers, (family, method)
-        a, b = _tensors(out), _tensors(tmp_path / f"{method}-memory")
+        a, b = safetensors_of(out), safetensors_of(tmp_path / f"{method}-memory")
         assert set(a) == set(b), (family, method, set(a) ^ set(b))
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (family, method, k)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import MOE_ARCHS, SAMPLE_TEXT, char_tokenizer, make
+from conftest import MOE_ARCHS, SAMPLE_TEXT, char_tokenizer, make, safetensors_of
 from mumoe import api
 from mumoe.apply.export import save_pruned
 from mumoe.criteria import score_methods
@@ -45,11 +45,7 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def tensors(folder):
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+tensors = safetensors_of
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
