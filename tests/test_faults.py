@@ -206,9 +206,15 @@ def _cmd(big, out, *extra):
            str(out), *extra]
 
 
+def _interruptible() -> None:
+    """In the child: Ctrl-C as a terminal delivers it. A suite started in the background of a non-interactive
+    shell inherits SIGINT ignored, and Python then never installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(big, out, *extra, env=None):
     return subprocess.Popen(_cmd(big, out, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_interruptible)
 
 
 def _wait_for_line(proc, words: str, timeout: float = 240) -> None:
