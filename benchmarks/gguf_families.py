@@ -91,7 +91,11 @@ def main() -> int:
     from mumoe.models.tiny import tiny_model
 
     work = args.work / "families"
+    mark = work / ".mumoe-gguf-families"  # this script's own folder: it rewrites what is inside, nothing else
+    if work.exists() and any(work.iterdir()) and not mark.exists():
+        sys.exit(f"{work} holds files this benchmark did not write; choose another --work")
     work.mkdir(parents=True, exist_ok=True)
+    mark.touch()
     tree = llama_cpp(args.llama_cpp, args.work)
     binary = tree / "build" / "bin"
     tok = load_tokenizer("default")

@@ -42,6 +42,24 @@ def char_tokenizer():
                                    pad_token="<unk>")
 
 
+def recompose(layer, route, events, routed_scale=1.0):
+    """A block's output rebuilt slowly, token by token, from its per-expert events: routed_scale · Σ_i g_i f_i(x)
+    (+ the shared expert, sigmoid-gated where it has a gate). -> (output [T, H], experts seen per token [T])."""
+    T, H = route.hidden.shape
+    total, seen = torch.zeros(T, H), torch.zeros(T, dtype=torch.long)
+    for e in events:
+        for n, t in enumerate(e.tokens.tolist()):
+            total[t] += e.weight[n] * e.output[n]
+            seen[t] += 1
+    total = total * routed_scale
+    if layer.shared is not None:
+        shared = layer.shared(route.hidden)
+        if layer.shared_gate is not None:
+            shared = torch.sigmoid(layer.shared_gate(route.hidden)) * shared
+        total += shared
+    return total, seen
+
+
 def safetensors_of(folder):
     """Every tensor of a checkpoint folder's safetensors files, by key."""
     from safetensors.torch import load_file

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import DENSE_ARCHS, MOE_ARCHS, ids, make
+from conftest import DENSE_ARCHS, MOE_ARCHS, ids, make, recompose
 from mumoe import MumoeError
 from mumoe.models import adapter_for, moe_adapter_for
 from mumoe.observe import MoEObserver
@@ -86,20 +86,10 @@ def test_hooks_match_reference_routing_and_block_output(moe_arch):
         # residual stream: the post-attention norm applied to it gives the MoE input
         torch.testing.assert_close(layer.residual_norm(ev.residual), ev.hidden)
         # slow recomposition of the block output, token by token, from per-expert events
-        T, H = ev.hidden.shape
-        total = torch.zeros(T, H)
-        seen = torch.zeros(T, dtype=torch.long)
         for e in experts[layer.index]:
             assert torch.equal(ev.indices[e.tokens, e.slot], torch.full_like(e.tokens, e.expert))
-            for n, t in enumerate(e.tokens.tolist()):
-                total[t] += e.weight[n] * e.output[n]
-                seen[t] += 1
-        assert torch.equal(seen, torch.full((T,), layer.top_k))  # each token: exactly its top-k experts
-        if layer.shared is not None:
-            shared = layer.shared(ev.hidden)
-            if layer.shared_gate is not None:
-                shared = torch.sigmoid(layer.shared_gate(ev.hidden)) * shared
-            total += shared
+        total, seen = recompose(layer, ev, experts[layer.index])
+        assert torch.equal(seen, torch.full((ev.hidden.shape[0],), layer.top_k))  # each token: its top-k experts
         torch.testing.assert_close(total, blocks[layer.index], rtol=1e-5, atol=1e-6)
 
 

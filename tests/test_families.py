@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ids, safetensors_of
+from conftest import ids, recompose, safetensors_of
 import mumoe
 import mumoe.api
 from mumoe import MumoeError
@@ -179,21 +179,11 @@ def test_view_routing_and_block_recomposition(family):
         if layer.residual_norm is not None:
             torch.testing.assert_close(layer.residual_norm(ev.residual), ev.hidden)
         # block output = block_scale · Σ_i g_i f_i(x) (+ shared expert), token by token from the expert events
-        T, H = ev.hidden.shape
-        total, seen = torch.zeros(T, H), torch.zeros(T, dtype=torch.long)
-        for e in experts[layer.index]:
-            for n, t in enumerate(e.tokens.tolist()):
-                total[t] += e.weight[n] * e.output[n]
-                seen[t] += 1
-        assert torch.equal(seen, torch.full((T,), 2))
         block_scale = spec_of(family)["block_scale"]
-        total = total * (getattr(cfg, block_scale) if block_scale else 1.0)
-        assert layer.routed_scale == pytest.approx(getattr(cfg, block_scale) if block_scale else 1.0)
-        if layer.shared is not None:
-            shared = layer.shared(ev.hidden)
-            if layer.shared_gate is not None:
-                shared = torch.sigmoid(layer.shared_gate(ev.hidden)) * shared
-            total += shared
+        scale = getattr(cfg, block_scale) if block_scale else 1.0
+        assert layer.routed_scale == pytest.approx(scale)
+        total, seen = recompose(layer, ev, experts[layer.index], scale)
+        assert torch.equal(seen, torch.full((ev.hidden.shape[0],), 2))
         torch.testing.assert_close(total, blocks[layer.index], rtol=1e-5, atol=1e-5)
 
 

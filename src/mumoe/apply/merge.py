@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
-from ..models.keys import FUSED, LEGACY, router_axis
+from ..models.keys import FUSED, LEGACY, router_axis, unchanged
 from .experts import slice_layer
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")  # [E, ...] each
@@ -154,9 +154,9 @@ def bind_layers(model: nn.Module, slots: dict[int, list[int]], maps: dict[int, l
 
 def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
                     operator: str = "average", rank: int | None = None, router: str = "centroid",
-                    routers: dict[str, tuple[int, int]] | None = None, rename=lambda key: key):
+                    *, routers: dict[str, tuple[int, int]], rename=unchanged):
     """The streamed export of a merge (`apply.stream.write_streamed`): fused expert tensors and (centroid) routing
-    tensors (`apply.stream.router_axis`: [E, ...] on their expert axis) become [M, ...]; per-expert matrices
+    tensors (`models.keys.router_axis`: [E, ...] on their expert axis) become [M, ...]; per-expert matrices
     (legacy layouts) wait until every member of their group has been read (at most one layer's matrices of one
     kind), then leave as expert g's. A bound router is written as it is."""
     where = {j: {e: (g, pos) for g, members in enumerate(gs) for pos, e in enumerate(members)}

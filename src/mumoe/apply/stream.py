@@ -13,10 +13,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..checkpoint import FUSED, KIND, LEGACY, ROUTER, read_header, read_tensor, shard_files
+from ..checkpoint import FUSED, KIND, LEGACY, read_header, read_tensor, shard_files
 from ..errors import MumoeError
 from ..models.base import EXPERT_COUNT_KEYS
-from ..models.keys import canonical, router_axis
+from ..models.keys import canonical, router_axis, unchanged
 from ..progress import bar
 from .export import PruneReport, atomic_output
 
@@ -186,12 +186,8 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
 
 
 # -- transforms ----------------------------------------------------------------------------------------------
-def _same(key: str) -> str:
-    return key
-
-
-def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, int]] | None = None,
-                     rename: Callable[[str], str] = _same) -> Transform:
+def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, int]],
+                     rename: Callable[[str], str] = unchanged) -> Transform:
     """Drop the experts not in `keep` (decoder layer -> kept, sorted), renumber per-expert keys, slice fused
     expert tensors and every routing tensor (`router_axis`: rows, biases, correction biases) along its expert
     axis. rename: the family's own key renames on loading (`models.keys.checkpoint_renamer`): keys are understood
@@ -210,7 +206,7 @@ def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, i
     return transform
 
 
-def atom_transform(keep: dict[int, torch.Tensor], rename: Callable[[str], str] = _same) -> Transform:
+def atom_transform(keep: dict[int, torch.Tensor], rename: Callable[[str], str] = unchanged) -> Transform:
     """Keep each expert's atoms `keep[layer][e]` (sorted neuron indices, the same count for every expert):
     gate/up rows and down columns; fused gate_up [E, 2I, H] keeps rows k and I + k (keys understood by their
     loaded names, `expert_transform`)."""
@@ -230,7 +226,8 @@ def atom_transform(keep: dict[int, torch.Tensor], rename: Callable[[str], str] =
     return transform
 
 
-def atom_ragged_transform(keep: dict[int, list[torch.Tensor]], rename: Callable[[str], str] = _same) -> Transform:
+def atom_ragged_transform(keep: dict[int, list[torch.Tensor]],
+                          rename: Callable[[str], str] = unchanged) -> Transform:
     """HEAPr's global form, mumoe's own layout (`forms.compact_atom_state`): each routed expert stored at its own
     width, `<experts>.<e>.gate_up` [2k_e, H] and `<experts>.<e>.down` [H, k_e]; keep[layer][e] = kept atoms."""
     pending: dict[tuple, torch.Tensor] = {}  # a per-expert gate (or up) waiting for its other half
@@ -278,12 +275,10 @@ def check_uniform(keep: dict[int, list[int]]) -> int:
 def prune_checkpoint(path: str | Path, out: str | Path, report: PruneReport, overwrite: bool = False,
                      progress: bool = True) -> Path:
     """Write `path` with only the experts kept in `report`, tensor by tensor, atomically."""
-    from ..models.keys import router_names
-
-    from ..models.keys import checkpoint_renamer
+    from ..models.keys import checkpoint_renamer, routing_keys
 
     keep = report.kept()
     n = check_uniform(keep)
     skeleton = meta_model(path)
-    transform = expert_transform(keep, router_names(skeleton), checkpoint_renamer(skeleton.config.model_type))
+    transform = expert_transform(keep, routing_keys(skeleton), checkpoint_renamer(skeleton.config.model_type))
     return write_streamed(path, out, report, transform, {k: n for k in EXPERT_COUNT_KEYS}, overwrite, progress)

@@ -233,8 +233,6 @@ def width_changes(adapter_cls, config, width: int) -> dict:
 
     config = copy.deepcopy(config)
     before = config.to_dict()
-    on_copy = object.__new__(adapter_cls)  # the family's adapter over the copy (no model needed)
-    on_copy.model, on_copy.config = None, config
-    on_copy.set_expert_width(width)
+    adapter_cls.write_expert_width(config, width)
     after = config.to_dict()
     return {k: v for k, v in after.items() if before.get(k) != v}

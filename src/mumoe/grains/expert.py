@@ -194,11 +194,11 @@ class ExpertGrain(Grain):
     def transform(self, plan: ExpertPlan, ckpt, recipe):
         from ..apply.stream import expert_transform
         from ..models.base import EXPERT_COUNT_KEYS
-        from ..models.keys import router_names
+        from ..models.keys import routing_keys
 
         counts = {len(v) for v in plan.keep.values()}
         changes = dict.fromkeys(EXPERT_COUNT_KEYS, counts.pop()) if plan.export_form() == "hf" else {}
-        return expert_transform(plan.kept(), router_names(ckpt.model), ckpt.rename), changes
+        return expert_transform(plan.kept(), routing_keys(ckpt.model), ckpt.rename), changes
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: ExpertPlan) -> list[dict]:

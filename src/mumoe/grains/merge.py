@@ -163,13 +163,12 @@ class MergeGrain(Grain):
     def transform(self, plan: MergePlan, ckpt, recipe):
         from ..apply.merge import merge_transform
         from ..models.base import EXPERT_COUNT_KEYS
+        from ..models.keys import routing_keys
 
         counts = {len(g) for g in plan.groups.values()}
         changes = dict.fromkeys(EXPERT_COUNT_KEYS, counts.pop()) if plan.export_form() == "hf" else {}
-        from ..models.keys import router_names
-
         return merge_transform(*plan.as_lists(), plan.operator, plan.rank, plan.router,
-                               routers=router_names(ckpt.model), rename=ckpt.rename), changes
+                               routers=routing_keys(ckpt.model), rename=ckpt.rename), changes
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: MergePlan) -> list[dict]:

@@ -300,7 +300,13 @@ class Adapter:
 
     def set_expert_width(self, width: int) -> None:
         """Rewrite the config's routed-expert width (uniform atom pruning)."""
-        setattr(self.config, self.expert_width_key, width)
+        self.write_expert_width(self.config, width)
+
+    @classmethod
+    def write_expert_width(cls, config, width: int) -> None:
+        """What `set_expert_width` does, on any config of the family (a copy, a checkpoint's, no model needed);
+        a family whose config cannot hold the width raises a one-line MumoeError."""
+        setattr(config, cls.expert_width_key, width)
 
     def set_num_experts(self, n: int) -> list[str]:
         """Rewrite every expert-count key of the config (nested text configs included)."""

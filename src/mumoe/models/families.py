@@ -28,24 +28,25 @@ class SharedWidthAdapter(Adapter):
 
     shared_count_key: str = "n_shared_experts"
 
-    def set_expert_width(self, width: int) -> None:
-        cfg = self.config
-        n = getattr(cfg, self.shared_count_key, None) or 0
+    @classmethod
+    def write_expert_width(cls, cfg, width: int) -> None:
+        n = getattr(cfg, cls.shared_count_key, None) or 0
         shared = cfg.moe_intermediate_size * n
         if shared % width:
             raise MumoeError(f"{cfg.model_type}: expert width {width} does not divide the shared experts' width "
                              f"{shared}, so an HF config cannot hold both; use the global form (mumoe.load)")
         cfg.moe_intermediate_size = width
         if n:
-            setattr(cfg, self.shared_count_key, shared // width)
+            setattr(cfg, cls.shared_count_key, shared // width)
 
 
 class NoWidthKeyAdapter(Adapter):
     """Families whose config sizes the routed experts with the same key as other MLPs (Jamba's dense layers,
     Hunyuan's shared MLP): an HF config cannot hold a narrower expert width."""
 
-    def set_expert_width(self, width: int) -> None:
-        raise MumoeError(f"{self.config.model_type}: the config's {self.expert_width_key} also sizes the dense "
+    @classmethod
+    def write_expert_width(cls, cfg, width: int) -> None:
+        raise MumoeError(f"{cfg.model_type}: the config's {cls.expert_width_key} also sizes the dense "
                          "MLPs, so an HF config cannot hold a narrower expert width; use the global form "
                          "(mumoe.load)")
 

@@ -30,7 +30,7 @@ def canonical(key: str) -> str:
     return key
 
 
-def router_names(model) -> dict[str, tuple[int, int]]:
+def routing_keys(model) -> dict[str, tuple[int, int]]:
     """Every per-expert routing tensor of `model` (a meta skeleton is enough) by its `canonical` parameter name ->
     (decoder layer, expert axis): router rows and biases, correction biases wherever the family keeps them. A
     streamed export slices (or merges) the checkpoint tensors of these names along that axis."""
@@ -41,16 +41,14 @@ def router_names(model) -> dict[str, tuple[int, int]]:
             for layer in moe_adapter_for(model).moe_layers() for rt in layer.router_tensors}
 
 
-def router_axis(key: str, routers: dict[str, tuple[int, int]] | None) -> tuple[int, int] | None:
-    """(decoder layer, expert axis) of a checkpoint key holding a per-expert routing tensor, else None. routers:
-    `router_names` of the model (every family's own places); None: the v5 router names only (`ROUTER`)."""
-    if routers is not None:
-        return routers.get(canonical(key))
-    m = ROUTER.match(key)
-    return (int(m["layer"]), 0) if m else None
+def router_axis(key: str, routers: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
+    """(decoder layer, expert axis) of a checkpoint key holding a per-expert routing tensor (`routing_keys` of the
+    model: every family's own places), else None."""
+    return routers.get(canonical(key))
 
 
-def _identity(key: str) -> str:
+def unchanged(key: str) -> str:
+    """The identity renamer: a family without renames on loading."""
     return key
 
 
@@ -63,10 +61,10 @@ def checkpoint_renamer(model_type: str | None):
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, apply_renamings
     except ImportError:  # a transformers without conversion mappings: keys are read as they are
-        return _identity
+        return unchanged
     rules = [r for r in (get_checkpoint_conversion_mapping(model_type) or []) if isinstance(r, WeightRenaming)]
     if not rules:
-        return _identity
+        return unchanged
     cache: dict[str, str] = {}
 
     def rename(key: str) -> str:

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..errors import MumoeError
+from .registry import ADAPTERS
 
 _COMMON = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=False,
@@ -136,8 +137,6 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
 def _randomize_zero_routers(model: PreTrainedModel, seed: int, std: float) -> None:
     """Routing tensors a family initializes to zero (AFMoE's router and expert bias, ERNIE's statistics): random,
     so that routing is not a tie between all experts and slicing them matters."""
-    from .registry import ADAPTERS
-
     cls = ADAPTERS.get(model.config.model_type)
     if cls is None or not cls.is_moe:
         return

@@ -16,6 +16,7 @@ be filled from the files, or materialising it fails with one line naming what is
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from torch import nn
 
 from ..checkpoint import KIND, LEGACY, read_header, read_into, shard_files
 from ..models.keys import canonical, checkpoint_renamer, legacy_blocks
+from ..models.registry import ADAPTERS
 from ..errors import MumoeError, MumoeFileError
 
 
@@ -60,8 +62,6 @@ FINAL_NORMS = ("norm", "final_layernorm", "norm_f")  # the decoder's last norm, 
 def _converted_on_loading(model_type: str, key: str) -> bool:
     """Whether one of transformers' checkpoint conversion rules of `model_type` (other than its renames and the
     per-expert merge, which the reader does itself) applies to `key`."""
-    import re
-
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
@@ -103,8 +103,6 @@ class LayerwiseCheckpoint:
             self.config = AutoConfig.from_pretrained(self.path, **hf_kwargs())
         except (OSError, ValueError, KeyError) as e:
             raise MumoeError(f"cannot read {self.path / 'config.json'}: {str(e).splitlines()[0]}") from e
-        from ..models.registry import ADAPTERS
-
         family = ADAPTERS.get(self.config.model_type)
         if family is not None and family.layerwise_gap:
             raise MumoeError(f"layer-by-layer work on {self.config.model_type} checkpoints is not supported yet "
@@ -201,8 +199,6 @@ class LayerwiseCheckpoint:
         config.json declares (headers only). A config that declares fewer layers or experts than the weights
         hold would otherwise drop the rest silently, or fail at the first out-of-range expert. Keys the model
         itself ignores on loading (multi-token-prediction layers, old rotary buffers) are allowed."""
-        import re
-
         patterns = set(getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ())
         patterns |= {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
         ignore = re.compile("|".join(f"({p})" for p in sorted(patterns)))
@@ -308,8 +304,6 @@ class LayerwiseCheckpoint:
 def _declared(config, key: str) -> str:
     """What config.json declares that `key` falls outside of, in words: "layer config.json declares (it
     declares num_hidden_layers 3)", or the same for experts, or "parameter of the model"."""
-    import re
-
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     m = re.search(r"\.layers\.(\d+)\.", key)
     n_layers = getattr(text, "num_hidden_layers", None)

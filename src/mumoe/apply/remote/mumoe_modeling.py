@@ -41,7 +41,8 @@ def _sparse_block(layer: nn.Module) -> nn.Module:
 
 def _routing_tensors(block: nn.Module, experts: int) -> list:
     """(module, name, expert axis) of every tensor of the block outside its experts, shared experts and norms
-    with one entry per routed expert (router rows and biases, selection biases wherever the family keeps them)."""
+    with one entry per routed expert (router rows and biases, selection biases wherever the family keeps them).
+    The rule of mumoe's `Adapter.router_tensors`, restated: this file loads with transformers alone."""
     skip = {id(m) for part in [block.experts, *(getattr(block, n, None) for n in _SHARED)] if part is not None
             for m in part.modules()}
     out = []
