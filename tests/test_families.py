@@ -58,6 +58,7 @@ ROUTING = {
     "laguna": spec(act="sigmoid", bias=True, renorm=True, softcap="moe_router_logit_softcapping",
                    block_scale="moe_routed_scaling_factor"),
     "minimax_m2": spec(act="sigmoid", bias=True, renorm=True),
+    "gpt_oss": spec(renorm=True),  # softmax over the top-k logits (router with a bias)
 }
 
 
@@ -134,8 +135,11 @@ def spec_of(family):
 def observe(model, x):
     routes, experts, blocks = {}, {}, {}
     layers = moe_adapter_for(model).moe_layers()
-    hooks = [l.block.register_forward_hook(lambda m, a, o, i=l.index: blocks.__setitem__(i, o.reshape(-1, o.shape[-1])))
-             for l in layers]
+    def keep(i, o):  # GPT-OSS's block returns (output, router scores)
+        o = o[0] if isinstance(o, tuple) else o
+        blocks[i] = o.reshape(-1, o.shape[-1])
+
+    hooks = [l.block.register_forward_hook(lambda m, a, o, i=l.index: keep(i, o)) for l in layers]
     try:
         with torch.no_grad(), MoEObserver(model, on_route=lambda ev: routes.__setitem__(ev.layer.index, ev),
                                           on_expert=lambda ev: experts.setdefault(ev.layer.index, []).append(ev)):
@@ -149,7 +153,9 @@ def observe(model, x):
 def assert_routing(family, model, layer, ev, keep=None):
     """The observed routing equals the family's formula over `keep` (the original expert ids)."""
     W = layer.router_weight.double()
-    logits = ev.hidden.double() @ W.T  # [T, E'] from the block input and the (sliced) router rows
+    logits = ev.hidden.double() @ W.T  # [T, E'] from the block input and the (sliced) router rows (and bias)
+    if layer.router_bias is not None:
+        logits = logits + layer.router_bias.double()
     bias = layer.correction_bias
     if spec_of(family)["bias"]:
         assert bias is not None, "the family's selection bias was not found"
@@ -352,11 +358,11 @@ def test_unsupported_family_names_the_nearest():
     from transformers import AutoConfig
 
     class Fake:
-        config = AutoConfig.for_model("gpt_oss")
+        config = AutoConfig.for_model("dbrx")
 
     with pytest.raises(MumoeError) as e:
         mumoe.models.adapter_for(Fake())
-    assert "gpt_oss is not supported yet" in str(e.value) and "qwen3_moe" in str(e.value)
+    assert "dbrx is not supported yet" in str(e.value) and "mixtral" in str(e.value)
     assert "\n" not in str(e.value)
 
 

@@ -303,7 +303,8 @@ def test_sub_moe_on_a_model_records_rank_and_refuses_it_elsewhere(ckpt, capsys):
 @pytest.mark.parametrize("arch,method,ratio,opts,form", [
     ("qwen3_moe", "hc-smoe", 0.25, {}, "hf"), ("mixtral", "sub-moe", 0.25, {"rank": 2}, "hf"),
     ("qwen2_moe", "m-smoe", 0.5, {}, "hf"),  # here the threshold gives every layer 4
-    ("qwen3_moe", "m-smoe", 0.5, {}, "mumoe"), ("mixtral", "m-smoe", 0.25, {}, "mumoe")])
+    ("qwen3_moe", "m-smoe", 0.5, {}, "mumoe"), ("mixtral", "m-smoe", 0.25, {}, "mumoe"),
+    ("gpt_oss", "sub-moe", 0.25, {"rank": 2}, "hf"), ("gpt_oss", "m-smoe", 0.5, {}, "mumoe")])  # experts' biases
 def test_layerwise_merge_equals_in_memory(arch, method, ratio, opts, form, tmp_path):
     """Statistics layer by layer, the plan at the end, a streamed export (fused or per-expert source keys): the
     same groups and the same tensors as merging the loaded model; M-SMoE's per-layer counts differ (mumoe's own

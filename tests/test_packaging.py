@@ -112,7 +112,7 @@ def _logits(model, x):
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral", "granitemoe", "afmoe", "ernie4_5_moe",
-                                  "jamba", "hy_v3"])
+                                  "jamba", "hy_v3", "gpt_oss"])
 @pytest.mark.parametrize("grain", ["experts", "atoms"])
 def test_mumoe_form_loads_with_plain_transformers(tmp_path, arch, grain):
     """The non-uniform forms ship their modelling code: from_pretrained(trust_remote_code=True) gives the

@@ -202,7 +202,7 @@ def test_cli_generate_and_bad_active(capsys):
 
 @pytest.mark.parametrize("skip_unused", [True, False], ids=["skip-unused-rows", "all-rows"])
 @pytest.mark.parametrize("prepared", [False, True], ids=["row-major", "column-major"])
-@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_column_compacted_decode_equals_masked_dense(arch, prepared, skip_unused):
     from mumoe.apply.compact import compact, is_column_major, prepare_columns, uncompact
 
@@ -231,7 +231,7 @@ def test_column_compacted_decode_equals_masked_dense(arch, prepared, skip_unused
     # shapes, from the masks alone: kept columns, and (skip_unused) only the MLP rows the masked consumer reads
     kept = {n: int(masks[f"{n}.weight"].any(0).sum()) for n in small}
     chains = [(pr, co) for pr, co in all_chains if co in small]
-    assert chains or arch in ("qwen3_moe",)  # every other tiny model has a dense MLP somewhere
+    assert chains or arch in ("qwen3_moe", "gpt_oss")  # every other tiny model has a dense MLP somewhere
     for producers, consumer in chains:
         for n in producers:
             rows = kept[consumer] if skip_unused else masks[f"{n}.weight"].shape[0]

@@ -22,7 +22,7 @@ from .errors import MumoeDataError, MumoeError, MumoeFileError, os_message
 from .files import read_json
 
 # the architectures' key layouts (fused, per-expert, legacy names) are the adapters' (`models.keys`)
-from .models.keys import FUSED, KIND, LEGACY, ROUTER  # noqa: E402,F401  (re-exported for the readers here)
+from .models.keys import FUSED, KIND, LEGACY, PACKED, ROUTER  # noqa: E402,F401  (re-exported for the readers here)
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -122,6 +122,31 @@ def check_files(path: Path) -> list[Path]:
                 raise MumoeFileError(f"{file}: tensor {key} is {meta['dtype']}; mumoe reads floating-point weights "
                                      f"({', '.join(_DTYPES)}) — dequantize the checkpoint first")
     return files
+
+
+def packed_shape(blocks: dict, scales: dict) -> list[int] | None:
+    """The shape an MXFP4 pair dequantizes to — blocks [E, R, G, 16] (uint8, two FP4 values a byte) and scales
+    [E, R, G] (uint8 powers of two) -> [E, 32·G, R], the family's own layout — or None when the two headers do
+    not make a pair."""
+    b, s = blocks["shape"], scales["shape"]
+    if blocks["dtype"] != "U8" or scales["dtype"] != "U8" or len(b) != 4 or b[3] != 16 or b[:3] != s:
+        return None
+    return [b[0], b[2] * 32, b[1]]
+
+
+def read_packed(file: Path, meta: dict) -> torch.Tensor:
+    """One uint8 tensor of an MXFP4 pair (`packed_shape`), read into fresh memory."""
+    buf = torch.empty(tuple(meta["shape"]), dtype=torch.uint8)
+    _read_bytes(file, meta["start"], buf.view(-1).numpy() if buf.numel() else None, buf.numel())
+    return buf
+
+
+def dequantize_packed(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 expert tensors -> [E, 32·G, R] in `dtype` (`packed_shape`), by transformers' own dequantization
+    (what from_pretrained loads into GPT-OSS's experts), so a checkpoint read here equals the loaded model."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
 
 
 def check_finite(t: torch.Tensor, where: str) -> torch.Tensor:

@@ -176,7 +176,7 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
     try:
         with hf_bars():
             model, info = AutoModelForCausalLM.from_pretrained(name, dtype=_dtype(dtype), output_loading_info=True,
-                                                               **hf_kwargs())
+                                                               **hf_kwargs(), **dequantizing(name))
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, MumoeError):
             raise
@@ -196,7 +196,28 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
         raise MumoeFileError(f"{name}: {len(missing)} weight(s) missing from the checkpoint files or of the wrong "
                              f"shape (first: {missing[0]}); an incomplete download or another architecture's "
                              "checkpoint")
-    return check_weights(model.eval(), name if path.is_dir() else None)
+    from .models import in_mumoe_layout
+
+    return check_weights(in_mumoe_layout(model.eval()), name if path.is_dir() else None)
+
+
+def dequantizing(name: str) -> dict:
+    """from_pretrained arguments that load a quantized checkpoint mumoe can prune as plain weights: MXFP4 experts
+    (the released gpt-oss checkpoints) dequantized — on a machine with Triton transformers would otherwise keep
+    them packed, which no pruning can read. {} for everything else."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name, **hf_kwargs())
+    except Exception:  # noqa: BLE001 - from_pretrained itself reports an unreadable config
+        return {}
+    q = getattr(cfg, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    if str(getattr(method, "value", method)) != "mxfp4":
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 def load_tokenizer(name_or_path: str | Path | None = "default"):

@@ -25,8 +25,13 @@ def slice_atoms_uniform(layer: MoELayer, keep: torch.Tensor) -> None:
     new_down = torch.gather(down, 2, keep[:, None, :].expand(-1, down.shape[1], -1).to(down.device))
     layer.experts.gate_up_proj = nn.Parameter(new_gu.contiguous(), requires_grad=layer.experts.gate_up_proj.requires_grad)
     layer.experts.down_proj = nn.Parameter(new_down.contiguous(), requires_grad=layer.experts.down_proj.requires_grad)
-    if hasattr(layer.experts, "intermediate_dim"):
-        layer.experts.intermediate_dim = keep.shape[-1]
+    bias = layer.gate_up_bias  # [E, 2I] (gate, then up) where the experts have biases
+    if bias is not None:
+        layer.experts.gate_up_proj_bias = nn.Parameter(torch.gather(bias.data, 1, rows.to(bias.device)),
+                                                       requires_grad=bias.requires_grad)
+    for attr in ("intermediate_dim", "intermediate_size"):  # the experts module's own record of its width
+        if isinstance(getattr(layer.experts, attr, None), int):
+            setattr(layer.experts, attr, keep.shape[-1])
 
 
 def mask_atoms(layer: MoELayer, keep: torch.Tensor) -> None:

@@ -159,18 +159,19 @@ def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid: torch.Tenso
     gu = [gather_columns(gate_up[e], keep_in[e], buf_gu[e * n_gu * kH :], rows[e]) for e in range(E)]  # E × [n_gu, kH]
     dn = [gather_columns(down[e], keep_mid[e], buf_dn[e * H * kI :]) for e in range(E)]  # E × [H, kI]
     undo.weights += E * (n_gu * kH + H * kI)
-    act = layer.act_fn
+    gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I], [E, H] where the experts have biases
+    gu_b = [None if gu_bias is None else gu_bias[e] if rows[e] is None else gu_bias[e][rows[e]] for e in range(E)]
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)  # [T, H]
         for e in torch.unique(top_k_index).tolist():
             tok, slot = torch.where(top_k_index == e)
             x = hidden_states[tok].index_select(-1, keep_in[e])  # [n, kH]
-            gate, up = nn.functional.linear(x, gu[e]).chunk(2, dim=-1)  # [n, kI] (skip_unused) or [n, I] each
-            h = act(gate) * up
+            gate, up = nn.functional.linear(x, gu[e], gu_b[e]).chunk(2, dim=-1)  # [n, kI] (skip_unused) or [n, I]
+            h = layer.activate(gate, up)
             if not skip_unused:
                 h = h.index_select(-1, keep_mid[e])  # [n, kI]
-            y = nn.functional.linear(h, dn[e]) * top_k_weights[tok, slot, None]
+            y = nn.functional.linear(h, dn[e], None if dn_bias is None else dn_bias[e]) * top_k_weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 

@@ -69,19 +69,24 @@ def _write_atoms(model: nn.Module, tmp: Path, report: PruneReport) -> None:
 def compact_atom_state(model: nn.Module, report: PruneReport) -> dict:
     """State dict with each routed expert stored at its own width: `<experts>.<e>.gate_up` [2k_e, H] and
     `<experts>.<e>.down` [H, k_e]; the fused expert tensors and tied copies are left out."""
+    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}  # first: it may swap modules
     names = {id(m): n for n, m in model.named_modules()}
     state = _state_once(model)  # tied tensors (lm_head = embeddings) are stored once
-    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
     for entry in report.layers:
         layer = layers[entry["layer"]]
         prefix = names[id(layer.experts)]
-        del state[f"{prefix}.gate_up_proj"], state[f"{prefix}.down_proj"]
+        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+            state.pop(f"{prefix}.{name}", None)
         I = layer.intermediate_size
+        gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I] (gate, then up), [E, H] or None
         for ex in entry["experts"]:
             e, k = ex["expert"], torch.tensor(ex["kept"], dtype=torch.long)
             gu = layer.experts.gate_up_proj[e]
             state[f"{prefix}.{e}.gate_up"] = torch.cat([gu[k], gu[k + I]]).contiguous()
             state[f"{prefix}.{e}.down"] = layer.experts.down_proj[e][:, k].contiguous()
+            if gu_bias is not None:
+                state[f"{prefix}.{e}.gate_up_bias"] = torch.cat([gu_bias[e][k], gu_bias[e][k + I]]).contiguous()
+                state[f"{prefix}.{e}.down_bias"] = dn_bias[e].contiguous()
     return state
 
 
@@ -157,8 +162,8 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
     report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     state = _load_state(path)
+    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}  # first: it may swap modules
     names = {id(m): n for n, m in model.named_modules()}
-    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
     fused = set()
     with torch.no_grad():
         for entry in report.layers:
@@ -167,6 +172,10 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
             fused |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
             layer.experts.gate_up_proj.zero_()
             layer.experts.down_proj.zero_()
+            gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # experts with biases (GPT-OSS)
+            if gu_bias is not None:
+                fused |= {f"{prefix}.gate_up_proj_bias", f"{prefix}.down_proj_bias"}
+                gu_bias.zero_()
             I = layer.intermediate_size
             for ex in entry["experts"]:
                 e, k = ex["expert"], torch.tensor(ex["kept"], dtype=torch.long)
@@ -174,6 +183,10 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
                 layer.experts.gate_up_proj[e, k] = gu[: len(k)].to(dtype)
                 layer.experts.gate_up_proj[e, k + I] = gu[len(k):].to(dtype)
                 layer.experts.down_proj[e][:, k] = state.pop(f"{prefix}.{e}.down").to(dtype)
+                if gu_bias is not None:
+                    b = state.pop(f"{prefix}.{e}.gate_up_bias").to(dtype)
+                    gu_bias[e, k], gu_bias[e, k + I] = b[: len(k)], b[len(k):]
+                    dn_bias[e] = state.pop(f"{prefix}.{e}.down_bias").to(dtype)
     _load_checked(model, fuse_legacy_experts(state, model), path, filled=fused)
     return model.to(dtype).eval()
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
-from ..models.keys import FUSED, LEGACY, router_axis, unchanged
+from ..models.keys import EXPERT_BIAS, FUSED, LEGACY, router_axis, unchanged
 from .experts import slice_layer
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")  # [E, ...] each
@@ -185,6 +185,8 @@ def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[
         view = rename(key)  # the family's own key renames on loading (`models.keys.checkpoint_renamer`)
         if (m := FUSED.match(view)) and int(m["layer"]) in groups:
             return [(key, merged(int(m["layer"]), read(), "gate_up" if m["kind"] == "gate_up_proj" else "matrix"))]
+        if (m := EXPERT_BIAS.match(view)) and int(m["layer"]) in groups:  # the experts' biases (GPT-OSS)
+            return [(key, merged(int(m["layer"]), read(), "vector"))]
         if router == "centroid" and (r := router_axis(view, routers)) and r[0] in groups:
             t = read().movedim(r[1], 0)
             return [(key, merged(r[0], t, "vector").movedim(0, r[1]).contiguous())]

@@ -80,6 +80,8 @@ def export_config(source_json: dict, before, after, expert_count_key: str | None
         b, a = getattr(before, sub, None), getattr(after, sub, None)
         if isinstance(cfg.get(sub), dict) and hasattr(a, "to_dict") and hasattr(b, "to_dict") and a is not after:
             _spell(cfg[sub], _changed(b.to_dict(), a.to_dict()), getattr(a, "attribute_map", {}) or {})
+    if "quantization_config" in cfg and getattr(after, "quantization_config", None) is None:
+        del cfg["quantization_config"]  # loaded dequantized (gpt-oss's MXFP4 experts): the export is written so
     n = getattr(after, expert_count_key, None) if expert_count_key else None
     changed = isinstance(n, int) and n != getattr(before, expert_count_key, n)
     if "mumoe_base_architecture" in cfg:  # re-pruning a mumoe-form export: its form adds these back if it needs them

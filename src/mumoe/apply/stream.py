@@ -13,10 +13,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..checkpoint import FUSED, KIND, LEGACY, read_header, read_tensor, shard_files
-from ..errors import MumoeError
+from ..checkpoint import (FUSED, KIND, LEGACY, PACKED, dequantize_packed, packed_shape, read_header, read_packed,
+                          read_tensor, shard_files)
+from ..errors import MumoeError, MumoeFileError
 from ..models.base import EXPERT_COUNT_KEYS
-from ..models.keys import canonical, router_axis, unchanged
+from ..models.keys import EXPERT_BIAS, canonical, expert_layout, router_axis, unchanged
 from ..progress import bar
 from .export import PruneReport, atomic_output
 
@@ -146,6 +147,35 @@ def _reader(file: Path, meta: dict) -> Callable[[], torch.Tensor]:
     return lambda: read_tensor(file, meta)
 
 
+def _sources(path: Path, cfg: dict) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+    """(key, read) of every tensor of the checkpoint in file order; an MXFP4 pair (`<experts>.gate_up_proj_blocks`
+    and `_scales`, gpt-oss's release format) is one entry, `<experts>.gate_up_proj`, read dequantized in the
+    config's dtype (`checkpoint.dequantize_packed`): the export is written unquantized."""
+    keys = list(_keys(path))
+    pairs: dict[str, dict[str, tuple[Path, dict]]] = {}
+    for file, key, meta in keys:
+        if p := PACKED.match(key):
+            pairs.setdefault(p["name"], {})[p["part"]] = (file, meta)
+    dtype = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"), torch.bfloat16)
+    out, done = [], set()
+    for file, key, meta in keys:
+        p = PACKED.match(key)
+        if p is None:
+            out.append((key, _reader(file, meta)))
+            continue
+        name = p["name"]
+        if name in done:
+            continue
+        done.add(name)
+        pair = pairs[name]
+        if set(pair) != {"blocks", "scales"} or packed_shape(pair["blocks"][1], pair["scales"][1]) is None:
+            raise MumoeFileError(f"{file}: {key} has no matching MXFP4 "
+                                 f"{'scales' if p['part'] == 'blocks' else 'blocks'} tensor")
+        out.append((name, lambda pair=pair: dequantize_packed(read_packed(*pair["blocks"]), read_packed(*pair["scales"]),
+                                                             dtype)))
+    return out
+
+
 def write_streamed(path: str | Path, out: str | Path, report: PruneReport, transform: Transform,
                    config_changes: dict, overwrite: bool = False, progress: bool = True,
                    max_shard_bytes: int = 1 << 30, dtype: torch.dtype | None = None) -> Path:
@@ -158,19 +188,22 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
     from .packaging import DTYPE_NAMES, copy_side_files, reader_keys
 
     path = Path(path)
-    keys = list(_keys(path))
+    cfg = json.loads((path / "config.json").read_text())
+    sources = _sources(path, cfg)
+    transform = in_mumoe_layout(transform, expert_layout(cfg.get("model_type")))
     with atomic_output(out, overwrite, source=path) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes, header_room([k for _, k, _ in keys]))
+        writer = ShardWriter(tmp, max_shard_bytes, header_room([k for k, _ in sources]))
         try:
-            for file, key, meta in bar(keys, desc="writing pruned tensors", enabled=progress, unit="tensor"):
-                for out_key, t in transform(key, _reader(file, meta)):
+            for key, read in bar(sources, desc="writing pruned tensors", enabled=progress, unit="tensor"):
+                for out_key, t in transform(key, read):
                     writer.add(out_key, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
                     del t  # one output tensor resident at a time
             writer.finish()
         finally:
             writer.abort()
         copy_side_files(path, tmp)
-        cfg = json.loads((path / "config.json").read_text())
+        if any(PACKED.match(k) for _, k, _ in _keys(path)):
+            cfg.pop("quantization_config", None)  # the MXFP4 experts were written dequantized
         dtype_keys = {k: DTYPE_NAMES[dtype] for k in ("dtype", "torch_dtype")} if dtype is not None else {}
         rewrite_config(cfg, {**config_changes, **dtype_keys})  # nested text configs' dtype too
         counts = [v for k, v in config_changes.items() if k in EXPERT_COUNT_KEYS]
@@ -186,6 +219,24 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
 
 
 # -- transforms ----------------------------------------------------------------------------------------------
+def in_mumoe_layout(transform: Transform, layout) -> Transform:
+    """`transform` fed and read in mumoe's expert layout when the family's checkpoints store their fused expert
+    tensors otherwise (`Adapter.checkpoint_layout`, GPT-OSS): each such tensor converted on reading, and each
+    output under such a name converted back on writing. No layout: `transform` itself."""
+    if layout is None:
+        return transform
+
+    def kind(key: str) -> str | None:
+        k = key.rsplit(".", 1)[-1]
+        return k if k in layout.names and ".experts." in key else None
+
+    def wrapped(key: str, read):
+        if (k := kind(key)) is not None:
+            read = (lambda raw, k: lambda: layout.to_canonical(k, raw()))(read, k)
+        return [(out, t if (ko := kind(out)) is None else layout.to_family(ko, t)) for out, t in transform(key, read)]
+    return wrapped
+
+
 def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, int]],
                      rename: Callable[[str], str] = unchanged) -> Transform:
     """Drop the experts not in `keep` (decoder layer -> kept, sorted), renumber per-expert keys, slice fused
@@ -198,7 +249,7 @@ def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, i
             e = int(m["e"])
             return [(f"{m['pre']}.{kept.index(e)}.{m['kind']}.weight", read())] if e in kept else []
         view = rename(key)
-        if (m := FUSED.match(view)) and int(m["layer"]) in keep:
+        if (m := FUSED.match(view) or EXPERT_BIAS.match(view)) and int(m["layer"]) in keep:
             return [(key, read().index_select(0, torch.tensor(keep[int(m["layer"])])))]
         if (r := router_axis(view, routers)) and r[0] in keep:
             return [(key, read().index_select(r[1], torch.tensor(keep[r[0]])).contiguous())]
@@ -222,6 +273,10 @@ def atom_transform(keep: dict[int, torch.Tensor], rename: Callable[[str], str] =
                 return [(key, torch.stack([w[e][:, k[e]] for e in range(w.shape[0])]))]
             half = w.shape[1] // 2
             return [(key, torch.stack([torch.cat([w[e][k[e]], w[e][k[e] + half]]) for e in range(w.shape[0])]))]
+        if (m := EXPERT_BIAS.match(rename(key))) and int(m["layer"]) in keep and m["kind"] == "gate_up_proj_bias":
+            k, b = keep[int(m["layer"])], read()  # [E, I'], [E, 2I] (gate, then up)
+            half = b.shape[1] // 2
+            return [(key, torch.stack([torch.cat([b[e][k[e]], b[e][k[e] + half]]) for e in range(b.shape[0])]))]
         return [(key, read())]
     return transform
 
@@ -229,7 +284,8 @@ def atom_transform(keep: dict[int, torch.Tensor], rename: Callable[[str], str] =
 def atom_ragged_transform(keep: dict[int, list[torch.Tensor]],
                           rename: Callable[[str], str] = unchanged) -> Transform:
     """HEAPr's global form, mumoe's own layout (`forms.compact_atom_state`): each routed expert stored at its own
-    width, `<experts>.<e>.gate_up` [2k_e, H] and `<experts>.<e>.down` [H, k_e]; keep[layer][e] = kept atoms."""
+    width, `<experts>.<e>.gate_up` [2k_e, H] and `<experts>.<e>.down` [H, k_e] (+ `<e>.gate_up_bias` [2k_e] and
+    `<e>.down_bias` [H] where the experts have biases); keep[layer][e] = kept atoms."""
     pending: dict[tuple, torch.Tensor] = {}  # a per-expert gate (or up) waiting for its other half
 
     def transform(key: str, read):
@@ -251,6 +307,12 @@ def atom_ragged_transform(keep: dict[int, list[torch.Tensor]],
                 return [(f"{pre}.{e}.down", w[e][:, k]) for e, k in enumerate(keep[L])]
             half = w.shape[1] // 2
             return [(f"{pre}.{e}.gate_up", torch.cat([w[e][k], w[e][k + half]])) for e, k in enumerate(keep[L])]
+        if (m := EXPERT_BIAS.match(rename(key))) and int(m["layer"]) in keep:  # the experts' biases (GPT-OSS)
+            L, pre, b = int(m["layer"]), canonical(m["pre"]), read()  # [E, 2I] (gate, then up) or [E, H]
+            if m["kind"] == "down_proj_bias":
+                return [(f"{pre}.{e}.down_bias", b[e]) for e in range(len(keep[L]))]
+            half = b.shape[1] // 2
+            return [(f"{pre}.{e}.gate_up_bias", torch.cat([b[e][k], b[e][k + half]])) for e, k in enumerate(keep[L])]
         return [(key, read())]
     return transform
 

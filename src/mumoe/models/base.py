@@ -82,6 +82,8 @@ class MoELayer:
     shared_gate: nn.Module | None = None  # Qwen2-MoE sigmoid gate of the shared expert
     residual_norm: nn.Module | None = None  # post-attention norm: its input is the residual stream h_t
     act_fn: Callable[[torch.Tensor], torch.Tensor] = field(default=torch.nn.functional.silu)
+    # the experts' gate (gate, up) -> h where it is not act_fn(gate) * up (GPT-OSS's clamped SwiGLU)
+    glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     routed_scale: float = 1.0  # the block multiplies the routed sum Σ g_i f_i by it (after the experts)
     router_tensors: list[RouterTensor] = field(default_factory=list)  # every per-expert routing tensor
 
@@ -123,6 +125,14 @@ class MoELayer:
             t = None if t is None else t[0]
         return t
 
+    @property
+    def gate_up_bias(self) -> torch.Tensor | None:  # [E, 2I] (gate, then up) where the experts have biases
+        return getattr(self.experts, "gate_up_proj_bias", None)
+
+    @property
+    def down_bias(self) -> torch.Tensor | None:  # [E, H]
+        return getattr(self.experts, "down_proj_bias", None)
+
     # ---- per-expert weight views (no copies) -------------------------------------------------
     def gate_proj(self, i: int) -> torch.Tensor:  # [I, H]
         return self.experts.gate_up_proj[i, : self.intermediate_size]
@@ -133,15 +143,25 @@ class MoELayer:
     def down_proj(self, i: int) -> torch.Tensor:  # [H, I]
         return self.experts.down_proj[i]
 
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The experts' gate: act(gate) * up, or the family's own (`glu`). [.., I] each -> [.., I]."""
+        return self.act_fn(gate) * up if self.glu is None else self.glu(gate, up)
+
     def expert_hidden(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """h = act(gate_i x) * up_i x, the down-projection input. x [T, H] -> [T, I]."""
-        gate_up = torch.nn.functional.linear(x, self.experts.gate_up_proj[i])  # [T, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
+        """h = act(gate_i x) * up_i x (+ the experts' biases), the down-projection input. x [T, H] -> [T, I]."""
+        bias = self.gate_up_bias
+        gate_up = torch.nn.functional.linear(x, self.experts.gate_up_proj[i], None if bias is None else bias[i])
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+        return self.activate(gate, up)
+
+    def expert_output(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """down_i h (+ the expert's output bias). h [T, I] -> [T, H]."""
+        bias = self.down_bias
+        return torch.nn.functional.linear(h, self.experts.down_proj[i], None if bias is None else bias[i])
 
     def expert_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """f_i(x) = down_i(act(gate_i x) * up_i x), before the combine weight. x [T, H] -> [T, H]."""
-        return torch.nn.functional.linear(self.expert_hidden(i, x), self.experts.down_proj[i])
+        return self.expert_output(i, self.expert_hidden(i, x))
 
 
 @dataclass
@@ -163,6 +183,9 @@ class Adapter:
     # and per-expert matrix names -> gate_proj / up_proj / down_proj
     checkpoint_block_names: ClassVar[tuple[str, ...]] = ()
     checkpoint_expert_kinds: ClassVar[dict[str, str]] = {}
+    # how the family's checkpoints store the fused expert tensors where it differs from mumoe's layout (module doc):
+    # an object with to_canonical(name, t) and to_family(name, t), name the tensor's last key part (`models.gpt_oss`)
+    checkpoint_layout: ClassVar[object | None] = None
     # None: checkpoints of the family can be calibrated layer by layer and exported streamed; else why not (yet)
     layerwise_gap: ClassVar[str | None] = None
 
@@ -249,7 +272,8 @@ class Adapter:
                 index=i, block=mlp, router=self.router_of(mlp), experts=mlp.experts, decoder_layer=layer,
                 top_k=self.top_k, scoring=self.scoring, shared=shared, shared_gate=shared_gate,
                 residual_norm=getattr(layer, self.residual_norm_name, None) if self.residual_norm_name else None,
-                act_fn=mlp.experts.act_fn, routed_scale=self.routed_scale(mlp),
+                act_fn=getattr(mlp.experts, "act_fn", None), glu=getattr(mlp.experts, "glu", None),
+                routed_scale=self.routed_scale(mlp),
                 router_tensors=self.router_tensors(mlp, [mlp.experts, shared, shared_gate]), **self.layer_fields(),
             ))
         return out

@@ -8,7 +8,8 @@ The routing itself is always the model's own (the observer reads the router's ou
 routing tensor (router rows, biases, correction biases wherever the family keeps them) is found by shape
 (`Adapter.router_tensors`), so removing or merging experts needs no family code.
 
-Families whose experts differ (GPT-OSS: biases, clamped interleaved SwiGLU, transposed; Llama 4: transposed
+Families whose experts differ have an adapter module of their own (GPT-OSS: `models.gpt_oss`) or are refused
+for now (Llama 4: transposed
 experts with their own forward; DBRX, JetMoE: other expert modules; Nemotron-H: ungated ReLU² experts;
 LongCat-Flash: zero-computation experts; DeepSeek-V4: hash routing) are not in this table yet:
 `adapter_for` refuses them in one line naming the nearest supported family.
@@ -147,7 +148,6 @@ FAMILY_ADAPTERS: tuple[type[Adapter], ...] = (
 
 # families transformers ships that mumoe does not support yet: why, and the nearest supported one
 NOT_YET: dict[str, tuple[str, str]] = {
-    "gpt_oss": ("experts with biases, a clamped interleaved SwiGLU, transposed tensors", "qwen3_moe"),
     "llama4": ("transposed experts with their own forward", "mixtral"),
     "llama4_text": ("transposed experts with their own forward", "mixtral"),
     "dbrx": ("experts outside the fused v5 layout", "mixtral"),

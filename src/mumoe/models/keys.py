@@ -18,6 +18,10 @@ KIND: dict[str, str] = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_pr
 
 _BLOCK = rf"^(?P<pre>.*\.layers\.(?P<layer>\d+)\.(?:{'|'.join(BLOCK_NAMES)})\.experts)"
 FUSED = re.compile(_BLOCK + r"\.(?P<kind>gate_up_proj|down_proj)$")  # transformers v5: [E, 2I, H] and [E, H, I]
+EXPERT_BIAS = re.compile(_BLOCK + r"\.(?P<kind>gate_up_proj_bias|down_proj_bias)$")  # [E, 2I] and [E, H] (GPT-OSS)
+# MXFP4-packed expert tensors (the released gpt-oss checkpoints): <experts>.gate_up_proj_blocks / _scales -> the
+# parameter <experts>.gate_up_proj they dequantize to (`checkpoint.dequantize_packed`)
+PACKED = re.compile(r"^(?P<name>.*\.experts\.(?:gate_up_proj|down_proj))_(?P<part>blocks|scales)$")
 LEGACY = re.compile(_BLOCK + rf"\.(?P<e>\d+)\.(?P<kind>{'|'.join(KIND)})\.weight$")  # one matrix per expert
 ROUTER = re.compile(rf"^.*\.layers\.(?P<layer>\d+)\.(?:{'|'.join(BLOCK_NAMES)})\.gate\."
                     r"(?P<kind>weight|bias|e_score_correction_bias)$")
@@ -36,15 +40,23 @@ def routing_keys(model) -> dict[str, tuple[int, int]]:
     streamed export slices (or merges) the checkpoint tensors of these names along that axis."""
     from .registry import moe_adapter_for
 
+    layers = moe_adapter_for(model).moe_layers()  # first: an adapter may swap modules in (GPT-OSS's experts)
     names = {id(m): n for n, m in model.named_modules()}
     return {canonical(f"{names[id(rt.module)]}.{rt.name}"): (layer.index, rt.dim)
-            for layer in moe_adapter_for(model).moe_layers() for rt in layer.router_tensors}
+            for layer in layers for rt in layer.router_tensors}
 
 
 def router_axis(key: str, routers: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
     """(decoder layer, expert axis) of a checkpoint key holding a per-expert routing tensor (`routing_keys` of the
     model: every family's own places), else None."""
     return routers.get(canonical(key))
+
+
+def expert_layout(model_type: str | None):
+    """The family's checkpoint layout of its fused expert tensors where it is not mumoe's (`Adapter.
+    checkpoint_layout`: GPT-OSS's transposed, interleaved tensors), else None."""
+    cls = ADAPTERS.get(model_type)
+    return getattr(cls, "checkpoint_layout", None)
 
 
 def unchanged(key: str) -> str:

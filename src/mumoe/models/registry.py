@@ -9,6 +9,7 @@ from .base import Adapter
 from .deepseek_v3 import DeepseekV3Adapter
 from .dense import DenseAdapter, OptAdapter
 from .families import FAMILY_ADAPTERS, NOT_YET
+from .gpt_oss import GptOssAdapter
 from .mixtral import MixtralAdapter
 from .olmoe import OlmoeAdapter
 from .qwen2_moe import Qwen2MoeAdapter
@@ -17,7 +18,7 @@ from .qwen3_moe import Qwen3MoeAdapter
 ADAPTERS: dict[str, type[Adapter]] = {
     t: cls
     for cls in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter,
-                *FAMILY_ADAPTERS, DenseAdapter, OptAdapter)
+                *FAMILY_ADAPTERS, GptOssAdapter, DenseAdapter, OptAdapter)
     for t in cls.model_types
 }
 MOE_TYPES = sorted(t for t, c in ADAPTERS.items() if c.is_moe)
@@ -49,3 +50,11 @@ def moe_adapter_for(model: nn.Module) -> Adapter:
             f"{', '.join(MOE_TYPES)}"
         )
     return adapter
+
+
+def in_mumoe_layout(model: nn.Module) -> nn.Module:
+    """`model` with every module its adapter holds in mumoe's layout swapped in now (GPT-OSS's experts:
+    `models.gpt_oss`), so that module names and forwards are settled before any work; other models unchanged."""
+    if getattr(getattr(model, "config", None), "model_type", None) in ADAPTERS:
+        adapter_for(model)
+    return model

@@ -10,7 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..errors import MumoeError
+from .base import RouterTensor
 from .registry import ADAPTERS
+
+EXPERT_BIASES = ("gate_up_proj_bias", "down_proj_bias")
 
 _COMMON = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=False,
@@ -57,6 +60,10 @@ TINY_CONFIGS: dict[str, dict] = {
                        num_experts_per_tok=2, head_dim=8),
         "minimax": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                         head_dim=8),
+        "gpt_oss": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                        head_dim=8, sliding_window=4, swiglu_limit=1.0,
+                        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                         "rope_theta": 150000.0, "original_max_position_embeddings": 4}),  # a limit the tiny model's gates reach
         "phimoe": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
         "qwen3_next": dict(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
                            num_experts_per_tok=2, shared_expert_intermediate_size=24, head_dim=8, **_LINEAR),
@@ -135,15 +142,16 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
 
 
 def _randomize_zero_routers(model: PreTrainedModel, seed: int, std: float) -> None:
-    """Routing tensors a family initializes to zero (AFMoE's router and expert bias, ERNIE's statistics): random,
-    so that routing is not a tie between all experts and slicing them matters."""
+    """Routing tensors a family initializes to zero (AFMoE's router and expert bias, ERNIE's statistics) and
+    experts' biases (GPT-OSS): random, so that routing is not a tie between all experts and slicing them matters."""
     cls = ADAPTERS.get(model.config.model_type)
     if cls is None or not cls.is_moe:
         return
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in cls(model).moe_layers():
-            for rt in layer.router_tensors:
+            biases = [RouterTensor(layer.experts, n) for n in EXPERT_BIASES if hasattr(layer.experts, n)]
+            for rt in layer.router_tensors + biases:
                 t = rt.tensor
-                if t.is_floating_point() and not t.is_meta and not bool(t.any()):
+                if t is not None and t.is_floating_point() and not t.is_meta and not bool(t.any()):
                     t.copy_(torch.randn(t.shape, generator=gen) * (std if t.dim() == 2 and t.shape[-1] > 1 else 0.1))

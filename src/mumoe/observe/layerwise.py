@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import KIND, LEGACY, read_header, read_into, shard_files
+from ..checkpoint import (KIND, LEGACY, PACKED, dequantize_packed, packed_shape, read_header, read_into, read_packed,
+                          shard_files)
 from ..models.keys import canonical, checkpoint_renamer, legacy_blocks
 from ..models.registry import ADAPTERS
 from ..errors import MumoeError, MumoeFileError
@@ -114,6 +115,8 @@ class LayerwiseCheckpoint:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
+        if self.config.model_type in ADAPTERS:
+            ADAPTERS[self.config.model_type](self.model)  # its in-memory layout (GPT-OSS's experts) from the start
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._rebuild_rotary()
@@ -121,8 +124,13 @@ class LayerwiseCheckpoint:
         self.block_sparse = has_bs  # the model names its MoE blocks the legacy way (checkpoint keys map as they are)
         self.rename = checkpoint_renamer(self.config.model_type)  # the family's own renames on loading
         self.sources: dict[str, list[Source]] = defaultdict(list)
+        self.packed: dict[str, dict[str, Source]] = defaultdict(dict)  # MXFP4 experts: name -> blocks, scales
         for file in shard_files(self.path):
             for key, meta in read_header(file).items():
+                if p := PACKED.match(key):
+                    name = _target(self.rename(p["name"]), has_bs)[0]
+                    self.packed[name][p["part"]] = Source(file, key, (), meta)
+                    continue
                 name, index = _target(self.rename(key), has_bs)
                 self.sources[name].append(Source(file, key, index, meta))
         self.resident: set[str] = set()
@@ -155,6 +163,9 @@ class LayerwiseCheckpoint:
     def _plan(self, name: str, tensor: torch.Tensor) -> list[tuple[Source, torch.Tensor]]:
         """(source, destination view) pairs that fill model tensor `name`; works on meta tensors too. A tensor
         with no source, a source of the wrong shape or a tensor only partly covered is a one-line error."""
+        if name in self.packed:
+            self._check_packed(name, tensor)
+            return []
         sources = self.sources.get(name)
         if not sources and name.endswith("lm_head.weight") and getattr(self.config, "tie_word_embeddings", False):
             sources = self.sources.get(self.input_embeddings_name())
@@ -187,6 +198,25 @@ class LayerwiseCheckpoint:
                                  f"({filled} of {tensor.numel()} values; an expert missing?)")
         return plan
 
+    def _check_packed(self, name: str, tensor: torch.Tensor) -> None:
+        pair = self.packed[name]
+        if set(pair) != {"blocks", "scales"}:
+            part = "scales" if "blocks" in pair else "blocks"
+            raise MumoeFileError(f"{self.path}: {name}_{part} is missing from the checkpoint files (an MXFP4 tensor "
+                                 "needs its blocks and its scales)")
+        shape = packed_shape(pair["blocks"].meta, pair["scales"].meta)
+        if shape is None or tuple(shape) != tuple(tensor.shape):
+            raise MumoeFileError(f"{pair['blocks'].file}: {pair['blocks'].key} {pair['blocks'].meta['shape']} and "
+                                 f"its scales {pair['scales'].meta['shape']} do not dequantize to {list(tensor.shape)} "
+                                 f"for {name}")
+
+    def _unpack(self, name: str, tensor: torch.Tensor) -> None:
+        """Dequantize MXFP4 expert tensor `name` (blocks + scales, `checkpoint.dequantize_packed`) into `tensor`."""
+        self._check_packed(name, tensor)
+        pair = self.packed[name]
+        blocks, scales = (read_packed(pair[p].file, pair[p].meta) for p in ("blocks", "scales"))
+        tensor.copy_(dequantize_packed(blocks, scales, tensor.dtype))
+
     def check_coverage(self) -> None:
         """Every tensor of the model's state dict has its sources, with the right shapes (headers only, no
         weight read): an incomplete checkpoint fails before the first layer, not at layer 40."""
@@ -210,6 +240,7 @@ class LayerwiseCheckpoint:
                     continue
                 if name not in state or (src.index and src.index[0] >= state[name][0]):
                     extra.append(src.key)
+        extra += [src.key for name, pair in self.packed.items() if name not in state for src in pair.values()]
         if extra and _converted_on_loading(self.config.model_type, extra[0]):
             raise MumoeError(f"{self.path}: {extra[0]} is a tensor transformers converts on loading "
                              f"{self.config.model_type} checkpoints (splits or joins it); the layer-by-layer reader "
@@ -219,9 +250,21 @@ class LayerwiseCheckpoint:
                                  f"{_declared(self.config, extra[0])} (first: {extra[0]}); config.json does not "
                                  "match these weights — restore the checkpoint's own config.json")
 
-    def _fill(self, name: str, tensor: torch.Tensor) -> None:
+    def _fill(self, name: str, tensor: torch.Tensor, layout=None) -> None:
         """Copy every source of model tensor `name` into `tensor` (already allocated on the device), read straight
-        into place (`checkpoint.read_into`: resident is the destination, not a mapping of the file)."""
+        into place (`checkpoint.read_into`: resident is the destination, not a mapping of the file). layout: the
+        owning experts module holds the tensor in mumoe's layout and the files in the family's
+        (`Adapter.checkpoint_layout`): read into the family's shape, then converted."""
+        kind = name.rsplit(".", 1)[-1]
+        if layout is not None and kind in layout.names:
+            stored = torch.empty(layout.to_family(kind, torch.empty(tensor.shape, device="meta")).shape,
+                                 dtype=tensor.dtype, device=tensor.device)
+            self._fill(name, stored)
+            tensor.copy_(layout.to_canonical(kind, stored))
+            return
+        if name in self.packed:
+            self._unpack(name, tensor)
+            return
         for src, dst in self._plan(name, tensor):
             read_into(src.file, src.meta, dst)
 
@@ -238,7 +281,8 @@ class LayerwiseCheckpoint:
         module.to_empty(device=self.device)
         with torch.no_grad():
             for local, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-                self._fill(f"{name}.{local}" if name else local, tensor)
+                owner = module.get_submodule(local.rsplit(".", 1)[0]) if "." in local else module
+                self._fill(f"{name}.{local}" if name else local, tensor, getattr(owner, "checkpoint_layout", None))
         self.resident.add(name)
         self.read_seconds += time.perf_counter() - t0
         return module
@@ -251,7 +295,7 @@ class LayerwiseCheckpoint:
         module = self.model.get_submodule(name)
         spans: dict[Path, list[int]] = {}
         for local, _ in list(module.named_parameters()) + list(module.named_buffers()):
-            for src in self.sources.get(f"{name}.{local}", []):
+            for src in [*self.sources.get(f"{name}.{local}", []), *self.packed.get(f"{name}.{local}", {}).values()]:
                 a = src.meta["start"]
                 b = a + src.meta["data_offsets"][1] - src.meta["data_offsets"][0]
                 lo, hi = spans.get(src.file, [a, b])

@@ -214,11 +214,10 @@ class Observation:
             # torch.split, not slicing: in a backward pass each slice's gradient would be a zero-filled [S, ·]
             hs = []
             for e, xe in zip(routed, torch.split(x, sizes)):
-                gate, up = nn.functional.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
-                hs.append(module.act_fn(gate) * up)  # [n, I]
+                hs.append(layer.expert_hidden(e, xe))  # [n, I]
             h = torch.cat(hs) if hs else x.new_zeros(0, I)  # [S, I]
             del hs  # the per-expert pieces go as soon as they are joined (peak memory of a batch)
-            fs = [nn.functional.linear(he, module.down_proj[e]) for e, he in zip(routed, torch.split(h, sizes))]
+            fs = [layer.expert_output(e, he) for e, he in zip(routed, torch.split(h, sizes))]
             f = torch.cat(fs) if fs else torch.zeros_like(x)  # [S, H]
             del fs
             weight = top_k_weights.reshape(-1)[perm]  # [S]

@@ -13,6 +13,7 @@ reshaped from config.mumoe_layers before the weights are read:
      "expert_map": [m_0, ..., m_E-1]}        routed to merged expert m_e (a bound merge: two picks may add up)
     {"layer": i, "widths": [k_0, ..., k_E]}  expert e keeps k_e atoms: per-expert tensors
                                              mlp.experts.<e>.gate_up [2k_e, H] and mlp.experts.<e>.down [H, k_e]
+                                             (+ <e>.gate_up_bias [2k_e], <e>.down_bias [H] where experts have biases)
 Engines that build their own model from the config (llama.cpp's converter, vLLM) do not know the
 architecture name "MumoeForCausalLM" and refuse it; export with a uniform form for them.
 """
@@ -88,21 +89,37 @@ def _bind(experts: nn.Module, mapping: list[int]) -> None:
 
 
 class _Expert(nn.Module):
-    def __init__(self, width: int, hidden: int, dtype: torch.dtype) -> None:
+    def __init__(self, width: int, hidden: int, dtype: torch.dtype, bias: bool) -> None:
         super().__init__()
         self.gate_up = nn.Parameter(torch.empty(2 * width, hidden, dtype=dtype))  # [2k, H]: gate rows, then up
         self.down = nn.Parameter(torch.empty(hidden, width, dtype=dtype))  # [H, k]
+        if bias:  # experts with biases (GPT-OSS)
+            self.gate_up_bias = nn.Parameter(torch.empty(2 * width, dtype=dtype))  # [2k]: gate, then up
+            self.down_bias = nn.Parameter(torch.empty(hidden, dtype=dtype))  # [H]
 
 
 class RaggedExperts(nn.Module):
-    """Routed experts of different widths; the same call as transformers' fused experts module."""
+    """Routed experts of different widths; the same call as transformers' fused experts module. The gate is the
+    source experts module's own (`_apply_gate`, which transformers gives every fused experts class: act(gate) *
+    up, or GPT-OSS's clamped SwiGLU on interleaved columns), run on a copy of the attributes it reads."""
 
-    def __init__(self, widths: list[int], hidden: int, act: str, dtype: torch.dtype) -> None:
+    def __init__(self, widths: list[int], hidden: int, act: str, dtype: torch.dtype,
+                 source: nn.Module | None = None) -> None:
         super().__init__()
         self.num_experts, self.hidden_dim = len(widths), hidden
+        bias = getattr(source, "gate_up_proj_bias", None) is not None
         for e, k in enumerate(widths):
-            self.add_module(str(e), _Expert(k, hidden, dtype))
-        self.act_fn = ACT2FN[act]
+            self.add_module(str(e), _Expert(k, hidden, dtype, bias))
+        self.act_fn = getattr(source, "act_fn", None) or ACT2FN[act]
+        self.alpha, self.limit = getattr(source, "alpha", None), getattr(source, "limit", None)
+        self._gate = getattr(type(source), "_apply_gate", None)  # a plain function of (module, gate_up)
+        self.interleaved = not getattr(source, "is_concatenated", True)
+
+    def _activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self._gate is None:
+            return self.act_fn(gate) * up
+        gate_up = torch.stack([gate, up], -1).flatten(-2) if self.interleaved else torch.cat([gate, up], -1)
+        return self._gate(self, gate_up)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -111,8 +128,9 @@ class RaggedExperts(nn.Module):
         for e in torch.unique(top_k_index).tolist():
             token, slot = torch.where(top_k_index == e)
             expert = getattr(self, str(e))
-            gate, up = nn.functional.linear(hidden_states[token], expert.gate_up).chunk(2, dim=-1)
-            y = nn.functional.linear(self.act_fn(gate) * up, expert.down)  # [n, H]
+            gate_up = nn.functional.linear(hidden_states[token], expert.gate_up, getattr(expert, "gate_up_bias", None))
+            gate, up = gate_up.chunk(2, dim=-1)  # [n, k] each
+            y = nn.functional.linear(self._activate(gate, up), expert.down, getattr(expert, "down_bias", None))
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 
@@ -140,7 +158,8 @@ def reshape_layers(model: nn.Module, config) -> None:
                 _bind(mlp.experts, [int(m) for m in entry["expert_map"]])
         if "widths" in entry:
             dtype = mlp.experts.down_proj.dtype
-            mlp.experts = RaggedExperts([int(k) for k in entry["widths"]], text.hidden_size, text.hidden_act, dtype)
+            mlp.experts = RaggedExperts([int(k) for k in entry["widths"]], text.hidden_size, text.hidden_act, dtype,
+                                        mlp.experts)
 
 
 _Base = getattr(transformers, BASE_CLASS)
