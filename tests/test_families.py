@@ -381,3 +381,32 @@ def test_aimer_from_the_files_equals_in_memory(family, tmp_path):
     assert list(got) == [l.index for l in layers]
     for a, b in zip(got.values(), ref):
         assert torch.equal(a.double(), b.double()), family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_task_library_partial_load_and_match(family, tmp_path):
+    """PreMoe TAER on every family: a task library built on the model matches the checkpoint files (router rows
+    found where the family keeps them), a task's model read from the files with only its experts equals the loaded
+    model with the others removed, and a prompt of a task's token matches that task. Group-limited routers refuse
+    in one line."""
+    from mumoe.retrieval import TaskLibrary, build_library, load_task_model, match
+    from mumoe.retrieval.partial import load_matcher
+
+    model = fresh(family)
+    model.save_pretrained(tmp_path / "m")
+    tasks = {"five": torch.full((3, 12), 5), "hundred": torch.full((3, 12), 100)}
+    if _grouped(model):
+        with pytest.raises(MumoeError) as e:
+            build_library(model, tasks, keep=4, progress=False)
+        assert "\n" not in str(e.value)
+        return
+    build_library(model, tasks, keep=4, progress=False).save(tmp_path / "lib")
+    lib = TaskLibrary.load(tmp_path / "lib")
+    part = load_task_model(tmp_path / "m", lib, "hundred")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    remove_experts(full, lib.tasks["hundred"]["kept"])
+    x = ids(2, 10, seed=4)
+    with torch.no_grad():
+        assert (part(x).logits - full(x).logits).abs().max() <= 1e-6
+    matcher = load_matcher(tmp_path / "m", lib)  # the decoder up to the first router, read from the files
+    assert match(matcher, lib, torch.full((7,), 100)).task == "hundred"

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..apply.export import PruneReport
 from ..apply.stream import prune_checkpoint
-from ..checkpoint import ROUTER, shard_files
+from ..checkpoint import shard_files
 from ..models.keys import TOP_K_KEYS, config_value
 from ..errors import MumoeError
 from ..loading import compute_dtype, hf_kwargs, resolve
@@ -33,14 +33,24 @@ from .library import Match, TaskLibrary, match
 
 def checkpoint_fingerprint(path: str | Path) -> dict:
     """`model_fingerprint` computed from the checkpoint files (router tensors only), without loading the model."""
+    from ..apply.stream import meta_model
+    from ..models import moe_adapter_for
+    from ..models.keys import canonical, checkpoint_renamer
+
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
+    skeleton = meta_model(path)  # where the family keeps each layer's router rows (no weight read)
+    layers = moe_adapter_for(skeleton).moe_layers()
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    wanted = {canonical(f"{names[id(rt.module)]}.{rt.name}"): layer.index for layer in layers
+              for rt in layer.router_tensors if rt.tensor is layer.router_weight}
+    rename = checkpoint_renamer(cfg.get("model_type"))
     routers: dict[int, torch.Tensor] = {}
     for file in shard_files(path):
         with safe_open(file, "pt") as f:
             for key in f.keys():
-                if (m := ROUTER.match(key)) and m["kind"] == "weight":
-                    routers[int(m["layer"])] = f.get_tensor(key)
+                if (L := wanted.get(canonical(rename(key)))) is not None:
+                    routers[L] = f.get_tensor(key)
     h = hashlib.sha256()
     for L in sorted(routers):
         h.update(routers[L].float().contiguous().numpy().tobytes())
