@@ -3,6 +3,8 @@
     python benchmarks/calib_memory.py                     # 16 layers, hidden 1024, 64 experts x 512, bf16 files
     python benchmarks/calib_memory.py --cap-mb 1100 --methods reap,reap-progressive,heapr --peer /tmp/peer/bin/python
     python benchmarks/calib_memory.py --device cuda --dtype bf16 --layers 48 --cap-mb 8192   # on a GPU machine
+    python benchmarks/calib_memory.py --arch gpt_oss --dir /tmp/mumoe-bench/gptoss --layers 8 --experts 32 \
+        --inter 1024 --cap-mb 1400 --methods reap,heapr --tag=-gpt-oss    # MXFP4 experts, dequantized per layer
 
 1. Writes a synthetic qwen3_moe checkpoint (random bf16 weights, per-expert keys as on the hub, one shard per
    layer) to --dir, layer by layer (never the whole model in memory).
@@ -38,6 +40,44 @@ CG = Path("/sys/fs/cgroup/memory")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def write_gpt_oss(folder: Path, a) -> None:
+    """A GPT-OSS checkpoint in the released format: experts MXFP4-packed (random FP4 codes and power-of-two
+    scales: <experts>.gate_up_proj_blocks / _scales ...), everything else bf16, one shard per decoder layer; the
+    tensor names and shapes are those of transformers' own GPT-OSS model of the config (a meta skeleton)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = GptOssConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter, num_local_experts=a.experts,
+                       num_experts_per_tok=a.top_k, num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64,
+                       num_key_value_heads=4, head_dim=64, max_position_embeddings=4096, sliding_window=128,
+                       dtype="bfloat16", tie_word_embeddings=False)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(cfg).state_dict().items()}
+    cfg.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    cfg.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+    groups: dict[str, dict] = {}
+    for k, shape in shapes.items():
+        j = k.split(".")[2] if k.startswith("model.layers.") else "head"
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            E, cin, cout = shape  # the family's [E, in, out]; packed as [E, out, in / 32, 16] + [E, out, in / 32]
+            groups.setdefault(j, {})[k + "_blocks"] = torch.randint(0, 256, (E, cout, cin // 32, 16), generator=gen,
+                                                                    dtype=torch.uint8)
+            groups[j][k + "_scales"] = torch.randint(118, 123, (E, cout, cin // 32), generator=gen, dtype=torch.uint8)
+        elif k.endswith("norm.weight"):
+            groups.setdefault(j, {})[k] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            groups.setdefault(j, {})[k] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    weight_map = {}
+    for i, (j, t) in enumerate(groups.items()):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(t, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in t})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def write_checkpoint(folder: Path, a) -> None:
     """One safetensors shard per decoder layer (+ one for embeddings/norm/head), per-expert keys."""
     from safetensors.torch import save_file
@@ -45,6 +85,8 @@ def write_checkpoint(folder: Path, a) -> None:
 
     if (folder / "model.safetensors.index.json").exists():
         return
+    if a.arch == "gpt_oss":
+        return write_gpt_oss(folder, a)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = Qwen3MoeConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
                          moe_intermediate_size=a.inter, num_experts=a.experts, num_experts_per_tok=a.top_k,
@@ -104,14 +146,21 @@ def child_plain(a) -> dict:
 
     base = current_rss_mb()
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.dir, dtype=DTYPES[a.dtype]).eval()
+    kw = {}
+    if a.arch == "gpt_oss":  # what mumoe.load does too: MXFP4 experts dequantized (else kept packed where Triton is)
+        from transformers import Mxfp4Config
+
+        kw["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(a.dir, dtype=DTYPES[a.dtype], **kw).eval()
     t_load = time.perf_counter() - t0
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     wins = windows(a)
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(wins), a.batch_size):
             model(input_ids=wins[i:i + a.batch_size], use_cache=False)
-    res = {"load_s": t_load, "forward_s": time.perf_counter() - t0, "peak_rss_mb": rss_mb(), "base_rss_mb": base}
+    res = {"load_s": t_load, "forward_s": time.perf_counter() - t0, "peak_rss_mb": rss_mb(), "base_rss_mb": base,
+           "model_mb": model_mb}
     if "heapr" in a.methods.split(","):  # HEAPr's reference: a plain forward + backward of the summed LM loss
         for p in model.parameters():
             p.requires_grad_(False)
@@ -209,6 +258,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="/tmp/mumoe-bench/ckpt")
     p.add_argument("--out", default="/tmp/mumoe-bench/out")
+    p.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "gpt_oss"],
+                   help="gpt_oss: the released format, experts MXFP4-packed (dequantized layer by layer)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--inter", type=int, default=512)
@@ -244,7 +295,7 @@ def main() -> None:
                                       check=True).stdout.strip().splitlines()[-1])
     print(f"plain forward, whole model in RAM (no cap): load {plain['load_s']:.1f}s, forward {plain['forward_s']:.1f}s,"
           + (f" forward + backward {plain['forward_backward_s']:.1f}s," if "forward_backward_s" in plain else "")
-          + f" peak RSS {plain['peak_rss_mb']:.0f} MiB")
+          + f" peak RSS {plain['peak_rss_mb']:.0f} MiB (weights in {a.dtype}: {plain['model_mb']:.0f} MiB)")
     rows = []
     for method in a.methods.split(","):
         res, peak = capped(me + ["--child", method], cap)

@@ -171,8 +171,16 @@ def _sources(path: Path, cfg: dict) -> list[tuple[str, Callable[[], torch.Tensor
         if set(pair) != {"blocks", "scales"} or packed_shape(pair["blocks"][1], pair["scales"][1]) is None:
             raise MumoeFileError(f"{file}: {key} has no matching MXFP4 "
                                  f"{'scales' if p['part'] == 'blocks' else 'blocks'} tensor")
-        out.append((name, lambda pair=pair: dequantize_packed(read_packed(*pair["blocks"]), read_packed(*pair["scales"]),
-                                                             dtype)))
+        out.append((name, lambda pair=pair: _dequantized(pair, dtype)))
+    return out
+
+
+def _dequantized(pair: dict[str, tuple[Path, dict]], dtype: torch.dtype) -> torch.Tensor:
+    """An MXFP4 pair dequantized one expert at a time into one tensor (the packed bytes + one expert extra)."""
+    blocks, scales = read_packed(*pair["blocks"]), read_packed(*pair["scales"])
+    out = torch.empty(packed_shape(pair["blocks"][1], pair["scales"][1]), dtype=dtype)
+    for e in range(out.shape[0]):
+        out[e] = dequantize_packed(blocks[e:e + 1], scales[e:e + 1], dtype)[0]
     return out
 
 

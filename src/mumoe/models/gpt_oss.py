@@ -32,24 +32,31 @@ from .base import Adapter
 
 def to_canonical(name: str, t: torch.Tensor) -> torch.Tensor:
     """One expert tensor of a GPT-OSS checkpoint (`name`: gate_up_proj, gate_up_proj_bias, down_proj,
-    down_proj_bias) -> mumoe's layout."""
+    down_proj_bias) -> mumoe's layout, in one new tensor (no intermediate copies: a layer's experts are large)."""
     if name == "gate_up_proj":  # [..., H, 2I] interleaved -> [..., 2I, H] gate rows, then up rows
-        return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1).transpose(-1, -2).contiguous()
+        *lead, H, I2 = t.shape
+        out = t.new_empty(*lead, I2, H)
+        out[..., : I2 // 2, :] = t[..., 0::2].transpose(-1, -2)
+        out[..., I2 // 2:, :] = t[..., 1::2].transpose(-1, -2)
+        return out
     if name == "gate_up_proj_bias":  # [..., 2I] interleaved -> gate, then up
-        return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1).contiguous()
+        return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
     if name == "down_proj":  # [..., I, H] -> [..., H, I]
         return t.transpose(-1, -2).contiguous()
     return t
 
 
 def to_family(name: str, t: torch.Tensor) -> torch.Tensor:
-    """The inverse of `to_canonical`: mumoe's layout -> the GPT-OSS checkpoint's."""
+    """The inverse of `to_canonical`: mumoe's layout -> the GPT-OSS checkpoint's (one new tensor)."""
     if name == "gate_up_proj":  # [..., 2I, H] -> [..., H, 2I] interleaved
-        gate, up = t.chunk(2, dim=-2)  # [..., I, H] each
-        return torch.stack([gate, up], dim=-2).flatten(-3, -2).transpose(-1, -2).contiguous()
+        *lead, I2, H = t.shape
+        out = t.new_empty(*lead, H, I2)
+        out[..., 0::2] = t[..., : I2 // 2, :].transpose(-1, -2)
+        out[..., 1::2] = t[..., I2 // 2:, :].transpose(-1, -2)
+        return out
     if name == "gate_up_proj_bias":
         gate, up = t.chunk(2, dim=-1)
-        return torch.stack([gate, up], dim=-1).flatten(-2).contiguous()
+        return torch.stack([gate, up], dim=-1).flatten(-2)
     if name == "down_proj":
         return t.transpose(-1, -2).contiguous()
     return t

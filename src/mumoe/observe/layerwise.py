@@ -210,12 +210,18 @@ class LayerwiseCheckpoint:
                                  f"its scales {pair['scales'].meta['shape']} do not dequantize to {list(tensor.shape)} "
                                  f"for {name}")
 
-    def _unpack(self, name: str, tensor: torch.Tensor) -> None:
-        """Dequantize MXFP4 expert tensor `name` (blocks + scales, `checkpoint.dequantize_packed`) into `tensor`."""
-        self._check_packed(name, tensor)
+    def _unpack(self, name: str, tensor: torch.Tensor, layout=None) -> None:
+        """Dequantize MXFP4 expert tensor `name` (blocks + scales, `checkpoint.dequantize_packed`) into `tensor`,
+        one expert at a time (the packed bytes and one expert dequantized are all it adds); layout: `tensor` is in
+        mumoe's layout, the files in the family's (`Adapter.checkpoint_layout`), converted per expert."""
+        kind = name.rsplit(".", 1)[-1]
+        family = tensor if layout is None else layout.to_family(kind, torch.empty(tensor.shape, device="meta"))
+        self._check_packed(name, family)
         pair = self.packed[name]
         blocks, scales = (read_packed(pair[p].file, pair[p].meta) for p in ("blocks", "scales"))
-        tensor.copy_(dequantize_packed(blocks, scales, tensor.dtype))
+        for e in range(blocks.shape[0]):
+            expert = dequantize_packed(blocks[e:e + 1], scales[e:e + 1], tensor.dtype)[0]  # [C, R], the family's
+            tensor[e].copy_(expert if layout is None else layout.to_canonical(kind, expert))
 
     def check_coverage(self) -> None:
         """Every tensor of the model's state dict has its sources, with the right shapes (headers only, no
@@ -256,14 +262,16 @@ class LayerwiseCheckpoint:
         owning experts module holds the tensor in mumoe's layout and the files in the family's
         (`Adapter.checkpoint_layout`): read into the family's shape, then converted."""
         kind = name.rsplit(".", 1)[-1]
-        if layout is not None and kind in layout.names:
+        convert = layout is not None and kind in layout.names
+        if name in self.packed:
+            self._unpack(name, tensor, layout if convert else None)
+            return
+        if convert:  # read in the family's shape, converted one expert at a time into place
             stored = torch.empty(layout.to_family(kind, torch.empty(tensor.shape, device="meta")).shape,
                                  dtype=tensor.dtype, device=tensor.device)
             self._fill(name, stored)
-            tensor.copy_(layout.to_canonical(kind, stored))
-            return
-        if name in self.packed:
-            self._unpack(name, tensor)
+            for e in range(stored.shape[0]):
+                tensor[e].copy_(layout.to_canonical(kind, stored[e]))
             return
         for src, dst in self._plan(name, tensor):
             read_into(src.file, src.meta, dst)
