@@ -14,6 +14,7 @@ import math
 import mmap
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -141,12 +142,17 @@ def read_packed(file: Path, meta: dict) -> torch.Tensor:
     return buf
 
 
-def dequantize_packed(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """MXFP4 expert tensors -> [E, 32·G, R] in `dtype` (`packed_shape`), by transformers' own dequantization
-    (what from_pretrained loads into GPT-OSS's experts), so a checkpoint read here equals the loaded model."""
+def dequantized_experts(blocks: tuple[Path, dict], scales: tuple[Path, dict],
+                        dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """An MXFP4 pair ((file, header entry) of its blocks and of its scales) dequantized one expert at a time:
+    yields [32·G, R] in `dtype` per expert (`packed_shape`), so the packed bytes and one expert are all it holds.
+    By transformers' own dequantization (what from_pretrained loads into GPT-OSS's experts), so a checkpoint read
+    here equals the loaded model."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+    b, s = read_packed(*blocks), read_packed(*scales)
+    for e in range(b.shape[0]):
+        yield convert_moe_packed_tensors(b[e:e + 1], s[e:e + 1], dtype=dtype)[0]
 
 
 def check_finite(t: torch.Tensor, where: str) -> torch.Tensor:

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..checkpoint import (FUSED, KIND, LEGACY, PACKED, dequantize_packed, packed_shape, read_header, read_packed,
-                          read_tensor, shard_files)
+from ..checkpoint import (FUSED, KIND, LEGACY, PACKED, dequantized_experts, packed_shape, read_header, read_tensor,
+                          shard_files)
 from ..errors import MumoeError, MumoeFileError
 from ..models.base import EXPERT_COUNT_KEYS
 from ..models.keys import EXPERT_BIAS, canonical, expert_layout, router_axis, unchanged
@@ -147,10 +147,10 @@ def _reader(file: Path, meta: dict) -> Callable[[], torch.Tensor]:
     return lambda: read_tensor(file, meta)
 
 
-def _sources(path: Path, cfg: dict) -> list[tuple[str, Callable[[], torch.Tensor]]]:
-    """(key, read) of every tensor of the checkpoint in file order; an MXFP4 pair (`<experts>.gate_up_proj_blocks`
-    and `_scales`, gpt-oss's release format) is one entry, `<experts>.gate_up_proj`, read dequantized in the
-    config's dtype (`checkpoint.dequantize_packed`): the export is written unquantized."""
+def _sources(path: Path, cfg: dict) -> tuple[list[tuple[str, Callable[[], torch.Tensor]]], bool]:
+    """(key, read) of every tensor of the checkpoint in file order, and whether any was MXFP4-packed: a pair
+    (`<experts>.gate_up_proj_blocks` and `_scales`, gpt-oss's release format) is one entry, `<experts>.gate_up_proj`,
+    read dequantized in the config's dtype (`checkpoint.dequantized_experts`): the export is written unquantized."""
     keys = list(_keys(path))
     pairs: dict[str, dict[str, tuple[Path, dict]]] = {}
     for file, key, meta in keys:
@@ -172,15 +172,14 @@ def _sources(path: Path, cfg: dict) -> list[tuple[str, Callable[[], torch.Tensor
             raise MumoeFileError(f"{file}: {key} has no matching MXFP4 "
                                  f"{'scales' if p['part'] == 'blocks' else 'blocks'} tensor")
         out.append((name, lambda pair=pair: _dequantized(pair, dtype)))
-    return out
+    return out, bool(pairs)
 
 
 def _dequantized(pair: dict[str, tuple[Path, dict]], dtype: torch.dtype) -> torch.Tensor:
-    """An MXFP4 pair dequantized one expert at a time into one tensor (the packed bytes + one expert extra)."""
-    blocks, scales = read_packed(*pair["blocks"]), read_packed(*pair["scales"])
+    """An MXFP4 pair dequantized into one tensor, one expert at a time (the packed bytes + one expert extra)."""
     out = torch.empty(packed_shape(pair["blocks"][1], pair["scales"][1]), dtype=dtype)
-    for e in range(out.shape[0]):
-        out[e] = dequantize_packed(blocks[e:e + 1], scales[e:e + 1], dtype)[0]
+    for e, expert in enumerate(dequantized_experts(pair["blocks"], pair["scales"], dtype)):
+        out[e] = expert
     return out
 
 
@@ -197,8 +196,8 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
 
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
-    sources = _sources(path, cfg)
-    transform = in_mumoe_layout(transform, expert_layout(cfg.get("model_type")))
+    sources, dequantized = _sources(path, cfg)
+    transform = layout_converted(transform, expert_layout(cfg.get("model_type")))
     with atomic_output(out, overwrite, source=path) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, header_room([k for k, _ in sources]))
         try:
@@ -210,8 +209,8 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
         finally:
             writer.abort()
         copy_side_files(path, tmp)
-        if any(PACKED.match(k) for _, k, _ in _keys(path)):
-            cfg.pop("quantization_config", None)  # the MXFP4 experts were written dequantized
+        if dequantized:
+            cfg.pop("quantization_config", None)  # the MXFP4 experts were written unquantized
         dtype_keys = {k: DTYPE_NAMES[dtype] for k in ("dtype", "torch_dtype")} if dtype is not None else {}
         rewrite_config(cfg, {**config_changes, **dtype_keys})  # nested text configs' dtype too
         counts = [v for k, v in config_changes.items() if k in EXPERT_COUNT_KEYS]
@@ -227,7 +226,7 @@ def write_streamed(path: str | Path, out: str | Path, report: PruneReport, trans
 
 
 # -- transforms ----------------------------------------------------------------------------------------------
-def in_mumoe_layout(transform: Transform, layout) -> Transform:
+def layout_converted(transform: Transform, layout) -> Transform:
     """`transform` fed and read in mumoe's expert layout when the family's checkpoints store their fused expert
     tensors otherwise (`Adapter.checkpoint_layout`, GPT-OSS): each such tensor converted on reading, and each
     output under such a name converted back on writing. No layout: `transform` itself."""

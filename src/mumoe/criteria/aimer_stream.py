@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (FUSED, ORDER, PACKED, _expert_matrices, check_finite, dequantize_packed, read_header,
-                          read_packed, shard_files)
+from ..checkpoint import (FUSED, ORDER, PACKED, _expert_matrices, check_finite, dequantized_experts, read_header,
+                          shard_files)
 from ..errors import MumoeError
 from ..progress import bar
 from .expert import NormWorkspace, aimer_from_norms, matrix_norms
@@ -53,9 +53,8 @@ def stream_aimer(path: str | Path, progress: bool = True) -> dict[int, torch.Ten
         if m is None or set(pair) != {"blocks", "scales"}:
             raise MumoeError(f"{path}: {name}: an MXFP4 tensor outside the routed experts, or without its "
                              f"{'scales' if 'blocks' in pair else 'blocks'}")
-        blocks, scales = (read_packed(*pair[p]) for p in ("blocks", "scales"))
-        for e in range(blocks.shape[0]):
-            add(int(m["layer"]), e, m["kind"], dequantize_packed(blocks[e:e + 1], scales[e:e + 1], torch.float32)[0])
+        for e, w in enumerate(dequantized_experts(pair["blocks"], pair["scales"], torch.float32)):
+            add(int(m["layer"]), e, m["kind"], w)
     if not norms:
         raise MumoeError(f"{path}: no routed-expert tensors found (is it an MoE checkpoint?)")
     out = {}

@@ -20,7 +20,7 @@ _BLOCK = rf"^(?P<pre>.*\.layers\.(?P<layer>\d+)\.(?:{'|'.join(BLOCK_NAMES)})\.ex
 FUSED = re.compile(_BLOCK + r"\.(?P<kind>gate_up_proj|down_proj)$")  # transformers v5: [E, 2I, H] and [E, H, I]
 EXPERT_BIAS = re.compile(_BLOCK + r"\.(?P<kind>gate_up_proj_bias|down_proj_bias)$")  # [E, 2I] and [E, H] (GPT-OSS)
 # MXFP4-packed expert tensors (the released gpt-oss checkpoints): <experts>.gate_up_proj_blocks / _scales -> the
-# parameter <experts>.gate_up_proj they dequantize to (`checkpoint.dequantize_packed`)
+# parameter <experts>.gate_up_proj they dequantize to (`checkpoint.dequantized_experts`)
 PACKED = re.compile(r"^(?P<name>.*\.experts\.(?:gate_up_proj|down_proj))_(?P<part>blocks|scales)$")
 LEGACY = re.compile(_BLOCK + rf"\.(?P<e>\d+)\.(?P<kind>{'|'.join(KIND)})\.weight$")  # one matrix per expert
 ROUTER = re.compile(rf"^.*\.layers\.(?P<layer>\d+)\.(?:{'|'.join(BLOCK_NAMES)})\.gate\."

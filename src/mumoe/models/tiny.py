@@ -10,10 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..errors import MumoeError
-from .base import RouterTensor
 from .registry import ADAPTERS
-
-EXPERT_BIASES = ("gate_up_proj_bias", "down_proj_bias")
 
 _COMMON = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=False,
@@ -150,8 +147,7 @@ def _randomize_zero_routers(model: PreTrainedModel, seed: int, std: float) -> No
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in cls(model).moe_layers():
-            biases = [RouterTensor(layer.experts, n) for n in EXPERT_BIASES if hasattr(layer.experts, n)]
-            for rt in layer.router_tensors + biases:
-                t = rt.tensor
+            biases = [b for b in (layer.gate_up_bias, layer.down_bias) if b is not None]
+            for t in [rt.tensor for rt in layer.router_tensors] + biases:
                 if t is not None and t.is_floating_point() and not t.is_meta and not bool(t.any()):
                     t.copy_(torch.randn(t.shape, generator=gen) * (std if t.dim() == 2 and t.shape[-1] > 1 else 0.1))

@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import (KIND, LEGACY, PACKED, dequantize_packed, packed_shape, read_header, read_into, read_packed,
-                          shard_files)
+from ..checkpoint import KIND, LEGACY, PACKED, dequantized_experts, packed_shape, read_header, read_into, shard_files
 from ..models.keys import canonical, checkpoint_renamer, legacy_blocks
-from ..models.registry import ADAPTERS
+from ..models.registry import ADAPTERS, in_mumoe_layout
 from ..errors import MumoeError, MumoeFileError
 
 
@@ -115,8 +114,7 @@ class LayerwiseCheckpoint:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
-        if self.config.model_type in ADAPTERS:
-            ADAPTERS[self.config.model_type](self.model)  # its in-memory layout (GPT-OSS's experts) from the start
+        in_mumoe_layout(self.model)  # the adapter's in-memory layout (GPT-OSS's experts) from the start
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._rebuild_rotary()
@@ -211,16 +209,15 @@ class LayerwiseCheckpoint:
                                  f"for {name}")
 
     def _unpack(self, name: str, tensor: torch.Tensor, layout=None) -> None:
-        """Dequantize MXFP4 expert tensor `name` (blocks + scales, `checkpoint.dequantize_packed`) into `tensor`,
+        """Dequantize MXFP4 expert tensor `name` (blocks + scales, `checkpoint.dequantized_experts`) into `tensor`,
         one expert at a time (the packed bytes and one expert dequantized are all it adds); layout: `tensor` is in
         mumoe's layout, the files in the family's (`Adapter.checkpoint_layout`), converted per expert."""
         kind = name.rsplit(".", 1)[-1]
         family = tensor if layout is None else layout.to_family(kind, torch.empty(tensor.shape, device="meta"))
         self._check_packed(name, family)
         pair = self.packed[name]
-        blocks, scales = (read_packed(pair[p].file, pair[p].meta) for p in ("blocks", "scales"))
-        for e in range(blocks.shape[0]):
-            expert = dequantize_packed(blocks[e:e + 1], scales[e:e + 1], tensor.dtype)[0]  # [C, R], the family's
+        parts = [(pair[p].file, pair[p].meta) for p in ("blocks", "scales")]
+        for e, expert in enumerate(dequantized_experts(*parts, tensor.dtype)):  # [C, R], the family's layout
             tensor[e].copy_(expert if layout is None else layout.to_canonical(kind, expert))
 
     def check_coverage(self) -> None:
