@@ -3,8 +3,9 @@
     git clone https://github.com/wazenmai/HC-SMoE /tmp/authors/HC-SMoE
     git clone https://github.com/UNITES-Lab/MC-SMoE /tmp/authors/MC-SMoE
     git clone https://github.com/zhy617/SMoE /tmp/authors/SMoE      # Sub-MoE: the official code is not public
+    git clone https://github.com/SamsungSAILMontreal/ream /tmp/authors/ream
     python3.11 -m venv /tmp/authors-venv && /tmp/authors-venv/bin/pip install torch==2.13.0 transformers \
-        scikit-learn numpy tqdm
+        scikit-learn numpy tqdm scipy psutil
     python benchmarks/merge_authors.py --python /tmp/authors-venv/bin/python --repos /tmp/authors
 
 Here (our venv): the tiny qwen3_moe and mixtral models and the bundled model are calibrated once; mumoe's merge
@@ -13,8 +14,12 @@ authors' code starts from (router logits per layer, every expert's outputs on ev
 (the authors' venv, their files loaded unmodified): HC-SMoE's `hierarchical_clustering(..., 'average')` on the
 experts' mean outputs; MC-SMoE's `ExpertsGrouperForMixtral` (router-logit similarities, usage, the global
 dominant grouping) fed a stand-in model that returns the saved logits; the Sub-MoE re-implementation's output
-similarity, K-means and `svd_subspace_alignment`. Printed: agreement per model, layer and ratio; written to
-benchmarks/results/merge_authors.json.
+similarity, K-means and `svd_subspace_alignment`; REAM's own pipeline on each layer's saved inputs — its
+`run_all_experts` (gated outputs, activations), `reap` saliency, `pseudo_group`, `pca_reduce` weight features and
+`Merger._merge` (Hungarian alignment, saliency-weighted average) — on a stand-in MoE block holding the layer's
+weights (one-shot statistics: both sides see the unmerged layer's inputs; fp32 weights on both sides). Their
+per-expert random token permutation of the activation sample is replaced by the identity (see the REAM notes in
+docs/methods.md). Printed: agreement per model, layer and ratio; written to benchmarks/results/merge_authors.json.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from authors import function_from, run_beside
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "merge_authors.json"
 RATIOS = (0.25, 0.5)
-METHODS = ("hc-smoe", "m-smoe", "sub-moe")
+METHODS = ("hc-smoe", "m-smoe", "sub-moe", "ream")
 
 
 # -- here: mumoe ------------------------------------------------------------------------------------------------
@@ -100,8 +105,38 @@ def ours(file: Path) -> None:
         w = (f / f.sum()).tolist()
         merged = {k: merge_rows(first[k][group].double(), w, "svd", None) for k in ("gate", "up", "down")}
         saved[name] = {"layers": per_layer, "groups": groups, "top_k": layers[0].top_k,
-                       "E": layers[0].num_experts, "svd": {"group": group, "w": w, "merged": merged}}
+                       "E": layers[0].num_experts, "svd": {"group": group, "w": w, "merged": merged},
+                       "ream": ream_ours(layers, scores["ream"], per_layer, seen)}
     torch.save(saved, file)
+
+
+def ream_ours(layers, scores, per_layer, seen) -> dict:
+    """Per layer and ratio: mumoe's REAM features, groups, neuron orders and merged experts (fp32 weights); the
+    layer's router and the MoE inputs the authors' pipeline starts from."""
+    from mumoe.apply.merge import merge_rows
+    from mumoe.criteria import merge as mf
+    from mumoe.select.merge import merged_count
+
+    out = {}
+    for layer, s in zip(layers, scores):
+        j = layer.index
+        gate_up, down = layer.experts.gate_up_proj.detach().float(), layer.experts.down_proj.detach().float()
+        res = {"router": layer.router_weight.detach().float().clone(), "hidden": torch.cat(seen[j]["hidden"]),
+               "saliency": s["saliency"], "distance": s["distance"], "act_tokens": s["acts"].shape[1]}
+        for r in RATIOS:
+            M = merged_count(layer.num_experts, r, layer.top_k)
+            gs = mf.group_by_ream(s, M, 0)
+            perm = mf.align_ream(layer, s, gs)
+            sal = s["merge_weights"].double()
+            merged = []
+            for g in gs:
+                w = (sal[g] / sal[g].sum()).tolist()
+                merged.append({"gate_up": merge_rows(gate_up[g], w, "aligned", None, "gate_up", perm[g]),
+                               "down": merge_rows(down[g], w, "aligned", None, "cols", perm[g])})
+            res[r] = {"groups": gs, "perm": perm, "merged": merged}
+        res["gate_up"], res["down"] = gate_up.clone(), down.clone()
+        out[j] = res
+    return out
 
 
 # -- there: the authors' code -----------------------------------------------------------------------------------
@@ -207,12 +242,101 @@ def theirs(file: Path, repos: Path) -> None:
             same = [mats[0]] * 3
             identical_err[kind] = float((svd_align(same, [0.5, 0.3, 0.2]).double() - mats[0].double()).norm()
                                         / mats[0].double().norm())
-        out[name] = {"rows": rows, "m_smoe_similarity_max_abs_diff": sim_err,
+        ream_rows = ream_theirs(repos, d["ream"], d["top_k"])
+        out[name] = {"rows": rows, "ream": ream_rows, "m_smoe_similarity_max_abs_diff": sim_err,
                      "sub_moe_similarity_max_abs_diff": float((S_t - S_o).abs().max()),
                      "sub_moe_group": group, "sub_moe_svd_rel_diff": svd_err,
                      "their_svd_three_identical_rel_err": identical_err}
     print(json.dumps(out))
     del np
+
+
+def ream_theirs(repos: Path, layers: dict, top_k: int) -> list[dict]:
+    """REAM's own functions on each layer: a stand-in MoE block (router Linear, a ModuleList of Qwen3-style MLPs
+    holding the saved fp32 weights) run through `run_all_experts`, `reap`, `pseudo_group`, `pca_reduce` and
+    `Merger._merge` exactly as `Merger.fit` calls them (one batch); compared with mumoe's groups, neuron orders and
+    merged tensors."""
+    import copy
+
+    import numpy as np
+    from torch import nn
+
+    root = repos / "ream"
+    sys.path.insert(0, str(root))
+    sys.modules["data.calibration_data"] = types.SimpleNamespace(print_seq_stats=lambda *a, **k: None)
+    import ream.moe_utils as mu
+    from ream.merger import Merger
+    from ream.ream import pseudo_group
+    from ream.saliency import reap
+    from ream.utils import normalize_rows
+    from ream.weight_utils import ffn_weight_matrix, pca_reduce
+
+    # the activation sample: the same first N tokens for every expert (theirs draws a permutation per expert)
+    mu.np = types.SimpleNamespace(random=types.SimpleNamespace(permutation=np.arange))
+
+    class Qwen3MoeMLP(nn.Module):
+        def __init__(self, gate, up, down):
+            super().__init__()
+            self.gate_proj = nn.Linear(gate.shape[1], gate.shape[0], bias=False)
+            self.up_proj = nn.Linear(up.shape[1], up.shape[0], bias=False)
+            self.down_proj = nn.Linear(down.shape[1], down.shape[0], bias=False)
+            self.gate_proj.weight.data, self.up_proj.weight.data = gate.clone(), up.clone()
+            self.down_proj.weight.data = down.clone()
+            self.act_fn = nn.SiLU()
+
+    rows = []
+    for j, d in layers.items():
+        E, I = d["gate_up"].shape[0], d["down"].shape[-1]
+        block = nn.Module()
+        block.gate = nn.Linear(d["router"].shape[1], E, bias=False)
+        block.gate.weight.data = d["router"].clone()
+        block.experts = nn.ModuleList(Qwen3MoeMLP(d["gate_up"][e, :I], d["gate_up"][e, I:], d["down"][e])
+                                      for e in range(E))
+        with torch.no_grad():
+            gate, final, act = mu.run_all_experts(block, d["hidden"][None], final_reduce=False,
+                                                  act_samples=d["act_tokens"], gated_sim=True)
+            saliency = reap(gate, final, top_k=top_k)
+            expert_logits = final.mean(1, keepdim=True)
+            zeros = saliency == 0
+            if zeros.any():
+                saliency[zeros] = min(0.5, saliency[saliency > 0].min().item())
+            vectors = normalize_rows(torch.stack([ffn_weight_matrix(mlp) for mlp in block.experts])).flatten(0, 1)
+            randomized = pca_reduce(vectors, r=64).reshape(E, -1, 64)  # theirs: torch.pca_lowrank
+            xc = vectors.double() - vectors.double().mean(0, keepdim=True)  # exact PCA, to isolate that one step
+            vals, vecs = torch.linalg.eigh(xc.T @ xc)
+            exact = (xc @ (vecs[:, -64:].flip(1) * vals[-64:].flip(0).clamp(min=0).sqrt())).float().reshape(E, -1, 64)
+        merger = Merger.__new__(Merger)
+        merger.merging, merger.device = "logits+weights", "cpu"
+        sal_err = float((saliency.double() - d["saliency"]).abs().max() / d["saliency"].abs().max())
+        for r in RATIOS:
+            ours = d[r]
+            M = len(ours["groups"])
+            labels, centroids = pseudo_group(saliency, expert_logits=expert_logits, k=M,
+                                             gate_logits=gate.view(-1, E), group_size=16)
+            groups = []
+            for c in sorted(int(x) for x in centroids):  # exported order: by centroid id, the centroid first
+                members = [int(i) for i in np.where(labels == labels[c])[0]]
+                groups.append([c] + [i for i in members if i != c])
+            same_groups = groups == [list(g) for g in ours["groups"]]
+            row = {"layer": j, "ratio": r, "groups_equal": same_groups, "saliency_rel_diff": sal_err,
+                   "merged_groups": sum(len(g) > 1 for g in groups) if same_groups else 0}
+            for pca, weights in (("randomized", randomized), ("exact", exact)):
+                equal, worst = 0, 0.0
+                for g, mine in zip(groups, ours["merged"]):
+                    if len(g) == 1 or not same_groups:
+                        continue
+                    merged = merger._merge(experts=copy.deepcopy(block.experts), group=np.asarray(g),
+                                           saliency=saliency.clone(), expert_weights=weights.clone(),
+                                           expert_act=act.clone())
+                    theirs_gu = torch.cat([merged.gate_proj.weight, merged.up_proj.weight]).double()
+                    theirs_dn = merged.down_proj.weight.double()
+                    err = max(float((theirs_gu - mine["gate_up"].double()).norm() / theirs_gu.norm()),
+                              float((theirs_dn - mine["down"].double()).norm() / theirs_dn.norm()))
+                    worst = max(worst, err)
+                    equal += err < 1e-5
+                row[f"merged_equal_{pca}_pca"], row[f"max_rel_diff_{pca}_pca"] = equal, worst
+            rows.append(row)
+    return rows
 
 
 def S_theirs(smoe: Path, layer: dict, E: int) -> torch.Tensor:
@@ -246,6 +370,14 @@ def main() -> int:
               + ", ".join(f"{k} {v:.1e}" for k, v in r["sub_moe_svd_rel_diff"].items())
               + "; their merge of 3 identical experts: rel. err "
               + ", ".join(f"{k} {v:.1e}" for k, v in r["their_svd_three_identical_rel_err"].items()))
+        rr = r["ream"]
+        n = sum(x["merged_groups"] for x in rr)
+        print(f"{name}: REAM groups equal {sum(x['groups_equal'] for x in rr)}/{len(rr)} (saliency max rel. diff "
+              f"{max(x['saliency_rel_diff'] for x in rr):.1e}); merged experts equal (rel. diff < 1e-5) with their "
+              f"randomized PCA {sum(x['merged_equal_randomized_pca'] for x in rr)}/{n} (max rel. diff "
+              f"{max(x['max_rel_diff_randomized_pca'] for x in rr):.1e}), with an exact PCA on their side "
+              f"{sum(x['merged_equal_exact_pca'] for x in rr)}/{n} (max rel. diff "
+              f"{max(x['max_rel_diff_exact_pca'] for x in rr):.1e})")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=1))
     print(f"wrote {RESULTS}")

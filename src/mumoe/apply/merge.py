@@ -13,6 +13,9 @@ The expert tensors are merged by the plan's operator:
     svd       Sub-MoE's subspace merge, per matrix: [W_1 … W_n] = U Σ Vᵀ (concatenated along the input
               dimension), Vᵀ split into per-expert column blocks V_iᵀ, V_mᵀ = Σ w_i V_iᵀ, W = U_r Σ_r V_{m,r}ᵀ at
               rank r (None: full). At full rank U Σ V_iᵀ = W_i, so the result is the weighted average.
+    aligned   REAM: each member's neurons first put in the order the plan's permutation gives (member neuron
+              perm[r] becomes neuron r: gate/up rows, down columns, their biases), then the weighted average;
+              the merged expert's router row is its first member's (the centroid's), not an average.
 
 The same pure functions serve the loaded model (`merge_layer`) and the streamed export (`merge_transform`), so
 the two agree tensor for tensor.
@@ -25,11 +28,11 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
-from ..models.keys import EXPERT_BIAS, FUSED, LEGACY, router_axis, unchanged
+from ..models.keys import EXPERT_BIAS, FUSED, KIND, LEGACY, router_axis, unchanged
 from .experts import slice_layer
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")  # [E, ...] each
-OPERATORS = ("average", "svd")
+OPERATORS = ("average", "svd", "aligned")
 ROUTERS = ("centroid", "bound")
 GROUP_LIMITED = "merging is not available for group-limited routers (DeepSeek-V3 n_group) yet"
 
@@ -76,22 +79,45 @@ def svd_merge(mats: torch.Tensor, w: torch.Tensor, rank: int | None = None) -> t
     return top @ (top.T @ avg)
 
 
+def align_rows(t: torch.Tensor, perm: torch.Tensor, kind: str) -> torch.Tensor:
+    """Members' tensors t [n, ...] with each member's neurons reordered: perm [n, I] (row r of member i is its
+    neuron perm[i, r]). kind names where the neuron axis is: "gate_up" ([n, 2I, H]) and "gate_up_bias" ([n, 2I]):
+    both halves; "rows" ([n, I, H]: a per-expert gate or up matrix); "cols" ([n, H, I]: down); "vector" and
+    "router": no neuron axis (unchanged)."""
+    n = t.shape[0]
+    perm = perm.to(t.device)
+    if kind in ("gate_up", "gate_up_bias"):
+        half = t.shape[1] // 2
+        return t[torch.arange(n, device=t.device)[:, None], torch.cat([perm, perm + half], 1)]
+    if kind == "rows":
+        return t[torch.arange(n, device=t.device)[:, None], perm]
+    if kind == "cols":
+        return t.gather(2, perm[:, None, :].expand(n, t.shape[1], perm.shape[1]))
+    return t
+
+
 def merge_rows(t: torch.Tensor, w: list[float], operator: str = "average", rank: int | None = None,
-               kind: str = "matrix") -> torch.Tensor:
-    """One group's tensor from its members' t [n, ...] (same dtype as t). kind: "matrix" ([n, out, in]),
-    "gate_up" (fused [n, 2I, H]: the gate and up halves merged apart, as the per-expert layout is) or "vector"
-    (biases and router rows: always the weighted average)."""
-    coef = torch.tensor(w, dtype=torch.float64, device=t.device)
-    if operator == "average" or kind == "vector" or t.dim() != 3:
-        merged = (coef.view(-1, *[1] * (t.dim() - 1)) * t.double()).sum(0)
-    elif operator == "svd":
-        if kind == "gate_up":
-            half = t.shape[1] // 2
-            merged = torch.cat([svd_merge(t[:, :half], coef, rank), svd_merge(t[:, half:], coef, rank)])
-        else:
-            merged = svd_merge(t, coef, rank)
-    else:
+               kind: str = "cols", perm: torch.Tensor | None = None) -> torch.Tensor:
+    """One group's tensor from its members' t [n, ...] (same dtype as t). kind: "gate_up" (fused [n, 2I, H]:
+    the gate and up halves merged apart, as the per-expert layout is), "rows" / "cols" (matrices [n, out, in]
+    whose neurons are rows / columns), "gate_up_bias", "vector" (other biases: always the weighted average) or
+    "router" (router rows: the weighted average; the first member's under the aligned operator). perm [n, I]:
+    the aligned operator's neuron order of each member."""
+    if operator not in OPERATORS:
         raise MumoeError(f"unknown merge operator {operator!r}; available: {', '.join(OPERATORS)}")
+    if operator == "aligned":
+        if kind == "router":
+            return t[0].clone()
+        if perm is not None:
+            t = align_rows(t, perm, kind)
+    coef = torch.tensor(w, dtype=torch.float64, device=t.device)
+    if operator != "svd" or kind in ("vector", "router", "gate_up_bias") or t.dim() != 3:
+        merged = (coef.view(-1, *[1] * (t.dim() - 1)) * t.double()).sum(0)
+    elif kind == "gate_up":
+        half = t.shape[1] // 2
+        merged = torch.cat([svd_merge(t[:, :half], coef, rank), svd_merge(t[:, half:], coef, rank)])
+    else:
+        merged = svd_merge(t, coef, rank)
     return merged.to(t.dtype)
 
 
@@ -100,30 +126,34 @@ def check_groups(index: int, E: int, groups: list[list[int]]) -> None:
         raise MumoeError(f"layer {index}: merge groups must cover the {E} experts once each, got {groups}")
 
 
+KINDS = {"gate_up_proj": "gate_up", "down_proj": "cols", "gate_up_proj_bias": "gate_up_bias",
+         "down_proj_bias": "vector"}  # the fused expert tensors' neuron axes (`align_rows`)
+
+
 @torch.no_grad()
 def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[float]], operator: str = "average",
-                rank: int | None = None, router: str = "centroid") -> None:
-    """Merge one MoE layer in place: group g (member ids, ascending, groups ordered by their first member) becomes
-    expert g, its tensors merged by `operator` with the group's weights (summing to 1); router rows averaged
-    (centroid) or all kept and mapped onto the merged experts (bound)."""
+                rank: int | None = None, router: str = "centroid", perm: torch.Tensor | None = None) -> None:
+    """Merge one MoE layer in place: group g (member ids, groups ordered by their first member) becomes expert g,
+    its tensors merged by `operator` with the group's weights (summing to 1); router rows averaged (centroid) or
+    all kept and mapped onto the merged experts (bound). perm [E, I]: the aligned operator's neuron order of
+    every source expert."""
     E = layer.num_experts
     check_groups(layer.index, E, groups)
     if layer.n_group and layer.n_group > 1:
         raise MumoeError(GROUP_LIMITED)
     if router not in ROUTERS:
         raise MumoeError(f"unknown router policy {router!r}; available: {', '.join(ROUTERS)}")
-    parts = [(layer.experts, name, 0) for name in EXPERT_TENSORS]
-    parts += [(rt.module, rt.name, rt.dim) for rt in layer.router_tensors] if router == "centroid" else []
+    parts = [(layer.experts, name, 0, KINDS[name]) for name in EXPERT_TENSORS]
+    parts += [(rt.module, rt.name, rt.dim, "router") for rt in layer.router_tensors] if router == "centroid" else []
     for g, w in zip(groups, weights):
         if len(g) == 1:
             continue
-        for module, name, dim in parts:
+        for module, name, dim, kind in parts:
             t = getattr(module, name, None)
             if t is None:
                 continue
-            kind = "gate_up" if name == "gate_up_proj" else "matrix" if module is layer.experts else "vector"
             data = t.data.movedim(dim, 0)  # a view: [E, ...]
-            data[g[0]].copy_(merge_rows(data[g], w, operator, rank, kind))
+            data[g[0]].copy_(merge_rows(data[g], w, operator, rank, kind, None if perm is None else perm[g]))
     # each group's first slot now holds its merged expert
     slice_layer(layer, [g[0] for g in groups], router=router == "centroid")
     if router == "bound":
@@ -131,13 +161,16 @@ def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[flo
 
 
 def merge_experts(model: nn.Module, groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
-                  operator: str = "average", rank: int | None = None, router: str = "centroid") -> None:
+                  operator: str = "average", rank: int | None = None, router: str = "centroid",
+                  perms: dict[int, torch.Tensor] | None = None) -> None:
     """Merge every MoE layer named in `groups`; the config's expert count set when every layer ends equal (and
-    the router is centroid: a bound router keeps the source count, its number of rows)."""
+    the router is centroid: a bound router keeps the source count, its number of rows). perms: per layer, the
+    aligned operator's neuron order of every source expert [E, I]."""
     adapter = moe_adapter_for(model)
     for layer in adapter.moe_layers():
         if layer.index in groups:
-            merge_layer(layer, groups[layer.index], weights[layer.index], operator, rank, router)
+            merge_layer(layer, groups[layer.index], weights[layer.index], operator, rank, router,
+                        (perms or {}).get(layer.index))
     counts = {layer.num_experts for layer in adapter.moe_layers()}
     if len(counts) == 1 and router == "centroid":
         adapter.set_num_experts(counts.pop())
@@ -154,18 +187,23 @@ def bind_layers(model: nn.Module, slots: dict[int, list[int]], maps: dict[int, l
 
 def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
                     operator: str = "average", rank: int | None = None, router: str = "centroid",
-                    *, routers: dict[str, tuple[int, int]], rename=unchanged):
+                    *, routers: dict[str, tuple[int, int]], rename=unchanged,
+                    perms: dict[int, torch.Tensor] | None = None):
     """The streamed export of a merge (`apply.stream.write_streamed`): fused expert tensors and (centroid) routing
     tensors (`models.keys.router_axis`: [E, ...] on their expert axis) become [M, ...]; per-expert matrices
     (legacy layouts) wait until every member of their group has been read (at most one layer's matrices of one
-    kind), then leave as expert g's. A bound router is written as it is."""
+    kind), then leave as expert g's. A bound router is written as it is. perms: as `merge_experts`."""
     where = {j: {e: (g, pos) for g, members in enumerate(gs) for pos, e in enumerate(members)}
              for j, gs in groups.items()}
     pending: dict[tuple, dict[int, torch.Tensor]] = {}
+    perms = perms or {}
+
+    def order(j: int, g: list[int]) -> torch.Tensor | None:
+        return perms[j][g] if j in perms else None
 
     def merged(j: int, t: torch.Tensor, kind: str) -> torch.Tensor:
         check_groups(j, t.shape[0], groups[j])
-        return torch.stack([t[g[0]] if len(g) == 1 else merge_rows(t[g], w, operator, rank, kind)
+        return torch.stack([t[g[0]] if len(g) == 1 else merge_rows(t[g], w, operator, rank, kind, order(j, g))
                             for g, w in zip(groups[j], weights[j])])
 
     def transform(key: str, read):
@@ -181,15 +219,17 @@ def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[
                 return []
             del pending[(j, m["pre"], m["kind"], g)]
             t = torch.stack([slot[p] for p in range(len(members))])  # [n, out, in]
-            return [(f"{m['pre']}.{g}.{m['kind']}.weight", merge_rows(t, weights[j][g], operator, rank))]
+            kind = "cols" if KIND[m["kind"]] == "down_proj" else "rows"
+            return [(f"{m['pre']}.{g}.{m['kind']}.weight",
+                     merge_rows(t, weights[j][g], operator, rank, kind, order(j, members)))]
         view = rename(key)  # the family's own key renames on loading (`models.keys.checkpoint_renamer`)
         if (m := FUSED.match(view)) and int(m["layer"]) in groups:
-            return [(key, merged(int(m["layer"]), read(), "gate_up" if m["kind"] == "gate_up_proj" else "matrix"))]
+            return [(key, merged(int(m["layer"]), read(), KINDS[m["kind"]]))]
         if (m := EXPERT_BIAS.match(view)) and int(m["layer"]) in groups:  # the experts' biases (GPT-OSS)
-            return [(key, merged(int(m["layer"]), read(), "vector"))]
+            return [(key, merged(int(m["layer"]), read(), KINDS[m["kind"]]))]
         if router == "centroid" and (r := router_axis(view, routers)) and r[0] in groups:
             t = read().movedim(r[1], 0)
-            return [(key, merged(r[0], t, "vector").movedim(0, r[1]).contiguous())]
+            return [(key, merged(r[0], t, "router").movedim(0, r[1]).contiguous())]
         return [(key, read())]
 
     return transform

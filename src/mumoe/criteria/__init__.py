@@ -42,7 +42,9 @@ class Method:
     merge_stats: tuple[str, ...] = ()  # merge grain: the costly statistics it needs ("outputs", "pairwise")
     group: Callable | None = None  # merge grain: (features + "freq", M, seed) -> M groups of expert ids
     merge_budget: Callable | None = None  # merge grain: (counts per layer, ratio, top_ks) -> M per layer (global)
-    operator: str = "average"  # merge grain: how a group's tensors become one ("average", "svd")
+    operator: str = "average"  # merge grain: how a group's tensors become one ("average", "svd", "aligned")
+    align: Callable | None = None  # merge grain: (MoELayer, features, groups) -> each expert's neuron order [E, I]
+    default_order: str = "one-shot"  # the scoring order when none is asked for
     progressive: bool | None = None  # may score layer by layer on the pruned earlier layers (None: if calibrated)
     structures: tuple[str, ...] | None = None  # weight grain: the --structure values it takes (None: every one)
     notes: dict[str, str] = field(default_factory=dict)  # grain option value -> a line the CLI prints
@@ -107,6 +109,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("sub-moe", "merge", True, False, "Sub-MoE: K-means on the experts' output cosine similarity, joint-SVD "
            "subspace merge (--rank; full rank = the frequency-weighted average)", from_merge=merge_features.sub_moe,
            merge_stats=("pairwise",), group=merge_features.group_by_kmeans, operator="svd"),
+    Method("ream", "merge", True, False, "REAM: the most salient experts (REAP) are centroids, each takes up to 15 "
+           "nearest by gated outputs and router logits; neurons aligned (Hungarian), saliency-weighted average; "
+           "layer by layer on the merged layers before", from_merge=merge_features.ream, merge_stats=("ream",),
+           group=merge_features.group_by_ream, operator="aligned", align=merge_features.align_ream,
+           default_order="progressive"),
 ]}
 
 
@@ -146,7 +153,8 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
     norms = InputNorms(model)
     merging = [m for m in calibrated if m.from_merge is not None]
     means = MergeStats(layers, outputs=any("outputs" in m.merge_stats for m in merging),
-                       pairwise=any("pairwise" in m.merge_stats for m in merging))
+                       pairwise=any("pairwise" in m.merge_stats for m in merging),
+                       ream=any("ream" in m.merge_stats for m in merging))
     collectors = ([experts] if any(m.from_stats is not None for m in calibrated) else []) + (
         [atoms] if any(m.from_atoms is not None for m in calibrated) else []) + (
         [norms] if any(m.from_norms is not None for m in calibrated) else []) + (

@@ -43,7 +43,8 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
 
     order="progressive" (one method): after layer ℓ is scored, `select(layer, score) -> keep` chooses its keep
     set (expert grain) and `prune_layer(ℓ, module, state)` prunes the resident layer in place; its outputs are
-    recomputed for layer ℓ+1."""
+    recomputed for layer ℓ+1. A merge method's `select` (given when its plan needs the layer's weights) makes the
+    layer's plan in either order."""
     methods = [get_method(n) for n in names]
     for m in methods:
         if not m.needs_calib:
@@ -66,7 +67,8 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
     atoms = AtomStats(layers, backward=backward) if atom_m else None
     norms = InputNorms(model) if wanda else None
     merging = MergeStats(layers, outputs=any("outputs" in m.merge_stats for m in merge_m),
-                         pairwise=any("pairwise" in m.merge_stats for m in merge_m)) if merge_m else None
+                         pairwise=any("pairwise" in m.merge_stats for m in merge_m),
+                         ream=any("ream" in m.merge_stats for m in merge_m)) if merge_m else None
     layer_names = {j: n for j, n in enumerate(ckpt.layer_names())}
 
     def forward_done(j: int) -> dict | None:
@@ -77,7 +79,7 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
             out["scores"] = {m.name: m.from_stats(st) for m in expert_m}
             experts.stats[j] = type(st)(st.layer)  # free the pools
         if merging is not None and j in by_index:
-            merging.reduce(j, all_sum)
+            merging.reduce(j, all_sum, all_cat)
             st = merging.take(j)
             check_tokens([st.n_tokens], [j])
             out.setdefault("scores", {}).update({m.name: merge_scores(m, st) for m in merge_m})
@@ -86,8 +88,12 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
         if norms is not None:
             norms.reduce(layer_names[j], all_sum)
             out["norms"] = {k: v.cpu() for k, v in norms.result(layer_names[j]).items()}
-        if order == "progressive" and select is not None and j in by_index and methods[0] in expert_m:
+        if select is not None and j in by_index and (methods[0] in merge_m or (
+                order == "progressive" and methods[0] in expert_m)):
+            # the layer's selection while its weights are resident (the merge grain: its plan, every order)
             out["keep"] = select(by_index[j], out["scores"][methods[0].name])
+        for m in merge_m:  # the activation samples served the plan: not kept for the layers after
+            out.get("scores", {}).get(m.name, {}).pop("acts", None)
         return out or None
 
     def atom_layer(j: int) -> dict:

@@ -5,10 +5,12 @@ Features (one dict per MoE layer, from `observe.collectors.MergeLayerStats`):
     hc_smoe           HC-SMoE: each expert's mean output over ALL calibration tokens, [E, H]
     sub_moe           Sub-MoE: 1 − the mean over tokens of the cosine similarity of two experts' outputs, [E, E]
     msmoe             M-SMoE: (cos + 1)/2 of two experts' router-logit columns over the calibration tokens, [E, E]
+    ream              REAM: saliency [E], distance 1 − similarity [E, E], the activation sample (`criteria.ream`)
 Groupings ((features, M, seed) -> M groups, each its sorted member ids, ordered by their smallest member):
     average_linkage   HC-SMoE: agglomerative clustering, Euclidean distance, average linkage
     kmeans            Sub-MoE: K-means (k-means++ seeding, 10 restarts, the lowest inertia) on the rows
     dominant          M-SMoE: the M most used experts are dominant; every other joins its most similar dominant one
+    (REAM's pseudo-grouping and neuron alignment: `criteria.ream`)
 Budgets:
     msmoe_counts      M-SMoE: one usage threshold over all layers (non-uniform counts, the average kept)
 """
@@ -45,6 +47,16 @@ def msmoe(st: MergeLayerStats, eps: float = 1.1920928955078125e-07) -> dict[str,
     norms = st.gram.diagonal().clamp(min=0).sqrt().clamp(min=eps)  # [E] ‖column‖
     cos = st.gram / (norms[:, None] * norms[None, :])
     return {"similarity": (cos + 1) / 2}
+
+
+def ream(st: MergeLayerStats) -> dict[str, torch.Tensor]:
+    """REAM's features: its saliency (also the merge weights), the distance 1 − similarity [E, E] and the neuron
+    activations [E, N, I] the alignment reads (dropped once the layer's plan is made)."""
+    from . import ream as r
+
+    sal = r.saliency(st.sal, st.freq)
+    dist = 1 - r.similarity(st.gated / max(st.n_tokens, 1), st.gram)
+    return {"saliency": sal, "distance": dist, "merge_weights": sal, "acts": st.activations()}
 
 
 # -- groupings -----------------------------------------------------------------------------------------------
@@ -162,6 +174,21 @@ def group_by_kmeans(s: dict, M: int, seed: int | None) -> Groups:
 
 def group_by_dominance(s: dict, M: int, seed: int | None) -> Groups:
     return dominant(s["similarity"], s["freq"], M)
+
+
+def group_by_ream(s: dict, M: int, seed: int | None) -> Groups:
+    from . import ream as r
+
+    return r.groups(s["saliency"], s["distance"], M)
+
+
+def align_ream(layer, s: dict, groups: Groups) -> torch.Tensor:
+    """REAM's neuron order of every expert [E, I] from its activation sample and the layer's weights."""
+    from . import ream as r
+
+    with torch.no_grad():
+        wfeat = r.weight_features(layer.experts.gate_up_proj.detach(), layer.experts.down_proj.detach())
+        return r.alignment(groups, s.get("acts"), wfeat)
 
 
 # -- budgets -------------------------------------------------------------------------------------------------

@@ -1,39 +1,46 @@
-"""The merge grain: groups of routed experts merged into one expert each (HC-SMoE, M-SMoE, Sub-MoE).
+"""The merge grain: groups of routed experts merged into one expert each (HC-SMoE, M-SMoE, Sub-MoE, REAM).
 
 Per MoE layer, E experts -> M = E − round(ratio·E) merged experts (M-SMoE: one usage threshold over all layers,
 M per layer differs, their mean ≤ that): the method's features are grouped by its rule (`criteria.merge`), each
 group's tensors merged by the method's operator with weights f_i / Σ f (f_i: the expert's routed count on the
-calibration tokens; `apply.merge`), and — router policy "centroid", the one so far — one router row (and bias)
-per merged expert, the same weighted average of the members' rows: a standard compact checkpoint every engine
-loads (per-layer counts that differ: mumoe's own form).
+calibration tokens; REAM: its saliency; `apply.merge`), and — router policy "centroid" — one router row (and
+bias) per merged expert, the same weighted average of the members' rows (REAM: its centroid's row): a standard
+compact checkpoint every engine loads (per-layer counts that differ, or router "bound": mumoe's own form).
+
+Scoring orders: one-shot (every layer's statistics from the unmerged model; the default but for REAM) or
+progressive (layer ℓ calibrated on the merged layers < ℓ: REAM's own order). A method whose plan needs the
+layer's weights (REAM's neuron alignment) makes each layer's plan while the layer is resident.
 
 Runs on a loaded model (the in-memory driver, `mumoe compare`, any stage of a multi-stage recipe) and in the
-layer-sequential sweep (statistics layer by layer, the plan at the end, a streamed export of the merge).
+layer-sequential sweep (statistics layer by layer, the plan per layer or at the end, a streamed export).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from ..apply.merge import GROUP_LIMITED, ROUTERS
 from ..errors import MumoeError
-from .base import Grain, Plan
+from .base import Grain, LayerwiseHooks, Plan
 
 
 @dataclass(frozen=True)
 class MergePart:
     router: str = "centroid"  # centroid: one router row per merged expert; bound: all E rows, mapped
     rank: int | None = None  # the svd operator's rank (None: full rank, the weighted average)
+    order: str | None = None  # one-shot | progressive (None: the method's own; `MergeGrain.check` fills it in)
 
 
 @dataclass(frozen=True)
 class MergePlan(Plan):
     """Per MoE layer (decoder-layer index): the merged experts in exported order, each the tuple of its member
-    ids (in the numbering of the model it was chosen on) with their weights; each layer's expert count before."""
+    ids (in the numbering of the model it was chosen on) with their weights; each layer's expert count before;
+    the aligned operator's neuron order of every source expert (perms: [E, I] per layer)."""
 
     groups: dict[int, tuple[tuple[int, ...], ...]]
     weights: dict[int, tuple[tuple[float, ...], ...]]
@@ -41,6 +48,7 @@ class MergePlan(Plan):
     router: str = "centroid"
     operator: str = "average"
     rank: int | None = None
+    perms: dict[int, torch.Tensor] | None = None
 
     def export_form(self) -> str:
         uniform = len({len(g) for g in self.groups.values()}) <= 1
@@ -51,44 +59,58 @@ class MergePlan(Plan):
                 {j: [list(w) for w in ws] for j, ws in self.weights.items()})
 
 
-OPERATOR_NAMES = {"average": "frequency-weighted average", "svd": "joint-SVD subspace merge"}
+OPERATOR_NAMES = {"average": "frequency-weighted average", "svd": "joint-SVD subspace merge",
+                  "aligned": "neuron-aligned saliency-weighted average (router row: the centroid's)"}
+ORDERS = ("one-shot", "progressive")
 
 
-def make_plan(recipe, layers, scores) -> MergePlan:
-    """Group each layer's experts by the method's rule on its features; weights from the routed counts."""
+def layer_plan(m, recipe, layer, s: dict, M: int) -> dict:
+    """One layer's share of a plan: its groups (the method's rule on its features), each group's weights
+    (f_i / Σ f over the group, or the method's own `merge_weights`) and, for the aligned operator, every expert's
+    neuron order (`Method.align`, reading the layer's weights)."""
+    gs = m.group(s, M, recipe.calib.seed)
+    by = s.get("merge_weights", s["freq"]).double()
+    ws = []
+    for g in gs:
+        f = by[list(g)]
+        total = float(f.sum())
+        ws.append(tuple(float(v) / total for v in f) if total > 0 else tuple(1.0 / len(g) for _ in g))
+    perm = m.align(layer, s, gs) if m.align is not None else None
+    return {"groups": tuple(tuple(g) for g in gs), "weights": tuple(ws), "perm": perm}
+
+
+def make_plan(recipe, layers, scores, chosen: dict[int, dict] | None = None) -> MergePlan:
+    """Each layer's plan (`layer_plan`), or the one `chosen` for it already (in a sweep, while it was resident)."""
     from ..criteria import get_method
     from ..select.merge import merged_count
 
     m = get_method(recipe.method)
-    groups, weights = {}, {}
+    chosen = dict(chosen or {})
     if m.merge_budget is not None:
         counts = m.merge_budget([s["freq"] for s in scores], recipe.ratio, [layer.top_k for layer in layers])
     else:
         counts = [merged_count(layer.num_experts, recipe.ratio, layer.top_k) for layer in layers]
     for layer, s, M in zip(layers, scores, counts):
-        gs = m.group(s, M, recipe.calib.seed)
-        freq = s["freq"].double()
-        ws = []
-        for g in gs:
-            f = freq[list(g)]
-            total = float(f.sum())
-            ws.append(tuple(float(v) / total for v in f) if total > 0 else tuple(1.0 / len(g) for _ in g))
-        groups[layer.index] = tuple(tuple(g) for g in gs)
-        weights[layer.index] = tuple(ws)
-    return MergePlan(groups, weights, {layer.index: layer.num_experts for layer in layers}, recipe.merge.router,
-                     m.operator, recipe.merge.rank)
+        if layer.index not in chosen:
+            chosen[layer.index] = layer_plan(m, recipe, layer, s, M)
+    perms = {j: c["perm"] for j, c in chosen.items() if c.get("perm") is not None}
+    return MergePlan({j: chosen[j]["groups"] for j in chosen}, {j: chosen[j]["weights"] for j in chosen},
+                     {layer.index: int(s["freq"].shape[0]) for layer, s in zip(layers, scores)}, recipe.merge.router, m.operator,
+                     recipe.merge.rank, perms or None)
 
 
 class MergeGrain(Grain):
     name: ClassVar[str] = "merge"
     part: ClassVar[type] = MergePart
-    flags: ClassVar[tuple[str, ...]] = ("router", "rank")
+    flags: ClassVar[tuple[str, ...]] = ("router", "rank", "order")
     cli: ClassVar[dict[str, dict]] = {
         "router": {"choices": list(ROUTERS), "help": "merge methods: centroid = one router row per merged expert, "
                    "the weighted average of its members' rows (a standard compact checkpoint, default); bound = all "
                    "router rows kept, each mapped to its merged expert (the papers' setting; mumoe's own form)"},
         "rank": {"type": int, "metavar": "R", "help": "sub-moe: the rank of each merged matrix (default: full rank, "
                  "which equals the frequency-weighted average)"},
+        "order": {"choices": list(ORDERS), "help": "merge methods: one-shot (default) or progressive (REAM's "
+                  "default: layer l calibrated on the merged layers < l)"},
     }
 
     def check(self, recipe) -> MergePart:
@@ -102,7 +124,21 @@ class MergeGrain(Grain):
                 raise MumoeError(f"--rank sets the rank of a subspace merge; {recipe.method} averages its groups")
             if isinstance(part.rank, bool) or not isinstance(part.rank, int) or part.rank < 1:
                 raise MumoeError(f"--rank must be a positive integer, got {part.rank!r}")
-        return part
+        m = get_method(recipe.method)
+        order = part.order or m.default_order
+        if order not in ORDERS:
+            raise MumoeError(f"unknown scoring order {order!r}; available: {', '.join(ORDERS)}")
+        if order == "progressive" and m.merge_budget is not None:
+            raise MumoeError(f"{m.name} sets every layer's merged count from all layers' statistics (one global "
+                             "threshold): it scores one-shot; drop --order progressive")
+        if m.operator == "aligned":
+            from ..criteria.ream import check_available
+
+            check_available()
+        return replace(part, order=order)
+
+    def order(self, part) -> str:
+        return part.order or "one-shot"
 
     def leaves_hf(self, stage) -> bool:
         from ..criteria import get_method
@@ -112,7 +148,9 @@ class MergeGrain(Grain):
 
     def describe(self, recipe) -> str:
         rank = f", rank {recipe.merge.rank}" if recipe.merge.rank is not None else ""
-        return f"{recipe.ratio:.0%} of experts merged away (router {recipe.merge.router}{rank}) with {recipe.method}"
+        order = ", progressive" if recipe.merge.order == "progressive" else ""
+        return (f"{recipe.ratio:.0%} of experts merged away (router {recipe.merge.router}{rank}{order}) with "
+                f"{recipe.method}")
 
     def label(self, recipe) -> str:
         return recipe.method + (f" r{recipe.merge.rank}" if recipe.merge.rank is not None else "") + (
@@ -135,17 +173,36 @@ class MergeGrain(Grain):
                              f"than top_k={k}")
 
     def prune(self, model: nn.Module, recipe, wins, groups, verbose: bool, scores=None) -> MergePlan:
-        from ..apply.merge import merge_experts
-        from ..criteria import score_methods
+        from ..apply.merge import merge_experts, merge_layer
+        from ..criteria import get_method, score_methods
         from ..models import moe_adapter_for
+        from ..select.merge import merged_count
 
+        m = get_method(recipe.method)
         layers = moe_adapter_for(model).moe_layers()
+        seed, bs, part = recipe.calib.seed, recipe.calib.batch_size, recipe.merge
         t0 = time.perf_counter()
-        if scores is None:
-            scores = score_methods(model, [recipe.method], wins, groups, recipe.calib.seed, recipe.calib.batch_size,
-                                   verbose, layers=layers)[recipe.method]
-        plan = make_plan(recipe, layers, scores)
-        merge_experts(model, *plan.as_lists(), plan.operator, plan.rank, plan.router)
+        if self.order(part) == "progressive":
+            if scores is not None:
+                raise MumoeError("precomputed scores are one-shot; progressive scoring needs its own passes")
+            chosen, scores = {}, []
+            for layer in layers:  # calibrated on the model whose earlier layers are merged already
+                E = layer.num_experts
+                s = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=[layer])[m.name][0]
+                c = chosen[layer.index] = layer_plan(m, recipe, layer, s, merged_count(E, recipe.ratio, layer.top_k))
+                s.pop("acts", None)
+                scores.append(s)
+                merge_layer(layer, [list(g) for g in c["groups"]], [list(w) for w in c["weights"]], m.operator,
+                            part.rank, part.router, c["perm"])
+            plan = make_plan(recipe, layers, scores, chosen)
+            counts = {len(g) for g in plan.groups.values()}
+            if len(counts) == 1 and part.router == "centroid":
+                moe_adapter_for(model).set_num_experts(counts.pop())
+        else:
+            if scores is None:
+                scores = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=layers)[m.name]
+            plan = make_plan(recipe, layers, scores)
+            merge_experts(model, *plan.as_lists(), plan.operator, plan.rank, plan.router, plan.perms)
         if verbose:
             for line in self.layer_lines(self.entries(plan)):
                 print(line)
@@ -157,8 +214,32 @@ class MergeGrain(Grain):
         if any(layer.n_group and layer.n_group > 1 for layer in layers):
             raise MumoeError(GROUP_LIMITED)
 
+    def hooks(self, recipe, ckpt, layers: dict) -> LayerwiseHooks:
+        from ..apply.merge import merge_layer
+        from ..criteria import get_method
+        from ..select.merge import merged_count
+
+        m = get_method(recipe.method)
+        part = recipe.merge
+        progressive = self.order(part) == "progressive"
+        if not progressive and m.align is None:
+            return LayerwiseHooks()  # the plan after the sweep, from every layer's features
+
+        def select(layer, s: dict) -> dict:
+            return layer_plan(m, recipe, layer, s, merged_count(layer.num_experts, recipe.ratio, layer.top_k))
+
+        def prune_layer(j: int, module, res: dict) -> bool:
+            if j not in layers:
+                return False
+            c = res["keep"]
+            merge_layer(layers[j], [list(g) for g in c["groups"]], [list(w) for w in c["weights"]], m.operator,
+                        part.rank, part.router, c["perm"])
+            return True
+
+        return LayerwiseHooks(select, prune_layer if progressive else None)
+
     def plan_layerwise(self, recipe, layers: list, res) -> MergePlan:
-        return make_plan(recipe, layers, res.scores[recipe.method])
+        return make_plan(recipe, layers, res.scores[recipe.method], res.keep)
 
     def transform(self, plan: MergePlan, ckpt, recipe):
         from ..apply.merge import merge_transform
@@ -168,7 +249,7 @@ class MergeGrain(Grain):
         counts = {len(g) for g in plan.groups.values()}
         changes = dict.fromkeys(EXPERT_COUNT_KEYS, counts.pop()) if plan.export_form() == "hf" else {}
         return merge_transform(*plan.as_lists(), plan.operator, plan.rank, plan.router,
-                               routers=routing_keys(ckpt.model), rename=ckpt.rename), changes
+                               routers=routing_keys(ckpt.model), rename=ckpt.rename, perms=plan.perms), changes
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: MergePlan) -> list[dict]:

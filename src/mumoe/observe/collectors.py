@@ -4,7 +4,8 @@
     AtomStats     per-neuron sums for HEAPr and the atom baselines (forward, + backward for gradients)
     InputNorms    per-input-feature Σx² of every prunable linear (Wanda offline, μ-MoE per prompt)
     MergeStats    per-layer merge statistics: routed counts, router-logit Gram, every expert's outputs on
-                  every token (means, pairwise cosines) for the merge grain
+                  every token (means, pairwise cosines, REAM's gated means and saliency), a sample of
+                  neuron activations (REAM's alignment) for the merge grain
     OnRoute       any callable on the route events (TAER keys, routing counts)
 
 All sums are float64 whatever the weights' dtype (fp32 within one forward where marked), so the statistics do
@@ -67,14 +68,18 @@ class LayerStats:
 @dataclass
 class MergeLayerStats:
     """One MoE layer's merge statistics (float64): the routed counts and the router logits' Gram matrix always;
-    the summed outputs of every expert on every token (HC-SMoE), and the summed per-token cosine similarity of
-    every pair of experts' outputs (Sub-MoE), when asked for."""
+    the summed outputs of every expert on every token (HC-SMoE), the summed per-token cosine similarity of
+    every pair of experts' outputs (Sub-MoE), and REAM's gated outputs, saliency sums and a sample of neuron
+    activations, when asked for."""
 
     layer: MoELayer
     freq: torch.Tensor  # [E] routed count: top-k selections of each expert
     gram: torch.Tensor  # [E, E] Σ_t l_t l_tᵀ over the raw router logits l_t [E] (column dot products)
     sum: torch.Tensor | None = None  # [E, H] Σ_t f_i(x_t), every expert on every token
     cos: torch.Tensor | None = None  # [E, E] Σ_t f_i·f_j / (‖f_i‖‖f_j‖ + 1e-8), every expert on every token
+    gated: torch.Tensor | None = None  # [E, H] Σ_t p_i(t) f_i(x_t), p = softmax of the raw logits over all E
+    sal: torch.Tensor | None = None  # [E] Σ over tokens routed to i of p_i(t)² ‖f_i(x_t)‖ (REAM's REAP saliency)
+    acts: list[torch.Tensor] | torch.Tensor | None = None  # [E, N, I] fp32: h_i on the first N tokens (chunks)
     n_tokens: int = 0
 
     def mean(self) -> torch.Tensor:
@@ -85,20 +90,30 @@ class MergeLayerStats:
         """[E, E] the mean over tokens of the cosine similarity of two experts' outputs."""
         return self.cos / max(self.n_tokens, 1)
 
+    def activations(self) -> torch.Tensor:
+        """[E, N, I] the neuron activations h_i of every expert on the same first N calibration tokens."""
+        if isinstance(self.acts, list):
+            E, I = self.layer.num_experts, self.layer.intermediate_size
+            self.acts = torch.cat(self.acts, 1) if self.acts else torch.zeros(E, 0, I)
+        return self.acts
+
 
 COS_EPS = 1e-8  # added to the norm product (the Sub-MoE re-implementation's epsilon)
+ACT_TOKENS = 2048  # REAM: neuron activations kept for the alignment, per layer (the same tokens for every expert)
 
 
 class MergeStats(Collector):
     """The merge grain's statistics per MoE layer: routed counts and router-logit Gram always (cheap);
     outputs=True: every expert run on every token (not only its routed ones) and its outputs summed;
-    pairwise=True: the per-token cosine of every pair of experts' outputs, summed. Expert outputs are computed in
-    row chunks (at most `chunk` tokens, and at most `budget` bytes of stacked outputs: never E × T × H at once)."""
+    pairwise=True: the per-token cosine of every pair of experts' outputs, summed; ream=True: every expert's
+    outputs times its router probability summed, the REAP saliency sums over routed tokens, and the neuron
+    activations of the first `act_tokens` tokens. Expert outputs are computed in row chunks (at most `chunk`
+    tokens, and at most `budget` bytes of stacked outputs: never E × T × H at once)."""
 
     def __init__(self, layers: list[MoELayer], outputs: bool = True, pairwise: bool = False, chunk: int = 1024,
-                 budget: int = 256 << 20) -> None:
+                 budget: int = 256 << 20, ream: bool = False, act_tokens: int = ACT_TOKENS) -> None:
         self.layers, self.chunk, self.budget = layers, chunk, budget
-        self.outputs, self.pairwise = outputs, pairwise
+        self.outputs, self.pairwise, self.ream, self.act_tokens = outputs, pairwise, ream, act_tokens
         self.stats: dict[int, MergeLayerStats] = {}
 
     def _layer(self, index: int) -> MoELayer:
@@ -108,7 +123,8 @@ class MergeStats(Collector):
         E = layer.num_experts
         z = lambda *shape: torch.zeros(*shape, dtype=F64, device=dev)  # noqa: E731
         return MergeLayerStats(layer, z(E), z(E, E), z(E, H) if self.outputs else None,
-                               z(E, E) if self.pairwise else None)
+                               z(E, E) if self.pairwise else None, z(E, H) if self.ream else None,
+                               z(E) if self.ream else None, [] if self.ream else None)
 
     def on_route(self, ev: RouteEvent) -> None:
         layer = ev.layer
@@ -116,25 +132,46 @@ class MergeStats(Collector):
         st = self.stats.get(layer.index)
         if st is None:
             st = self.stats[layer.index] = self._new(layer, H, ev.hidden.device)
+        seen = st.n_tokens
         st.n_tokens += T
         st.freq += torch.bincount(ev.indices.reshape(-1), minlength=E).double()
         logits = ev.logits.double()  # [T, E]
         st.gram += logits.T @ logits
-        if not (self.outputs or self.pairwise):
+        if not (self.outputs or self.pairwise or self.ream):
             return
+        if self.ream:
+            probs = torch.softmax(ev.logits.float(), dim=-1)  # [T, E] over all E (REAM's gated similarity)
+            routed = torch.zeros(T, E, dtype=torch.bool, device=ev.indices.device)
+            routed.scatter_(1, ev.indices, True)  # [T, E] the token picked the expert
         # pairwise: one buffer of a chunk's outputs [c, E, H] (fp32) and its Gram [c, E, E] (fp64, twice) stay
-        # under the budget; outputs only: one expert's output at a time, `chunk` tokens
+        # under the budget; otherwise: one expert's output at a time, `chunk` tokens
         c = self.chunk if not self.pairwise else max(1, min(self.chunk, self.budget // (E * H * 4 + E * E * 16)))
         with torch.no_grad():
             for start in range(0, T, c):
                 x = ev.hidden[start:start + c]  # [c, H]
-                if not self.pairwise:
-                    for e in range(E):
-                        st.sum[e] += layer.expert_forward(e, x).double().sum(0)
-                    continue
-                out = torch.empty(x.shape[0], E, H, dtype=torch.float32, device=x.device)  # [c, E, H]
+                n = x.shape[0]
+                keep = max(0, min(n, self.act_tokens - (seen + start))) if self.ream else 0  # rows sampled here
+                out = torch.empty(n, E, H, dtype=torch.float32, device=x.device) if self.pairwise else None
+                acts = torch.empty(E, keep, layer.intermediate_size, dtype=torch.float32) if keep else None
                 for e in range(E):
-                    out[:, e] = layer.expert_forward(e, x)
+                    h = layer.expert_hidden(e, x)  # [c, I]
+                    f = layer.expert_output(e, h)  # [c, H]
+                    if out is not None:
+                        out[:, e] = f
+                    elif st.sum is not None:
+                        st.sum[e] += f.double().sum(0)
+                    if self.ream:
+                        p = probs[start:start + n, e]  # [c]
+                        g = f.float() * p[:, None]  # [c, H] the output scaled by its probability
+                        st.gated[e] += g.double().sum(0)
+                        mask = routed[start:start + n, e]
+                        st.sal[e] += (g.norm(dim=-1) * p)[mask].double().sum()
+                        if acts is not None:
+                            acts[e] = h[:keep].float().cpu()
+                if acts is not None:
+                    st.acts.append(acts)
+                if out is None:
+                    continue
                 if st.sum is not None:
                     st.sum += out.sum(0, dtype=torch.float64)
                 dots = torch.bmm(out, out.transpose(1, 2)).double()  # [c, E, E], no copy of out
@@ -142,23 +179,30 @@ class MergeStats(Collector):
                 st.cos += (dots / (norms[:, :, None] * norms[:, None, :] + COS_EPS)).sum(0)
                 del out, dots
 
-    def reduce(self, index: int, total: Callable) -> None:
-        """Sum one layer's statistics over data-parallel ranks (a rank no token reached adds zeros)."""
+    def reduce(self, index: int, total: Callable, cat: Callable | None = None) -> None:
+        """Sum one layer's statistics over data-parallel ranks (a rank no token reached adds zeros); the
+        activation samples are joined in rank order (`cat`) and cut to `act_tokens`."""
         if index not in self.stats:
             layer = self._layer(index)
             self.stats[index] = self._new(layer, layer.hidden_size, layer.experts.down_proj.device)
         st = self.stats[index]
         st.freq, st.gram = total(st.freq), total(st.gram)
-        st.sum = total(st.sum) if st.sum is not None else None
-        st.cos = total(st.cos) if st.cos is not None else None
+        for name in ("sum", "cos", "gated", "sal"):
+            if getattr(st, name) is not None:
+                setattr(st, name, total(getattr(st, name)))
+        if st.acts is not None and cat is not None:
+            rows = st.activations().transpose(0, 1).contiguous().to(st.freq.device)  # [N, E, I]: tokens first
+            st.acts = cat(rows)[:self.act_tokens].transpose(0, 1).cpu()
         st.n_tokens = int(total(torch.tensor(float(st.n_tokens), device=st.freq.device)))
 
     def take(self, index: int) -> MergeLayerStats:
         """One layer's statistics, moved to the CPU and released here (the layer-sequential sweep)."""
         st = self.stats.pop(index, None) or self._new(self._layer(index), self._layer(index).hidden_size, "cpu")
-        for name in ("freq", "gram", "sum", "cos"):
+        for name in ("freq", "gram", "sum", "cos", "gated", "sal"):
             if getattr(st, name) is not None:
                 setattr(st, name, getattr(st, name).cpu())
+        if st.acts is not None:
+            st.activations()
         return st
 
     def result(self) -> list[MergeLayerStats]:
