@@ -13,7 +13,8 @@ from .evaluate import _eval_texts
 def cmd_compare(args) -> int:
     from .. import api
     from ..criteria import get_method
-    from ..eval.compare import compare, markdown
+    from ..eval.compare import compare, label, markdown
+    from ..grains import get_grain
     from ..loading import check_model, load_tokenizer
     from ..observe.calib import check_sources, tokenize, windows
     from ..recipe import Recipe
@@ -78,8 +79,11 @@ def cmd_compare(args) -> int:
     res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=not SETTINGS.quiet,
                   log=None, tasks=tasks, tokenizer=tok)
     print(markdown(res))
-    say(f"\none calibration pass for {len(set(methods))} methods: {res.pass_seconds:.1f}s; "
-          f"total {time.perf_counter() - t0:.1f}s")
+    own = sorted({label(r) for r in recipes if get_grain(r.grain).order(r.part) != "one-shot"})
+    shared = {r.method for r in recipes if get_grain(r.grain).order(r.part) == "one-shot"}
+    say(f"\none calibration pass for {len(shared)} methods: {res.pass_seconds:.1f}s"
+        + (f" ({', '.join(own)}: progressive, passes of its own)" if own else "")
+        + f"; total {time.perf_counter() - t0:.1f}s")
     if args.out:
         from ..apply.export import atomic_output
         from ..eval.report import write_report
@@ -99,11 +103,12 @@ def add_parser(sub) -> None:
                         description="Every method's statistics come from a single calibration pass (forward, plus "
                         "backward when HEAPr is among them); each method is then applied to a copy of the model and, "
                         "with --eval, scored by perplexity (and with --tasks, by lm-eval task accuracy). Expert, "
-                        "atom and merge methods; one-shot scoring.")
+                        "atom and merge methods; a method in the progressive order (REAM's default; "
+                        "ream:order=one-shot shares the pass) calibrates layer by layer in passes of its own.")
     model_args(sp)
     sp.add_argument("--methods", required=True, help="comma-separated methods, e.g. reap,ean,frequency,peu,heapr; "
                     "each may carry its own options as METHOD:OPTION=VALUE (hc-smoe:router=bound, "
-                    "heapr:form=global, sub-moe:rank=64)")
+                    "heapr:form=global, sub-moe:rank=64, ream:order=one-shot)")
     sp.add_argument("--ratio", type=float, action="append",
                     help="fraction removed (experts per layer, or atoms); repeat for several (default 0.5)")
     sp.add_argument("--calib", action="append", help="calibration sources as for prune (default: domain)")

@@ -1,5 +1,7 @@
 """`mumoe compare`: several methods scored from ONE calibration pass, each applied to a copy of the model and
-(optionally) evaluated — the table people put in papers, at the cost of one observation pass.
+(optionally) evaluated — the table people put in papers, at the cost of one observation pass. A method whose
+scoring order is progressive (REAM by default; `--order progressive`) cannot share it: it calibrates each layer
+on its own copy's merged layers before, in passes of its own.
 
     result = compare(model, [Recipe.build("reap", 0.5, calib="domain"), Recipe.build("heapr", 0.25, ...)],
                      tokenizer=tok, evals={"code": windows, ...})
@@ -26,12 +28,12 @@ from .perplexity import perplexity_of_windows
 class CompareResult:
     rows: list[dict]  # {"method", "grain", "ratio", "calib", "ppl": {domain: value}, "kept": summary}
     scores: dict[str, object]  # method -> its raw scores (as mumoe.score returns them)
-    pass_seconds: float  # the one calibration pass (every method's statistics)
+    pass_seconds: float  # the one calibration pass (every one-shot method's statistics)
     reports: dict[str, dict] = field(default_factory=dict)  # label -> pruning report dict (kept sets, scores)
 
 
 def check_recipes(recipes: list[Recipe]) -> None:
-    """One pass serves them all: the same calibration, one-shot scoring, no weight-grain methods."""
+    """One pass serves them all (progressive ones run their own): the same calibration, no weight-grain methods."""
     if not recipes:
         raise MumoeError("compare needs at least one method")
     for r in recipes:
@@ -39,8 +41,6 @@ def check_recipes(recipes: list[Recipe]) -> None:
         if not grain.shares_pass:
             raise MumoeError(f"compare scores {' and '.join(n for n, g in GRAINS.items() if g.shares_pass)} methods; "
                              f"{r.method!r} is {r.grain}-grain (use mumoe prune or mumoe eval --testtime)")
-        if grain.order(r.part) != "one-shot":
-            raise MumoeError("compare scores every method from one pass: the scoring order is one-shot")
         if r.later:
             raise MumoeError("compare runs one-stage recipes (a later stage scores on the earlier stages' model)")
     calibs = {(c.sources, c.nsamples, c.seqlen, c.seed) for c in (r.calib for r in recipes) if c.sources}
@@ -87,8 +87,10 @@ def _compare(model, recipes, wins, groups, evals, calib_label, eval_batch_size, 
     check_recipes(recipes)
     cal = next((r.calib for r in recipes if r.calib.sources), recipes[0].calib)
     t0 = time.perf_counter()
-    names = list(dict.fromkeys(r.method for r in recipes))
-    scores = score_methods(model, names, wins, groups, seed=cal.seed, batch_size=cal.batch_size, progress=progress)
+    shared = [r for r in recipes if get_grain(r.grain).order(r.part) == "one-shot"]
+    names = list(dict.fromkeys(r.method for r in shared))
+    scores = score_methods(model, names, wins, groups, seed=cal.seed, batch_size=cal.batch_size,
+                           progress=progress) if names else {}
     pass_seconds = time.perf_counter() - t0
     rows, reports = [], {}
     if evals and dense:
@@ -102,7 +104,9 @@ def _compare(model, recipes, wins, groups, evals, calib_label, eval_batch_size, 
         log(f"  dense: {rows[-1].get('ppl', rows[-1].get('tasks'))}")
     for r in bar(recipes, desc="apply + evaluate", enabled=progress, unit="method"):
         pruned = copy.deepcopy(model)
-        report = apply_stage(pruned, r, wins, groups, scores=scores[r.method])
+        if r not in shared and log:
+            log(f"  {label(r)} {r.ratio:.0%}: progressive order, calibrated layer by layer in passes of its own")
+        report = apply_stage(pruned, r, wins, groups, scores=scores[r.method] if r in shared else None)
         row = {"method": label(r), "grain": r.grain, "ratio": r.ratio,
                "calib": calib_label if get_method(r.method).needs_calib else "-", "kept": get_grain(r.grain).summary(report.layers)}
         if evals:

@@ -153,8 +153,12 @@ class MergeGrain(Grain):
                 f"{recipe.method}")
 
     def label(self, recipe) -> str:
+        from ..criteria import get_method
+
+        order = recipe.merge.order
         return recipe.method + (f" r{recipe.merge.rank}" if recipe.merge.rank is not None else "") + (
-            f" ({recipe.merge.router})" if recipe.merge.router != "centroid" else "")
+            f" ({recipe.merge.router})" if recipe.merge.router != "centroid" else "") + (
+            f" [{order}]" if order and order != get_method(recipe.method).default_order else "")
 
     def check_config(self, recipe, config) -> None:
         from ..models.base import config_experts
