@@ -16,6 +16,9 @@ The expert tensors are merged by the plan's operator:
     aligned   REAM: each member's neurons first put in the order the plan's permutation gives (member neuron
               perm[r] becomes neuron r: gate/up rows, down columns, their biases), then the weighted average;
               the merged expert's router row is its first member's (the centroid's), not an average.
+    recombine DERN: not groups but single neurons: every source neuron merges into the kept neuron the plan's
+              `targets` name (or is discarded), each kept neuron the f-weighted mean of itself and what it
+              received (`recombine`); kept experts keep their own router rows and output biases.
 
 The same pure functions serve the loaded model (`merge_layer`) and the streamed export (`merge_transform`), so
 the two agree tensor for tensor.
@@ -32,7 +35,7 @@ from ..models.keys import EXPERT_BIAS, FUSED, KIND, LEGACY, router_axis, unchang
 from .experts import slice_layer
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")  # [E, ...] each
-OPERATORS = ("average", "svd", "aligned")
+OPERATORS = ("average", "svd", "aligned", "recombine")
 ROUTERS = ("centroid", "bound")
 GROUP_LIMITED = "merging is not available for group-limited routers (DeepSeek-V3 n_group) yet"
 
@@ -121,6 +124,34 @@ def merge_rows(t: torch.Tensor, w: list[float], operator: str = "average", rank:
     return merged.to(t.dtype)
 
 
+def recombine(t: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, kept: list[int], kind: str
+              ) -> torch.Tensor:
+    """DERN's merge of one tensor kind of one layer: t [E, ...] (`align_rows`' kinds) -> [M, ...], M = len(kept).
+    Kept neuron j = r·I + k becomes Σ_s c_s a_s / Σ_s c_s over itself and every source neuron s with
+    targets[s] = j (c = the source expert's coef); a neuron whose weights sum to 0 keeps its own. "vector" and
+    "router" tensors: the kept experts' own rows."""
+    if kind in ("vector", "router"):
+        return t[kept].clone()
+    E, I = targets.shape
+    if kind in ("gate_up", "gate_up_bias"):
+        half = t.shape[1] // 2
+        return torch.cat([recombine(t[:, :half], targets, coef, kept, "rows"),
+                          recombine(t[:, half:], targets, coef, kept, "rows")], dim=1)
+    x = t.transpose(1, 2) if kind == "cols" else t  # [E, I, ...] neurons on axis 1
+    flat = x.reshape(E * I, -1).double()  # [E·I, D]
+    idx = targets.reshape(-1).to(t.device)
+    c = coef.double().to(t.device)[:, None].expand(E, I).reshape(-1)  # [E·I] each neuron's expert's coef
+    on = idx >= 0
+    M = len(kept)
+    num = torch.zeros(M * I, flat.shape[1], dtype=torch.float64, device=t.device).index_add_(
+        0, idx[on], flat[on] * c[on, None])
+    den = torch.zeros(M * I, dtype=torch.float64, device=t.device).index_add_(0, idx[on], c[on])
+    own = flat.reshape(E, I, -1)[kept].reshape(M * I, -1)
+    out = torch.where(den[:, None] > 0, num / den.clamp(min=1e-300)[:, None], own)
+    out = out.reshape(M, I, *x.shape[2:]).to(t.dtype)
+    return out.transpose(1, 2).contiguous() if kind == "cols" else out
+
+
 def check_groups(index: int, E: int, groups: list[list[int]]) -> None:
     if sorted(i for g in groups for i in g) != list(range(E)):
         raise MumoeError(f"layer {index}: merge groups must cover the {E} experts once each, got {groups}")
@@ -132,17 +163,26 @@ KINDS = {"gate_up_proj": "gate_up", "down_proj": "cols", "gate_up_proj_bias": "g
 
 @torch.no_grad()
 def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[float]], operator: str = "average",
-                rank: int | None = None, router: str = "centroid", perm: torch.Tensor | None = None) -> None:
+                rank: int | None = None, router: str = "centroid", perm: torch.Tensor | None = None,
+                coef: torch.Tensor | None = None) -> None:
     """Merge one MoE layer in place: group g (member ids, groups ordered by their first member) becomes expert g,
     its tensors merged by `operator` with the group's weights (summing to 1); router rows averaged (centroid) or
     all kept and mapped onto the merged experts (bound). perm [E, I]: the aligned operator's neuron order of
-    every source expert."""
+    every source expert, or the recombine operator's targets (with coef [E]: each expert's weight)."""
     E = layer.num_experts
-    check_groups(layer.index, E, groups)
     if layer.n_group and layer.n_group > 1:
         raise MumoeError(GROUP_LIMITED)
     if router not in ROUTERS:
         raise MumoeError(f"unknown router policy {router!r}; available: {', '.join(ROUTERS)}")
+    if operator == "recombine":
+        kept = [g[0] for g in groups]
+        for name in EXPERT_TENSORS:
+            t = getattr(layer.experts, name, None)
+            if t is not None:
+                t.data[kept] = recombine(t.data, perm, coef, kept, KINDS[name])
+        slice_layer(layer, kept)
+        return
+    check_groups(layer.index, E, groups)
     parts = [(layer.experts, name, 0, KINDS[name]) for name in EXPERT_TENSORS]
     parts += [(rt.module, rt.name, rt.dim, "router") for rt in layer.router_tensors] if router == "centroid" else []
     for g, w in zip(groups, weights):
@@ -162,15 +202,16 @@ def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[flo
 
 def merge_experts(model: nn.Module, groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
                   operator: str = "average", rank: int | None = None, router: str = "centroid",
-                  perms: dict[int, torch.Tensor] | None = None) -> None:
+                  perms: dict[int, torch.Tensor] | None = None, coefs: dict[int, torch.Tensor] | None = None
+                  ) -> None:
     """Merge every MoE layer named in `groups`; the config's expert count set when every layer ends equal (and
     the router is centroid: a bound router keeps the source count, its number of rows). perms: per layer, the
-    aligned operator's neuron order of every source expert [E, I]."""
+    aligned operator's neuron order of every source expert [E, I] (recombine: its targets, with coefs [E])."""
     adapter = moe_adapter_for(model)
     for layer in adapter.moe_layers():
         if layer.index in groups:
             merge_layer(layer, groups[layer.index], weights[layer.index], operator, rank, router,
-                        (perms or {}).get(layer.index))
+                        (perms or {}).get(layer.index), (coefs or {}).get(layer.index))
     counts = {layer.num_experts for layer in adapter.moe_layers()}
     if len(counts) == 1 and router == "centroid":
         adapter.set_num_experts(counts.pop())
@@ -188,7 +229,7 @@ def bind_layers(model: nn.Module, slots: dict[int, list[int]], maps: dict[int, l
 def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
                     operator: str = "average", rank: int | None = None, router: str = "centroid",
                     *, routers: dict[str, tuple[int, int]], rename=unchanged,
-                    perms: dict[int, torch.Tensor] | None = None):
+                    perms: dict[int, torch.Tensor] | None = None, coefs: dict[int, torch.Tensor] | None = None):
     """The streamed export of a merge (`apply.stream.write_streamed`): fused expert tensors and (centroid) routing
     tensors (`models.keys.router_axis`: [E, ...] on their expert axis) become [M, ...]; per-expert matrices
     (legacy layouts) wait until every member of their group has been read (at most one layer's matrices of one
@@ -202,11 +243,23 @@ def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[
         return perms[j][g] if j in perms else None
 
     def merged(j: int, t: torch.Tensor, kind: str) -> torch.Tensor:
+        if operator == "recombine":
+            return recombine(t, perms[j], coefs[j], [g[0] for g in groups[j]], kind)
         check_groups(j, t.shape[0], groups[j])
         return torch.stack([t[g[0]] if len(g) == 1 else merge_rows(t[g], w, operator, rank, kind, order(j, g))
                             for g, w in zip(groups[j], weights[j])])
 
     def transform(key: str, read):
+        if (m := LEGACY.match(key)) and int(m["layer"]) in groups and operator == "recombine":
+            j, e = int(m["layer"]), int(m["e"])  # all E matrices of this kind, then the M recombined ones
+            slot = pending.setdefault((j, m["pre"], m["kind"]), {})
+            slot[e] = read()
+            if len(slot) < perms[j].shape[0]:
+                return []
+            del pending[(j, m["pre"], m["kind"])]
+            t = torch.stack([slot[i] for i in range(len(slot))])  # [E, out, in]
+            out = merged(j, t, "cols" if KIND[m["kind"]] == "down_proj" else "rows")
+            return [(f"{m['pre']}.{g}.{m['kind']}.weight", out[g]) for g in range(out.shape[0])]
         if (m := LEGACY.match(key)) and int(m["layer"]) in groups:
             j, e = int(m["layer"]), int(m["e"])
             g, pos = where[j][e]

@@ -42,8 +42,9 @@ class Method:
     merge_stats: tuple[str, ...] = ()  # merge grain: the costly statistics it needs ("outputs", "pairwise")
     group: Callable | None = None  # merge grain: (features + "freq", M, seed) -> M groups of expert ids
     merge_budget: Callable | None = None  # merge grain: (counts per layer, ratio, top_ks) -> M per layer (global)
-    operator: str = "average"  # merge grain: how a group's tensors become one ("average", "svd", "aligned")
+    operator: str = "average"  # merge grain: "average", "svd", "aligned" (REAM), "recombine" (DERN)
     align: Callable | None = None  # merge grain: (MoELayer, features, groups) -> each expert's neuron order [E, I]
+    plan_layer: Callable | None = None  # merge grain: (MoELayer, features, M, MergePart) -> the layer's whole plan
     default_order: str = "one-shot"  # the scoring order when none is asked for
     progressive: bool | None = None  # may score layer by layer on the pruned earlier layers (None: if calibrated)
     structures: tuple[str, ...] | None = None  # weight grain: the --structure values it takes (None: every one)
@@ -114,6 +115,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "layer by layer on the merged layers before", from_merge=merge_features.ream, merge_stats=("ream",),
            group=merge_features.group_by_ream, operator="aligned", align=merge_features.align_ream,
            default_order="progressive"),
+    Method("dern", "merge", True, False, "DERN (our reading): the least used experts dropped, each of their neurons "
+           "merged into the most similar neuron of a kept expert (cosine ≥ --alpha), usage-weighted",
+           from_merge=merge_features.dern, plan_layer=merge_features.plan_dern, operator="recombine"),
 ]}
 
 

@@ -10,7 +10,7 @@ Groupings ((features, M, seed) -> M groups, each its sorted member ids, ordered 
     average_linkage   HC-SMoE: agglomerative clustering, Euclidean distance, average linkage
     kmeans            Sub-MoE: K-means (k-means++ seeding, 10 restarts, the lowest inertia) on the rows
     dominant          M-SMoE: the M most used experts are dominant; every other joins its most similar dominant one
-    (REAM's pseudo-grouping and neuron alignment: `criteria.ream`)
+    (REAM's pseudo-grouping and neuron alignment: `criteria.ream`; DERN's segment assignment: `criteria.dern`)
 Budgets:
     msmoe_counts      M-SMoE: one usage threshold over all layers (non-uniform counts, the average kept)
 """
@@ -189,6 +189,26 @@ def align_ream(layer, s: dict, groups: Groups) -> torch.Tensor:
     with torch.no_grad():
         wfeat = r.weight_features(layer.experts.gate_up_proj.detach(), layer.experts.down_proj.detach())
         return r.alignment(groups, s.get("acts"), wfeat)
+
+
+def dern(st: MergeLayerStats) -> dict[str, torch.Tensor]:
+    """DERN reads only the routed counts (added to every merge method's scores); its plan reads the weights."""
+    return {}
+
+
+def plan_dern(layer, s: dict, M: int, part) -> dict:
+    """DERN's plan of one layer (`criteria.dern`): the M most used experts kept, every dropped segment assigned
+    to its most similar kept segment at similarity ≥ α, the routed counts as the merge coefficients."""
+    from . import dern as d
+
+    kept = d.kept_experts(s["freq"], M)
+    alpha = d.ALPHA if part.alpha is None else part.alpha
+    with torch.no_grad():
+        targets, _ = d.assign(layer.experts.gate_up_proj.detach().cpu(), layer.experts.down_proj.detach().cpu(),
+                              kept, alpha)
+    groups, weights = d.record(targets, kept, s["freq"])
+    return {"groups": tuple(tuple(g) for g in groups), "weights": tuple(tuple(w) for w in weights),
+            "perm": targets, "coef": s["freq"].double().cpu()}
 
 
 # -- budgets -------------------------------------------------------------------------------------------------

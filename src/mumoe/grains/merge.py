@@ -34,6 +34,7 @@ class MergePart:
     router: str = "centroid"  # centroid: one router row per merged expert; bound: all E rows, mapped
     rank: int | None = None  # the svd operator's rank (None: full rank, the weighted average)
     order: str | None = None  # one-shot | progressive (None: the method's own; `MergeGrain.check` fills it in)
+    alpha: float | None = None  # DERN: the similarity a dropped neuron needs to its best kept match (None: 0.4)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class MergePlan(Plan):
     router: str = "centroid"
     operator: str = "average"
     rank: int | None = None
-    perms: dict[int, torch.Tensor] | None = None
+    perms: dict[int, torch.Tensor] | None = None  # aligned: neuron orders; recombine: neuron targets [E, I]
+    coefs: dict[int, torch.Tensor] | None = None  # recombine: each source expert's weight [E] (its routed count)
 
     def export_form(self) -> str:
         uniform = len({len(g) for g in self.groups.values()}) <= 1
@@ -60,14 +62,17 @@ class MergePlan(Plan):
 
 
 OPERATOR_NAMES = {"average": "frequency-weighted average", "svd": "joint-SVD subspace merge",
-                  "aligned": "neuron-aligned saliency-weighted average (router row: the centroid's)"}
+                  "aligned": "neuron-aligned saliency-weighted average (router row: the centroid's)",
+                  "recombine": "DERN segment recombination, usage-weighted (router rows: the kept experts')"}
 ORDERS = ("one-shot", "progressive")
 
 
 def layer_plan(m, recipe, layer, s: dict, M: int) -> dict:
     """One layer's share of a plan: its groups (the method's rule on its features), each group's weights
     (f_i / Σ f over the group, or the method's own `merge_weights`) and, for the aligned operator, every expert's
-    neuron order (`Method.align`, reading the layer's weights)."""
+    neuron order (`Method.align`, reading the layer's weights); a method with its own `plan_layer` makes all of it."""
+    if m.plan_layer is not None:
+        return m.plan_layer(layer, s, M, recipe.merge)
     gs = m.group(s, M, recipe.calib.seed)
     by = s.get("merge_weights", s["freq"]).double()
     ws = []
@@ -94,15 +99,16 @@ def make_plan(recipe, layers, scores, chosen: dict[int, dict] | None = None) -> 
         if layer.index not in chosen:
             chosen[layer.index] = layer_plan(m, recipe, layer, s, M)
     perms = {j: c["perm"] for j, c in chosen.items() if c.get("perm") is not None}
+    coefs = {j: c["coef"] for j, c in chosen.items() if c.get("coef") is not None}
     return MergePlan({j: chosen[j]["groups"] for j in chosen}, {j: chosen[j]["weights"] for j in chosen},
                      {layer.index: int(s["freq"].shape[0]) for layer, s in zip(layers, scores)}, recipe.merge.router, m.operator,
-                     recipe.merge.rank, perms or None)
+                     recipe.merge.rank, perms or None, coefs or None)
 
 
 class MergeGrain(Grain):
     name: ClassVar[str] = "merge"
     part: ClassVar[type] = MergePart
-    flags: ClassVar[tuple[str, ...]] = ("router", "rank", "order")
+    flags: ClassVar[tuple[str, ...]] = ("router", "rank", "order", "alpha")
     cli: ClassVar[dict[str, dict]] = {
         "router": {"choices": list(ROUTERS), "help": "merge methods: centroid = one router row per merged expert, "
                    "the weighted average of its members' rows (a standard compact checkpoint, default); bound = all "
@@ -111,6 +117,8 @@ class MergeGrain(Grain):
                  "which equals the frequency-weighted average)"},
         "order": {"choices": list(ORDERS), "help": "merge methods: one-shot (default) or progressive (REAM's "
                   "default: layer l calibrated on the merged layers < l)"},
+        "alpha": {"type": float, "metavar": "A", "help": "dern: the cosine similarity a dropped expert's neuron needs "
+                  "to its most similar kept neuron to be merged into it (default 0.4; below: discarded)"},
     }
 
     def check(self, recipe) -> MergePart:
@@ -125,6 +133,14 @@ class MergeGrain(Grain):
             if isinstance(part.rank, bool) or not isinstance(part.rank, int) or part.rank < 1:
                 raise MumoeError(f"--rank must be a positive integer, got {part.rank!r}")
         m = get_method(recipe.method)
+        if part.alpha is not None:
+            if m.operator != "recombine":
+                raise MumoeError(f"--alpha is DERN's similarity threshold; {recipe.method} does not take it")
+            if isinstance(part.alpha, bool) or not isinstance(part.alpha, (int, float)) or not -1 <= part.alpha <= 1:
+                raise MumoeError(f"--alpha is a cosine similarity in [-1, 1], got {part.alpha!r}")
+        if m.operator == "recombine" and part.router != "centroid":
+            raise MumoeError("dern drops experts and gives their neurons to several kept ones: no merged expert to "
+                             "map a dropped router row onto; use --router centroid (the kept experts' own rows)")
         order = part.order or m.default_order
         if order not in ORDERS:
             raise MumoeError(f"unknown scoring order {order!r}; available: {', '.join(ORDERS)}")
@@ -148,6 +164,7 @@ class MergeGrain(Grain):
 
     def describe(self, recipe) -> str:
         rank = f", rank {recipe.merge.rank}" if recipe.merge.rank is not None else ""
+        rank += f", alpha {recipe.merge.alpha:g}" if recipe.merge.alpha is not None else ""
         order = ", progressive" if recipe.merge.order == "progressive" else ""
         return (f"{recipe.ratio:.0%} of experts merged away (router {recipe.merge.router}{rank}{order}) with "
                 f"{recipe.method}")
@@ -197,7 +214,7 @@ class MergeGrain(Grain):
                 s.pop("acts", None)
                 scores.append(s)
                 merge_layer(layer, [list(g) for g in c["groups"]], [list(w) for w in c["weights"]], m.operator,
-                            part.rank, part.router, c["perm"])
+                            part.rank, part.router, c["perm"], c.get("coef"))
             plan = make_plan(recipe, layers, scores, chosen)
             counts = {len(g) for g in plan.groups.values()}
             if len(counts) == 1 and part.router == "centroid":
@@ -206,7 +223,7 @@ class MergeGrain(Grain):
             if scores is None:
                 scores = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=layers)[m.name]
             plan = make_plan(recipe, layers, scores)
-            merge_experts(model, *plan.as_lists(), plan.operator, plan.rank, plan.router, plan.perms)
+            merge_experts(model, *plan.as_lists(), plan.operator, plan.rank, plan.router, plan.perms, plan.coefs)
         if verbose:
             for line in self.layer_lines(self.entries(plan)):
                 print(line)
@@ -226,7 +243,7 @@ class MergeGrain(Grain):
         m = get_method(recipe.method)
         part = recipe.merge
         progressive = self.order(part) == "progressive"
-        if not progressive and m.align is None:
+        if not progressive and m.align is None and m.plan_layer is None:
             return LayerwiseHooks()  # the plan after the sweep, from every layer's features
 
         def select(layer, s: dict) -> dict:
@@ -237,7 +254,7 @@ class MergeGrain(Grain):
                 return False
             c = res["keep"]
             merge_layer(layers[j], [list(g) for g in c["groups"]], [list(w) for w in c["weights"]], m.operator,
-                        part.rank, part.router, c["perm"])
+                        part.rank, part.router, c["perm"], c.get("coef"))
             return True
 
         return LayerwiseHooks(select, prune_layer if progressive else None)
@@ -253,14 +270,21 @@ class MergeGrain(Grain):
         counts = {len(g) for g in plan.groups.values()}
         changes = dict.fromkeys(EXPERT_COUNT_KEYS, counts.pop()) if plan.export_form() == "hf" else {}
         return merge_transform(*plan.as_lists(), plan.operator, plan.rank, plan.router,
-                               routers=routing_keys(ckpt.model), rename=ckpt.rename, perms=plan.perms), changes
+                               routers=routing_keys(ckpt.model), rename=ckpt.rename, perms=plan.perms,
+                               coefs=plan.coefs), changes
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: MergePlan) -> list[dict]:
         op = OPERATOR_NAMES[plan.operator] + (f" (rank {plan.rank})" if plan.rank is not None else "")
-        return [{"layer": j, "num_experts": plan.num_experts[j], "groups": [list(g) for g in plan.groups[j]],
-                 "weights": [list(w) for w in plan.weights[j]], "router": plan.router, "operator": op}
-                for j in plan.groups]
+        out = [{"layer": j, "num_experts": plan.num_experts[j], "groups": [list(g) for g in plan.groups[j]],
+                "weights": [list(w) for w in plan.weights[j]], "router": plan.router, "operator": op}
+               for j in plan.groups]
+        if plan.operator == "recombine":  # how many of the dropped experts' neurons were merged, how many discarded
+            for e in out:
+                t = plan.perms[e["layer"]]
+                dropped = [i for i in range(t.shape[0]) if i not in {g[0] for g in e["groups"]}]
+                e["neurons"] = {"merged": int((t[dropped] >= 0).sum()), "discarded": int((t[dropped] < 0).sum())}
+        return out
 
     def report_fields(self, recipe, plan: MergePlan) -> dict:
         from ..criteria import get_method
