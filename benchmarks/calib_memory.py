@@ -210,8 +210,16 @@ def child_prune(a, method: str) -> dict:
     if grain == "atom":
         stats = E * I * 8 * 4
     elif grain == "merge":  # float64 sums [E, H] and [E, E] x 2; one chunk of outputs (pairwise: the 256 MiB budget)
-        pairwise = "pairwise" in get_method(name).merge_stats
+        m = get_method(name)
+        pairwise = "pairwise" in m.merge_stats
         stats = E * a.hidden * 8 + 2 * E * E * 8 + (256 << 20 if pairwise else min(T, 1024) * (a.hidden + a.inter * 3) * 4)
+        if "ream" in m.merge_stats:  # + the activation sample, the PCA (128 MiB rows, covariance, features), a group
+            D = 3 * a.hidden
+            stats += (E * min(T, 2048) * I * 4 + (128 << 20) + D * D * 8 + E * I * 64 * 8
+                      + min(E, 16) * 3 * I * a.hidden * 8)
+        if m.operator == "recombine":  # two 64 MiB blocks of segments and their cosines; one kept expert in fp64
+            block = max(1, (64 << 20) // (I * 3 * a.hidden * 4)) * I
+            stats += 2 * (64 << 20) + block * block * 4 + 2 * I * a.hidden * 8 + E * 2 * I * a.hidden * 2
     else:
         stats = T * k * 16 + E * 8 * 8
     shard = a.shard_mb * 2**20

@@ -129,7 +129,7 @@ def recombine(t: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, kept: 
     """DERN's merge of one tensor kind of one layer: t [E, ...] (`align_rows`' kinds) -> [M, ...], M = len(kept).
     Kept neuron j = r·I + k becomes Σ_s c_s a_s / Σ_s c_s over itself and every source neuron s with
     targets[s] = j (c = the source expert's coef); a neuron whose weights sum to 0 keeps its own. "vector" and
-    "router" tensors: the kept experts' own rows."""
+    "router" tensors: the kept experts' own rows. Computed one kept expert at a time (fp64 of one expert)."""
     if kind in ("vector", "router"):
         return t[kept].clone()
     E, I = targets.shape
@@ -137,18 +137,20 @@ def recombine(t: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, kept: 
         half = t.shape[1] // 2
         return torch.cat([recombine(t[:, :half], targets, coef, kept, "rows"),
                           recombine(t[:, half:], targets, coef, kept, "rows")], dim=1)
-    x = t.transpose(1, 2) if kind == "cols" else t  # [E, I, ...] neurons on axis 1
-    flat = x.reshape(E * I, -1).double()  # [E·I, D]
+    x = t.transpose(1, 2) if kind == "cols" else t  # [E, I, ...] neurons on axis 1 (a view)
+    flat = x.reshape(E * I, -1) if x.is_contiguous() else x.contiguous().reshape(E * I, -1)  # [E·I, D]
     idx = targets.reshape(-1).to(t.device)
     c = coef.double().to(t.device)[:, None].expand(E, I).reshape(-1)  # [E·I] each neuron's expert's coef
-    on = idx >= 0
-    M = len(kept)
-    num = torch.zeros(M * I, flat.shape[1], dtype=torch.float64, device=t.device).index_add_(
-        0, idx[on], flat[on] * c[on, None])
-    den = torch.zeros(M * I, dtype=torch.float64, device=t.device).index_add_(0, idx[on], c[on])
-    own = flat.reshape(E, I, -1)[kept].reshape(M * I, -1)
-    out = torch.where(den[:, None] > 0, num / den.clamp(min=1e-300)[:, None], own)
-    out = out.reshape(M, I, *x.shape[2:]).to(t.dtype)
+    out = torch.empty(len(kept), I, flat.shape[1], dtype=t.dtype, device=t.device)
+    for g, r in enumerate(kept):  # one kept expert at a time: its own neurons and those merged into them, fp64
+        sel = torch.nonzero((idx >= g * I) & (idx < (g + 1) * I)).flatten()
+        pos = idx[sel] - g * I
+        num = torch.zeros(I, flat.shape[1], dtype=torch.float64, device=t.device).index_add_(
+            0, pos, flat[sel].double() * c[sel, None])
+        den = torch.zeros(I, dtype=torch.float64, device=t.device).index_add_(0, pos, c[sel])
+        own = flat[r * I:(r + 1) * I].double()
+        out[g] = torch.where(den[:, None] > 0, num / den.clamp(min=1e-300)[:, None], own).to(t.dtype)
+    out = out.reshape(len(kept), I, *x.shape[2:])
     return out.transpose(1, 2).contiguous() if kind == "cols" else out
 
 
