@@ -2,8 +2,9 @@
 
     python benchmarks/gguf_roundtrip.py [--llama-cpp DIR] [--work DIR] [--ctx 256] [--chunks 24]
 
-Dense (the bundled model itself), REAP 25%, HEAPr 25% (uniform form) and two expert merges (HC-SMoE 25%, Sub-MoE
-25% at rank 128: compact checkpoints with one router row per merged expert) are exported by `mumoe prune`, converted
+Dense (the bundled model itself), REAP 25%, HEAPr 25% (uniform form) and four expert merges (HC-SMoE 25%, Sub-MoE
+25% at rank 128, REAM 25%, DERN 25% at α 0.2: compact checkpoints with one router row per merged expert) are
+exported by `mumoe prune`, converted
 with llama.cpp's `convert_hf_to_gguf.py` to GGUF f16, quantized to Q4_K_M with `llama-quantize`, and scored by
 `llama-perplexity` on the bundled eval text. The same scoring rule is computed in transformers on the mumoe export
 (llama-perplexity: non-overlapping windows of --ctx tokens, BOS first when the vocabulary asks for it, only the
@@ -63,6 +64,9 @@ EXPORTS = {  # name -> `mumoe prune` flags (the export's folder: the name's firs
     "heapr 25% (uniform)": ["--method", "heapr", "--ratio", "0.25", "--calib", "domain"],
     "hc-smoe 25% (merged, centroid router)": ["--method", "hc-smoe", "--ratio", "0.25", "--calib", "domain"],
     "sub-moe 25% (merged, rank 128)": ["--method", "sub-moe", "--ratio", "0.25", "--calib", "domain", "--rank", "128"],
+    "ream 25% (merged, neuron-aligned)": ["--method", "ream", "--ratio", "0.25", "--calib", "domain"],
+    "dern 25% (neurons recombined, alpha 0.2)": ["--method", "dern", "--ratio", "0.25", "--calib", "domain",
+                                                 "--alpha", "0.2"],
 }
 
 
@@ -144,7 +148,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mumoe-gguf"), help="where exports and GGUFs go")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=24)
-    ap.add_argument("--only", nargs="+", help="exports to run besides dense (first words: reap heapr hc-smoe sub-moe)")
+    ap.add_argument("--only", nargs="+", help="exports to run besides dense (first words: reap heapr hc-smoe sub-moe ream dern)")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

@@ -200,7 +200,8 @@ def kept_and_scores(folder):
 
 
 @pytest.mark.parametrize("method,stage", [("reap", "forward:0"), ("heapr", "backward:1"),
-                                          ("heapr", "forward:1"), ("sub-moe", "forward:0")])
+                                          ("heapr", "forward:1"), ("sub-moe", "forward:0"),
+                                          ("ream", "forward:0")])
 def test_killed_and_resumed_equals_uninterrupted(checkpoint, tmp_path, method, stage):
     work, out = tmp_path / "work", tmp_path / "out"
     r = sh(killed_after(stage, prune_cmd(checkpoint, out, "--work-dir", str(work), method=method)))
@@ -285,7 +286,7 @@ def test_work_dir_only_what_mumoe_wrote_is_deleted(checkpoint, tmp_path, capsys)
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("method", ["ean", "hc-smoe"])
+@pytest.mark.parametrize("method", ["ean", "hc-smoe", "ream"])
 def test_torchrun_two_ranks_equal_one_process(checkpoint, tmp_path, method):
     if shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")):
         pytest.skip("torchrun not installed")

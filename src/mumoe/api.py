@@ -75,7 +75,9 @@ def prune(model, method, ratio: float | None = None, calib=None, *, tokenizer=No
     method: a Recipe, or a method name with `ratio` (the fraction removed: experts per layer, atoms, or weights)
     and the recipe's flat options — nsamples, seqlen, seed (None: the first windows; an int: seeded random
     windows and random scores), batch_size, budget / order (expert grain: "uniform" | "global",
-    "one-shot" | "progressive"), form / scope (atom grain), structure (weight grain: row, N:M, column), device;
+    "one-shot" | "progressive"), form / scope (atom grain), structure (weight grain: row, N:M, column), router /
+    rank / order / alpha (merge grain: "centroid" | "bound", Sub-MoE's rank, REAM's progressive order, DERN's
+    similarity threshold), device;
     then: later stages [(method, ratio[, {options}]), ...], each run on the model the one before it left.
     calib: token ids [N, L], raw text, a path, 'domain[:NAME]', or a list of sources (None: the recipe's).
     windows: the recipe's calibration prepared already, as `calibration(recipe, calib, tokenizer)` returns it.

@@ -349,7 +349,7 @@ def parse_method(text: str) -> tuple[str, dict]:
 
 def parse_options(parts: list[str], where: str) -> dict:
     """OPTION=VALUE parts (a part without '=' continues the value before it: structure=2:4); the options a
-    grain's CLI flag types as int (width_multiple, rank) converted."""
+    grain's CLI flag types as int or float (width_multiple, rank, owl_m, alpha) converted."""
     options: dict = {}
     last = None
     for part in parts:
@@ -362,9 +362,11 @@ def parse_options(parts: list[str], where: str) -> dict:
         else:
             raise MumoeError(f"{where}: {part!r} is not OPTION=VALUE")
     for k, v in options.items():
-        if any(g.cli.get(k, {}).get("type") is int for g in GRAINS.values()):
+        kind = next((g.cli[k]["type"] for g in GRAINS.values() if g.cli.get(k, {}).get("type") in (int, float)), None)
+        if kind is not None:
             try:
-                options[k] = int(v)
+                options[k] = kind(v)
             except ValueError:
-                raise MumoeError(f"{where}: {k} must be an integer, got {v!r}") from None
+                raise MumoeError(f"{where}: {k} must be {'an integer' if kind is int else 'a number'}, "
+                                 f"got {v!r}") from None
     return options

@@ -174,6 +174,7 @@ class MergeGrain(Grain):
 
         order = recipe.merge.order
         return recipe.method + (f" r{recipe.merge.rank}" if recipe.merge.rank is not None else "") + (
+            f" α{recipe.merge.alpha:g}" if recipe.merge.alpha is not None else "") + (
             f" ({recipe.merge.router})" if recipe.merge.router != "centroid" else "") + (
             f" [{order}]" if order and order != get_method(recipe.method).default_order else "")
 
