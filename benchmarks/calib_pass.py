@@ -109,7 +109,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--heapr", action="store_true", help="also time HEAPr's forward+backward pass")
     ap.add_argument("--merge", action="store_true", help="also time the merge statistics: HC-SMoE (every expert on "
-                    "every token), Sub-MoE (+ pairwise output cosines), M-SMoE (routing and logit Gram only)")
+                    "every token), Sub-MoE (+ pairwise output cosines), M-SMoE and DERN (routing and logit Gram "
+                    "only), REAM (gated outputs, saliency, activation sample)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calib_pass.json"))
     args = ap.parse_args()
 
@@ -124,7 +125,7 @@ def main() -> None:
     plain(model, windows[: args.batch], args.batch)  # warm-up
     run(model, windows[: args.batch], [ExpertStats(layers)], batch_size=args.batch)
     rows: dict[str, list[float]] = {k: [] for k in ("plain", "reap", "routing", "recompute", "plain_fb", "heapr",
-                                                    "hc_smoe", "sub_moe", "m_smoe")}
+                                                    "hc_smoe", "sub_moe", "m_smoe", "ream")}
     for rep in range(args.repeats):
         rows["plain"].append(plain(model, windows, args.batch))
         rows["reap"].append(timed(lambda: run(model, windows, [ExpertStats(layers)], batch_size=args.batch)))
@@ -136,7 +137,7 @@ def main() -> None:
             rows["heapr"].append(timed(lambda: run(model, windows, [AtomStats(layers)], batch_size=args.batch)))
         if args.merge:
             for key, kw in (("hc_smoe", {}), ("sub_moe", {"outputs": False, "pairwise": True}),
-                            ("m_smoe", {"outputs": False})):
+                            ("m_smoe", {"outputs": False}), ("ream", {"outputs": False, "ream": True})):
                 rows[key].append(timed(lambda: run(model, windows, [MergeStats(layers, **kw)], batch_size=args.batch)))
         print(f"  repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in rows.items() if v))
 
@@ -150,7 +151,7 @@ def main() -> None:
     if args.heapr:
         result["ratios"]["heapr / plain forward+backward"] = ratio("heapr", "plain_fb")
     if args.merge:
-        for k in ("hc_smoe", "sub_moe", "m_smoe"):
+        for k in ("hc_smoe", "sub_moe", "m_smoe", "ream"):
             result["ratios"][f"{k} / plain"] = ratio(k, "plain")
     print("\n| pass | median seconds | / plain forward |")
     print("|---|---|---|")
@@ -166,7 +167,8 @@ def main() -> None:
     if args.merge:
         for k, name in (("hc_smoe", f"HC-SMoE statistics: all {args.experts} experts on every token (MergeStats)"),
                         ("sub_moe", "Sub-MoE statistics: + pairwise output cosines"),
-                        ("m_smoe", "M-SMoE statistics: routing counts + router-logit Gram")):
+                        ("m_smoe", "M-SMoE (and DERN) statistics: routing counts + router-logit Gram"),
+                        ("ream", "REAM statistics: gated outputs of every expert, saliency, activation sample")):
             print(f"| {name} | {statistics.median(rows[k]):.2f} | {ratio(k, 'plain'):.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

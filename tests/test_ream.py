@@ -179,3 +179,11 @@ def test_ream_without_scipy_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # import scipy.optimize now raises ImportError
     with pytest.raises(MumoeError, match=r"pip install 'mumoe\[merge\]'"):
         mumoe.Recipe.build("ream", 0.25, calib="tensor")
+
+
+def test_progressive_plan_counts_come_from_the_source_experts():
+    """Progressive: every layer is merged before the plan is assembled; the plan's counts are the source's (8 ->
+    2 at 75%), not re-derived from the merged layers (2 -> 0, below top_k)."""
+    report = mumoe.prune(make("qwen3_moe"), "ream", 0.75, calib=ids(batch=4, length=12))
+    assert [len(e["groups"]) for e in report.layers] == [2, 2]
+    assert all(e["num_experts"] == 8 for e in report.layers)

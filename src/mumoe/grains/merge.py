@@ -91,18 +91,19 @@ def make_plan(recipe, layers, scores, chosen: dict[int, dict] | None = None) -> 
 
     m = get_method(recipe.method)
     chosen = dict(chosen or {})
-    if m.merge_budget is not None:
-        counts = m.merge_budget([s["freq"] for s in scores], recipe.ratio, [layer.top_k for layer in layers])
-    else:
-        counts = [merged_count(layer.num_experts, recipe.ratio, layer.top_k) for layer in layers]
-    for layer, s, M in zip(layers, scores, counts):
-        if layer.index not in chosen:
-            chosen[layer.index] = layer_plan(m, recipe, layer, s, M)
+    source = {layer.index: int(s["freq"].shape[0]) for layer, s in zip(layers, scores)}  # E before (layers may
+    if len(chosen) < len(layers):  # have been merged already in a progressive run: their plans are chosen)
+        if m.merge_budget is not None:
+            counts = m.merge_budget([s["freq"] for s in scores], recipe.ratio, [layer.top_k for layer in layers])
+        else:
+            counts = [merged_count(source[layer.index], recipe.ratio, layer.top_k) for layer in layers]
+        for layer, s, M in zip(layers, scores, counts):
+            if layer.index not in chosen:
+                chosen[layer.index] = layer_plan(m, recipe, layer, s, M)
     perms = {j: c["perm"] for j, c in chosen.items() if c.get("perm") is not None}
     coefs = {j: c["coef"] for j, c in chosen.items() if c.get("coef") is not None}
-    return MergePlan({j: chosen[j]["groups"] for j in chosen}, {j: chosen[j]["weights"] for j in chosen},
-                     {layer.index: int(s["freq"].shape[0]) for layer, s in zip(layers, scores)}, recipe.merge.router, m.operator,
-                     recipe.merge.rank, perms or None, coefs or None)
+    return MergePlan({j: chosen[j]["groups"] for j in chosen}, {j: chosen[j]["weights"] for j in chosen}, source,
+                     recipe.merge.router, m.operator, recipe.merge.rank, perms or None, coefs or None)
 
 
 class MergeGrain(Grain):
