@@ -115,7 +115,9 @@ def merge_rows(t: torch.Tensor, w: list[float], operator: str = "average", rank:
             t = align_rows(t, perm, kind)
     coef = torch.tensor(w, dtype=torch.float64, device=t.device)
     if operator != "svd" or kind in ("vector", "router", "gate_up_bias") or t.dim() != 3:
-        merged = (coef.view(-1, *[1] * (t.dim() - 1)) * t.double()).sum(0)
+        merged = torch.zeros(t.shape[1:], dtype=torch.float64, device=t.device)
+        for i in range(t.shape[0]):  # one member at a time in fp64: never the group's n copies at once
+            merged += float(coef[i]) * t[i].double()
     elif kind == "gate_up":
         half = t.shape[1] // 2
         merged = torch.cat([svd_merge(t[:, :half], coef, rank), svd_merge(t[:, half:], coef, rank)])
@@ -166,11 +168,13 @@ KINDS = {"gate_up_proj": "gate_up", "down_proj": "cols", "gate_up_proj_bias": "g
 @torch.no_grad()
 def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[float]], operator: str = "average",
                 rank: int | None = None, router: str = "centroid", perm: torch.Tensor | None = None,
-                coef: torch.Tensor | None = None) -> None:
+                coef: torch.Tensor | None = None, inplace: bool = False) -> None:
     """Merge one MoE layer in place: group g (member ids, groups ordered by their first member) becomes expert g,
     its tensors merged by `operator` with the group's weights (summing to 1); router rows averaged (centroid) or
     all kept and mapped onto the merged experts (bound). perm [E, I]: the aligned operator's neuron order of
-    every source expert, or the recombine operator's targets (with coef [E]: each expert's weight)."""
+    every source expert, or the recombine operator's targets (with coef [E]: each expert's weight). inplace: the
+    merged experts moved within the existing tensors (`slice_layer`'s inplace: a layer about to be freed, as in
+    the layer-sequential sweep)."""
     E = layer.num_experts
     if layer.n_group and layer.n_group > 1:
         raise MumoeError(GROUP_LIMITED)
@@ -182,7 +186,7 @@ def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[flo
             t = getattr(layer.experts, name, None)
             if t is not None:
                 t.data[kept] = recombine(t.data, perm, coef, kept, KINDS[name])
-        slice_layer(layer, kept)
+        slice_layer(layer, kept, inplace=inplace)
         return
     check_groups(layer.index, E, groups)
     parts = [(layer.experts, name, 0, KINDS[name]) for name in EXPERT_TENSORS]
@@ -197,7 +201,7 @@ def merge_layer(layer: MoELayer, groups: list[list[int]], weights: list[list[flo
             data = t.data.movedim(dim, 0)  # a view: [E, ...]
             data[g[0]].copy_(merge_rows(data[g], w, operator, rank, kind, None if perm is None else perm[g]))
     # each group's first slot now holds its merged expert
-    slice_layer(layer, [g[0] for g in groups], router=router == "centroid")
+    slice_layer(layer, [g[0] for g in groups], inplace=inplace, router=router == "centroid")
     if router == "bound":
         bind_experts(layer.experts, expert_map(groups, E))
 

@@ -107,7 +107,7 @@ def neuron_vectors(gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return torch.cat([gate_up[:, :I].float(), gate_up[:, I:].float(), down.float().transpose(1, 2)], dim=2)
 
 
-def weight_features(gate_up: torch.Tensor, down: torch.Tensor, r: int = PCA_DIM, budget: int = 128 << 20
+def weight_features(gate_up: torch.Tensor, down: torch.Tensor, r: int = PCA_DIM, budget: int = 64 << 20
                     ) -> torch.Tensor:
     """The alignment's weight features [E, I, r']: every neuron's normalized [gate | up | down] vector, centred and
     projected on the top r' = min(r, 3H, E·I) principal directions, each scaled by its singular value (exact PCA

@@ -256,7 +256,7 @@ class MergeGrain(Grain):
                 return False
             c = res["keep"]
             merge_layer(layers[j], [list(g) for g in c["groups"]], [list(w) for w in c["weights"]], m.operator,
-                        part.rank, part.router, c["perm"], c.get("coef"))
+                        part.rank, part.router, c["perm"], c.get("coef"), inplace=True)
             return True
 
         return LayerwiseHooks(select, prune_layer if progressive else None)
