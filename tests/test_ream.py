@@ -18,6 +18,7 @@ from mumoe.models import moe_adapter_for
 from mumoe.observe.collectors import MergeStats
 from mumoe.observe.runner import run
 from mumoe.testtime.experts import capture_router_logits
+from test_merge import capture_expert_inputs
 
 pytest.importorskip("scipy.optimize")
 
@@ -31,10 +32,7 @@ def test_ream_statistics_equal_a_per_token_loop():
     x = ids(batch=3, length=10)
     col = MergeStats(layers, outputs=False, ream=True, chunk=7, act_tokens=13)
     run(model, x, [col], batch_size=2)
-    inputs = {}
-    hooks = [layer.experts.register_forward_pre_hook(
-        lambda m, a, kw, j=layer.index: inputs.setdefault(j, []).append(a[0] if a else kw["hidden_states"]),
-        with_kwargs=True) for layer in layers]
+    inputs, hooks = capture_expert_inputs(layers)
     with capture_router_logits(model) as logits, torch.no_grad():
         per = {layer.index: [] for layer in layers}
         for b in range(3):
