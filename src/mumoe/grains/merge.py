@@ -191,6 +191,13 @@ class MergeGrain(Grain):
         if round(recipe.ratio * E) == 0 and recipe.ratio > 0:
             raise MumoeError(f"--ratio {recipe.ratio:g} merges nothing: round({recipe.ratio:g} x {E} experts) = 0; "
                              f"the smallest ratio that merges two is {1 / E:.3g}")
+        from ..criteria import get_method
+        from ..criteria.ream import GROUP_SIZE
+
+        if get_method(recipe.method).operator == "aligned" and (E - round(recipe.ratio * E)) * GROUP_SIZE < E:
+            raise MumoeError(f"REAM groups at most {GROUP_SIZE} experts into one: {E} experts need at least "
+                             f"{-(-E // GROUP_SIZE)} merged experts per layer, ratio {recipe.ratio} leaves "
+                             f"{E - round(recipe.ratio * E)}")
         if k is not None and E - round(recipe.ratio * E) < k:
             raise MumoeError(f"ratio {recipe.ratio} merges {E} experts into {E - round(recipe.ratio * E)}, fewer "
                              f"than top_k={k}")
