@@ -56,10 +56,11 @@ def test_ream_statistics_equal_a_per_token_loop():
                     gated[e] += p[e] * f
                     if e in top:
                         sal[e] += p[e] ** 2 * f.norm()
-            acts = torch.stack([layer.expert_hidden(e, hidden[:13]) for e in range(E)])
+            acts = torch.stack([layer.expert_hidden(e, hidden[:13]) for e in range(E)], 1)  # [13, E, I]
         assert torch.allclose(st.gated, gated, rtol=1e-5, atol=1e-7)
         assert torch.allclose(st.sal, sal, rtol=1e-5, atol=1e-8)
-        assert torch.allclose(st.activations(), acts.float(), atol=1e-6) and st.activations().shape[1] == 13
+        assert st.activations().shape == acts.shape and st.activations().dtype == acts.dtype
+        assert torch.allclose(st.activations(), acts, atol=1e-6)
 
 
 def test_ream_pseudo_grouping_hand_worked():

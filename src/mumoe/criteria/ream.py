@@ -147,9 +147,9 @@ def assignment(cost: torch.Tensor) -> torch.Tensor:
 def alignment(groups_: list[list[int]], acts: torch.Tensor | None, wfeat: torch.Tensor | None) -> torch.Tensor:
     """Every expert's neuron order [E, I]: identity for the centroids (each group's first member) and singletons;
     a member's row r = its neuron matched to the centroid's neuron r by the cost cdist(â_c, â_m) + cdist(ŵ_c, ŵ_m)
-    over acts [E, N, I] (each neuron's activations over N tokens; normalized when N > 1) and wfeat [E, I, r]
+    over acts [N, E, I] (each neuron's activations over N tokens; normalized when N > 1) and wfeat [E, I, r]
     (normalized); either may be None (left out of the cost)."""
-    E, I = (acts.shape[0], acts.shape[2]) if acts is not None else wfeat.shape[:2]
+    E, I = acts.shape[1:] if acts is not None else wfeat.shape[:2]
     perm = torch.arange(I).repeat(E, 1)
     for g in groups_:
         if len(g) == 1:
@@ -157,14 +157,14 @@ def alignment(groups_: list[list[int]], acts: torch.Tensor | None, wfeat: torch.
         c = g[0]
         a_c = w_c = None
         if acts is not None:
-            a_c = acts[c].T.double()  # [I, N]
+            a_c = acts[:, c].T.double()  # [I, N]
             a_c = _normalize(a_c) if a_c.shape[1] > 1 else a_c
         if wfeat is not None:
             w_c = _normalize(wfeat[c].double())
         for m in g[1:]:
             cost = torch.zeros(I, I, dtype=torch.float64)
             if a_c is not None:
-                a_m = acts[m].T.double()
+                a_m = acts[:, m].T.double()
                 cost += torch.cdist(a_c, _normalize(a_m) if a_m.shape[1] > 1 else a_m)
             if w_c is not None:
                 cost += torch.cdist(w_c, _normalize(wfeat[m].double()))

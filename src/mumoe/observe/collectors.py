@@ -79,7 +79,8 @@ class MergeLayerStats:
     cos: torch.Tensor | None = None  # [E, E] Σ_t f_i·f_j / (‖f_i‖‖f_j‖ + 1e-8), every expert on every token
     gated: torch.Tensor | None = None  # [E, H] Σ_t p_i(t) f_i(x_t), p = softmax of the raw logits over all E
     sal: torch.Tensor | None = None  # [E] Σ over tokens routed to i of p_i(t)² ‖f_i(x_t)‖ (REAM's REAP saliency)
-    acts: list[torch.Tensor] | torch.Tensor | None = None  # [E, N, I] fp32: h_i on the first N tokens (chunks)
+    acts: torch.Tensor | None = None  # [N_max, E, I] in h's dtype: h_i of the first tokens, rows [:n_acts] filled
+    n_acts: int = 0
     n_tokens: int = 0
 
     def mean(self) -> torch.Tensor:
@@ -91,11 +92,12 @@ class MergeLayerStats:
         return self.cos / max(self.n_tokens, 1)
 
     def activations(self) -> torch.Tensor:
-        """[E, N, I] the neuron activations h_i of every expert on the same first N calibration tokens."""
-        if isinstance(self.acts, list):
-            E, I = self.layer.num_experts, self.layer.intermediate_size
-            self.acts = torch.cat(self.acts, 1) if self.acts else torch.zeros(E, 0, I)
-        return self.acts
+        """[N, E, I] the neuron activations h_i of every expert on the same first N calibration tokens (tokens
+        first: one rank's sample joins another's without a transposed copy; a view, no copy)."""
+        if self.acts is None:  # no token reached this layer (on this rank)
+            down = self.layer.experts.down_proj
+            return torch.zeros(0, self.layer.num_experts, self.layer.intermediate_size, dtype=down.dtype)
+        return self.acts[:self.n_acts]
 
 
 COS_EPS = 1e-8  # added to the norm product (the Sub-MoE re-implementation's epsilon)
@@ -124,7 +126,7 @@ class MergeStats(Collector):
         z = lambda *shape: torch.zeros(*shape, dtype=F64, device=dev)  # noqa: E731
         return MergeLayerStats(layer, z(E), z(E, E), z(E, H) if self.outputs else None,
                                z(E, E) if self.pairwise else None, z(E, H) if self.ream else None,
-                               z(E) if self.ream else None, [] if self.ream else None)
+                               z(E) if self.ream else None)
 
     def on_route(self, ev: RouteEvent) -> None:
         layer = ev.layer
@@ -152,7 +154,6 @@ class MergeStats(Collector):
                 n = x.shape[0]
                 keep = max(0, min(n, self.act_tokens - (seen + start))) if self.ream else 0  # rows sampled here
                 out = torch.empty(n, E, H, dtype=torch.float32, device=x.device) if self.pairwise else None
-                acts = torch.empty(E, keep, layer.intermediate_size, dtype=torch.float32) if keep else None
                 for e in range(E):
                     h = layer.expert_hidden(e, x)  # [c, I]
                     f = layer.expert_output(e, h)  # [c, H]
@@ -166,10 +167,11 @@ class MergeStats(Collector):
                         st.gated[e] += g.double().sum(0)
                         mask = routed[start:start + n, e]
                         st.sal[e] += (g.norm(dim=-1) * p)[mask].double().sum()
-                        if acts is not None:
-                            acts[e] = h[:keep].float().cpu()
-                if acts is not None:
-                    st.acts.append(acts)
+                        if keep:
+                            if st.acts is None:  # one buffer, filled in place: no list of chunks joined later
+                                st.acts = torch.empty(self.act_tokens, E, h.shape[1], dtype=h.dtype)
+                            st.acts[st.n_acts:st.n_acts + keep, e] = h[:keep].cpu()
+                st.n_acts += keep
                 if out is None:
                     continue
                 if st.sum is not None:
@@ -190,9 +192,12 @@ class MergeStats(Collector):
         for name in ("sum", "cos", "gated", "sal"):
             if getattr(st, name) is not None:
                 setattr(st, name, total(getattr(st, name)))
-        if st.acts is not None and cat is not None:
-            rows = st.activations().transpose(0, 1).contiguous().to(st.freq.device)  # [N, E, I]: tokens first
-            st.acts = cat(rows)[:self.act_tokens].transpose(0, 1).cpu()
+        if self.ream and cat is not None:  # every rank joins, one no token reached included
+            rows = st.activations().to(st.freq.device)  # [N, E, I]
+            joined = cat(rows)
+            if joined is not rows:  # several ranks (one process: the same rows, nothing copied)
+                st.acts = joined[:self.act_tokens].cpu()
+                st.n_acts = st.acts.shape[0]
         st.n_tokens = int(total(torch.tensor(float(st.n_tokens), device=st.freq.device)))
 
     def take(self, index: int) -> MergeLayerStats:
@@ -201,8 +206,6 @@ class MergeStats(Collector):
         for name in ("freq", "gram", "sum", "cos", "gated", "sal"):
             if getattr(st, name) is not None:
                 setattr(st, name, getattr(st, name).cpu())
-        if st.acts is not None:
-            st.activations()
         return st
 
     def result(self) -> list[MergeLayerStats]:
