@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MumoeDataError, MumoeError
-from . import expert, heapr
+from . import camera, expert, heapr
 from . import merge as merge_features
 from . import weight as weight_scores
 from .stats import LayerStats
@@ -35,6 +35,9 @@ class Method:
     from_seed: Callable | None = None  # (layers, seed) -> one [E] per layer (a baseline)
     from_atoms: Callable | None = None  # (MoELayer, AtomLayerStats | None) -> [E, I]
     needs_backward: bool = False  # its atom statistics need the loss gradient (one backward pass)
+    atom_gated: bool = False  # its atom statistics need the gated activations' squared sums and maxima (CAMERA-P)
+    weigh: Callable | None = None  # atom grain: (one layer's score parts, AtomPart) -> [E, I] (CAMERA-P's λ)
+    defaults: dict = field(default_factory=dict)  # grain options it runs with unless asked otherwise (atom grain)
     from_norms: Callable | None = None  # (weight, input norms) -> the weight's scores (weight grain)
     from_weight: Callable | None = None  # (weight) -> the weight's scores (weight grain, calibration-free)
     from_files: Callable | None = None  # (checkpoint folder, progress) -> {layer: [E]}, the model never loaded
@@ -93,6 +96,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            from_atoms=heapr.heapr, needs_backward=True, notes=HEAPR_NOTES),
     Method("heapr-token", "atom", True, False, "HEAPr per-token variant: E[h²·(∂L/∂h)²]",
            from_atoms=heapr.heapr_token, needs_backward=True, notes=HEAPR_NOTES),
+    Method("camera-p", "atom", True, False, "CAMERA-P: ‖down[:, k]‖²·[(1−λ)Σ(g·h)² + λ·max (g·h)²] per expert "
+           "neuron (forward only), ranked per layer, layer by layer on the pruned layers before",
+           from_atoms=camera.camera_parts, atom_gated=True, weigh=camera.weigh, defaults={"form": "global", "scope": "layer", "order": "progressive"},
+           notes={"uniform": "the uniform form: every expert keeps its best atoms at one width (an HF checkpoint); "
+                             "the paper's form ranks a layer's atoms together: --form global --scope layer"}),
     Method("atom-act", "atom", True, False, "atom baseline: E[h²]·‖down[:, k]‖²", from_atoms=heapr.atom_act),
     Method("atom-magnitude", "atom", False, False, "atom baseline: weight norm of the neuron's rows/column",
            from_atoms=heapr.atom_magnitude),
@@ -153,7 +161,8 @@ def score_methods(model, names: list[str], calib: torch.Tensor | None, groups: t
         raise MumoeError(f"method {calibrated[0].name!r} needs calibration data (--calib PATH)")
     experts = ExpertStats(layers, any(m.needs_expert_outputs for m in calibrated),
                           n_groups=1 if groups is None else int(groups.max()) + 1)
-    atoms = AtomStats(layers, backward=any(m.needs_backward for m in calibrated))
+    atoms = AtomStats(layers, backward=any(m.needs_backward for m in calibrated),
+                      gated=any(m.atom_gated for m in calibrated))
     norms = InputNorms(model)
     merging = [m for m in calibrated if m.from_merge is not None]
     means = MergeStats(layers, outputs=any("outputs" in m.merge_stats for m in merging),

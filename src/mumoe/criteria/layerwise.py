@@ -18,7 +18,7 @@ from ..errors import MumoeError
 from ..models import adapter_for
 from ..observe.collectors import AtomStats, ExpertStats, InputNorms, MergeStats
 from ..observe.layerwise import LayerwiseCheckpoint
-from ..observe.sequential import SweepInfo, WorkDir, all_cat, all_sum, sweep
+from ..observe.sequential import SweepInfo, WorkDir, all_cat, all_max, all_sum, sweep
 from . import check_tokens, get_method, merge_scores
 
 
@@ -28,7 +28,7 @@ class LayerwiseScores:
     chosen on the way (progressive order), Wanda's input norms (masks are made from them at export)."""
 
     scores: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    keep: dict[int, list[int]] = field(default_factory=dict)
+    keep: dict[int, object] = field(default_factory=dict)  # expert ids, or each expert's kept atoms
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_index: list[int] = field(default_factory=list)  # decoder-layer index of each MoE layer
     info: SweepInfo | None = None
@@ -64,7 +64,7 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
     backward = any(m.needs_backward for m in atom_m)
     experts = ExpertStats(layers, any(m.needs_expert_outputs for m in expert_m),
                           n_groups=1 if groups is None else int(groups.max()) + 1) if expert_m else None
-    atoms = AtomStats(layers, backward=backward) if atom_m else None
+    atoms = AtomStats(layers, backward=backward, gated=any(m.atom_gated for m in atom_m)) if atom_m else None
     norms = InputNorms(model) if wanda else None
     merging = MergeStats(layers, outputs=any("outputs" in m.merge_stats for m in merge_m),
                          pairwise=any("pairwise" in m.merge_stats for m in merge_m),
@@ -89,7 +89,7 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
             norms.reduce(layer_names[j], all_sum)
             out["norms"] = {k: v.cpu() for k, v in norms.result(layer_names[j]).items()}
         if select is not None and j in by_index and (methods[0] in merge_m or (
-                order == "progressive" and methods[0] in expert_m)):
+                order == "progressive" and methods[0] in expert_m + atom_m)):
             # the layer's selection while its weights are resident (the merge grain: its plan, every order)
             out["keep"] = select(by_index[j], out["scores"][methods[0].name])
         for m in merge_m:  # the activation samples served the plan: not kept for the layers after
@@ -98,7 +98,7 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
 
     def atom_layer(j: int) -> dict:
         layer = by_index[j]
-        atoms.reduce(layer, all_sum)
+        atoms.reduce(layer, all_sum, all_max)
         st = atoms.stats[j].to("cpu")
         res = {m.name: m.from_atoms(layer, st) for m in atom_m}
         del atoms.stats[j]

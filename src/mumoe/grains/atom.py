@@ -1,15 +1,17 @@
-"""The atom grain: single neurons of routed experts (HEAPr's atomic experts) removed.
+"""The atom grain: single neurons of routed experts (HEAPr's atomic experts, CAMERA-P's micro-experts) removed.
 
 Forms: uniform (every expert keeps its best (1 − ratio)·I atoms, rounded to a multiple of `width_multiple`; a
 standard HF model with a narrower expert width) or global (the lowest `ratio` of all atoms go, ranked over all
 layers — scope global, HEAPr — or per layer; widths differ per expert: removed atoms are zeroed in memory and
-the export, mumoe's own form, stores only the kept ones).
+the export, mumoe's own form, stores only the kept ones). Scoring order: one-shot (every layer on the unpruned
+model) or progressive (layer ℓ scored on the pruned layers < ℓ: CAMERA-P's own; ranks within a layer).
+Unset options take the method's own defaults (`Method.defaults`), else uniform / global / one-shot.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -17,19 +19,23 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models.keys import expert_width
-from .base import Grain, Plan
+from .base import Grain, LayerwiseHooks, Plan
 
 FORMS = ("uniform", "global")
 SCOPES = ("global", "layer")
+ORDERS = ("one-shot", "progressive")
+DEFAULTS = {"form": "uniform", "scope": "global", "order": "one-shot"}  # unless the method has its own
 
 
 @dataclass(frozen=True)
 class AtomPart:
-    form: str = "uniform"  # uniform: one width for every expert (HF loadable); global: HEAPr's ranking
-    scope: str = "global"  # global form: rank over all layers (HEAPr) or per layer
+    form: str | None = None  # uniform: one width for every expert (HF loadable); global: one ranking, ragged widths
+    scope: str | None = None  # global form: rank over all layers (HEAPr) or per layer (CAMERA-P)
     # uniform form: kept widths are multiples of this (GPU kernels tile by 64/128; llama.cpp's k-quants need
     # 256 for the down projection's rows); recipes written before it existed used 8
     width_multiple: int = 64
+    order: str | None = None  # one-shot | progressive (layer ℓ scored on the pruned layers < ℓ)
+    lambda_max: float | None = None  # CAMERA-P: weight of the largest a² against the sum (None: its default 0.9)
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,25 @@ class AtomPlan(Plan):
         return {j: torch.stack(list(k)) for j, k in self.keep.items()}
 
 
+def score_width(s) -> int:
+    """The expert width I of one layer's scores ([E, I], or the method's parts: a dict of [E, I])."""
+    return (next(iter(s.values())) if isinstance(s, dict) else s).shape[-1]
+
+
+def layer_scores(recipe, scores: list) -> list[torch.Tensor]:
+    """One [E, I] per layer: a method whose scores come in parts has them weighed by the recipe's options."""
+    from ..criteria import get_method
+
+    weigh = get_method(recipe.method).weigh
+    return [weigh(s, recipe.atom) for s in scores] if weigh is not None else scores
+
+
 def make_plan(recipe, layers, scores) -> AtomPlan:
-    """Keep sets chosen from `scores` (one [E, I] per MoE layer) in the recipe's form."""
+    """Keep sets chosen from `scores` (one [E, I] — or the method's parts — per MoE layer) in the recipe's form."""
     from ..select.atoms import keep_global_atoms, keep_uniform_atoms
 
     part = recipe.atom
+    scores = layer_scores(recipe, scores)
     widths = {layer.index: layer.intermediate_size for layer in layers}
     if part.form == "uniform":
         keeps = [keep_uniform_atoms(s, recipe.ratio, part.width_multiple) for s in scores]
@@ -65,13 +85,14 @@ def make_plan(recipe, layers, scores) -> AtomPlan:
     return AtomPlan(uniform=part.form == "uniform", keep=keep, widths=widths)
 
 
-def apply_plan(model: nn.Module, plan: AtomPlan) -> None:
-    """Slice (uniform form: the expert width changes in the config too) or zero (global form) the atoms."""
+def apply_plan(model: nn.Module | None, plan: AtomPlan, layers: list | None = None, set_width: bool = True) -> None:
+    """Slice (uniform form: the expert width changes in the config too, unless not `set_width`) or zero (global
+    form) the atoms of `layers` (None: the model's MoE layers)."""
     from ..apply.atoms import mask_atoms, slice_atoms_uniform
     from ..models import moe_adapter_for
 
-    adapter = moe_adapter_for(model)
-    for layer in adapter.moe_layers():
+    adapter = moe_adapter_for(model) if layers is None or (plan.uniform and set_width) else None
+    for layer in layers if layers is not None else adapter.moe_layers():
         if layer.index not in plan.keep:
             continue
         keep = plan.keep[layer.index]
@@ -82,14 +103,14 @@ def apply_plan(model: nn.Module, plan: AtomPlan) -> None:
             for e, k in enumerate(keep):
                 mask[e, k] = True
             mask_atoms(layer, mask)
-    if plan.uniform:
+    if plan.uniform and set_width:
         adapter.set_expert_width(len(next(iter(plan.keep.values()))[0]))
 
 
 class AtomGrain(Grain):
     name: ClassVar[str] = "atom"
     part: ClassVar[type] = AtomPart
-    flags: ClassVar[tuple[str, ...]] = ("form", "scope", "width_multiple")
+    flags: ClassVar[tuple[str, ...]] = ("form", "scope", "width_multiple", "order", "lambda_max")
     cli: ClassVar[dict[str, dict]] = {
         "form": {"choices": list(FORMS), "help": "atom methods: uniform = same width for every expert (a standard "
                  "checkpoint, default); global = HEAPr's one ranking, per-expert widths (mumoe.load, or transformers "
@@ -99,6 +120,10 @@ class AtomGrain(Grain):
         "width_multiple": {"type": int, "metavar": "N", "help": "atom methods, uniform form: kept expert widths are "
                            "multiples of N (default 64, what GPU kernels tile by; 256 for llama.cpp's "
                            "Q4_K/Q5_K/Q6_K, whose blocks span 256 values of a row)"},
+        "order": {"choices": list(ORDERS), "help": "one-shot = every layer scored on the unpruned model; "
+                  "progressive = layer l scored after layers < l are pruned"},
+        "lambda_max": {"type": float, "metavar": "L", "help": "camera-p: weight of each neuron's largest gated "
+                       "activation against the sum over tokens, in [0, 1] (default 0.9, the authors')"},
     }
     batch_size: ClassVar[int] = 4
 
@@ -106,15 +131,40 @@ class AtomGrain(Grain):
         return AtomPart(**{"width_multiple": 8, **d})  # what a recipe without the field ran with
 
     def check(self, recipe) -> AtomPart:
-        part = recipe.atom
+        from ..criteria import get_method
+        from ..criteria.camera import LAMBDA_MAX
+
+        part, m = recipe.atom, get_method(recipe.method)
         wm = part.width_multiple
         if not isinstance(wm, int) or isinstance(wm, bool) or wm < 1:
             raise MumoeError(f"width_multiple must be a positive integer, got {wm!r}")
-        if part.form not in FORMS:
-            raise MumoeError(f"unknown form {part.form!r}; use uniform or global")
-        if part.scope not in SCOPES:
-            raise MumoeError(f"unknown scope {part.scope!r}; use global or layer")
-        return part
+        own = {**DEFAULTS, **m.defaults}
+        form, scope, order = part.form or own["form"], part.scope or own["scope"], part.order or own["order"]
+        if form not in FORMS:
+            raise MumoeError(f"unknown form {form!r}; use uniform or global")
+        if scope not in SCOPES:
+            raise MumoeError(f"unknown scope {scope!r}; use global or layer")
+        if order not in ORDERS:
+            raise MumoeError(f"unknown scoring order {order!r}; available: {', '.join(ORDERS)}")
+        if order == "progressive":
+            if not m.may_progress or m.needs_backward:
+                why = "its gradients need the whole model" if m.needs_backward else "it reads the weights alone"
+                raise MumoeError(f"{m.name} scores one-shot ({why}); drop --order progressive")
+            if form == "global" and scope == "global":
+                raise MumoeError("the progressive order ranks each layer when it is pruned: use --scope layer "
+                                 "(or --form uniform), not one ranking over all layers")
+        lam = part.lambda_max
+        if m.weigh is None:
+            if lam is not None:
+                raise MumoeError(f"--lambda-max is CAMERA-P's; {m.name} does not take it")
+        else:
+            lam = LAMBDA_MAX if lam is None else lam
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
+                raise MumoeError(f"--lambda-max is a weight in [0, 1], got {lam!r}")
+        return replace(part, form=form, scope=scope, order=order, lambda_max=lam)
+
+    def order(self, part) -> str:
+        return part.order or "one-shot"
 
     def leaves_hf(self, stage) -> bool:
         return stage.part.form == "uniform"
@@ -123,10 +173,21 @@ class AtomGrain(Grain):
         a = recipe.atom
         what = f"atoms ({a.form} form)" + ("" if a.form == "uniform" else " ranked over all layers"
                                            if a.scope == "global" else " ranked per layer")
-        return f"{recipe.ratio:.0%} of {what} with {recipe.method}"
+        how = (", progressive" if a.order == "progressive" else "") + (
+            f", lambda {a.lambda_max:g}" if a.lambda_max is not None else "")
+        return f"{recipe.ratio:.0%} of {what}{how} with {recipe.method}"
 
     def label(self, recipe) -> str:
-        return recipe.method + ("" if recipe.atom.form == "uniform" else f" ({recipe.atom.form})")
+        """The method, plus the options that differ from its own defaults: "heapr (global)", "camera-p (one-shot)"."""
+        from ..criteria import get_method
+        from ..criteria.camera import LAMBDA_MAX
+
+        a, own = recipe.atom, {**DEFAULTS, **get_method(recipe.method).defaults}
+        extra = [v for k, v in (("form", a.form), ("scope", a.scope), ("order", a.order))
+                 if v != own[k] and (k != "scope" or a.form != "uniform")]
+        if a.lambda_max is not None and a.lambda_max != LAMBDA_MAX:
+            extra.append(f"λ{a.lambda_max:g}")
+        return recipe.method + (f" ({', '.join(extra)})" if extra else "")
 
     def check_config(self, recipe, config) -> None:
         from ..select.atoms import uniform_width
@@ -175,12 +236,27 @@ class AtomGrain(Grain):
         from ..models import moe_adapter_for
 
         layers = moe_adapter_for(model).moe_layers()
+        seed, bs = recipe.calib.seed, recipe.calib.batch_size
         t0 = time.perf_counter()
-        if scores is None:
-            scores = score_methods(model, [recipe.method], wins, None, recipe.calib.seed, recipe.calib.batch_size,
-                                   verbose, layers=layers)[recipe.method]  # [E, I] each
-        plan = make_plan(recipe, layers, scores)
-        apply_plan(model, plan)
+        if recipe.atom.order == "progressive":
+            if scores is not None:
+                raise MumoeError("precomputed scores are one-shot; progressive scoring needs its own passes")
+            keep: dict = {}
+            widths = {layer.index: layer.intermediate_size for layer in layers}  # before any is sliced
+            for layer in layers:  # scored on the model whose earlier layers are pruned already
+                s = score_methods(model, [recipe.method], wins, None, seed, bs, verbose, layers=[layer])[recipe.method]
+                one = make_plan(recipe, [layer], s)
+                apply_plan(model, one, set_width=False)
+                keep.update(one.keep)
+            plan = AtomPlan(uniform=recipe.atom.form == "uniform", keep=keep, widths=widths)
+            if plan.uniform:  # every layer sliced: the config's width follows once
+                moe_adapter_for(model).set_expert_width(len(next(iter(keep.values()))[0]))
+        else:
+            if scores is None:
+                scores = score_methods(model, [recipe.method], wins, None, seed, bs, verbose,
+                                       layers=layers)[recipe.method]  # [E, I] each (or the method's parts)
+            plan = make_plan(recipe, layers, scores)
+            apply_plan(model, plan)
         if verbose:
             for e in self.entries(plan):
                 widths = [len(x["kept"]) for x in e["experts"]]
@@ -190,7 +266,27 @@ class AtomGrain(Grain):
         return plan
 
     # -- a checkpoint, layer by layer -------------------------------------------------------------------------
+    def hooks(self, recipe, ckpt, layers: dict) -> LayerwiseHooks:
+        if recipe.atom.order != "progressive":
+            return LayerwiseHooks()
+
+        def select(layer, s) -> tuple[torch.Tensor, ...]:
+            return make_plan(recipe, [layer], [s]).keep[layer.index]
+
+        def prune_layer(j: int, module, res: dict) -> bool:
+            if j not in layers:
+                return False
+            apply_plan(None, AtomPlan(recipe.atom.form == "uniform", {j: res["keep"]}, {}), layers=[layers[j]],
+                       set_width=False)
+            return True
+
+        return LayerwiseHooks(select, prune_layer)
+
     def plan_layerwise(self, recipe, layers: list, res) -> AtomPlan:
+        if recipe.atom.order == "progressive":  # the layers were sliced in the sweep: widths from the scores
+            widths = {layer.index: score_width(s) for layer, s in zip(layers, res.scores[recipe.method])}
+            return AtomPlan(uniform=recipe.atom.form == "uniform", widths=widths,
+                            keep={layer.index: tuple(res.keep[layer.index]) for layer in layers})
         return make_plan(recipe, layers, res.scores[recipe.method])
 
     def transform(self, plan: AtomPlan, ckpt, recipe):

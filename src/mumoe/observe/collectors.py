@@ -298,28 +298,34 @@ class AtomLayerStats:
     h2: torch.Tensor  # Σ h²
     g2: torch.Tensor  # Σ (∂L/∂h)²
     hg2: torch.Tensor  # Σ h²·(∂L/∂h)²
+    a2: torch.Tensor | None = None  # gated=True: Σ a², a = g·h with g the token's combine weight (CAMERA-P)
+    amax: torch.Tensor | None = None  # gated=True: max over tokens of a²
 
     def to(self, device) -> AtomLayerStats:
-        return AtomLayerStats(*(t.to(device) for t in (self.count, self.h2, self.g2, self.hg2)))
+        return AtomLayerStats(*(None if t is None else t.to(device) for t in (
+            self.count, self.h2, self.g2, self.hg2, self.a2, self.amax)))
 
 
 class AtomStats(Collector):
     """h = the down-projection input of each expert on its routed tokens; with backward, ∂L/∂h of the summed
-    LM loss. State per expert: a few length-I vectors, never an H×H matrix."""
+    LM loss; with gated, the sum and the maximum of (g·h)² (g: the token's combine weight). State per expert: a
+    few length-I vectors, never an H×H matrix."""
 
     needs_experts = True
 
-    def __init__(self, layers: list[MoELayer], backward: bool = True) -> None:
+    def __init__(self, layers: list[MoELayer], backward: bool = True, gated: bool = False) -> None:
         self.layers = layers
         self.needs_backward = backward
+        self.gated = gated
         self.stats: dict[int, AtomLayerStats] = {}
 
     def _st(self, layer: MoELayer, device) -> AtomLayerStats:
         st = self.stats.get(layer.index)
         if st is None:
             E, I = layer.num_experts, layer.intermediate_size
+            n = 5 if self.gated else 3
             st = AtomLayerStats(torch.zeros(E, dtype=F64, device=device),
-                                *(torch.zeros(E, I, dtype=F64, device=device) for _ in range(3)))
+                                *(torch.zeros(E, I, dtype=F64, device=device) for _ in range(n)))
             self.stats[layer.index] = st
         return st
 
@@ -329,6 +335,10 @@ class AtomStats(Collector):
         for e, a, b in segs:
             st.count[e] += b - a
             st.h2[e] += (r.h[a:b].double() ** 2).sum(0)
+            if self.gated:
+                a2 = (r.h[a:b].detach().double() * r.weight[a:b].detach().double()[:, None]) ** 2  # [n, I]
+                st.a2[e] += a2.sum(0)
+                torch.maximum(st.amax[e], a2.max(0).values, out=st.amax[e])
         if not self.needs_backward:
             return
         h = r.h  # [S, I], the forward's own values (no extra copy kept for the backward)
@@ -341,11 +351,14 @@ class AtomStats(Collector):
 
         r.on_grad_h(grab)
 
-    def reduce(self, layer: MoELayer, total: Callable) -> None:
-        """Sum `layer`'s statistics across data-parallel ranks (`total` sums a tensor in place)."""
+    def reduce(self, layer: MoELayer, total: Callable, maximum: Callable | None = None) -> None:
+        """Combine `layer`'s statistics across data-parallel ranks (`total` sums a tensor in place, `maximum`
+        takes the elementwise maximum in place)."""
         st = self._st(layer, layer.router_weight.device)
-        for t in (st.count, st.h2, st.g2, st.hg2):
+        for t in (st.count, st.h2, st.g2, st.hg2) + ((st.a2,) if self.gated else ()):
             total(t)
+        if self.gated and maximum is not None:
+            maximum(st.amax)
 
     def result(self) -> list[AtomLayerStats]:
         out = []

@@ -162,6 +162,15 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_max(t: torch.Tensor) -> torch.Tensor:
+    """t's elementwise maximum over ranks, in place (identity in one process)."""
+    import torch.distributed as dist
+
+    if dist_world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_cat(t: torch.Tensor) -> torch.Tensor:
     """Rows of t [n, ...] of every rank, concatenated in rank order (variable n)."""
     import torch.distributed as dist
