@@ -8,7 +8,8 @@ on the same windows: a plain forward (the model as transformers runs it, its def
 hooks); mumoe's REAP statistics pass (`observe.run` with the ExpertStats collector: routing + expert outputs
 from the routed-token dispatch); the routing-only pass (frequency / TCESS / PEU); and, for reference, the way
 mumoe gathered REAP statistics before the runner (a plain forward plus every routed expert recomputed in a
-hook). With --heapr, also the forward+backward pass of HEAPr against a plain forward+backward; with --merge, the
+hook). With --heapr, also the forward+backward pass of HEAPr against a plain forward+backward and CAMERA-P's
+forward-only atom statistics; with --merge, the
 merge grain's statistics passes (HC-SMoE runs every expert on every token: E/top_k times the routed experts'
 work, the floor of its ratio). Ratios are
 paired per repeat (same minute, same windows); the table gives their medians. Writes
@@ -107,7 +108,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--heapr", action="store_true", help="also time HEAPr's forward+backward pass")
+    ap.add_argument("--heapr", action="store_true", help="also time HEAPr's forward+backward pass and CAMERA-P's "
+                    "forward-only atom statistics")
     ap.add_argument("--merge", action="store_true", help="also time the merge statistics: HC-SMoE (every expert on "
                     "every token), Sub-MoE (+ pairwise output cosines), M-SMoE and DERN (routing and logit Gram "
                     "only), REAM (gated outputs, saliency, activation sample)")
@@ -125,7 +127,7 @@ def main() -> None:
     plain(model, windows[: args.batch], args.batch)  # warm-up
     run(model, windows[: args.batch], [ExpertStats(layers)], batch_size=args.batch)
     rows: dict[str, list[float]] = {k: [] for k in ("plain", "reap", "routing", "recompute", "plain_fb", "heapr",
-                                                    "hc_smoe", "sub_moe", "m_smoe", "ream")}
+                                                    "camera", "hc_smoe", "sub_moe", "m_smoe", "ream")}
     for rep in range(args.repeats):
         rows["plain"].append(plain(model, windows, args.batch))
         rows["reap"].append(timed(lambda: run(model, windows, [ExpertStats(layers)], batch_size=args.batch)))
@@ -135,6 +137,8 @@ def main() -> None:
         if args.heapr:
             rows["plain_fb"].append(plain(model, windows, args.batch, backward=True))
             rows["heapr"].append(timed(lambda: run(model, windows, [AtomStats(layers)], batch_size=args.batch)))
+            rows["camera"].append(timed(lambda: run(model, windows, [AtomStats(layers, backward=False, gated=True)],
+                                                    batch_size=args.batch)))
         if args.merge:
             for key, kw in (("hc_smoe", {}), ("sub_moe", {"outputs": False, "pairwise": True}),
                             ("m_smoe", {"outputs": False}), ("ream", {"outputs": False, "ream": True})):
@@ -150,6 +154,7 @@ def main() -> None:
                          "recompute-in-hooks / plain": ratio("recompute", "plain")}}
     if args.heapr:
         result["ratios"]["heapr / plain forward+backward"] = ratio("heapr", "plain_fb")
+        result["ratios"]["camera-p / plain"] = ratio("camera", "plain")
     if args.merge:
         for k in ("hc_smoe", "sub_moe", "m_smoe", "ream"):
             result["ratios"][f"{k} / plain"] = ratio(k, "plain")
@@ -164,6 +169,8 @@ def main() -> None:
         print(f"| plain forward + backward | {statistics.median(rows['plain_fb']):.2f} | – |")
         print(f"| HEAPr statistics (forward + backward) | {statistics.median(rows['heapr']):.2f} | "
               f"{ratio('heapr', 'plain_fb'):.2f} of plain forward + backward |")
+        print(f"| CAMERA-P statistics (forward only: Σ and max of (g·h)² per neuron) | "
+              f"{statistics.median(rows['camera']):.2f} | {ratio('camera', 'plain'):.2f} |")
     if args.merge:
         for k, name in (("hc_smoe", f"HC-SMoE statistics: all {args.experts} experts on every token (MergeStats)"),
                         ("sub_moe", "Sub-MoE statistics: + pairwise output cosines"),

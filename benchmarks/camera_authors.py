@@ -148,7 +148,7 @@ class PerExpert(torch.nn.Module):
         return out.reshape(B, L, H)
 
 
-def theirs(file: Path, repo: Path) -> None:
+def theirs(file: Path, repo: Path, out_file: Path) -> None:
     from transformers import Qwen3MoeForCausalLM
 
     sys.modules.setdefault("faiss", types.ModuleType("faiss"))  # imported by mei.py, never used
@@ -172,9 +172,8 @@ def theirs(file: Path, repo: Path) -> None:
             res["one-shot" if func == "score" else ratio] = {"scores": [i.reshape(len(k), -1) for i, k in
                                                                        zip(imp, kept)], "kept": kept}
         out[name] = res
-    theirs_file = file.with_suffix(".theirs.pt")
-    torch.save(out, theirs_file)
-    print(json.dumps({"file": str(theirs_file)}))
+    torch.save(out, out_file)
+    print(json.dumps({"file": str(out_file)}))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -187,9 +186,10 @@ def main() -> int:
     ap.add_argument("--python", required=True, help="the authors' venv's python")
     ap.add_argument("--repo", type=Path, required=True, help="a checkout of xuyuzhuang11/CAMERA")
     ap.add_argument("--theirs", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.theirs:
-        theirs(Path(args.theirs), args.repo)
+        theirs(Path(args.theirs), args.repo, Path(args.out))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         keep: dict = {}
@@ -198,7 +198,8 @@ def main() -> int:
             ours(file, Path(tmp))
             keep["ours"] = torch.load(file)
 
-        r = run_beside(args.python, __file__, ["--python", args.python, "--repo", str(args.repo)], ours_here)
+        r = run_beside(args.python, __file__, ["--python", args.python, "--repo", str(args.repo), "--out",
+                                               str(Path(tmp) / "theirs.pt")], ours_here)
         their = torch.load(r["file"])
     report: dict = {}
     for name, o in keep["ours"].items():

@@ -109,6 +109,108 @@ def test_progressive_equals_a_slow_loop_and_differs_from_one_shot():
     assert r1.layers[1] != report.layers[1]  # layer 1 is scored on the pruned layer 0 in the progressive order
 
 
+def scaled_shared(model):
+    """The shared experts' down projections × 0.05: on a tiny random model their atoms would otherwise all
+    outscore the routed ones (every token passes them), and none would be removed."""
+    with torch.no_grad():
+        for layer in moe_adapter_for(model).moe_layers():
+            layer.shared.down_proj.weight *= 0.05
+    return model
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_shared_expert_statistics_equal_a_per_token_loop(arch):
+    """The shared expert's atoms on every token: a_s = g_s·h_s with g_s the sigmoid of Qwen2-MoE's shared gate
+    (DeepSeek: 1), h_s its down-projection input, computed from the shared module's own linears; the helper's h_s
+    through down_proj gives the shared module's output."""
+    model = make(arch)
+    layers = moe_adapter_for(model).moe_layers()
+    x = ids(batch=3, length=10)
+    col = AtomStats(layers, backward=False, gated=True)
+    run(model, x, [col], batch_size=2)
+    inputs, hooks = capture_expert_inputs(layers)
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for layer, st in zip(layers, col.result()):
+        hidden = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[layer.index]]).double()  # [30, H]
+        sh = layer.shared.double()
+        with torch.no_grad():
+            h = sh.act_fn(sh.gate_proj(hidden)) * sh.up_proj(hidden)  # [30, I_s]
+            g = torch.sigmoid(layer.shared_gate.double()(hidden)) if arch == "qwen2_moe" else torch.ones(30, 1)
+            assert torch.allclose(sh.down_proj(layer.shared_hidden(hidden)), sh(hidden), atol=1e-12)
+        sh.float()
+        a2 = (g * h) ** 2
+        assert st.shared_a2.shape == (h.shape[1],)
+        assert torch.allclose(st.shared_a2, a2.sum(0), rtol=1e-5, atol=1e-9), arch
+        assert torch.allclose(st.shared_amax, a2.max(0).values, rtol=1e-5, atol=1e-9), arch
+
+
+def test_shared_atoms_ranked_with_the_routed_ones():
+    """One-shot, qwen2_moe at 40% (shared experts scaled down so that some of their atoms go): per layer the E·I
+    routed and I_s shared scores pooled, the lowest
+    round(0.4·(E·I + I_s)) removed — recomputed here from the statistics by hand; the removed shared neurons are
+    zero in the model, the kept ones untouched."""
+    model = make("qwen2_moe")
+    x = ids(batch=4, length=12)
+    model, ref = scaled_shared(model), scaled_shared(make("qwen2_moe"))  # ref: the same weights, left unpruned
+    layers = moe_adapter_for(ref).moe_layers()
+    col = AtomStats(layers, backward=False, gated=True)
+    run(ref, x, [col], batch_size=8)
+    before = {layer.index: layer.shared.gate_proj.weight.detach().clone() for layer in layers}
+    report = api.prune(model, Recipe.build("camera-p", 0.4, calib="tensor", order="one-shot"), calib=x)
+    pruned = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
+    for layer, st, e in zip(layers, col.result(), report.layers):
+        routed = layer.experts.down_proj.detach().double().pow(2).sum(1) * (0.1 * st.a2 + 0.9 * st.amax)
+        shared = layer.shared.down_proj.weight.detach().double().pow(2).sum(0) * (0.1 * st.shared_a2 +
+                                                                                 0.9 * st.shared_amax)
+        pooled = torch.cat([routed.flatten(), shared])
+        n_drop = round(0.4 * pooled.numel())
+        drop = set(torch.argsort(pooled)[:n_drop].tolist())
+        E, I = routed.shape
+        kept_shared = [k for k in range(shared.numel()) if E * I + k not in drop]
+        assert e["shared"] == {"intermediate_size": shared.numel(), "kept": kept_shared}
+        for ex in e["experts"]:
+            assert ex["kept"] == [k for k in range(I) if ex["expert"] * I + k not in drop]
+        w = pruned[layer.index].shared.gate_proj.weight.detach()
+        gone = [k for k in range(shared.numel()) if k not in kept_shared]
+        assert gone and (w[gone] == 0).all() and torch.equal(w[kept_shared], before[layer.index][kept_shared])
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_shared_atom_exports_reload_to_the_same_logits(arch, tmp_path):
+    """Global form with shared-expert atoms: the streamed export equals the in-memory one tensor for tensor, the
+    shared linears stored at their kept width; mumoe.load and transformers with trust_remote_code give the
+    pruned model's logits."""
+    from mumoe.loading import load
+
+    src = tmp_path / "src"
+    scaled_shared(make(arch)).save_pretrained(src)
+    recipe = Recipe.build("camera-p", 0.3, calib="tensor", nsamples=6, seqlen=16)
+    wins = windows()
+    report = prune_layerwise(src, recipe, tmp_path / "streamed", (wins, None, {}), verbose=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref = api.prune(model, recipe, calib=wins)
+    save_pruned(model, tmp_path / "memory", ref)
+    assert report.layers == ref.layers and all("shared" in e for e in ref.layers)
+    a, b = tensors(tmp_path / "streamed"), tensors(tmp_path / "memory")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    name = "shared_expert" if arch == "qwen2_moe" else "shared_experts"
+    for e in ref.layers:
+        down = a[f"model.layers.{e['layer']}.mlp.{name}.down_proj.weight"]
+        assert down.shape[1] == len(e["shared"]["kept"]) < e["shared"]["intermediate_size"]
+    x = windows(2, 12, seed=3)
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", trust_remote_code=True,
+                                                  dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(x).logits
+        assert torch.equal(load(tmp_path / "streamed")(x).logits, want)
+        assert torch.allclose(remote(x).logits, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("opts", [{}, {"form": "uniform", "width_multiple": 4},
                                   {"order": "one-shot", "lambda_max": 0.5}])
 def test_layer_sequential_export_equals_in_memory(opts, tmp_path):

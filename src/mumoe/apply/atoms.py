@@ -42,3 +42,17 @@ def mask_atoms(layer: MoELayer, keep: torch.Tensor) -> None:
         layer.experts.gate_up_proj[:, :I] *= m[:, :, None]
         layer.experts.gate_up_proj[:, I:] *= m[:, :, None]
         layer.experts.down_proj *= m[:, None, :]
+
+
+def mask_shared_atoms(layer: MoELayer, keep: torch.Tensor) -> None:
+    """Zero the shared expert's removed atoms (keep: kept neuron indices [k_s]): gate and up rows (and their
+    biases), down columns — the same function as the shared MLP sliced to its kept neurons."""
+    gate, up, down = layer.shared_linears()
+    drop = torch.ones(down.in_features, dtype=torch.bool)
+    drop[keep] = False
+    with torch.no_grad():
+        for lin in (gate, up):
+            lin.weight[drop.to(lin.weight.device)] = 0
+            if lin.bias is not None:
+                lin.bias[drop.to(lin.bias.device)] = 0
+        down.weight[:, drop.to(down.weight.device)] = 0

@@ -87,6 +87,13 @@ def compact_atom_state(model: nn.Module, report: PruneReport) -> dict:
             if gu_bias is not None:
                 state[f"{prefix}.{e}.gate_up_bias"] = torch.cat([gu_bias[e][k], gu_bias[e][k + I]]).contiguous()
                 state[f"{prefix}.{e}.down_bias"] = dn_bias[e].contiguous()
+        if "shared" in entry:  # the shared expert at its kept width, under its own names
+            k = torch.tensor(entry["shared"]["kept"], dtype=torch.long)
+            for lin, kind in zip(layer.shared_linears(), ("rows", "rows", "cols")):
+                name = names[id(lin)]
+                state[f"{name}.weight"] = (lin.weight[k] if kind == "rows" else lin.weight[:, k]).contiguous()
+                if lin.bias is not None and kind == "rows":
+                    state[f"{name}.bias"] = lin.bias[k].contiguous()
     return state
 
 
@@ -187,6 +194,21 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
                     b = state.pop(f"{prefix}.{e}.gate_up_bias").to(dtype)
                     gu_bias[e, k], gu_bias[e, k + I] = b[: len(k)], b[len(k):]
                     dn_bias[e] = state.pop(f"{prefix}.{e}.down_bias").to(dtype)
+            if "shared" in entry:  # the shared expert's kept neurons into its full-width linears, the rest zero
+                k = torch.tensor(entry["shared"]["kept"], dtype=torch.long)
+                for lin, kind in zip(layer.shared_linears(), ("rows", "rows", "cols")):
+                    name = names[id(lin)]
+                    fused |= {f"{name}.weight"}
+                    lin.weight.zero_()
+                    w = state.pop(f"{name}.weight").to(dtype)
+                    if kind == "rows":
+                        lin.weight[k] = w
+                    else:
+                        lin.weight[:, k] = w
+                    if lin.bias is not None and kind == "rows":
+                        fused |= {f"{name}.bias"}
+                        lin.bias.zero_()
+                        lin.bias[k] = state.pop(f"{name}.bias").to(dtype)
     _load_checked(model, fuse_legacy_experts(state, model), path, filled=fused)
     return model.to(dtype).eval()
 
@@ -215,7 +237,8 @@ def remote_code(cfg: dict, folder: Path, report: PruneReport) -> dict:
     if report.form == "mumoe":
         layers = report.moe_shapes()
     else:
-        layers = [{"layer": e["layer"], "widths": [len(x["kept"]) for x in e["experts"]]} for e in report.layers]
+        layers = [{"layer": e["layer"], "widths": [len(x["kept"]) for x in e["experts"]],
+                   **({"shared_width": len(e["shared"]["kept"])} if "shared" in e else {})} for e in report.layers]
     cfg = dict(cfg)
     cfg["architectures"] = [REMOTE_CLASS]
     cfg["mumoe_base_architecture"] = base

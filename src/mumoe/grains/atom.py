@@ -11,7 +11,7 @@ Unset options take the method's own defaults (`Method.defaults`), else uniform /
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -41,11 +41,15 @@ class AtomPart:
 @dataclass(frozen=True)
 class AtomPlan(Plan):
     """Kept atoms of every routed expert: decoder-layer index -> one sorted index tensor per expert ([k_e]);
-    the uniform form keeps the same count k in every expert. widths: each layer's expert width before."""
+    the uniform form keeps the same count k in every expert. widths: each layer's expert width before.
+    shared: the kept neurons of a layer's shared expert ([k_s], sorted) where they were ranked too (CAMERA-P's
+    global form); shared_widths: that expert's width before."""
 
     uniform: bool
     keep: dict[int, tuple[torch.Tensor, ...]]
     widths: dict[int, int]
+    shared: dict[int, torch.Tensor] = field(default_factory=dict)
+    shared_widths: dict[int, int] = field(default_factory=dict)
 
     def export_form(self) -> str:
         return "hf" if self.uniform else "mumoe-atoms"
@@ -54,14 +58,19 @@ class AtomPlan(Plan):
         """The uniform form's keep sets as one [E, k] tensor per layer."""
         return {j: torch.stack(list(k)) for j, k in self.keep.items()}
 
+    def layer(self, j: int) -> dict:
+        """One layer's choice as plain containers (what a layer-sequential run keeps in its work dir)."""
+        return {"experts": self.keep[j], "shared": self.shared.get(j)}
+
 
 def score_width(s) -> int:
-    """The expert width I of one layer's scores ([E, I], or the method's parts: a dict of [E, I])."""
+    """The expert width I of one layer's scores ([E, I], or the method's parts: a dict of [E, I] first)."""
     return (next(iter(s.values())) if isinstance(s, dict) else s).shape[-1]
 
 
-def layer_scores(recipe, scores: list) -> list[torch.Tensor]:
-    """One [E, I] per layer: a method whose scores come in parts has them weighed by the recipe's options."""
+def layer_scores(recipe, scores: list) -> list:
+    """One [E, I] per layer — or {"routed": [E, I], "shared": [I_s]} where a shared expert's atoms are ranked
+    too: a method whose scores come in parts has them weighed by the recipe's options."""
     from ..criteria import get_method
 
     weigh = get_method(recipe.method).weigh
@@ -69,26 +78,36 @@ def layer_scores(recipe, scores: list) -> list[torch.Tensor]:
 
 
 def make_plan(recipe, layers, scores) -> AtomPlan:
-    """Keep sets chosen from `scores` (one [E, I] — or the method's parts — per MoE layer) in the recipe's form."""
+    """Keep sets chosen from `scores` (one [E, I] — or the method's parts — per MoE layer) in the recipe's form.
+    Shared-expert scores join the ranking of the global form (routed atoms first among equal scores); the
+    uniform form leaves shared experts whole."""
     from ..select.atoms import keep_global_atoms, keep_uniform_atoms
 
     part = recipe.atom
     scores = layer_scores(recipe, scores)
+    routed = [s["routed"] if isinstance(s, dict) else s for s in scores]
     widths = {layer.index: layer.intermediate_size for layer in layers}
     if part.form == "uniform":
-        keeps = [keep_uniform_atoms(s, recipe.ratio, part.width_multiple) for s in scores]
+        keeps = [keep_uniform_atoms(s, recipe.ratio, part.width_multiple) for s in routed]
         keep = {layer.index: tuple(k[e].long() for e in range(k.shape[0])) for layer, k in zip(layers, keeps)}
-    else:
-        masks = keep_global_atoms(scores, recipe.ratio, part.scope)
-        keep = {layer.index: tuple(torch.nonzero(mk[e]).flatten() for e in range(mk.shape[0]))
-                for layer, mk in zip(layers, masks)}
-    return AtomPlan(uniform=part.form == "uniform", keep=keep, widths=widths)
+        return AtomPlan(uniform=True, keep=keep, widths=widths)
+    shared_s = [s.get("shared") if isinstance(s, dict) else None for s in scores]
+    pooled = [r.flatten() if sh is None else torch.cat([r.flatten(), sh]) for r, sh in zip(routed, shared_s)]
+    masks = keep_global_atoms(pooled, recipe.ratio, part.scope)  # [E·I (+ I_s)] each
+    keep, shared, shared_widths = {}, {}, {}
+    for layer, r, sh, mk in zip(layers, routed, shared_s, masks):
+        E, I = r.shape
+        keep[layer.index] = tuple(torch.nonzero(m).flatten() for m in mk[:E * I].view(E, I))
+        if sh is not None:
+            shared[layer.index] = torch.nonzero(mk[E * I:]).flatten()
+            shared_widths[layer.index] = sh.numel()
+    return AtomPlan(uniform=False, keep=keep, widths=widths, shared=shared, shared_widths=shared_widths)
 
 
 def apply_plan(model: nn.Module | None, plan: AtomPlan, layers: list | None = None, set_width: bool = True) -> None:
     """Slice (uniform form: the expert width changes in the config too, unless not `set_width`) or zero (global
-    form) the atoms of `layers` (None: the model's MoE layers)."""
-    from ..apply.atoms import mask_atoms, slice_atoms_uniform
+    form: shared-expert atoms too) the atoms of `layers` (None: the model's MoE layers)."""
+    from ..apply.atoms import mask_atoms, mask_shared_atoms, slice_atoms_uniform
     from ..models import moe_adapter_for
 
     adapter = moe_adapter_for(model) if layers is None or (plan.uniform and set_width) else None
@@ -103,8 +122,29 @@ def apply_plan(model: nn.Module | None, plan: AtomPlan, layers: list | None = No
             for e, k in enumerate(keep):
                 mask[e, k] = True
             mask_atoms(layer, mask)
+        if layer.index in plan.shared:
+            mask_shared_atoms(layer, plan.shared[layer.index])
     if plan.uniform and set_width:
         adapter.set_expert_width(len(next(iter(plan.keep.values()))[0]))
+
+
+def from_layers(recipe, chosen: dict[int, dict], widths: dict[int, int],
+                shared_widths: dict[int, int] | None = None) -> AtomPlan:
+    """A plan from per-layer choices as `AtomPlan.layer` writes them."""
+    return AtomPlan(uniform=recipe.atom.form == "uniform", widths=widths,
+                    keep={j: tuple(c["experts"]) for j, c in chosen.items()},
+                    shared={j: c["shared"] for j, c in chosen.items() if c.get("shared") is not None},
+                    shared_widths=shared_widths or {})
+
+
+def merge_plans(plans: list[AtomPlan], widths: dict[int, int]) -> AtomPlan:
+    """One plan from per-layer plans (the progressive order), with the widths from before any was applied."""
+    out = AtomPlan(uniform=plans[0].uniform, keep={}, widths=widths)
+    for p in plans:
+        out.keep.update(p.keep)
+        out.shared.update(p.shared)
+        out.shared_widths.update(p.shared_widths)
+    return out
 
 
 class AtomGrain(Grain):
@@ -241,16 +281,15 @@ class AtomGrain(Grain):
         if recipe.atom.order == "progressive":
             if scores is not None:
                 raise MumoeError("precomputed scores are one-shot; progressive scoring needs its own passes")
-            keep: dict = {}
+            plans = []
             widths = {layer.index: layer.intermediate_size for layer in layers}  # before any is sliced
             for layer in layers:  # scored on the model whose earlier layers are pruned already
                 s = score_methods(model, [recipe.method], wins, None, seed, bs, verbose, layers=[layer])[recipe.method]
-                one = make_plan(recipe, [layer], s)
-                apply_plan(model, one, set_width=False)
-                keep.update(one.keep)
-            plan = AtomPlan(uniform=recipe.atom.form == "uniform", keep=keep, widths=widths)
+                plans.append(make_plan(recipe, [layer], s))
+                apply_plan(model, plans[-1], layers=[layer], set_width=False)
+            plan = merge_plans(plans, widths)
             if plan.uniform:  # every layer sliced: the config's width follows once
-                moe_adapter_for(model).set_expert_width(len(next(iter(keep.values()))[0]))
+                moe_adapter_for(model).set_expert_width(len(next(iter(plan.keep.values()))[0]))
         else:
             if scores is None:
                 scores = score_methods(model, [recipe.method], wins, None, seed, bs, verbose,
@@ -270,14 +309,13 @@ class AtomGrain(Grain):
         if recipe.atom.order != "progressive":
             return LayerwiseHooks()
 
-        def select(layer, s) -> tuple[torch.Tensor, ...]:
-            return make_plan(recipe, [layer], [s]).keep[layer.index]
+        def select(layer, s) -> dict:
+            return make_plan(recipe, [layer], [s]).layer(layer.index)
 
         def prune_layer(j: int, module, res: dict) -> bool:
             if j not in layers:
                 return False
-            apply_plan(None, AtomPlan(recipe.atom.form == "uniform", {j: res["keep"]}, {}), layers=[layers[j]],
-                       set_width=False)
+            apply_plan(None, from_layers(recipe, {j: res["keep"]}, {}), layers=[layers[j]], set_width=False)
             return True
 
         return LayerwiseHooks(select, prune_layer)
@@ -285,8 +323,9 @@ class AtomGrain(Grain):
     def plan_layerwise(self, recipe, layers: list, res) -> AtomPlan:
         if recipe.atom.order == "progressive":  # the layers were sliced in the sweep: widths from the scores
             widths = {layer.index: score_width(s) for layer, s in zip(layers, res.scores[recipe.method])}
-            return AtomPlan(uniform=recipe.atom.form == "uniform", widths=widths,
-                            keep={layer.index: tuple(res.keep[layer.index]) for layer in layers})
+            return from_layers(recipe, {layer.index: res.keep[layer.index] for layer in layers}, widths,
+                               {layer.index: s["shared_energy"].numel() for layer, s in
+                                zip(layers, res.scores[recipe.method]) if isinstance(s, dict) and "shared_energy" in s})
         return make_plan(recipe, layers, res.scores[recipe.method])
 
     def transform(self, plan: AtomPlan, ckpt, recipe):
@@ -297,7 +336,8 @@ class AtomGrain(Grain):
             keep = plan.stacked()
             width = next(iter(keep.values())).shape[-1]
             return atom_transform(keep, ckpt.rename), width_changes(type(adapter_for(ckpt.model)), ckpt.config, width)
-        return atom_ragged_transform({j: list(k) for j, k in plan.keep.items()}, ckpt.rename), {}
+        return atom_ragged_transform({j: list(k) for j, k in plan.keep.items()}, ckpt.rename,
+                                     shared_atom_keys(ckpt.model, plan.shared)), {}
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: AtomPlan) -> list[dict]:
@@ -307,6 +347,8 @@ class AtomGrain(Grain):
             if plan.uniform:
                 e["kept_width"] = len(keep[0])
             e["experts"] = [{"expert": i, "kept": k.tolist()} for i, k in enumerate(keep)]
+            if j in plan.shared:
+                e["shared"] = {"intermediate_size": plan.shared_widths[j], "kept": plan.shared[j].tolist()}
             out.append(e)
         return out
 
@@ -318,7 +360,29 @@ class AtomGrain(Grain):
     def summary(self, entries: list[dict]) -> str:
         widths = [len(x["kept"]) for e in entries for x in e["experts"]]
         total = sum(e["intermediate_size"] * e["num_experts"] for e in entries)
-        return f"{sum(widths):,} of {total:,} atoms (per expert {min(widths)}..{max(widths)})"
+        shared = [e["shared"] for e in entries if "shared" in e]
+        tail = "" if not shared else (f"; shared experts {sum(len(x['kept']) for x in shared):,} of "
+                                      f"{sum(x['intermediate_size'] for x in shared):,}")
+        return f"{sum(widths):,} of {total:,} atoms (per expert {min(widths)}..{max(widths)}){tail}"
+
+
+def shared_atom_keys(model: nn.Module, shared: dict[int, torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]]:
+    """The tensors of the shared experts whose atoms `shared` keeps (layer -> kept neurons [k_s]), by their
+    name in `model`: gate and up rows ("rows": weight [I_s, H], bias [I_s]), down columns ("cols": [H, I_s])."""
+    if not shared:
+        return {}
+    from ..models import moe_adapter_for
+
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for layer in moe_adapter_for(model).moe_layers():
+        if layer.index in shared:
+            k = shared[layer.index]
+            for lin, kind in zip(layer.shared_linears(), ("rows", "rows", "cols")):
+                out[f"{names[id(lin)]}.weight"] = (kind, k)
+                if lin.bias is not None and kind == "rows":
+                    out[f"{names[id(lin)]}.bias"] = (kind, k)
+    return out
 
 
 def width_changes(adapter_cls, config, width: int) -> dict:

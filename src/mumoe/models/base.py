@@ -163,6 +163,28 @@ class MoELayer:
         """f_i(x) = down_i(act(gate_i x) * up_i x), before the combine weight. x [T, H] -> [T, H]."""
         return self.expert_output(i, self.expert_hidden(i, x))
 
+    # ---- the shared expert (a gated MLP beside the routed ones) -------------------------------
+    def shared_linears(self) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
+        """The shared expert's gate_proj, up_proj and down_proj where it is a gated MLP of three linears (its
+        neurons are atoms too); None where there is no shared expert or it is built otherwise."""
+        if self.shared is None:
+            return None
+        parts = tuple(getattr(self.shared, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+        return parts if all(isinstance(p, nn.Linear) for p in parts) else None
+
+    def shared_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared expert's down-projection input act(gate x)·(up x). x [T, H] -> [T, I_s]."""
+        gate, up, _ = self.shared_linears()
+        act = getattr(self.shared, "act_fn", None) or getattr(self.shared, "activation_fn", None) or self.act_fn
+        return act(gate(x)) * up(x)
+
+    def shared_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """What the block multiplies the shared expert's output by: the sigmoid of its gate (Qwen2-MoE style) or
+        1. x [T, H] -> [T, 1]."""
+        if self.shared_gate is None:
+            return x.new_ones(x.shape[0], 1)
+        return torch.sigmoid(self.shared_gate(x))
+
 
 @dataclass
 class DenseLinear:

@@ -300,10 +300,12 @@ class AtomLayerStats:
     hg2: torch.Tensor  # Σ h²·(∂L/∂h)²
     a2: torch.Tensor | None = None  # gated=True: Σ a², a = g·h with g the token's combine weight (CAMERA-P)
     amax: torch.Tensor | None = None  # gated=True: max over tokens of a²
+    shared_a2: torch.Tensor | None = None  # gated=True, a shared expert: [I_s] Σ over all tokens of (g_s·h_s)²
+    shared_amax: torch.Tensor | None = None  # [I_s] its maximum (g_s: the shared gate's sigmoid, or 1)
 
     def to(self, device) -> AtomLayerStats:
         return AtomLayerStats(*(None if t is None else t.to(device) for t in (
-            self.count, self.h2, self.g2, self.hg2, self.a2, self.amax)))
+            self.count, self.h2, self.g2, self.hg2, self.a2, self.amax, self.shared_a2, self.shared_amax)))
 
 
 class AtomStats(Collector):
@@ -326,8 +328,21 @@ class AtomStats(Collector):
             n = 5 if self.gated else 3
             st = AtomLayerStats(torch.zeros(E, dtype=F64, device=device),
                                 *(torch.zeros(E, I, dtype=F64, device=device) for _ in range(n)))
+            shared = layer.shared_linears() if self.gated else None
+            if shared is not None:
+                st.shared_a2, st.shared_amax = (torch.zeros(shared[2].in_features, dtype=F64, device=device)
+                                                for _ in range(2))
             self.stats[layer.index] = st
         return st
+
+    def _shared(self, st: AtomLayerStats, layer: MoELayer, x: torch.Tensor, chunk: int = 1024) -> None:
+        """The shared expert's gated activations on every token of x [T, H], `chunk` rows at a time."""
+        with torch.no_grad():
+            for s in range(0, x.shape[0], chunk):
+                xs = x[s:s + chunk].detach()
+                a2 = (layer.shared_hidden(xs).double() * layer.shared_weight(xs).double()) ** 2  # [c, I_s]
+                st.shared_a2 += a2.sum(0)
+                torch.maximum(st.shared_amax, a2.max(0).values, out=st.shared_amax)
 
     def on_routed(self, r: Routed) -> None:
         st = self._st(r.layer, r.h.device)
@@ -339,6 +354,8 @@ class AtomStats(Collector):
                 a2 = (r.h[a:b].detach().double() * r.weight[a:b].detach().double()[:, None]) ** 2  # [n, I]
                 st.a2[e] += a2.sum(0)
                 torch.maximum(st.amax[e], a2.max(0).values, out=st.amax[e])
+        if self.gated and st.shared_a2 is not None:
+            self._shared(st, r.layer, r.route.hidden)
         if not self.needs_backward:
             return
         h = r.h  # [S, I], the forward's own values (no extra copy kept for the backward)
@@ -357,8 +374,12 @@ class AtomStats(Collector):
         st = self._st(layer, layer.router_weight.device)
         for t in (st.count, st.h2, st.g2, st.hg2) + ((st.a2,) if self.gated else ()):
             total(t)
+        if st.shared_a2 is not None:
+            total(st.shared_a2)
         if self.gated and maximum is not None:
             maximum(st.amax)
+            if st.shared_amax is not None:
+                maximum(st.shared_amax)
 
     def result(self) -> list[AtomLayerStats]:
         out = []

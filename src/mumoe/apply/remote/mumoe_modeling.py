@@ -14,6 +14,7 @@ reshaped from config.mumoe_layers before the weights are read:
     {"layer": i, "widths": [k_0, ..., k_E]}  expert e keeps k_e atoms: per-expert tensors
                                              mlp.experts.<e>.gate_up [2k_e, H] and mlp.experts.<e>.down [H, k_e]
                                              (+ <e>.gate_up_bias [2k_e], <e>.down_bias [H] where experts have biases)
+    {..., "shared_width": k_s}               the shared expert keeps k_s neurons (its gate/up rows, down columns)
 Engines that build their own model from the config (llama.cpp's converter, vLLM) do not know the
 architecture name "MumoeForCausalLM" and refuse it; export with a uniform form for them.
 """
@@ -160,6 +161,14 @@ def reshape_layers(model: nn.Module, config) -> None:
             dtype = mlp.experts.down_proj.dtype
             mlp.experts = RaggedExperts([int(k) for k in entry["widths"]], text.hidden_size, text.hidden_act, dtype,
                                         mlp.experts)
+        if "shared_width" in entry:  # the shared expert's neurons pruned too: its three linears at the kept width
+            shared = next(part for part in (getattr(mlp, a, None) for a in _SHARED) if hasattr(part, "down_proj"))
+            k = int(entry["shared_width"])
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                old = getattr(shared, name)
+                shape = (old.in_features, k) if name != "down_proj" else (k, old.out_features)
+                setattr(shared, name, nn.Linear(*shape, bias=old.bias is not None, dtype=old.weight.dtype,
+                                                device=old.weight.device))
 
 
 _Base = getattr(transformers, BASE_CLASS)
