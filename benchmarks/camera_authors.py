@@ -5,17 +5,20 @@ venv of its own (never committed).
     python3.11 -m venv /tmp/authors-venv && /tmp/authors-venv/bin/pip install torch==2.13.0 transformers
     python benchmarks/camera_authors.py --python /tmp/authors-venv/bin/python --repo /tmp/authors/CAMERA
 
-Here (our venv): the tiny qwen3_moe and the bundled model (fp32) are saved as checkpoints with their calibration
+Here (our venv): the tiny qwen3_moe, a tiny qwen2_moe with a shared expert (its width 8 × the experts' — the shape
+their Qwen2 branch's `make_pruned_module` assumes, `e >= 8`, Qwen2-57B-A14B's; its down projection × 0.05 so that
+shared atoms compete with routed ones) and the bundled model (fp32) are saved as checkpoints with their calibration
 windows; mumoe scores them with `camera-p` one-shot (every layer on the unpruned model) and progressive (the
 product's own run, `mumoe.prune(..., "camera-p", ratio)`: its kept atoms per layer; the scores it ranked are
 recomputed layer by layer on the model pruned as it says). There (the authors' venv, transformers 5.x): their
-`qwen3_importance` loop from `qwen3.py` and their `MEI` class from `mei.py`, on the same checkpoint and windows,
+`qwen3_importance` / `qwen2_importance` loops from `qwen3.py` / `qwen2.py` and their `MEI` class from `mei.py`, on the same checkpoint and windows,
 `--func prune` (progressive: each layer's importance, then `make_pruned_module`, then the layer's outputs
 recomputed) and `--func score` (no pruning: one-shot importances). Two patches, both applied to the source text at
 load time: (1) `mei.py`'s Qwen3 branch hard-codes top-8 routing (`k=8`): the block's own top_k instead (the bundled
 model routes top-2); (2) their code reads per-expert modules (`experts[i].up_proj.weight`), transformers 5 fuses
 the experts: each MoE block is swapped for a per-expert stand-in holding the same weights and computing the same
-routing and sum (not a patch of their file: a module they read). Not patched: `import faiss` (unused) is satisfied
+routing and sum, the Qwen2 shared expert and its gate kept as they are (not a patch of their file: a module they
+read). Scores are compared in their order: the shared expert's neurons first, then expert by expert. Not patched: `import faiss` (unused) is satisfied
 by an empty module; their DEV is not used (the loop takes the device: cpu). Their loop takes `layer(...)[0]` of a
 decoder layer that returns a tensor in transformers 5: with --chunk-size 1 (used here) that is the one window.
 λ = 0.9 (their run script's --reduce_ratio). Prints per model, order and ratio the largest relative score
@@ -50,6 +53,15 @@ def models():
 
     gen = torch.Generator().manual_seed(0)
     yield "tiny qwen3_moe", lambda: tiny_model("qwen3_moe", seed=0), torch.randint(3, 128, (8, 32), generator=gen)
+
+    def qwen2():
+        m = tiny_model("qwen2_moe", seed=0, shared_expert_intermediate_size=128)  # 8 × the expert width 16
+        with torch.no_grad():
+            for layer in m.model.layers:  # so that some shared atoms rank below routed ones
+                layer.mlp.shared_expert.down_proj.weight *= 0.05
+        return m
+
+    yield "tiny qwen2_moe (shared expert)", qwen2, torch.randint(3, 128, (8, 32), generator=gen)
     model, tok = mumoe.load_default()
     wins = torch.cat([windows(tokenize(tok, (DATA / d / "calib.txt").read_text("utf-8")), 256, 2)
                       for d in ("code", "docs", "kernel", "prose")])
@@ -61,10 +73,19 @@ def models():
     yield "bundled model", bundled, wins
 
 
+def flat(parts: dict) -> torch.Tensor:
+    """One layer's CAMERA-P scores in the authors' order: the shared expert's neurons first (where there is one),
+    then expert by expert. [I_s + E·I]"""
+    from mumoe.criteria import camera
+
+    routed = camera.camera_score(parts, LAMBDA).flatten()
+    return routed if "shared_energy" not in parts else torch.cat([camera.camera_score(parts, LAMBDA, "shared_"), routed])
+
+
 def ours(file: Path, folder: Path) -> None:
     from mumoe import api
-    from mumoe.apply.atoms import mask_atoms
-    from mumoe.criteria import camera, score_methods
+    from mumoe.apply.atoms import mask_atoms, mask_shared_atoms
+    from mumoe.criteria import score_methods
     from mumoe.models import moe_adapter_for
     from mumoe.recipe import Recipe
 
@@ -75,23 +96,29 @@ def ours(file: Path, folder: Path) -> None:
         model = build().eval()
         layers = moe_adapter_for(model).moe_layers()
         parts = score_methods(model, ["camera-p"], wins, batch_size=4)["camera-p"]
-        entry = {"path": str(path), "wins": wins, "one-shot": [camera.camera_score(p, LAMBDA) for p in parts],
-                 "progressive": {}}
+        entry = {"path": str(path), "wins": wins, "one-shot": [flat(p) for p in parts], "progressive": {}}
         for ratio in RATIOS:
             m = build().eval()
             report = api.prune(m, Recipe.build("camera-p", ratio, calib="tensor", batch_size=4), calib=wins)
-            kept = {e["layer"]: e["experts"] for e in report.layers}
+            kept = {e["layer"]: e for e in report.layers}
             ref = build().eval()  # the scores the product ranked: each layer on the layers before, pruned as it says
-            scores, masks = [], []
+            scores, masks, shared_removed = [], [], []
             for layer in moe_adapter_for(ref).moe_layers():
                 p = score_methods(ref, ["camera-p"], wins, batch_size=4, layers=[layer])["camera-p"][0]
-                scores.append(camera.camera_score(p, LAMBDA))
+                scores.append(flat(p))
                 mask = torch.zeros(layer.num_experts, layer.intermediate_size, dtype=torch.bool)
-                for x in kept[layer.index]:
+                for x in kept[layer.index]["experts"]:
                     mask[x["expert"], x["kept"]] = True
                 mask_atoms(layer, mask)
-                masks.append(mask)
-            entry["progressive"][ratio] = {"scores": scores, "kept": masks}
+                shared = kept[layer.index].get("shared")
+                if shared is not None:
+                    mask_shared_atoms(layer, torch.tensor(shared["kept"], dtype=torch.long))
+                    smask = torch.zeros(shared["intermediate_size"], dtype=torch.bool)
+                    smask[shared["kept"]] = True
+                    shared_removed.append(int((~smask).sum()))
+                    mask = torch.cat([smask, mask.flatten()])
+                masks.append(mask.flatten())
+            entry["progressive"][ratio] = {"scores": scores, "kept": masks, "shared_removed": shared_removed}
         entry["layers"] = [layer.index for layer in layers]
         saved[name] = entry
     torch.save(saved, file)
@@ -129,6 +156,8 @@ class PerExpert(torch.nn.Module):
             lin.weight.data = w.clone()
             return lin
 
+        self.shared_expert = getattr(block, "shared_expert", None)  # Qwen2-MoE: read as it is (gate/up/down, .config)
+        self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
         self.experts = torch.nn.ModuleList()
         for e in range(E):
             ex = torch.nn.Module()
@@ -145,32 +174,39 @@ class PerExpert(torch.nn.Module):
             if len(tok):
                 y = ex.down_proj(self.act(ex.gate_proj(x[tok])) * ex.up_proj(x[tok])) * weights[tok, pos, None]
                 out.index_add_(0, tok, y.to(out.dtype))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(B, L, H)
 
 
 def theirs(file: Path, repo: Path, out_file: Path) -> None:
-    from transformers import Qwen3MoeForCausalLM
+    from transformers import AutoModelForCausalLM
 
     sys.modules.setdefault("faiss", types.ModuleType("faiss"))  # imported by mei.py, never used
     sys.path.insert(0, str(repo))
     load_source(repo / "mei.py", "mei", [("k=8, dim=-1)", "k=self.module.top_k, dim=-1)")])
-    qwen3 = load_source(repo / "qwen3.py", "camera_qwen3")
+    loops = {"qwen3_moe": (load_source(repo / "qwen3.py", "camera_qwen3"), "qwen3_importance"),
+             "qwen2_moe": (load_source(repo / "qwen2.py", "camera_qwen2"), "qwen2_importance")}
     saved = torch.load(file)
     out = {}
     for name, d in saved.items():
         res = {}
         for func, ratio in [("score", None)] + [("prune", r) for r in RATIOS]:
-            model = Qwen3MoeForCausalLM.from_pretrained(d["path"], dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(d["path"], dtype=torch.float32).eval()
+            module, loop = loops[model.config.model_type]
             for layer in model.model.layers:
                 layer.mlp = PerExpert(layer.mlp)
             wins = d["wins"]
-            qwen3.args = types.SimpleNamespace(nsamples=len(wins), calib_length=wins.shape[1], chunk_size=1,
-                                               reduce_ratio=LAMBDA, func=func, pratio=ratio or 0.0)
-            imp = qwen3.qwen3_importance(model, [(w[None], None) for w in wins], torch.device("cpu"))
-            kept = [torch.stack([ex.up_proj.weight.abs().sum(1) != 0 for ex in layer.mlp.experts])
-                    for layer in model.model.layers]  # [E, I]: the atoms make_pruned_module left
-            res["one-shot" if func == "score" else ratio] = {"scores": [i.reshape(len(k), -1) for i, k in
-                                                                       zip(imp, kept)], "kept": kept}
+            module.args = types.SimpleNamespace(nsamples=len(wins), calib_length=wins.shape[1], chunk_size=1,
+                                                reduce_ratio=LAMBDA, func=func, pratio=ratio or 0.0)
+            imp = getattr(module, loop)(model, [(w[None], None) for w in wins], torch.device("cpu"))
+            kept = []  # per layer, the atoms make_pruned_module left, in the importance's order
+            for layer in model.model.layers:
+                k = torch.stack([ex.up_proj.weight.abs().sum(1) != 0 for ex in layer.mlp.experts]).flatten()
+                if layer.mlp.shared_expert is not None:
+                    k = torch.cat([layer.mlp.shared_expert.up_proj.weight.abs().sum(1) != 0, k])
+                kept.append(k)
+            res["one-shot" if func == "score" else ratio] = {"scores": imp, "kept": kept}
         out[name] = res
     torch.save(out, out_file)
     print(json.dumps({"file": str(out_file)}))
@@ -204,21 +240,24 @@ def main() -> int:
     report: dict = {}
     for name, o in keep["ours"].items():
         t = their[name]
-        rows = {"one-shot": {"max_rel_score_diff": max(rel(a, b) for a, b in zip(o["one-shot"], t["one-shot"]["scores"]))}}
+        rows = {"one-shot": {"max_rel_score_diff": max(rel(a, b.flatten()) for a, b in
+                                                       zip(o["one-shot"], t["one-shot"]["scores"]))}}
         for ratio in RATIOS:
             mine, theirs_ = o["progressive"][ratio], t[ratio]
             same = [bool(torch.equal(a, b)) for a, b in zip(mine["kept"], theirs_["kept"])]
             rows[f"progressive {ratio:g}"] = {
-                "max_rel_score_diff": max(rel(a, b) for a, b in zip(mine["scores"], theirs_["scores"])),
+                "max_rel_score_diff": max(rel(a, b.flatten()) for a, b in zip(mine["scores"], theirs_["scores"])),
                 "same_removed_atoms_per_layer": same,
                 "removed_per_layer": [int((~k).sum()) for k in mine["kept"]],
+                "shared_removed_per_layer": mine["shared_removed"],
                 "differing_atoms": sum(int((a != b).sum()) for a, b in zip(mine["kept"], theirs_["kept"]))}
         report[name] = rows
         for k, v in rows.items():
             extra = "" if "same_removed_atoms_per_layer" not in v else (
                 f", removed atoms equal in {sum(v['same_removed_atoms_per_layer'])}/"
-                f"{len(v['same_removed_atoms_per_layer'])} layers (removed per layer {v['removed_per_layer']}, "
-                f"{v['differing_atoms']} atoms differ)")
+                f"{len(v['same_removed_atoms_per_layer'])} layers (removed per layer {v['removed_per_layer']}"
+                + (f", of them shared {v['shared_removed_per_layer']}" if v["shared_removed_per_layer"] else "")
+                + f", {v['differing_atoms']} atoms differ)")
             print(f"{name}, {k}: max relative score difference {v['max_rel_score_diff']:.1e}{extra}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1))

@@ -86,7 +86,8 @@ class LineProgress:
 
     def line(self, now: float) -> str:
         elapsed = now - self.start
-        text = f"  {self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit}s, "
+        plural = self.unit + ("es" if self.unit.endswith(("ch", "sh", "s", "x")) else "s")  # batches, tokens
+        text = f"  {self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {plural}, "
         text += f"{_clock(elapsed)} elapsed"
         if self.total and self.n:
             text += f", ~{_clock(elapsed * (self.total - self.n) / self.n)} left"

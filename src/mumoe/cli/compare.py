@@ -116,7 +116,7 @@ def add_parser(sub) -> None:
     sp.add_argument("--seqlen", type=int, help="calibration window length (default 512)")
     sp.add_argument("--seed", type=int, help="random windows / random scores seed (default: first windows)")
     sp.add_argument("--batch-size", type=int, help="calibration windows per forward (default 8)")
-    sp.add_argument("--form", choices=["uniform", "global"], help="atom methods: uniform (default) or global")
+    sp.add_argument("--form", choices=["uniform", "global"], help="atom methods: uniform or global (default: each method's own — uniform for HEAPr, global for CAMERA-P)")
     sp.add_argument("--scope", choices=["global", "layer"], help="atom methods, global form: ranking scope")
     sp.add_argument("--eval", help="evaluate each pruned copy: 'domain' (bundled eval splits) or a .txt file/folder")
     sp.add_argument("--eval-windows", type=int, default=12, help="eval windows per text (default 12)")

@@ -153,15 +153,16 @@ class AtomGrain(Grain):
     flags: ClassVar[tuple[str, ...]] = ("form", "scope", "width_multiple", "order", "lambda_max")
     cli: ClassVar[dict[str, dict]] = {
         "form": {"choices": list(FORMS), "help": "atom methods: uniform = same width for every expert (a standard "
-                 "checkpoint, default); global = HEAPr's one ranking, per-expert widths (mumoe.load, or transformers "
-                 "with trust_remote_code=True)"},
+                 "checkpoint; HEAPr's default); global = one ranking, per-expert widths (mumoe.load, or transformers "
+                 "with trust_remote_code=True; CAMERA-P's default, shared-expert neurons ranked too)"},
         "scope": {"choices": list(SCOPES),
-                  "help": "atom methods with --form global: rank over all layers (default) or per layer"},
+                  "help": "atom methods with --form global: rank over all layers (HEAPr's default) or per layer "
+                  "(CAMERA-P's)"},
         "width_multiple": {"type": int, "metavar": "N", "help": "atom methods, uniform form: kept expert widths are "
                            "multiples of N (default 64, what GPU kernels tile by; 256 for llama.cpp's "
                            "Q4_K/Q5_K/Q6_K, whose blocks span 256 values of a row)"},
-        "order": {"choices": list(ORDERS), "help": "one-shot = every layer scored on the unpruned model; "
-                  "progressive = layer l scored after layers < l are pruned"},
+        "order": {"choices": list(ORDERS), "help": "atom methods: one-shot (HEAPr's, the only order of methods "
+                  "that need gradients) or progressive (CAMERA-P's default)"},
         "lambda_max": {"type": float, "metavar": "L", "help": "camera-p: weight of each neuron's largest gated "
                        "activation against the sum over tokens, in [0, 1] (default 0.9, the authors')"},
     }
