@@ -201,7 +201,7 @@ def kept_and_scores(folder):
 
 @pytest.mark.parametrize("method,stage", [("reap", "forward:0"), ("heapr", "backward:1"),
                                           ("heapr", "forward:1"), ("sub-moe", "forward:0"),
-                                          ("ream", "forward:0")])
+                                          ("ream", "forward:0"), ("camera-p", "forward:0")])
 def test_killed_and_resumed_equals_uninterrupted(checkpoint, tmp_path, method, stage):
     work, out = tmp_path / "work", tmp_path / "out"
     r = sh(killed_after(stage, prune_cmd(checkpoint, out, "--work-dir", str(work), method=method)))
@@ -286,7 +286,7 @@ def test_work_dir_only_what_mumoe_wrote_is_deleted(checkpoint, tmp_path, capsys)
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("method", ["ean", "hc-smoe", "ream"])
+@pytest.mark.parametrize("method", ["ean", "hc-smoe", "ream", "camera-p"])
 def test_torchrun_two_ranks_equal_one_process(checkpoint, tmp_path, method):
     if shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")):
         pytest.skip("torchrun not installed")
@@ -299,8 +299,10 @@ def test_torchrun_two_ranks_equal_one_process(checkpoint, tmp_path, method):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "on 2 ranks" in two.stdout
     a, b = kept_and_scores(tmp_path / "one"), kept_and_scores(tmp_path / "two")
-    for (ka, sa, _, ga, wa), (kb, sb, _, gb, wb) in zip(a, b):
-        assert ka == kb and ga == gb  # the same kept sets / merge groups
+    for (ka, sa, ea, ga, wa), (kb, sb, eb, gb, wb) in zip(a, b):
+        assert ka == kb and ga == gb and ea == eb  # the same kept sets / merge groups / kept atoms
+        if sa is None and wa is None:  # atoms: the kept sets are the record (CAMERA-P: sums and maxima reduced)
+            continue
         pairs = list(zip(sa, sb)) if sa is not None else [(x, y) for u, v in zip(wa, wb) for x, y in zip(u, v)]
         assert max(abs(x - y) / max(abs(y), 1e-30) for x, y in pairs) <= 1e-6
 
