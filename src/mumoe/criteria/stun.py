@@ -1,0 +1,142 @@
+"""STUN's expert stage (Lee et al., ACL 2025; code thnkinbtfly/STUN, `merge_weight.py`): cluster the experts of
+each layer by behaviour, keep one expert per cluster, with a threshold τ searched so that the total kept over all
+layers hits a target. Pure functions over [E, E] matrices; the grain plugs them in.
+
+    distance  router rows (data-free): D = cdist(W_r, W_r) / ‖W_r‖_F  (their default division_by_norm)
+              co-selection (calibrated): D = −C / |mean C|, C[i, j] = tokens whose top-k holds both i and j
+    cluster   greedy: the closest pair (i, j) still open; join their clusters iff every member of i's cluster is
+              under τ from j and every member of j's cluster under τ from i (the pair is closed either way; a
+              joined pair closes its members' distances to i and j); stop when no open pair is under τ or only
+              E − max_removed clusters are left
+    search    τ from `start`, step 0.1 doubled while the total moves one way, halved once it has turned, until the
+              total kept equals the target
+    keep      per cluster the expert whose flattened weights [gate | up | down] are nearest the cluster's mean
+              (from the experts' weight Gram matrix: ‖w_i − c‖² = G_ii − 2·mean_j G_ij + const)
+
+The clustering and the search follow `select_expert_pairs` and the `binary_search_target` loop of their script
+statement for statement (argmin over the row-major flattened matrix: the first minimum wins).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MumoeError
+
+START, STEP = 0.5, 0.1  # their README's starting threshold and their step
+MAX_TRIALS = 200  # thresholds tried before giving up (they stop after 10 trials with an unchanged total)
+
+
+def router_distance(router_weight: torch.Tensor, by_norm: bool = True) -> torch.Tensor:
+    """[E, E] Euclidean distances between router rows (fp32, as they compute them), divided by the router matrix's
+    Frobenius norm (`by_norm`). router_weight [E, H]."""
+    w = router_weight.detach().float().cpu()
+    d = torch.cdist(w, w)
+    return d / torch.norm(w) if by_norm else d
+
+
+def coselect_distance(counts: torch.Tensor) -> torch.Tensor:
+    """[E, E] −C / |mean C| from co-selection counts C [E, E] (their `--load_path ... --divide_mean`)."""
+    c = counts.detach().float().cpu()
+    mean = c.mean().abs()
+    if mean == 0:
+        raise MumoeError("no token selected two experts together: co-selection distances are undefined")
+    return -c / mean
+
+
+def coselect_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """C [E, E] float64: for every token, +1 at (i, j) and (j, i) for each pair i ≠ j of its selected experts.
+    indices [T, k]."""
+    T, k = indices.shape
+    onehot = torch.zeros(T, num_experts, dtype=torch.float64)
+    onehot.scatter_(1, indices.cpu().long(), 1.0)
+    c = onehot.T @ onehot  # [E, E]: tokens selecting both (the diagonal: tokens selecting i)
+    c.fill_diagonal_(0)
+    return c
+
+
+def cluster(distance: torch.Tensor, threshold: float, max_removed: int) -> list[tuple[int, ...]]:
+    """Greedy clustering under `threshold` (their greedy_but_reject_mixed), at least E − max_removed clusters.
+    -> clusters as sorted tuples, ordered by their first member."""
+    values = distance.clone().float()
+    E = values.shape[0]
+    values.fill_diagonal_(float("inf"))
+    of = {i: {i} for i in range(E)}  # vertex -> its cluster (shared set objects)
+    while torch.min(values) < threshold:
+        if len({tuple(sorted(s)) for s in of.values()}) <= E - max_removed:
+            break
+        flat = int(torch.argmin(values.flatten()))
+        v1, v2 = divmod(flat, E)
+        lengths = [values[c, v2] for c in of[v1]] + [values[c, v1] for c in of[v2]]
+        if max(lengths) < threshold:
+            union = of[v1] | of[v2]
+            for c in of[v1]:
+                values[c, v2] = float("inf")
+            for c in of[v2]:
+                values[c, v1] = float("inf")
+            for v in union:
+                of[v] = union
+        else:
+            values[v1, v2] = float("inf")
+            values[v2, v1] = float("inf")
+    return sorted({tuple(sorted(s)) for s in of.values()})
+
+
+def search(distances: list[torch.Tensor], target: int, max_removed: list[int], start: float = START,
+           step: float = STEP) -> tuple[float, list[list[tuple[int, ...]]]]:
+    """τ such that Σ_layers |clusters| == target, by their search: -> (τ, each layer's clusters). A one-line
+    error when no threshold gives the target (their script exits; a total can jump past it)."""
+    total = sum(d.shape[0] for d in distances)
+    if not min(d.shape[0] - m for d, m in zip(distances, max_removed)) >= 1 or target > total:
+        raise MumoeError(f"cannot keep {target} of {total} experts")
+    threshold, last, turned, seen = start, 0, False, []
+    for _ in range(MAX_TRIALS):
+        clusters = [cluster(d, threshold, m) for d, m in zip(distances, max_removed)]
+        n = sum(len(c) for c in clusters)
+        if n == target:
+            return threshold, clusters
+        direction = -1 if n < target else 1
+        seen.append(n)
+        if len(seen) > 10 and min(seen[-10:]) == max(seen[-10:]):  # their stop: ten trials, one total
+            break
+        if last * direction < 0:
+            turned = True
+        step = step / 2 if turned else step * 2
+        threshold += step * direction
+        last = direction
+    raise MumoeError(f"STUN's threshold search found no τ keeping exactly {target} of {total} experts (totals "
+                     f"tried: {sorted(set(seen))}); try another ratio")
+
+
+def representatives(clusters: list[tuple[int, ...]], gram: torch.Tensor) -> list[int]:
+    """Per cluster the member nearest the mean of the members' flattened weights (the first on a tie), from the
+    Gram matrix G [E, E] of the experts' flattened weights: ‖w_i − c‖² = G_ii − (2/n)·Σ_j G_ij + ‖c‖²."""
+    g = gram.double()
+    kept = []
+    for members in clusters:
+        m = torch.tensor(members)
+        sub = g[m][:, m]  # [n, n]
+        d = sub.diagonal() - 2 * sub.mean(1)
+        kept.append(int(m[int(torch.argmin(d))]))
+    return kept
+
+
+def expert_gram(layer, chunk: int = 8) -> torch.Tensor:
+    """G [E, E] float64: dot products of the experts' flattened [gate | up | down] weights, `chunk` experts at a
+    time against all (never all E flattened experts in float64 at once)."""
+    gu, down = layer.experts.gate_up_proj, layer.experts.down_proj  # [E, 2I, H], [E, H, I]
+    E = gu.shape[0]
+
+    def flat(a: int) -> torch.Tensor:  # [c, 2IH + HI] experts a .. a+chunk
+        b = min(a + chunk, E)
+        return torch.cat([gu[a:b].reshape(b - a, -1), down[a:b].reshape(b - a, -1)], dim=1).double().cpu()
+
+    out = torch.zeros(E, E, dtype=torch.float64)
+    with torch.no_grad():
+        for a in range(0, E, chunk):
+            xa = flat(a)
+            for b in range(a, E, chunk):
+                block = xa @ flat(b).T
+                out[a:a + chunk, b:b + chunk] = block
+                out[b:b + chunk, a:a + chunk] = block.T
+    return out
