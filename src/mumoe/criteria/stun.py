@@ -108,16 +108,22 @@ def search(distances: list[torch.Tensor], target: int, max_removed: list[int], s
                      f"tried: {sorted(set(seen))}); try another ratio")
 
 
+TIE = 1e-9  # relative to the cluster's largest squared norm: distances this close are equal
+
+
 def representatives(clusters: list[tuple[int, ...]], gram: torch.Tensor) -> list[int]:
-    """Per cluster the member nearest the mean of the members' flattened weights (the first on a tie), from the
-    Gram matrix G [E, E] of the experts' flattened weights: ‖w_i − c‖² = G_ii − (2/n)·Σ_j G_ij + ‖c‖²."""
+    """Per cluster the member nearest the mean of the members' flattened weights, from the Gram matrix G [E, E] of
+    the experts' flattened weights: ‖w_i − c‖² = G_ii − (2/n)·Σ_j G_ij + ‖c‖². Equal distances (always, in a
+    cluster of two: both members are equidistant from their mean) go to the lowest expert id — the authors' code
+    leaves that tie to fp32 rounding."""
     g = gram.double()
     kept = []
     for members in clusters:
         m = torch.tensor(members)
         sub = g[m][:, m]  # [n, n]
-        d = sub.diagonal() - 2 * sub.mean(1)
-        kept.append(int(m[int(torch.argmin(d))]))
+        d = sub.diagonal() - 2 * sub.mean(1)  # ‖w_i − c‖² − ‖c‖²
+        near = d <= d.min() + TIE * sub.diagonal().abs().max()
+        kept.append(int(m[near][0]))
     return kept
 
 
