@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MumoeDataError, MumoeError
-from . import camera, expert, heapr
+from . import camera, expert, heapr, stun
 from . import merge as merge_features
 from . import weight as weight_scores
 from .stats import LayerStats
@@ -38,6 +38,7 @@ class Method:
     atom_gated: bool = False  # its atom statistics need the gated activations' squared sums and maxima (CAMERA-P)
     weigh: Callable | None = None  # atom grain: (one layer's score parts, AtomPart) -> [E, I] (CAMERA-P's λ)
     defaults: dict = field(default_factory=dict)  # grain options it runs with unless asked otherwise (atom grain)
+    keep_rule: Callable | None = None  # expert grain: (layers, per-layer features, ratio) -> (keep, clusters)
     from_norms: Callable | None = None  # (weight, input norms) -> the weight's scores (weight grain)
     from_weight: Callable | None = None  # (weight) -> the weight's scores (weight grain, calibration-free)
     from_files: Callable | None = None  # (checkpoint folder, progress) -> {layer: [E]}, the model never loaded
@@ -90,6 +91,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            needs_expert_outputs=True),
     Method("easy-ep", "expert", True, False, "EASY-EP: g·‖f‖ weighted by the residual-stream change",
            expert.easy_ep, needs_expert_outputs=True),
+    Method("stun", "expert", False, False, "STUN's expert stage: experts clustered by router-row distance (τ searched "
+           "for the budget over all layers), the one nearest each cluster's mean kept", from_weights=stun.router_features,
+           keep_rule=stun.keep_rule, progressive=False),
+    Method("stun-coselect", "expert", True, False, "STUN's expert stage with co-selection distances (tokens choosing "
+           "both experts)", stun.coselect_features, keep_rule=stun.keep_rule, progressive=False),
     Method("tcess", "expert", True, False, "PreMoe TCESS (v1): mean arg-max router logit", expert.tcess),
     Method("peu", "expert", True, False, "PreMoe PEU (v3): thresholded pool scores", expert.peu),
     Method("heapr", "atom", True, False, "HEAPr: E[h²]·E[(∂L/∂h)²] per expert neuron (forward + backward)",

@@ -84,17 +84,24 @@ def cluster(distance: torch.Tensor, threshold: float, max_removed: int) -> list[
 
 def search(distances: list[torch.Tensor], target: int, max_removed: list[int], start: float = START,
            step: float = STEP) -> tuple[float, list[list[tuple[int, ...]]]]:
-    """τ such that Σ_layers |clusters| == target, by their search: -> (τ, each layer's clusters). A one-line
-    error when no threshold gives the target (their script exits; a total can jump past it)."""
+    """τ such that Σ_layers |clusters| == target, by their search: -> (τ, each layer's clusters). Where their search
+    ends without it (the total can jump over the target at one τ: their script exits), a bisection between the
+    nearest totals above and below it gives the smallest total above the target (fewer experts removed than
+    asked, never more); a one-line error if no τ tried lies on each side."""
     total = sum(d.shape[0] for d in distances)
     if not min(d.shape[0] - m for d, m in zip(distances, max_removed)) >= 1 or target > total:
         raise MumoeError(f"cannot keep {target} of {total} experts")
-    threshold, last, turned, seen = start, 0, False, []
+
+    def at(t: float) -> tuple[int, list]:
+        clusters = [cluster(d, t, m) for d, m in zip(distances, max_removed)]
+        return sum(len(c) for c in clusters), clusters
+
+    threshold, last, turned, seen, tried = start, 0, False, [], {}
     for _ in range(MAX_TRIALS):
-        clusters = [cluster(d, threshold, m) for d, m in zip(distances, max_removed)]
-        n = sum(len(c) for c in clusters)
+        n, clusters = at(threshold)
         if n == target:
             return threshold, clusters
+        tried[threshold] = n
         direction = -1 if n < target else 1
         seen.append(n)
         if len(seen) > 10 and min(seen[-10:]) == max(seen[-10:]):  # their stop: ten trials, one total
@@ -104,8 +111,20 @@ def search(distances: list[torch.Tensor], target: int, max_removed: list[int], s
         step = step / 2 if turned else step * 2
         threshold += step * direction
         last = direction
-    raise MumoeError(f"STUN's threshold search found no τ keeping exactly {target} of {total} experts (totals "
-                     f"tried: {sorted(set(seen))}); try another ratio")
+    above = [t for t, n in tried.items() if n > target]  # too many kept: τ too low
+    a = max(above) if above else None
+    later = [t for t, n in tried.items() if n < target and a is not None and t > a]
+    if not later:
+        raise MumoeError(f"STUN's threshold search found no τ keeping {target} of {total} experts (totals tried: "
+                         f"{sorted(set(seen))}); try another ratio")
+    b = min(later)
+    for _ in range(60):  # the breakpoint between a (above the target) and b (below)
+        mid = (a + b) / 2
+        n, clusters = at(mid)
+        if n == target:
+            return mid, clusters
+        a, b = (mid, b) if n > target else (a, mid)
+    return a, at(a)[1]
 
 
 TIE = 1e-9  # relative to the cluster's largest squared norm: distances this close are equal
@@ -146,3 +165,28 @@ def expert_gram(layer, chunk: int = 8) -> torch.Tensor:
                 out[a:a + chunk, b:b + chunk] = block
                 out[b:b + chunk, a:a + chunk] = block.T
     return out
+
+
+# -- the expert grain's view: per-layer features, then one rule over all layers ------------------------------
+def router_features(layer) -> dict[str, torch.Tensor]:
+    """The data-free variant's features of one layer: router-row distances and the experts' weight Gram."""
+    return {"distance": router_distance(layer.router_weight), "gram": expert_gram(layer)}
+
+
+def coselect_features(st) -> dict[str, torch.Tensor]:
+    """The calibrated variant's features of one layer (`LayerStats`): co-selection distances from the tokens' top-k
+    router logits (their top-2 of the softmax, for a top-2 model) and the experts' weight Gram."""
+    E = st.layer.num_experts
+    index = torch.cat([i.reshape(-1, i.shape[-1]).cpu() for i in st.pool_index]) if st.pool_index else \
+        torch.zeros(0, st.layer.top_k, dtype=torch.long)
+    return {"distance": coselect_distance(coselect_counts(index, E)), "gram": expert_gram(st.layer)}
+
+
+def keep_rule(layers, features: list[dict], ratio: float) -> tuple[dict[int, list[int]], dict[int, list[list[int]]]]:
+    """Kept experts per layer and the clusters they stand for: round(ratio·ΣE) experts removed over all layers
+    (τ searched), at least top_k left in every layer."""
+    total = sum(layer.num_experts for layer in layers)
+    target = total - round(ratio * total)
+    _, clusters = search([f["distance"] for f in features], target, [layer.num_experts - layer.top_k for layer in layers])
+    keep = {layer.index: sorted(representatives(c, f["gram"])) for layer, c, f in zip(layers, clusters, features)}
+    return keep, {layer.index: [list(x) for x in c] for layer, c in zip(layers, clusters)}

@@ -8,7 +8,7 @@ one-shot (every layer scored on the unpruned model) or progressive (layer ℓ sc
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from torch import nn
@@ -34,6 +34,7 @@ class ExpertPlan(Plan):
     keep: dict[int, tuple[int, ...]]
     num_experts: dict[int, int]
     scores: dict[int, tuple[float, ...]]
+    clusters: dict[int, list[list[int]]] = field(default_factory=dict)  # a clustering rule's (STUN): per layer
 
     def export_form(self) -> str:
         return "hf" if len({len(k) for k in self.keep.values()}) <= 1 else "mumoe"
@@ -53,10 +54,28 @@ def select_experts(layers, scores, ratio: float, budget: str, prune_highest: boo
             for layer, s in zip(layers, scores)}
 
 
-def make_plan(layers, scores, keep: dict[int, list[int]]) -> ExpertPlan:
+def make_plan(layers, scores, keep: dict[int, list[int]], clusters: dict | None = None) -> ExpertPlan:
+    """The plan of `keep`; a rule's features (a dict per layer, STUN) are recorded as 1 for a kept expert, else 0,
+    with the clusters."""
+    def count(s) -> int:  # the layer's expert count before (scores [E], or features with an [E, E] distance)
+        return s["distance"].shape[0] if isinstance(s, dict) else len(s)
+
+    def record(layer, s) -> tuple[float, ...]:
+        if isinstance(s, dict):
+            return tuple(float(e in keep[layer.index]) for e in range(count(s)))
+        return tuple(float(v) for v in s)
+
     return ExpertPlan(keep={layer.index: tuple(keep[layer.index]) for layer in layers},
-                      num_experts={layer.index: len(s) for layer, s in zip(layers, scores)},
-                      scores={layer.index: tuple(float(v) for v in s) for layer, s in zip(layers, scores)})
+                      num_experts={layer.index: count(s) for layer, s in zip(layers, scores)},
+                      scores={layer.index: record(layer, s) for layer, s in zip(layers, scores)},
+                      clusters=clusters or {})
+
+
+def choose(m, layers, scores, ratio: float, budget: str) -> tuple[dict[int, list[int]], dict | None]:
+    """Keep sets from scores under the budget, or from a method's own rule over all layers (STUN's clusters)."""
+    if m.keep_rule is not None:
+        return m.keep_rule(layers, scores, ratio)
+    return select_experts(layers, scores, ratio, budget, m.prune_highest), None
 
 
 def layer_summary(entry: dict) -> str:
@@ -93,6 +112,10 @@ class ExpertGrain(Grain):
             raise MumoeError(f"unknown scoring order {part.order!r}; available: {', '.join(ORDERS)}")
         if not m.may_progress and part.order != "one-shot":  # data-free scores do not depend on earlier layers
             part = replace(part, order="one-shot")
+        if m.keep_rule is not None:  # its own budget over all layers (counts differ per layer), one-shot
+            if part.order != "one-shot":
+                raise MumoeError(f"{m.name} chooses over all layers at once: it scores one-shot")
+            part = replace(part, budget="global")
         if part.order == "progressive" and part.budget != "uniform":
             raise MumoeError("progressive scoring needs the uniform budget")
         return part
@@ -148,10 +171,16 @@ class ExpertGrain(Grain):
                 remove_experts(model, {layer.index: keep[layer.index]})
         else:
             scores = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=layers)[m.name]
+        clusters = None
         if order != "progressive":
-            keep = select_experts(layers, scores, recipe.ratio, budget, m.prune_highest)
+            keep, clusters = choose(m, layers, scores, recipe.ratio, budget)
             remove_experts(model, keep)
-        plan = make_plan(layers, scores, keep)
+        plan = make_plan(layers, scores, keep, clusters)
+        if verbose and clusters is not None:
+            kept, total = sum(len(k) for k in plan.keep.values()), sum(plan.num_experts.values())
+            if kept != total - round(recipe.ratio * total):
+                print(f"  {m.name}: no threshold keeps exactly {total - round(recipe.ratio * total)} of {total} "
+                      f"experts; kept {kept} (the nearest total above)")
         if verbose:
             for entry in self.entries(plan):
                 print(layer_summary(entry))
@@ -187,9 +216,9 @@ class ExpertGrain(Grain):
 
         m = get_method(recipe.method)
         scores = res.scores[m.name]
-        keep = res.keep if recipe.expert.order == "progressive" else select_experts(
-            layers, scores, recipe.ratio, recipe.expert.budget, m.prune_highest)
-        return make_plan(layers, scores, keep)
+        if recipe.expert.order == "progressive":
+            return make_plan(layers, scores, res.keep)
+        return make_plan(layers, scores, *choose(m, layers, scores, recipe.ratio, recipe.expert.budget))
 
     def transform(self, plan: ExpertPlan, ckpt, recipe):
         from ..apply.stream import expert_transform
@@ -203,7 +232,8 @@ class ExpertGrain(Grain):
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: ExpertPlan) -> list[dict]:
         return [{"layer": j, "num_experts": plan.num_experts[j], "kept": list(plan.keep[j]),
-                 "scores": list(plan.scores[j])} for j in plan.keep]
+                 "scores": list(plan.scores[j]), **({"clusters": plan.clusters[j]} if j in plan.clusters else {})}
+                for j in plan.keep]
 
     def report_fields(self, recipe, plan: ExpertPlan) -> dict:
         return {"budget": recipe.expert.budget, "scoring_order": recipe.expert.order,
