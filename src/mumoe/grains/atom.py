@@ -300,8 +300,10 @@ class AtomGrain(Grain):
         if verbose:
             for e in self.entries(plan):
                 widths = [len(x["kept"]) for x in e["experts"]]
+                sh = e.get("shared")
                 print(f"  layer {e['layer']:3d}: kept atoms per expert {min(widths)}..{max(widths)} of "
-                      f"{e['intermediate_size']} (total {sum(widths)}/{e['intermediate_size'] * len(widths)})")
+                      f"{e['intermediate_size']} (total {sum(widths)}/{e['intermediate_size'] * len(widths)})"
+                      + (f"; shared expert {len(sh['kept'])}/{sh['intermediate_size']}" if sh else ""))
             print(f"  scored and applied in {time.perf_counter() - t0:.2f}s")
         return plan
 
