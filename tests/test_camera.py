@@ -16,9 +16,8 @@ from mumoe.observe.collectors import AtomStats
 from mumoe.observe.runner import run
 from mumoe.recipe import Recipe
 from mumoe.select.atoms import keep_global_atoms
-from mumoe.testtime.experts import capture_router_logits
 from test_layerwise import saved, tensors, windows
-from test_merge import capture_expert_inputs
+from test_merge import capture_expert_inputs, per_token_inputs_and_logits
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe"])
@@ -30,19 +29,10 @@ def test_gated_activation_sums_and_maxima_equal_a_per_token_loop(arch):
     x = ids(batch=3, length=10)
     col = AtomStats(layers, backward=False, gated=True)
     run(model, x, [col], batch_size=2)
-    inputs, hooks = capture_expert_inputs(layers)
     norm = getattr(model.config, "norm_topk_prob", arch == "mixtral")
-    with capture_router_logits(model) as logits, torch.no_grad():
-        per = {layer.index: [] for layer in layers}
-        for b in range(3):
-            model(x[b:b + 1])
-            for layer in layers:
-                per[layer.index].append(logits[layer.index].reshape(-1, layer.num_experts))
-    for h in hooks:
-        h.remove()
+    captured = per_token_inputs_and_logits(model, layers, x)
     for layer, st in zip(layers, col.result()):
-        hidden = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[layer.index]])  # [30, H]
-        lg = torch.cat(per[layer.index])  # [30, E]
+        hidden, lg = captured[layer.index]  # [30, H], [30, E]
         E, I = layer.num_experts, layer.intermediate_size
         a2, amax = torch.zeros(E, I, dtype=torch.float64), torch.zeros(E, I, dtype=torch.float64)
         with torch.no_grad():

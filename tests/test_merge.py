@@ -32,6 +32,22 @@ def capture_expert_inputs(layers):
     return inputs, hooks
 
 
+def per_token_inputs_and_logits(model, layers, x) -> dict[int, tuple]:
+    """Each window of x run alone: {decoder layer: (the experts' input [T, H], the raw router logits [T, E])} over
+    all T tokens in order — the material of the slow per-token loops (captured by hooks, not by the collectors)."""
+    inputs, hooks = capture_expert_inputs(layers)
+    with capture_router_logits(model) as logits, torch.no_grad():
+        per = {layer.index: [] for layer in layers}
+        for b in range(x.shape[0]):
+            model(x[b:b + 1])
+            for layer in layers:
+                per[layer.index].append(logits[layer.index].reshape(-1, layer.num_experts))
+    for h in hooks:
+        h.remove()
+    return {layer.index: (torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[layer.index]]),
+                          torch.cat(per[layer.index])) for layer in layers}
+
+
 def test_average_linkage_equals_scipy():
     hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
     g = torch.Generator().manual_seed(0)
@@ -161,17 +177,9 @@ def test_pairwise_cosines_and_logit_gram_equal_a_slow_loop():
     x = ids(batch=3, length=10)
     col = MergeStats(layers, outputs=True, pairwise=True, budget=4 * 1024)  # a few tokens per chunk
     run(model, x, [col], batch_size=2)
-    inputs, hooks = capture_expert_inputs(layers)
-    with capture_router_logits(model) as logits, torch.no_grad():
-        per = {layer.index: [] for layer in layers}
-        for b in range(3):
-            model(x[b:b + 1])
-            for layer in layers:
-                per[layer.index].append(logits[layer.index].reshape(-1, layer.num_experts))
-    for h in hooks:
-        h.remove()
+    captured = per_token_inputs_and_logits(model, layers, x)
     for layer, st in zip(layers, col.result()):
-        hidden = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[layer.index]]).double()  # [30, H]
+        hidden, lg = captured[layer.index][0].double(), captured[layer.index][1].double()  # [30, H], [30, E]
         E = layer.num_experts
         cos = torch.zeros(E, E, dtype=torch.float64)
         with torch.no_grad():
@@ -182,7 +190,6 @@ def test_pairwise_cosines_and_logit_gram_equal_a_slow_loop():
                         cos[i, j] += outs[i] @ outs[j] / (outs[i].norm() * outs[j].norm() + 1e-8)
         assert torch.allclose(st.mean_cosine(), cos / 30, atol=1e-6)
         assert torch.allclose(st.mean_cosine().diagonal(), torch.ones(E, dtype=torch.float64), atol=1e-6)
-        lg = torch.cat(per[layer.index]).double()  # [30, E]
         sim = merge_features.msmoe(st)["similarity"]
         for i in range(E):
             for j in range(E):

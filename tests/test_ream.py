@@ -17,8 +17,7 @@ from mumoe.criteria import merge as merge_features
 from mumoe.models import moe_adapter_for
 from mumoe.observe.collectors import MergeStats
 from mumoe.observe.runner import run
-from mumoe.testtime.experts import capture_router_logits
-from test_merge import capture_expert_inputs
+from test_merge import per_token_inputs_and_logits
 
 pytest.importorskip("scipy.optimize")
 
@@ -32,18 +31,9 @@ def test_ream_statistics_equal_a_per_token_loop():
     x = ids(batch=3, length=10)
     col = MergeStats(layers, outputs=False, ream=True, chunk=7, act_tokens=13)
     run(model, x, [col], batch_size=2)
-    inputs, hooks = capture_expert_inputs(layers)
-    with capture_router_logits(model) as logits, torch.no_grad():
-        per = {layer.index: [] for layer in layers}
-        for b in range(3):
-            model(x[b:b + 1])
-            for layer in layers:
-                per[layer.index].append(logits[layer.index].reshape(-1, layer.num_experts))
-    for h in hooks:
-        h.remove()
+    captured = per_token_inputs_and_logits(model, layers, x)
     for layer, st in zip(layers, col.result()):
-        hidden = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[layer.index]])  # [30, H]
-        lg = torch.cat(per[layer.index])  # [30, E]
+        hidden, lg = captured[layer.index]  # [30, H], [30, E]
         E = layer.num_experts
         gated = torch.zeros(E, hidden.shape[1], dtype=torch.float64)
         sal = torch.zeros(E, dtype=torch.float64)
