@@ -36,3 +36,10 @@ def function_from(path: Path, fn: str, env: dict) -> types.FunctionType:
     executed unmodified with the names it uses."""
     exec(compile(ast.Module([top_level_functions(path)[fn]], []), str(path), "exec"), env)
     return env[fn]
+
+
+def write_results(path: Path, report: dict) -> None:
+    """The comparison's results as JSON at `path` (its folder made), and a line saying so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")

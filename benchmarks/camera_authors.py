@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from authors import run_beside
+from authors import run_beside, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "camera_authors.json"
@@ -259,9 +259,7 @@ def main() -> int:
                 + (f", of them shared {v['shared_removed_per_layer']}" if v["shared_removed_per_layer"] else "")
                 + f", {v['differing_atoms']} atoms differ)")
             print(f"{name}, {k}: max relative score difference {v['max_rel_score_diff']:.1e}{extra}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, report)
     return 0
 
 

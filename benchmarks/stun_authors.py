@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from authors import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "stun_authors.json"
 E, LAYERS = 16, 4
@@ -152,9 +154,7 @@ def main() -> int:
               + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items())
               + (f" ({o['clusters_of_3_or_more']} such clusters; 2-member clusters, a tie, the same pick in "
                  f"{o['pairs_same_pick']})" if "clusters_of_3_or_more" in o else ""))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, report)
     return 0
 
 
