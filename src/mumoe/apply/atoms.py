@@ -56,3 +56,28 @@ def mask_shared_atoms(layer: MoELayer, keep: torch.Tensor) -> None:
             if lin.bias is not None:
                 lin.bias[drop.to(lin.bias.device)] = 0
         down.weight[:, drop.to(down.weight.device)] = 0
+
+
+def shared_atom_keys(model: nn.Module, shared: dict[int, torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]]:
+    """The tensors of the shared experts whose atoms `shared` keeps (decoder layer -> kept neurons [k_s]), by their
+    name in `model`: gate and up rows ("rows": weight [I_s, H], bias [I_s]), down columns ("cols": [H, I_s]).
+    The one map the streamed export, the in-memory export and the loader all follow."""
+    if not shared:
+        return {}
+    from ..models import moe_adapter_for
+
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for layer in moe_adapter_for(model).moe_layers():
+        if layer.index in shared:
+            k = shared[layer.index]
+            for lin, kind in zip(layer.shared_linears(), ("rows", "rows", "cols")):
+                out[f"{names[id(lin)]}.weight"] = (kind, k)
+                if lin.bias is not None and kind == "rows":
+                    out[f"{names[id(lin)]}.bias"] = (kind, k)
+    return out
+
+
+def kept_part(t: torch.Tensor, kind: str, k: torch.Tensor) -> torch.Tensor:
+    """Rows k ("rows") or columns k ("cols") of t."""
+    return t[k] if kind == "rows" else t[:, k]

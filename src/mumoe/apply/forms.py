@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models import moe_adapter_for
+from .atoms import kept_part, shared_atom_keys
 from .experts import remove_experts
 from .report import PruneReport
 
@@ -87,14 +88,14 @@ def compact_atom_state(model: nn.Module, report: PruneReport) -> dict:
             if gu_bias is not None:
                 state[f"{prefix}.{e}.gate_up_bias"] = torch.cat([gu_bias[e][k], gu_bias[e][k + I]]).contiguous()
                 state[f"{prefix}.{e}.down_bias"] = dn_bias[e].contiguous()
-        if "shared" in entry:  # the shared expert at its kept width, under its own names
-            k = torch.tensor(entry["shared"]["kept"], dtype=torch.long)
-            for lin, kind in zip(layer.shared_linears(), ("rows", "rows", "cols")):
-                name = names[id(lin)]
-                state[f"{name}.weight"] = (lin.weight[k] if kind == "rows" else lin.weight[:, k]).contiguous()
-                if lin.bias is not None and kind == "rows":
-                    state[f"{name}.bias"] = lin.bias[k].contiguous()
+    for name, (kind, k) in shared_atom_keys(model, _shared_kept(report)).items():  # at their kept width
+        state[name] = kept_part(state[name], kind, k).contiguous()
     return state
+
+
+def _shared_kept(report: PruneReport) -> dict[int, torch.Tensor]:
+    """decoder layer -> the shared expert's kept neurons, where the record has them (CAMERA-P's global form)."""
+    return {e["layer"]: torch.tensor(e["shared"]["kept"], dtype=torch.long) for e in report.layers if "shared" in e}
 
 
 def _load_checked(model: nn.Module, state: dict, path: Path, filled: set[str] = frozenset()) -> None:
@@ -194,21 +195,15 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
                     b = state.pop(f"{prefix}.{e}.gate_up_bias").to(dtype)
                     gu_bias[e, k], gu_bias[e, k + I] = b[: len(k)], b[len(k):]
                     dn_bias[e] = state.pop(f"{prefix}.{e}.down_bias").to(dtype)
-            if "shared" in entry:  # the shared expert's kept neurons into its full-width linears, the rest zero
-                k = torch.tensor(entry["shared"]["kept"], dtype=torch.long)
-                for lin, kind in zip(layer.shared_linears(), ("rows", "rows", "cols")):
-                    name = names[id(lin)]
-                    fused |= {f"{name}.weight"}
-                    lin.weight.zero_()
-                    w = state.pop(f"{name}.weight").to(dtype)
-                    if kind == "rows":
-                        lin.weight[k] = w
-                    else:
-                        lin.weight[:, k] = w
-                    if lin.bias is not None and kind == "rows":
-                        fused |= {f"{name}.bias"}
-                        lin.bias.zero_()
-                        lin.bias[k] = state.pop(f"{name}.bias").to(dtype)
+        params = dict(model.named_parameters())
+        for name, (kind, k) in shared_atom_keys(model, _shared_kept(report)).items():  # kept neurons, the rest 0
+            fused.add(name)
+            full, kept = params[name], state.pop(name).to(dtype)
+            full.zero_()
+            if kind == "rows":
+                full[k] = kept
+            else:
+                full[:, k] = kept
     _load_checked(model, fuse_legacy_experts(state, model), path, filled=fused)
     return model.to(dtype).eval()
 

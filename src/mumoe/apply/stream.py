@@ -19,6 +19,7 @@ from ..errors import MumoeError, MumoeFileError
 from ..models.base import EXPERT_COUNT_KEYS
 from ..models.keys import EXPERT_BIAS, canonical, expert_layout, router_axis, unchanged
 from ..progress import bar
+from .atoms import kept_part
 from .export import PruneReport, atomic_output
 
 # (source key, read() -> tensor) -> [(output key, tensor)]
@@ -293,14 +294,13 @@ def atom_ragged_transform(keep: dict[int, list[torch.Tensor]], rename: Callable[
     """HEAPr's global form, mumoe's own layout (`forms.compact_atom_state`): each routed expert stored at its own
     width, `<experts>.<e>.gate_up` [2k_e, H] and `<experts>.<e>.down` [H, k_e] (+ `<e>.gate_up_bias` [2k_e] and
     `<e>.down_bias` [H] where the experts have biases); keep[layer][e] = kept atoms. shared: the shared experts'
-    tensors whose atoms go (`grains.atom.shared_atom_keys`), stored under their own names at their kept width."""
+    tensors whose atoms go (`apply.atoms.shared_atom_keys`), stored under their own names at their kept width."""
     pending: dict[tuple, torch.Tensor] = {}  # a per-expert gate (or up) waiting for its other half
     shared = shared or {}
 
     def transform(key: str, read):
         if (hit := shared.get(rename(key))) is not None:
-            kind, k = hit
-            return [(key, read()[k] if kind == "rows" else read()[:, k])]
+            return [(key, kept_part(read(), *hit))]
         if (m := LEGACY.match(key)) and int(m["layer"]) in keep:
             L, e, kind = int(m["layer"]), int(m["e"]), KIND[m["kind"]]
             pre, k = canonical(m["pre"]), keep[L][e]

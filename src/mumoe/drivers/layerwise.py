@@ -38,8 +38,9 @@ def check_layerwise(recipe) -> None:
     for stage in recipe.stages:
         m = get_method(stage.method)
         if not m.needs_calib:
-            raise MumoeError(f"{m.name} needs no calibration: it runs from the checkpoint files without --layerwise "
-                             "(aimer is streamed already)")
+            how = ("it runs from the checkpoint files without --layerwise" if m.from_files is not None else
+                   "it runs on the loaded model (no streamed version yet); drop --layerwise")
+            raise MumoeError(f"{m.name} needs no calibration: {how}")
 
 
 def prune_layerwise(path: str | Path, recipe, out: str | Path, windows: tuple, *, overwrite: bool = False,

@@ -128,23 +128,15 @@ def apply_plan(model: nn.Module | None, plan: AtomPlan, layers: list | None = No
         adapter.set_expert_width(len(next(iter(plan.keep.values()))[0]))
 
 
-def from_layers(recipe, chosen: dict[int, dict], widths: dict[int, int],
-                shared_widths: dict[int, int] | None = None) -> AtomPlan:
-    """A plan from per-layer choices as `AtomPlan.layer` writes them."""
+def from_layers(recipe, layers, chosen: dict[int, dict], widths: dict[int, int]) -> AtomPlan:
+    """A plan from per-layer choices as `AtomPlan.layer` writes them (the progressive order); `widths`: the
+    expert widths from before any layer was sliced. Shared experts are masked, never sliced: their widths are
+    the layers' own."""
+    shared = {j: c["shared"] for j, c in chosen.items() if c.get("shared") is not None}
     return AtomPlan(uniform=recipe.atom.form == "uniform", widths=widths,
-                    keep={j: tuple(c["experts"]) for j, c in chosen.items()},
-                    shared={j: c["shared"] for j, c in chosen.items() if c.get("shared") is not None},
-                    shared_widths=shared_widths or {})
-
-
-def merge_plans(plans: list[AtomPlan], widths: dict[int, int]) -> AtomPlan:
-    """One plan from per-layer plans (the progressive order), with the widths from before any was applied."""
-    out = AtomPlan(uniform=plans[0].uniform, keep={}, widths=widths)
-    for p in plans:
-        out.keep.update(p.keep)
-        out.shared.update(p.shared)
-        out.shared_widths.update(p.shared_widths)
-    return out
+                    keep={j: tuple(c["experts"]) for j, c in chosen.items()}, shared=shared,
+                    shared_widths={layer.index: layer.shared_linears()[2].in_features for layer in layers
+                                   if layer.index in shared})
 
 
 class AtomGrain(Grain):
@@ -282,13 +274,14 @@ class AtomGrain(Grain):
         if recipe.atom.order == "progressive":
             if scores is not None:
                 raise MumoeError("precomputed scores are one-shot; progressive scoring needs its own passes")
-            plans = []
+            chosen = {}
             widths = {layer.index: layer.intermediate_size for layer in layers}  # before any is sliced
             for layer in layers:  # scored on the model whose earlier layers are pruned already
                 s = score_methods(model, [recipe.method], wins, None, seed, bs, verbose, layers=[layer])[recipe.method]
-                plans.append(make_plan(recipe, [layer], s))
-                apply_plan(model, plans[-1], layers=[layer], set_width=False)
-            plan = merge_plans(plans, widths)
+                one = make_plan(recipe, [layer], s)
+                apply_plan(model, one, layers=[layer], set_width=False)
+                chosen[layer.index] = one.layer(layer.index)
+            plan = from_layers(recipe, layers, chosen, widths)
             if plan.uniform:  # every layer sliced: the config's width follows once
                 moe_adapter_for(model).set_expert_width(len(next(iter(plan.keep.values()))[0]))
         else:
@@ -318,7 +311,7 @@ class AtomGrain(Grain):
         def prune_layer(j: int, module, res: dict) -> bool:
             if j not in layers:
                 return False
-            apply_plan(None, from_layers(recipe, {j: res["keep"]}, {}), layers=[layers[j]], set_width=False)
+            apply_plan(None, from_layers(recipe, [], {j: res["keep"]}, {}), layers=[layers[j]], set_width=False)
             return True
 
         return LayerwiseHooks(select, prune_layer)
@@ -326,9 +319,7 @@ class AtomGrain(Grain):
     def plan_layerwise(self, recipe, layers: list, res) -> AtomPlan:
         if recipe.atom.order == "progressive":  # the layers were sliced in the sweep: widths from the scores
             widths = {layer.index: score_width(s) for layer, s in zip(layers, res.scores[recipe.method])}
-            return from_layers(recipe, {layer.index: res.keep[layer.index] for layer in layers}, widths,
-                               {layer.index: s["shared_energy"].numel() for layer, s in
-                                zip(layers, res.scores[recipe.method]) if isinstance(s, dict) and "shared_energy" in s})
+            return from_layers(recipe, layers, {layer.index: res.keep[layer.index] for layer in layers}, widths)
         return make_plan(recipe, layers, res.scores[recipe.method])
 
     def transform(self, plan: AtomPlan, ckpt, recipe):
@@ -339,6 +330,8 @@ class AtomGrain(Grain):
             keep = plan.stacked()
             width = next(iter(keep.values())).shape[-1]
             return atom_transform(keep, ckpt.rename), width_changes(type(adapter_for(ckpt.model)), ckpt.config, width)
+        from ..apply.atoms import shared_atom_keys
+
         return atom_ragged_transform({j: list(k) for j, k in plan.keep.items()}, ckpt.rename,
                                      shared_atom_keys(ckpt.model, plan.shared)), {}
 
@@ -367,25 +360,6 @@ class AtomGrain(Grain):
         tail = "" if not shared else (f"; shared experts {sum(len(x['kept']) for x in shared):,} of "
                                       f"{sum(x['intermediate_size'] for x in shared):,}")
         return f"{sum(widths):,} of {total:,} atoms (per expert {min(widths)}..{max(widths)}){tail}"
-
-
-def shared_atom_keys(model: nn.Module, shared: dict[int, torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]]:
-    """The tensors of the shared experts whose atoms `shared` keeps (layer -> kept neurons [k_s]), by their
-    name in `model`: gate and up rows ("rows": weight [I_s, H], bias [I_s]), down columns ("cols": [H, I_s])."""
-    if not shared:
-        return {}
-    from ..models import moe_adapter_for
-
-    names = {id(m): n for n, m in model.named_modules()}
-    out = {}
-    for layer in moe_adapter_for(model).moe_layers():
-        if layer.index in shared:
-            k = shared[layer.index]
-            for lin, kind in zip(layer.shared_linears(), ("rows", "rows", "cols")):
-                out[f"{names[id(lin)]}.weight"] = (kind, k)
-                if lin.bias is not None and kind == "rows":
-                    out[f"{names[id(lin)]}.bias"] = (kind, k)
-    return out
 
 
 def width_changes(adapter_cls, config, width: int) -> dict:

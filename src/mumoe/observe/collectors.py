@@ -100,13 +100,6 @@ class MergeLayerStats:
         return self.acts[:self.n_acts]
 
 
-def _ranks() -> int:
-    """Processes in the torch.distributed group (1 without one)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 COS_EPS = 1e-8  # added to the norm product (the Sub-MoE re-implementation's epsilon)
 ACT_TOKENS = 2048  # REAM: neuron activations kept for the alignment, per layer (the same tokens for every expert)
 
@@ -199,7 +192,9 @@ class MergeStats(Collector):
         for name in ("sum", "cos", "gated", "sal"):
             if getattr(st, name) is not None:
                 setattr(st, name, total(getattr(st, name)))
-        if self.ream and cat is not None and _ranks() > 1:  # every rank joins, one no token reached included
+        from .sequential import dist_world
+
+        if self.ream and cat is not None and dist_world()[1] > 1:  # every rank joins, one no token reached included
             joined = cat(st.activations().to(st.freq.device))  # [N, E, I], in rank order
             st.acts = joined[:self.act_tokens].cpu()
             st.n_acts = st.acts.shape[0]
