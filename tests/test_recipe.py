@@ -147,5 +147,21 @@ def test_cli_compare_equals_separate_prunes(ckpt, capsys):
                           str(ckpt / m)], capsys)
         assert rc == 0, err
         assert json.loads((ckpt / m / "pruning.json").read_text())["layers"] == res["reports"][f"{m}@0.5"]["layers"]
-    rc, _, err = cli(["compare", str(ckpt / "m"), "--methods", "reap,wanda", *calib], capsys)
-    assert rc == 2 and "weight-grain" in err and err.count("\n") == 1
+    # a weight method and a two-stage row (passes of their own) record what `mumoe prune` records
+    rc, out, err = cli(["compare", str(ckpt / "m"), "--methods", "wanda,reap+wanda:budget=owl", "--ratio", "0.4",
+                        *calib, "--out", str(ckpt / "cmp2")], capsys)
+    assert rc == 0, err
+    assert "reap+wanda +owl, wanda: passes of their own" in out and "expert weights removed" in out
+    res = json.loads((ckpt / "cmp2" / "results.json").read_text())
+    for key, argv in (("wanda@0.4", ["--method", "wanda", "--ratio", "0.4"]),
+                      ("reap+wanda +owl@0.4", ["--method", "reap", "--then", "wanda:budget=owl", "--expert-params",
+                                               "0.4"])):
+        folder = ckpt / key.split("@")[0].replace(" ", "")
+        rc, _, err = cli(["prune", str(ckpt / "m"), *argv, *calib, "--out", str(folder)], capsys)
+        assert rc == 0, err
+        rec = json.loads((folder / "pruning.json").read_text())
+        assert rec["layers"] == res["reports"][key]["layers"] and rec["removed"] == res["reports"][key]["removed"]
+        assert rec.get("stages") == res["reports"][key].get("stages")
+    assert [(r["ratio"], "removed" in r) for r in res["rows"]] == [(0.4, True), (0.4, True)]
+    rc, _, err = cli(["compare", str(ckpt / "m"), "--methods", "wanda+reap", *calib], capsys)
+    assert rc == 2 and "an expert stage and a weight stage" in err and err.count("\n") == 1

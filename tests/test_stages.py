@@ -96,8 +96,9 @@ def test_stage_parsing_and_refusals(ckpt, capsys):
                           ("nope:0.5", "unknown method"), ("heapr:0.25:width_multiple=x", "must be an integer")]:
         with pytest.raises(MumoeError, match=message):
             parse_stage(text)
-    with pytest.raises(MumoeError, match="stage 1 .* only mumoe.load reads"):
-        Recipe.build("reap", 0.25, calib="x", budget="global").then("wanda", 0.5)
+    with pytest.raises(MumoeError, match="stage 1 .* only mumoe.load reads; a later atom stage"):
+        Recipe.build("reap", 0.25, calib="x", budget="global").then("heapr", 0.5)
+    assert Recipe.build("reap", 0.25, calib="x", budget="global").then("wanda", 0.5).later  # weights zeroed only
     with pytest.raises(MumoeError, match="needs calibration"):
         Recipe.build("aimer", 0.25).then("wanda", 0.5)
     r = Recipe.build("reap", 0.25, calib="x").then("wanda", 0.5, structure="2:4")

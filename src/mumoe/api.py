@@ -26,11 +26,17 @@ _RECIPE_OPTIONS = ("nsamples", "seqlen", "seed", "batch_size", "dtype", "device"
 def as_recipe(method, ratio=None, calib=None, options: dict | None = None, then=()) -> Recipe:
     """A Recipe as given, or built from the flat options of the Python API. then: later stages, each a
     (method, ratio) or (method, ratio, {options}) tuple."""
-    options = options or {}
+    options = dict(options or {})
     if isinstance(method, Recipe):
         if ratio is not None or options or then:
             raise MumoeError("pass either a Recipe or method/ratio/options, not both")
         return method
+    split = {k: options.pop(k) for k in ("expert_params", "expert_share") if k in options}
+    if split:  # one combined budget: the stage ratios follow from it
+        if ratio is not None or any(len(st) > 1 and st[1] is not None for st in then):
+            raise MumoeError("expert_params sets the stages' ratios: leave out ratio and the later stage's ratio "
+                             "(then=[('wanda',)])")
+        ratio, then = 0.0, [(st[0], 0.0, *st[2:]) for st in then]
     if ratio is None:
         raise MumoeError("ratio is required (the fraction removed, in [0, 1))")
     unknown = set(options) - set(_RECIPE_OPTIONS)
@@ -41,7 +47,7 @@ def as_recipe(method, ratio=None, calib=None, options: dict | None = None, then=
         from dataclasses import replace
 
         recipe = replace(recipe, later=tuple(make_stage(*st) for st in then))
-    return recipe
+    return recipe.split(**split) if split else recipe
 
 
 def score(model: nn.Module, method, calib=None, seed: int | None = None, tokenizer=None, nsamples: int = 128,
@@ -78,7 +84,9 @@ def prune(model, method, ratio: float | None = None, calib=None, *, tokenizer=No
     "one-shot" | "progressive"), form / scope (atom grain), structure (weight grain: row, N:M, column), router /
     rank / order / alpha (merge grain: "centroid" | "bound", Sub-MoE's rank, REAM's progressive order, DERN's
     similarity threshold), device;
-    then: later stages [(method, ratio[, {options}]), ...], each run on the model the one before it left.
+    then: later stages [(method, ratio[, {options}]), ...], each run on the model the one before it left;
+    expert_params (with expert_share): one budget over an expert stage and a weight stage — the share of
+    routed-expert weights removed in all (`Recipe.split`; then leave out the ratios: then=[("wanda",)]).
     calib: token ids [N, L], raw text, a path, 'domain[:NAME]', or a list of sources (None: the recipe's).
     windows: the recipe's calibration prepared already, as `calibration(recipe, calib, tokenizer)` returns it.
     say: where progress lines go (None: printed when verbose). stream_files=False: a checkpoint is never pruned

@@ -103,6 +103,15 @@ def export_form(path: Path):
     return get_form(rep.get("form", "hf") if isinstance(rep, dict) else "hf")
 
 
+def _remember_record(model: nn.Module, path: Path) -> None:
+    """A mumoe-form export's record, kept as the model's: pruning it again writes one record of every run, whose
+    layers keep the shapes the loader rebuilds (`PruneReport.compose`)."""
+    from .apply.report import RECORDS, PruneReport
+    from .files import read_json
+
+    RECORDS[model] = PruneReport.from_dict(read_json(path / "pruning.json", "the pruning record"))
+
+
 @functools.lru_cache(maxsize=8)
 def _check_layout_of(path: str, identity: tuple) -> None:
     from .observe.layerwise import LayerwiseCheckpoint
@@ -170,7 +179,9 @@ def load(name_or_path: str | Path | None = "default", dtype: str | torch.dtype =
     path = Path(name)
     form = export_form(path)
     if form.read is not None:  # mumoe's own forms: shapes an HF config cannot hold
-        return check_weights(form.read(path, _dtype(dtype)), path)
+        model = check_weights(form.read(path, _dtype(dtype)), path)
+        _remember_record(model, path)
+        return model
     from transformers import AutoModelForCausalLM
 
     try:

@@ -139,10 +139,16 @@ class Recipe(_Parts):
     device: str | None = None  # cpu | cuda | cuda:N | auto; None = where the model already is (CLI: cpu)
     version: int = RECIPE_VERSION
     later: tuple[Stage, ...] = ()  # the stages after the first, in order
+    # one budget over an expert stage and a weight stage: the share of routed-expert weights removed in all, the
+    # expert stage's part of it (`select.split`); the stage ratios follow from them
+    expert_params: float | None = None
+    expert_share: float | None = None
 
     def __post_init__(self) -> None:
         from .criteria import get_method
 
+        if self.expert_params is not None or self.expert_share is not None:
+            self._split_budget()
         object.__setattr__(self, "part", _check_stage(self))
         if self.version != RECIPE_VERSION:
             raise MumoeError(f"recipe version {self.version} is not readable by this mumoe (reads {RECIPE_VERSION})")
@@ -158,19 +164,41 @@ class Recipe(_Parts):
             if get_method(st.method).needs_calib and not self.calib.sources:
                 raise MumoeError(f"method {st.method!r} needs calibration data: pass --calib PATH (a .txt file or "
                                  "folder, 'domain' for the bundled splits)")
-        for i, st in enumerate((self, *self.later[:-1])):
-            if self.later and not get_grain(st.grain).leaves_hf(st):
+        stages = (self, *self.later)
+        for i, st in enumerate(stages[:-1]):
+            after = [s for s in stages[i + 1:] if not get_grain(s.grain).keeps_shapes]
+            if after and not get_grain(st.grain).leaves_hf(st):
                 raise MumoeError(f"stage {i + 1} ({get_grain(st.grain).describe(st)}) leaves per-layer shapes that "
-                                 "only mumoe.load reads; a later stage needs a standard model: use the uniform "
-                                 "budget / form there, or make it the last stage")
+                                 f"only mumoe.load reads; a later {after[0].grain} stage needs a standard model: use "
+                                 "the uniform budget / form there, make it the last stage, or follow it with weight "
+                                 "stages only (they keep the shapes)")
         self.calib.per_source()
+
+    def _split_budget(self) -> None:
+        """`expert_params`: exactly an expert stage then a weight stage; their ratios set from the target (the
+        weight stage's planned ratio assumes the expert stage removes exactly its part; the run corrects it)."""
+        from .select.split import SHARE, check_target, expert_ratio, weight_ratio
+
+        if self.expert_params is None:
+            raise MumoeError("--expert-share splits a combined budget: give --expert-params too")
+        x, share = check_target(self.expert_params, SHARE if self.expert_share is None else self.expert_share)
+        grains = [_method(self.method).grain] + [_method(st.method).grain for st in self.later]
+        if len(grains) != 2 or not (get_grain(grains[0]).whole_experts and get_grain(grains[1]).keeps_shapes):
+            raise MumoeError("--expert-params splits one budget between an expert stage and a weight stage (e.g. "
+                             "--method stun --then wanda --expert-params 0.4); this recipe's stages are "
+                             + (" then ".join(grains) or "none"))
+        first = expert_ratio(x, share)
+        object.__setattr__(self, "expert_params", x)
+        object.__setattr__(self, "expert_share", share)
+        object.__setattr__(self, "ratio", first)
+        object.__setattr__(self, "later", (replace(self.later[0], ratio=round(weight_ratio(x, first), 6)),))
 
     # -- views -------------------------------------------------------------------------------------------
     @cached_property
     def stages(self) -> tuple["Recipe", ...]:
         """Every stage as a one-stage Recipe (with this recipe's calibration, dtype and device), in order; built
         (and validated) once per recipe."""
-        first = replace(self, later=()) if self.later else self
+        first = replace(self, later=(), expert_params=None, expert_share=None) if self.later else self
         return (first, *(Recipe(st.method, st.ratio, self.calib, st.part, self.dtype, self.device)
                          for st in self.later))
 
@@ -182,6 +210,12 @@ class Recipe(_Parts):
         """This recipe with one more stage: `method` at `ratio`, with its grain's options (budget, order, form,
         scope, structure, width_multiple)."""
         return replace(self, later=self.later + (make_stage(method, ratio, options),))
+
+    def split(self, expert_params: float, expert_share: float | None = None) -> "Recipe":
+        """This expert-then-weight recipe under one combined budget: `expert_params` of the routed-expert weights
+        removed in all, the expert stage taking `expert_share` of it (default 0.5, STUN's split); the stage
+        ratios are set from them (`select.split`)."""
+        return replace(self, expert_params=expert_params, expert_share=expert_share)
 
     # -- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -209,6 +243,8 @@ class Recipe(_Parts):
              **self._part_dict(), "dtype": self.dtype, "device": self.device, "version": self.version}
         if self.later:
             d["then"] = [st.to_dict() for st in self.later]
+        if self.expert_params is not None:
+            d["expert_params"], d["expert_share"] = self.expert_params, self.expert_share
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
@@ -327,10 +363,15 @@ def _dense_methods():
     return [(n, m) for n, m in METHODS.items() if not get_grain(m.grain).needs_experts]
 
 
-def parse_stage(text: str) -> Stage:
+def parse_stage(text: str, split: bool = False) -> Stage:
     """A stage from the CLI's `METHOD:RATIO[:OPTION=VALUE...]` (`--then`): wanda:0.5, wanda:0.5:structure=2:4
-    (a part without '=' continues the value before it), heapr:0.25:form=global:scope=layer."""
+    (a part without '=' continues the value before it), heapr:0.25:form=global:scope=layer. split: the ratio
+    comes from a combined budget (--expert-params): `METHOD[:OPTION=VALUE...]`, no ratio."""
     parts = text.split(":")
+    if split:
+        if len(parts) > 1 and "=" not in parts[1]:
+            raise MumoeError(f"--then {text}: --expert-params sets the stage's ratio; give METHOD[:OPTION=VALUE]")
+        return make_stage(parts[0], 0.0, parse_options(parts[1:], f"--then {text}"))
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise MumoeError(f"--then {text}: give METHOD:RATIO (e.g. wanda:0.5), options as :OPTION=VALUE")
     try:

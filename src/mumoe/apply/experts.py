@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import MumoeError
-from ..models import MoELayer, moe_adapter_for
+from ..models import MoELayer, adapter_for, moe_adapter_for
 from ..models.base import COUNT_ATTRS
 
 
@@ -84,3 +84,26 @@ def remove_experts(model: nn.Module, keep: dict[int, list[int]]) -> list[int]:
     if len(set(counts)) == 1:
         adapter.set_num_experts(counts[0])
     return counts
+
+
+@torch.no_grad()
+def expert_weight_counts(model: nn.Module) -> tuple[int, int] | None:
+    """(weights, nonzero weights) of the routed experts' fused tensors (gate_up_proj, down_proj) over every MoE
+    layer; None for a model without routed experts. Counted one expert at a time (no whole-layer temporaries)."""
+    adapter = adapter_for(model)
+    layers = adapter.moe_layers() if adapter.is_moe else []
+    if not layers:
+        return None
+    total = nonzero = 0
+    for layer in layers:
+        for t in (layer.experts.gate_up_proj, layer.experts.down_proj):  # [E, 2I, H], [E, H, I]
+            total += t.numel()
+            nonzero += sum(int(torch.count_nonzero(t[e])) for e in range(t.shape[0]))
+    return total, nonzero
+
+
+def removed_record(before: tuple[int, int], after: tuple[int, int]) -> dict:
+    """pruning.json's `removed`: routed-expert weights before the run, how many the run removed (sliced away or
+    zeroed: nonzero before minus nonzero after), and their share."""
+    n = before[1] - after[1]
+    return {"expert_params": before[0], "expert_params_removed": n, "share": round(n / before[0], 6)}

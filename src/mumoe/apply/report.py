@@ -31,6 +31,9 @@ class PruneReport:
     # a model pruned in more than one stage (a multi-stage recipe, or mumoe.prune called again): every stage's
     # own record, in order ({method, grain, ratio, budget, scoring_order, form, layers, recipe})
     stages: list[dict] = field(default_factory=list)
+    # routed-expert weights: {expert_params, expert_params_removed (sliced away or zeroed, all runs), share}; {}
+    # where not counted (a dense model; the layer-sequential and from-files drivers)
+    removed: dict = field(default_factory=dict)
     mumoe_version: str = __version__
     schema: int = SCHEMA
     # the typed plan this report was written from (`grains`: ExpertPlan, AtomPlan, WeightPlan); not serialised
@@ -87,11 +90,19 @@ class PruneReport:
         first run, every stage's record in `stages`; for experts after experts (entries with kept experts in
         both), kept indices in the original numbering (`kept`; or, when the counts differ per layer and mumoe.load
         rebuilds the shapes from the export's config, in the numbering of that config, with the original one in
-        `kept_original`) and the ratio against the original expert count."""
+        `kept_original`) and the ratio against the original expert count. Weights zeroed (a weight-grain run) in
+        a model whose shapes only mumoe.load reads keep the earlier record on top (method, layers, form: what the
+        loader rebuilds the shapes from), this run in `stages`."""
         stages = (earlier.stages or [earlier.stage_record()]) + [self.stage_record()]
         model = {**self.model, **{k: v for k, v in earlier.model.items() if k in ("source", "model_type")}}
+        removed = _removed_both(earlier.removed, self.removed)
+        if self.form == "hf" and earlier.form != "hf" and _zeroes_only(self.layers):
+            # weights zeroed inside shapes only mumoe.load reads: the export keeps the earlier record's layers and
+            # form (what the loader rebuilds), this run is in `stages`
+            keep = {k: v for k, v in earlier.__dict__.items() if k not in ("recipe", "stages", "calibration")}
+            return PruneReport(**{**self.__dict__, **keep, "stages": stages, "removed": removed})
         if not (_keeps_experts(self.layers) and _keeps_experts(earlier.layers)):
-            return PruneReport(**{**self.__dict__, "model": model, "stages": stages})
+            return PruneReport(**{**self.__dict__, "model": model, "stages": stages, "removed": removed})
         before = earlier.kept()
         layers = []
         for entry in self.layers:
@@ -108,7 +119,22 @@ class PruneReport:
         ratio = 1 - sum(len(e["kept"]) for e in layers) / total if total else self.ratio
         model["num_experts"] = earlier.model.get("num_experts", model.get("num_experts"))
         return PruneReport(**{**self.__dict__, "model": model, "layers": layers, "ratio": round(ratio, 6),
-                              "stages": stages})
+                              "stages": stages, "removed": removed})
+
+
+def _removed_both(earlier: dict, later: dict) -> dict:
+    """The `removed` counts of a run on a model an earlier run had pruned: against the earlier run's original
+    expert weights, both runs' removals summed ({} unless both were counted)."""
+    if not earlier or not later:
+        return {}
+    n = earlier["expert_params_removed"] + later["expert_params_removed"]
+    return {"expert_params": earlier["expert_params"], "expert_params_removed": n,
+            "share": round(n / earlier["expert_params"], 6)}
+
+
+def _zeroes_only(layers: list[dict]) -> bool:
+    """Entries of the weight grain (a kept fraction per weight tensor): a run that only zeroed weights."""
+    return bool(layers) and all("param" in e and "active" in e for e in layers)
 
 
 def _keeps_experts(layers: list[dict]) -> bool:

@@ -13,7 +13,7 @@ from .evaluate import _eval_texts
 def cmd_compare(args) -> int:
     from .. import api
     from ..criteria import get_method
-    from ..eval.compare import compare, label, markdown
+    from ..eval.compare import compare, label, markdown, shares_pass
     from ..grains import get_grain
     from ..loading import check_model, load_tokenizer
     from ..observe.calib import check_sources, tokenize, windows
@@ -23,8 +23,8 @@ def cmd_compare(args) -> int:
 
     from ..recipe import parse_method
 
-    specs = [parse_method(m.strip()) for m in args.methods.split(",") if m.strip()]
-    methods = [name for name, _ in specs]
+    specs = [[parse_method(p.strip()) for p in m.split("+")] for m in args.methods.split(",") if m.strip()]
+    methods = [name for spec in specs for name, _ in spec]
     if not methods:
         raise MumoeError("--methods names no method (e.g. --methods reap,ean,frequency)")
     for value, flag, low in ((args.eval_windows, "--eval-windows", 1), (args.eval_seqlen, "--eval-seqlen", 2),
@@ -35,9 +35,20 @@ def cmd_compare(args) -> int:
     opts = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen), ("seed", args.seed),
                               ("form", args.form), ("scope", args.scope)) if v is not None}
     opts["batch_size"] = args.batch_size or 8  # one pass: one batch size for every method
-    recipes = [Recipe.build(m, r, calib=(args.calib or ["domain"]) if get_method(m).needs_calib else None,
-                            dtype=args.dtype or "auto", device=args.device or "cpu", **{**opts, **own})
-               for m, own in specs for r in ratios]
+    def recipe(spec, r):
+        """One row: a method at ratio r, or stages joined by '+' under one budget (r of the routed-expert
+        weights, split between an expert stage and a weight stage: `Recipe.split`)."""
+        calib = (args.calib or ["domain"]) if any(get_method(m).needs_calib for m, _ in spec) else None
+        (m, own), later = spec[0], spec[1:]
+        rec = Recipe.build(m, 0.0 if later else r, calib=calib, dtype=args.dtype or "auto",
+                           device=args.device or "cpu", **{**opts, **own})
+        for name, options in later:
+            rec = rec.then(name, 0.0, **options)
+        return rec.split(r, args.expert_share) if later else rec
+
+    if args.expert_share is not None and not any(len(spec) > 1 for spec in specs):
+        raise MumoeError("--expert-share splits the budget of a two-stage row (e.g. --methods stun+wanda)")
+    recipes = [recipe(spec, r) for spec in specs for r in ratios]
     from ..eval.compare import check_recipes
 
     check_recipes(recipes)
@@ -79,10 +90,10 @@ def cmd_compare(args) -> int:
     res = compare(model, recipes, wins, groups, evals, calib_label=info.get("source", "-"), progress=not SETTINGS.quiet,
                   log=None, tasks=tasks, tokenizer=tok)
     print(markdown(res))
-    own = sorted({label(r) for r in recipes if get_grain(r.grain).order(r.part) != "one-shot"})
-    shared = {r.method for r in recipes if get_grain(r.grain).order(r.part) == "one-shot"}
+    own = sorted({label(r) for r in recipes if not shares_pass(r) or r.later})
+    shared = {r.method for r in recipes if shares_pass(r)}
     say(f"\none calibration pass for {len(shared)} methods: {res.pass_seconds:.1f}s"
-        + (f" ({', '.join(own)}: progressive, passes of its own)" if own else "")
+        + (f" ({', '.join(own)}: passes of their own)" if own else "")
         + f"; total {time.perf_counter() - t0:.1f}s")
     if args.out:
         from ..apply.export import atomic_output
@@ -103,14 +114,20 @@ def add_parser(sub) -> None:
                         description="Every method's statistics come from a single calibration pass (forward, plus "
                         "backward when HEAPr is among them); each method is then applied to a copy of the model and, "
                         "with --eval, scored by perplexity (and with --tasks, by lm-eval task accuracy). Expert, "
-                        "atom and merge methods; a method in the progressive order (REAM's default; "
-                        "ream:order=one-shot shares the pass) calibrates layer by layer in passes of its own.")
+                        "atom and merge methods share the pass; a method in the progressive order (REAM's default; "
+                        "ream:order=one-shot shares the pass), a weight method (wanda) and the second stage of a "
+                        "two-stage row (stun+wanda: --ratio is then the share of routed-expert weights removed in "
+                        "all, split as --expert-share says) calibrate in passes of their own.")
     model_args(sp)
-    sp.add_argument("--methods", required=True, help="comma-separated methods, e.g. reap,ean,frequency,peu,heapr; "
+    sp.add_argument("--methods", required=True, help="comma-separated methods, e.g. reap,ean,frequency,peu,heapr,wanda; "
                     "each may carry its own options as METHOD:OPTION=VALUE (hc-smoe:router=bound, "
-                    "heapr:form=global, sub-moe:rank=64, ream:order=one-shot)")
+                    "heapr:form=global, sub-moe:rank=64, ream:order=one-shot); an expert method then a weight "
+                    "method joined by '+' is one two-stage row under one budget (stun+wanda:budget=owl)")
     sp.add_argument("--ratio", type=float, action="append",
-                    help="fraction removed (experts per layer, or atoms); repeat for several (default 0.5)")
+                    help="fraction removed (experts per layer, atoms, weights; a two-stage row: routed-expert "
+                    "weights in all); repeat for several (default 0.5)")
+    sp.add_argument("--expert-share", type=float, metavar="S", help="two-stage rows (EXPERT+WEIGHT methods): the "
+                    "expert stage's part of the budget (default 0.5, STUN's split)")
     sp.add_argument("--calib", action="append", help="calibration sources as for prune (default: domain)")
     sp.add_argument("--nsamples", type=int, help="calibration windows in all (default 128)")
     sp.add_argument("--seqlen", type=int, help="calibration window length (default 512)")

@@ -38,25 +38,30 @@ def _recipe_from_args(args):
     from ..recipe import Recipe
 
     if args.recipe:
-        given = [f"--{f.replace('_', '-')}" for f in PRUNE_FLAGS + ("then",) if getattr(args, f) is not None]
+        given = [f"--{f.replace('_', '-')}" for f in PRUNE_FLAGS + ("then", "expert_params", "expert_share")
+                 if getattr(args, f) is not None]
         if given:
             raise MumoeError(f"--recipe replays a run as recorded; drop {', '.join(given)} (or drop --recipe)")
         recipe = Recipe.load(args.recipe)
         overrides = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
         return Recipe.from_dict({**recipe.to_dict(), **overrides}) if overrides else recipe
-    missing = [f"--{f}" for f in ("method", "ratio") if getattr(args, f) is None]
+    split = args.expert_params is not None or args.expert_share is not None
+    if split and args.ratio is not None:
+        raise MumoeError("--expert-params sets the stage ratios (the expert stage's and the --then stage's); drop "
+                         "--ratio")
+    missing = [f"--{f}" for f in ("method", "ratio") if getattr(args, f) is None and not (split and f == "ratio")]
     if missing:
         raise MumoeError(f"prune needs {' and '.join(missing)} (or --recipe RUN/pruning.json to replay a run)")
     opts = {f: getattr(args, f) for f in PRUNE_FLAGS[3:] if getattr(args, f) is not None}
-    recipe = Recipe.build(args.method, args.ratio, calib=args.calib, dtype=args.dtype or "auto",
+    recipe = Recipe.build(args.method, 0.0 if split else args.ratio, calib=args.calib, dtype=args.dtype or "auto",
                           device=args.device or "cpu", **opts)
     if args.then:
         from dataclasses import replace
 
         from ..recipe import parse_stage
 
-        recipe = replace(recipe, later=tuple(parse_stage(t) for t in args.then))
-    return recipe
+        recipe = replace(recipe, later=tuple(parse_stage(t, split) for t in args.then))
+    return recipe.split(args.expert_params, args.expert_share) if split else recipe
 
 
 def _replay_model(args) -> str:
@@ -100,6 +105,10 @@ def cmd_prune(args) -> int:
         return 0
     from ..apply.forms import get_form
 
+    if report.removed and recipe.later:  # (every run records it in pruning.json)
+        r = report.removed
+        say(f"routed-expert weights removed: {r['expert_params_removed']:,} of {r['expert_params']:,} "
+            f"({r['share']:.2%})")
     print(f"wrote {args.out} (loads with {get_form(report.form).loads_with}) in {time.perf_counter() - t0:.1f}s total")
     return 0
 
@@ -142,6 +151,14 @@ def add_parser(sub) -> None:
                     "(repeatable, in order): e.g. --method reap --ratio 0.2 --then wanda:0.5 removes 20%% of the "
                     "experts, then half of the remaining weights; options of that stage's grain as "
                     "wanda:0.5:structure=2:4 or heapr:0.25:form=global")
+    sp.add_argument("--expert-params", type=float, metavar="X",
+                    help="one budget over two stages (--method EXPERT-METHOD --then WEIGHT-METHOD, no ratios): remove "
+                    "X of all routed-expert weights, the expert stage taking --expert-share of it (whole experts) "
+                    "and the weight stage the rest from the experts left, e.g. --method stun --then wanda "
+                    "--expert-params 0.4; pruning.json's `removed` counts what was removed")
+    sp.add_argument("--expert-share", type=float, metavar="S",
+                    help="--expert-params: the expert stage's part of X (default 0.5, STUN's split: 20%% of the "
+                    "experts for a 40%% target)")
     for flag, spec in grain_flags().items():  # each grain's options (`Grain.cli`), in registry order
         sp.add_argument(f"--{flag.replace('_', '-')}", **spec)
     sp.add_argument("--in-memory", action="store_true", help="aimer: load the model instead of streaming the files")

@@ -35,6 +35,11 @@ from .record import combine, finish, stage_report
 
 def check_layerwise(recipe) -> None:
     """What the layer-sequential path supports, checked before any work."""
+    for stage in recipe.stages[:-1]:
+        if not get_grain(stage.grain).leaves_hf(stage):
+            raise MumoeError(f"{get_grain(stage.grain).describe(stage)} leaves per-layer shapes that the "
+                             "layer-sequential reader does not read yet, so no later stage can run on them layer by "
+                             "layer; run this recipe in memory (--layerwise off)")
     for stage in recipe.stages:
         m = get_method(stage.method)
         if not m.needs_calib:
@@ -72,6 +77,8 @@ def prune_layerwise(path: str | Path, recipe, out: str | Path, windows: tuple, *
     try:
         for i, stage in enumerate(stages):
             last = i == len(stages) - 1
+            if i and recipe.expert_params is not None:  # the combined budget's rest, after stage 1's experts
+                stage = _split_from_plan(stage, recipe, reports[0], say)
             if say is not None and i:
                 say(f"stage {i + 1} of {len(stages)}: {get_grain(stage.grain).describe(stage)}")
             dest = out if last else scratch / f"stage-{i + 1}"
@@ -84,6 +91,16 @@ def prune_layerwise(path: str | Path, recipe, out: str | Path, windows: tuple, *
         return reports[-1]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _split_from_plan(stage, recipe, first: PruneReport, say):
+    """The weight stage of a combined budget from the expert stage's record (experts of one layer are of one
+    size: the share of expert weights it removed is the share of experts)."""
+    from .memory import split_stage
+
+    total = sum(e["num_experts"] for e in first.layers)
+    kept = sum(len(e["kept"]) for e in first.layers)
+    return split_stage(stage, recipe, (total, total), (total, kept), say)
 
 
 def _prune_stage(path: str | Path, recipe, out: str | Path, windows: tuple, *, overwrite: bool, verbose: bool,

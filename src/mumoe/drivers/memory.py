@@ -19,20 +19,44 @@ def apply_stage(model: nn.Module, recipe, wins, groups=None, verbose: bool = Fal
 
 
 def prune_model(model: nn.Module, recipe, windows: tuple, *, verbose: bool = False, source: str = "",
-                say: Callable[[str], None] | None = None) -> PruneReport:
+                say: Callable[[str], None] | None = None, scores=None) -> PruneReport:
     """Every stage of `recipe` in order on `model`, each on the model the stages before it left, all on the same
-    calibration windows ((ids [N, L] or None, groups or None, info), `inputs.calibration`)."""
+    calibration windows ((ids [N, L] or None, groups or None, info), `inputs.calibration`). scores: the first
+    stage's one-shot scores from a shared pass (`mumoe compare`)."""
+    from ..apply.experts import expert_weight_counts, removed_record
+
     wins, groups, info = windows
     stages = recipe.stages
     reports = []
+    before = expert_weight_counts(model)
     for i, stage in enumerate(stages):
+        if i and recipe.expert_params is not None:  # the rest of the combined budget, after what stage 1 removed
+            stage = split_stage(stage, recipe, before, expert_weight_counts(model), say)
         if i:  # the shapes the earlier stages left (an N:M block must still divide every width, ...)
             get_grain(stage.grain).check_config(stage, model.config)
             if say is not None:
                 say(f"stage {i + 1} of {len(stages)}: {get_grain(stage.grain).describe(stage)}")
-        r = apply_stage(model, stage, wins, groups, verbose)
+        r = apply_stage(model, stage, wins, groups, verbose, scores if i == 0 else None)
         reports.append(finish(r, stage, info, {"source": source, "model_type": model.config.model_type}))
-    return reports[0] if len(reports) == 1 else combine(reports, recipe)
+    report = reports[0] if len(reports) == 1 else combine(reports, recipe)
+    if before is not None:
+        report.removed = removed_record(before, expert_weight_counts(model))
+    return report
+
+
+def split_stage(stage, recipe, before: tuple[int, int], now: tuple[int, int], say=None):
+    """The weight stage of a combined budget (`recipe.expert_params`) at the sparsity that removes the rest of the
+    target from the experts left, given what the expert stage actually removed (`select.split`)."""
+    from dataclasses import replace
+
+    from ..select.split import weight_ratio
+
+    done = (before[1] - now[1]) / before[0]
+    ratio = round(weight_ratio(recipe.expert_params, done), 6)
+    if say is not None:
+        say(f"combined budget: {recipe.expert_params:.0%} of the routed-expert weights; the expert stage removed "
+            f"{done:.2%}, the weight stage removes {ratio:.2%} of what is left")
+    return replace(stage, ratio=ratio)
 
 
 def prune_loaded(model: nn.Module, recipe, windows: tuple, *, verbose: bool = False, source: str | None = None,

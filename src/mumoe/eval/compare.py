@@ -18,7 +18,7 @@ from torch import nn
 
 from ..criteria import get_method
 from ..errors import MumoeError
-from ..grains import GRAINS, get_grain
+from ..grains import get_grain
 from ..recipe import Recipe
 from ..progress import bar
 from .perplexity import perplexity_of_windows
@@ -33,23 +33,25 @@ class CompareResult:
 
 
 def check_recipes(recipes: list[Recipe]) -> None:
-    """One pass serves them all (progressive ones run their own): the same calibration, no weight-grain methods."""
+    """One calibration for all: the one-shot first stages of expert, atom and merge methods share one pass;
+    progressive ones, weight methods (scored and masked in one step) and later stages (scored on the model the
+    stage before left) run passes of their own."""
     if not recipes:
         raise MumoeError("compare needs at least one method")
-    for r in recipes:
-        grain = get_grain(r.grain)
-        if not grain.shares_pass:
-            raise MumoeError(f"compare scores {' and '.join(n for n, g in GRAINS.items() if g.shares_pass)} methods; "
-                             f"{r.method!r} is {r.grain}-grain (use mumoe prune or mumoe eval --testtime)")
-        if r.later:
-            raise MumoeError("compare runs one-stage recipes (a later stage scores on the earlier stages' model)")
     calibs = {(c.sources, c.nsamples, c.seqlen, c.seed) for c in (r.calib for r in recipes) if c.sources}
     if len(calibs) > 1:
         raise MumoeError("compare needs one calibration for every method")
 
 
 def label(recipe: Recipe) -> str:
-    return get_grain(recipe.grain).label(recipe)
+    """The row's name: the method (and what distinguishes it); a multi-stage recipe's stages joined by '+'."""
+    return "+".join(get_grain(st.grain).label(st) for st in recipe.stages)
+
+
+def shares_pass(recipe: Recipe) -> bool:
+    """Whether the recipe's first stage takes its scores from the one shared pass."""
+    grain = get_grain(recipe.grain)
+    return grain.shares_pass and grain.order(recipe.part) == "one-shot"
 
 
 @torch.no_grad()
@@ -82,12 +84,12 @@ def compare(model: nn.Module, recipes: list[Recipe], wins: torch.Tensor | None, 
 def _compare(model, recipes, wins, groups, evals, calib_label, eval_batch_size, progress, log, dense,
              accuracy) -> CompareResult:
     from ..criteria import score_methods
-    from ..drivers.memory import apply_stage
+    from ..drivers.memory import prune_model
 
     check_recipes(recipes)
     cal = next((r.calib for r in recipes if r.calib.sources), recipes[0].calib)
     t0 = time.perf_counter()
-    shared = [r for r in recipes if get_grain(r.grain).order(r.part) == "one-shot"]
+    shared = [r for r in recipes if shares_pass(r)]
     names = list(dict.fromkeys(r.method for r in shared))
     scores = score_methods(model, names, wins, groups, seed=cal.seed, batch_size=cal.batch_size,
                            progress=progress) if names else {}
@@ -105,18 +107,22 @@ def _compare(model, recipes, wins, groups, evals, calib_label, eval_batch_size, 
     for r in bar(recipes, desc="apply + evaluate", enabled=progress, unit="method"):
         pruned = copy.deepcopy(model)
         if r not in shared and log:
-            log(f"  {label(r)} {r.ratio:.0%}: progressive order, calibrated layer by layer in passes of its own")
-        report = apply_stage(pruned, r, wins, groups, scores=scores[r.method] if r in shared else None)
-        row = {"method": label(r), "grain": r.grain, "ratio": r.ratio,
-               "calib": calib_label if get_method(r.method).needs_calib else "-", "kept": get_grain(r.grain).summary(report.layers)}
+            log(f"  {label(r)} {r.ratio:.0%}: calibrated in passes of its own")
+        report = prune_model(pruned, r, (wins, groups, {}), scores=scores[r.method] if r in shared else None)
+        ratio = r.expert_params if r.expert_params is not None else r.ratio
+        row = {"method": label(r), "grain": "+".join(st.grain for st in r.stages), "ratio": ratio,
+               "calib": calib_label if any(get_method(st.method).needs_calib for st in r.stages) else "-",
+               "kept": get_grain(report.grain).summary(report.layers)}
+        if report.removed:
+            row["removed"] = report.removed["share"]
         if evals:
             row["ppl"] = _evaluate(pruned, evals, eval_batch_size)
         if accuracy is not None:
             row["tasks"] = accuracy(pruned)
         rows.append(row)
-        reports[f"{label(r)}@{r.ratio:g}"] = report.to_dict()
+        reports[f"{label(r)}@{ratio:g}"] = report.to_dict()
         if log:
-            log(f"  {row['method']} {r.ratio:.0%}: {row.get('ppl', row['kept'])}")
+            log(f"  {row['method']} {ratio:.0%}: {row.get('ppl', row['kept'])}")
         del pruned
     return CompareResult(rows, scores, pass_seconds, reports)
 
@@ -125,9 +131,11 @@ def markdown(result: CompareResult) -> str:
     """The comparison as a markdown table (perplexity columns when evaluated, then task accuracies)."""
     domains = sorted({d for r in result.rows for d in r.get("ppl", {})})
     tasks = sorted({t for r in result.rows for t in r.get("tasks", {})})
-    head = "| method | removed | kept |" + "".join(f" {d} |" for d in domains) + (" mean |" if domains else "") + \
+    counted = any("removed" in r for r in result.rows)
+    head = "| method | removed | kept |" + (" expert weights removed |" if counted else "") + "".join(f" {d} |" for d in domains) + (" mean |" if domains else "") + \
         "".join(f" {t} acc |" for t in tasks) + (" mean acc |" if tasks else "")
-    lines = [head, "|---|---|---|" + "---|" * (len(domains) + (1 if domains else 0) + len(tasks) + (1 if tasks else 0))]
+    lines = [head, "|---|---|---|" + "---|" * (counted + len(domains) + (1 if domains else 0) + len(tasks)
+                                                 + (1 if tasks else 0))]
     for r in result.rows:
         vals = [r["ppl"][d] for d in domains] if domains else []
         cells = "".join(f" {v:.2f} |" for v in vals) + (f" {sum(vals) / len(vals):.2f} |" if vals else "")
@@ -136,5 +144,6 @@ def markdown(result: CompareResult) -> str:
         if tasks:
             got = [a for a in accs if a is not None]
             cells += f" {sum(got) / len(got):.3f} |" if got else " - |"
-        lines.append(f"| {r['method']} | {r['ratio']:.0%} | {r.get('kept', '-')} |{cells}")
+        share = (f" {r['removed']:.1%} |" if "removed" in r else " - |") if counted else ""
+        lines.append(f"| {r['method']} | {r['ratio']:.0%} | {r.get('kept', '-')} |{share}{cells}")
     return "\n".join(lines)

@@ -50,6 +50,9 @@ class Grain:
     batch_size: ClassVar[int] = 8  # the default calibration batch
     needs_experts: ClassVar[bool] = True  # it prunes routed experts (a dense model is refused)
     shares_pass: ClassVar[bool] = True  # its scores can come from a pass shared with other methods (compare)
+    whole_experts: ClassVar[bool] = False  # it removes whole routed experts (the expert stage of a split budget)
+    keeps_shapes: ClassVar[bool] = False  # it only zeroes weights (no tensor changes shape): it may follow a stage
+    #                                       whose per-layer shapes only mumoe.load reads
 
     # -- the recipe ---------------------------------------------------------------------------------------
     def build_part(self, options: dict) -> Any:

@@ -93,6 +93,7 @@ class ExpertGrain(Grain):
     name: ClassVar[str] = "expert"
     part: ClassVar[type] = ExpertPart
     flags: ClassVar[tuple[str, ...]] = ("budget", "order")
+    whole_experts: ClassVar[bool] = True
     cli: ClassVar[dict[str, dict]] = {
         "budget": {"choices": list(BUDGETS), "help": "expert methods: uniform = round(ratio*E) dropped in every layer "
                    "(a standard checkpoint every engine reads, default); global = one ranking over all layers "

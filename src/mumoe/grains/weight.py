@@ -99,6 +99,7 @@ class WeightGrain(Grain):
     }
     needs_experts: ClassVar[bool] = False
     shares_pass: ClassVar[bool] = False  # scored and masked in one step
+    keeps_shapes: ClassVar[bool] = True
 
     def check(self, recipe) -> WeightPart:
         from ..criteria import get_method, methods_of
