@@ -73,7 +73,8 @@ def test_coselect_counts_and_gram_equal_loops():
     layer = moe_adapter_for(make("qwen3_moe")).moe_layers()[0]
     flat = torch.stack([torch.cat([layer.experts.gate_up_proj[e].flatten(), layer.experts.down_proj[e].flatten()])
                         for e in range(layer.num_experts)]).double()
-    assert torch.allclose(stun.expert_gram(layer, chunk=3), flat @ flat.T)
+    assert torch.allclose(stun.expert_gram(layer, block_bytes=8 * 8 * 100), flat @ flat.T)  # blocks of 100 columns
+    assert torch.allclose(stun.expert_gram(layer), flat @ flat.T)
     r = layer.router_weight.detach().float()
     assert torch.allclose(stun.router_distance(r), torch.cdist(r, r) / r.norm())
 
@@ -136,3 +137,28 @@ def test_stun_coselect_layer_sequential_equals_in_memory(tmp_path):
         want = model(x).logits
         for folder in ("streamed", "memory"):
             assert torch.allclose(load(tmp_path / folder)(x).logits, want, atol=1e-6, rtol=0), folder
+
+
+def test_stun_from_the_checkpoint_files_equals_in_memory(tmp_path):
+    """`mumoe prune CHECKPOINT --method stun` reads the checkpoint one decoder layer at a time (the files driver;
+    the model is never loaded whole): the same clusters and kept experts as on the loaded model, and an export
+    (mumoe's form, written tensor by tensor) that reloads to the same logits. A bf16 checkpoint: the features
+    are computed in float32 on both paths."""
+    from mumoe import api
+    from mumoe.apply.export import save_pruned
+    from mumoe.drivers.choose import prune_path
+    from mumoe.loading import load
+    from mumoe.models.tiny import tiny_model
+    from mumoe.recipe import Recipe
+
+    src = tmp_path / "src"
+    tiny_model("mixtral", seed=0, num_local_experts=16, num_hidden_layers=4).to(torch.bfloat16).save_pretrained(src)
+    recipe = Recipe.build("stun", 0.3)
+    report, driver = prune_path(str(src), recipe, tmp_path / "files", verbose=False)
+    model = load(src)  # float32 (the in-memory compute dtype of a bf16 checkpoint)
+    ref = api.prune(model, recipe)
+    assert driver == "files" and report.form == "mumoe" and report.layers == ref.layers
+    save_pruned(model, tmp_path / "memory", ref)
+    x = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "files")(x).logits, load(tmp_path / "memory")(x).logits)

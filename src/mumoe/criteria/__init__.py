@@ -71,6 +71,12 @@ def _aimer_files(path, progress: bool):
     return stream_aimer(path, progress)
 
 
+def _stun_files(path, progress: bool):
+    from ..observe.layerwise import weights_from_files
+
+    return weights_from_files(path, stun.router_features, progress)
+
+
 HEAPR_NOTES = {"uniform": "the uniform form: every expert keeps its best atoms at one width (an HF checkpoint); the "
                           "paper's method is the global ranking: --form global --scope global",
                "global": "the paper's form: one global ranking of atoms"}
@@ -93,7 +99,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            expert.easy_ep, needs_expert_outputs=True),
     Method("stun", "expert", False, False, "STUN's expert stage: experts clustered by router-row distance (τ searched "
            "for the budget over all layers), the one nearest each cluster's mean kept", from_weights=stun.router_features,
-           keep_rule=stun.keep_rule, progressive=False),
+           from_files=_stun_files, keep_rule=stun.keep_rule, progressive=False),
     Method("stun-coselect", "expert", True, False, "STUN's expert stage with co-selection distances (tokens choosing "
            "both experts)", stun.coselect_features, keep_rule=stun.keep_rule, progressive=False),
     Method("tcess", "expert", True, False, "PreMoe TCESS (v1): mean arg-max router logit", expert.tcess),

@@ -136,3 +136,4 @@ def score_layerwise(ckpt: LayerwiseCheckpoint, names: list[str], calib: torch.Te
 
     check_scores(out.scores, out.layer_index)
     return out
+

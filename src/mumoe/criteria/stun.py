@@ -146,24 +146,20 @@ def representatives(clusters: list[tuple[int, ...]], gram: torch.Tensor) -> list
     return kept
 
 
-def expert_gram(layer, chunk: int = 8) -> torch.Tensor:
-    """G [E, E] float64: dot products of the experts' flattened [gate | up | down] weights, `chunk` experts at a
-    time against all (never all E flattened experts in float64 at once)."""
+def expert_gram(layer, block_bytes: int = 64 << 20) -> torch.Tensor:
+    """G [E, E] float64: dot products of the experts' flattened [gate | up | down] weights, summed over column
+    blocks of the flattened weights (each block of all E experts in float64 at most `block_bytes`): every weight
+    is converted once and the whole layer is never held in float64."""
     gu, down = layer.experts.gate_up_proj, layer.experts.down_proj  # [E, 2I, H], [E, H, I]
     E = gu.shape[0]
-
-    def flat(a: int) -> torch.Tensor:  # [c, 2IH + HI] experts a .. a+chunk
-        b = min(a + chunk, E)
-        return torch.cat([gu[a:b].reshape(b - a, -1), down[a:b].reshape(b - a, -1)], dim=1).double().cpu()
-
     out = torch.zeros(E, E, dtype=torch.float64)
+    step = max(1, block_bytes // (8 * E))
     with torch.no_grad():
-        for a in range(0, E, chunk):
-            xa = flat(a)
-            for b in range(a, E, chunk):
-                block = xa @ flat(b).T
-                out[a:a + chunk, b:b + chunk] = block
-                out[b:b + chunk, a:a + chunk] = block.T
+        for t in (gu, down):
+            flat = t.reshape(E, -1)  # [E, n] (a view)
+            for a in range(0, flat.shape[1], step):
+                x = flat[:, a:a + step].double().cpu()  # [E, ≤step]
+                out += x @ x.T
     return out
 
 

@@ -1,6 +1,7 @@
 """The files driver: calibration-free scores read straight from a checkpoint's safetensors files (the model is
-never loaded) and the pruned checkpoint written shard by shard. For methods with a `from_files` scorer (AIMER),
-one stage, one-shot, a selection that leaves a standard HF model."""
+never loaded) and the pruned checkpoint written shard by shard. For methods with a `from_files` scorer (AIMER;
+STUN's router-distance clusters, one decoder layer resident at a time), one stage, one-shot; per-layer counts
+are written in mumoe's form."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def runs_from_files(recipe) -> bool:
     stage = recipe.stages[0]
     grain = get_grain(stage.grain)
     return (len(recipe.stages) == 1 and get_method(stage.method).from_files is not None
-            and grain.order(stage.part) == "one-shot" and grain.leaves_hf(stage))
+            and grain.order(stage.part) == "one-shot")
 
 
 def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = False, progress: bool = True,
@@ -49,12 +50,14 @@ def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = Fal
     n_group, topk_group = config_value(cfg, ("n_group",)), config_value(cfg, ("topk_group",))
     m = get_method(recipe.method)
     t0 = time.perf_counter()
-    scores = m.from_files(path, progress)  # decoder layer -> [E]
+    scores = m.from_files(path, progress)  # decoder layer -> [E] (or a rule's features: STUN's distances, Gram)
+    E = int(config_value(cfg, EXPERT_COUNT_KEYS))
     t_score = time.perf_counter() - t0
-    layers = [SimpleNamespace(index=j, num_experts=len(s), top_k=int(top_k), n_group=n_group, topk_group=topk_group)
-              for j, s in scores.items()]
+    layers = [SimpleNamespace(index=j, num_experts=E, top_k=int(top_k), n_group=n_group, topk_group=topk_group)
+              for j in scores]
     res = LayerwiseScores(scores={m.name: list(scores.values())}, layer_index=list(scores))
     grain = get_grain(recipe.grain)
+    grain.check_layerwise(recipe, layers)  # (a global budget on a group-limited router is refused)
     plan = grain.plan_layerwise(recipe, layers, res)
     report = finish(stage_report(recipe, plan), recipe, {},
                     {"source": str(path), "model_type": cfg.get("model_type")})

@@ -112,7 +112,8 @@ def _compare(model, recipes, wins, groups, evals, calib_label, eval_batch_size, 
         ratio = r.expert_params if r.expert_params is not None else r.ratio
         row = {"method": label(r), "grain": "+".join(st.grain for st in r.stages), "ratio": ratio,
                "calib": calib_label if any(get_method(st.method).needs_calib for st in r.stages) else "-",
-               "kept": get_grain(report.grain).summary(report.layers)}
+               "kept": "; ".join(get_grain(st["grain"]).summary(st["layers"]) for st in report.stages)
+               if report.stages else get_grain(report.grain).summary(report.layers)}
         if report.removed:
             row["removed"] = report.removed["share"]
         if evals:
@@ -131,7 +132,10 @@ def markdown(result: CompareResult) -> str:
     """The comparison as a markdown table (perplexity columns when evaluated, then task accuracies)."""
     domains = sorted({d for r in result.rows for d in r.get("ppl", {})})
     tasks = sorted({t for r in result.rows for t in r.get("tasks", {})})
-    counted = any("removed" in r for r in result.rows)
+    # the routed-expert weights each row removed, shown when a row has a weight stage (its ratio covers the
+    # attention linears too, or is split with an expert stage)
+    counted = any("removed" in r and any(get_grain(g).keeps_shapes for g in r["grain"].split("+"))
+                  for r in result.rows)
     head = "| method | removed | kept |" + (" expert weights removed |" if counted else "") + "".join(f" {d} |" for d in domains) + (" mean |" if domains else "") + \
         "".join(f" {t} acc |" for t in tasks) + (" mean acc |" if tasks else "")
     lines = [head, "|---|---|---|" + "---|" * (counted + len(domains) + (1 if domains else 0) + len(tasks)

@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,3 +380,22 @@ def source_dtype(path: str | Path) -> torch.dtype:
     from ..source import checkpoint_dtype
 
     return checkpoint_dtype(path)
+
+
+def weights_from_files(path, from_weights: Callable, progress: bool = False) -> dict[int, object]:
+    """A data-free method's per-layer values (`from_weights(moe_layer)`) from a checkpoint's files, one decoder
+    layer resident at a time, in float32 as the in-memory path computes them (a bf16 checkpoint is loaded in
+    float32 there). -> {decoder layer: value}"""
+    from ..models import adapter_for
+    from ..progress import bar
+
+    ckpt = LayerwiseCheckpoint(path, dtype=torch.float32)
+    layers = adapter_for(ckpt.model).moe_layers()
+    if not layers:
+        raise MumoeError(f"{path}: no routed experts; expert pruning needs an MoE checkpoint")
+    names = {id(m): n for n, m in ckpt.model.named_modules()}
+    out = {}
+    for layer in bar(layers, desc="weights (streamed)", enabled=progress, unit="layer"):
+        with ckpt.part(names[id(layer.decoder_layer)]):
+            out[layer.index] = from_weights(layer)
+    return out
