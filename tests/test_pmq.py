@@ -70,3 +70,65 @@ def test_pack_by_hand_and_round_trip():
         assert torch.equal(unpack(data, bits, (7, 13)), q.to(torch.uint8))
     with pytest.raises(MumoeError, match="does not fit"):
         pack(torch.tensor([4]), 2)
+
+
+def test_pmq_statistics_equal_the_block_run_with_one_expert_quantized():
+    """PMQ's L_{i,b} from the one observation pass equals, batch by batch, ‖Y − Y_{i@b}‖_F with Y the MoE block's
+    own output and Y_{i@b} the same block with expert i's weights replaced by their RTN values; φ and w equal the
+    router's top-k counts and softmax sums recomputed from the block inputs; quantize_layer writes exactly RTN's
+    values at the allocated widths."""
+    import copy
+
+    from conftest import ids, make
+    from mumoe.criteria.pmq import PMQStats, allocate_layer, quantize_layer
+    from mumoe.models import moe_adapter_for
+    from mumoe.observe.runner import run
+
+    model = make("qwen3_moe").eval()
+    layers = moe_adapter_for(model).moe_layers()
+    wins = ids(batch=4, length=16, seed=3)
+    stats = run(model, wins, [PMQStats(layers, group=16)], batch_size=2)[0].result()
+    inputs = {layer.index: [] for layer in layers}
+    hooks = [layer.block.register_forward_hook(lambda m, a, o, j=layer.index: inputs[j].append(a[0].detach()))
+             for layer in layers]
+    with torch.no_grad():
+        for b in range(0, 4, 2):
+            model(wins[b:b + 2])
+    for h in hooks:
+        h.remove()
+
+    def out(block, x):
+        y = block(x)
+        return (y[0] if isinstance(y, tuple) else y).reshape(-1, x.shape[-1])
+
+    for layer, st in zip(layers, stats):
+        E, k = layer.num_experts, layer.top_k
+        loss = torch.zeros(E, 3, dtype=torch.float64)
+        phi = torch.zeros(E, dtype=torch.float64)
+        w = torch.zeros(E, dtype=torch.float64)
+        for x in inputs[layer.index]:
+            flat = x.reshape(-1, x.shape[-1])
+            probs = torch.softmax(flat.double() @ layer.router_weight.double().T, -1)
+            top = probs.topk(k, -1).indices
+            phi += torch.bincount(top.reshape(-1), minlength=E).double()
+            w.index_add_(0, top.reshape(-1), probs.gather(-1, top).reshape(-1))
+            with torch.no_grad():
+                y = out(layer.block, x)
+                for i in range(E):
+                    for j, bits in enumerate((1, 2, 3)):
+                        q = copy.deepcopy(layer.block)
+                        ex = [m for m in q.modules() if hasattr(m, "gate_up_proj")][0]
+                        ex.gate_up_proj[i] = rtn(layer.experts.gate_up_proj[i], bits, 16).dequantize()
+                        ex.down_proj[i] = rtn(layer.experts.down_proj[i], bits, 16).dequantize()
+                        loss[i, j] += float((y - out(q, x)).double().norm())
+        assert torch.equal(st.phi, phi) and torch.allclose(st.w, w, rtol=1e-5)  # logits in float32 there
+        assert torch.allclose(st.loss, loss, rtol=1e-4, atol=1e-7)
+        assert (st.loss[:, 0] > st.loss[:, 2]).all()  # 1 bit hurts more than 3 where an expert was routed
+
+        widths = allocate_layer(st, 2.0)
+        assert sum(widths) <= 2 * E and 3 in widths and 2 in widths
+        before = [(layer.experts.gate_up_proj[i].clone(), layer.experts.down_proj[i].clone()) for i in range(E)]
+        quantize_layer(layer, widths, group=16)
+        for i, b in enumerate(widths):
+            assert torch.equal(layer.experts.gate_up_proj[i], rtn(before[i][0], b, 16).dequantize())
+            assert torch.equal(layer.experts.down_proj[i], rtn(before[i][1], b, 16).dequantize())

@@ -1,0 +1,116 @@
+"""PMQ (MC-MoE / MC#): per-expert bit widths from calibration — the statistics, the allocation per layer, and the
+experts quantized in memory (round-to-nearest, `apply.quant`).
+
+Per MoE layer, over the calibration batches (one forward each):
+    φ_i       tokens routed to expert i
+    w_i       Σ over those tokens of the router's softmax probability of i (before any top-k renormalisation)
+    L_{i,b}   Σ over batches of ‖Y − Y_{i@b}‖_F, the layer output's error with only expert i quantized to b bits;
+              only expert i's routed tokens change, each by g_i(t)·(f_i(t) − f_i^b(t)), so
+              ‖Y − Y_{i@b}‖_F = sqrt(Σ_{t routed to i} ‖g_i(t)·(f_i(t) − f_i^b(t))‖²).
+The allocation is `select.bits.allocate` on φ, w normalised to sum 1 per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..apply.quant import rtn
+from ..models import MoELayer
+from ..observe.runner import Collector, RouteEvent, Routed
+from ..select.bits import ALPHA, BETA, BITS, allocate, expert_costs, normalised
+
+F64 = torch.float64
+
+
+def quantized_expert(layer: MoELayer, i: int, bits: int, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert i's gate_up [2I, H] and down [H, I] quantized to `bits` and dequantized (float32), groups of `group`
+    along each matrix's input dimension (gate and up rows are quantized row by row: fusing them changes nothing)."""
+    gu = rtn(layer.experts.gate_up_proj[i], bits, group).dequantize()
+    down = rtn(layer.experts.down_proj[i], bits, group).dequantize()
+    return gu, down
+
+
+def expert_forward_with(layer: MoELayer, i: int, x: torch.Tensor, gu: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """f_i(x) with the given weights in place of expert i's own (its biases kept). x [T, H] -> [T, H] float32."""
+    gb, db = layer.gate_up_bias, layer.down_bias
+    gate_up = torch.nn.functional.linear(x.float(), gu, None if gb is None else gb[i].float())
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.linear(layer.activate(gate, up), down, None if db is None else db[i].float())
+
+
+@dataclass
+class PMQLayerStats:
+    layer: MoELayer
+    bits: tuple[int, ...]
+    phi: torch.Tensor = None  # [E] routed tokens
+    w: torch.Tensor = None  # [E] summed softmax probabilities of the routed tokens
+    loss: torch.Tensor = None  # [E, len(bits)] Σ over batches of ‖Y − Y_{i@b}‖_F
+    _cache: dict = field(default_factory=dict, repr=False)  # (expert, bits) -> dequantized weights
+
+    def __post_init__(self) -> None:
+        E = self.layer.num_experts
+        self.phi = torch.zeros(E, dtype=F64)
+        self.w = torch.zeros(E, dtype=F64)
+        self.loss = torch.zeros(E, len(self.bits), dtype=F64)
+
+
+class PMQStats(Collector):
+    """φ, w and L_{i,b} of every MoE layer (see the module doc). Each expert's quantized weights are made once per
+    width and kept for the run (the widths' copies of the experts: memory ≈ len(bits) × the experts in float32)."""
+
+    needs_experts = True
+
+    def __init__(self, layers: list[MoELayer], bits=BITS, group: int = 128) -> None:
+        self.layers = layers
+        self.bits = tuple(bits)
+        self.group = group
+        self.stats = {layer.index: PMQLayerStats(layer, self.bits) for layer in layers}
+
+    def on_route(self, ev: RouteEvent) -> None:
+        st = self.stats[ev.layer.index]
+        probs = torch.softmax(ev.logits.double(), dim=-1)  # [T, E]
+        flat = ev.indices.reshape(-1).cpu()
+        st.phi += torch.bincount(flat, minlength=len(st.phi)).double()
+        st.w.index_add_(0, flat, probs.gather(-1, ev.indices).reshape(-1).cpu())
+
+    @torch.no_grad()
+    def on_routed(self, r: Routed) -> None:
+        st = self.stats[r.layer.index]
+        start = 0
+        for i, n in enumerate(r.counts):
+            if n == 0:
+                continue
+            sel = slice(start, start + n)
+            start += n
+            x, f, g = r.x[sel], r.f[sel].float(), r.weight[sel].float()[:, None]  # [n, H], [n, H], [n, 1]
+            for j, b in enumerate(self.bits):
+                key = (i, b)
+                if key not in st._cache:
+                    st._cache[key] = quantized_expert(r.layer, i, b, self.group)
+                fb = expert_forward_with(r.layer, i, x, *st._cache[key])
+                st.loss[i, j] += float((g * (f - fb)).double().pow(2).sum().sqrt())
+
+    def result(self) -> list[PMQLayerStats]:
+        for st in self.stats.values():
+            st._cache.clear()
+        return [self.stats[layer.index] for layer in self.layers]
+
+
+def allocate_layer(st: PMQLayerStats, avg_bits: float, alpha: float = ALPHA, beta: float = BETA) -> list[int]:
+    """One width per expert of the layer: budget floor(avg_bits · E) bits (`select.bits.allocate`)."""
+    E = len(st.phi)
+    losses = [{b: float(st.loss[i, j]) for j, b in enumerate(st.bits)} for i in range(E)]
+    costs = expert_costs(normalised(st.phi.tolist()), normalised(st.w.tolist()), losses, alpha, beta)
+    return allocate(costs, int(avg_bits * E + 1e-9), st.bits)
+
+
+@torch.no_grad()
+def quantize_layer(layer: MoELayer, widths: list[int], group: int = 128) -> None:
+    """Each expert's weights replaced in place by their round-to-nearest values at its width (in the layer's
+    dtype): what the packed export dequantizes to."""
+    for i, b in enumerate(widths):
+        gu, down = quantized_expert(layer, i, b, group)
+        layer.experts.gate_up_proj[i].copy_(gu)
+        layer.experts.down_proj[i].copy_(down)
