@@ -132,3 +132,63 @@ def test_pmq_statistics_equal_the_block_run_with_one_expert_quantized():
         for i, b in enumerate(widths):
             assert torch.equal(layer.experts.gate_up_proj[i], rtn(before[i][0], b, 16).dequantize())
             assert torch.equal(layer.experts.down_proj[i], rtn(before[i][1], b, 16).dequantize())
+
+
+def test_quantize_exports_packed_experts_that_reload_to_rtn_of_the_source(ckpt, capsys):
+    """`mumoe quantize`: the allocation averages --avg-bits per layer; the export's experts dequantize to RTN of
+    the source's weights at the recorded widths, bit for bit; the packed integers take ceil(n·b/8) bytes per
+    matrix; the reloaded model gives the logits of the model quantized in memory; bad options fail before
+    loading, with one line."""
+    import json
+
+    from safetensors import safe_open
+
+    import mumoe
+    from mumoe.cli import main
+    from mumoe.drivers.quantize import quantize_loaded
+    from mumoe.models import moe_adapter_for
+
+    m, out = str(ckpt / "m"), ckpt / "q"
+    argv = ["quantize", m, "--avg-bits", "2", "--group", "16", "--calib", str(ckpt / "c.txt"), "--nsamples", "4",
+            "--seqlen", "16", "--batch-size", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "bits (2.00 on average)" in capsys.readouterr().out
+    rec = json.loads((out / "pruning.json").read_text())
+    assert rec["form"] == "mumoe-quant" and rec["recipe"]["group"] == 16
+    src = mumoe.load(m)
+    layers = moe_adapter_for(src).moe_layers()
+    q = mumoe.load(out)
+    qlayers = moe_adapter_for(q).moe_layers()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    for entry, layer, ql in zip(rec["layers"], layers, qlayers):
+        widths = [ex["bits"] for ex in entry["experts"]]
+        assert sum(widths) == 2 * len(widths) and 3 in widths and 2 in widths
+        assert abs(sum(ex["phi"] for ex in entry["experts"]) - 1) < 1e-6
+        for e, b in enumerate(widths):
+            for name, full, got in (("gate_up", layer.experts.gate_up_proj[e], ql.experts.gate_up_proj[e]),
+                                    ("down", layer.experts.down_proj[e], ql.experts.down_proj[e])):
+                assert torch.equal(got, rtn(full, b, 16).dequantize()), (entry["layer"], e, name)
+                key = f"model.layers.{entry['layer']}.mlp.experts.{e}.{name}.q"
+                assert sizes[key] == [-(-full.numel() * b // 8)]
+    assert not any(k.endswith("experts.gate_up_proj") for k in sizes)  # no full-precision copy of the experts
+
+    # the same run in memory: the reloaded export gives its logits
+    from mumoe.drivers.inputs import calibration
+    from mumoe.recipe import CalibSpec
+    from types import SimpleNamespace
+
+    spec = CalibSpec((str(ckpt / "c.txt"),), 4, 16, None, 2)
+    model = mumoe.load(m)
+    quantize_loaded(model, calibration(SimpleNamespace(calib=spec), None, mumoe.loading.load_tokenizer(m)), 2.0,
+                    group=16, batch_size=2)
+    x = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, q(x).logits)
+
+    for bad, words in ((["--avg-bits", "4"], "between the lowest and highest"), (["--bits", "1,9"], "1..8"),
+                       (["--avg-bits", "1.1"], "cannot hold one expert at 3 bits"), (["--group", "0"], "--group")):
+        assert main([*argv, *bad, "--out", str(ckpt / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not (ckpt / "bad").exists()

@@ -3,6 +3,7 @@
     hf           a standard transformers checkpoint (save_pretrained); AutoModelForCausalLM.from_pretrained reads it
     mumoe        expert counts differ per layer: fused tensors as they are, rebuilt by mumoe.load
     mumoe-atoms  expert widths differ (HEAPr's global form): only the kept rows/columns, rebuilt by mumoe.load
+    mumoe-quant  experts at their own bit widths (PMQ): packed integers, scales and zeros, dequantized by mumoe.load
 """
 
 from __future__ import annotations
@@ -208,6 +209,60 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype).eval()
 
 
+def _write_quant(model: nn.Module, tmp: Path, report: PruneReport) -> None:
+    """Experts at their own bit widths (PMQ): each expert's matrices as packed integers with per-group scales
+    and zeros (`apply.quant`); every other tensor as it is."""
+    from safetensors.torch import save_file
+
+    from .quant import packed_tensors
+
+    quantized = getattr(report.plan, "quantized", None)  # (decoder layer, expert) -> (gate_up, down) Quantized
+    if quantized is None:
+        raise MumoeError("a quantized model is written by the run that quantized it (its integers are in that "
+                         "run's record); quantize the source again")
+    model.config.save_pretrained(tmp)
+    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
+    names = {id(m): n for n, m in model.named_modules()}
+    state = _state_once(model)
+    for entry in report.layers:
+        prefix = names[id(layers[entry["layer"]].experts)]
+        state.pop(f"{prefix}.gate_up_proj")
+        state.pop(f"{prefix}.down_proj")
+        for ex in entry["experts"]:
+            gu, down = quantized[(entry["layer"], ex["expert"])]
+            state.update(packed_tensors(f"{prefix}.{ex['expert']}.gate_up", gu))
+            state.update(packed_tensors(f"{prefix}.{ex['expert']}.down", down))
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _read_quant(path: Path, dtype: torch.dtype) -> nn.Module:
+    """Rebuild a PMQ export: every expert dequantized from its integers, scales and zeros at its recorded width."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .quant import from_packed
+
+    report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    state = _load_state(path)
+    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
+    names = {id(m): n for n, m in model.named_modules()}
+    group = int(report.recipe["group"])
+    filled = set()
+    with torch.no_grad():
+        for entry in report.layers:
+            layer = layers[entry["layer"]]
+            prefix = names[id(layer.experts)]
+            filled |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
+            for ex in entry["experts"]:
+                e, b = ex["expert"], int(ex["bits"])
+                gu = from_packed(state, f"{prefix}.{e}.gate_up", b, group, tuple(layer.experts.gate_up_proj.shape[1:]))
+                down = from_packed(state, f"{prefix}.{e}.down", b, group, tuple(layer.experts.down_proj.shape[1:]))
+                layer.experts.gate_up_proj[e] = gu.dequantize(dtype)
+                layer.experts.down_proj[e] = down.dequantize(dtype)
+    _load_checked(model, state, path, filled=filled)
+    return model.to(dtype).eval()
+
+
 REMOTE_FILE = "mumoe_modeling.py"
 REMOTE_CLASS = "MumoeForCausalLM"
 
@@ -248,6 +303,7 @@ FORMS: dict[str, Form] = {f.name: f for f in (
          remote_code),
     Form("mumoe-atoms", "mumoe.load, or from_pretrained(..., trust_remote_code=True)", _write_atoms, _read_atoms,
          remote_code),
+    Form("mumoe-quant", "mumoe.load", _write_quant, _read_quant),
 )}
 
 

@@ -74,3 +74,17 @@ def unpack(data: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tenso
     stream = ((data.to(torch.int64).unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)[: n * bits]
     vals = (stream.reshape(n, bits) << torch.arange(bits, dtype=torch.int64)).sum(1)
     return vals.to(torch.uint8).reshape(shape)
+
+
+def packed_tensors(name: str, qz: Quantized) -> dict[str, torch.Tensor]:
+    """The export's tensors of one quantized matrix: `name.q` (packed integers, uint8), `name.scale` (float32)
+    and `name.zero` (uint8), [d_out, groups] each for the last two."""
+    return {f"{name}.q": pack(qz.q, qz.bits), f"{name}.scale": qz.scale.float().contiguous(),
+            f"{name}.zero": qz.zero.to(torch.uint8).contiguous()}
+
+
+def from_packed(state: dict[str, torch.Tensor], name: str, bits: int, group: int,
+                shape: tuple[int, int]) -> Quantized:
+    """`packed_tensors`' inverse (the tensors popped from `state`)."""
+    return Quantized(unpack(state.pop(f"{name}.q"), bits, shape), state.pop(f"{name}.scale").float(),
+                     state.pop(f"{name}.zero").float(), bits, group)

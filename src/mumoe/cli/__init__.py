@@ -9,9 +9,9 @@ import sys
 
 from ..errors import MumoeError
 from ..settings import SETTINGS
-from . import compare, demo, evaluate, generate, info, prune, report, serve, taer
+from . import compare, demo, evaluate, generate, info, prune, quantize, report, serve, taer
 
-COMMANDS = (info, prune, compare, evaluate, generate, serve, demo, report, taer)  # in --help order
+COMMANDS = (info, prune, quantize, compare, evaluate, generate, serve, demo, report, taer)  # in --help order
 
 
 class Parser(argparse.ArgumentParser):

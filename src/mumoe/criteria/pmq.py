@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..apply.quant import rtn
+from ..apply.quant import Quantized, rtn
 from ..models import MoELayer
 from ..observe.runner import Collector, RouteEvent, Routed
 from ..select.bits import ALPHA, BETA, BITS, allocate, expert_costs, normalised
@@ -107,10 +107,13 @@ def allocate_layer(st: PMQLayerStats, avg_bits: float, alpha: float = ALPHA, bet
 
 
 @torch.no_grad()
-def quantize_layer(layer: MoELayer, widths: list[int], group: int = 128) -> None:
+def quantize_layer(layer: MoELayer, widths: list[int], group: int = 128) -> list[tuple[Quantized, Quantized]]:
     """Each expert's weights replaced in place by their round-to-nearest values at its width (in the layer's
-    dtype): what the packed export dequantizes to."""
+    dtype): what the packed export dequantizes to. -> per expert (gate_up, down) as quantized integers."""
+    out = []
     for i, b in enumerate(widths):
-        gu, down = quantized_expert(layer, i, b, group)
-        layer.experts.gate_up_proj[i].copy_(gu)
-        layer.experts.down_proj[i].copy_(down)
+        gu, down = rtn(layer.experts.gate_up_proj[i], b, group), rtn(layer.experts.down_proj[i], b, group)
+        layer.experts.gate_up_proj[i].copy_(gu.dequantize())
+        layer.experts.down_proj[i].copy_(down.dequantize())
+        out.append((gu, down))
+    return out

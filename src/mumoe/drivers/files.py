@@ -61,6 +61,7 @@ def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = Fal
     plan = grain.plan_layerwise(recipe, layers, res)
     report = finish(stage_report(recipe, plan), recipe, {},
                     {"source": str(path), "model_type": cfg.get("model_type")})
+    report.removed = _removed(ckpt, report)
     if verbose:
         for line in grain.layer_lines(report.layers):
             print(line)
@@ -68,3 +69,19 @@ def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = Fal
     transform, changes = grain.transform(plan, ckpt, recipe)
     write_streamed(path, out, report, transform, changes, overwrite, progress)
     return report
+
+
+def _removed(ckpt, report: PruneReport) -> dict:
+    """pruning.json's `removed` for whole experts dropped: every routed expert's weights (from the skeleton's
+    shapes) and those of the dropped ones (the in-memory count's value for weights without exact zeros)."""
+    from ..apply.experts import removed_record
+    from ..models import adapter_for
+
+    layers = {layer.index: layer for layer in adapter_for(ckpt.model).moe_layers()}
+    total = kept = 0
+    for entry in report.layers:
+        experts = layers[entry["layer"]].experts
+        per = experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()  # meta tensors: shapes only
+        total += entry["num_experts"] * per
+        kept += len(entry["kept"]) * per
+    return removed_record((total, total), (kept, kept))

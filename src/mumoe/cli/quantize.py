@@ -1,0 +1,87 @@
+"""`mumoe quantize`: PMQ (MC#'s mixed-precision experts) — one bit width per routed expert from calibration,
+the experts quantized round-to-nearest, exported packed (the `mumoe-quant` form, read by mumoe.load)."""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import MumoeError
+from ..settings import SETTINGS
+from .common import check_device, model_args, say, source_dir
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise MumoeError(f"--bits {text}: give widths as integers, e.g. 1,2,3") from None
+
+
+def cmd_quantize(args) -> int:
+    from types import SimpleNamespace
+
+    from ..apply.export import check_output_dir, save_pruned
+    from ..drivers.inputs import calibration, load_model
+    from ..drivers.quantize import check_quant_args, quantize_loaded
+    from ..files import check_positive
+    from ..loading import check_model, load_tokenizer
+    from ..models.base import config_experts
+    from ..observe.calib import check_sources
+    from ..recipe import CalibSpec
+    from .common import model_config
+
+    if args.method != "pmq":
+        raise MumoeError(f"unknown quantization method {args.method!r}; available: pmq")
+    avg_bits, bits, group = check_quant_args(args.avg_bits, _bits(args.bits), args.group)
+    check_positive(args.batch_size, "--batch-size", 1)
+    spec = CalibSpec(tuple(args.calib or ["domain"]), args.nsamples, args.seqlen, args.seed, args.batch_size)
+    check_sources(spec.sources, read=False)
+    name = check_model(args.model)
+    check_output_dir(args.out, args.overwrite, source_dir(name))
+    check_device(args.device)
+    config = model_config(name)
+    if config is not None:
+        E, _ = config_experts(config)
+        if E is None:
+            raise MumoeError(f"{config.model_type} has no routed experts; PMQ sets a bit width per routed expert")
+        if int(avg_bits * E + 1e-9) < bits[-1] + bits[-2] + bits[0] * (E - 2):
+            raise MumoeError(f"--avg-bits {avg_bits:g} over {E} experts cannot hold one expert at {bits[-1]} bits "
+                             f"and one at {bits[-2]} (the others at {bits[0]} or more)")
+    t0 = time.perf_counter()
+    tok = load_tokenizer(name)
+    windows = calibration(SimpleNamespace(calib=spec), None, tok)
+    model = load_model(name, args.dtype, args.device)
+    say(f"loaded {name} in {time.perf_counter() - t0:.1f}s; PMQ: {avg_bits:g} bits per expert on average "
+        f"(widths {','.join(map(str, bits))}, groups of {group}); calibration {windows[0].shape[0]} windows x "
+        f"{windows[0].shape[1]} tokens from {windows[2].get('source', '-')}")
+    report = quantize_loaded(model, windows, avg_bits, bits, group, args.batch_size, source=name,
+                             progress=not SETTINGS.quiet, say=say)
+    save_pruned(model, args.out, report, tok, overwrite=args.overwrite, dtype=args.dtype)
+    print(f"wrote {args.out} (loads with mumoe.load) in {time.perf_counter() - t0:.1f}s total")
+    return 0
+
+
+def add_parser(sub) -> None:
+    sp = sub.add_parser("quantize", help="mixed-precision experts (PMQ): a bit width per routed expert, packed export",
+                        description="PMQ (MC-MoE / MC#): one calibration pass measures, for every routed expert, how "
+                        "often it is chosen, its router mass, and the MoE layer's output error with only that "
+                        "expert quantized at each width; an exact solver then gives each expert a width so that the "
+                        "layer averages --avg-bits, with at least one expert at each of the two highest widths. "
+                        "Experts are quantized round-to-nearest (asymmetric min-max, groups of --group input "
+                        "columns) and written packed: the export's expert bytes are what the widths say. Everything "
+                        "else (attention, router, embeddings) stays as it is.")
+    model_args(sp)
+    sp.add_argument("--method", default="pmq", help="quantization method (pmq)")
+    sp.add_argument("--avg-bits", type=float, default=2.5, help="average bits per expert weight in every layer "
+                    "(default 2.5)")
+    sp.add_argument("--bits", default="1,2,3", help="the widths an expert may take (default 1,2,3)")
+    sp.add_argument("--group", type=int, default=128, help="input columns per scale and zero (default 128)")
+    sp.add_argument("--calib", action="append", help="calibration text as for prune (default: domain)")
+    sp.add_argument("--nsamples", type=int, default=128, help="calibration windows in all (default 128)")
+    sp.add_argument("--seqlen", type=int, default=512, help="calibration window length (default 512)")
+    sp.add_argument("--seed", type=int, help="random window offsets (default: the first windows)")
+    sp.add_argument("--batch-size", type=int, default=8, help="windows per forward: one calibration batch each, "
+                    "over which the output error is measured (default 8)")
+    sp.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    sp.set_defaults(func=cmd_quantize)

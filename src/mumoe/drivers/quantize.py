@@ -1,0 +1,79 @@
+"""The PMQ driver (MC#'s mixed-precision experts): one calibration pass for the statistics, one bit width per
+expert per layer, the experts quantized in place (round-to-nearest), and the record the `mumoe-quant` export
+form writes and reads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..apply.report import PruneReport
+from ..errors import MumoeError
+from ..select.bits import BITS
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """(decoder layer, expert) -> the expert's (gate_up, down) as `apply.quant.Quantized`: what the export packs."""
+
+    quantized: dict
+
+
+def check_quant_args(avg_bits: float, bits=BITS, group: int = 128) -> tuple[float, tuple[int, ...], int]:
+    """The options, before anything is loaded: widths 1..8 (two or more, distinct), an average the allocation can
+    meet (at least one expert at the two highest widths, the rest at the lowest, needs E large enough: checked
+    per layer), a group ≥ 1."""
+    bits = tuple(sorted(set(bits)))
+    if len(bits) < 2 or any(not isinstance(b, int) or not 1 <= b <= 8 for b in bits):
+        raise MumoeError(f"--bits must list two or more widths in 1..8, got {','.join(map(str, bits)) or 'none'}")
+    if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or not bits[0] <= avg_bits <= bits[-1]:
+        raise MumoeError(f"--avg-bits must lie between the lowest and highest width ({bits[0]}..{bits[-1]}), "
+                         f"got {avg_bits!r}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise MumoeError(f"--group must be a positive integer, got {group!r}")
+    return float(avg_bits), bits, group
+
+
+def quantize_loaded(model: nn.Module, windows: tuple, avg_bits: float, bits=BITS, group: int = 128,
+                    batch_size: int = 8, source: str = "", progress: bool = False,
+                    say: Callable[[str], None] | None = None) -> PruneReport:
+    """PMQ on a loaded model, in place: statistics over `windows` ((ids [N, L], groups, info)), the allocation
+    per MoE layer (budget floor(avg_bits·E) bits), every expert quantized at its width. -> the record (form
+    `mumoe-quant`; per layer and expert: φ, w normalised, the losses per width, the width)."""
+    from ..criteria.pmq import PMQStats, allocate_layer, quantize_layer
+    from ..models import moe_adapter_for
+    from ..observe.runner import run
+    from ..select.bits import normalised
+
+    avg_bits, bits, group = check_quant_args(avg_bits, bits, group)
+    wins, _, info = windows
+    if wins is None:
+        raise MumoeError("PMQ needs calibration data: pass --calib PATH (or 'domain')")
+    layers = moe_adapter_for(model).moe_layers()
+    t0 = time.perf_counter()
+    stats = run(model, wins, [PMQStats(layers, bits, group)], batch_size=batch_size, progress=progress,
+                desc="PMQ statistics")[0].result()
+    if say is not None:
+        say(f"  statistics: {len(bits)} widths x every expert's output error over {wins.shape[0]} windows in "
+            f"{time.perf_counter() - t0:.1f}s")
+    entries, quantized = [], {}
+    for layer, st in zip(layers, stats):
+        widths = allocate_layer(st, avg_bits)
+        for e, q in enumerate(quantize_layer(layer, widths, group)):
+            quantized[(layer.index, e)] = q
+        phi, w = normalised(st.phi.tolist()), normalised(st.w.tolist())
+        entries.append({"layer": layer.index, "num_experts": len(widths), "experts": [
+            {"expert": e, "phi": round(phi[e], 8), "w": round(w[e], 8),
+             "loss": {str(b): round(float(st.loss[e, j]), 8) for j, b in enumerate(bits)}, "bits": widths[e]}
+            for e in range(len(widths))]})
+        if say is not None:
+            counts = ", ".join(f"{widths.count(b)}x{b}" for b in bits if widths.count(b))
+            say(f"  layer {layer.index:3d}: {counts} bits ({sum(widths) / len(widths):.2f} on average)")
+    recipe = {"method": "pmq", "avg_bits": avg_bits, "bits": list(bits), "group": group, "calib": info}
+    return PruneReport(method="pmq", grain="quant", ratio=0.0, budget=f"{avg_bits:g} bits on average",
+                       calibration=info, model={"source": source, "model_type": model.config.model_type,
+                                                "num_experts": layers[0].num_experts if layers else None},
+                       layers=entries, form="mumoe-quant", recipe=recipe, plan=QuantPlan(quantized))
