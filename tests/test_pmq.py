@@ -145,7 +145,6 @@ def test_quantize_exports_packed_experts_that_reload_to_rtn_of_the_source(ckpt, 
 
     import mumoe
     from mumoe.cli import main
-    from mumoe.drivers.quantize import quantize_loaded
     from mumoe.models import moe_adapter_for
 
     m, out = str(ckpt / "m"), ckpt / "q"
@@ -173,15 +172,11 @@ def test_quantize_exports_packed_experts_that_reload_to_rtn_of_the_source(ckpt, 
                 assert sizes[key] == [-(-full.numel() * b // 8)]
     assert not any(k.endswith("experts.gate_up_proj") for k in sizes)  # no full-precision copy of the experts
 
-    # the same run in memory: the reloaded export gives its logits
-    from mumoe.drivers.inputs import calibration
-    from mumoe.recipe import CalibSpec
-    from types import SimpleNamespace
-
-    spec = CalibSpec((str(ckpt / "c.txt"),), 4, 16, None, 2)
+    # the same run in memory from Python: the reloaded export gives its logits
     model = mumoe.load(m)
-    quantize_loaded(model, calibration(SimpleNamespace(calib=spec), None, mumoe.loading.load_tokenizer(m)), 2.0,
-                    group=16, batch_size=2)
+    report = mumoe.quantize(model, 2.0, str(ckpt / "c.txt"), tokenizer=mumoe.load_tokenizer(m), group=16,
+                            nsamples=4, seqlen=16, batch_size=2)
+    assert report.layers == rec["layers"]
     x = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(x).logits, q(x).logits)

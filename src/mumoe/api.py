@@ -161,3 +161,26 @@ def prune_weights(model: nn.Module, method: str, ratio: float, calib=None, struc
         raise MumoeError(f"{method!r} is not a weight method; known: {', '.join(known)}")
     return prune(model, method, ratio, calib, tokenizer=tokenizer, source=source, verbose=verbose,
                  structure=structure, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
+
+
+def quantize(model: nn.Module, avg_bits: float = 2.5, calib="domain", *, tokenizer=None, bits=(1, 2, 3),
+             group: int = 128, nsamples: int = 128, seqlen: int = 512, seed: int | None = None, batch_size: int = 8,
+             verbose: bool = False) -> PruneReport:
+    """PMQ (MC#'s mixed-precision experts) on a loaded MoE model, in place: one bit width per routed expert so
+    that every layer averages `avg_bits` (widths from `bits`), the experts replaced by their round-to-nearest
+    values (groups of `group` input columns). -> the record; `save_pruned(model, out, report)` writes the packed
+    export (`mumoe-quant`, read back by `mumoe.load`). calib: a source as for prune, or token ids [N, L]."""
+    from types import SimpleNamespace
+
+    from .drivers.quantize import check_quant_args, quantize_loaded
+    from .recipe import CalibSpec
+
+    check_quant_args(avg_bits, bits, group)
+    check_model_arg(model, "quantize")
+    check_materialised(model)
+    spec = CalibSpec(_sources(calib), nsamples, seqlen, seed, batch_size)
+    windows = calibration(SimpleNamespace(calib=spec), calib, tokenizer)
+    check_token_ids(model, windows[0])
+    return quantize_loaded(model, windows, avg_bits, bits, group, batch_size,
+                           source=getattr(model.config, "_name_or_path", ""), progress=verbose,
+                           say=print if verbose else None)

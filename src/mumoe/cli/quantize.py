@@ -30,8 +30,6 @@ def cmd_quantize(args) -> int:
     from ..recipe import CalibSpec
     from .common import model_config
 
-    if args.method != "pmq":
-        raise MumoeError(f"unknown quantization method {args.method!r}; available: pmq")
     avg_bits, bits, group = check_quant_args(args.avg_bits, _bits(args.bits), args.group)
     check_positive(args.batch_size, "--batch-size", 1)
     spec = CalibSpec(tuple(args.calib or ["domain"]), args.nsamples, args.seqlen, args.seed, args.batch_size)
@@ -51,7 +49,7 @@ def cmd_quantize(args) -> int:
     tok = load_tokenizer(name)
     windows = calibration(SimpleNamespace(calib=spec), None, tok)
     model = load_model(name, args.dtype, args.device)
-    say(f"loaded {name} in {time.perf_counter() - t0:.1f}s; PMQ: {avg_bits:g} bits per expert on average "
+    say(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; PMQ: {avg_bits:g} bits per expert on average "
         f"(widths {','.join(map(str, bits))}, groups of {group}); calibration {windows[0].shape[0]} windows x "
         f"{windows[0].shape[1]} tokens from {windows[2].get('source', '-')}")
     report = quantize_loaded(model, windows, avg_bits, bits, group, args.batch_size, source=name,
@@ -71,7 +69,7 @@ def add_parser(sub) -> None:
                         "columns) and written packed: the export's expert bytes are what the widths say. Everything "
                         "else (attention, router, embeddings) stays as it is.")
     model_args(sp)
-    sp.add_argument("--method", default="pmq", help="quantization method (pmq)")
+    sp.add_argument("--method", default="pmq", choices=["pmq"], help="quantization method (default pmq, the only one so far)")
     sp.add_argument("--avg-bits", type=float, default=2.5, help="average bits per expert weight in every layer "
                     "(default 2.5)")
     sp.add_argument("--bits", default="1,2,3", help="the widths an expert may take (default 1,2,3)")
