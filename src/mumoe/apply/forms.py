@@ -163,16 +163,24 @@ def _read_experts(path: Path, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype).eval()
 
 
-def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
-    """Rebuild an atom-pruned export whose experts have different widths: full-width fused tensors with the
-    kept rows/columns filled in and the removed atoms zero (the same function as the sliced experts)."""
+def _rebuild(path: Path, dtype: torch.dtype) -> tuple[PruneReport, nn.Module, dict, dict, dict]:
+    """What a reader of a mumoe form starts from: the record, the model built from the export's config, the
+    export's tensors, its MoE layers by decoder index (made first: an adapter may swap modules) and every
+    module's name."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     state = _load_state(path)
-    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}  # first: it may swap modules
+    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
     names = {id(m): n for n, m in model.named_modules()}
+    return report, model, state, layers, names
+
+
+def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
+    """Rebuild an atom-pruned export whose experts have different widths: full-width fused tensors with the
+    kept rows/columns filled in and the removed atoms zero (the same function as the sliced experts)."""
+    report, model, state, layers, names = _rebuild(path, dtype)
     fused = set()
     with torch.no_grad():
         for entry in report.layers:
@@ -237,15 +245,9 @@ def _write_quant(model: nn.Module, tmp: Path, report: PruneReport) -> None:
 
 def _read_quant(path: Path, dtype: torch.dtype) -> nn.Module:
     """Rebuild a PMQ export: every expert dequantized from its integers, scales and zeros at its recorded width."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from .quant import from_packed
 
-    report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    state = _load_state(path)
-    layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
-    names = {id(m): n for n, m in model.named_modules()}
+    report, model, state, layers, names = _rebuild(path, dtype)
     group = int(report.recipe["group"])
     filled = set()
     with torch.no_grad():
