@@ -187,3 +187,5 @@ def test_quantize_exports_packed_experts_that_reload_to_rtn_of_the_source(ckpt, 
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
     assert not (ckpt / "bad").exists()
+    assert main(["quantize", str(out), *argv[2:], "--out", str(ckpt / "bad")]) == 2  # an export with its own shapes
+    assert "per-layer shapes (mumoe-quant form)" in capsys.readouterr().err

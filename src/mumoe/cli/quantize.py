@@ -4,6 +4,7 @@ the experts quantized round-to-nearest, exported packed (the `mumoe-quant` form,
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from ..errors import MumoeError
 from ..settings import SETTINGS
@@ -24,7 +25,7 @@ def cmd_quantize(args) -> int:
     from ..drivers.inputs import calibration, load_model
     from ..drivers.quantize import check_quant_args, quantize_loaded
     from ..files import check_positive
-    from ..loading import check_model, load_tokenizer
+    from ..loading import check_model, export_form, load_tokenizer
     from ..models.base import config_experts
     from ..observe.calib import check_sources
     from ..recipe import CalibSpec
@@ -35,6 +36,9 @@ def cmd_quantize(args) -> int:
     spec = CalibSpec(tuple(args.calib or ["domain"]), args.nsamples, args.seqlen, args.seed, args.batch_size)
     check_sources(spec.sources, read=False)
     name = check_model(args.model)
+    if Path(name).is_dir() and export_form(Path(name)).name != "hf":
+        raise MumoeError(f"{args.model} is a mumoe export with per-layer shapes ({export_form(Path(name)).name} form); "
+                         "PMQ quantizes a standard checkpoint (a uniform expert budget, the uniform atom form)")
     check_output_dir(args.out, args.overwrite, source_dir(name))
     check_device(args.device)
     config = model_config(name)

@@ -48,7 +48,14 @@ def quantize_loaded(model: nn.Module, windows: tuple, avg_bits: float, bits=BITS
     from ..observe.runner import run
     from ..select.bits import normalised
 
+    from ..apply.report import RECORDS
+
     avg_bits, bits, group = check_quant_args(avg_bits, bits, group)
+    earlier = RECORDS.get(model)
+    if earlier is not None and earlier.form != "hf":
+        raise MumoeError(f"this model was pruned to per-layer shapes only mumoe.load reads ({earlier.form} form); "
+                         "PMQ's export rebuilds the model from its config: quantize a standard checkpoint (a "
+                         "uniform expert budget, the uniform atom form)")
     wins, _, info = windows
     if wins is None:
         raise MumoeError("PMQ needs calibration data: pass --calib PATH (or 'domain')")
