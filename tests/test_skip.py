@@ -1,0 +1,85 @@
+"""Per-token expert skipping (MC#'s ODP, `testtime/skip.py`): the importance and the β rule on hand-worked values;
+skipping nothing leaves the logits unchanged; skipping every slot but the first equals the model re-configured to
+route top-1; a β calibrated on windows skips that share of the first layer's calls on them."""
+
+import pytest
+import torch
+
+from conftest import ids, make
+from mumoe import MumoeError
+from mumoe.testtime.skip import calibrate, calibrate_beta, drop_mask, importance, protected, skipping
+
+
+def test_importance_and_protection_by_hand():
+    # one sequence of 3, one head: query 0 sees key 0; query 1 splits 0.5/0.5; query 2 gives 0.2/0.2/0.6
+    attn = torch.tensor([[[[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.2, 0.6]]]])
+    x = torch.tensor([[[1.0, -1.0], [2.0, 0.0], [0.5, 0.5]]])  # ‖x‖₁ = 2, 2, 1
+    # received: key 0 (1 + 0.5 + 0.2) / 3, key 1 (0.5 + 0.2) / 2, key 2 0.6 / 1
+    want = torch.tensor([[1.7 / 3 * 2, 0.7 / 2 * 2, 0.6 * 1]])
+    assert torch.allclose(importance(attn, x), want)
+    assert protected(want, 0.34).tolist() == [[True, False, False]]  # int(0.34 x 3) = 1 token
+    assert protected(want, 0.0).tolist() == [[False, False, False]]
+
+
+def test_beta_rule_by_hand():
+    p = torch.tensor([[0.6, 0.3], [0.5, 0.1], [0.4, 0.35]])  # ratios 0.5, 0.2, 0.875
+    assert drop_mask(p, 0.4).tolist() == [[False, False], [False, True], [False, False]]
+    assert drop_mask(p, 0.6, keep=torch.tensor([False, True, False])).tolist() == \
+        [[False, True], [False, False], [False, False]]
+    r = torch.tensor([0.1, 0.2, 0.5, 0.9])
+    beta = calibrate_beta(r, 8, 0.25)  # 2 of 8 calls: the two smallest ratios
+    assert beta == pytest.approx(0.35) and int((r < beta).sum()) == 2
+    assert calibrate_beta(r, 8, 0.0) == 0.0
+    with pytest.raises(MumoeError, match="only 4 can be skipped"):
+        calibrate_beta(r, 8, 0.6)
+
+
+def test_skipping_invariants_on_a_tiny_model():
+    model = make("qwen3_moe").eval()
+    x = ids(batch=2, length=16, seed=1)
+    layers = [j for j in range(model.config.num_hidden_layers)]
+    impl = model.config._attn_implementation
+    with torch.no_grad():
+        ref = model(x).logits
+        with skipping(model, {j: 0.0 for j in layers}, keep_share=0.0) as count:
+            same = model(x).logits
+        assert torch.equal(same, ref) and count.share() == 0.0
+        with skipping(model, {j: 0.0 for j in layers}, keep_share=0.25):  # eager attention inside, protection on
+            assert torch.allclose(model(x).logits, ref, atol=1e-5)
+        assert model.config._attn_implementation == impl  # restored
+        with skipping(model, {j: 2.0 for j in layers}, keep_share=0.0) as count:  # every slot but the first
+            top1 = model(x).logits
+        k = model.config.num_experts_per_tok
+        assert count.share() == pytest.approx((k - 1) / k)
+        one = make("qwen3_moe").eval()
+        one.config.num_experts_per_tok = 1
+        for layer in one.model.layers:
+            layer.mlp.gate.top_k = 1
+        assert torch.allclose(top1, one(x).logits, atol=1e-5)
+
+    wins = ids(batch=8, length=16, seed=2)
+    betas = calibrate(model, wins, 0.2, keep_share=0.1, batch_size=4)
+    with torch.no_grad(), skipping(model, betas, keep_share=0.1) as count:
+        for b in range(0, 8, 4):
+            model(wins[b:b + 4])
+    first = min(count.calls)
+    assert count.skipped[first] == round(0.2 * count.calls[first])  # the first layer sees exactly its calibration
+    assert abs(count.share() - 0.2) < 0.05
+
+
+def test_eval_skip_reports_the_share_it_skipped(ckpt, capsys):
+    import re
+
+    from mumoe.cli import main
+
+    base = ["eval", str(ckpt / "m"), "--ppl", str(ckpt / "c.txt"), "--seqlen", "16", "--max-windows", "8"]
+    assert main([*base, "--skip", "0.2", "--calib", str(ckpt / "c.txt"), "--calib-windows", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "experts skipped per token (ODP): 20% of expert calls" in out
+    share = float(re.search(r"; ([0-9.]+)% of expert calls skipped", out).group(1))
+    assert abs(share - 20) < 5  # the same text: near the calibrated share (later layers see changed inputs)
+    for bad, words in ((["--skip", "1.5"], "--skip must be in [0, 1)"), (["--skip", "0.2", "--testtime"], "drop --testtime"),
+                       (["--skip", "0.2", "--keep-share", "-1"], "--keep-share")):
+        assert main([*base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
