@@ -162,3 +162,26 @@ def test_stun_from_the_checkpoint_files_equals_in_memory(tmp_path):
     x = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(load(tmp_path / "files")(x).logits, load(tmp_path / "memory")(x).logits)
+
+
+def test_aimer_global_budget_from_the_files_equals_in_memory(tmp_path):
+    """The files driver now writes mumoe's form too: AIMER with the global budget (per-layer counts) from the
+    checkpoint files gives the in-memory kept sets, removed count and reloaded logits."""
+    from mumoe import api
+    from mumoe.apply.export import save_pruned
+    from mumoe.drivers.choose import prune_path
+    from mumoe.loading import load
+    from mumoe.models.tiny import tiny_model
+    from mumoe.recipe import Recipe
+
+    tiny_model("qwen3_moe", seed=0, num_hidden_layers=4).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    recipe = Recipe.build("aimer", 0.3, budget="global")
+    report, driver = prune_path(str(tmp_path / "src"), recipe, tmp_path / "files", verbose=False)
+    model = load(tmp_path / "src")
+    ref = api.prune(model, recipe)
+    assert driver == "files" and report.form == "mumoe" and len({len(e["kept"]) for e in report.layers}) > 1
+    assert report.layers == ref.layers and report.removed == ref.removed
+    save_pruned(model, tmp_path / "memory", ref)
+    x = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "files")(x).logits, load(tmp_path / "memory")(x).logits)
