@@ -8,15 +8,13 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ids, make
 from mumoe import MumoeError, api
-from mumoe.apply.export import save_pruned
 from mumoe.criteria import camera, score_methods
-from mumoe.drivers.layerwise import prune_layerwise
 from mumoe.models import moe_adapter_for
 from mumoe.observe.collectors import AtomStats
 from mumoe.observe.runner import run
 from mumoe.recipe import Recipe
 from mumoe.select.atoms import keep_global_atoms
-from test_layerwise import saved, tensors, windows
+from test_layerwise import saved, streamed_and_in_memory, tensors, windows
 from test_merge import capture_expert_inputs, per_token_inputs_and_logits
 
 
@@ -179,10 +177,7 @@ def test_shared_atom_exports_reload_to_the_same_logits(arch, tmp_path):
     scaled_shared(make(arch)).save_pretrained(src)
     recipe = Recipe.build("camera-p", 0.3, calib="tensor", nsamples=6, seqlen=16)
     wins = windows()
-    report = prune_layerwise(src, recipe, tmp_path / "streamed", (wins, None, {}), verbose=False)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ref = api.prune(model, recipe, calib=wins)
-    save_pruned(model, tmp_path / "memory", ref)
+    report, ref, model = streamed_and_in_memory(src, recipe, tmp_path, wins)
     assert report.layers == ref.layers and all("shared" in e for e in ref.layers)
     a, b = tensors(tmp_path / "streamed"), tensors(tmp_path / "memory")
     assert set(a) == set(b)
@@ -208,10 +203,7 @@ def test_layer_sequential_export_equals_in_memory(opts, tmp_path):
     saved("qwen2_moe", src)
     recipe = Recipe.build("camera-p", 0.25, calib="tensor", nsamples=6, seqlen=16, **opts)
     wins = windows()
-    report = prune_layerwise(src, recipe, tmp_path / "streamed", (wins, None, {"source": "tensor"}), verbose=False)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ref = api.prune(model, recipe, calib=wins)
-    save_pruned(model, tmp_path / "memory", ref)
+    report, ref, model = streamed_and_in_memory(src, recipe, tmp_path, wins, {"source": "tensor"})
     assert report.layers == ref.layers
     a, b = tensors(tmp_path / "streamed"), tensors(tmp_path / "memory")
     assert set(a) == set(b)

@@ -33,6 +33,16 @@ def windows(n=6, length=16, seed=0):
     return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+def streamed_and_in_memory(src, recipe, tmp_path, wins, info=None):
+    """`recipe` run layer by layer from `src` into tmp_path/streamed, and on the loaded model (exported to
+    tmp_path/memory) with the same windows -> (streamed report, in-memory report, the pruned model)."""
+    report = prune_layerwise(src, recipe, tmp_path / "streamed", (wins, None, info or {}), verbose=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref = api.prune(model, recipe, calib=wins)
+    save_pruned(model, tmp_path / "memory", ref)
+    return report, ref, model
+
+
 def saved(arch, path, **kw):
     """A tiny model saved as save_pretrained writes it (per-expert keys), reloaded as the reference."""
     model = make(arch)

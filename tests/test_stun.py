@@ -112,24 +112,16 @@ def test_stun_in_the_expert_grain_equals_the_functions_by_hand(tmp_path):
 
 
 def test_stun_coselect_layer_sequential_equals_in_memory(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from mumoe import api
-    from mumoe.apply.export import save_pruned
-    from mumoe.drivers.layerwise import prune_layerwise
     from mumoe.loading import load
     from mumoe.models.tiny import tiny_model
     from mumoe.recipe import Recipe
-    from test_layerwise import windows
+    from test_layerwise import streamed_and_in_memory, windows
 
     src = tmp_path / "src"
     tiny_model("mixtral", seed=0, num_local_experts=16, num_hidden_layers=4).save_pretrained(src)
     recipe = Recipe.build("stun-coselect", 0.25, calib="tensor", nsamples=6, seqlen=16)
     wins = windows()
-    report = prune_layerwise(src, recipe, tmp_path / "streamed", (wins, None, {}), verbose=False)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ref = api.prune(model, recipe, calib=wins)
-    save_pruned(model, tmp_path / "memory", ref)
+    report, ref, model = streamed_and_in_memory(src, recipe, tmp_path, wins)
     assert report.layers == ref.layers and len({len(e["kept"]) for e in ref.layers}) > 1
     # mumoe's form: the streamed export keeps the source's per-expert keys, the in-memory one fused tensors
     x = windows(2, 12, seed=3)

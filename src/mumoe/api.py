@@ -170,8 +170,6 @@ def quantize(model: nn.Module, avg_bits: float = 2.5, calib="domain", *, tokeniz
     that every layer averages `avg_bits` (widths from `bits`), the experts replaced by their round-to-nearest
     values (groups of `group` input columns). -> the record; `save_pruned(model, out, report)` writes the packed
     export (`mumoe-quant`, read back by `mumoe.load`). calib: a source as for prune, or token ids [N, L]."""
-    from types import SimpleNamespace
-
     from .drivers.quantize import check_quant_args, quantize_loaded
     from .recipe import CalibSpec
 
@@ -179,7 +177,7 @@ def quantize(model: nn.Module, avg_bits: float = 2.5, calib="domain", *, tokeniz
     check_model_arg(model, "quantize")
     check_materialised(model)
     spec = CalibSpec(_sources(calib), nsamples, seqlen, seed, batch_size)
-    windows = calibration(SimpleNamespace(calib=spec), calib, tokenizer)
+    windows = calibration(spec, calib, tokenizer)
     check_token_ids(model, windows[0])
     return quantize_loaded(model, windows, avg_bits, bits, group, batch_size,
                            source=getattr(model.config, "_name_or_path", ""), progress=verbose,

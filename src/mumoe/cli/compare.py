@@ -14,7 +14,6 @@ def cmd_compare(args) -> int:
     from .. import api
     from ..criteria import get_method
     from ..eval.compare import compare, label, markdown, shares_pass
-    from ..grains import get_grain
     from ..loading import check_model, load_tokenizer
     from ..observe.calib import check_sources, tokenize, windows
     from ..recipe import Recipe

@@ -125,14 +125,12 @@ def _skip_mode(args, model, tokenizer, seqlen: int) -> tuple[str, dict | None]:
     """--skip: ODP's per-layer β calibrated on --calib (default: the bundled calib splits) -> (a line, betas)."""
     if args.skip is None:
         return "", None
-    from types import SimpleNamespace
-
     from ..drivers.inputs import calibration
     from ..recipe import CalibSpec
     from ..testtime.skip import calibrate
 
     spec = CalibSpec((args.calib or "domain",), args.calib_windows, min(512, seqlen), None, args.batch_size)
-    wins = calibration(SimpleNamespace(calib=spec), None, tokenizer)[0]
+    wins = calibration(spec, None, tokenizer)[0]
     betas = calibrate(model, wins, args.skip, args.keep_share, args.batch_size)
     return (f"; experts skipped per token (ODP): {args.skip:.0%} of expert calls on {wins.shape[0]} calibration "
             f"windows, the top {args.keep_share:.0%} tokens by importance protected; β per layer "

@@ -19,8 +19,6 @@ def _bits(text: str) -> tuple[int, ...]:
 
 
 def cmd_quantize(args) -> int:
-    from types import SimpleNamespace
-
     from ..apply.export import check_output_dir, save_pruned
     from ..drivers.inputs import calibration, load_model
     from ..drivers.quantize import check_quant_args, quantize_loaded
@@ -29,6 +27,7 @@ def cmd_quantize(args) -> int:
     from ..models.base import config_experts
     from ..observe.calib import check_sources
     from ..recipe import CalibSpec
+    from ..select.bits import layer_budget, least_budget
     from .common import model_config
 
     avg_bits, bits, group = check_quant_args(args.avg_bits, _bits(args.bits), args.group)
@@ -46,12 +45,12 @@ def cmd_quantize(args) -> int:
         E, _ = config_experts(config)
         if E is None:
             raise MumoeError(f"{config.model_type} has no routed experts; PMQ sets a bit width per routed expert")
-        if int(avg_bits * E + 1e-9) < bits[-1] + bits[-2] + bits[0] * (E - 2):
+        if layer_budget(avg_bits, E) < least_budget(E, bits):
             raise MumoeError(f"--avg-bits {avg_bits:g} over {E} experts cannot hold one expert at {bits[-1]} bits "
                              f"and one at {bits[-2]} (the others at {bits[0]} or more)")
     t0 = time.perf_counter()
     tok = load_tokenizer(name)
-    windows = calibration(SimpleNamespace(calib=spec), None, tok)
+    windows = calibration(spec, None, tok)
     model = load_model(name, args.dtype, args.device)
     say(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; PMQ: {avg_bits:g} bits per expert on average "
         f"(widths {','.join(map(str, bits))}, groups of {group}); calibration {windows[0].shape[0]} windows x "

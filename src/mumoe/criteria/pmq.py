@@ -19,17 +19,21 @@ import torch
 from ..apply.quant import Quantized, rtn
 from ..models import MoELayer
 from ..observe.runner import Collector, RouteEvent, Routed
-from ..select.bits import ALPHA, BETA, BITS, allocate, expert_costs, normalised
+from ..select.bits import ALPHA, BETA, BITS, allocate, expert_costs, layer_budget, normalised
 
 F64 = torch.float64
 
 
+def rtn_expert(layer: MoELayer, i: int, bits: int, group: int = 128) -> tuple[Quantized, Quantized]:
+    """Expert i's gate_up [2I, H] and down [H, I] quantized to `bits`, groups of `group` along each matrix's input
+    dimension (gate and up rows are quantized row by row: fusing them changes nothing)."""
+    return rtn(layer.experts.gate_up_proj[i], bits, group), rtn(layer.experts.down_proj[i], bits, group)
+
+
 def quantized_expert(layer: MoELayer, i: int, bits: int, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert i's gate_up [2I, H] and down [H, I] quantized to `bits` and dequantized (float32), groups of `group`
-    along each matrix's input dimension (gate and up rows are quantized row by row: fusing them changes nothing)."""
-    gu = rtn(layer.experts.gate_up_proj[i], bits, group).dequantize()
-    down = rtn(layer.experts.down_proj[i], bits, group).dequantize()
-    return gu, down
+    """`rtn_expert`'s matrices dequantized (float32)."""
+    gu, down = rtn_expert(layer, i, bits, group)
+    return gu.dequantize(), down.dequantize()
 
 
 def expert_forward_with(layer: MoELayer, i: int, x: torch.Tensor, gu: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -103,7 +107,7 @@ def allocate_layer(st: PMQLayerStats, avg_bits: float, alpha: float = ALPHA, bet
     E = len(st.phi)
     losses = [{b: float(st.loss[i, j]) for j, b in enumerate(st.bits)} for i in range(E)]
     costs = expert_costs(normalised(st.phi.tolist()), normalised(st.w.tolist()), losses, alpha, beta)
-    return allocate(costs, int(avg_bits * E + 1e-9), st.bits)
+    return allocate(costs, layer_budget(avg_bits, E), st.bits)
 
 
 @torch.no_grad()
@@ -112,7 +116,7 @@ def quantize_layer(layer: MoELayer, widths: list[int], group: int = 128) -> list
     dtype): what the packed export dequantizes to. -> per expert (gate_up, down) as quantized integers."""
     out = []
     for i, b in enumerate(widths):
-        gu, down = rtn(layer.experts.gate_up_proj[i], b, group), rtn(layer.experts.down_proj[i], b, group)
+        gu, down = rtn_expert(layer, i, b, group)
         layer.experts.gate_up_proj[i].copy_(gu.dequantize())
         layer.experts.down_proj[i].copy_(down.dequantize())
         out.append((gu, down))

@@ -40,8 +40,9 @@ def _sources(calib) -> tuple[str, ...]:
 
 def calibration(recipe, calib=None, tokenizer=None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
     """The recipe's calibration windows: (ids [N, L] or None, source index per window [N] or None, info).
-    `calib` (API only) overrides the recipe's sources: token ids [N, L], raw text, or paths."""
-    spec = recipe.calib
+    recipe: a Recipe, or a CalibSpec alone (a run that is not a recipe: quantize, eval --skip). `calib` (API
+    only) overrides the recipe's sources: token ids [N, L], raw text, or paths."""
+    spec = getattr(recipe, "calib", recipe)
     if isinstance(calib, torch.Tensor):
         if calib.dim() != 2 or calib.dtype not in (torch.long, torch.int32, torch.int64):
             raise MumoeError("calib tensor must be integer token ids of shape [N, L]")

@@ -34,6 +34,19 @@ def expert_costs(phi: Sequence[float], w: Sequence[float], loss: Sequence[dict[i
     return [{b: (p ** alpha) * (q ** beta) * (l_b ** alpha) for b, l_b in li.items()} for p, q, li in zip(phi, w, loss)]
 
 
+def layer_budget(avg_bits: float, num_experts: int) -> int:
+    """A layer's bit budget B = floor(avg_bits · E)."""
+    return int(avg_bits * num_experts + 1e-9)
+
+
+def least_budget(num_experts: int, bits: Sequence[int] = BITS) -> int:
+    """The smallest budget an allocation fits in: one expert at the highest width, one at the second highest (when
+    there are two widths or more), the rest at the lowest."""
+    bits = sorted(set(int(b) for b in bits))
+    fixed = bits[-2:] if len(bits) > 1 else bits[-1:]
+    return sum(fixed) + bits[0] * (num_experts - len(fixed))
+
+
 def allocate(costs: Sequence[dict[int, float]], budget: int, bits: Sequence[int] = BITS) -> list[int]:
     """The exact minimiser: one width per expert from `bits`, Σ widths ≤ budget, at least one expert at the highest
     width and one at the second highest (when `bits` has two or more). Ties go to the allocation whose first
@@ -42,8 +55,7 @@ def allocate(costs: Sequence[dict[int, float]], budget: int, bits: Sequence[int]
     E = len(costs)
     top = bits[-1]
     second = bits[-2] if len(bits) > 1 else None
-    need = top + (second or 0)
-    if budget < need + bits[0] * (E - (2 if second is not None else 1)):
+    if budget < least_budget(E, bits):
         raise MumoeError(f"a budget of {budget} bits cannot hold {E} experts with one at {top} bits"
                          + (f" and one at {second}" if second is not None else "") + f" (the least is {bits[0]} each)")
     # memo[(i, spent, has_top, has_second)] = (least cost of experts i.., the width expert i takes there); widths are
