@@ -83,3 +83,31 @@ def test_eval_skip_reports_the_share_it_skipped(ckpt, capsys):
         assert main([*base, *bad]) == 2
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_skipped_slots_reach_the_experts_as_the_sentinel(impl, monkeypatch):
+    """A skipped slot is handed to transformers' experts as index E (not computed by eager / grouped_mm): the
+    logits equal those of zeroing its combine weight, under each experts implementation, and the flag is restored."""
+    import mumoe.testtime.skip as skip
+
+    model = make("qwen3_moe").eval()
+    model.set_experts_implementation(impl)
+    x = ids(batch=2, length=16, seed=3)
+    E = model.config.num_experts
+    seen = []
+    layer0 = model.model.layers[0].mlp.experts
+    h = layer0.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    betas = {j: 0.5 for j in range(model.config.num_hidden_layers)}
+    with torch.no_grad():
+        with skipping(model, betas, keep_share=0.0) as count:
+            fast = model(x).logits
+        assert layer0._is_expert_parallel is False
+        first = min(count.skipped)
+        assert 0 < count.skipped[first] == int((seen[0] == E).sum())  # every skipped slot, and nothing else
+        monkeypatch.setattr(skip, "sentinel_of", lambda layer: None)  # weight 0 only: every slot computed
+        with skipping(model, betas, keep_share=0.0):
+            slow = model(x).logits
+    h.remove()
+    assert int((seen[1] == E).sum()) == 0
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)

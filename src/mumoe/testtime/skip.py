@@ -9,13 +9,17 @@ divided by their number), the top `keep_share` of each sequence's tokens protect
 as MC-MoE; a one-token decode step protects none. The kept slots' combine weights are renormalised over the kept
 slots where the model renormalises over the top-k (`norm_topk_prob`), else left as the router gave them.
 
-Skipping here zeroes the skipped slots' combine weights (the output is that of not running them); the transformers
-experts loop still computes them, so this measures quality and the skipped share, not speed.
+A skipped slot is handed to the experts as transformers' expert-parallel sentinel (index E, combine weight 0):
+its eager and grouped_mm experts forwards do not compute it, batched_mm computes it with weight 0; an experts
+module without that contract gets weight 0 only. Either way the output is that of not running the slot.
+
+The rule is one score per routed slot j ≥ 2 ([T, k − 1]) and a threshold per layer: ODP's score is p_j / p_1;
+OTP's (`testtime/otp.py`) is a learned keep probability. `calibrate` sets the thresholds for a target share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -49,13 +53,30 @@ def slot_ratios(probs_top: torch.Tensor) -> torch.Tensor:
     return probs_top[:, 1:] / probs_top[:, :1]
 
 
-def drop_mask(probs_top: torch.Tensor, beta: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """[T, k] -> [T, k] bool, True where the slot is skipped: p_j < β·p_1 for j ≥ 2, never for protected tokens."""
-    drop = torch.zeros_like(probs_top, dtype=torch.bool)
-    drop[:, 1:] = slot_ratios(probs_top) < beta
+def drop_from_scores(scores: torch.Tensor, threshold: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """scores [T, k − 1] of slots j ≥ 2 -> [T, k] bool, True where the slot is skipped: score < threshold; the
+    first slot and every slot of a protected token (`keep` [T]) run."""
+    T = scores.shape[0]
+    drop = torch.zeros(T, scores.shape[1] + 1, dtype=torch.bool, device=scores.device)
+    drop[:, 1:] = scores < threshold
     if keep is not None:
         drop &= ~keep.reshape(-1, 1)
     return drop
+
+
+def drop_mask(probs_top: torch.Tensor, beta: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """ODP: [T, k] -> [T, k] bool, True where the slot is skipped: p_j < β·p_1 for j ≥ 2, never for protected
+    tokens."""
+    return drop_from_scores(slot_ratios(probs_top), beta, keep)
+
+
+# a skipper's score of the slots j ≥ 2: (layer, x [T, H] the MoE input, p [T, k] the chosen slots' probabilities)
+Score = Callable[[MoELayer, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def odp_scores(layer: MoELayer, x: torch.Tensor, probs_top: torch.Tensor) -> torch.Tensor:
+    """ODP's score: p_j / p_1 ([T, k − 1])."""
+    return slot_ratios(probs_top)
 
 
 def calibrate_beta(ratios: torch.Tensor, calls: int, share: float) -> float:
@@ -91,8 +112,9 @@ def _route(layer: MoELayer, logits: torch.Tensor, indices: torch.Tensor) -> torc
 
 @contextmanager
 def _hooks(model: nn.Module, keep_share: float, on_route) -> Iterator[list[MoELayer]]:
-    """Attention probabilities captured per layer (eager attention inside the block when tokens are protected)
-    and `on_route(layer, args, output, keep [T] or None)` on every router call; -> the MoE layers."""
+    """Attention probabilities captured per layer (eager attention for the forwards of several tokens while tokens
+    are protected; a one-token decode step keeps the model's own attention) and `on_route(layer, x [T, H], output,
+    keep [T] or None)` on every router call; -> the MoE layers."""
     layers = moe_adapter_for(model).moe_layers()
     odd = sorted({layer.scoring for layer in layers} - {"softmax"})
     if odd:
@@ -103,7 +125,12 @@ def _hooks(model: nn.Module, keep_share: float, on_route) -> Iterator[list[MoELa
     impl = getattr(model.config, "_attn_implementation", None)
     try:
         if keep_share > 0:
-            model.set_attn_implementation("eager")  # sdpa returns no attention probabilities
+            def pick_attention(mod, args, kwargs):  # sdpa returns no attention probabilities
+                x = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+                want = "eager" if x is None or x.shape[1] > 1 else impl
+                if want is not None and model.config._attn_implementation != want:
+                    model.set_attn_implementation(want)
+            handles.append(model.register_forward_pre_hook(pick_attention, with_kwargs=True))
             for layer in layers:
                 def grab(mod, args, out, j=layer.index):
                     attn[j] = out[1]
@@ -114,10 +141,10 @@ def _hooks(model: nn.Module, keep_share: float, on_route) -> Iterator[list[MoELa
                 x = args[0]
                 keep = None
                 a = attn.pop(layer.index, None)
-                if a is not None and a.shape[-1] > 1:
+                if a is not None and a.shape[-2] == a.shape[-1] > 1:  # a prefill, no cached keys before it
                     B, L = a.shape[0], a.shape[-1]
                     keep = protected(importance(a.float(), x.reshape(B, L, -1).float()), keep_share).reshape(-1)
-                return on_route(layer, output, keep)
+                return on_route(layer, x.reshape(-1, x.shape[-1]), output, keep)
             return hook
 
         for layer in layers:
@@ -126,22 +153,23 @@ def _hooks(model: nn.Module, keep_share: float, on_route) -> Iterator[list[MoELa
     finally:
         for h in handles:
             h.remove()
-        if keep_share > 0 and impl is not None:
+        if impl is not None and model.config._attn_implementation != impl:
             model.set_attn_implementation(impl)
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, windows: torch.Tensor, share: float, keep_share: float = 0.1,
-              batch_size: int = 8) -> dict[int, float]:
-    """β per MoE layer so that `share` of the expert calls over `windows` [N, L] are skipped (the model unchanged)."""
+              batch_size: int = 8, score: Score = odp_scores) -> dict[int, float]:
+    """The threshold per MoE layer (ODP's β by default) so that `share` of the expert calls over `windows` [N, L]
+    are skipped, each layer on the unskipped model's inputs (the model unchanged)."""
     if not 0 <= share < 1:
         raise MumoeError(f"--skip must be in [0, 1), got {share}")
     ratios: dict[int, list[torch.Tensor]] = {}
     calls: dict[int, int] = {}
 
-    def on_route(layer, output, keep):
+    def on_route(layer, x, output, keep):
         logits, _, indices = output[0], output[1], output[2]
-        r = slot_ratios(_route(layer, logits, indices))  # [T, k − 1]
+        r = score(layer, x, _route(layer, logits, indices)).float()  # [T, k − 1]
         if keep is not None:
             r = r[~keep]
         ratios.setdefault(layer.index, []).append(r.reshape(-1).cpu())
@@ -154,20 +182,53 @@ def calibrate(model: nn.Module, windows: torch.Tensor, share: float, keep_share:
     return {j: calibrate_beta(torch.cat(ratios[j]), calls[j], share) for j in sorted(ratios)}
 
 
-@contextmanager
-def skipping(model: nn.Module, betas: dict[int, float], keep_share: float = 0.1) -> Iterator[SkipCount]:
-    """Inside the block every MoE layer skips as ODP says (module doc); yields the running count."""
-    count = SkipCount()
+def sentinel_of(layer: MoELayer) -> int | None:
+    """The index that makes this layer's experts module pass a slot over (transformers' expert-parallel sentinel,
+    = its expert count), or None where the module does not follow that contract."""
+    experts = layer.experts
+    if not hasattr(experts, "_is_expert_parallel") or getattr(experts, "num_experts", None) != layer.num_experts:
+        return None
+    return layer.num_experts
 
-    def on_route(layer, output, keep):
+
+@contextmanager
+def _sentinels(layers: list[MoELayer]) -> Iterator[dict[int, int]]:
+    """Switch on the experts' sentinel handling (their expert-parallel flag) inside the block -> {layer: index}."""
+    found = {layer.index: e for layer in layers if (e := sentinel_of(layer)) is not None}
+    saved = {layer.index: layer.experts._is_expert_parallel for layer in layers if layer.index in found}
+    try:
+        for layer in layers:
+            if layer.index in found:
+                layer.experts._is_expert_parallel = True
+        yield found
+    finally:
+        for layer in layers:
+            if layer.index in saved:
+                layer.experts._is_expert_parallel = saved[layer.index]
+
+
+@contextmanager
+def skipping(model: nn.Module, betas: dict[int, float], keep_share: float = 0.1,
+             score: Score = odp_scores) -> Iterator[SkipCount]:
+    """Inside the block every MoE layer skips the slots whose score is under its threshold (`betas`; ODP's rule by
+    default, module doc); the skipped slots are not computed where the experts allow it; yields the running
+    count."""
+    count = SkipCount()
+    sentinel: dict[int, int] = {}
+
+    def on_route(layer, x, output, keep):
         logits, weights, indices = output[0], output[1], output[2]
-        drop = drop_mask(_route(layer, logits, indices), betas.get(layer.index, 0.0), keep)  # [T, k]
+        probs = _route(layer, logits, indices)
+        drop = drop_from_scores(score(layer, x, probs), betas.get(layer.index, 0.0), keep)  # [T, k]
         w = weights.reshape(drop.shape).masked_fill(drop, 0)
         if layer.norm_topk_prob:  # only the rows that lost a slot (the others stay bit for bit)
             w = torch.where(drop.any(-1, keepdim=True), w / w.sum(-1, keepdim=True), w)
         count.calls[layer.index] = count.calls.get(layer.index, 0) + drop.numel()
         count.skipped[layer.index] = count.skipped.get(layer.index, 0) + int(drop.sum())
+        if layer.index in sentinel:
+            indices = indices.masked_fill(drop.reshape(indices.shape), sentinel[layer.index])
         return (logits, w.reshape(weights.shape).to(weights.dtype), indices, *output[3:])
 
-    with _hooks(model, keep_share, on_route):
+    with _hooks(model, keep_share, on_route) as layers, _sentinels(layers) as found:
+        sentinel.update(found)
         yield count
