@@ -9,9 +9,9 @@ import sys
 
 from ..errors import MumoeError
 from ..settings import SETTINGS
-from . import compare, demo, evaluate, generate, info, prune, quantize, report, serve, taer
+from . import compare, demo, evaluate, generate, info, prune, quantize, report, serve, skipping, taer
 
-COMMANDS = (info, prune, quantize, compare, evaluate, generate, serve, demo, report, taer)  # in --help order
+COMMANDS = (info, prune, quantize, compare, evaluate, generate, serve, demo, report, taer, skipping)  # in --help order
 
 
 class Parser(argparse.ArgumentParser):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import MumoeError
 from ..settings import SETTINGS
 from .common import check_device, load_model, model_config, write_json, model_args, say
 from .serve import _check_experts_flag
+from .skipping import add_skip_args, check_skip_args, prepare, skipping_with
 
 def _eval_texts(spec: str) -> dict[str, str]:
     """--eval/--ppl: 'domain' = every bundled eval split; else one .txt file or folder. -> {name: text}"""
@@ -61,16 +61,9 @@ def _check_eval_args(args) -> None:
             from ..observe.calib import check_sources
 
             check_sources([args.calib])
-    if args.skip is not None:
-        if args.testtime:
-            raise MumoeError("--skip is its own test-time mode; drop --testtime")
-        for value, flag in ((args.skip, "--skip"), (args.keep_share, "--keep-share")):
-            if not 0 <= value < 1:
-                raise MumoeError(f"{flag} must be in [0, 1), got {value:g}")
-        if args.calib:
-            from ..observe.calib import check_sources
-
-            check_sources([args.calib])
+    if args.skip is not None and args.testtime:
+        raise MumoeError("--skip is its own test-time mode; drop --testtime")
+    check_skip_args(args)
     if args.json:
         check_new_file(args.json, args.overwrite, "--json")
     check_device(args.device)
@@ -102,11 +95,12 @@ def cmd_eval(args) -> int:
     if args.testtime:
         return _eval_testtime(args, model, tokenizer, texts, seqlen)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    mode, betas = _skip_mode(args, model, tokenizer, seqlen)
-    say(f"perplexity with seqlen={seqlen} (non-overlapping windows, dtype {dtype}) of {args.model}" + mode)
+    setup = prepare(args, model, tokenizer, seqlen, args.batch_size)
+    say(f"perplexity with seqlen={seqlen} (non-overlapping windows, dtype {dtype}) of {args.model}"
+        + ("" if setup is None else "; " + setup.line))
     results = {}
     for name, text in texts.items():
-        with _skipping(model, betas, args.keep_share) as count:
+        with skipping_with(model, setup) as count:
             res = perplexity(model, tokenizer, text, seqlen, args.batch_size, args.max_windows)
         if count is not None:
             res["skipped"] = round(count.share(), 6)
@@ -119,33 +113,6 @@ def cmd_eval(args) -> int:
         write_json(args.json, json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     return 0
-
-
-def _skip_mode(args, model, tokenizer, seqlen: int) -> tuple[str, dict | None]:
-    """--skip: ODP's per-layer β calibrated on --calib (default: the bundled calib splits) -> (a line, betas)."""
-    if args.skip is None:
-        return "", None
-    from ..drivers.inputs import calibration
-    from ..recipe import CalibSpec
-    from ..testtime.skip import calibrate
-
-    spec = CalibSpec((args.calib or "domain",), args.calib_windows, min(512, seqlen), None, args.batch_size)
-    wins = calibration(spec, None, tokenizer)[0]
-    betas = calibrate(model, wins, args.skip, args.keep_share, args.batch_size)
-    return (f"; experts skipped per token (ODP): {args.skip:.0%} of expert calls on {wins.shape[0]} calibration "
-            f"windows, the top {args.keep_share:.0%} tokens by importance protected; β per layer "
-            + ", ".join(f"{b:.3f}" for b in betas.values())), betas
-
-
-@contextmanager
-def _skipping(model, betas: dict | None, keep_share: float):
-    if betas is None:
-        yield None
-        return
-    from ..testtime.skip import skipping
-
-    with skipping(model, betas, keep_share) as count:
-        yield count
 
 
 def _eval_testtime_experts(args, model, tokenizer, texts: dict, seqlen: int) -> int:
@@ -278,18 +245,14 @@ def add_parser(sub) -> None:
     sp.add_argument("--prompt-len", type=int, default=None, help="--testtime: prompt tokens (default seqlen/2)")
     sp.add_argument("--structure", default="row", help="--testtime: row (default), N:M or column")
     sp.add_argument("--calib", help="--testtime: calibration text for the offline Wanda baseline (with --experts: for "
-                    "the offline TCESS/REAP baselines, default 'domain')")
+                    "the offline TCESS/REAP baselines, default 'domain'); --skip: for the thresholds (default 'domain')")
     sp.add_argument("--experts", type=int, help="--testtime at the expert grain: keep K experts per layer chosen from "
                     "each prompt's own routing (TCESS), against dense, offline TCESS/REAP at the same K and TAER "
                     "(--library); with --tasks: every lm-eval request pruned to its own K experts")
     sp.add_argument("--calib-windows", type=int, default=32, help="--testtime --experts: calibration windows for the "
-                    "offline baselines (default 32)")
+                    "offline baselines; --skip: for the thresholds (default 32)")
     sp.add_argument("--library", help="--testtime --experts: a TAER task library to compare with")
-    sp.add_argument("--skip", type=float, help="skip this share of expert calls per token (MC#'s ODP: routed slot "
-                    "j >= 2 skipped when its router probability is under beta x the top one's, beta per layer "
-                    "calibrated on --calib, default the bundled calib splits; important tokens keep all)")
-    sp.add_argument("--keep-share", type=float, default=0.1, help="--skip: the share of each sequence's tokens, by "
-                    "attention received x |x|_1, that keep every expert (default 0.1)")
+    add_skip_args(sp, calib=False)
     sp.add_argument("--json", help="also write the result as JSON to this path (refused if it exists, unless "
                     "--overwrite)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --json file")

@@ -6,6 +6,7 @@ import time
 
 from ..errors import MumoeError
 from .common import check_device, load_model, model_config, model_args, say
+from .skipping import add_skip_args, check_skip_args
 
 def _check_generate_args(args) -> None:
     from ..files import check_positive
@@ -15,6 +16,7 @@ def _check_generate_args(args) -> None:
     check_positive(getattr(args, "max_new_tokens", None), "--max-new-tokens", 0)
     if getattr(args, "structure", None) is not None:
         parse_structure(args.structure)
+    check_skip_args(args)
     check_model(args.model)
     check_device(args.device)
 
@@ -51,6 +53,8 @@ def cmd_generate(args) -> int:
     _check_context(args.model, ids.shape[1], args.max_new_tokens)  # as the server does, before the weights
     t_load = time.perf_counter()
     model = load_model(args.model, args.dtype, args.device)
+    if args.skip is not None:
+        return _generate_skipping(args, model, tok, ids, time.perf_counter() - t_load)
     say(f"loaded {args.model} in {time.perf_counter() - t_load:.1f}s; μ-MoE at ρ={args.active:g} "
         f"({args.structure}), {ids.shape[1]} prompt tokens, up to {args.max_new_tokens} new")
     with torch.no_grad():  # a plain dense prefill, timed for reference
@@ -75,15 +79,51 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _generate_skipping(args, model, tok, ids, load_s: float) -> int:
+    """--skip: greedy generation with per-token expert skipping (ODP or OTP), timed per decoded token."""
+    import torch
+    from transformers import TextStreamer
+
+    from .skipping import prepare, skipping_with
+
+    config = model_config(args.model)
+    ctx = (getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None) or 512
+    setup = prepare(args, model, tok, ctx, 8)
+    say(f"loaded {args.model} in {load_s:.1f}s; {ids.shape[1]} prompt tokens, up to {args.max_new_tokens} new; "
+        + setup.line)
+    stamps: list[float] = []
+
+    class Timed(TextStreamer):
+        def put(self, value):
+            stamps.append(time.perf_counter())
+            super().put(value)
+
+    print(args.prompt, end="", flush=True)
+    with torch.no_grad(), skipping_with(model, setup) as count:
+        t0 = time.perf_counter()
+        out = model.generate(ids.to(next(model.parameters()).device), max_new_tokens=args.max_new_tokens,
+                             do_sample=False, pad_token_id=tok.eos_token_id,
+                             streamer=Timed(tok, skip_prompt=True, skip_special_tokens=True))
+    new = out.shape[1] - ids.shape[1]
+    first = stamps[1] - t0 if len(stamps) > 1 else float("nan")  # stamps[0]: the prompt handed to the streamer
+    rate = (new - 1) / (stamps[-1] - stamps[1]) if new > 1 else float("nan")
+    print(f"\n[skip] {count.share():.1%} of expert calls skipped ({sum(count.skipped.values()):,} of "
+          f"{sum(count.calls.values()):,}); prefill and first token {first:.3f}s, then {new - 1} tokens at "
+          f"{rate:.1f} tokens/s")
+    return 0
+
+
 def add_parser(sub) -> None:
     sp = sub.add_parser("generate", help="μ-MoE: prune per prompt from its own activations, then generate",
                         description="Dense prefill of the prompt collects per-input-feature norms of every linear "
                         "(per expert for routed experts); Wanda masks at active ratio rho are built for this prompt "
-                        "and the continuation is decoded with them.")
+                        "and the continuation is decoded with them. With --skip instead: no masks; experts are skipped per token "
+                        "(ODP, or OTP with --skipper FILE) and the decode speed is printed.")
     model_args(sp)
     sp.add_argument("--prompt", required=True, help="the prompt text; its own prefill is the calibration")
     sp.add_argument("--active", type=float, default=0.5, help="active-weight ratio rho in (0, 1] (default 0.5)")
     sp.add_argument("--structure", default="row", help="row (default), N:M (e.g. 2:4) or column (compacted "
                     "decode: whole input columns dropped; lossy on a model as narrow as the bundled one)")
     sp.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate, greedy (default 48)")
+    add_skip_args(sp, calib=True)
     sp.set_defaults(func=cmd_generate)
