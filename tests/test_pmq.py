@@ -181,6 +181,21 @@ def test_quantize_exports_packed_experts_that_reload_to_rtn_of_the_source(ckpt, 
     with torch.no_grad():
         assert torch.equal(model(x).logits, q(x).logits)
 
+    # transformers alone (the shipped modelling code dequantizes each expert when it runs): the same experts
+    from transformers import AutoModelForCausalLM
+
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(remote).__name__ == "MumoeForCausalLM"
+    r_layers = [layer.mlp.experts for layer in remote.model.layers]
+    for entry, ql in zip(rec["layers"], qlayers):
+        ex = r_layers[entry["layer"]]
+        for e in (0, len(entry["experts"]) - 1):
+            assert torch.equal(getattr(ex, str(e)).gate_up.weight(torch.float32), ql.experts.gate_up_proj[e])
+            assert torch.equal(getattr(ex, str(e)).down.weight(torch.float32), ql.experts.down_proj[e])
+    with torch.no_grad():
+        torch.testing.assert_close(remote(x).logits, q(x).logits, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()  # transformers' loading bar
+
     for bad, words in ((["--avg-bits", "4"], "between the lowest and highest"), (["--bits", "1,9"], "1..8"),
                        (["--avg-bits", "1.1"], "cannot hold one expert at 3 bits"), (["--group", "0"], "--group")):
         assert main([*argv, *bad, "--out", str(ckpt / "bad")]) == 2

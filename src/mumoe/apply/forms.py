@@ -4,6 +4,7 @@
     mumoe        expert counts differ per layer: fused tensors as they are, rebuilt by mumoe.load
     mumoe-atoms  expert widths differ (HEAPr's global form): only the kept rows/columns, rebuilt by mumoe.load
     mumoe-quant  experts at their own bit widths (PMQ): packed integers, scales and zeros, dequantized by mumoe.load
+                 (or by the shipped modelling code when each expert runs)
 """
 
 from __future__ import annotations
@@ -288,6 +289,10 @@ def remote_code(cfg: dict, folder: Path, report: PruneReport) -> dict:
     (folder / REMOTE_FILE).write_text(template.replace(line, f'BASE_CLASS = "{base}"', 1))
     if report.form == "mumoe":
         layers = report.moe_shapes()
+    elif report.form == "mumoe-quant":
+        group = int(report.recipe["group"])
+        layers = [{"layer": e["layer"], "bits": [int(x["bits"]) for x in e["experts"]], "group": group}
+                  for e in report.layers]
     else:
         layers = [{"layer": e["layer"], "widths": [len(x["kept"]) for x in e["experts"]],
                    **({"shared_width": len(e["shared"]["kept"])} if "shared" in e else {})} for e in report.layers]
@@ -305,7 +310,8 @@ FORMS: dict[str, Form] = {f.name: f for f in (
          remote_code),
     Form("mumoe-atoms", "mumoe.load, or from_pretrained(..., trust_remote_code=True)", _write_atoms, _read_atoms,
          remote_code),
-    Form("mumoe-quant", "mumoe.load", _write_quant, _read_quant),
+    Form("mumoe-quant", "mumoe.load, or from_pretrained(..., trust_remote_code=True)", _write_quant, _read_quant,
+         remote_code),
 )}
 
 

@@ -15,6 +15,11 @@ reshaped from config.mumoe_layers before the weights are read:
                                              mlp.experts.<e>.gate_up [2k_e, H] and mlp.experts.<e>.down [H, k_e]
                                              (+ <e>.gate_up_bias [2k_e], <e>.down_bias [H] where experts have biases)
     {..., "shared_width": k_s}               the shared expert keeps k_s neurons (its gate/up rows, down columns)
+    {"layer": i, "bits": [b_0, ..., b_E-1],  PMQ: expert e at b_e bits, round-to-nearest in groups of g input
+     "group": g}                             columns: mlp.experts.<e>.gate_up.{q,scale,zero} and .down.{q,scale,zero}
+                                             (q: the b-bit integers packed little-endian into uint8; scale float32,
+                                             zero uint8, one per group); each expert is dequantized when it runs,
+                                             w = (q − zero) · scale
 Engines that build their own model from the config (llama.cpp's converter, vLLM) do not know the
 architecture name "MumoeForCausalLM" and refuse it; export with a uniform form for them.
 """
@@ -124,14 +129,72 @@ class RaggedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        # hidden_states [T, H]; top_k_index, top_k_weights [T, top_k]
+        # hidden_states [T, H]; top_k_index, top_k_weights [T, top_k]; index num_experts = a skipped slot
         out = torch.zeros_like(hidden_states)
         for e in torch.unique(top_k_index).tolist():
+            if e >= self.num_experts:
+                continue
             token, slot = torch.where(top_k_index == e)
             expert = getattr(self, str(e))
             gate_up = nn.functional.linear(hidden_states[token], expert.gate_up, getattr(expert, "gate_up_bias", None))
             gate, up = gate_up.chunk(2, dim=-1)  # [n, k] each
             y = nn.functional.linear(self._activate(gate, up), expert.down, getattr(expert, "down_bias", None))
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+class _Packed(nn.Module):
+    """One matrix [d_out, d_in] at `bits`: packed integers, a scale and a zero per group of `group` columns."""
+
+    def __init__(self, d_out: int, d_in: int, bits: int, group: int) -> None:
+        super().__init__()
+        self.shape, self.bits, self.group = (d_out, d_in), bits, group
+        groups = -(-d_in // group)
+        self.register_buffer("q", torch.zeros(-(-d_out * d_in * bits // 8), dtype=torch.uint8))
+        self.register_buffer("scale", torch.zeros(d_out, groups, dtype=torch.float32))
+        self.register_buffer("zero", torch.zeros(d_out, groups, dtype=torch.uint8))
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        d_out, d_in = self.shape
+        n, b = d_out * d_in, self.bits
+        bit = torch.arange(8, device=self.q.device)
+        stream = ((self.q.to(torch.int64).unsqueeze(1) >> bit) & 1).reshape(-1)[: n * b]  # bit j of value i: i·b + j
+        q = (stream.reshape(n, b) << torch.arange(b, device=self.q.device)).sum(1).reshape(d_out, d_in)
+        s = self.scale.repeat_interleave(self.group, dim=1)[:, :d_in]
+        z = self.zero.float().repeat_interleave(self.group, dim=1)[:, :d_in]
+        return ((q.float() - z) * s).to(dtype)
+
+
+class _QuantExpert(nn.Module):
+    def __init__(self, width: int, hidden: int, bits: int, group: int) -> None:
+        super().__init__()
+        self.gate_up = _Packed(2 * width, hidden, bits, group)  # gate rows, then up
+        self.down = _Packed(hidden, width, bits, group)
+
+
+class QuantExperts(RaggedExperts):
+    """PMQ's experts, each at its own width of bits, dequantized when it runs (the same call as transformers'
+    fused experts module)."""
+
+    def __init__(self, bits: list[int], group: int, width: int, hidden: int, act: str, dtype: torch.dtype,
+                 source: nn.Module | None = None) -> None:
+        super().__init__([], hidden, act, dtype, source)
+        self.num_experts, self.dtype = len(bits), dtype
+        for e, b in enumerate(bits):
+            self.add_module(str(e), _QuantExpert(width, hidden, int(b), group))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        # hidden_states [T, H]; top_k_index, top_k_weights [T, top_k]; index num_experts = a skipped slot
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            if e >= self.num_experts:
+                continue
+            token, slot = torch.where(top_k_index == e)
+            expert = getattr(self, str(e))
+            x = hidden_states[token]
+            gate, up = nn.functional.linear(x, expert.gate_up.weight(x.dtype)).chunk(2, dim=-1)  # [n, k] each
+            y = nn.functional.linear(self._activate(gate, up), expert.down.weight(x.dtype))
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 
@@ -161,6 +224,10 @@ def reshape_layers(model: nn.Module, config) -> None:
             dtype = mlp.experts.down_proj.dtype
             mlp.experts = RaggedExperts([int(k) for k in entry["widths"]], text.hidden_size, text.hidden_act, dtype,
                                         mlp.experts)
+        if "bits" in entry:
+            old = mlp.experts
+            mlp.experts = QuantExperts([int(b) for b in entry["bits"]], int(entry["group"]), old.down_proj.shape[-1],
+                                       text.hidden_size, text.hidden_act, old.down_proj.dtype, old)
         if "shared_width" in entry:  # the shared expert's neurons pruned too: its three linears at the kept width
             shared = next(part for part in (getattr(mlp, a, None) for a in _SHARED) if hasattr(part, "down_proj"))
             k = int(entry["shared_width"])
