@@ -204,3 +204,32 @@ def test_quantize_exports_packed_experts_that_reload_to_rtn_of_the_source(ckpt, 
     assert not (ckpt / "bad").exists()
     assert main(["quantize", str(out), *argv[2:], "--out", str(ckpt / "bad")]) == 2  # an export with its own shapes
     assert "per-layer shapes (mumoe-quant form)" in capsys.readouterr().err
+
+
+def test_reap_then_pmq_in_one_process(ckpt, tmp_path):
+    """REAP then PMQ on one loaded model: one record of both stages, the export reloads to the logits in memory;
+    pruning or quantizing again after PMQ is refused (the export packs the widths of the run that quantized)."""
+    import json
+
+    import mumoe
+    from mumoe.apply.export import save_pruned
+
+    m, c = str(ckpt / "m"), str(ckpt / "c.txt")
+    tok = mumoe.load_tokenizer(m)
+    model = mumoe.load(m)
+    mumoe.prune(model, "reap", 0.25, c, tokenizer=tok, nsamples=4, seqlen=16, batch_size=2)
+    E = model.config.num_experts
+    report = mumoe.quantize(model, 2.0, c, tokenizer=tok, group=16, nsamples=4, seqlen=16, batch_size=2)
+    assert [s["method"] for s in report.stages] == ["reap", "pmq"]
+    assert all(len(e["experts"]) == E for e in report.layers)
+    save_pruned(model, tmp_path / "rq", report, tok)
+    rec = json.loads((tmp_path / "rq" / "pruning.json").read_text())
+    assert rec["form"] == "mumoe-quant" and [s["method"] for s in rec["stages"]] == ["reap", "pmq"]
+    back = mumoe.load(tmp_path / "rq")
+    x = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
+    with pytest.raises(mumoe.MumoeError, match="quantized .*prune first, then quantize"):
+        mumoe.prune(model, "reap", 0.25, c, tokenizer=tok, nsamples=4, seqlen=16, batch_size=2)
+    with pytest.raises(mumoe.MumoeError, match="quantized already"):
+        mumoe.quantize(model, 2.0, c, tokenizer=tok, group=16, nsamples=4, seqlen=16, batch_size=2)

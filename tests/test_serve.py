@@ -729,3 +729,30 @@ def test_lm_eval_local_completions_matches_in_process(model_tok, local_tasks):
     # μ-MoE scored every request with its own pruned model: different loglikelihoods, the same documents
     assert [a for a, _ in lls["dense"]] == [a for a, _ in lls["mu-moe"]]
     assert all(d != m for (_, ds), (_, ms) in zip(lls["dense"], lls["mu-moe"]) for d, m in zip(ds, ms))
+
+
+def test_a_server_with_skip_equals_generate_with_skipping(model_tok):
+    """`mumoe serve --skip`: a dense request's completion is greedy decoding inside ODP's skipping (the same
+    thresholds), the response says the share it skipped; a μ-MoE request runs without skipping."""
+    from mumoe.observe.calib import tokenize, windows
+    from mumoe.testtime.skip import SkipSetup, calibrate, odp_scores, skipping_with
+
+    model, tok = model_tok
+    wins = windows(tokenize(tok, (DATA / "prose" / "calib.txt").read_text()), 8, 128)
+    setup = SkipSetup(calibrate(model, wins, 0.3, 0.1, 4), odp_scores, 0.1, "ODP 30%")
+    ids = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), skipping_with(model, setup) as count:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
+    want = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert count.share() > 0.1
+    with torch.no_grad():
+        dense = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert not torch.equal(dense, out)  # skipping changed the continuation: the comparison below can fail
+    engine = Engine(model, tok, "default", skip=setup)
+    with serving(engine, max_queue=2, timeout=120) as url:
+        r = client(url).completions.create(model="default", prompt=PROMPT, max_tokens=16, temperature=0)
+        assert r.choices[0].text == want and r.mumoe["kind"] == "dense"
+        assert r.mumoe["skipped"] == pytest.approx(count.share(), abs=1e-4)
+        r2 = client(url).completions.create(model="default", prompt=PROMPT, max_tokens=4, temperature=0,
+                                            extra_body={"mumoe": {"active": 0.5}})
+        assert "skipped" not in r2.mumoe

@@ -9,7 +9,7 @@ from ..errors import MumoeError
 from ..settings import SETTINGS
 from .common import check_device, load_model, model_config, write_json, model_args, say
 from .serve import _check_experts_flag
-from .skipping import add_skip_args, check_skip_args, prepare, skipping_with
+from .skipping import add_skip_args, check_skip_args, prepare
 
 def _eval_texts(spec: str) -> dict[str, str]:
     """--eval/--ppl: 'domain' = every bundled eval split; else one .txt file or folder. -> {name: text}"""
@@ -95,6 +95,8 @@ def cmd_eval(args) -> int:
     if args.testtime:
         return _eval_testtime(args, model, tokenizer, texts, seqlen)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    from ..testtime.skip import skipping_with
+
     setup = prepare(args, model, tokenizer, seqlen, args.batch_size)
     say(f"perplexity with seqlen={seqlen} (non-overlapping windows, dtype {dtype}) of {args.model}"
         + ("" if setup is None else "; " + setup.line))

@@ -84,7 +84,8 @@ def _generate_skipping(args, model, tok, ids, load_s: float) -> int:
     import torch
     from transformers import TextStreamer
 
-    from .skipping import prepare, skipping_with
+    from ..testtime.skip import skipping_with
+    from .skipping import prepare
 
     config = model_config(args.model)
     ctx = (getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None) or 512

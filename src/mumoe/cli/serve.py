@@ -8,6 +8,7 @@ from ..errors import MumoeError
 from ..settings import SETTINGS
 from .common import load_model, model_config, source_dir, model_args, say
 from .generate import _check_generate_args
+from .skipping import add_skip_args
 
 def _serve_defaults(args):
     from ..serve import Pruning
@@ -79,6 +80,8 @@ def cmd_serve(args) -> int:
         raise MumoeError("--task needs --library LIB (a task library from `mumoe taer build`)")
     if sum(x for x in (args.active < 1, args.experts is not None, args.task is not None)) > 1:
         raise MumoeError("choose one default pruning: --active, --experts or --task")
+    if args.skip is not None and args.taer_only:
+        raise MumoeError("--skip runs on the full model; a --taer-only server does not hold it")
     template = None
     if args.chat_template:
         from ..files import read_utf8
@@ -111,14 +114,20 @@ def cmd_serve(args) -> int:
     else:
         model = load_model(args.model, args.dtype, args.device)
     name = args.served_model_name or args.model
+    skip = None
+    if args.skip is not None:
+        from .skipping import prepare
+
+        skip = prepare(args, model, tok, int(getattr(model.config, "max_position_embeddings", None) or 512), 8)
     engine = Engine(model, tok, name, _serve_defaults(args), library, source_dir(args.model), args.max_task_models,
-                    template, taer_only=args.taer_only)
+                    template, taer_only=args.taer_only, skip=skip)
     d = engine.defaults
     mode = {"dense": "dense", "mu-moe": f"μ-MoE ρ={d.active:g} ({d.structure})", "experts": f"{d.experts} experts "
             "per layer per prompt", "task": f"TAER task {d.task}"}[d.kind]
     say(f"loaded {'the TAER matcher of ' if args.taer_only else ''}{args.model} ({engine.total_weights:,} weights) in "
         f"{time.perf_counter() - t0:.1f}s; default pruning: {mode}"
-        + (f"; task library {args.library} ({len(library.tasks)} tasks)" if library else ""))
+        + (f"; task library {args.library} ({len(library.tasks)} tasks)" if library else "")
+        + ("" if skip is None else f"; dense requests: {skip.line}"))
     app = create_app(engine, ServerConfig(max_queue=args.max_queue, timeout=args.timeout,
                                                 max_body_bytes=int(args.max_body_mb * 2**20)), worker_thread=False)
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (OpenAI-compatible; Ctrl-C or SIGTERM stops "
@@ -168,6 +177,7 @@ def add_parser(sub) -> None:
     sp.add_argument("--structure", default="row", help="default μ-MoE structure: row (default), N:M or column")
     sp.add_argument("--experts", type=int, help="default per-prompt expert pruning: keep this many experts per layer "
                     "(the prompt's own TCESS; default off)")
+    add_skip_args(sp, calib=True)
     sp.add_argument("--library", help="TAER task library (from `mumoe taer build`): enables \"task\" requests")
     sp.add_argument("--task", help="default TAER task: 'auto' (match each prompt) or a task name (needs --library; "
                     "default off)")

@@ -4,22 +4,10 @@ trained skipper file) and `mumoe train-skipper` (OTP's mask routers)."""
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MumoeError
 from .common import check_device, model_args, say, source_dir
-
-
-@dataclass
-class SkipSetup:
-    """What a `--skip` run skips by: the thresholds per MoE layer, the score they apply to, and a line saying so."""
-
-    betas: dict[int, float]
-    score: object  # testtime.skip.Score
-    keep_share: float
-    line: str
 
 
 def add_skip_args(sp, calib: bool) -> None:
@@ -56,13 +44,14 @@ def check_skip_args(args) -> None:
         check_sources([args.calib])
 
 
-def prepare(args, model, tokenizer, seqlen: int, batch_size: int) -> SkipSetup | None:
-    """--skip: the skipper's score and its thresholds calibrated on --calib -> the setup (None without --skip)."""
+def prepare(args, model, tokenizer, seqlen: int, batch_size: int):
+    """--skip: the skipper's score and its thresholds calibrated on --calib -> a `testtime.skip.SkipSetup` (None
+    without --skip)."""
     if args.skip is None:
         return None
     from ..drivers.inputs import calibration
     from ..recipe import CalibSpec
-    from ..testtime.skip import calibrate, odp_scores
+    from ..testtime.skip import SkipSetup, calibrate, odp_scores
 
     if args.skipper == "odp":
         score, name = odp_scores, "ODP"
@@ -77,18 +66,6 @@ def prepare(args, model, tokenizer, seqlen: int, batch_size: int) -> SkipSetup |
             f"windows, the top {args.keep_share:.0%} tokens by importance protected; threshold per layer "
             + ", ".join(f"{b:.3f}" for b in betas.values()))
     return SkipSetup(betas, score, args.keep_share, line)
-
-
-@contextmanager
-def skipping_with(model, setup: SkipSetup | None):
-    """Skipping as `setup` says inside the block (yields the count), or nothing (yields None)."""
-    if setup is None:
-        yield None
-        return
-    from ..testtime.skip import skipping
-
-    with skipping(model, setup.betas, setup.keep_share, setup.score) as count:
-        yield count
 
 
 def cmd_train_skipper(args) -> int:

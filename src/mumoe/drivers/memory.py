@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..apply.report import PruneReport
+from ..errors import MumoeError
 from ..grains import get_grain
 from .record import combine, finish, stage_report
 
@@ -70,6 +71,10 @@ def prune_loaded(model: nn.Module, recipe, windows: tuple, *, verbose: bool = Fa
     check_model_arg(model)
     check_materialised(model)
     check_token_ids(model, windows[0])
+    done = RECORDS.get(model)
+    if done is not None and done.form == "mumoe-quant":
+        raise MumoeError("this model's experts were quantized (PMQ) in this process; prune first, then quantize "
+                         "(the export packs the widths of the run that quantized)")
     if recipe.device is not None:
         model.to(resolve_device(recipe.device))
     report = prune_model(model, recipe, windows, verbose=verbose,

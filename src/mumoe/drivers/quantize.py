@@ -52,6 +52,8 @@ def quantize_loaded(model: nn.Module, windows: tuple, avg_bits: float, bits=BITS
 
     avg_bits, bits, group = check_quant_args(avg_bits, bits, group)
     earlier = RECORDS.get(model)
+    if earlier is not None and earlier.form == "mumoe-quant":
+        raise MumoeError("this model's experts are quantized already (PMQ in this process); quantize the source")
     if earlier is not None and earlier.form != "hf":
         raise MumoeError(f"this model was pruned to per-layer shapes only mumoe.load reads ({earlier.form} form); "
                          "PMQ's export rebuilds the model from its config: quantize a standard checkpoint (a "
@@ -80,7 +82,11 @@ def quantize_loaded(model: nn.Module, windows: tuple, avg_bits: float, bits=BITS
             counts = ", ".join(f"{widths.count(b)}x{b}" for b in bits if widths.count(b))
             say(f"  layer {layer.index:3d}: {counts} bits ({sum(widths) / len(widths):.2f} on average)")
     recipe = {"method": "pmq", "avg_bits": avg_bits, "bits": list(bits), "group": group, "calib": info}
-    return PruneReport(method="pmq", grain="quant", ratio=0.0, budget=f"{avg_bits:g} bits on average",
-                       calibration=info, model={"source": source, "model_type": model.config.model_type,
-                                                "num_experts": layers[0].num_experts if layers else None},
-                       layers=entries, form="mumoe-quant", recipe=recipe, plan=QuantPlan(quantized))
+    report = PruneReport(method="pmq", grain="quant", ratio=0.0, budget=f"{avg_bits:g} bits on average",
+                         calibration=info, model={"source": source, "model_type": model.config.model_type,
+                                                  "num_experts": layers[0].num_experts if layers else None},
+                         layers=entries, form="mumoe-quant", recipe=recipe, plan=QuantPlan(quantized))
+    if earlier is not None:  # pruned before in this process (e.g. REAP, then PMQ): one record of both stages
+        report = report.compose(earlier)
+    RECORDS[model] = report
+    return report

@@ -31,6 +31,7 @@ from ..recipe import parse_structure
 from ..select.weights import check_active
 from ..testtime.experts import check_experts
 from ..testtime.protocol import Dense, Experts, MuMoE, PerPrompt, Task, ready_to_decode
+from ..testtime.skip import skipping_with
 
 EXTENSION_KEYS = ("active", "structure", "experts", "task")
 
@@ -121,10 +122,10 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, name: str, defaults: Pruning | None = None,
                  library=None, model_path: str | None = None, max_task_models: int = 2,
-                 chat_template: str | None = None, taer_only: bool = False) -> None:
+                 chat_template: str | None = None, taer_only: bool = False, skip=None) -> None:
         """taer_only: `model` is TAER's matcher (the layers up to the first MoE router, `load_matcher`), not the
         full model: only task requests are served, each decoded by its task's model — the full model is never
-        in memory."""
+        in memory. skip: a `testtime.skip.SkipSetup` — dense requests skip experts per token as it says."""
         if tokenizer is None:
             raise MumoeError(f"{name} has no tokenizer; mumoe serve needs one")
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -137,6 +138,7 @@ class Engine:
         if chat_template is not None:
             tokenizer.chat_template = chat_template
         self.library, self.model_path, self.taer_only = library, model_path, taer_only
+        self.skip = skip
         if taer_only and (library is None or model_path is None):
             raise MumoeError("a TAER-only server needs a task library and the checkpoint folder")
         if library is not None and not taer_only:
@@ -256,6 +258,14 @@ class Engine:
         """Complete one prompt. `emit(text, logprob entries)` receives the text as it becomes safe to send (with
         echo, the prompt first); `should_stop()` returns "cancelled" / "timeout" to end early."""
         x = torch.tensor([ids], device=self.device)  # [1, L]
+        with skipping_with(self.model, self.skip if pruning.kind == "dense" else None) as count:
+            finished = self._run(x, ids, sampling, pruning, emit, should_stop)
+        if count is not None:
+            finished.applied["skipped"] = round(count.share(), 4)
+        return finished
+
+    def _run(self, x: torch.Tensor, ids: list[int], sampling: Sampling, pruning: Pruning, emit,
+             should_stop) -> Finished:
         prefilled = self.protocol(pruning).prefill(self.model, x)
         applied = dict(prefilled.info)
         with prefilled.applied() as _:

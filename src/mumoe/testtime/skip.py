@@ -232,3 +232,24 @@ def skipping(model: nn.Module, betas: dict[int, float], keep_share: float = 0.1,
     with _hooks(model, keep_share, on_route) as layers, _sentinels(layers) as found:
         sentinel.update(found)
         yield count
+
+
+@dataclass
+class SkipSetup:
+    """What a skipping run skips by: the thresholds per MoE layer, the score they apply to, the protected share of
+    a prefill's tokens, and a line that says so."""
+
+    betas: dict[int, float]
+    score: Score
+    keep_share: float
+    line: str
+
+
+@contextmanager
+def skipping_with(model: nn.Module, setup: SkipSetup | None) -> Iterator[SkipCount | None]:
+    """`skipping` as `setup` says inside the block (yields the count), or nothing (yields None)."""
+    if setup is None:
+        yield None
+        return
+    with skipping(model, setup.betas, setup.keep_share, setup.score) as count:
+        yield count
