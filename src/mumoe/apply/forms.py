@@ -262,7 +262,7 @@ def _read_quant(path: Path, dtype: torch.dtype) -> nn.Module:
                 down = from_packed(state, f"{prefix}.{e}.down", b, group, tuple(layer.experts.down_proj.shape[1:]))
                 layer.experts.gate_up_proj[e] = gu.dequantize(dtype)
                 layer.experts.down_proj[e] = down.dequantize(dtype)
-    _load_checked(model, state, path, filled=filled)
+    _load_checked(model, fuse_legacy_experts(state, model), path, filled=filled)  # a streamed export's own spelling
     return model.to(dtype).eval()
 
 

@@ -356,3 +356,36 @@ def prune_checkpoint(path: str | Path, out: str | Path, report: PruneReport, ove
     skeleton = meta_model(path)
     transform = expert_transform(keep, routing_keys(skeleton), checkpoint_renamer(skeleton.config.model_type))
     return write_streamed(path, out, report, transform, {k: n for k in EXPERT_COUNT_KEYS}, overwrite, progress)
+
+
+def quant_transform(widths: dict[int, list[int]], group: int, rename: Callable[[str], str] = unchanged) -> Transform:
+    """PMQ's packed experts (the `mumoe-quant` form, `forms._write_quant`): expert e of decoder layer L at
+    widths[L][e] bits, round-to-nearest in groups of `group` input columns, as `<experts>.<e>.gate_up.{q,scale,zero}`
+    ([2I, H]: gate rows, then up) and `<experts>.<e>.down.{q,scale,zero}` ([H, I]); per-expert checkpoints (one
+    matrix per projection) have each expert's gate held until its up arrives. Every other tensor as it is (the experts'
+    biases too). Bit for bit the in-memory run's: RTN of the same values (the source's, upcast)."""
+    from .quant import packed_tensors, rtn
+
+    pending: dict[tuple, torch.Tensor] = {}  # a per-expert gate (or up) waiting for its other half
+
+    def packed(pre: str, e: int, name: str, w: torch.Tensor, b: int) -> list[tuple[str, torch.Tensor]]:
+        return list(packed_tensors(f"{pre}.{e}.{name}", rtn(w, b, group)).items())
+
+    def transform(key: str, read):
+        if (m := LEGACY.match(key)) and int(m["layer"]) in widths:
+            L, e, kind = int(m["layer"]), int(m["e"]), KIND[m["kind"]]
+            pre, b = canonical(m["pre"]), widths[L][e]
+            if kind == "down_proj":
+                return packed(pre, e, "down", read(), b)
+            pending[(pre, e, kind)] = read()
+            gate, up = pending.get((pre, e, "gate_proj")), pending.get((pre, e, "up_proj"))
+            if gate is None or up is None:
+                return []
+            del pending[(pre, e, "gate_proj")], pending[(pre, e, "up_proj")]
+            return packed(pre, e, "gate_up", torch.cat([gate, up]), b)
+        if (m := FUSED.match(rename(key))) and int(m["layer"]) in widths:
+            L, pre, w = int(m["layer"]), canonical(m["pre"]), read()  # [E, 2I, H] or [E, H, I]
+            name = "down" if m["kind"] == "down_proj" else "gate_up"
+            return [kv for e, b in enumerate(widths[L]) for kv in packed(pre, e, name, w[e], b)]
+        return [(key, read())]  # the experts' biases too: kept as they are, as in memory
+    return transform

@@ -51,6 +51,17 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     tok = load_tokenizer(name)
     windows = calibration(spec, None, tok)
+    if _layerwise(args, name):
+        from ..drivers.quantize import quantize_layerwise
+
+        say(f"PMQ layer by layer: {avg_bits:g} bits per expert on average (widths {','.join(map(str, bits))}, "
+            f"groups of {group}); calibration {windows[0].shape[0]} windows x {windows[0].shape[1]} tokens from "
+            f"{windows[2].get('source', '-')}")
+        quantize_layerwise(name, args.out, windows, avg_bits, bits, group, args.batch_size, args.dtype, args.device,
+                           args.overwrite, progress=not SETTINGS.quiet, say=say)
+        print(f"wrote {args.out} (loads with mumoe.load, or transformers with trust_remote_code=True) in "
+              f"{time.perf_counter() - t0:.1f}s total")
+        return 0
     model = load_model(name, args.dtype, args.device)
     say(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; PMQ: {avg_bits:g} bits per expert on average "
         f"(widths {','.join(map(str, bits))}, groups of {group}); calibration {windows[0].shape[0]} windows x "
@@ -58,8 +69,25 @@ def cmd_quantize(args) -> int:
     report = quantize_loaded(model, windows, avg_bits, bits, group, args.batch_size, source=name,
                              progress=not SETTINGS.quiet, say=say)
     save_pruned(model, args.out, report, tok, overwrite=args.overwrite, dtype=args.dtype)
-    print(f"wrote {args.out} (loads with mumoe.load) in {time.perf_counter() - t0:.1f}s total")
+    print(f"wrote {args.out} (loads with mumoe.load, or transformers with trust_remote_code=True) in "
+          f"{time.perf_counter() - t0:.1f}s total")
     return 0
+
+
+def _layerwise(args, name: str) -> bool:
+    """--layerwise on, or auto and the checkpoint would not fit in the memory this process may use."""
+    from ..drivers.choose import local_checkpoint, too_big
+
+    if args.layerwise == "off":
+        return False
+    local = local_checkpoint(name)
+    if args.layerwise == "on" and not local:
+        raise MumoeError(f"--layerwise on reads a local safetensors checkpoint folder; {args.model} is not one")
+    if args.layerwise == "on" and args.dtype not in (None, "auto"):
+        raise MumoeError("--layerwise on writes every tensor but the experts in the checkpoint's own dtype; drop "
+                         "--dtype (or run in memory with --layerwise off)")
+    return args.layerwise == "on" or (local and args.dtype in (None, "auto")
+                                       and too_big(name, args.dtype, args.device, say=say))
 
 
 def add_parser(sub) -> None:
@@ -83,6 +111,10 @@ def add_parser(sub) -> None:
     sp.add_argument("--seed", type=int, help="random window offsets (default: the first windows)")
     sp.add_argument("--batch-size", type=int, default=8, help="windows per forward: one calibration batch each, "
                     "over which the output error is measured (default 8)")
+    sp.add_argument("--layerwise", choices=["auto", "on", "off"], default="auto", help="auto (default): layer by "
+                    "layer when the checkpoint would not fit in 80%% of the memory this process may use (one decoder "
+                    "layer resident, the export written tensor by tensor; the same widths and bytes as in memory); "
+                    "on / off: always / never")
     sp.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     sp.set_defaults(func=cmd_quantize)

@@ -46,7 +46,6 @@ def quantize_loaded(model: nn.Module, windows: tuple, avg_bits: float, bits=BITS
     from ..criteria.pmq import PMQStats, allocate_layer, quantize_layer
     from ..models import moe_adapter_for
     from ..observe.runner import run
-    from ..select.bits import normalised
 
     from ..apply.report import RECORDS
 
@@ -73,20 +72,86 @@ def quantize_loaded(model: nn.Module, windows: tuple, avg_bits: float, bits=BITS
         widths = allocate_layer(st, avg_bits)
         for e, q in enumerate(quantize_layer(layer, widths, group)):
             quantized[(layer.index, e)] = q
-        phi, w = normalised(st.phi.tolist()), normalised(st.w.tolist())
-        entries.append({"layer": layer.index, "num_experts": len(widths), "experts": [
-            {"expert": e, "phi": round(phi[e], 8), "w": round(w[e], 8),
-             "loss": {str(b): round(float(st.loss[e, j]), 8) for j, b in enumerate(bits)}, "bits": widths[e]}
-            for e in range(len(widths))]})
-        if say is not None:
-            counts = ", ".join(f"{widths.count(b)}x{b}" for b in bits if widths.count(b))
-            say(f"  layer {layer.index:3d}: {counts} bits ({sum(widths) / len(widths):.2f} on average)")
-    recipe = {"method": "pmq", "avg_bits": avg_bits, "bits": list(bits), "group": group, "calib": info}
-    report = PruneReport(method="pmq", grain="quant", ratio=0.0, budget=f"{avg_bits:g} bits on average",
-                         calibration=info, model={"source": source, "model_type": model.config.model_type,
-                                                  "num_experts": layers[0].num_experts if layers else None},
-                         layers=entries, form="mumoe-quant", recipe=recipe, plan=QuantPlan(quantized))
+        entries.append(layer_entry(layer.index, st, widths, bits, say))
+    report = _report(entries, avg_bits, bits, group, info, source, model.config.model_type, layers,
+                     QuantPlan(quantized))
     if earlier is not None:  # pruned before in this process (e.g. REAP, then PMQ): one record of both stages
         report = report.compose(earlier)
     RECORDS[model] = report
+    return report
+
+
+def layer_entry(index: int, st, widths: list[int], bits, say: Callable[[str], None] | None = None) -> dict:
+    """One MoE layer's record: per expert φ and w normalised, the losses per width, the width."""
+    from ..select.bits import normalised
+
+    phi, w = normalised(st.phi.tolist()), normalised(st.w.tolist())
+    if say is not None:
+        counts = ", ".join(f"{widths.count(b)}x{b}" for b in bits if widths.count(b))
+        say(f"  layer {index:3d}: {counts} bits ({sum(widths) / len(widths):.2f} on average)")
+    return {"layer": index, "num_experts": len(widths), "experts": [
+        {"expert": e, "phi": round(phi[e], 8), "w": round(w[e], 8),
+         "loss": {str(b): round(float(st.loss[e, j]), 8) for j, b in enumerate(bits)}, "bits": widths[e]}
+        for e in range(len(widths))]}
+
+
+def _report(entries: list[dict], avg_bits: float, bits, group: int, info: dict, source: str, model_type: str,
+            layers, plan) -> PruneReport:
+    recipe = {"method": "pmq", "avg_bits": avg_bits, "bits": list(bits), "group": group, "calib": info}
+    return PruneReport(method="pmq", grain="quant", ratio=0.0, budget=f"{avg_bits:g} bits on average",
+                       calibration=info, model={"source": source, "model_type": model_type,
+                                                "num_experts": layers[0].num_experts if layers else None},
+                       layers=entries, form="mumoe-quant", recipe=recipe, plan=plan)
+
+
+def quantize_layerwise(path: str, out: str, windows: tuple, avg_bits: float, bits=BITS, group: int = 128,
+                       batch_size: int = 8, dtype: str | None = None, device: str | None = None,
+                       overwrite: bool = False, progress: bool = False, max_shard_bytes: int = 1 << 30,
+                       say: Callable[[str], None] | None = None) -> PruneReport:
+    """PMQ on a checkpoint larger than memory: the statistics in one layer-sequential sweep (one decoder layer
+    resident; each layer's widths chosen while it is), then the export written tensor by tensor, each expert
+    quantized from the checkpoint's own values (`apply.stream.quant_transform`). Equal to `quantize_loaded` and
+    its export, bit for bit."""
+    from pathlib import Path
+
+    from ..apply.stream import quant_transform, write_streamed
+    from ..criteria.pmq import PMQStats, allocate_layer
+    from ..loading import compute_dtype
+    from ..models import adapter_for
+    from ..observe.layerwise import LayerwiseCheckpoint
+    from ..observe.runner import resolve_device
+    from ..observe.sequential import sweep
+
+    avg_bits, bits, group = check_quant_args(avg_bits, bits, group)
+    wins, _, info = windows
+    if wins is None:
+        raise MumoeError("PMQ needs calibration data: pass --calib PATH (or 'domain')")
+    dev = resolve_device(device or "cpu")
+    ckpt = LayerwiseCheckpoint(path, dtype=compute_dtype(dtype, path, dev), device=dev)
+    layers = adapter_for(ckpt.model).moe_layers()
+    if not layers:
+        raise MumoeError(f"{ckpt.config.model_type} has no routed experts; PMQ sets a bit width per routed expert")
+    by_index = {layer.index: layer for layer in layers}
+    pmq = PMQStats(layers, bits, group)
+    t0 = time.perf_counter()
+    if say is not None:
+        say(f"  layer-sequential on {dev}: {len(ckpt.decoder.layers)} decoder layers, largest "
+            f"{ckpt.layer_bytes() / 2**20:.1f} MiB resident at a time")
+
+    def on_layer(j: int) -> dict | None:  # layer j's statistics are complete and its weights resident
+        if j not in by_index:
+            return None
+        st = pmq.stats[j]
+        st._cache.clear()  # the widths' copies of this layer's experts
+        return {"entry": layer_entry(j, st, allocate_layer(st, avg_bits), bits, say)}
+
+    results: dict = {}
+    sweep(ckpt, wins, [pmq], batch_size=batch_size, on_layer=on_layer, progress=progress, results=results)
+    if say is not None:
+        say(f"  statistics and widths, layer by layer, in {time.perf_counter() - t0:.1f}s")
+    entries = [results[layer.index]["entry"] for layer in layers]
+    report = _report(entries, avg_bits, bits, group, info, str(path), ckpt.config.model_type, layers, None)
+    widths = {e["layer"]: [x["bits"] for x in e["experts"]] for e in entries}
+    write_streamed(Path(path), out, report, quant_transform(widths, group, ckpt.rename), {}, overwrite, progress,
+                   max_shard_bytes)
     return report
