@@ -20,6 +20,7 @@ def _bits(text: str) -> tuple[int, ...]:
 
 def cmd_quantize(args) -> int:
     from ..apply.export import check_output_dir, save_pruned
+    from ..apply.forms import get_form
     from ..drivers.inputs import calibration, load_model
     from ..drivers.quantize import check_quant_args, quantize_loaded
     from ..files import check_positive
@@ -49,6 +50,7 @@ def cmd_quantize(args) -> int:
             raise MumoeError(f"--avg-bits {avg_bits:g} over {E} experts cannot hold one expert at {bits[-1]} bits "
                              f"and one at {bits[-2]} (the others at {bits[0]} or more)")
     t0 = time.perf_counter()
+    loads = get_form("mumoe-quant").loads_with
     tok = load_tokenizer(name)
     windows = calibration(spec, None, tok)
     if _layerwise(args, name):
@@ -59,8 +61,7 @@ def cmd_quantize(args) -> int:
             f"{windows[2].get('source', '-')}")
         quantize_layerwise(name, args.out, windows, avg_bits, bits, group, args.batch_size, args.dtype, args.device,
                            args.overwrite, progress=not SETTINGS.quiet, say=say)
-        print(f"wrote {args.out} (loads with mumoe.load, or transformers with trust_remote_code=True) in "
-              f"{time.perf_counter() - t0:.1f}s total")
+        print(f"wrote {args.out} (loads with {loads}) in {time.perf_counter() - t0:.1f}s total")
         return 0
     model = load_model(name, args.dtype, args.device)
     say(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; PMQ: {avg_bits:g} bits per expert on average "
@@ -69,8 +70,7 @@ def cmd_quantize(args) -> int:
     report = quantize_loaded(model, windows, avg_bits, bits, group, args.batch_size, source=name,
                              progress=not SETTINGS.quiet, say=say)
     save_pruned(model, args.out, report, tok, overwrite=args.overwrite, dtype=args.dtype)
-    print(f"wrote {args.out} (loads with mumoe.load, or transformers with trust_remote_code=True) in "
-          f"{time.perf_counter() - t0:.1f}s total")
+    print(f"wrote {args.out} (loads with {loads}) in {time.perf_counter() - t0:.1f}s total")
     return 0
 
 

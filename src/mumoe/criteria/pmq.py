@@ -30,12 +30,6 @@ def rtn_expert(layer: MoELayer, i: int, bits: int, group: int = 128) -> tuple[Qu
     return rtn(layer.experts.gate_up_proj[i], bits, group), rtn(layer.experts.down_proj[i], bits, group)
 
 
-def quantized_expert(layer: MoELayer, i: int, bits: int, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rtn_expert`'s matrices dequantized (float32)."""
-    gu, down = rtn_expert(layer, i, bits, group)
-    return gu.dequantize(), down.dequantize()
-
-
 def expert_forward_with(layer: MoELayer, i: int, x: torch.Tensor, gu: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """f_i(x) with the given weights in place of expert i's own (its biases kept). x [T, H] -> [T, H] float32."""
     gb, db = layer.gate_up_bias, layer.down_bias
@@ -51,7 +45,7 @@ class PMQLayerStats:
     phi: torch.Tensor = None  # [E] routed tokens
     w: torch.Tensor = None  # [E] summed softmax probabilities of the routed tokens
     loss: torch.Tensor = None  # [E, len(bits)] Σ over batches of ‖Y − Y_{i@b}‖_F
-    _cache: dict = field(default_factory=dict, repr=False)  # (expert, bits) -> dequantized weights
+    _cache: dict = field(default_factory=dict, repr=False)  # (expert, bits) -> its `rtn_expert` (uint8 integers)
 
     def __post_init__(self) -> None:
         E = self.layer.num_experts
@@ -61,15 +55,19 @@ class PMQLayerStats:
 
 
 class PMQStats(Collector):
-    """φ, w and L_{i,b} of every MoE layer (see the module doc). Each expert's quantized weights are made once per
-    width and kept for the run (the widths' copies of the experts: memory ≈ len(bits) × the experts in float32)."""
+    """φ, w and L_{i,b} of every MoE layer (see the module doc). Each expert's quantized integers are made once per
+    width and kept until the layer's `result` (one byte per weight and width: ≈ len(bits)/4 of the layer's experts
+    in float32), dequantized when used."""
 
     needs_experts = True
 
-    def __init__(self, layers: list[MoELayer], bits=BITS, group: int = 128) -> None:
+    def __init__(self, layers: list[MoELayer], bits=BITS, group: int = 128, cache: bool = True) -> None:
+        """cache False: each expert quantized again in every batch (no copies kept; the layer-sequential sweep,
+        where one resident layer and its activations are all the memory there is)."""
         self.layers = layers
         self.bits = tuple(bits)
         self.group = group
+        self.cache = cache
         self.stats = {layer.index: PMQLayerStats(layer, self.bits) for layer in layers}
 
     def on_route(self, ev: RouteEvent) -> None:
@@ -91,9 +89,13 @@ class PMQStats(Collector):
             x, f, g = r.x[sel], r.f[sel].float(), r.weight[sel].float()[:, None]  # [n, H], [n, H], [n, 1]
             for j, b in enumerate(self.bits):
                 key = (i, b)
-                if key not in st._cache:
-                    st._cache[key] = quantized_expert(r.layer, i, b, self.group)
-                fb = expert_forward_with(r.layer, i, x, *st._cache[key])
+                if key in st._cache:
+                    gu, down = st._cache[key]
+                else:
+                    gu, down = rtn_expert(r.layer, i, b, self.group)
+                    if self.cache:
+                        st._cache[key] = gu, down
+                fb = expert_forward_with(r.layer, i, x, gu.dequantize(), down.dequantize())
                 st.loss[i, j] += float((g * (f - fb)).double().pow(2).sum().sqrt())
 
     def result(self) -> list[PMQLayerStats]:

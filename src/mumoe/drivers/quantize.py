@@ -132,7 +132,7 @@ def quantize_layerwise(path: str, out: str, windows: tuple, avg_bits: float, bit
     if not layers:
         raise MumoeError(f"{ckpt.config.model_type} has no routed experts; PMQ sets a bit width per routed expert")
     by_index = {layer.index: layer for layer in layers}
-    pmq = PMQStats(layers, bits, group)
+    pmq = PMQStats(layers, bits, group, cache=False)  # one layer resident: no quantized copies kept
     t0 = time.perf_counter()
     if say is not None:
         say(f"  layer-sequential on {dev}: {len(ckpt.decoder.layers)} decoder layers, largest "
@@ -142,7 +142,6 @@ def quantize_layerwise(path: str, out: str, windows: tuple, avg_bits: float, bit
         if j not in by_index:
             return None
         st = pmq.stats[j]
-        st._cache.clear()  # the widths' copies of this layer's experts
         return {"entry": layer_entry(j, st, allocate_layer(st, avg_bits), bits, say)}
 
     results: dict = {}
