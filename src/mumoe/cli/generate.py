@@ -16,7 +16,6 @@ def _check_generate_args(args) -> None:
     check_positive(getattr(args, "max_new_tokens", None), "--max-new-tokens", 0)
     if getattr(args, "structure", None) is not None:
         parse_structure(args.structure)
-    check_skip_args(args)
     check_model(args.model)
     check_device(args.device)
 
@@ -46,6 +45,7 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise MumoeError("empty prompt")
     _check_generate_args(args)
+    check_skip_args(args)
     tok = load_tokenizer(args.model)
     if tok is None:
         raise MumoeError(f"{args.model} has no tokenizer")

@@ -8,7 +8,7 @@ from ..errors import MumoeError
 from ..settings import SETTINGS
 from .common import load_model, model_config, source_dir, model_args, say
 from .generate import _check_generate_args
-from .skipping import add_skip_args
+from .skipping import add_skip_args, check_skip_args
 
 def _serve_defaults(args):
     from ..serve import Pruning
@@ -68,6 +68,7 @@ def cmd_serve(args) -> int:
     if not 0 < args.port < 65536:
         raise MumoeError(f"--port must be in 1..65535, got {args.port}")
     _check_generate_args(args)
+    check_skip_args(args)
     _check_experts_flag(args)
     _check_listen(args.host, args.port)
     if args.taer_only:

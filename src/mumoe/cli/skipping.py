@@ -1,5 +1,5 @@
-"""Per-token expert skipping on the command line: the `--skip` flags of `eval` and `generate` (ODP, or OTP from a
-trained skipper file) and `mumoe train-skipper` (OTP's mask routers)."""
+"""Per-token expert skipping on the command line: the `--skip` flags of `eval`, `generate` and `serve` (ODP, or
+OTP from a trained skipper file) and `mumoe train-skipper` (OTP's mask routers)."""
 
 from __future__ import annotations
 

@@ -136,11 +136,15 @@ class RaggedExperts(nn.Module):
                 continue
             token, slot = torch.where(top_k_index == e)
             expert = getattr(self, str(e))
-            gate_up = nn.functional.linear(hidden_states[token], expert.gate_up, getattr(expert, "gate_up_bias", None))
+            gate_up_w, down_w = self._weights(expert, hidden_states.dtype)
+            gate_up = nn.functional.linear(hidden_states[token], gate_up_w, getattr(expert, "gate_up_bias", None))
             gate, up = gate_up.chunk(2, dim=-1)  # [n, k] each
-            y = nn.functional.linear(self._activate(gate, up), expert.down, getattr(expert, "down_bias", None))
+            y = nn.functional.linear(self._activate(gate, up), down_w, getattr(expert, "down_bias", None))
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
+
+    def _weights(self, expert: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return expert.gate_up, expert.down  # [2k, H], [H, k]
 
 
 class _Packed(nn.Module):
@@ -179,24 +183,15 @@ class QuantExperts(RaggedExperts):
     def __init__(self, bits: list[int], group: int, width: int, hidden: int, act: str, dtype: torch.dtype,
                  source: nn.Module | None = None) -> None:
         super().__init__([], hidden, act, dtype, source)
+        if getattr(source, "gate_up_proj_bias", None) is not None or self.interleaved:
+            raise ValueError("this export's experts have biases or interleaved gate/up rows (GPT-OSS); its packed "
+                             "experts load with mumoe.load only")
         self.num_experts, self.dtype = len(bits), dtype
         for e, b in enumerate(bits):
             self.add_module(str(e), _QuantExpert(width, hidden, int(b), group))
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
-        # hidden_states [T, H]; top_k_index, top_k_weights [T, top_k]; index num_experts = a skipped slot
-        out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():
-            if e >= self.num_experts:
-                continue
-            token, slot = torch.where(top_k_index == e)
-            expert = getattr(self, str(e))
-            x = hidden_states[token]
-            gate, up = nn.functional.linear(x, expert.gate_up.weight(x.dtype)).chunk(2, dim=-1)  # [n, k] each
-            y = nn.functional.linear(self._activate(gate, up), expert.down.weight(x.dtype))
-            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
-        return out
+    def _weights(self, expert: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return expert.gate_up.weight(dtype), expert.down.weight(dtype)  # dequantized when the expert runs
 
 
 def reshape_layers(model: nn.Module, config) -> None:
