@@ -7,7 +7,7 @@ Steps, each recorded with its figures and a pass/fail (the run exits 1 if one fa
 1. tiny: on tiny qwen3_moe / mixtral / deepseek_v3 models, the device against the CPU in float32 — dense logits
    (max |Δ|), REAP 25% kept sets, HEAPr 25% kept atoms (share equal), Wanda 50% logits, ratio 0 leaves the
    logits unchanged, PMQ's widths, ODP skipping with the sentinel equal to zeroed combine weights (the experts
-   implementation the device picks: grouped_mm on CUDA).
+   implementation the device picks: grouped_mm on CUDA), OTP's routers trained from the device's activations.
 2. layerwise: a synthetic qwen3_moe checkpoint (bf16 files, per-expert keys; --small: a few MiB) pruned layer by
    layer with REAP and HEAPr in --dtype on the device (`drivers.layerwise.prune_layerwise`); kept sets against the
    in-memory run of the same checkpoint on the same device; time, peak device memory against the largest layer.
@@ -94,9 +94,18 @@ def tiny_step(device: str, small: bool) -> dict:
             res["skip_share"] = count.share()
             res["skip_sentinel_max_abs_diff"] = float((fast - slow).abs().max())
             res["experts_implementation"] = model.config._experts_implementation
+            from mumoe.testtime import otp
+
+            routers, _ = otp.train(model, wins, otp.OTPConfig(steps=20))  # windows on the CPU: moved to the model
+            score = otp.otp_scores(routers)
+            with torch.no_grad(), skipping(model, calibrate(model, wins, 0.3, 0.0, 4, score=score), 0.0,
+                                           score) as count:
+                model(x.to(device))
+            res["otp_skip_share"] = count.share()
         res["ok"] = bool(res["dense_max_abs_diff"] < 1e-3 and res["reap_kept_equal"] and res["ratio0_unchanged"]
                          and res["heapr_atoms_equal_share"] > 0.95 and res["wanda_max_abs_diff"] < 1e-2
-                         and res["pmq_widths_equal"] and res.get("skip_sentinel_max_abs_diff", 0) < 1e-4)
+                         and res["pmq_widths_equal"] and res.get("skip_sentinel_max_abs_diff", 0) < 1e-4
+                         and res.get("otp_skip_share", 1) > 0)
         out[arch] = res
     out["ok"] = all(r["ok"] for r in out.values())
     return out

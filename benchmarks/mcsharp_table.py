@@ -38,6 +38,7 @@ from mumoe.testtime import otp
 from mumoe.testtime.skip import calibrate, odp_scores, skipping
 
 ROOT = Path(__file__).resolve().parents[1]
+DECODE = " Decode tokens/s at batch 1 are measured by `benchmarks/skip_decode.py` (paired with dense, token by token): on this model dense 134.6 tokens/s and ODP 0.94-0.96x of it at 10-34% skipped (the hooks cost more than the tiny experts they skip); on a qwen3_moe of Qwen3-30B-A3B's widths 1.06x / 1.20x at 19% / 43% skipped (BENCHMARKS.md). Quantized experts run dequantized in memory: dense decode speed."  # the figures of skip_decode.py, recorded in BENCHMARKS.md
 
 
 def folder_mb(path: Path) -> float:
@@ -127,7 +128,7 @@ def main() -> None:
              f"mumoe_nextline_<domain> tasks, {args.limit} documents each, mean accuracy; safetensors MB: the "
              "export's weights (dense: the bundled bf16 checkpoint). Skipping rows: the share of expert calls "
              "skipped, measured on the eval text; thresholds calibrated for 10/20/30% on 32 windows of the calib "
-             "splits. Rows marked (reloaded export) are the export read back with mumoe.load.", ""]
+             "splits. Rows marked (reloaded export) are the export read back with mumoe.load." + DECODE, ""]
     (out / "table.md").write_text("\n".join(head + lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'table.md'}")

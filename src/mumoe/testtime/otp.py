@@ -99,10 +99,11 @@ def gather(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict
              slot_gram(layer, x, idx).cpu()))
         return None
 
+    device = next(model.parameters()).device  # the windows go where the model is
     with _hooks(model, 0.0, on_route):
         for b in bar(range(0, windows.shape[0], batch_size), desc="OTP: layer inputs and slot outputs",
                      unit="batch"):
-            model(windows[b:b + batch_size])
+            model(windows[b:b + batch_size].to(device))
     return {j: LayerData(*(torch.cat(t) for t in zip(*p))) for j, p in sorted(parts.items())}
 
 

@@ -176,9 +176,10 @@ def calibrate(model: nn.Module, windows: torch.Tensor, share: float, keep_share:
         calls[layer.index] = calls.get(layer.index, 0) + indices.numel()
         return None
 
+    device = next(model.parameters()).device  # the windows go where the model is
     with _hooks(model, keep_share, on_route):
         for b in range(0, windows.shape[0], batch_size):
-            model(windows[b:b + batch_size])
+            model(windows[b:b + batch_size].to(device))
     return {j: calibrate_beta(torch.cat(ratios[j]), calls[j], share) for j in sorted(ratios)}
 
 
