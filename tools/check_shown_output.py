@@ -4,7 +4,7 @@ shows, times masked. A `...` line in a shown block stands for any number of line
     python tools/check_shown_output.py                 # every shown command (~4 min on 2 cores, the demo included)
     python tools/check_shown_output.py "taer" "info"   # only commands containing one of these strings
 
-Commands run in /tmp (the pages write their outputs under /tmp/...; those folders are removed first). Exit 1 if
+Commands run in /tmp (the pages write their outputs under /tmp/...; those folders and files are removed first). Exit 1 if
 any command differs or fails. Not part of the test suite: it takes minutes and needs the bundled model only.
 """
 
@@ -65,7 +65,11 @@ def main(only: list[str]) -> int:
                 continue
             out = re.search(r"--out (/tmp/\S+)", cmd)
             if out:
-                shutil.rmtree(out.group(1), ignore_errors=True)
+                target = Path(out.group(1))
+                if target.is_file():  # a file output (`train-skipper --out F.safetensors`)
+                    target.unlink()
+                else:
+                    shutil.rmtree(target, ignore_errors=True)
             run = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd="/tmp")
             diff = differences(shown, [x for x in run.stdout.split("\n") if x.strip()])
             ok = not diff and run.returncode == 0
