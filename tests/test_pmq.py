@@ -264,3 +264,39 @@ def test_layer_by_layer_equals_in_memory(tmp_path, arch, capsys):
     x = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(mumoe.load(tmp_path / "a")(x).logits, mumoe.load(tmp_path / "b")(x).logits)
+
+
+def test_prune_then_pmq_in_one_command(ckpt, capsys):
+    """`mumoe prune --method reap --ratio 0.25 --then pmq:2` equals `mumoe prune` then `mumoe quantize` on its
+    export (same calibration): the same widths and packed bytes, one record of both stages; layer by layer the
+    same again; pmq anywhere but last is refused before any work."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mumoe.cli import main
+
+    m, c = str(ckpt / "m"), str(ckpt / "c.txt")
+    calib = ["--calib", c, "--nsamples", "4", "--seqlen", "16", "--batch-size", "2"]
+    assert main(["prune", m, "--method", "reap", "--ratio", "0.25", *calib, "--out", str(ckpt / "r")]) == 0
+    assert main(["quantize", str(ckpt / "r"), "--avg-bits", "2", "--group", "16", *calib, "--out",
+                 str(ckpt / "two")]) == 0
+    one = ["prune", m, "--method", "reap", "--ratio", "0.25", *calib, "--then", "pmq:2:group=16"]
+    assert main([*one, "--layerwise", "off", "--out", str(ckpt / "one")]) == 0
+    assert main([*one, "--layerwise", "on", "--out", str(ckpt / "lw")]) == 0
+    capsys.readouterr()
+    recs = {d: json.loads((ckpt / d / "pruning.json").read_text()) for d in ("two", "one", "lw")}
+    assert recs["one"]["layers"] == recs["two"]["layers"] == recs["lw"]["layers"]
+    assert [s["method"] for s in recs["one"]["stages"]] == ["reap", "pmq"] == [s["method"] for s in recs["lw"]["stages"]]
+    assert recs["one"]["model"]["source"] == m
+    tensors = {d: {k: v for f in (ckpt / d).glob("*.safetensors") for k, v in load_file(f).items()}
+               for d in ("two", "one", "lw")}
+    packed = [k for k in tensors["two"] if k.endswith(".q")]
+    assert packed and all(torch.equal(tensors["two"][k], tensors[d][k]) for d in ("one", "lw") for k in packed)
+    assert not list(ckpt.glob(".lw.stages-*"))  # the layer-by-layer stage folder is gone
+    assert main(["prune", m, "--method", "reap", "--ratio", "0.25", *calib, "--then", "pmq:2", "--then",
+                 "wanda:0.5", "--out", str(ckpt / "bad")]) == 2
+    assert "as the last stage" in capsys.readouterr().err
+    assert main(["prune", m, "--method", "reap", "--ratio", "0.25", *calib, "--then", "pmq", "--out",
+                 str(ckpt / "bad")]) == 2
+    assert "give the average bits" in capsys.readouterr().err and not (ckpt / "bad").exists()

@@ -83,9 +83,19 @@ def _replay_model(args) -> str:
 def cmd_prune(args) -> int:
     from .. import api
     from ..apply.export import check_output_dir
+    from ..apply.forms import get_form
+    from ..drivers.quantize import quant_stage
     from ..loading import check_model
     from ..observe.calib import check_sources
 
+    quants = [q for q in (quant_stage(t) for t in args.then or ()) if q is not None]
+    if quants:
+        if quant_stage(args.then[-1]) is None or len(quants) > 1:
+            raise MumoeError("--then pmq:B quantizes what the stages before it left: give it once, as the last stage")
+        if args.recipe or args.expert_params is not None or args.work_dir:
+            raise MumoeError("--then pmq:B runs after the pruning stages of this command; drop --recipe / "
+                             "--expert-params / --work-dir (or quantize the export with `mumoe quantize`)")
+        args.then = args.then[:-1] or None
     recipe = _recipe_from_args(args)
     model_name = _replay_model(args)
     _check_prune_args(args, recipe)
@@ -97,13 +107,21 @@ def cmd_prune(args) -> int:
         recipe.check_config(config)
     check_device(recipe.device)
     t0 = time.perf_counter()
+    if quants:
+        from ..drivers.quantize import prune_then_quantize
+
+        report = prune_then_quantize(check_model(model_name), recipe, quants[0], args.out, overwrite=args.overwrite,
+                                     layerwise={"on": True, "off": False}.get(args.layerwise, "auto"),
+                                     verbose=not SETTINGS.quiet, say=say)
+        print(f"wrote {args.out} (loads with {get_form(report.form).loads_with}) in "
+              f"{time.perf_counter() - t0:.1f}s total")
+        return 0
     report = api.prune(model_name, recipe, out=args.out, overwrite=args.overwrite,
                        layerwise={"on": True, "off": False}.get(args.layerwise, "auto"), work_dir=args.work_dir,
                        stream_files=not args.in_memory, verbose=not SETTINGS.quiet, say=say,
                        spill_bytes=int(args.spill_gb * 2**30))
     if not lead():  # torchrun: rank 0 speaks for all
         return 0
-    from ..apply.forms import get_form
 
     if report.removed and recipe.later:  # (every run records it in pruning.json)
         r = report.removed
@@ -150,7 +168,9 @@ def add_parser(sub) -> None:
                     help="a later stage, run after --method on the model it left with the same calibration "
                     "(repeatable, in order): e.g. --method reap --ratio 0.2 --then wanda:0.5 removes 20%% of the "
                     "experts, then half of the remaining weights; options of that stage's grain as "
-                    "wanda:0.5:structure=2:4 or heapr:0.25:form=global")
+                    "wanda:0.5:structure=2:4 or heapr:0.25:form=global. Last, pmq:B[:bits=1,2,3][:group=128] "
+                    "quantizes what the stages left (PMQ, B average bits per expert; the mumoe-quant export, as "
+                    "`mumoe quantize`); no later stage by default")
     sp.add_argument("--expert-params", type=float, metavar="X",
                     help="one budget over two stages (--method EXPERT-METHOD --then WEIGHT-METHOD, no ratios): remove "
                     "X of all routed-expert weights, the expert stage taking --expert-share of it (whole experts) "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -107,12 +108,13 @@ def _report(entries: list[dict], avg_bits: float, bits, group: int, info: dict, 
 def quantize_layerwise(path: str, out: str, windows: tuple, avg_bits: float, bits=BITS, group: int = 128,
                        batch_size: int = 8, dtype: str | None = None, device: str | None = None,
                        overwrite: bool = False, progress: bool = False, max_shard_bytes: int = 1 << 30,
-                       say: Callable[[str], None] | None = None) -> PruneReport:
+                       say: Callable[[str], None] | None = None, earlier: PruneReport | None = None,
+                       source: str | None = None) -> PruneReport:
     """PMQ on a checkpoint larger than memory: the statistics in one layer-sequential sweep (one decoder layer
     resident; each layer's widths chosen while it is), then the export written tensor by tensor, each expert
     quantized from the checkpoint's own values (`apply.stream.quant_transform`). Equal to `quantize_loaded` and
-    its export, bit for bit."""
-    from pathlib import Path
+    its export, bit for bit. earlier: the record of the run that wrote `path` (pruned before: one record of both);
+    source: the model the run started from."""
 
     from ..apply.stream import quant_transform, write_streamed
     from ..criteria.pmq import PMQStats, allocate_layer
@@ -149,8 +151,84 @@ def quantize_layerwise(path: str, out: str, windows: tuple, avg_bits: float, bit
     if say is not None:
         say(f"  statistics and widths, layer by layer, in {time.perf_counter() - t0:.1f}s")
     entries = [results[layer.index]["entry"] for layer in layers]
-    report = _report(entries, avg_bits, bits, group, info, str(path), ckpt.config.model_type, layers, None)
+    report = _report(entries, avg_bits, bits, group, info, source or str(path), ckpt.config.model_type, layers, None)
+    if earlier is not None:
+        report = report.compose(earlier)
     widths = {e["layer"]: [x["bits"] for x in e["experts"]] for e in entries}
     write_streamed(Path(path), out, report, quant_transform(widths, group, ckpt.rename), {}, overwrite, progress,
                    max_shard_bytes)
+    return report
+
+
+QUANT_METHODS = ("pmq",)  # what `mumoe prune --then` takes as a last, quantizing stage
+
+
+def quant_stage(text: str) -> tuple[float, tuple[int, ...], int] | None:
+    """`--then pmq:B[:bits=1,2,3][:group=G]` -> (avg_bits, bits, group), checked; None for any other stage."""
+    name, _, rest = text.partition(":")
+    if name not in QUANT_METHODS:
+        return None
+    parts = [p for p in rest.split(":") if p] if rest else []
+    if not parts:
+        raise MumoeError(f"--then {text}: give the average bits, e.g. --then {name}:2.5")
+    try:
+        avg = float(parts[0])
+        opts = dict(p.split("=", 1) for p in parts[1:])
+        bits = tuple(int(b) for b in opts.pop("bits", "1,2,3").split(","))
+        group = int(opts.pop("group", "128"))
+    except ValueError:
+        raise MumoeError(f"--then {text}: expected {name}:AVG_BITS[:bits=1,2,3][:group=128]") from None
+    if opts:
+        raise MumoeError(f"--then {text}: unknown option {sorted(opts)[0]!r} (bits, group)")
+    return check_quant_args(avg, bits, group)
+
+
+def prune_then_quantize(name: str, recipe, quant: tuple[float, tuple[int, ...], int], out: str | Path, *,
+                        layerwise="auto", overwrite: bool = False, verbose: bool = True,
+                        say: Callable[[str], None] | None = None) -> PruneReport:
+    """`mumoe prune ... --then pmq:B`: the recipe's stages, then PMQ on what they left, calibrated on the recipe's
+    windows; one record of every stage, written in the `mumoe-quant` form. Layer by layer (the model does not
+    fit, or asked): the pruned checkpoint goes to a folder of mumoe's own beside `out` (removed at the end) and is
+    quantized from there; else in memory."""
+    import shutil
+
+    from ..apply.export import check_output_dir, save_pruned
+    from ..grains import get_grain
+    from ..loading import load_tokenizer
+    from .choose import use_layerwise
+    from .inputs import calibration, load_model
+    from .memory import prune_loaded
+
+    last = recipe.stages[-1]
+    if not get_grain(last.grain).leaves_hf(last):
+        raise MumoeError(f"{get_grain(last.grain).describe(last)} leaves per-layer shapes; PMQ after it is not "
+                         "supported (it quantizes a uniform model)")
+    avg_bits, bits, group = quant
+    check_output_dir(out, overwrite, source=name)
+    tok = load_tokenizer(name)
+    windows = calibration(recipe, None, tok)
+    if use_layerwise(name, recipe, layerwise, say=say):
+        from ..files import owned_temp_dir, sweep_stale
+        from .layerwise import prune_layerwise
+
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(out.parent, (f".{out.name}.stages-",))
+        scratch = owned_temp_dir(out.parent, f".{out.name}.stages-")
+        try:
+            first = prune_layerwise(name, recipe, scratch / "pruned", windows, verbose=verbose, say=say)
+            if say is not None:
+                say(f"then PMQ, {avg_bits:g} bits per expert on average, layer by layer")
+            return quantize_layerwise(str(scratch / "pruned"), str(out), windows, avg_bits, bits, group,
+                                      recipe.calib.batch_size, recipe.dtype, recipe.device, overwrite,
+                                      progress=verbose, say=say, earlier=first, source=name)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    model = load_model(name, recipe.dtype, recipe.device)
+    prune_loaded(model, recipe, windows, source=name, say=say)
+    if say is not None:
+        say(f"then PMQ, {avg_bits:g} bits per expert on average")
+    report = quantize_loaded(model, windows, avg_bits, bits, group, recipe.calib.batch_size, source=name,
+                             progress=verbose, say=say)
+    save_pruned(model, out, report, tok, overwrite=overwrite, dtype=recipe.dtype)
     return report
