@@ -465,3 +465,42 @@ def test_api_exports_never_replace_the_source(tmp_path):
         prune_layerwise(src, recipe, tmp_path, (windows(), None, {}), overwrite=True, verbose=False)
     after = tensors(src)
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_multimodal_qwen3_5_moe_checkpoint_layer_by_layer(tmp_path):
+    """The released Qwen3.5-MoE checkpoints are multimodal (`model.language_model.*` beside `model.visual.*`):
+    layer by layer, REAP keeps the experts the loaded text model keeps; the export keeps the vision tower byte for
+    byte, the nested text config's expert count is rewritten, and transformers' multimodal class loads it with
+    every key in place, its text model giving the logits of the model pruned in memory."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    import mumoe
+    from mumoe.models.tiny import tiny_config
+
+    text = tiny_config("qwen3_5_moe_text")
+    cfg = Qwen3_5MoeConfig(text_config=text.to_dict(), vision_config=dict(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=text.hidden_size, patch_size=2,
+        temporal_patch_size=1, spatial_merge_size=1, in_channels=3))
+    torch.manual_seed(0)
+    vl = Qwen3_5MoeForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for name, p in vl.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.5)  # spread routing
+    vl.save_pretrained(tmp_path / "src")
+    wins = windows(4, 16)
+    recipe = Recipe.build("reap", 0.25, calib="tensor", nsamples=4, seqlen=16, batch_size=2)
+    report = prune_layerwise(tmp_path / "src", recipe, tmp_path / "out", (wins, None, {}), verbose=False)
+    model = mumoe.load(tmp_path / "src")
+    ref = api.prune(model, recipe, calib=wins)
+    assert [e["kept"] for e in report.layers] == [e["kept"] for e in ref.layers]
+    src, out = tensors(tmp_path / "src"), tensors(tmp_path / "out")
+    visual = [k for k in src if k.startswith("model.visual.")]
+    assert visual and all(torch.equal(src[k], out[k]) for k in visual)
+    cfg_out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg_out["model_type"] == "qwen3_5_moe" and cfg_out["text_config"]["num_experts"] == 6
+    back, info = Qwen3_5MoeForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    x = windows(2, 12, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(input_ids=x).logits, model(x).logits, rtol=1e-5, atol=1e-5)

@@ -109,9 +109,9 @@ Phimoe = family("PhimoeAdapter", ("phimoe",), scoring="sparsemixer", expert_widt
                 expert_count_key="num_local_experts")
 Qwen3Next = family("Qwen3NextAdapter", ("qwen3_next", "qwen3_5_moe_text"),
                    shared_names=("shared_expert",), shared_gate_name="shared_expert_gate")
-# the multimodal Qwen3.5-MoE checkpoint: AutoModelForCausalLM builds its text model (qwen3_5_moe_text) in memory
-Qwen35MoeVL = family("Qwen35MoeVLAdapter", ("qwen3_5_moe",), Qwen3Next,
-                     layerwise_gap="a multimodal checkpoint, its language model's tensors under another prefix")
+# the multimodal Qwen3.5-MoE checkpoint: AutoModelForCausalLM builds its text model (qwen3_5_moe_text), whose
+# renames map `model.language_model.` onto it; the vision tower's tensors are left as they are (an export keeps them)
+Qwen35MoeVL = family("Qwen35MoeVLAdapter", ("qwen3_5_moe",), Qwen3Next)
 
 # sigmoid routers (+ a selection-only correction bias; DeepSeek-V3-style group-limited top-k where n_group > 1) --
 _SIGMOID = dict(scoring="sigmoid", shared_names=("shared_experts",))

@@ -120,7 +120,8 @@ class LayerwiseCheckpoint:
         self._rebuild_rotary()
         has_bs = legacy_blocks(n for n, _ in self.model.named_parameters())
         self.block_sparse = has_bs  # the model names its MoE blocks the legacy way (checkpoint keys map as they are)
-        self.rename = checkpoint_renamer(self.config.model_type)  # the family's own renames on loading
+        # the family's own renames on loading, by the model built (a multimodal checkpoint: its text model's)
+        self.rename = checkpoint_renamer(self.model.config.model_type)
         self.sources: dict[str, list[Source]] = defaultdict(list)
         self.packed: dict[str, dict[str, Source]] = defaultdict(dict)  # MXFP4 experts: name -> blocks, scales
         for file in shard_files(self.path):
