@@ -471,7 +471,8 @@ def test_multimodal_qwen3_5_moe_checkpoint_layer_by_layer(tmp_path):
     """The released Qwen3.5-MoE checkpoints are multimodal (`model.language_model.*` beside `model.visual.*`):
     layer by layer, REAP keeps the experts the loaded text model keeps; the export keeps the vision tower byte for
     byte, the nested text config's expert count is rewritten, and transformers' multimodal class loads it with
-    every key in place, its text model giving the logits of the model pruned in memory."""
+    every key in place, its text model giving the logits of the model pruned in memory; TAER's fingerprint from
+    the files equals the loaded model's."""
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
     import mumoe
@@ -492,6 +493,10 @@ def test_multimodal_qwen3_5_moe_checkpoint_layer_by_layer(tmp_path):
     recipe = Recipe.build("reap", 0.25, calib="tensor", nsamples=4, seqlen=16, batch_size=2)
     report = prune_layerwise(tmp_path / "src", recipe, tmp_path / "out", (wins, None, {}), verbose=False)
     model = mumoe.load(tmp_path / "src")
+    from mumoe.retrieval.library import model_fingerprint
+    from mumoe.retrieval.partial import checkpoint_fingerprint
+
+    assert checkpoint_fingerprint(tmp_path / "src") == model_fingerprint(model)  # TAER reads the same routers
     ref = api.prune(model, recipe, calib=wins)
     assert [e["kept"] for e in report.layers] == [e["kept"] for e in ref.layers]
     src, out = tensors(tmp_path / "src"), tensors(tmp_path / "out")

@@ -44,7 +44,7 @@ def checkpoint_fingerprint(path: str | Path) -> dict:
     names = {id(m): n for n, m in skeleton.named_modules()}
     wanted = {canonical(f"{names[id(rt.module)]}.{rt.name}"): layer.index for layer in layers
               for rt in layer.router_tensors if rt.tensor is layer.router_weight}
-    rename = checkpoint_renamer(cfg.get("model_type"))
+    rename = checkpoint_renamer(skeleton.config.model_type)  # the model built (multimodal: the text model's renames)
     routers: dict[int, torch.Tensor] = {}
     for file in shard_files(path):
         with safe_open(file, "pt") as f:
@@ -55,7 +55,7 @@ def checkpoint_fingerprint(path: str | Path) -> dict:
     for L in sorted(routers):
         h.update(routers[L].float().contiguous().numpy().tobytes())
     top_k = config_value(cfg, TOP_K_KEYS)
-    return {"model_type": cfg["model_type"], "moe_layers": sorted(routers),
+    return {"model_type": skeleton.config.model_type, "moe_layers": sorted(routers),
             "num_experts": [routers[L].shape[0] for L in sorted(routers)], "top_k": top_k,
             "router_sha256": h.hexdigest()[:16]}
 
