@@ -210,6 +210,9 @@ class Adapter:
     checkpoint_layout: ClassVar[object | None] = None
     # None: checkpoints of the family can be calibrated layer by layer and exported streamed; else why not (yet)
     layerwise_gap: ClassVar[str | None] = None
+    # the decoder layer returns (hidden_states, value) and the next layer takes the value as this keyword (GLM-5's
+    # DSA indexer passes its top-k positions on): the layer-by-layer sweep carries it from layer to layer
+    layer_carry: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -124,8 +124,7 @@ ExaoneMoe = family("ExaoneMoeAdapter", ("exaone_moe",), SharedWidthAdapter, shar
                    **_SIGMOID)
 Glm4Moe = family("Glm4MoeAdapter", ("glm4_moe", "glm4_moe_lite"), SharedWidthAdapter,
                  expert_count_key="n_routed_experts", **_SIGMOID)
-GlmMoeDsa = family("GlmMoeDsaAdapter", ("glm_moe_dsa",), Glm4Moe,
-                   layerwise_gap="its decoder layers pass the indexer's top-k positions to the next layer")
+GlmMoeDsa = family("GlmMoeDsaAdapter", ("glm_moe_dsa",), Glm4Moe, layer_carry="prev_topk_indices")
 Kolibri1 = family("Kolibri1Adapter", ("kolibri1",), expert_count_key="num_local_experts", **_SIGMOID)
 HYV3 = family("HYV3Adapter", ("hy_v3",), SharedWidthAdapter, shared_count_key="num_shared_experts", **_SIGMOID)
 KimiLinear = family("KimiLinearAdapter", ("kimi_linear",), SharedWidthAdapter, shared_count_key="num_shared_experts",

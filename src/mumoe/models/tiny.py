@@ -86,7 +86,8 @@ TINY_CONFIGS: dict[str, dict] = {
                               first_k_dense_replace=1, routed_scaling_factor=1.8),
         "glm_moe_dsa": dict(_MLA, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
                             n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                            index_head_dim=16, index_n_heads=2, index_topk=8),
+                            index_head_dim=16, index_n_heads=2, index_topk=8,
+                            indexer_types=["full", "full", "shared"]),  # the last layer reuses the top-k
         "hy_v3": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
                       num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1, head_dim=8,
                       router_scaling_factor=2.0),

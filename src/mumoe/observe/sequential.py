@@ -211,9 +211,12 @@ def _after_save(state: dict) -> None:
 
 
 # -- the sweep -----------------------------------------------------------------------------------------------
-def _capture(ckpt: LayerwiseCheckpoint, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+def _capture(ckpt: LayerwiseCheckpoint, ids: torch.Tensor, mask: torch.Tensor | None,
+             carry: str | None = None) -> tuple[torch.Tensor, list]:
     """The first layer's input and every layer's keyword arguments (causal mask, rotary embeddings, ...) for one
-    batch, from the model's own forward with the decoder layers replaced by recorders."""
+    batch, from the model's own forward with the decoder layers replaced by recorders. carry: the keyword a layer
+    takes from the one before (`Adapter.layer_carry`): the recorders return (hidden_states, None) as such layers
+    do, and the sweep fills the keyword in as it goes."""
     layers = list(ckpt.decoder.layers)
     kwargs: list[dict] = [None] * len(layers)  # type: ignore[list-item]
     first: list[torch.Tensor] = []
@@ -227,7 +230,7 @@ def _capture(ckpt: LayerwiseCheckpoint, ids: torch.Tensor, mask: torch.Tensor | 
             kwargs[j] = kw
             if j == len(layers) - 1:
                 raise _Stop
-            return hidden_states
+            return hidden_states if carry is None else (hidden_states, None)
         return forward
 
     with forwards_swapped((layer, recorder(j)) for j, layer in enumerate(layers)), torch.no_grad():
@@ -300,6 +303,10 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
     names = ckpt.layer_names()
     adapter = adapter_for(ckpt.model)
     moe = {layer.index: layer for layer in adapter.moe_layers()}
+    carry = adapter.layer_carry
+    if carry is not None and work is not None:
+        raise MumoeError(f"--work-dir cannot resume {ckpt.config.model_type} yet: its decoder layers pass "
+                         f"{carry} on, which a resumed sweep would have to recompute; run without --work-dir")
     spill_dir = work.acts("acts") if work is not None else None
     acts = Activations(spill_bytes, spill_dir)
     if work is not None:
@@ -321,7 +328,7 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
         kwargs = []
         with ckpt.part(emb_name):
             for b in range(len(batches)):
-                first, kw = _capture(ckpt, ids[b], masks[b])
+                first, kw = _capture(ckpt, ids[b], masks[b], carry)
                 kwargs.append(kw)
                 info.activation_bytes += first.numel() * first.element_size()
                 if state is None:
@@ -368,7 +375,12 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
 
                     def run_fwd(b: int) -> None:
                         with torch.no_grad():
-                            outs[b] = module(acts.get((j, b)), **kwargs[b][j])
+                            out = module(acts.get((j, b)), **kwargs[b][j])
+                        if carry is not None:  # (hidden_states, what the next layer takes)
+                            out, passed = out
+                            if j + 1 < len(names):
+                                kwargs[b][j + 1][carry] = passed
+                        outs[b] = out
 
                     if fwd_stage:
                         observe_layer(j, fwd_stage, run_fwd)
@@ -411,6 +423,8 @@ def sweep(ckpt: LayerwiseCheckpoint, windows: torch.Tensor, forward: Sequence[Co
                         with torch.enable_grad():
                             x = acts.get((j, b)).detach().requires_grad_(True)
                             out = module(x, **kwargs[b][j])
+                            if carry is not None:
+                                out = out[0]
                             torch.autograd.backward(out, acts.get(("g", j, b)))
                         acts.put(("g", j - 1, b), x.grad, to_disk=on_disk)
                         pending.extend([(j, b), ("g", j, b)])
