@@ -509,3 +509,16 @@ def test_multimodal_qwen3_5_moe_checkpoint_layer_by_layer(tmp_path):
     x = windows(2, 12, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(input_ids=x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_work_dir_refused_where_layers_carry_state(tmp_path):
+    """GLM-5's shared-indexer layers take the top-k positions of the layer before: a resumed sweep would lack
+    them, so --work-dir is refused in one line before any layer runs (and nothing is left behind)."""
+    from mumoe.models.tiny import tiny_model
+
+    tiny_model("glm_moe_dsa").save_pretrained(tmp_path / "src")
+    recipe = Recipe.build("reap", 0.25, calib="tensor", nsamples=4, seqlen=16, batch_size=2)
+    with pytest.raises(MumoeError, match="cannot resume glm_moe_dsa") as e:
+        prune_layerwise(tmp_path / "src", recipe, tmp_path / "out", (windows(4, 16), None, {}), verbose=False,
+                        work_dir=tmp_path / "work")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
