@@ -52,8 +52,8 @@ class NoWidthKeyAdapter(Adapter):
                          "(mumoe.load)")
 
 
-CONVERTED = ("transformers splits or joins some of its checkpoint tensors on loading (linear attention), which the "
-             "layer-by-layer reader does not do yet")
+CONVERTED = ("transformers splits one of its checkpoint tensors into several on loading (linear attention), "
+             "which the layer-by-layer reader does not do yet")
 
 
 def family(name: str, model_types: tuple[str, ...], base: type[Adapter] = Adapter, **quirks) -> type[Adapter]:
@@ -128,7 +128,7 @@ GlmMoeDsa = family("GlmMoeDsaAdapter", ("glm_moe_dsa",), Glm4Moe, layer_carry="p
 Kolibri1 = family("Kolibri1Adapter", ("kolibri1",), expert_count_key="num_local_experts", **_SIGMOID)
 HYV3 = family("HYV3Adapter", ("hy_v3",), SharedWidthAdapter, shared_count_key="num_shared_experts", **_SIGMOID)
 KimiLinear = family("KimiLinearAdapter", ("kimi_linear",), SharedWidthAdapter, shared_count_key="num_shared_experts",
-                    layerwise_gap=CONVERTED, **_SIGMOID)
+                    **_SIGMOID)
 Laguna = family("LagunaAdapter", ("laguna",), _BlockScaled, scoring="sigmoid", shared_names=("shared_experts",))
 MimoV2Flash = family("MimoV2FlashAdapter", ("mimo_v2_flash",), expert_count_key="n_routed_experts",
                      scoring="sigmoid")

@@ -39,7 +39,8 @@ class Source:
 
     file: Path
     key: str
-    index: tuple  # () = the whole tensor; (e,) one expert; (e, "gate_proj" | "up_proj") rows of one expert
+    index: tuple  # () = the whole tensor; (e,) one expert; (e, "gate_proj" | "up_proj") rows of one expert;
+    # ("cat", i, dim): the i-th of the tensors transformers concatenates along `dim` into this one on loading
     meta: dict  # the safetensors header entry (dtype, shape, offsets)
 
 
@@ -57,6 +58,25 @@ def _target(key: str, legacy: bool) -> tuple[str, tuple]:
 
 
 FINAL_NORMS = ("norm", "final_layernorm", "norm_f")  # the decoder's last norm, as the families name it
+
+
+def concatenations(model_type: str) -> list[tuple[list[str], str, int]]:
+    """transformers' loading rules of `model_type` that only concatenate fixed tensors into one (Kimi-Linear's
+    q/k/v conv1d -> conv1d): (source key parts in order, target key part, dim). The reader fills each source into
+    its slice of the target; other converting rules are not read layer by layer (`_converted_on_loading`)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import Concatenate, WeightConverter
+    except ImportError:
+        return []
+    out = []
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        ops = getattr(rule, "operations", None) or []
+        sources, targets = getattr(rule, "source_patterns", None) or [], getattr(rule, "target_patterns", None) or []
+        if (isinstance(rule, WeightConverter) and len(ops) == 1 and isinstance(ops[0], Concatenate)
+                and len(targets) == 1 and not any("*" in p for p in sources)):
+            out.append(([p.replace("\\", "") for p in sources], targets[0], ops[0].dim))
+    return out
 
 
 def _converted_on_loading(model_type: str, key: str) -> bool:
@@ -122,6 +142,7 @@ class LayerwiseCheckpoint:
         self.block_sparse = has_bs  # the model names its MoE blocks the legacy way (checkpoint keys map as they are)
         # the family's own renames on loading, by the model built (a multimodal checkpoint: its text model's)
         self.rename = checkpoint_renamer(self.model.config.model_type)
+        self.concatenated = concatenations(self.model.config.model_type)
         self.sources: dict[str, list[Source]] = defaultdict(list)
         self.packed: dict[str, dict[str, Source]] = defaultdict(dict)  # MXFP4 experts: name -> blocks, scales
         for file in shard_files(self.path):
@@ -131,6 +152,11 @@ class LayerwiseCheckpoint:
                     self.packed[name][p["part"]] = Source(file, key, (), meta)
                     continue
                 name, index = _target(self.rename(key), has_bs)
+                for parts, target, dim in self.concatenated:
+                    hit = next((i for i, part in enumerate(parts) if part in key), None)
+                    if hit is not None:
+                        name, index = _target(self.rename(key.replace(parts[hit], target)), has_bs)[0], ("cat", hit, dim)
+                        break
                 self.sources[name].append(Source(file, key, index, meta))
         self.resident: set[str] = set()
         self.read_seconds = 0.0  # time spent materialising parts (reading + converting)
@@ -173,6 +199,11 @@ class LayerwiseCheckpoint:
                                  "download, or another architecture's checkpoint)")
         plan, filled = [], 0
         seen: dict[tuple, Source] = {}
+        offsets = {}  # ("cat", i, dim) -> where source i starts along dim: the sources in the rule's order
+        start = 0
+        for src in sorted((x for x in sources if x.index[:1] == ("cat",)), key=lambda x: x.index[1]):
+            offsets[src.index] = start
+            start += src.meta["shape"][src.index[2]]
         for src in sources:
             if src.index in seen:
                 first = seen[src.index]
@@ -181,6 +212,10 @@ class LayerwiseCheckpoint:
             seen[src.index] = src
             if not src.index:
                 dst = tensor
+            elif src.index[0] == "cat":
+                dim = src.index[2]
+                dst = tensor.narrow(dim, offsets[src.index], min(src.meta["shape"][dim],
+                                                                   max(0, tensor.shape[dim] - offsets[src.index])))
             elif len(src.index) == 1:
                 dst = tensor[src.index[0]]
             else:
@@ -242,7 +277,8 @@ class LayerwiseCheckpoint:
             for src in sources:
                 if ignore.search(src.key):
                     continue
-                if name not in state or (src.index and src.index[0] >= state[name][0]):
+                expert = src.index[0] if src.index and isinstance(src.index[0], int) else None
+                if name not in state or (expert is not None and expert >= state[name][0]):
                     extra.append(src.key)
         extra += [src.key for name, pair in self.packed.items() if name not in state for src in pair.values()]
         if extra and _converted_on_loading(self.config.model_type, extra[0]):
