@@ -270,6 +270,12 @@ class WeightGrain(Grain):
 
         def transform(key: str, read):
             mm = _LAYER.search(key)
+            pieces = ckpt.split_targets(key, has_bs)  # a fused file tensor transformers splits on loading
+            if mm is not None and pieces and any(n in norms for n, _ in pieces):
+                params = load(int(mm["layer"]))
+                dim = pieces[0][1][3]
+                t = torch.cat([params[n].detach() for n, _ in pieces], dim=dim)  # the masked parts, fused again
+                return [(key, t.to(device="cpu", dtype=dtypes[key]).clone())]
             name, index = _target(ckpt.rename(key), has_bs)
             if mm is None or name not in norms:  # not a Wanda-pruned weight: as it is
                 return [(key, read())]

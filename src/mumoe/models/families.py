@@ -52,9 +52,6 @@ class NoWidthKeyAdapter(Adapter):
                          "(mumoe.load)")
 
 
-CONVERTED = ("transformers splits one of its checkpoint tensors into several on loading (linear attention), "
-             "which the layer-by-layer reader does not do yet")
-
 
 def family(name: str, model_types: tuple[str, ...], base: type[Adapter] = Adapter, **quirks) -> type[Adapter]:
     """An adapter class for one family: `base` with the quirks as class attributes."""
@@ -101,7 +98,7 @@ HunyuanV1Moe = family("HunyuanV1MoeAdapter", ("hunyuan_v1_moe",), NoWidthKeyAdap
                       expert_width_key="intermediate_size", shared_names=("shared_mlp",))
 Jamba = family("JambaAdapter", ("jamba",), NoWidthKeyAdapter, expert_width_key="intermediate_size",
                residual_norm_name="pre_ff_layernorm", checkpoint_block_names=("feed_forward",))
-LaraMini = family("LaraMiniAdapter", ("lara_mini",), shared_names=("shared_expert",), layerwise_gap=CONVERTED)
+LaraMini = family("LaraMiniAdapter", ("lara_mini",), shared_names=("shared_expert",))
 Mellum = family("MellumAdapter", ("mellum",), expert_count_key="num_local_experts")
 MiniMax = family("MiniMaxAdapter", ("minimax",), expert_width_key="intermediate_size",
                  expert_count_key="num_local_experts")

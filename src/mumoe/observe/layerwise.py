@@ -41,6 +41,7 @@ class Source:
     key: str
     index: tuple  # () = the whole tensor; (e,) one expert; (e, "gate_proj" | "up_proj") rows of one expert;
     # ("cat", i, dim): the i-th of the tensors transformers concatenates along `dim` into this one on loading
+    # ("split", offset, size, dim): rows offset..offset+size along `dim` of a tensor transformers splits on loading
     meta: dict  # the safetensors header entry (dtype, shape, offsets)
 
 
@@ -58,6 +59,25 @@ def _target(key: str, legacy: bool) -> tuple[str, tuple]:
 
 
 FINAL_NORMS = ("norm", "final_layernorm", "norm_f")  # the decoder's last norm, as the families name it
+
+
+def splits(model_type: str) -> list[tuple[str, list[str], int]]:
+    """transformers' loading rules of `model_type` that split one tensor into several (LaraMini's fused in_proj ->
+    in_proj_qkv, _z, _b, _a): (source key part, target key parts in order, dim); each target takes the next rows,
+    as many as its parameter has (transformers' `Split`)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import Split, WeightConverter
+    except ImportError:
+        return []
+    out = []
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        ops = getattr(rule, "operations", None) or []
+        sources, targets = getattr(rule, "source_patterns", None) or [], getattr(rule, "target_patterns", None) or []
+        if (isinstance(rule, WeightConverter) and len(ops) == 1 and isinstance(ops[0], Split) and len(sources) == 1
+                and "*" not in sources[0]):
+            out.append((sources[0].replace("\\", ""), list(targets), ops[0].dim))
+    return out
 
 
 def concatenations(model_type: str) -> list[tuple[list[str], str, int]]:
@@ -143,6 +163,7 @@ class LayerwiseCheckpoint:
         # the family's own renames on loading, by the model built (a multimodal checkpoint: its text model's)
         self.rename = checkpoint_renamer(self.model.config.model_type)
         self.concatenated = concatenations(self.model.config.model_type)
+        self.split = splits(self.model.config.model_type)
         self.sources: dict[str, list[Source]] = defaultdict(list)
         self.packed: dict[str, dict[str, Source]] = defaultdict(dict)  # MXFP4 experts: name -> blocks, scales
         for file in shard_files(self.path):
@@ -150,6 +171,11 @@ class LayerwiseCheckpoint:
                 if p := PACKED.match(key):
                     name = _target(self.rename(p["name"]), has_bs)[0]
                     self.packed[name][p["part"]] = Source(file, key, (), meta)
+                    continue
+                pieces = self.split_targets(key, has_bs)
+                if pieces:  # one file tensor, several model tensors
+                    for name, index in pieces:
+                        self.sources[name].append(Source(file, key, index, meta))
                     continue
                 name, index = _target(self.rename(key), has_bs)
                 for parts, target, dim in self.concatenated:
@@ -163,6 +189,24 @@ class LayerwiseCheckpoint:
         if check:
             self.check_declared()
             self.check_coverage()
+
+    def split_targets(self, key: str, legacy: bool) -> list[tuple[str, tuple]]:
+        """The (model tensor, index) pieces of a file tensor transformers splits on loading (`splits`), sized by
+        the model's parameters; [] for any other key."""
+        for part, targets, dim in self.split:
+            if part not in key or any(t in key for t in targets):
+                continue
+            names = [_target(self.rename(key.replace(part, t)), legacy)[0] for t in targets]
+            state = dict(self.model.state_dict())
+            if not all(n in state for n in names):
+                return []
+            out, offset = [], 0
+            for n in names:
+                size = state[n].shape[dim]
+                out.append((n, ("split", offset, size, dim)))
+                offset += size
+            return out
+        return []
 
     # -- structure -------------------------------------------------------------------------------------
     @property
@@ -212,6 +256,8 @@ class LayerwiseCheckpoint:
             seen[src.index] = src
             if not src.index:
                 dst = tensor
+            elif src.index[0] == "split":  # the whole destination, from rows of the source (`_fill`)
+                dst = tensor
             elif src.index[0] == "cat":
                 dim = src.index[2]
                 dst = tensor.narrow(dim, offsets[src.index], min(src.meta["shape"][dim],
@@ -222,7 +268,10 @@ class LayerwiseCheckpoint:
                 e, kind = src.index
                 half = tensor.shape[1] // 2
                 dst = tensor[e, :half] if kind == "gate_proj" else tensor[e, half:]
-            if tuple(dst.shape) != tuple(src.meta["shape"]):
+            want = list(src.meta["shape"])
+            if src.index[:1] == ("split",):
+                want[src.index[3]] = src.index[2]
+            if tuple(dst.shape) != tuple(want):
                 raise MumoeFileError(f"{src.file}: {src.key} has shape {src.meta['shape']}, the model expects "
                                      f"{list(dst.shape)} for {name}")
             plan.append((src, dst))
@@ -308,6 +357,12 @@ class LayerwiseCheckpoint:
                 tensor[e].copy_(layout.to_canonical(kind, stored[e]))
             return
         for src, dst in self._plan(name, tensor):
+            if src.index[:1] == ("split",):  # read the fused tensor, keep this target's rows
+                _, offset, size, dim = src.index
+                whole = torch.empty(tuple(src.meta["shape"]), dtype=dst.dtype)
+                read_into(src.file, src.meta, whole)
+                dst.copy_(whole.narrow(dim, offset, size))
+                continue
             read_into(src.file, src.meta, dst)
 
     def input_embeddings_name(self) -> str:
