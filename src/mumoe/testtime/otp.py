@@ -88,7 +88,9 @@ def slot_gram(layer: MoELayer, x: torch.Tensor, indices: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def gather(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict[int, LayerData]:
-    """Run `windows` [N, L] through the unchanged model; per MoE layer the training data of its mask router."""
+    """Run `windows` [N, L] through the unchanged model; per MoE layer the training data of its mask router (held
+    for every layer at once: T·4·(H + 2k + k²) bytes per layer for T calibration tokens — on a large model, fewer
+    --nsamples)."""
     parts: dict[int, list[tuple[torch.Tensor, ...]]] = {}
 
     def on_route(layer, x, output, keep):
