@@ -61,42 +61,37 @@ def _target(key: str, legacy: bool) -> tuple[str, tuple]:
 FINAL_NORMS = ("norm", "final_layernorm", "norm_f")  # the decoder's last norm, as the families name it
 
 
-def splits(model_type: str) -> list[tuple[str, list[str], int]]:
-    """transformers' loading rules of `model_type` that split one tensor into several (LaraMini's fused in_proj ->
-    in_proj_qkv, _z, _b, _a): (source key part, target key parts in order, dim); each target takes the next rows,
-    as many as its parameter has (transformers' `Split`)."""
+def _single_op_rules(model_type: str, op_name: str) -> list[tuple[list[str], list[str], int]]:
+    """transformers' loading rules of `model_type` made of one `op_name` operation (Split, Concatenate) over fixed
+    keys (no per-expert `*`): (source key parts, target key parts, dim), the parts as plain substrings."""
     try:
+        from transformers import core_model_loading as cml
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import Split, WeightConverter
     except ImportError:
         return []
+    op_type = getattr(cml, op_name, None)
     out = []
     for rule in get_checkpoint_conversion_mapping(model_type) or []:
         ops = getattr(rule, "operations", None) or []
         sources, targets = getattr(rule, "source_patterns", None) or [], getattr(rule, "target_patterns", None) or []
-        if (isinstance(rule, WeightConverter) and len(ops) == 1 and isinstance(ops[0], Split) and len(sources) == 1
-                and "*" not in sources[0]):
-            out.append((sources[0].replace("\\", ""), list(targets), ops[0].dim))
+        if (op_type is not None and isinstance(rule, cml.WeightConverter) and len(ops) == 1
+                and isinstance(ops[0], op_type) and not any("*" in k for k in sources)):
+            out.append(([k.replace("\\", "") for k in sources], [k.replace("\\", "") for k in targets], ops[0].dim))
     return out
+
+
+def splits(model_type: str) -> list[tuple[str, list[str], int]]:
+    """transformers' loading rules of `model_type` that split one tensor into several (LaraMini's fused in_proj ->
+    in_proj_qkv, _z, _b, _a): (source key part, target key parts in order, dim); each target takes the next rows,
+    as many as its parameter has (transformers' `Split`)."""
+    return [(src[0], tgt, dim) for src, tgt, dim in _single_op_rules(model_type, "Split") if len(src) == 1]
 
 
 def concatenations(model_type: str) -> list[tuple[list[str], str, int]]:
     """transformers' loading rules of `model_type` that only concatenate fixed tensors into one (Kimi-Linear's
     q/k/v conv1d -> conv1d): (source key parts in order, target key part, dim). The reader fills each source into
     its slice of the target; other converting rules are not read layer by layer (`_converted_on_loading`)."""
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import Concatenate, WeightConverter
-    except ImportError:
-        return []
-    out = []
-    for rule in get_checkpoint_conversion_mapping(model_type) or []:
-        ops = getattr(rule, "operations", None) or []
-        sources, targets = getattr(rule, "source_patterns", None) or [], getattr(rule, "target_patterns", None) or []
-        if (isinstance(rule, WeightConverter) and len(ops) == 1 and isinstance(ops[0], Concatenate)
-                and len(targets) == 1 and not any("*" in p for p in sources)):
-            out.append(([p.replace("\\", "") for p in sources], targets[0], ops[0].dim))
-    return out
+    return [(src, tgt[0], dim) for src, tgt, dim in _single_op_rules(model_type, "Concatenate") if len(tgt) == 1]
 
 
 def _converted_on_loading(model_type: str, key: str) -> bool:
