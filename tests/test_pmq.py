@@ -235,10 +235,14 @@ def test_reap_then_pmq_in_one_process(ckpt, tmp_path):
         mumoe.quantize(model, 2.0, c, tokenizer=tok, group=16, nsamples=4, seqlen=16, batch_size=2)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_layer_by_layer_equals_in_memory(tmp_path, arch, capsys):
+@pytest.mark.parametrize("arch,kept", [("qwen3_moe", True), ("mixtral", True), ("qwen3_moe", False)])
+def test_layer_by_layer_equals_in_memory(tmp_path, arch, kept, capsys, monkeypatch):
     """`mumoe quantize --layerwise on` (one decoder layer resident, the export written tensor by tensor from the
-    checkpoint's per-expert tensors): the same widths, statistics and packed bytes as in memory; the same logits."""
+    checkpoint's per-expert tensors): the same widths, statistics and packed bytes as in memory; the same logits —
+    with each layer's quantized integers kept for its batches, and (a tight memory cap) made again per batch."""
+    import mumoe.drivers.quantize as dq
+
+    monkeypatch.setattr(dq, "_cache_fits", lambda layers, bits: kept)
     import json
 
     from safetensors.torch import load_file

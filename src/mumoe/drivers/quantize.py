@@ -105,6 +105,17 @@ def _report(entries: list[dict], avg_bits: float, bits, group: int, info: dict, 
                        layers=entries, form="mumoe-quant", recipe=recipe, plan=plan)
 
 
+def _cache_fits(layers, bits) -> bool:
+    """Whether one layer's quantized integers at every width (one byte per expert weight and width) take under a
+    quarter of the memory this process may use: then each expert is quantized once per width, else again in every
+    batch (a checkpoint under a tight cap: one resident layer and its activations are all the room there is)."""
+    from ..memlimit import available_memory
+
+    largest = max(layer.num_experts * layer.experts.gate_up_proj[0].numel() * 3 // 2 for layer in layers)
+    avail = available_memory()
+    return avail is None or len(bits) * largest < avail // 4
+
+
 def quantize_layerwise(path: str, out: str, windows: tuple, avg_bits: float, bits=BITS, group: int = 128,
                        batch_size: int = 8, dtype: str | None = None, device: str | None = None,
                        overwrite: bool = False, progress: bool = False, max_shard_bytes: int = 1 << 30,
@@ -134,7 +145,7 @@ def quantize_layerwise(path: str, out: str, windows: tuple, avg_bits: float, bit
     if not layers:
         raise MumoeError(f"{ckpt.config.model_type} has no routed experts; PMQ sets a bit width per routed expert")
     by_index = {layer.index: layer for layer in layers}
-    pmq = PMQStats(layers, bits, group, cache=False)  # one layer resident: no quantized copies kept
+    pmq = PMQStats(layers, bits, group, cache=_cache_fits(layers, bits))
     t0 = time.perf_counter()
     if say is not None:
         say(f"  layer-sequential on {dev}: {len(ckpt.decoder.layers)} decoder layers, largest "
@@ -144,7 +155,9 @@ def quantize_layerwise(path: str, out: str, windows: tuple, avg_bits: float, bit
         if j not in by_index:
             return None
         st = pmq.stats[j]
-        return {"entry": layer_entry(j, st, allocate_layer(st, avg_bits), bits, say)}
+        entry = layer_entry(j, st, allocate_layer(st, avg_bits), bits, say)
+        st._cache.clear()  # this layer's quantized integers (when kept)
+        return {"entry": entry}
 
     results: dict = {}
     sweep(ckpt, wins, [pmq], batch_size=batch_size, on_layer=on_layer, progress=progress, results=results)
