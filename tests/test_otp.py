@@ -35,10 +35,11 @@ def test_gathered_gram_matches_the_models_routed_output():
             assert data.gram[t, j, j].item() == pytest.approx(f.pow(2).sum().item(), rel=1e-4)
 
 
-def test_an_untrained_mask_router_skips_what_odp_skips():
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_an_untrained_mask_router_skips_what_odp_skips(family):
     """The router starts at ODP's order (a monotone map of p_j / p_1): calibrated to the same share, the same
-    slots are skipped and the logits are the same."""
-    model = make("qwen3_moe").eval()
+    slots are skipped and the logits are the same (a sigmoid router's scores too)."""
+    model = make(family).eval()
     layers = moe_adapter_for(model).moe_layers()
     routers = {layer.index: otp.MaskRouter(layer.hidden_size, layer.top_k) for layer in layers}
     wins, x = ids(batch=8, length=16, seed=5), ids(batch=2, length=16, seed=6)

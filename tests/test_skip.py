@@ -7,6 +7,7 @@ import torch
 
 from conftest import ids, make
 from mumoe import MumoeError
+from mumoe.models import moe_adapter_for
 from mumoe.testtime.skip import calibrate, calibrate_beta, drop_mask, importance, protected, skipping
 
 
@@ -111,3 +112,35 @@ def test_skipped_slots_reach_the_experts_as_the_sentinel(impl, monkeypatch):
     h.remove()
     assert int((seen[1] == E).sum()) == 0
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "kolibri1"])
+def test_skipping_on_sigmoid_routers(family):
+    """Sigmoid routers (DeepSeek-V3: group-limited, normalised top-k, × 2.5; Kolibri: unnormalised): the scores
+    compared are the router's combine weights. Skipping nothing leaves the logits unchanged; skipping every slot but
+    the first equals the model routed top-1 (the same group and first expert; its weight renormalised to the sum
+    the router gives, the scaling factor — not to 1); calibration hits its share on the first layer."""
+    from mumoe.models.tiny import tiny_model
+
+    model = tiny_model(family).eval()
+    x = ids(batch=2, length=16, seed=1)
+    n = model.config.num_hidden_layers
+    with torch.no_grad():
+        ref = model(x).logits
+        with skipping(model, {j: 0.0 for j in range(n)}, keep_share=0.0) as count:
+            assert torch.equal(model(x).logits, ref) and count.share() == 0.0
+        with skipping(model, {j: 1e9 for j in range(n)}, keep_share=0.0) as count:
+            top1 = model(x).logits
+        assert count.share() == pytest.approx(0.5)
+        one = tiny_model(family).eval()
+        for layer in moe_adapter_for(one).moe_layers():
+            layer.router.top_k = 1
+        torch.testing.assert_close(top1, one(x).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(top1, ref, atol=1e-3)  # skipping changed the output: the comparison can fail
+    wins = ids(batch=8, length=16, seed=2)
+    betas = calibrate(model, wins, 0.25, keep_share=0.0, batch_size=4)
+    with torch.no_grad(), skipping(model, betas, keep_share=0.0) as count:
+        for b in range(0, 8, 4):
+            model(wins[b:b + 4])
+    first = min(count.calls)
+    assert count.skipped[first] == round(0.25 * count.calls[first])

@@ -97,7 +97,7 @@ def gather(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict
         logits, weights, indices = output[0], output[1], output[2]
         idx = indices.reshape(x.shape[0], -1)
         parts.setdefault(layer.index, []).append(
-            (x.float().cpu(), _route(layer, logits, indices).cpu(), weights.reshape(idx.shape).float().cpu(),
+            (x.float().cpu(), _route(layer, logits, indices, weights).cpu(), weights.reshape(idx.shape).float().cpu(),
              slot_gram(layer, x, idx).cpu()))
         return None
 
@@ -109,13 +109,16 @@ def gather(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict
     return {j: LayerData(*(torch.cat(t) for t in zip(*p))) for j, p in sorted(parts.items())}
 
 
-def masked_weights(weights: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor, renormalise: bool) -> torch.Tensor:
+def masked_weights(weights: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor, renormalise: bool,
+                   keep_sum: bool = False) -> torch.Tensor:
     """Combine weights [T, k] with slot j ≥ 2 scaled by mask [T, k − 1] (the first slot kept), renormalised over
-    the slots as the model renormalises its top-k."""
+    the slots as the model renormalises its top-k (keep_sum: to the sum the router gave — a sigmoid router's
+    scaling factor — rather than 1)."""
     m = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=-1)
     if renormalise:
         w = m * probs
-        return w / w.sum(-1, keepdim=True)
+        w = w / w.sum(-1, keepdim=True)
+        return w * weights.sum(-1, keepdim=True) if keep_sum else w
     return m * weights
 
 
@@ -130,7 +133,8 @@ def _sample(data: LayerData, rows: torch.Tensor) -> LayerData:
     return LayerData(data.x[rows], data.probs[rows], data.weights[rows], data.gram[rows])
 
 
-def train_layer(data: LayerData, renormalise: bool, cfg: OTPConfig) -> tuple[MaskRouter, dict]:
+def train_layer(data: LayerData, renormalise: bool, cfg: OTPConfig, keep_sum: bool = False
+                ) -> tuple[MaskRouter, dict]:
     """Fit one layer's mask router (module doc) -> (router, {loss, error, kept} at the last step)."""
     T, k = data.probs.shape
     router = MaskRouter(data.x.shape[-1], k)
@@ -143,7 +147,7 @@ def train_layer(data: LayerData, renormalise: bool, cfg: OTPConfig) -> tuple[Mas
         u = torch.rand(2, *logits.shape, generator=gen).clamp(1e-9, 1 - 1e-9)
         gumbel = -torch.log(-torch.log(u))  # [2, B, k − 1]
         mask = torch.sigmoid((logits + gumbel[0] - gumbel[1]) / cfg.tau)
-        err = relative_error(batch, masked_weights(batch.weights, batch.probs, mask, renormalise))
+        err = relative_error(batch, masked_weights(batch.weights, batch.probs, mask, renormalise, keep_sum))
         loss = err + cfg.lam * mask.mean()
         opt.zero_grad()
         loss.backward()
@@ -163,7 +167,8 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: OTPConfig = OTPConfig(),
     routers, stats = {}, {}
     for j in bar(sorted(data), desc="OTP: mask routers", unit="layer"):
         with torch.enable_grad():
-            routers[j], stats[j] = train_layer(data[j], layers[j].norm_topk_prob, cfg)
+            routers[j], stats[j] = train_layer(data[j], layers[j].norm_topk_prob, cfg,
+                                               keep_sum=layers[j].scoring != "softmax")
     return routers, stats
 
 

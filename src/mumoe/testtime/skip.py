@@ -104,8 +104,13 @@ class SkipCount:
         return sum(self.skipped.values()) / total if total else 0.0
 
 
-def _route(layer: MoELayer, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """[T, k] softmax probabilities (over all experts) of the chosen slots, ordered as the router ordered them."""
+def _route(layer: MoELayer, logits: torch.Tensor, indices: torch.Tensor,
+           weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, k] the chosen slots' router probabilities, ordered as the router ordered them: the softmax over all
+    experts for softmax routers; for other routers (sigmoid scores, DeepSeek-V3 style) the combine weights the
+    router gave (their ratios are those of the scores: normalisation and scaling cancel in p_j / p_1)."""
+    if layer.scoring != "softmax" and weights is not None:
+        return weights.reshape(indices.reshape(-1, indices.shape[-1]).shape).float()
     probs = torch.softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
     return probs.gather(-1, indices.reshape(probs.shape[0], -1))
 
@@ -116,10 +121,10 @@ def _hooks(model: nn.Module, keep_share: float, on_route) -> Iterator[list[MoELa
     are protected; a one-token decode step keeps the model's own attention) and `on_route(layer, x [T, H], output,
     keep [T] or None)` on every router call; -> the MoE layers."""
     layers = moe_adapter_for(model).moe_layers()
-    odd = sorted({layer.scoring for layer in layers} - {"softmax"})
+    odd = sorted({layer.scoring for layer in layers} - {"softmax", "sigmoid"})
     if odd:
-        raise MumoeError(f"expert skipping compares softmax router probabilities; this model's routers score by "
-                         f"{odd[0]} (not supported yet)")
+        raise MumoeError(f"expert skipping compares the chosen experts' router scores; this model's routers score "
+                         f"by {odd[0]} (not supported yet)")
     attn: dict[int, torch.Tensor] = {}
     handles = []
     impl = getattr(model.config, "_attn_implementation", None)
@@ -168,8 +173,8 @@ def calibrate(model: nn.Module, windows: torch.Tensor, share: float, keep_share:
     calls: dict[int, int] = {}
 
     def on_route(layer, x, output, keep):
-        logits, _, indices = output[0], output[1], output[2]
-        r = score(layer, x, _route(layer, logits, indices)).float()  # [T, k − 1]
+        logits, weights, indices = output[0], output[1], output[2]
+        r = score(layer, x, _route(layer, logits, indices, weights)).float()  # [T, k − 1]
         if keep is not None:
             r = r[~keep]
         ratios.setdefault(layer.index, []).append(r.reshape(-1).cpu())
@@ -219,11 +224,15 @@ def skipping(model: nn.Module, betas: dict[int, float], keep_share: float = 0.1,
 
     def on_route(layer, x, output, keep):
         logits, weights, indices = output[0], output[1], output[2]
-        probs = _route(layer, logits, indices)
+        probs = _route(layer, logits, indices, weights)
         drop = drop_from_scores(score(layer, x, probs), betas.get(layer.index, 0.0), keep)  # [T, k]
-        w = weights.reshape(drop.shape).masked_fill(drop, 0)
+        full = weights.reshape(drop.shape)
+        w = full.masked_fill(drop, 0)
         if layer.norm_topk_prob:  # only the rows that lost a slot (the others stay bit for bit)
-            w = torch.where(drop.any(-1, keepdim=True), w / w.sum(-1, keepdim=True), w)
+            # renormalised over the kept slots to the sum the router gave (1 for softmax routers; a sigmoid
+            # router's routed_scaling_factor)
+            total = 1.0 if layer.scoring == "softmax" else full.sum(-1, keepdim=True)
+            w = torch.where(drop.any(-1, keepdim=True), w / w.sum(-1, keepdim=True) * total, w)
         count.calls[layer.index] = count.calls.get(layer.index, 0) + drop.numel()
         count.skipped[layer.index] = count.skipped.get(layer.index, 0) + int(drop.sum())
         if layer.index in sentinel:
