@@ -59,6 +59,7 @@ ROUTING = {
                    block_scale="moe_routed_scaling_factor"),
     "minimax_m2": spec(act="sigmoid", bias=True, renorm=True),
     "gpt_oss": spec(renorm=True),  # softmax over the top-k logits (router with a bias)
+    "llama4_text": spec(act="sigmoid", choose="logits", renorm=False),  # σ(top-k logits), scaling the expert's input
 }
 
 

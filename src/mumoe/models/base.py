@@ -85,6 +85,7 @@ class MoELayer:
     # the experts' gate (gate, up) -> h where it is not act_fn(gate) * up (GPT-OSS's clamped SwiGLU)
     glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     routed_scale: float = 1.0  # the block multiplies the routed sum Σ g_i f_i by it (after the experts)
+    input_scaled: bool = False  # the combine weight scales the expert's input: Σ f_i(g_i x) (Llama 4)
     router_tensors: list[RouterTensor] = field(default_factory=list)  # every per-expert routing tensor
 
     # ---- sizes -------------------------------------------------------------------------------

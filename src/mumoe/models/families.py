@@ -8,11 +8,10 @@ The routing itself is always the model's own (the observer reads the router's ou
 routing tensor (router rows, biases, correction biases wherever the family keeps them) is found by shape
 (`Adapter.router_tensors`), so removing or merging experts needs no family code.
 
-Families whose experts differ have an adapter module of their own (GPT-OSS: `models.gpt_oss`) or are refused
-for now (Llama 4: transposed
-experts with their own forward; DBRX, JetMoE: other expert modules; Nemotron-H: ungated ReLU² experts;
-LongCat-Flash: zero-computation experts; DeepSeek-V4: hash routing) are not in this table yet:
-`adapter_for` refuses them in one line naming the nearest supported family.
+Families whose experts differ have an adapter module of their own (GPT-OSS: `models.gpt_oss`; Llama 4:
+`models.llama4`) or are refused for now (DBRX, JetMoE: other expert modules; Nemotron-H: ungated ReLU² experts;
+LongCat-Flash: zero-computation experts; DeepSeek-V4: hash routing; `NOT_YET`): `adapter_for` refuses them in one
+line naming the nearest supported family.
 """
 
 from __future__ import annotations
@@ -144,8 +143,6 @@ FAMILY_ADAPTERS: tuple[type[Adapter], ...] = (
 
 # families transformers ships that mumoe does not support yet: why, and the nearest supported one
 NOT_YET: dict[str, tuple[str, str]] = {
-    "llama4": ("transposed experts with their own forward", "mixtral"),
-    "llama4_text": ("transposed experts with their own forward", "mixtral"),
     "dbrx": ("experts outside the fused v5 layout", "mixtral"),
     "jetmoe": ("experts outside the fused v5 layout (and attention experts)", "mixtral"),
     "nemotron_h": ("ungated ReLU² experts", "deepseek_v3"),

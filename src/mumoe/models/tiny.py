@@ -36,6 +36,9 @@ TINY_CONFIGS: dict[str, dict] = {
     **{t: dict(_COMMON, **kw) for t, kw in {
         # softmax routers
         "cohere2_moe": dict(num_hidden_layers=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2),
+        "llama4_text": dict(num_hidden_layers=2, hidden_size=48, intermediate_size=16, intermediate_size_mlp=48,
+                            num_local_experts=8,
+                            num_experts_per_tok=2, head_dim=8, moe_layers=[1]),  # layer 0 dense, as Maverick's
         "deepseek_v2": dict(_MLA, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
                             n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
                             routed_scaling_factor=1.5),

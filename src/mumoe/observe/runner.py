@@ -209,6 +209,10 @@ class Observation:
             token, slot = perm // k, perm % k
             counts = torch.bincount(expert, minlength=E).tolist()
             x = hidden_states[token]  # [S, H]
+            weight = top_k_weights.reshape(-1)[perm]  # [S]
+            if layer.input_scaled:  # Llama 4: the weight scales the expert's input; its output counts once
+                x = x * weight[:, None].to(x.dtype)
+                weight = torch.ones_like(weight)
             routed = [e for e, n in enumerate(counts) if n]
             sizes = [counts[e] for e in routed]
             # torch.split, not slicing: in a backward pass each slice's gradient would be a zero-filled [S, ·]
@@ -220,7 +224,6 @@ class Observation:
             fs = [layer.expert_output(e, he) for e, he in zip(routed, torch.split(h, sizes))]
             f = torch.cat(fs) if fs else torch.zeros_like(x)  # [S, H]
             del fs
-            weight = top_k_weights.reshape(-1)[perm]  # [S]
             out = torch.zeros_like(hidden_states)  # [T, H]; per token, experts added in ascending order
             out.index_add_(0, token, (f * weight[:, None]).to(out.dtype))
             event = obs._route.pop(layer.index, None)

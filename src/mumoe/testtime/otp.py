@@ -160,6 +160,9 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: OTPConfig = OTPConfig(),
           batch_size: int = 8) -> tuple[dict[int, MaskRouter], dict[int, dict]]:
     """OTP's mask routers of every MoE layer, trained on `windows` [N, L] -> (routers, last-step stats)."""
     layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
+    if any(layer.input_scaled for layer in layers.values()):
+        raise MumoeError("OTP's loss weighs each expert's output by its router weight; this model's router scales "
+                         "the experts' inputs (Llama 4): not supported yet (ODP is)")
     small = sorted(j for j, layer in layers.items() if layer.top_k < 2)
     if small:
         raise MumoeError(f"OTP skips among the top-k slots; layer {small[0]} routes to {layers[small[0]].top_k}")
