@@ -38,3 +38,33 @@ def test_otp_refuses_input_scaled_routers():
     with pytest.raises(MumoeError, match="scales the experts' inputs") as e:
         otp.train(model, torch.randint(3, 100, (2, 8)))
     assert "\n" not in str(e.value)
+
+
+def test_multimodal_llama4_checkpoint(tmp_path):
+    """The released Llama 4 checkpoints are multimodal (`language_model.*` beside `vision_model.*`): mumoe.load
+    builds the text model, the layer-by-layer reader finds the text model under its prefix, REAP keeps what it keeps
+    in memory, and the export (vision tower as it was) loads in transformers' multimodal class with every key in
+    place, giving the in-memory logits."""
+    import mumoe
+    from mumoe.recipe import Recipe
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = tiny_config("llama4_text")
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                  patch_size=4, projector_input_dim=16, projector_output_dim=48, vision_output_dim=16,
+                  pixel_shuffle_ratio=0.5)
+    torch.manual_seed(0)
+    Llama4ForConditionalGeneration(Llama4Config(text_config=text.to_dict(), vision_config=vision)).save_pretrained(
+        tmp_path / "src")
+    model = mumoe.load(tmp_path / "src")
+    assert model.config.model_type == "llama4_text"
+    wins = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    recipe = Recipe.build("reap", 0.25, calib="tensor", nsamples=4, seqlen=16, batch_size=2)
+    streamed = mumoe.prune(str(tmp_path / "src"), recipe, calib=wins, out=tmp_path / "out", layerwise=True)
+    in_memory = mumoe.prune(model, recipe, calib=wins)
+    assert [e["kept"] for e in streamed.layers] == [e["kept"] for e in in_memory.layers]
+    back, info = Llama4ForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    x = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(input_ids=x).logits, model(x).logits, rtol=1e-5, atol=1e-5)

@@ -61,6 +61,16 @@ def _target(key: str, legacy: bool) -> tuple[str, tuple]:
 FINAL_NORMS = ("norm", "final_layernorm", "norm_f")  # the decoder's last norm, as the families name it
 
 
+def _text_prefix(keys: list[str], embed: str, rename) -> str | None:
+    """The prefix under which a multimodal checkpoint keeps its text model (`language_model.` for Llama 4), found
+    from the input embeddings' key; None when the embeddings are under their own name (every other checkpoint)."""
+    names = [rename(k) for k in keys]
+    if embed in names:
+        return None
+    hits = sorted(k[: len(k) - len(embed)] for k, n in zip(keys, names) if n.endswith("." + embed))
+    return hits[0] if hits else None
+
+
 def _single_op_rules(model_type: str, op_name: str) -> list[tuple[list[str], list[str], int]]:
     """transformers' loading rules of `model_type` made of one `op_name` operation (Split, Concatenate) over fixed
     keys (no per-expert `*`): (source key parts, target key parts, dim), the parts as plain substrings."""
@@ -157,28 +167,32 @@ class LayerwiseCheckpoint:
         self.block_sparse = has_bs  # the model names its MoE blocks the legacy way (checkpoint keys map as they are)
         # the family's own renames on loading, by the model built (a multimodal checkpoint: its text model's)
         self.rename = checkpoint_renamer(self.model.config.model_type)
+        headers = [(file, key, meta) for file in shard_files(self.path) for key, meta in read_header(file).items()]
+        self.text_prefix = _text_prefix([k for _, k, _ in headers], self.input_embeddings_name(), self.rename)
+        if self.text_prefix:  # the text model's tensors under a prefix (Llama 4's `language_model.`), as
+            renamed, cut = self.rename, len(self.text_prefix)  # transformers loads them into its causal LM
+            self.rename = lambda key: renamed(key[cut:] if key.startswith(self.text_prefix) else key)
         self.concatenated = concatenations(self.model.config.model_type)
         self.split = splits(self.model.config.model_type)
         self.sources: dict[str, list[Source]] = defaultdict(list)
         self.packed: dict[str, dict[str, Source]] = defaultdict(dict)  # MXFP4 experts: name -> blocks, scales
-        for file in shard_files(self.path):
-            for key, meta in read_header(file).items():
-                if p := PACKED.match(key):
-                    name = _target(self.rename(p["name"]), has_bs)[0]
-                    self.packed[name][p["part"]] = Source(file, key, (), meta)
-                    continue
-                pieces = self.split_targets(key, has_bs)
-                if pieces:  # one file tensor, several model tensors
-                    for name, index in pieces:
-                        self.sources[name].append(Source(file, key, index, meta))
-                    continue
-                name, index = _target(self.rename(key), has_bs)
-                for parts, target, dim in self.concatenated:
-                    hit = next((i for i, part in enumerate(parts) if part in key), None)
-                    if hit is not None:
-                        name, index = _target(self.rename(key.replace(parts[hit], target)), has_bs)[0], ("cat", hit, dim)
-                        break
-                self.sources[name].append(Source(file, key, index, meta))
+        for file, key, meta in headers:
+            if p := PACKED.match(key):
+                name = _target(self.rename(p["name"]), has_bs)[0]
+                self.packed[name][p["part"]] = Source(file, key, (), meta)
+                continue
+            pieces = self.split_targets(key, has_bs)
+            if pieces:  # one file tensor, several model tensors
+                for name, index in pieces:
+                    self.sources[name].append(Source(file, key, index, meta))
+                continue
+            name, index = _target(self.rename(key), has_bs)
+            for parts, target, dim in self.concatenated:
+                hit = next((i for i, part in enumerate(parts) if part in key), None)
+                if hit is not None:
+                    name, index = _target(self.rename(key.replace(parts[hit], target)), has_bs)[0], ("cat", hit, dim)
+                    break
+            self.sources[name].append(Source(file, key, index, meta))
         self.resident: set[str] = set()
         self.read_seconds = 0.0  # time spent materialising parts (reading + converting)
         if check:
@@ -319,8 +333,8 @@ class LayerwiseCheckpoint:
         extra: list[str] = []
         for name, sources in self.sources.items():
             for src in sources:
-                if ignore.search(src.key):
-                    continue
+                if ignore.search(src.key) or (self.text_prefix and not src.key.startswith(self.text_prefix)):
+                    continue  # (a multimodal checkpoint's other towers: the export keeps them as they are)
                 expert = src.index[0] if src.index and isinstance(src.index[0], int) else None
                 if name not in state or (expert is not None and expert >= state[name][0]):
                     extra.append(src.key)
