@@ -5,7 +5,7 @@
 
 Steps, each recorded with its figures and a pass/fail (the run exits 1 if one fails; every step runs):
 1. tiny: on tiny qwen3_moe / mixtral / deepseek_v3 models, the device against the CPU in float32 — dense logits
-   (max |Δ|), REAP 25% kept sets, HEAPr 25% kept atoms (share equal), Wanda 50% logits, ratio 0 leaves the
+   (max |Δ|), REAP 25% kept sets, HEAPr 50% kept atoms (share equal), Wanda 50% logits, ratio 0 leaves the
    logits unchanged, PMQ's widths, ODP skipping with the sentinel equal to zeroed combine weights (the experts
    implementation the device picks: grouped_mm on CUDA), OTP's routers trained from the device's activations.
 2. layerwise: a synthetic qwen3_moe checkpoint (bf16 files, per-expert keys; --small: a few MiB) pruned layer by
@@ -57,7 +57,7 @@ def tiny_step(device: str, small: bool) -> dict:
         res["reap_kept_equal"] = kept["cpu"] == kept[device]
         atoms = {}
         for where, model in (("cpu", make(arch).eval()), (device, make(arch).eval().to(device))):
-            rep = mumoe.prune(model, "heapr", 0.25, wins, nsamples=8, seqlen=16, batch_size=4, device=where)
+            rep = mumoe.prune(model, "heapr", 0.5, wins, nsamples=8, seqlen=16, batch_size=4, device=where)
             atoms[where] = [set(map(tuple, [(x["expert"], k) for x in e["experts"] for k in x["kept"]]))
                             for e in rep.layers]
         same = sum(len(a & b) for a, b in zip(atoms["cpu"], atoms[device]))
@@ -79,7 +79,7 @@ def tiny_step(device: str, small: bool) -> dict:
             widths[where] = [[x["bits"] for x in e["experts"]] for e in rep.layers]
         res["pmq_widths_equal"] = widths["cpu"] == widths[device]
         model = make(arch).eval().to(device)
-        if {layer.scoring for layer in mumoe.models.moe_adapter_for(model).moe_layers()} == {"softmax"}:
+        if {layer.scoring for layer in mumoe.models.moe_adapter_for(model).moe_layers()} <= {"softmax", "sigmoid"}:
             betas = calibrate(model, wins.to(device), 0.3, 0.0, 4)
             with torch.no_grad():
                 with skipping(model, betas, 0.0) as count:
