@@ -472,7 +472,7 @@ def test_multimodal_qwen3_5_moe_checkpoint_layer_by_layer(tmp_path):
     layer by layer, REAP keeps the experts the loaded text model keeps; the export keeps the vision tower byte for
     byte, the nested text config's expert count is rewritten, and transformers' multimodal class loads it with
     every key in place, its text model giving the logits of the model pruned in memory; TAER's fingerprint from
-    the files equals the loaded model's."""
+    the files equals the loaded model's; mumoe's own forms (global atoms, PMQ) written from it load back."""
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
     import mumoe
@@ -509,6 +509,26 @@ def test_multimodal_qwen3_5_moe_checkpoint_layer_by_layer(tmp_path):
     x = windows(2, 12, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(input_ids=x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+    # mumoe's own forms from the same checkpoint (per-expert widths; packed PMQ experts), written layer by layer with
+    # the source's spelling, read back by mumoe.load as the text model: the in-memory logits
+    from mumoe.drivers.quantize import quantize_layerwise
+
+    atoms = Recipe.build("heapr", 0.3, calib="tensor", nsamples=4, seqlen=16, batch_size=2, form="global")
+    assert prune_layerwise(tmp_path / "src", atoms, tmp_path / "atoms", (wins, None, {}), verbose=False).form == \
+        "mumoe-atoms"
+    quant = quantize_layerwise(str(tmp_path / "src"), str(tmp_path / "quant"), (wins, None, {}), 2.0, group=16,
+                               batch_size=2)
+    for folder, recipe_or_bits in (("atoms", atoms), ("quant", None)):
+        fresh = mumoe.load(tmp_path / "src")
+        if recipe_or_bits is None:
+            mumoe.quantize(fresh, 2.0, wins, group=16, batch_size=2)
+        else:
+            api.prune(fresh, recipe_or_bits, calib=wins)
+        with torch.no_grad():
+            torch.testing.assert_close(mumoe.load(tmp_path / folder)(x).logits, fresh(x).logits, rtol=1e-5,
+                                       atol=1e-5)
+    assert quant.form == "mumoe-quant"
 
 
 def test_work_dir_refused_where_layers_carry_state(tmp_path):

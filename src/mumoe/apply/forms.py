@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import MumoeError
 from ..models import moe_adapter_for
+from ..models.keys import as_loaded
 from .atoms import kept_part, shared_atom_keys
 from .experts import remove_experts
 from .report import PruneReport
@@ -160,7 +161,7 @@ def _read_experts(path: Path, dtype: torch.dtype) -> nn.Module:
     slots, maps = report.expert_slots(), report.expert_maps()
     remove_experts(model, {j: s for j, s in slots.items() if j not in maps})
     bind_layers(model, slots, maps)
-    _load_checked(model, fuse_legacy_experts(_load_state(path), model), path)
+    _load_checked(model, fuse_legacy_experts(as_loaded(_load_state(path), model), model), path)
     return model.to(dtype).eval()
 
 
@@ -172,7 +173,7 @@ def _rebuild(path: Path, dtype: torch.dtype) -> tuple[PruneReport, nn.Module, di
 
     report = PruneReport.from_dict(json.loads((path / "pruning.json").read_text()))
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    state = _load_state(path)
+    state = as_loaded(_load_state(path), model)  # a streamed export keeps its source's spelling
     layers = {layer.index: layer for layer in moe_adapter_for(model).moe_layers()}
     names = {id(m): n for n, m in model.named_modules()}
     return report, model, state, layers, names

@@ -86,6 +86,36 @@ def checkpoint_renamer(model_type: str | None):
     return rename
 
 
+def text_prefix(keys: list[str], embed: str, rename=unchanged) -> str | None:
+    """The prefix under which a multimodal checkpoint keeps its text model (`language_model.` for Llama 4), found
+    from the input embeddings' key (`embed`, the loaded model's name for it; keys read through `rename`); None when
+    the embeddings are under their own name (every other checkpoint)."""
+    names = [rename(k) for k in keys]
+    if embed in names:
+        return None
+    hits = sorted(k[: len(k) - len(embed)] for k, n in zip(keys, names) if n.endswith("." + embed))
+    return hits[0] if hits else None
+
+
+def as_loaded(state: dict, model) -> dict:
+    """A checkpoint's tensors under the names `model` (built from the checkpoint's config) gives them: the family's
+    renames on loading (a multimodal checkpoint: its text model's) and a text model's prefix stripped; the other
+    towers' tensors (vision) left out — the text model has none."""
+    rename = checkpoint_renamer(model.config.model_type)
+    names = {id(m): n for n, m in model.named_modules()}
+    embed = names[id(model.get_input_embeddings())] + ".weight"
+    prefix = text_prefix(list(state), embed, rename)
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    out = {}
+    for key, t in state.items():
+        if prefix is not None and not key.startswith(prefix):
+            continue
+        name = rename(key[len(prefix):] if prefix else key)
+        if not any(p.search(name) for p in ignore):  # what transformers ignores on loading too (`model.visual.*`)
+            out[name] = t
+    return out
+
+
 def legacy_blocks(param_names) -> bool:
     """Whether a model names its MoE blocks the legacy way (then checkpoint keys map onto it as they are)."""
     return any(canonical(n) != n for n in param_names)

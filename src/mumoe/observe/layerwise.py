@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import KIND, LEGACY, PACKED, dequantized_experts, packed_shape, read_header, read_into, shard_files
-from ..models.keys import canonical, checkpoint_renamer, legacy_blocks
+from ..models.keys import canonical, checkpoint_renamer, legacy_blocks, text_prefix
 from ..models.registry import ADAPTERS, in_mumoe_layout
 from ..errors import MumoeError, MumoeFileError
 
@@ -59,16 +59,6 @@ def _target(key: str, legacy: bool) -> tuple[str, tuple]:
 
 
 FINAL_NORMS = ("norm", "final_layernorm", "norm_f")  # the decoder's last norm, as the families name it
-
-
-def _text_prefix(keys: list[str], embed: str, rename) -> str | None:
-    """The prefix under which a multimodal checkpoint keeps its text model (`language_model.` for Llama 4), found
-    from the input embeddings' key; None when the embeddings are under their own name (every other checkpoint)."""
-    names = [rename(k) for k in keys]
-    if embed in names:
-        return None
-    hits = sorted(k[: len(k) - len(embed)] for k, n in zip(keys, names) if n.endswith("." + embed))
-    return hits[0] if hits else None
 
 
 def _single_op_rules(model_type: str, op_name: str) -> list[tuple[list[str], list[str], int]]:
@@ -168,7 +158,7 @@ class LayerwiseCheckpoint:
         # the family's own renames on loading, by the model built (a multimodal checkpoint: its text model's)
         self.rename = checkpoint_renamer(self.model.config.model_type)
         headers = [(file, key, meta) for file in shard_files(self.path) for key, meta in read_header(file).items()]
-        self.text_prefix = _text_prefix([k for _, k, _ in headers], self.input_embeddings_name(), self.rename)
+        self.text_prefix = text_prefix([k for _, k, _ in headers], self.input_embeddings_name(), self.rename)
         if self.text_prefix:  # the text model's tensors under a prefix (Llama 4's `language_model.`), as
             renamed, cut = self.rename, len(self.text_prefix)  # transformers loads them into its causal LM
             self.rename = lambda key: renamed(key[cut:] if key.startswith(self.text_prefix) else key)
