@@ -4,7 +4,7 @@
     read_json(path, what)  parsed JSON, or "cannot parse PATH: ... (line L column C)"
     check_writable(out)    the nearest existing folder above `out` accepts a new entry (probed, not guessed)
     owned_temp_dir / sweep_stale   temp folders that record their process, and the clean-up of those a killed
-                                   run left behind
+                                   run left behind; stage_folder: such a folder for a run's earlier stages
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import MumoeError, MumoeFileError, os_message
@@ -139,6 +141,20 @@ def owned_temp_dir(parent: Path, prefix: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
+
+
+@contextmanager
+def stage_folder(out: Path) -> Iterator[Path]:
+    """A folder of mumoe's own beside `out` for the earlier stages of a run (`.<out>.stages-*`, recording this
+    process), removed when the block ends; the folders of a killed run are swept first."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out.parent, (f".{out.name}.stages-",))
+    scratch = owned_temp_dir(out.parent, f".{out.name}.stages-")
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _is_stale(folder: Path, grace_s: float = 600.0) -> bool:

@@ -13,7 +13,6 @@ multi-stage recipe runs stage by stage: each stage but the last is exported to a
 from __future__ import annotations
 
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,14 +66,10 @@ def prune_layerwise(path: str | Path, recipe, out: str | Path, windows: tuple, *
     if len(stages) == 1:
         return _prune_stage(path, recipe, out, windows, overwrite=overwrite, verbose=verbose, work_dir=work_dir,
                             spill_bytes=spill_bytes, max_shard_bytes=max_shard_bytes, timing=timing)
-    from ..files import owned_temp_dir, sweep_stale
+    from ..files import stage_folder
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out.parent, (f".{out.name}.stages-",))  # a killed multi-stage run's earlier exports
-    scratch = owned_temp_dir(out.parent, f".{out.name}.stages-")
     reports, src = [], Path(path)
-    try:
+    with stage_folder(out) as scratch:  # a killed multi-stage run's earlier exports are swept first
         for i, stage in enumerate(stages):
             last = i == len(stages) - 1
             if i and recipe.expert_params is not None:  # the combined budget's rest, after stage 1's experts
@@ -89,8 +84,6 @@ def prune_layerwise(path: str | Path, recipe, out: str | Path, windows: tuple, *
             reports.append(r)
             src = dest
         return reports[-1]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _split_from_plan(stage, recipe, first: PruneReport, say):

@@ -203,8 +203,6 @@ def prune_then_quantize(name: str, recipe, quant: tuple[float, tuple[int, ...], 
     windows; one record of every stage, written in the `mumoe-quant` form. Layer by layer (the model does not
     fit, or asked): the pruned checkpoint goes to a folder of mumoe's own beside `out` (removed at the end) and is
     quantized from there; else in memory."""
-    import shutil
-
     from ..apply.export import check_output_dir, save_pruned
     from ..grains import get_grain
     from ..loading import load_tokenizer
@@ -221,22 +219,16 @@ def prune_then_quantize(name: str, recipe, quant: tuple[float, tuple[int, ...], 
     tok = load_tokenizer(name)
     windows = calibration(recipe, None, tok)
     if use_layerwise(name, recipe, layerwise, say=say):
-        from ..files import owned_temp_dir, sweep_stale
+        from ..files import stage_folder
         from .layerwise import prune_layerwise
 
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(out.parent, (f".{out.name}.stages-",))
-        scratch = owned_temp_dir(out.parent, f".{out.name}.stages-")
-        try:
+        with stage_folder(Path(out)) as scratch:
             first = prune_layerwise(name, recipe, scratch / "pruned", windows, verbose=verbose, say=say)
             if say is not None:
                 say(f"then PMQ, {avg_bits:g} bits per expert on average, layer by layer")
             return quantize_layerwise(str(scratch / "pruned"), str(out), windows, avg_bits, bits, group,
                                       recipe.calib.batch_size, recipe.dtype, recipe.device, overwrite,
                                       progress=verbose, say=say, earlier=first, source=name)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
     model = load_model(name, recipe.dtype, recipe.device)
     prune_loaded(model, recipe, windows, source=name, say=say)
     if say is not None:

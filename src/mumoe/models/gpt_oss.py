@@ -26,6 +26,7 @@ from torch import nn
 from transformers.integrations.moe import use_experts_implementation
 
 from .base import Adapter
+from .layout import adopt
 
 # ---- the two layouts (pure functions; any leading dims) ----------------------------------------------------
 
@@ -92,12 +93,7 @@ class CanonicalExperts(nn.Module):
         self.hidden_size = source.hidden_size
         self.intermediate_size = source.intermediate_size
         self.alpha, self.limit = float(source.alpha), float(source.limit)
-        self.checkpoint_layout = Layout
-        for name in EXPERT_TENSORS:
-            old = getattr(source, name)
-            setattr(self, name, nn.Parameter(to_canonical(name, old.data), requires_grad=old.requires_grad))
-        self._register_state_dict_hook(_family_state)
-        self.register_load_state_dict_pre_hook(_canonical_state)
+        adopt(self, source, Layout)  # mumoe's layout in memory, the family's in the state dict
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return clamped_swiglu(gate, up, self.alpha, self.limit)
@@ -116,18 +112,6 @@ class CanonicalExperts(nn.Module):
             y = nn.functional.linear(h, self.down_proj[e], self.down_proj_bias[e])  # [n, H]
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
-
-
-def _family_state(module, state: dict, prefix: str, local_metadata) -> None:
-    for name in EXPERT_TENSORS:
-        if prefix + name in state:
-            state[prefix + name] = to_family(name, state[prefix + name])
-
-
-def _canonical_state(module, state: dict, prefix: str, *args) -> None:
-    for name in EXPERT_TENSORS:
-        if prefix + name in state:
-            state[prefix + name] = to_canonical(name, state[prefix + name])
 
 
 class GptOssAdapter(Adapter):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .families import NoWidthKeyAdapter
+from .layout import adopt
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
@@ -66,12 +67,7 @@ class InputScaledExperts(nn.Module):
         self.num_experts = source.num_experts
         self.hidden_size, self.intermediate_size = source.hidden_size, source.intermediate_size
         self.act_fn = source.act_fn
-        self.checkpoint_layout = Layout
-        for name in EXPERT_TENSORS:
-            old = getattr(source, name)
-            setattr(self, name, nn.Parameter(to_canonical(name, old.data), requires_grad=old.requires_grad))
-        self._register_state_dict_hook(_family_state)
-        self.register_load_state_dict_pre_hook(_canonical_state)
+        adopt(self, source, Layout)  # mumoe's layout in memory, the family's in the state dict
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -84,18 +80,6 @@ class InputScaledExperts(nn.Module):
             gate, up = nn.functional.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
             out.index_add_(0, token, nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e]).to(out.dtype))
         return out
-
-
-def _family_state(module, state: dict, prefix: str, local_metadata) -> None:
-    for name in EXPERT_TENSORS:
-        if prefix + name in state:
-            state[prefix + name] = to_family(name, state[prefix + name])
-
-
-def _canonical_state(module, state: dict, prefix: str, *args) -> None:
-    for name in EXPERT_TENSORS:
-        if prefix + name in state:
-            state[prefix + name] = to_canonical(name, state[prefix + name])
 
 
 def _block_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -189,6 +189,13 @@ class LayerwiseCheckpoint:
             self.check_declared()
             self.check_coverage()
 
+    def _param(self, name: str):
+        """Model parameter `name` (meta or resident), or None."""
+        try:
+            return self.model.get_parameter(name)
+        except AttributeError:
+            return None
+
     def split_targets(self, key: str, legacy: bool) -> list[tuple[str, tuple]]:
         """The (model tensor, index) pieces of a file tensor transformers splits on loading (`splits`), sized by
         the model's parameters; [] for any other key."""
@@ -196,12 +203,12 @@ class LayerwiseCheckpoint:
             if part not in key or any(t in key for t in targets):
                 continue
             names = [_target(self.rename(key.replace(part, t)), legacy)[0] for t in targets]
-            state = dict(self.model.state_dict())
-            if not all(n in state for n in names):
+            params = [self._param(n) for n in names]
+            if any(t is None for t in params):
                 return []
             out, offset = [], 0
-            for n in names:
-                size = state[n].shape[dim]
+            for n, t in zip(names, params):
+                size = t.shape[dim]
                 out.append((n, ("split", offset, size, dim)))
                 offset += size
             return out

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
 from ..progress import bar
-from .skip import Score, _hooks, _route
+from .skip import Score, chosen_probs, route_hooks
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,12 @@ def gather(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> dict
         logits, weights, indices = output[0], output[1], output[2]
         idx = indices.reshape(x.shape[0], -1)
         parts.setdefault(layer.index, []).append(
-            (x.float().cpu(), _route(layer, logits, indices, weights).cpu(), weights.reshape(idx.shape).float().cpu(),
-             slot_gram(layer, x, idx).cpu()))
+            (x.float().cpu(), chosen_probs(layer, logits, indices, weights).cpu(),
+             weights.reshape(idx.shape).float().cpu(), slot_gram(layer, x, idx).cpu()))
         return None
 
     device = next(model.parameters()).device  # the windows go where the model is
-    with _hooks(model, 0.0, on_route):
+    with route_hooks(model, 0.0, on_route):
         for b in bar(range(0, windows.shape[0], batch_size), desc="OTP: layer inputs and slot outputs",
                      unit="batch"):
             model(windows[b:b + batch_size].to(device))

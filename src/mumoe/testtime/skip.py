@@ -104,7 +104,7 @@ class SkipCount:
         return sum(self.skipped.values()) / total if total else 0.0
 
 
-def _route(layer: MoELayer, logits: torch.Tensor, indices: torch.Tensor,
+def chosen_probs(layer: MoELayer, logits: torch.Tensor, indices: torch.Tensor,
            weights: torch.Tensor | None = None) -> torch.Tensor:
     """[T, k] the chosen slots' router probabilities, ordered as the router ordered them: the softmax over all
     experts for softmax routers; for other routers (sigmoid scores, DeepSeek-V3 style) the combine weights the
@@ -116,7 +116,7 @@ def _route(layer: MoELayer, logits: torch.Tensor, indices: torch.Tensor,
 
 
 @contextmanager
-def _hooks(model: nn.Module, keep_share: float, on_route) -> Iterator[list[MoELayer]]:
+def route_hooks(model: nn.Module, keep_share: float, on_route) -> Iterator[list[MoELayer]]:
     """Attention probabilities captured per layer (eager attention for the forwards of several tokens while tokens
     are protected; a one-token decode step keeps the model's own attention) and `on_route(layer, x [T, H], output,
     keep [T] or None)` on every router call; -> the MoE layers."""
@@ -174,7 +174,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, share: float, keep_share:
 
     def on_route(layer, x, output, keep):
         logits, weights, indices = output[0], output[1], output[2]
-        r = score(layer, x, _route(layer, logits, indices, weights)).float()  # [T, k − 1]
+        r = score(layer, x, chosen_probs(layer, logits, indices, weights)).float()  # [T, k − 1]
         if keep is not None:
             r = r[~keep]
         ratios.setdefault(layer.index, []).append(r.reshape(-1).cpu())
@@ -182,7 +182,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, share: float, keep_share:
         return None
 
     device = next(model.parameters()).device  # the windows go where the model is
-    with _hooks(model, keep_share, on_route):
+    with route_hooks(model, keep_share, on_route):
         for b in range(0, windows.shape[0], batch_size):
             model(windows[b:b + batch_size].to(device))
     return {j: calibrate_beta(torch.cat(ratios[j]), calls[j], share) for j in sorted(ratios)}
@@ -224,7 +224,7 @@ def skipping(model: nn.Module, betas: dict[int, float], keep_share: float = 0.1,
 
     def on_route(layer, x, output, keep):
         logits, weights, indices = output[0], output[1], output[2]
-        probs = _route(layer, logits, indices, weights)
+        probs = chosen_probs(layer, logits, indices, weights)
         drop = drop_from_scores(score(layer, x, probs), betas.get(layer.index, 0.0), keep)  # [T, k]
         full = weights.reshape(drop.shape)
         w = full.masked_fill(drop, 0)
@@ -239,7 +239,7 @@ def skipping(model: nn.Module, betas: dict[int, float], keep_share: float = 0.1,
             indices = indices.masked_fill(drop.reshape(indices.shape), sentinel[layer.index])
         return (logits, w.reshape(weights.shape).to(weights.dtype), indices, *output[3:])
 
-    with _hooks(model, keep_share, on_route) as layers, _sentinels(layers) as found:
+    with route_hooks(model, keep_share, on_route) as layers, _sentinels(layers) as found:
         sentinel.update(found)
         yield count
 
