@@ -114,3 +114,25 @@ def test_expert_protocol_dense_and_all_experts_equal_plain_continuation():
     assert none == pytest.approx(dense, rel=1e-9)
     assert every == pytest.approx(dense, rel=1e-6)
     assert abs(some - dense) > 1e-4
+
+
+def test_experts_kept_copies_no_expert_tensor():
+    """Per-prompt experts restrict the routing: inside the block the experts' tensors are the model's own (same
+    storage, nothing copied per request) while only the kept experts receive tokens."""
+    model = make("qwen3_moe")
+    layers = moe_adapter_for(model).moe_layers()
+    ptrs = [(l.experts.gate_up_proj.data_ptr(), l.experts.down_proj.data_ptr()) for l in layers]
+    keep = {l.index: [1, 4, 6] for l in layers}
+    picked: dict[int, set] = {}
+    with torch.no_grad(), experts_kept(model, keep) as removed:
+        assert [(l.experts.gate_up_proj.data_ptr(), l.experts.down_proj.data_ptr()) for l in layers] == ptrs
+        hooks = [l.router.register_forward_hook(lambda m, a, o, i=l.index: picked.setdefault(i, set()).update(
+            o[2].flatten().tolist())) for l in layers]  # after the routing restriction's own hook: what the experts get
+        model(ids(1, 12))
+        for h in hooks:
+            h.remove()
+    E, per_expert = layers[0].num_experts, sum(t[0].numel() for t in (layers[0].experts.gate_up_proj,
+                                                                     layers[0].experts.down_proj))
+    H = layers[0].router_weight.shape[1]
+    assert removed == len(layers) * (E - 3) * (per_expert + H)  # the pruned model's missing experts and router rows
+    assert all(picked[i] <= {1, 4, 6} for i in picked) and picked

@@ -367,3 +367,106 @@ def test_column_major_model_still_saves_and_reloads(arch, tmp_path):
     reloaded = type(model).from_pretrained(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("structure", ["row", "column", "2:4", "3:8"])
+@pytest.mark.parametrize("shape", [(12, 16), (3, 8, 24)])
+@pytest.mark.parametrize("active", [0.3, 0.5, 0.75, 1.0])
+def test_kept_count_equals_the_masks_count(structure, shape, active):
+    """The per-request count comes from the rule, not from summing masks: it must equal the masks' own count."""
+    from mumoe.select.weights import kept_count
+
+    if ":" in structure:
+        n, m = map(int, structure.split(":"))
+        active = n / m
+    g = torch.Generator().manual_seed(len(shape) * 100 + int(active * 10))
+    w = torch.randn(*shape, generator=g)
+    norms = torch.rand(*shape[:-2], shape[-1], generator=g)
+    assert kept_count(w.shape, active, structure) == int(wanda_mask(w, norms, active, structure).sum())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_prompt_pruner_selects_column_indices_without_masks(arch):
+    """Compacted column structure: `select` returns the kept columns themselves (ascending), equal to the masks'
+    columns; compacting with them gives the logits the masks give, bit for bit; the counts match the masks'."""
+    from mumoe.apply.compact import compact, uncompact
+    from mumoe.testtime import PromptPruner
+
+    model, x = make(arch), ids(1, 10, seed=7)
+    pruner = PromptPruner(model, 0.5, "column")
+    norms, _ = pruner.prefill(x[:, :6])
+    cols = pruner.select(norms)
+    masks = prompt_masks(model, x[:, :6], 0.5, "column")
+    assert set(cols) == set(masks)
+    for name, c in cols.items():
+        assert c.dtype == torch.long
+        want = masks[name].any(-2)  # [..., d_in]
+        got = torch.zeros_like(want).scatter(-1, c, True)
+        assert torch.equal(got, want) and bool((c.diff(dim=-1) > 0).all()), name
+    assert pruner.counts(cols) == (sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values()))
+    with torch.no_grad():
+        undo = compact(model, masks)
+        by_masks = model(x).logits
+        uncompact(undo)
+        with pruner.applied(cols):
+            assert torch.equal(model(x).logits, by_masks)
+
+
+def test_row_masking_swaps_storage_and_keeps_the_weights_untouched():
+    """Row structure per prompt: masked copies are swapped in (logits equal to masking in place), the original
+    tensors are put back as they were — same storage, never written (version unchanged), so the cached column
+    norms of the weights stay valid across a row request."""
+    from mumoe.criteria.weight import column_norms
+    from mumoe.testtime import PromptPruner
+
+    model, x = make("qwen3_moe"), ids(1, 10, seed=8)
+    pruner = PromptPruner(model, 0.5, "row")
+    params = dict(model.named_parameters())
+    norms, _ = pruner.prefill(x[:, :6])
+    masks = pruner.select(norms)
+    before = {n: (params[n].data_ptr(), params[n]._version, params[n].detach().clone()) for n in masks}
+    name = next(iter(masks))
+    cached = column_norms(params[name])
+    saved = apply_masks(model, masks)
+    with torch.no_grad():
+        want = model(x).logits
+    restore(model, saved)
+    for n in masks:  # the reference above wrote in place; record the state the swap must preserve
+        before[n] = (params[n].data_ptr(), params[n]._version, before[n][2])
+    cached = column_norms(params[name])
+    with pruner.applied(masks):
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, want)
+        assert params[name].data_ptr() != before[name][0]
+    for n, (ptr, version, value) in before.items():
+        assert params[n].data_ptr() == ptr and params[n]._version == version and torch.equal(params[n], value), n
+    assert column_norms(params[name]) is cached
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_half_precision_cpu_weights_stay_row_major_and_compact_exactly(arch):
+    """bf16 on the CPU: `prepare_columns` leaves the weights row-major (their GEMV is slower column-major), the
+    compacted matrices are row-major column gathers, and the compacted model gives the masked model's logits
+    (bf16: within rounding of the different summation lengths)."""
+    from mumoe.apply.compact import compact, is_column_major, prepare_columns, uncompact
+
+    model, x = make(arch).to(torch.bfloat16), ids(1, 10, seed=9)
+    assert prepare_columns(model) == 0
+    masks = prompt_masks(model, x[:, :6], 0.5, "column")
+    saved = apply_masks(model, masks)
+    with torch.no_grad():
+        masked = model(x).logits.float()
+    restore(model, saved)
+    undo = compact(model, masks)
+    small = [m for m in model.modules() if type(m).__name__ == "CompactLinear"]
+    assert small and not any(is_column_major(m.weight) for m in small)
+    for m in small:  # the gathered values are the weight's own kept columns
+        ref = m.original.weight.detach()
+        want = ref[:, m.keep] if m.weight.shape[0] == ref.shape[0] else None
+        if want is not None:
+            assert torch.equal(m.weight, want)
+    with torch.no_grad():
+        got = model(x).logits.float()
+    uncompact(undo)
+    assert (got - masked).abs().max() <= 0.05 * masked.abs().max()
+    assert (got - masked).abs().max() < (masked - model(x).logits.float()).abs().max()  # closer than dense is

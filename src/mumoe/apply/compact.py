@@ -10,10 +10,11 @@ the masked model multiplies by zero: they are not computed at all (exactly the s
 hold W[rows, cols] with rows = down's kept columns, and down needs no input gather. Fused experts likewise.
 At ρ = 0.5 this reads ρ² instead of ρ of the gate/up weights.
 
-Gathering columns of a row-major matrix is a strided copy (~20–60 ms for a 5632×2048 fp32 matrix on this
-machine). `prepare_columns` stores every prunable weight column-major once per model — same values, same
-shapes, strides swapped — after which W[:, keep] is a copy of whole contiguous rows of Wᵀ (~2 ms), and the
-compacted matrix is itself column-major, which batch-1 GEMV reads at least as fast.
+Gathering columns of a row-major matrix is a strided copy (~3 ms for a 5632×2048 fp32 matrix on this
+machine, torch.gather). `prepare_columns` stores every fp32 prunable weight column-major once per model — same
+values, same shapes, strides swapped — after which W[:, keep] is a copy of whole contiguous rows of Wᵀ (~0.8 ms),
+and the compacted matrix is itself column-major, which an fp32 batch-1 GEMV reads as fast. bf16/fp16 weights on
+the CPU stay row-major (`prefers_column_major`): their GEMV is ~1.6x slower column-major.
 
 The compacted copies are written into a buffer kept with each original weight and reused by the next
 prompt: a fresh allocation per prompt costs more in page faults than the gather itself. The buffers grow to
@@ -37,6 +38,15 @@ def is_column_major(w: torch.Tensor) -> bool:
     return w.dim() >= 2 and w.transpose(-1, -2).is_contiguous()
 
 
+def prefers_column_major(w: torch.Tensor) -> bool:
+    """Whether per-prompt compaction should store weight w column-major, by measurement (`benchmarks/
+    peer_decode.py`, BENCHMARKS.md): on the CPU an fp32 GEMV reads a column-major matrix as fast as a row-major one
+    and W[:, keep] becomes a row copy (~4x faster than a column gather); a bf16/fp16 GEMV reads a column-major
+    matrix ~1.6x slower (the dense decode would pay it too), so half-precision CPU weights stay row-major and are
+    gathered by columns. CUDA reads either layout at full speed: column-major."""
+    return w.device.type != "cpu" or w.dtype == torch.float32
+
+
 def column_major(w: torch.Tensor) -> torch.Tensor:
     """The same tensor [.., d_out, d_in] with column-major storage (one copy unless it already is)."""
     return w if is_column_major(w) else w.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -55,11 +65,11 @@ def gather_columns(w: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None
     col_major = is_column_major(w)
     src = w.t() if col_major else w  # contiguous lines: [d_in, d_out] (col-major) or [d_out, d_in]
     first, second = (keep, rows) if col_major else (rows, keep)  # index of src's lines, index within a line
-    if first is None:  # row-major w without rows: one strided gather along the columns
+    if first is None:  # row-major w without rows: one gather along the columns (faster than index_select here)
         n_out, n_in = w.shape[0], keep.numel()
         res = (torch.empty(n_out, n_in, dtype=w.dtype, device=w.device) if out is None
                else out[: n_out * n_in].view(n_out, n_in))
-        return torch.index_select(w, 1, keep, out=res)
+        return torch.gather(w, 1, keep.to(w.device).expand(n_out, -1), out=res)
     n_lines = first.numel()
     width = src.shape[1] if second is None else second.numel()
     res = (torch.empty(n_lines, width, dtype=w.dtype, device=w.device) if out is None
@@ -107,16 +117,17 @@ def release_buffers(model: nn.Module) -> int:
 
 @torch.no_grad()
 def prepare_columns(model: nn.Module) -> int:
-    """Store every prunable weight of `model` column-major, in place (values and shapes unchanged), so that
+    """Store every prunable weight of `model` column-major where that layout is the faster one
+    (`prefers_column_major`: fp32 on the CPU, any dtype on CUDA), in place (values and shapes unchanged), so that
     per-prompt compaction is cheap. Idempotent; returns the number of weights converted. Costs one copy of each
-    weight, once per model."""
+    converted weight, once per model."""
     from ..models.prunable import prunable_names
 
     params = dict(model.named_parameters())
     n = 0
     for name in prunable_names(model):
         p = params[name]
-        if not is_column_major(p):
+        if prefers_column_major(p) and not is_column_major(p):
             p.data = column_major(p.data)
             n += 1
     return n
@@ -217,11 +228,13 @@ def _put(owner, attr: str, value) -> None:
 
 
 def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool = True) -> Compaction:
-    """Swap in compacted modules / expert forwards for column-structured `masks`; returns the undo list.
+    """Swap in compacted modules / expert forwards for column-structured `masks` (bool masks of each weight's
+    shape, or the kept input columns themselves: LongTensor [..., k]); returns the undo list.
     skip_unused: also drop the MLP rows whose outputs the masked consumer never reads (same outputs)."""
     adapter = adapter_for(model)
     modules = dict(model.named_modules())
-    keep_of = {name: _columns(mask) for name, mask in masks.items()}  # param name -> kept input columns
+    keep_of = {name: _columns(m) if m.dtype == torch.bool else m  # param name -> kept input columns [..., k]
+               for name, m in masks.items()}
     rows_of: dict[str, torch.Tensor] = {}  # producer module -> rows its consumer reads
     pre_gathered: set[str] = set()  # consumers whose input arrives already compacted
     if skip_unused:

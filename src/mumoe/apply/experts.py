@@ -28,11 +28,13 @@ def _slice_param(module: nn.Module, name: str, idx: torch.Tensor, inplace: bool 
         module._buffers[name] = new
 
 
-def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False, router: bool = True) -> None:
+def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False, router: bool = True,
+                experts: bool = True) -> None:
     """Keep only experts `keep` (sorted, unique) of one MoE layer, in place. inplace: move the kept experts
     within the existing tensors instead of copying them out (no second copy of the layer; the tensors become
     views of the old storage — for a layer that is about to be freed, as in the layer-sequential sweep).
-    router=False: the router keeps all its rows (a bound merge maps them onto the kept experts)."""
+    router=False: the router keeps all its rows (a bound merge maps them onto the kept experts). experts=False:
+    only the router is sliced (its counts set; per-prompt routing restriction, `testtime.experts.experts_kept`)."""
     E = layer.num_experts
     if sorted(set(keep)) != list(keep) or not keep or keep[0] < 0 or keep[-1] >= E:
         raise MumoeError(f"layer {layer.index}: keep set must be sorted unique indices in [0, {E}), got {keep}")
@@ -45,11 +47,15 @@ def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False, router:
             raise MumoeError(f"layer {layer.index}: group-limited router needs the same number of kept experts "
                              f"in every group, got {counts.tolist()}")
     idx = torch.tensor(keep, dtype=torch.long)
-    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias") if experts else ():
         _slice_param(layer.experts, name, idx, inplace)
     for rt in layer.router_tensors if router else ():
         _slice_param(rt.module, rt.name, idx, inplace, rt.dim)
-    for module in count_modules(layer) if router else (layer.experts,):
+    counted = count_modules(layer) if router else [layer.experts]
+    if not experts:
+        ids = {id(c) for c in counted}
+        counted = [m for m in layer.router.modules() if id(m) in ids]
+    for module in counted:
         for attr in COUNT_ATTRS:
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, len(keep))

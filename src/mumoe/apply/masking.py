@@ -35,3 +35,21 @@ def masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[dict[st
         yield saved
     finally:
         restore(model, saved)
+
+
+@torch.no_grad()
+def swap_masked(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each masked parameter's storage replaced by a masked copy (one pass; the original tensor is not written);
+    returns the originals for `unswap`. params: name -> parameter."""
+    saved = {}
+    for name, mask in masks.items():
+        p = params[name]
+        saved[name] = p.data
+        p.data = p.data * mask
+    return saved
+
+
+def unswap(params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Put back the storages `swap_masked` replaced."""
+    for name, data in saved.items():
+        params[name].data = data

@@ -226,6 +226,15 @@ class ExpertStats(Collector):
         self._on_device = False
         self._obs: Observation | None = None
 
+    def _segment_sq(self, x: torch.Tensor, expert: torch.Tensor, E: int) -> torch.Tensor:
+        """Σ x_sj² per column over the rows of each expert: x [S, d], expert [S] -> [E, d] (fp32 within the pass,
+        like `_col_sq`; float64 result). One index_add over all rows instead of a loop over the experts."""
+        x = x.detach().float()
+        if self._scratch is None or self._scratch.numel() < x.numel() or self._scratch.device != x.device:
+            self._scratch = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+        sq = torch.mul(x, x, out=self._scratch[: x.numel()].view(x.shape))
+        return torch.zeros(E, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, expert, sq).double()
+
     def attach(self, obs: Observation) -> None:
         self._obs = obs
 
@@ -418,6 +427,15 @@ class InputNorms(Collector):
             self._scratch = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
         return torch.mul(x, x, out=self._scratch[: x.numel()].view(x.shape)).sum(0).double()
 
+    def _segment_sq(self, x: torch.Tensor, expert: torch.Tensor, E: int) -> torch.Tensor:
+        """Σ x_sj² per column over the rows of each expert: x [S, d], expert [S] -> [E, d] (fp32 within the pass,
+        like `_col_sq`; float64 result). One index_add over all rows instead of a loop over the experts."""
+        x = x.detach().float()
+        if self._scratch is None or self._scratch.numel() < x.numel() or self._scratch.device != x.device:
+            self._scratch = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+        sq = torch.mul(x, x, out=self._scratch[: x.numel()].view(x.shape))
+        return torch.zeros(E, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, expert, sq).double()
+
     def attach(self, obs: Observation) -> None:
         self._obs = obs
         for lin in self.dense:
@@ -450,10 +468,9 @@ class InputNorms(Collector):
             "n": torch.zeros(E, device=dev), "gu": torch.zeros(E, H, dtype=F64, device=dev),
             "dn": torch.zeros(E, I, dtype=F64, device=dev), "gu_all": torch.zeros(E, H, dtype=F64, device=dev),
             "dn_all": torch.zeros(E, I, dtype=F64, device=dev)})
-        for e, a, b in r.segments():
-            acc["n"][e] += b - a
-            acc["gu"][e] += self._col_sq(r.x[a:b])
-            acc["dn"][e] += self._col_sq(r.h[a:b])
+        acc["n"] += torch.tensor(r.counts, dtype=acc["n"].dtype, device=dev)
+        acc["gu"] += self._segment_sq(r.x, r.expert, E)  # [E, H]: Σ over each expert's pairs, one pass
+        acc["dn"] += self._segment_sq(r.h, r.expert, E)  # [E, I]
         unrouted = [e for e, n in enumerate(r.counts) if n == 0]
         if unrouted:  # fallback material: the layer's input over all tokens of this pass
             x = r.route.hidden

@@ -46,6 +46,20 @@ def keep_columns(weight: torch.Tensor, norms: torch.Tensor, active: float) -> to
     return torch.argsort(-col, dim=-1, stable=True)[..., :keep]
 
 
+def kept_count(shape: tuple[int, ...] | torch.Size, active: float, structure: str = "row") -> int:
+    """Weights a Wanda keep rule of `structure` keeps in a weight of `shape` [..., d_out, d_in] — known from the
+    rule, without building the mask: column keeps ⌈ρ·d_in⌉ columns, row removes floor((1 − ρ)·d_in) per row,
+    N:M keeps N of every M."""
+    d_in = shape[-1]
+    lines = math.prod(shape) // d_in  # rows of every matrix together
+    if structure == "column":
+        return lines * math.ceil(active * d_in - 1e-9)
+    if structure == "row":
+        return lines * (d_in - math.floor((1 - active) * d_in + 1e-9))
+    n, m = parse_structure(structure)
+    return lines * d_in // m * n
+
+
 def wanda_mask(weight: torch.Tensor, norms: torch.Tensor, active: float, structure: str = "row") -> torch.Tensor:
     """Keep-mask of one weight [d_out, d_in] (or a stack [E, d_out, d_in] with norms [E, d_in]).
 

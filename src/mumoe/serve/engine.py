@@ -73,6 +73,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     applied: dict  # what pruning ran, with its overhead in ms
+    stats: dict = field(default_factory=dict)  # the protocol's counts and seconds (`Prefilled.stats`), not sent
 
 
 class TextStream:
@@ -278,7 +279,7 @@ class Engine:
             feed, logits = (x[:, -1:], None) if prefilled.refeed else (None, prefilled.logits[:, -1])
             applied["overhead_ms"] = round(1000 * prefilled.overhead_s, 3)
             reason, n = self._decode(prefilled.model, prefilled.cache, feed, logits, sampling, emit, should_stop)
-        return Finished(reason, len(ids), n, applied)
+        return Finished(reason, len(ids), n, applied, prefilled.stats)
 
     def _echo(self, model: nn.Module, x: torch.Tensor, sampling: Sampling, emit, logits: torch.Tensor | None) -> None:
         """The prompt as text, with its log-probabilities under `model` (as pruned for this request)."""

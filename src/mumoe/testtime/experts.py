@@ -4,10 +4,11 @@ request's own dense prefill routes to most, and drop every other expert.
 The score is PreMoe's TCESS computed on the prompt alone: for router logits s(t) [E] of the prompt's tokens,
     TCESS_i = (1/T) Σ_t s_i(t)·1[i = argmax s(t)]
 with ties (experts that are never the arg-max of any prompt token all score 0) broken by the mean softmax
-probability over the prompt, then by index. The kept set is applied by slicing the router rows and the fused
-expert tensors (`apply.experts.slice_layer`, the same operation an offline pruned export uses), undone on exit:
-inside the block the model *is* the model pruned to those experts, so routing renormalizes over the kept
-experts exactly as an exported checkpoint would.
+probability over the prompt, then by index. The kept set is applied by slicing the router's rows (`apply.experts.slice_layer`, the
+operation an offline pruned export uses, on the router alone) and mapping its picks back to the experts' own
+numbering, undone on exit: inside the block the model computes what the model pruned to those experts computes —
+routing renormalizes over the kept experts exactly as an exported checkpoint's does — without copying any expert
+tensor per request.
 """
 
 from __future__ import annotations
@@ -80,11 +81,35 @@ def capture_router_logits(model: nn.Module, layers: list[MoELayer] | None = None
             h.remove()
 
 
+def _router_modules(layer: MoELayer) -> list[nn.Module] | None:
+    """The modules a router-only slice changes (the router and its parts), or None when a routing tensor lives
+    outside the router (then the whole layer is sliced)."""
+    inside = {id(m): m for m in layer.router.modules()}
+    if any(id(rt.module) not in inside for rt in layer.router_tensors):
+        return None
+    return list(inside.values())
+
+
+def _picks_in_full_numbering(kept: torch.Tensor, E: int):
+    """A router forward hook: the sliced router's (logits [T, K], weights [T, k], indices [T, k] into the kept
+    experts) -> (logits [T, E] with the dropped experts at the dtype's lowest value, weights, indices into all E)."""
+
+    def hook(module, args, output):
+        logits, weights, indices = output
+        full = logits.new_full((*logits.shape[:-1], E), torch.finfo(logits.dtype).min)
+        return full.index_copy_(-1, kept, logits), weights, kept[indices]
+
+    return hook
+
+
 @contextmanager
 def experts_kept(model: nn.Module, keep: dict[int, list[int]] | None) -> Iterator[int]:
-    """The model with only `keep`'s experts in each named layer inside the block (router rows and expert
-    tensors sliced, expert counts set); the original tensors are put back on exit, also on error.
-    Yields the number of weight elements the slicing removed."""
+    """The model routed to only `keep`'s experts in each named layer inside the block — equal to the model pruned
+    to those experts (`apply.experts.slice_layer`): the router is sliced to the kept experts' rows (its expert
+    counts set), so it scores, selects and normalises over them exactly as a pruned checkpoint's router does, and
+    its picks are mapped back to the experts' own numbering. The expert tensors are not copied (only router rows
+    are); a layer whose routing tensors live outside its router is sliced whole. Everything is put back on exit,
+    also on error. Yields the number of weight elements the pruned model no longer has."""
     if not keep:
         yield 0
         return
@@ -92,23 +117,39 @@ def experts_kept(model: nn.Module, keep: dict[int, list[int]] | None) -> Iterato
     unknown = sorted(set(keep) - set(layers))
     if unknown:
         raise MumoeError(f"no MoE layer {unknown[0]} in this model")
-    saved = []
+    saved, handles = [], []
     removed = 0
     try:
         for index, kept in sorted(keep.items()):
             layer = layers[index]
-            modules = count_modules(layer)  # the block, its router's parts, the experts: every sliced tensor's owner
+            routers = _router_modules(layer)
+            modules = count_modules(layer) if routers is None else routers
             before = sum(p.numel() for m in modules for p in m.parameters(recurse=False))
             state = [(m, dict(m._parameters), dict(m._buffers), {a: getattr(m, a) for a in COUNT_ATTRS if hasattr(m, a)})
                      for m in modules]
             saved.append(state)
-            slice_layer(layer, list(kept))
+            E = layer.num_experts
+            if routers is None:
+                slice_layer(layer, list(kept))
+            else:
+                slice_layer(layer, list(kept), experts=False)
+                idx = torch.tensor(list(kept), dtype=torch.long, device=layer.router_weight.device)
+                handles.append(layer.router.register_forward_hook(_picks_in_full_numbering(idx, E)))
+                removed += (E - len(kept)) * sum(t[0].numel() for t in _expert_tensors(layer))
             removed += before - sum(p.numel() for m in modules for p in m.parameters(recurse=False))
         yield removed
     finally:
+        for h in handles:
+            h.remove()
         for state in reversed(saved):
             for module, params, buffers, counts in state:
                 module._parameters.update(params)
                 module._buffers.update(buffers)
                 for a, v in counts.items():
                     setattr(module, a, v)
+
+
+def _expert_tensors(layer: MoELayer) -> list[torch.Tensor]:
+    """The routed experts' own tensors [E, ...] (weights and biases)."""
+    names = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+    return [t for n in names if (t := getattr(layer.experts, n, None)) is not None]

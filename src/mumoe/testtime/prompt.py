@@ -4,6 +4,7 @@ active-weight ratio ρ = 1 − sparsity is its top-k. The statistics come from t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,11 +12,11 @@ import torch
 from torch import nn
 
 from ..apply.compact import Compaction, compact, prepare_columns, uncompact
-from ..apply.masking import apply_masks, restore
+from ..apply.masking import swap_masked, unswap
 from ..errors import MumoeError
 from ..observe.collectors import input_norms
 from ..recipe import parse_structure
-from ..select.weights import check_active, masks_from_norms
+from ..select.weights import check_active, keep_columns, kept_count, masks_from_norms
 
 
 def prompt_masks(model: nn.Module, prompt_ids: torch.Tensor, active: float, structure: str = "row"
@@ -49,16 +50,30 @@ class PromptPruner:
         return input_norms(self.model, ids, return_cache=True, timing=timing)
 
     def select(self, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The prompt's pruning of every weight named in `norms`: compacted column structure -> the kept input
+        columns (LongTensor [..., k] ascending, `keep_columns`: no mask is built); otherwise keep masks of each weight's
+        shape."""
+        if self.compacted:
+            return {name: keep_columns(self.params[name], n, self.active).sort(-1).values  # ascending, as a mask's
+                    for name, n in norms.items()}
         return masks_from_norms(self.model, norms, self.active, self.structure, params=self.params)
+
+    def counts(self, selection: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """(kept, prunable) weights of a `select` result, from the rule (`kept_count`), not by counting masks."""
+        shapes = [self.params[name].shape for name in selection]
+        return (sum(kept_count(s, self.active, self.structure) for s in shapes),
+                sum(math.prod(s) for s in shapes))
 
     @contextmanager
     def applied(self, masks: dict[str, torch.Tensor] | None) -> Iterator[Compaction | dict | None]:
-        """The model masked (or compacted) by `masks` inside the block; None = dense."""
+        """The model masked (or compacted) by `masks` (or kept columns) inside the block; None = dense. Masking
+        swaps in masked copies of the weights and puts the originals back untouched (no copy-back, and the
+        weights' cached column norms stay valid)."""
         if masks is None:
             yield None
             return
-        undo = compact(self.model, masks) if self.compacted else apply_masks(self.model, masks)
+        undo = compact(self.model, masks) if self.compacted else swap_masked(self.params, masks)
         try:
             yield undo
         finally:
-            uncompact(undo) if self.compacted else restore(self.model, undo)
+            uncompact(undo) if self.compacted else unswap(self.params, undo)

@@ -40,7 +40,8 @@ class Prefilled:
     info: dict = field(default_factory=dict)  # kind, and what was chosen (active ratio, experts, task, ...)
     overhead_s: float = 0.0  # statistics + selection (+ matching and loading for a task)
     on_applied: Callable[[object, dict], None] | None = None  # (undo, stats): what is known once applied
-    stats: dict = field(default_factory=dict)  # counts for the caller (kept / removed weights), not reported
+    stats: dict = field(default_factory=dict)  # counts (kept / removed weights) and seconds (statistics_s,
+    # select_s, apply_s, undo_s) for the caller, not reported to clients
 
     @property
     def refeed(self) -> bool:
@@ -51,10 +52,15 @@ class Prefilled:
         """The pruning applied for the decode (timed into overhead_s); undone on exit, also on error."""
         t0 = time.perf_counter()
         with self.pruning() as undo:
-            self.overhead_s += time.perf_counter() - t0
+            self.stats["apply_s"] = time.perf_counter() - t0
+            self.overhead_s += self.stats["apply_s"]
             if self.on_applied is not None:
                 self.on_applied(undo, self.stats)
-            yield undo
+            try:
+                yield undo
+            finally:
+                t1 = time.perf_counter()
+        self.stats["undo_s"] = time.perf_counter() - t1
 
 
 def ready_to_decode(prefilled: Prefilled) -> None:
@@ -89,8 +95,8 @@ class MuMoE(PerPrompt):
         timing: dict = {}
         norms, cache = self.pruner.prefill(x, timing)
         t1 = time.perf_counter()
-        masks = self.pruner.select(norms)
-        total, kept = sum(m.numel() for m in masks.values()), sum(int(m.sum()) for m in masks.values())
+        masks = self.pruner.select(norms)  # kept columns (column, compacted) or masks
+        kept, total = self.pruner.counts(masks)
         info = {"kind": self.kind, "active": self.pruner.active, "structure": self.pruner.structure}
         stats = {"removed_weights": total - kept, "kept_weights": kept, "prunable_weights": total,
                  "statistics_s": timing["hooks_s"], "select_s": time.perf_counter() - t1}
@@ -120,8 +126,9 @@ class Experts(PerPrompt):
         def removed(undo, stats):
             stats["removed_weights"] = undo
 
+        select_s = time.perf_counter() - t1
         return Prefilled(model, output_cache(out), None, lambda: experts_kept(model, keep),
-                         {"kind": self.kind, "experts": self.k}, time.perf_counter() - t1, removed)
+                         {"kind": self.kind, "experts": self.k}, select_s, removed, {"select_s": select_s})
 
 
 class Task(PerPrompt):
