@@ -64,9 +64,10 @@ class Prefilled:
 
 
 def ready_to_decode(prefilled: Prefilled) -> None:
-    """For a refeed: the cache grows in place and loses its last position, which the pruned model computes again."""
+    """The cache grows in place from now on (HF's appends copy the whole cache per token); for a refeed it loses
+    its last position, which the pruned model computes again."""
+    grow_in_place(prefilled.cache)
     if prefilled.refeed:
-        grow_in_place(prefilled.cache)
         prefilled.cache.crop(-1)
 
 
