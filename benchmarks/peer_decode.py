@@ -82,6 +82,7 @@ for name, path in cfg["files"].items():
     runs = []
     for _ in range(cfg["repeats"]):
         stamps = []
+        llm.reset()  # no prefix of the previous repeat reused: each repeat prefills the whole prompt
         t0 = time.perf_counter()
         for tok in llm.generate(cfg["ids"], temp=0.0, reset=True):
             stamps.append(time.perf_counter())
@@ -189,15 +190,20 @@ def run_mumoe(path: Path, experts_k: int | None, ids: list[int], new: int, repea
     t0 = time.perf_counter()
     model = load(str(path), dtype)
     info = {"load_s": time.perf_counter() - t0, "dtype": str(next(model.parameters()).dtype)} | read_shape(model)
-    engine = Engine(model, load_tokenizer(str(path)), path.name)
-    engine.eos = set()  # every request decodes `new` tokens
-    configs = {"dense": Pruning()}
+    tok = load_tokenizer(str(path))
+    engine = Engine(model, tok, path.name)
+    engine8 = Engine(model, tok, path.name, int8=True)  # `mumoe serve --int8`: column requests from int8 copies
+    for e in (engine, engine8):
+        e.eos = set()  # every request decodes `new` tokens
+    configs = {"dense": (engine, Pruning())}
     for rho in RHOS:
-        configs[f"column {rho}"] = Pruning(active=rho, structure="column")
+        configs[f"column {rho}"] = (engine, Pruning(active=rho, structure="column"))
+    for rho in RHOS:
+        configs[f"column {rho} int8"] = (engine8, Pruning(active=rho, structure="column"))
     if bundled:
-        configs["row 0.5"] = Pruning(active=0.5, structure="row")
+        configs["row 0.5"] = (engine, Pruning(active=0.5, structure="row"))
     if experts_k:
-        configs[f"experts K={experts_k}"] = Pruning(experts=experts_k)
+        configs[f"experts K={experts_k}"] = (engine, Pruning(experts=experts_k))
     x = torch.tensor([ids])
     with torch.no_grad():  # warm-up, and the plain dense prefill the overhead is compared with
         model(input_ids=x, use_cache=True)
@@ -210,7 +216,7 @@ def run_mumoe(path: Path, experts_k: int | None, ids: list[int], new: int, repea
     sampling = Sampling(max_tokens=new, temperature=0.0)
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for r in range(repeats + 1):  # the first round warms every configuration (buffers, planned pruners)
-        for cname, pruning in configs.items():
+        for cname, (engine, pruning) in configs.items():
             stamps: list[float] = []
             t0 = time.perf_counter()
             fin = engine.run(ids, sampling, pruning, lambda text, entries: stamps.append(time.perf_counter()))
@@ -222,7 +228,9 @@ def run_mumoe(path: Path, experts_k: int | None, ids: list[int], new: int, repea
                                 "total_s": t_end - t0, "overhead_ms": fin.applied.get("overhead_ms", 0.0),
                                 "active_weights": fin.applied["active_weights"],
                                 **{k: v for k, v in fin.stats.items() if isinstance(v, (int, float))}})
-    del engine, model
+    if bundled:
+        info["quality"] = quality(model)
+    del engine, engine8, model
     return info, runs
 
 
@@ -238,6 +246,28 @@ def llama_cpp_runs(py: str, file: Path, ids: list[int], args, threads: int) -> t
         print(f"llama.cpp on {file.name} {'(repacked)' if extra else '(no repack)'} failed, exit {p.returncode}",
               flush=True)
     sys.exit(f"llama.cpp failed on {file}:\n{p.stdout[-1000:]}\n{p.stderr[-3000:]}")
+
+
+def quality(model, windows: int = 8) -> dict[str, float]:
+    """The test-time protocol on the bundled eval texts (windows of 512 tokens, the first 256 the prompt, the rest
+    scored; `windows` per domain): mean continuation perplexity of the four domains, dense and μ-MoE column (the
+    bundled model is only 256 wide: column needs ρ ≈ 0.9 on it), with and without the int8 copies; column 1.0 int8
+    keeps every column: the int8 copies' own effect."""
+    from mumoe.loading import DATA, load_tokenizer
+    from mumoe.observe.calib import tokenize, windows as make_windows
+    from mumoe.testtime import continuation_perplexity
+
+    tok = load_tokenizer("default")
+    runs = {"dense": dict(masks=None, per_prompt=False), "column 0.9": dict(active=0.9, structure="column"),
+            "column 0.9 int8": dict(active=0.9, structure="column", int8=True),
+            "column 1.0 int8": dict(active=1.0, structure="column", int8=True)}
+    out = {}
+    for name, kw in runs.items():
+        ppl = [continuation_perplexity(model, make_windows(tokenize(tok, (DATA / d / "eval.txt").read_text("utf-8")),
+                                                           512, windows), 256, **kw)["ppl"]
+               for d in ("code", "docs", "kernel", "prose")]
+        out[name] = sum(ppl) / len(ppl)
+    return out
 
 
 def read_shape(model) -> dict:
@@ -333,12 +363,13 @@ def report(name: str, entry: dict, bw: float) -> None:
           "| overhead / its dense prefill | statistics + select + apply + undo ms |")
     print("|---|---|---|---|---|---|---|---|")
     for dtype, info in entry["mumoe"].items():
-        elem = 4 if "float32" in info["dtype"] else 2
         label = info["dtype"].replace("torch.", "")
         for cname, rows in info["runs"].items():
+            elem = 4 if "float32" in info["dtype"] else 2
             tok = med(rows, "decode_tok_s")
             share = med(rows, "read_weights") / med(rows, "prunable_weights") if "read_weights" in rows[0] else 1.0
-            bound = bw * 1e9 / (per_token(info, share) * elem)
+            fixed = per_token(info, 0.0)  # read in the model's dtype; the prunable part int8 where int8
+            bound = bw * 1e9 / (fixed * elem + (per_token(info, share) - fixed) * (1 if "int8" in cname else elem))
             parts = [med(rows, k) * 1000 if k in rows[0] else 0.0
                      for k in ("statistics_s", "select_s", "apply_s", "undo_s")]
             over = sum(parts) / 1000 / info["plain_prefill_s"]
@@ -351,6 +382,10 @@ def report(name: str, entry: dict, bw: float) -> None:
         bound = bw * 1e9 / (entry["gguf_bytes"][q] * per_token(first) / first["params"])
         print(f"| llama.cpp {label} | {tok:.1f} | {tok / dense_tok:.2f} | {bound:.0f} | {med(rows, 'ttft_s'):.3f} | "
               f"{med(rows, 'ttft_s') / dense_ttft:.2f} | – | – |")
+    for info in entry["mumoe"].values():
+        if "quality" in info:
+            print(f"quality ({info['dtype'].replace('torch.', '')}, test-time protocol, mean continuation ppl of 4 "
+                  "domains): " + ", ".join(f"{k} {v:.3f}" for k, v in info["quality"].items()))
     goals(name, entry)
 
 
@@ -360,12 +395,12 @@ def goals(name: str, entry: dict) -> None:
     for info in entry["mumoe"].values():
         runs, label = info["runs"], info["dtype"].replace("torch.", "")
         dense, ttft = med(runs["dense"], "decode_tok_s"), med(runs["dense"], "ttft_s")
-        line = [f"{name} {label}:"]
+        line = [f"{name} {label}"]
         if "f16" in peer:
             line.append(f"dense / llama.cpp f16 {dense / peer['f16']:.2f} (goal ≥ {0.5 if name == 'bundled' else 0.8})")
-        if "q4km" in peer and "column 0.5" in runs:
-            line.append(f"column 0.5 / llama.cpp Q4_K_M {med(runs['column 0.5'], 'decode_tok_s') / peer['q4km']:.2f} "
-                        "(goal > 1)")
+        for c in ("column 0.5", "column 0.5 int8"):
+            if "q4km" in peer and c in runs:
+                line.append(f"{c} / llama.cpp Q4_K_M {med(runs[c], 'decode_tok_s') / peer['q4km']:.2f} (goal > 1)")
         pruned = {c: r for c, r in runs.items() if c != "dense"}
         if pruned:
             over = {c: sum(med(r, k) for k in ("statistics_s", "select_s", "apply_s", "undo_s") if k in r[0])
@@ -375,7 +410,7 @@ def goals(name: str, entry: dict) -> None:
             t = {c: med(r, "ttft_s") / ttft for c, r in pruned.items()}
             worst = max(t, key=t.get)
             line.append(f"largest TTFT / dense {t[worst]:.2f} ({worst}; goal ≤ 1.1)")
-        print("; ".join(line))
+        print(line[0] + ": " + "; ".join(line[1:]))
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py [--clients 8] [--requests 64] [--max-tokens 32] [--prompt-tokens 128]
                                     [--max-queue 4] [--model default] [--json PATH]
+                                    [--peer-python LLAMA_VENV/bin/python --peer-gguf MODEL-f16.gguf]
 
 Starts the real CLI (`mumoe serve`, a subprocess) on a free port with a TAER task library built for the run
 (`mumoe taer build`, the bundled domains' calibration splits, keep 8 of 16), then for each mode sends --requests
@@ -17,6 +18,9 @@ The queue is kept small (--max-queue) so that some requests are refused with 503
 answered, 503s seen, p50/p95 latency (first send to answer, retries included), decode throughput (completion
 tokens / wall time), mean pruning overhead (from the responses), and the server's own counters. Then the same dense
 requests run in-process (`Engine.run`, no HTTP, one at a time) for the cost of serving itself.
+
+With --peer-python/--peer-gguf the same dense requests (1 client, then --clients) go to llama-cpp-python's
+server (`python -m llama_cpp.server`, threads = the cores) on the model's GGUF, and the ratios are printed.
 
 Not in CI (about 3 minutes on 2 cores); results go to benchmarks/results/serve_load.json.
 """
@@ -40,6 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
 MODES = {"dense": None, "mu-moe column 0.5": {"active": 0.5, "structure": "column"}, "experts 8": {"experts": 8},
          "taer auto": {"task": "auto"}}
+
+
+PEERS: set[str] = set()  # URLs of the llama.cpp peer server
 
 
 def prompts(n: int, length: int) -> list[list[int]]:
@@ -75,7 +82,35 @@ def start(model: str, lib: Path, max_queue: int) -> tuple[subprocess.Popen, str]
                          "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def start_peer(python: str, gguf: str) -> tuple[subprocess.Popen, str]:
+    """llama-cpp-python's OpenAI server (`python -m llama_cpp.server`) on `gguf`, threads = the cores, on a free
+    port; returns once /v1/models answers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cores = str(os.cpu_count() or 2)
+    proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port",
+                             str(port), "--n_threads", cores, "--n_threads_batch", cores, "--n_ctx", "512"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if requests.get(url + "/v1/models", timeout=2).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"llama_cpp.server exited with {proc.returncode}")
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("llama_cpp.server did not start in 120 s")
+
+
 def counters(url: str) -> dict[str, float]:
+    if url in PEERS:  # not a mumoe server: no Prometheus counters
+        return {}
     out = {}
     for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
         if line and not line.startswith("#") and "_bucket" not in line and "_created" not in line:
@@ -84,7 +119,8 @@ def counters(url: str) -> dict[str, float]:
     return out
 
 
-def run_mode(url: str, model: str, ext: dict | None, work: list[list[int]], clients: int, max_tokens: int) -> dict:
+def run_mode(url: str, model: str, ext: dict | None, work: list[list[int]] | list[str], clients: int,
+             max_tokens: int) -> dict:
     todo = list(enumerate(work))
     lock = threading.Lock()
     lat, tokens, overhead, refused, errors, tasks = [], [], [], [0], [], {}
@@ -115,8 +151,8 @@ def run_mode(url: str, model: str, ext: dict | None, work: list[list[int]], clie
                 data = r.json()
                 lat.append(dt)
                 tokens.append(data["usage"]["completion_tokens"])
-                overhead.append(data["mumoe"]["overhead_ms"])
-                if "task" in data["mumoe"]:
+                overhead.append(data["mumoe"]["overhead_ms"] if "mumoe" in data else 0.0)
+                if "task" in data.get("mumoe", {}):
                     tasks[data["mumoe"]["task"]] = tasks.get(data["mumoe"]["task"], 0) + 1
 
     before = counters(url)
@@ -192,6 +228,9 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-queue", type=int, default=4)
     ap.add_argument("--json", default=str(RESULTS))
+    ap.add_argument("--peer-python", help="python of a venv with llama-cpp-python[server]: its server on --peer-gguf "
+                    "gets the dense phases too (e.g. the files benchmarks/peer_decode.py makes)")
+    ap.add_argument("--peer-gguf", help="the GGUF of --model for the llama.cpp server (e.g. bundled-f16.gguf)")
     args = ap.parse_args()
     work = prompts(args.requests, args.prompt_tokens)
     results = {"machine": f"{os.cpu_count()} CPUs", "clients": args.clients, "requests": args.requests,
@@ -214,6 +253,28 @@ def main() -> int:
             proc.terminate()
             rc = proc.wait(60)
         results["server_exit_code"] = rc
+    if args.peer_python and args.peer_gguf:
+        from mumoe.loading import load_tokenizer
+
+        tok = load_tokenizer(args.model)  # llama_cpp.server takes text prompts only: the same windows as text
+        texts = [tok.decode(ids) for ids in work]
+        proc, url = start_peer(args.peer_python, args.peer_gguf)
+        PEERS.add(url)
+        try:
+            for name, clients in (("llama.cpp server, 1 client", 1), (f"llama.cpp server, {args.clients} clients",
+                                                                       args.clients)):
+                r = run_mode(url, args.model, None, texts, clients, args.max_tokens)
+                results["modes"][name] = r
+                print(f"{name:18s} {r['answered']}/{r['sent']} answered  p50 {r['p50_s']:.2f}s  p95 {r['p95_s']:.2f}s  "
+                      f"{r['tokens_per_s']:.1f} tok/s", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        for clients, ours, peer in ((1, "dense, 1 client", "llama.cpp server, 1 client"),
+                                    (args.clients, "dense", f"llama.cpp server, {args.clients} clients")):
+            ratio = results["modes"][ours]["tokens_per_s"] / results["modes"][peer]["tokens_per_s"]
+            results[f"mumoe_over_llama_cpp_{clients}"] = ratio
+            print(f"dense tokens/s, {clients} client(s): mumoe serve / llama_cpp.server = {ratio:.2f} (goal ≥ 0.8)")
     direct = in_process(args.model, work, args.max_tokens)
     results["in_process_dense"] = direct
     one = results["modes"]["dense, 1 client"]

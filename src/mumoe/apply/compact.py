@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..models import adapter_for
+from .int8 import int8_copy, int8_linear, pad_k
 from ..models.swap import restore_forward, set_forward
 from ..settings import TensorCache
 
@@ -135,40 +136,65 @@ def prepare_columns(model: nn.Module) -> int:
 
 class CompactLinear(nn.Module):
     """y = W[rows][:, keep] · x[..., keep] + b[rows]. weight [r, k] (r = d_out without `rows`), keep [k].
-    gather_input=False: the input already holds exactly the kept columns, in `keep`'s order."""
+    gather_input=False: the input already holds exactly the kept columns, in `keep`'s order. int8: the kept part of
+    the weight's int8 copy (`apply.int8`) instead — `qweight` [r, k] int8 and `scale` [r] — and `weight` is None."""
 
     def __init__(self, linear: nn.Linear, keep: torch.Tensor, out: torch.Tensor | None = None,
-                 rows: torch.Tensor | None = None, gather_input: bool = True) -> None:
+                 rows: torch.Tensor | None = None, gather_input: bool = True, int8: bool = False) -> None:
         super().__init__()
         self.original = linear
         self.gather_input = gather_input
         self.register_buffer("keep", keep.to(linear.weight.device), persistent=False)
         if rows is not None:
             rows = rows.to(linear.weight.device)
-        self.weight = nn.Parameter(gather_columns(linear.weight.detach(), self.keep, out, rows), requires_grad=False)
+        if int8:
+            q, scale = int8_copy(linear.weight)
+            self.weight = None
+            self.qweight = pad_k(gather_columns(q, self.keep, out, rows))  # [r, k'] int8, k' = k rounded up to 16
+            self.scale = scale if rows is None else scale[rows]  # [r]
+        else:
+            self.weight = nn.Parameter(gather_columns(linear.weight.detach(), self.keep, out, rows),
+                                       requires_grad=False)
         self.bias = linear.bias if rows is None or linear.bias is None else nn.Parameter(
             linear.bias.detach()[rows], requires_grad=False)
 
+    @property
+    def read(self) -> int:
+        """Elements of the compacted matrix (what a decoded token reads)."""
+        return self.keep.numel() * (self.qweight if self.weight is None else self.weight).shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x.index_select(-1, self.keep) if self.gather_input else x, self.weight, self.bias)
+        x = x.index_select(-1, self.keep) if self.gather_input else x
+        if self.weight is None:
+            return int8_linear(x, self.qweight, self.scale, self.bias)
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid: torch.Tensor, undo: "Compaction",
-                             skip_unused: bool = True):
+                             skip_unused: bool = True, int8: bool = False):
     """keep_in [E, kH] input columns of gate_up per expert; keep_mid [E, kI] intermediate columns of down.
     skip_unused: gate_up keeps only the gate and up rows of the kept channels, [2kI, kH] per expert (else all
     2I rows, and the intermediate is gathered)."""
     E, kH, kI = keep_in.shape[0], keep_in.shape[1], keep_mid.shape[1]
     gate_up, down = layer.experts.gate_up_proj.detach(), layer.experts.down_proj.detach()
     I, H = down.shape[2], down.shape[1]
+    gu_scale = dn_scale = None
+    if int8:  # gather from the int8 copies; scales of the kept rows
+        (gate_up, gu_scale), (down, dn_scale) = int8_copy(layer.experts.gate_up_proj), int8_copy(layer.experts.down_proj)
     n_gu = 2 * (kI if skip_unused else I)  # gate_up rows kept per expert
-    buf_gu, rel = _claim(layer.experts.gate_up_proj, E * n_gu * kH)
+    buf_gu, rel = _claim(gate_up if int8 else layer.experts.gate_up_proj, E * n_gu * kH)
     undo += rel
-    buf_dn, rel = _claim(layer.experts.down_proj, E * H * kI)
+    buf_dn, rel = _claim(down if int8 else layer.experts.down_proj, E * H * kI)
     undo += rel
     rows = [torch.cat([keep_mid[e], I + keep_mid[e]]) if skip_unused else None for e in range(E)]
     gu = [gather_columns(gate_up[e], keep_in[e], buf_gu[e * n_gu * kH :], rows[e]) for e in range(E)]  # E × [n_gu, kH]
     dn = [gather_columns(down[e], keep_mid[e], buf_dn[e * H * kI :]) for e in range(E)]  # E × [H, kI]
+    if int8:  # the kernel's K in blocks of 16
+        gu, dn = [pad_k(w) for w in gu], [pad_k(w) for w in dn]
+    gu_s = [None if gu_scale is None else gu_scale[e] if rows[e] is None else gu_scale[e][rows[e]] for e in range(E)]
+
+    def linear(x, w, b, scale):
+        return nn.functional.linear(x, w, b) if scale is None else int8_linear(x, w, scale, b)
     undo.weights += E * (n_gu * kH + H * kI)
     gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I], [E, H] where the experts have biases
     gu_b = [None if gu_bias is None else gu_bias[e] if rows[e] is None else gu_bias[e][rows[e]] for e in range(E)]
@@ -178,11 +204,12 @@ def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid: torch.Tenso
         for e in torch.unique(top_k_index).tolist():
             tok, slot = torch.where(top_k_index == e)
             x = hidden_states[tok].index_select(-1, keep_in[e])  # [n, kH]
-            gate, up = nn.functional.linear(x, gu[e], gu_b[e]).chunk(2, dim=-1)  # [n, kI] (skip_unused) or [n, I]
+            gate, up = linear(x, gu[e], gu_b[e], gu_s[e]).chunk(2, dim=-1)  # [n, kI] (skip_unused) or [n, I]
             h = layer.activate(gate, up)
             if not skip_unused:
                 h = h.index_select(-1, keep_mid[e])  # [n, kI]
-            y = nn.functional.linear(h, dn[e], None if dn_bias is None else dn_bias[e]) * top_k_weights[tok, slot, None]
+            y = linear(h, dn[e], None if dn_bias is None else dn_bias[e], None if dn_scale is None else dn_scale[e])
+            y = y * top_k_weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 
@@ -227,10 +254,12 @@ def _put(owner, attr: str, value) -> None:
         setattr(owner, attr, value)
 
 
-def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool = True) -> Compaction:
+def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool = True,
+            int8: bool = False) -> Compaction:
     """Swap in compacted modules / expert forwards for column-structured `masks` (bool masks of each weight's
     shape, or the kept input columns themselves: LongTensor [..., k]); returns the undo list.
-    skip_unused: also drop the MLP rows whose outputs the masked consumer never reads (same outputs)."""
+    skip_unused: also drop the MLP rows whose outputs the masked consumer never reads (same outputs). int8: the
+    compacted matrices come from the weights' int8 copies (`apply.int8`: weight-only, per-row scales)."""
     adapter = adapter_for(model)
     modules = dict(model.named_modules())
     keep_of = {name: _columns(m) if m.dtype == torch.bool else m  # param name -> kept input columns [..., k]
@@ -251,18 +280,18 @@ def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool 
             lin = getattr(parent, attr)
             keep, rows = keep_of[name], rows_of.get(mod_name)
             n_rows = lin.weight.shape[0] if rows is None else rows.numel()
-            buf, rel = _claim(lin.weight, n_rows * keep.numel())
+            buf, rel = _claim(int8_copy(lin.weight)[0] if int8 else lin.weight, n_rows * keep.numel())
             undo += rel
-            small = CompactLinear(lin, keep, buf, rows, gather_input=mod_name not in pre_gathered)
+            small = CompactLinear(lin, keep, buf, rows, gather_input=mod_name not in pre_gathered, int8=int8)
             undo.swap(parent, attr, small)
-            undo.weights += small.weight.numel()
+            undo.weights += small.read
     names = {id(m): n for n, m in modules.items()}
     for layer in adapter.moe_layers():
         prefix = names[id(layer.experts)]
         if f"{prefix}.gate_up_proj" in masks:
             keep_in = keep_of[f"{prefix}.gate_up_proj"]  # [E, kH]
             keep_mid = keep_of[f"{prefix}.down_proj"]  # [E, kI]
-            forward = _compact_experts_forward(layer, keep_in, keep_mid, undo, skip_unused)
+            forward = _compact_experts_forward(layer, keep_in, keep_mid, undo, skip_unused, int8)
             undo.swap(layer.experts, "forward", types.MethodType(forward, layer.experts))
     return undo
 

@@ -16,6 +16,8 @@ def _check_generate_args(args) -> None:
     check_positive(getattr(args, "max_new_tokens", None), "--max-new-tokens", 0)
     if getattr(args, "structure", None) is not None:
         parse_structure(args.structure)
+    if getattr(args, "int8", False) and args.structure != "column":
+        raise MumoeError("--int8 decodes compacted columns: it needs --structure column")
     check_model(args.model)
     check_device(args.device)
 
@@ -64,7 +66,7 @@ def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
     print(args.prompt, end="", flush=True)  # then each new piece of text as it is decoded
-    res = generate(model, ids, args.active, args.structure, max_new_tokens=args.max_new_tokens,
+    res = generate(model, ids, args.active, args.structure, int8=args.int8, max_new_tokens=args.max_new_tokens,
                    do_sample=False, pad_token_id=tok.eos_token_id,
                    streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
     stats = res.statistics_seconds  # measured inside the hooks
@@ -125,6 +127,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--active", type=float, default=0.5, help="active-weight ratio rho in (0, 1] (default 0.5)")
     sp.add_argument("--structure", default="row", help="row (default), N:M (e.g. 2:4) or column (compacted "
                     "decode: whole input columns dropped; lossy on a model as narrow as the bundled one)")
+    sp.add_argument("--int8", action="store_true", help="with --structure column: decode with the kept columns of "
+                    "int8 copies of the weights (weight-only, per-row scales, a CPU int8 kernel; default off)")
     sp.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate, greedy (default 48)")
     add_skip_args(sp, calib=True)
     sp.set_defaults(func=cmd_generate)

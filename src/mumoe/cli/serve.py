@@ -121,7 +121,7 @@ def cmd_serve(args) -> int:
 
         skip = prepare(args, model, tok, int(getattr(model.config, "max_position_embeddings", None) or 512), 8)
     engine = Engine(model, tok, name, _serve_defaults(args), library, source_dir(args.model), args.max_task_models,
-                    template, taer_only=args.taer_only, skip=skip)
+                    template, taer_only=args.taer_only, skip=skip, int8=args.int8)
     d = engine.defaults
     mode = {"dense": "dense", "mu-moe": f"μ-MoE ρ={d.active:g} ({d.structure})", "experts": f"{d.experts} experts "
             "per layer per prompt", "task": f"TAER task {d.task}"}[d.kind]
@@ -176,6 +176,9 @@ def add_parser(sub) -> None:
     sp.add_argument("--active", type=float, default=1.0, help="default μ-MoE active-weight ratio rho in (0, 1] "
                     "(default 1 = dense)")
     sp.add_argument("--structure", default="row", help="default μ-MoE structure: row (default), N:M or column")
+    sp.add_argument("--int8", action="store_true", help="μ-MoE column requests decode with matrices gathered from "
+                    "int8 copies of the weights (weight-only, per-row scales; made once at the first such request, "
+                    "+1/4 of the fp32 weights in memory; default off)")
     sp.add_argument("--experts", type=int, help="default per-prompt expert pruning: keep this many experts per layer "
                     "(the prompt's own TCESS; default off)")
     add_skip_args(sp, calib=True)

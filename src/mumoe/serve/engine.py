@@ -123,10 +123,11 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, name: str, defaults: Pruning | None = None,
                  library=None, model_path: str | None = None, max_task_models: int = 2,
-                 chat_template: str | None = None, taer_only: bool = False, skip=None) -> None:
+                 chat_template: str | None = None, taer_only: bool = False, skip=None, int8: bool = False) -> None:
         """taer_only: `model` is TAER's matcher (the layers up to the first MoE router, `load_matcher`), not the
         full model: only task requests are served, each decoded by its task's model — the full model is never
-        in memory. skip: a `testtime.skip.SkipSetup` — dense requests skip experts per token as it says."""
+        in memory. skip: a `testtime.skip.SkipSetup` — dense requests skip experts per token as it says. int8:
+        μ-MoE column requests decode with matrices gathered from int8 copies of the weights (`apply.int8`)."""
         if tokenizer is None:
             raise MumoeError(f"{name} has no tokenizer; mumoe serve needs one")
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -140,6 +141,7 @@ class Engine:
             tokenizer.chat_template = chat_template
         self.library, self.model_path, self.taer_only = library, model_path, taer_only
         self.skip = skip
+        self.int8 = int8
         if taer_only and (library is None or model_path is None):
             raise MumoeError("a TAER-only server needs a task library and the checkpoint folder")
         if library is not None and not taer_only:
@@ -243,7 +245,8 @@ class Engine:
         key = (pruning.kind, pruning.active, pruning.structure, pruning.experts, pruning.task)
         if key not in self._protocols:
             if pruning.kind == "mu-moe":
-                self._protocols[key] = MuMoE(self.model, pruning.active, pruning.structure)
+                self._protocols[key] = MuMoE(self.model, pruning.active, pruning.structure,
+                                             int8=self.int8 and pruning.structure == "column")
             elif pruning.kind == "experts":
                 self._protocols[key] = Experts(pruning.experts)
             elif pruning.kind == "task":

@@ -22,14 +22,16 @@ from .prompt import PromptPruner
 @torch.no_grad()
 def continuation_perplexity(model: nn.Module, wins: torch.Tensor, prompt_len: int, active: float = 1.0,
                             structure: str = "row", masks: dict[str, torch.Tensor] | None = None,
-                            per_prompt: bool = True, progress: bool = False) -> dict:
-    """wins [N, L]. per_prompt=True: μ-MoE masks from each window's prompt; else `masks` (None = dense)."""
+                            per_prompt: bool = True, progress: bool = False, int8: bool = False) -> dict:
+    """wins [N, L]. per_prompt=True: μ-MoE masks from each window's prompt; else `masks` (None = dense).
+    int8 (column structure): the continuation is scored with the compacted matrices gathered from int8 copies of
+    the weights, as `mumoe generate --int8` decodes."""
     check_active(active)
     N, L = wins.shape
     if not 1 <= prompt_len <= L - 2:
         raise MumoeError(f"prompt length {prompt_len} must leave at least 2 continuation tokens of {L}")
     nll, count = 0.0, 0
-    pruner = PromptPruner(model, active, structure, compacted=per_prompt or masks is not None)
+    pruner = PromptPruner(model, active, structure, compacted=per_prompt or masks is not None, int8=int8)
     dev = next(model.parameters()).device
     for w in bar(wins, desc="test-time windows", enabled=progress, unit="win"):
         w = w[None].to(dev)

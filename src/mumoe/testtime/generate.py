@@ -35,17 +35,18 @@ class TestTimeResult:
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, active: float, structure: str = "row",
-             compacted: bool = True, **generate_kwargs) -> TestTimeResult:
+             compacted: bool = True, int8: bool = False, **generate_kwargs) -> TestTimeResult:
     """Generate a continuation of one prompt [L] or [1, L] with masks chosen from the prompt itself (the
     per-prompt protocol's μ-MoE, `protocol.MuMoE`). structure="column" decodes with compacted matrices and
     gathered inputs (compacted=False: zeroed columns); its first call stores the model's prunable weights
     column-major (`prepare_columns`, once per model, values unchanged) so that each prompt's compaction is a fast
-    row gather."""
+    row gather. int8 (column, compacted): the compacted matrices are gathered from int8 copies of the weights and
+    decoded by a weight-only int8 kernel (`apply.int8`)."""
     check_active(active)
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     if ids.numel() == 0:
         raise MumoeError("empty prompt")
-    per_prompt = MuMoE(model, active, structure, compacted)
+    per_prompt = MuMoE(model, active, structure, compacted, int8)
     t0 = time.perf_counter()
     prefilled = per_prompt.prefill(model, ids)
     t1 = time.perf_counter()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..apply.compact import Compaction, compact, prepare_columns, uncompact
+from ..apply.int8 import int8_copy
 from ..apply.masking import swap_masked, unswap
 from ..errors import MumoeError
 from ..observe.collectors import input_norms
@@ -35,15 +36,26 @@ class PromptPruner:
     Then per prompt: `prefill` (dense, with the statistics hooks; returns the KV cache), `select` (the masks),
     `applied` (masked or compacted for the decode, undone on exit, also on error)."""
 
-    def __init__(self, model: nn.Module, active: float, structure: str = "row", compacted: bool = True) -> None:
+    def __init__(self, model: nn.Module, active: float, structure: str = "row", compacted: bool = True,
+                 int8: bool = False) -> None:
+        """int8: the column structure decodes with matrices gathered from int8 copies of the weights (`apply.int8`;
+        made here, once per model; the weights themselves and the prefill are unchanged)."""
         self.model = model
         self.active = check_active(active)
         parse_structure(structure)
         self.structure = structure
         self.compacted = structure == "column" and compacted
-        if self.compacted:
-            prepare_columns(model)  # once per model: column gathers become row copies
+        if int8 and not self.compacted:
+            raise MumoeError("int8 decoding needs the column structure, compacted (--structure column)")
+        self.int8 = int8
         self.params = dict(model.named_parameters())
+        if int8:
+            from ..models.prunable import prunable_names
+
+            for name in prunable_names(model):  # once per model: the int8 copies the compactions gather from
+                int8_copy(self.params[name])
+        elif self.compacted:
+            prepare_columns(model)  # once per model: column gathers become row copies
 
     def prefill(self, ids: torch.Tensor, timing: dict | None = None):
         """Dense prefill of ids [1, L] with the statistics hooks. -> (norms, KV cache)"""
@@ -72,7 +84,7 @@ class PromptPruner:
         if masks is None:
             yield None
             return
-        undo = compact(self.model, masks) if self.compacted else swap_masked(self.params, masks)
+        undo = compact(self.model, masks, int8=self.int8) if self.compacted else swap_masked(self.params, masks)
         try:
             yield undo
         finally:

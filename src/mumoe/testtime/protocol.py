@@ -89,8 +89,9 @@ class MuMoE(PerPrompt):
 
     kind = "mu-moe"
 
-    def __init__(self, model: nn.Module, active: float, structure: str = "row", compacted: bool = True) -> None:
-        self.pruner = PromptPruner(model, active, structure, compacted)
+    def __init__(self, model: nn.Module, active: float, structure: str = "row", compacted: bool = True,
+                 int8: bool = False) -> None:
+        self.pruner = PromptPruner(model, active, structure, compacted, int8)
 
     def prefill(self, model: nn.Module, x: torch.Tensor) -> Prefilled:
         timing: dict = {}
@@ -99,6 +100,8 @@ class MuMoE(PerPrompt):
         masks = self.pruner.select(norms)  # kept columns (column, compacted) or masks
         kept, total = self.pruner.counts(masks)
         info = {"kind": self.kind, "active": self.pruner.active, "structure": self.pruner.structure}
+        if self.pruner.int8:
+            info["int8"] = True
         stats = {"removed_weights": total - kept, "kept_weights": kept, "prunable_weights": total,
                  "statistics_s": timing["hooks_s"], "select_s": time.perf_counter() - t1}
 
