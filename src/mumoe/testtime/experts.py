@@ -4,11 +4,11 @@ request's own dense prefill routes to most, and drop every other expert.
 The score is PreMoe's TCESS computed on the prompt alone: for router logits s(t) [E] of the prompt's tokens,
     TCESS_i = (1/T) Σ_t s_i(t)·1[i = argmax s(t)]
 with ties (experts that are never the arg-max of any prompt token all score 0) broken by the mean softmax
-probability over the prompt, then by index. The kept set is applied by slicing the router's rows (`apply.experts.slice_layer`, the
-operation an offline pruned export uses, on the router alone) and mapping its picks back to the experts' own
-numbering, undone on exit: inside the block the model computes what the model pruned to those experts computes —
-routing renormalizes over the kept experts exactly as an exported checkpoint's does — without copying any expert
-tensor per request.
+probability over the prompt, then by index. The kept set is applied by slicing the router's rows
+(`apply.experts.slice_layer`, the operation an offline pruned export uses, on the router alone) and mapping its
+picks back to the experts' own numbering, undone on exit: inside the block the model computes what the model
+pruned to those experts computes — routing renormalizes over the kept experts exactly as an exported checkpoint's
+does — without copying any expert tensor per request.
 """
 
 from __future__ import annotations
