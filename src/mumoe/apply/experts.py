@@ -10,6 +10,9 @@ from ..models import MoELayer, adapter_for, moe_adapter_for
 from ..models.base import COUNT_ATTRS
 
 
+EXPERT_TENSOR_NAMES = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")  # [E, ...] each
+
+
 def _slice_param(module: nn.Module, name: str, idx: torch.Tensor, inplace: bool = False, dim: int = 0) -> None:
     tensor = getattr(module, name, None)
     if tensor is None:
@@ -47,7 +50,7 @@ def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False, router:
             raise MumoeError(f"layer {layer.index}: group-limited router needs the same number of kept experts "
                              f"in every group, got {counts.tolist()}")
     idx = torch.tensor(keep, dtype=torch.long)
-    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias") if experts else ():
+    for name in EXPERT_TENSOR_NAMES if experts else ():
         _slice_param(layer.experts, name, idx, inplace)
     for rt in layer.router_tensors if router else ():
         _slice_param(rt.module, rt.name, idx, inplace, rt.dim)

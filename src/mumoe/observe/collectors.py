@@ -226,15 +226,6 @@ class ExpertStats(Collector):
         self._on_device = False
         self._obs: Observation | None = None
 
-    def _segment_sq(self, x: torch.Tensor, expert: torch.Tensor, E: int) -> torch.Tensor:
-        """Σ x_sj² per column over the rows of each expert: x [S, d], expert [S] -> [E, d] (fp32 within the pass,
-        like `_col_sq`; float64 result). One index_add over all rows instead of a loop over the experts."""
-        x = x.detach().float()
-        if self._scratch is None or self._scratch.numel() < x.numel() or self._scratch.device != x.device:
-            self._scratch = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
-        sq = torch.mul(x, x, out=self._scratch[: x.numel()].view(x.shape))
-        return torch.zeros(E, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, expert, sq).double()
-
     def attach(self, obs: Observation) -> None:
         self._obs = obs
 
@@ -420,21 +411,22 @@ class InputNorms(Collector):
         self._scratch: torch.Tensor | None = None  # x² of the largest input so far, reused (no page faults)
         self._obs: Observation | None = None
 
-    def _col_sq(self, x: torch.Tensor) -> torch.Tensor:
-        """Σ_t x_tj² per column of x [T, d]: fp32 within one pass (relative error ~1e-7), float64 across passes."""
+    def _squares(self, x: torch.Tensor) -> torch.Tensor:
+        """x² in fp32 [T, d], written into a scratch buffer reused across calls (no page faults)."""
         x = x.detach().float()  # a backward pass (HEAPr in the same pass) must not track the statistics
         if self._scratch is None or self._scratch.numel() < x.numel() or self._scratch.device != x.device:
             self._scratch = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
-        return torch.mul(x, x, out=self._scratch[: x.numel()].view(x.shape)).sum(0).double()
+        return torch.mul(x, x, out=self._scratch[: x.numel()].view(x.shape))
+
+    def _col_sq(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_t x_tj² per column of x [T, d]: fp32 within one pass (relative error ~1e-7), float64 across passes."""
+        return self._squares(x).sum(0).double()
 
     def _segment_sq(self, x: torch.Tensor, expert: torch.Tensor, E: int) -> torch.Tensor:
         """Σ x_sj² per column over the rows of each expert: x [S, d], expert [S] -> [E, d] (fp32 within the pass,
         like `_col_sq`; float64 result). One index_add over all rows instead of a loop over the experts."""
-        x = x.detach().float()
-        if self._scratch is None or self._scratch.numel() < x.numel() or self._scratch.device != x.device:
-            self._scratch = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
-        sq = torch.mul(x, x, out=self._scratch[: x.numel()].view(x.shape))
-        return torch.zeros(E, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, expert, sq).double()
+        sq = self._squares(x)
+        return torch.zeros(E, sq.shape[1], dtype=torch.float32, device=sq.device).index_add_(0, expert, sq).double()
 
     def attach(self, obs: Observation) -> None:
         self._obs = obs

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..apply.experts import count_modules, slice_layer
+from ..apply.experts import EXPERT_TENSOR_NAMES, count_modules, slice_layer
 from ..models.base import COUNT_ATTRS
 from ..errors import MumoeError
 from ..models import MoELayer, moe_adapter_for
@@ -151,5 +151,4 @@ def experts_kept(model: nn.Module, keep: dict[int, list[int]] | None) -> Iterato
 
 def _expert_tensors(layer: MoELayer) -> list[torch.Tensor]:
     """The routed experts' own tensors [E, ...] (weights and biases)."""
-    names = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
-    return [t for n in names if (t := getattr(layer.experts, n, None)) is not None]
+    return [t for n in EXPERT_TENSOR_NAMES if (t := getattr(layer.experts, n, None)) is not None]
