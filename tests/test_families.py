@@ -49,7 +49,7 @@ ROUTING = {
     "deepseek_v2": spec(renorm=False, scale="routed_scaling_factor"),  # greedy top-k, never renormalized
     "ernie4_5_moe": spec(bias=True, renorm=True),  # softmax, + moe_statics bias for the choice
     "flex_olmo": spec(), "granitemoe": spec(renorm=True), "granitemoe_swa": spec(renorm=True),
-    "granitemoeshared": spec(renorm=True), "hunyuan_v1_moe": spec(renorm=True), "jamba": spec(renorm=False),
+    "granitemoeshared": spec(renorm=True), "granitemoehybrid": spec(renorm=True), "hunyuan_v1_moe": spec(renorm=True), "jamba": spec(renorm=False),
     "lara_mini": spec(), "mellum": spec(), "minimax": spec(renorm=True), "qwen3_next": spec(),
     "qwen3_5_moe_text": spec(), "phimoe": spec(act="sparsemixer"),
     "afmoe": spec(act="sigmoid", bias=True, renorm=True, scale="route_scale"),

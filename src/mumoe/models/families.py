@@ -93,6 +93,9 @@ FlexOlmo = family("FlexOlmoAdapter", ("flex_olmo",), expert_width_key="intermedi
 GraniteMoe = family("GraniteMoeAdapter", ("granitemoe", "granitemoeshared"), _LogitsScaling,
                     expert_width_key="intermediate_size", expert_count_key="num_local_experts")
 GraniteMoeSWA = family("GraniteMoeSWAAdapter", ("granitemoe_swa",), GraniteMoe)  # per-theta rotary embeddings
+# Granite 4.0-H: Mamba-2 or attention mixers, then the sparse block plus a dense `shared_mlp` on the decoder layer
+# (outside the block: a dense MLP here, never a routed expert)
+GraniteMoeHybrid = family("GraniteMoeHybridAdapter", ("granitemoehybrid",), GraniteMoe)
 HunyuanV1Moe = family("HunyuanV1MoeAdapter", ("hunyuan_v1_moe",), NoWidthKeyAdapter,
                       expert_width_key="intermediate_size", shared_names=("shared_mlp",))
 Jamba = family("JambaAdapter", ("jamba",), NoWidthKeyAdapter, expert_width_key="intermediate_size",
@@ -136,7 +139,7 @@ SolarOpen = family("SolarOpenAdapter", ("solar_open",), SharedWidthAdapter, expe
                    **_SIGMOID)
 
 FAMILY_ADAPTERS: tuple[type[Adapter], ...] = (
-    Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, GraniteMoeSWA, HunyuanV1Moe, Jamba, LaraMini, Mellum,
+    Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, GraniteMoeSWA, GraniteMoeHybrid, HunyuanV1Moe, Jamba, LaraMini, Mellum,
     MiniMax, Phimoe, Qwen3Next, Qwen35MoeVL, Afmoe, DeepseekV32, Dots1, ExaoneMoe, Glm4Moe, GlmMoeDsa, HYV3,
     KimiLinear, Kolibri1, Laguna, MimoV2Flash, MiniCPM5Moe, MiniMaxM2, SolarOpen,
 )
@@ -149,5 +152,4 @@ NOT_YET: dict[str, tuple[str, str]] = {
     "longcat_flash": ("zero-computation (identity) experts", "deepseek_v3"),
     "deepseek_v4": ("hash routing and hyper-connections", "deepseek_v3"),
     "hy_v4": ("hyper-connections around the blocks", "hy_v3"),
-    "granitemoehybrid": ("Mamba layers with a shared MLP outside the block", "granitemoe"),
 }
