@@ -44,7 +44,7 @@ ROUTING = {
     "mixtral": spec(renorm=True), "qwen2_moe": spec(), "qwen3_moe": spec(), "olmoe": spec(),
     "deepseek_v3": _DSV3, "deepseek_v32": _DSV3, "dots1": _DSV3, "exaone_moe": _DSV3, "glm4_moe": _DSV3,
     "glm4_moe_lite": _DSV3, "glm_moe_dsa": _DSV3, "kimi_linear": _DSV3, "mimo_v2_flash": _DSV3,
-    "minicpm5_moe": _DSV3, "solar_open": _DSV3,
+    "minicpm5_moe": _DSV3, "solar_open": _DSV3, "nemotron_h": _DSV3,
     "cohere2_moe": spec(renorm=True),  # top-k of the logits, softmax over those k
     "deepseek_v2": spec(renorm=False, scale="routed_scaling_factor"),  # greedy top-k, never renormalized
     "ernie4_5_moe": spec(bias=True, renorm=True),  # softmax, + moe_statics bias for the choice

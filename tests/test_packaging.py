@@ -112,7 +112,7 @@ def _logits(model, x):
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral", "granitemoe", "afmoe", "ernie4_5_moe",
-                                  "jamba", "hy_v3", "gpt_oss"])
+                                  "jamba", "hy_v3", "gpt_oss", "nemotron_h"])
 @pytest.mark.parametrize("grain", ["experts", "atoms"])
 def test_mumoe_form_loads_with_plain_transformers(tmp_path, arch, grain):
     """The non-uniform forms ship their modelling code: from_pretrained(trust_remote_code=True) gives the
@@ -121,7 +121,7 @@ def test_mumoe_form_loads_with_plain_transformers(tmp_path, arch, grain):
     model = mumoe.load(src, "fp32")
     x = ids(2, 16, seed=1)
     if grain == "experts":
-        if arch == "deepseek_v3":
+        if arch in ("deepseek_v3", "nemotron_h"):
             pytest.skip("group-limited routers take uniform budgets only")
         report = mumoe.prune(model, "random", 0.4, budget="global", seed=3)
         assert report.form == "mumoe"

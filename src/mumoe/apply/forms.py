@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Callable
 
@@ -79,14 +80,17 @@ def compact_atom_state(model: nn.Module, report: PruneReport) -> dict:
     for entry in report.layers:
         layer = layers[entry["layer"]]
         prefix = names[id(layer.experts)]
-        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias", *family_names(layer)):
             state.pop(f"{prefix}.{name}", None)
         I = layer.intermediate_size
         gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I] (gate, then up), [E, H] or None
         for ex in entry["experts"]:
             e, k = ex["expert"], torch.tensor(ex["kept"], dtype=torch.long)
             gu = layer.experts.gate_up_proj[e]
-            state[f"{prefix}.{e}.gate_up"] = torch.cat([gu[k], gu[k + I]]).contiguous()
+            if layer.gated:
+                state[f"{prefix}.{e}.gate_up"] = torch.cat([gu[k], gu[k + I]]).contiguous()
+            else:  # ungated experts (Nemotron-H): the up rows only
+                state[f"{prefix}.{e}.up"] = gu[k + I].contiguous()
             state[f"{prefix}.{e}.down"] = layer.experts.down_proj[e][:, k].contiguous()
             if gu_bias is not None:
                 state[f"{prefix}.{e}.gate_up_bias"] = torch.cat([gu_bias[e][k], gu_bias[e][k + I]]).contiguous()
@@ -94,6 +98,12 @@ def compact_atom_state(model: nn.Module, report: PruneReport) -> dict:
     for name, (kind, k) in shared_atom_keys(model, _shared_kept(report)).items():  # at their kept width
         state[name] = kept_part(state[name], kind, k).contiguous()
     return state
+
+
+def family_names(layer) -> tuple[str, ...]:
+    """The names the layer's experts module gives its fused tensors in its state dict where they are not mumoe's
+    (Nemotron-H's up_proj: `Layout.family_names`)."""
+    return tuple(getattr(getattr(layer.experts, "checkpoint_layout", None), "family_names", {}).values())
 
 
 def _shared_kept(report: PruneReport) -> dict[int, torch.Tensor]:
@@ -130,7 +140,7 @@ def fuse_legacy_experts(state: dict, model: nn.Module) -> dict:
 
     parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     out = {}
-    names = {n for n, _ in model.named_parameters()}
+    names = {n for n, _ in chain(model.named_parameters(), model.named_buffers())}  # (selection biases are buffers)
     for key, t in state.items():
         m = LEGACY.match(key)
         if m is None:
@@ -140,10 +150,14 @@ def fuse_legacy_experts(state: dict, model: nn.Module) -> dict:
         parts.setdefault(pre, {}).setdefault(int(m["e"]), {})[KIND[m["kind"]]] = t
     for pre, experts in parts.items():
         order = sorted(experts)
-        if order != list(range(len(order))) or any(len(experts[e]) != 3 for e in order):
+        gated = getattr(model.get_submodule(pre), "gated", True)  # Nemotron-H's experts: up and down only
+        if order != list(range(len(order))) or any(len(experts[e]) != 2 + gated for e in order):
             raise MumoeError(f"{pre}: per-expert tensors are incomplete")
-        out[f"{pre}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]])
-                                                  for e in order])
+        if gated:
+            out[f"{pre}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]])
+                                                      for e in order])
+        else:  # the family's own name: its experts module converts it on loading
+            out[f"{pre}.up_proj"] = torch.stack([experts[e]["up_proj"] for e in order])
         out[f"{pre}.down_proj"] = torch.stack([experts[e]["down_proj"] for e in order])
     return out
 
@@ -188,7 +202,7 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
         for entry in report.layers:
             layer = layers[entry["layer"]]
             prefix = names[id(layer.experts)]
-            fused |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
+            fused |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj", *(f"{prefix}.{n}" for n in family_names(layer))}
             layer.experts.gate_up_proj.zero_()
             layer.experts.down_proj.zero_()
             gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # experts with biases (GPT-OSS)
@@ -198,9 +212,12 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
             I = layer.intermediate_size
             for ex in entry["experts"]:
                 e, k = ex["expert"], torch.tensor(ex["kept"], dtype=torch.long)
-                gu = state.pop(f"{prefix}.{e}.gate_up")
-                layer.experts.gate_up_proj[e, k] = gu[: len(k)].to(dtype)
-                layer.experts.gate_up_proj[e, k + I] = gu[len(k):].to(dtype)
+                if layer.gated:
+                    gu = state.pop(f"{prefix}.{e}.gate_up")
+                    layer.experts.gate_up_proj[e, k] = gu[: len(k)].to(dtype)
+                    layer.experts.gate_up_proj[e, k + I] = gu[len(k):].to(dtype)
+                else:  # ungated experts: the up rows (the gate half stays zero)
+                    layer.experts.gate_up_proj[e, k + I] = state.pop(f"{prefix}.{e}.up").to(dtype)
                 layer.experts.down_proj[e][:, k] = state.pop(f"{prefix}.{e}.down").to(dtype)
                 if gu_bias is not None:
                     b = state.pop(f"{prefix}.{e}.gate_up_bias").to(dtype)
@@ -235,12 +252,16 @@ def _write_quant(model: nn.Module, tmp: Path, report: PruneReport) -> None:
     names = {id(m): n for n, m in model.named_modules()}
     state = _state_once(model)
     for entry in report.layers:
-        prefix = names[id(layers[entry["layer"]].experts)]
-        state.pop(f"{prefix}.gate_up_proj")
-        state.pop(f"{prefix}.down_proj")
+        layer = layers[entry["layer"]]
+        prefix = names[id(layer.experts)]
+        for name in ("gate_up_proj", "down_proj", *family_names(layer)):
+            state.pop(f"{prefix}.{name}", None)
         for ex in entry["experts"]:
             gu, down = quantized[(entry["layer"], ex["expert"])]
-            state.update(packed_tensors(f"{prefix}.{ex['expert']}.gate_up", gu))
+            if layer.gated:
+                state.update(packed_tensors(f"{prefix}.{ex['expert']}.gate_up", gu))
+            else:  # experts without a gate (Nemotron-H): the up rows (the gate half is zeros nothing reads)
+                state.update(packed_tensors(f"{prefix}.{ex['expert']}.up", gu.rows(layer.intermediate_size)))
             state.update(packed_tensors(f"{prefix}.{ex['expert']}.down", down))
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
@@ -256,12 +277,19 @@ def _read_quant(path: Path, dtype: torch.dtype) -> nn.Module:
         for entry in report.layers:
             layer = layers[entry["layer"]]
             prefix = names[id(layer.experts)]
-            filled |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
+            filled |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj", *(f"{prefix}.{n}" for n in family_names(layer))}
+            I = layer.intermediate_size
             for ex in entry["experts"]:
                 e, b = ex["expert"], int(ex["bits"])
-                gu = from_packed(state, f"{prefix}.{e}.gate_up", b, group, tuple(layer.experts.gate_up_proj.shape[1:]))
                 down = from_packed(state, f"{prefix}.{e}.down", b, group, tuple(layer.experts.down_proj.shape[1:]))
-                layer.experts.gate_up_proj[e] = gu.dequantize(dtype)
+                if layer.gated:
+                    gu = from_packed(state, f"{prefix}.{e}.gate_up", b, group,
+                                     tuple(layer.experts.gate_up_proj.shape[1:]))
+                    layer.experts.gate_up_proj[e] = gu.dequantize(dtype)
+                else:  # the up rows; the gate half zero
+                    up = from_packed(state, f"{prefix}.{e}.up", b, group, (I, layer.hidden_size))
+                    layer.experts.gate_up_proj[e, :I] = 0
+                    layer.experts.gate_up_proj[e, I:] = up.dequantize(dtype)
                 layer.experts.down_proj[e] = down.dequantize(dtype)
     _load_checked(model, fuse_legacy_experts(state, model), path, filled=filled)  # a streamed export's own spelling
     return model.to(dtype).eval()

@@ -26,6 +26,10 @@ class Quantized:
     bits: int
     group: int
 
+    def rows(self, start: int, stop: int | None = None) -> "Quantized":
+        """Output rows start:stop of the weight (each row's groups are its own). -> Quantized [stop - start, d_in]"""
+        return Quantized(self.q[start:stop], self.scale[start:stop], self.zero[start:stop], self.bits, self.group)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         d_out, d_in = self.q.shape
         s = self.scale.repeat_interleave(self.group, dim=1)[:, :d_in]

@@ -17,7 +17,7 @@ from ..checkpoint import (FUSED, KIND, LEGACY, PACKED, dequantized_experts, pack
                           shard_files)
 from ..errors import MumoeError, MumoeFileError
 from ..models.base import EXPERT_COUNT_KEYS
-from ..models.keys import EXPERT_BIAS, canonical, expert_layout, router_axis, unchanged
+from ..models.keys import EXPERT_BIAS, expert_layout, router_axis, unchanged
 from ..progress import bar
 from .atoms import kept_part
 from .export import PruneReport, atomic_output
@@ -290,11 +290,12 @@ def atom_transform(keep: dict[int, torch.Tensor], rename: Callable[[str], str] =
 
 
 def atom_ragged_transform(keep: dict[int, list[torch.Tensor]], rename: Callable[[str], str] = unchanged,
-                          shared: dict[str, tuple[str, torch.Tensor]] | None = None) -> Transform:
+                          shared: dict[str, tuple[str, torch.Tensor]] | None = None, gated: bool = True) -> Transform:
     """HEAPr's global form, mumoe's own layout (`forms.compact_atom_state`): each routed expert stored at its own
     width, `<experts>.<e>.gate_up` [2k_e, H] and `<experts>.<e>.down` [H, k_e] (+ `<e>.gate_up_bias` [2k_e] and
     `<e>.down_bias` [H] where the experts have biases); keep[layer][e] = kept atoms. shared: the shared experts'
-    tensors whose atoms go (`apply.atoms.shared_atom_keys`), stored under their own names at their kept width."""
+    tensors whose atoms go (`apply.atoms.shared_atom_keys`), stored under their own names at their kept width.
+    gated False: experts without a gate matrix (Nemotron-H), stored as `<experts>.<e>.up` [k_e, H]."""
     pending: dict[tuple, torch.Tensor] = {}  # a per-expert gate (or up) waiting for its other half
     shared = shared or {}
 
@@ -303,9 +304,11 @@ def atom_ragged_transform(keep: dict[int, list[torch.Tensor]], rename: Callable[
             return [(key, kept_part(read(), *hit))]
         if (m := LEGACY.match(key)) and int(m["layer"]) in keep:
             L, e, kind = int(m["layer"]), int(m["e"]), KIND[m["kind"]]
-            pre, k = canonical(m["pre"]), keep[L][e]
+            pre, k = m["pre"], keep[L][e]  # the source's spelling: readers rename as transformers does
             if kind == "down_proj":
                 return [(f"{pre}.{e}.down", read()[:, k])]
+            if not gated:
+                return [(f"{pre}.{e}.up", read()[k])]
             pending[(pre, e, kind)] = read()[k]
             gate, up = pending.get((pre, e, "gate_proj")), pending.get((pre, e, "up_proj"))
             if gate is None or up is None:
@@ -313,14 +316,14 @@ def atom_ragged_transform(keep: dict[int, list[torch.Tensor]], rename: Callable[
             del pending[(pre, e, "gate_proj")], pending[(pre, e, "up_proj")]
             return [(f"{pre}.{e}.gate_up", torch.cat([gate, up]))]
         if (m := FUSED.match(rename(key))) and int(m["layer"]) in keep:
-            L, pre = int(m["layer"]), canonical(m["pre"])
+            L, pre = int(m["layer"]), m["pre"]
             w = read()
             if m["kind"] == "down_proj":  # [E, H, I]
                 return [(f"{pre}.{e}.down", w[e][:, k]) for e, k in enumerate(keep[L])]
             half = w.shape[1] // 2
             return [(f"{pre}.{e}.gate_up", torch.cat([w[e][k], w[e][k + half]])) for e, k in enumerate(keep[L])]
         if (m := EXPERT_BIAS.match(rename(key))) and int(m["layer"]) in keep:  # the experts' biases (GPT-OSS)
-            L, pre, b = int(m["layer"]), canonical(m["pre"]), read()  # [E, 2I] (gate, then up) or [E, H]
+            L, pre, b = int(m["layer"]), m["pre"], read()  # [E, 2I] (gate, then up) or [E, H]
             if m["kind"] == "down_proj_bias":
                 return [(f"{pre}.{e}.down_bias", b[e]) for e in range(len(keep[L]))]
             half = b.shape[1] // 2
@@ -358,12 +361,14 @@ def prune_checkpoint(path: str | Path, out: str | Path, report: PruneReport, ove
     return write_streamed(path, out, report, transform, {k: n for k in EXPERT_COUNT_KEYS}, overwrite, progress)
 
 
-def quant_transform(widths: dict[int, list[int]], group: int, rename: Callable[[str], str] = unchanged) -> Transform:
+def quant_transform(widths: dict[int, list[int]], group: int, rename: Callable[[str], str] = unchanged,
+                    gated: bool = True) -> Transform:
     """PMQ's packed experts (the `mumoe-quant` form, `forms._write_quant`): expert e of decoder layer L at
     widths[L][e] bits, round-to-nearest in groups of `group` input columns, as `<experts>.<e>.gate_up.{q,scale,zero}`
     ([2I, H]: gate rows, then up) and `<experts>.<e>.down.{q,scale,zero}` ([H, I]); per-expert checkpoints (one
     matrix per projection) have each expert's gate held until its up arrives. Every other tensor as it is (the experts'
-    biases too). Bit for bit the in-memory run's: RTN of the same values (the source's, upcast)."""
+    biases too). Bit for bit the in-memory run's: RTN of the same values (the source's, upcast). gated False: experts
+    without a gate (Nemotron-H), their up as `<experts>.<e>.up.{q,scale,zero}` [I, H]."""
     from .quant import packed_tensors, rtn
 
     pending: dict[tuple, torch.Tensor] = {}  # a per-expert gate (or up) waiting for its other half
@@ -374,9 +379,11 @@ def quant_transform(widths: dict[int, list[int]], group: int, rename: Callable[[
     def transform(key: str, read):
         if (m := LEGACY.match(key)) and int(m["layer"]) in widths:
             L, e, kind = int(m["layer"]), int(m["e"]), KIND[m["kind"]]
-            pre, b = canonical(m["pre"]), widths[L][e]
+            pre, b = m["pre"], widths[L][e]  # the source's spelling: readers rename as transformers does
             if kind == "down_proj":
                 return packed(pre, e, "down", read(), b)
+            if not gated:
+                return packed(pre, e, "up", read(), b)
             pending[(pre, e, kind)] = read()
             gate, up = pending.get((pre, e, "gate_proj")), pending.get((pre, e, "up_proj"))
             if gate is None or up is None:
@@ -384,7 +391,7 @@ def quant_transform(widths: dict[int, list[int]], group: int, rename: Callable[[
             del pending[(pre, e, "gate_proj")], pending[(pre, e, "up_proj")]
             return packed(pre, e, "gate_up", torch.cat([gate, up]), b)
         if (m := FUSED.match(rename(key))) and int(m["layer"]) in widths:
-            L, pre, w = int(m["layer"]), canonical(m["pre"]), read()  # [E, 2I, H] or [E, H, I]
+            L, pre, w = int(m["layer"]), m["pre"], read()  # [E, 2I, H] or [E, H, I]
             name = "down" if m["kind"] == "down_proj" else "gate_up"
             return [kv for e, b in enumerate(widths[L]) for kv in packed(pre, e, name, w[e], b)]
         return [(key, read())]  # the experts' biases too: kept as they are, as in memory

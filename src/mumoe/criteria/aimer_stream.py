@@ -60,13 +60,14 @@ def stream_aimer(path: str | Path, progress: bool = True) -> dict[int, torch.Ten
     out = {}
     for L in sorted(norms):
         E = max(norms[L]) + 1
-        if len(norms[L]) != E or any(set(norms[L][e]) != set(ORDER) for e in range(E)):
+        kinds = ORDER if "gate_proj" in norms[L][0] else ORDER[1:]  # ungated experts (Nemotron-H): up, down
+        if len(norms[L]) != E or any(set(norms[L][e]) != set(kinds) for e in range(E)):
             raise MumoeError(f"{path}: layer {L} has incomplete expert tensors")
         l1 = torch.zeros(E, dtype=torch.float64)
         l2 = torch.zeros(E, dtype=torch.float64)
         for e in range(E):
-            for kind in ORDER:
+            for kind in kinds:
                 l1[e] += norms[L][e][kind][0]
                 l2[e] += norms[L][e][kind][1]
-        out[L] = aimer_from_norms(l1, l2, sum(norms[L][0][k][2] for k in ORDER))
+        out[L] = aimer_from_norms(l1, l2, sum(norms[L][0][k][2] for k in kinds))
     return out

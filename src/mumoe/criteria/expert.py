@@ -102,8 +102,10 @@ def matrix_norms(w: torch.Tensor, workspace: NormWorkspace | None = None) -> tup
 
 
 def expert_matrices(layer: MoELayer, e: int) -> list[torch.Tensor]:
-    """Expert e's gate [I, H], up [I, H], down [H, I] — the same three matrices a checkpoint stores."""
-    return [layer.gate_proj(e), layer.up_proj(e), layer.down_proj(e)]
+    """Expert e's gate [I, H], up [I, H], down [H, I] — the matrices a checkpoint stores (no gate where the
+    family's experts have none: `MoELayer.gated`)."""
+    return [layer.gate_proj(e), layer.up_proj(e), layer.down_proj(e)] if layer.gated else [layer.up_proj(e),
+                                                                                          layer.down_proj(e)]
 
 
 def aimer(layer: MoELayer) -> torch.Tensor:

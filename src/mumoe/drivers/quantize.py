@@ -168,7 +168,8 @@ def quantize_layerwise(path: str, out: str, windows: tuple, avg_bits: float, bit
     if earlier is not None:
         report = report.compose(earlier)
     widths = {e["layer"]: [x["bits"] for x in e["experts"]] for e in entries}
-    write_streamed(Path(path), out, report, quant_transform(widths, group, ckpt.rename), {}, overwrite, progress,
+    gated = all(layer.gated for layer in layers)
+    write_streamed(Path(path), out, report, quant_transform(widths, group, ckpt.rename, gated), {}, overwrite, progress,
                    max_shard_bytes)
     return report
 

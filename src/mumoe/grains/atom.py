@@ -332,8 +332,9 @@ class AtomGrain(Grain):
             return atom_transform(keep, ckpt.rename), width_changes(type(adapter_for(ckpt.model)), ckpt.config, width)
         from ..apply.atoms import shared_atom_keys
 
+        gated = all(layer.gated for layer in adapter_for(ckpt.model).moe_layers())
         return atom_ragged_transform({j: list(k) for j, k in plan.keep.items()}, ckpt.rename,
-                                     shared_atom_keys(ckpt.model, plan.shared)), {}
+                                     shared_atom_keys(ckpt.model, plan.shared), gated), {}
 
     # -- the record -----------------------------------------------------------------------------------------
     def entries(self, plan: AtomPlan) -> list[dict]:

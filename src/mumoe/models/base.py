@@ -127,6 +127,13 @@ class MoELayer:
         return t
 
     @property
+    def gated(self) -> bool:
+        """False where the family's experts have no gate matrix (Nemotron-H: f = down·relu(up x)²): the gate half
+        of gate_up_proj is then zeros nothing reads (`models.nemotron_h`), and criteria over an expert's matrices
+        leave it out."""
+        return bool(getattr(self.experts, "gated", True))
+
+    @property
     def gate_up_bias(self) -> torch.Tensor | None:  # [E, 2I] (gate, then up) where the experts have biases
         return getattr(self.experts, "gate_up_proj_bias", None)
 

@@ -12,6 +12,7 @@ from .families import FAMILY_ADAPTERS, NOT_YET
 from .gpt_oss import GptOssAdapter
 from .llama4 import Llama4Adapter
 from .mixtral import MixtralAdapter
+from .nemotron_h import NemotronHAdapter
 from .olmoe import OlmoeAdapter
 from .qwen2_moe import Qwen2MoeAdapter
 from .qwen3_moe import Qwen3MoeAdapter
@@ -19,7 +20,7 @@ from .qwen3_moe import Qwen3MoeAdapter
 ADAPTERS: dict[str, type[Adapter]] = {
     t: cls
     for cls in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter,
-                *FAMILY_ADAPTERS, GptOssAdapter, Llama4Adapter, DenseAdapter, OptAdapter)
+                *FAMILY_ADAPTERS, GptOssAdapter, Llama4Adapter, NemotronHAdapter, DenseAdapter, OptAdapter)
     for t in cls.model_types
 }
 MOE_TYPES = sorted(t for t, c in ADAPTERS.items() if c.is_moe)

@@ -162,6 +162,10 @@ class LayerwiseCheckpoint:
         if self.text_prefix:  # the text model's tensors under a prefix (Llama 4's `language_model.`), as
             renamed, cut = self.rename, len(self.text_prefix)  # transformers loads them into its causal LM
             self.rename = lambda key: renamed(key[cut:] if key.startswith(self.text_prefix) else key)
+        # fused parameters whose family files hold them under another name (Nemotron-H's per-expert up_proj fill
+        # the up half of mumoe's gate_up_proj: `Layout.family_names`), model name -> the family's
+        self.family_names = {f"{m}.{k}": f"{m}.{v}" for m, module in self.model.named_modules()
+                             for k, v in getattr(getattr(module, "checkpoint_layout", None), "family_names", {}).items()}
         self.concatenated = concatenations(self.model.config.model_type)
         self.split = splits(self.model.config.model_type)
         self.sources: dict[str, list[Source]] = defaultdict(list)
@@ -177,6 +181,8 @@ class LayerwiseCheckpoint:
                     self.sources[name].append(Source(file, key, index, meta))
                 continue
             name, index = _target(self.rename(key), has_bs)
+            if name in self.family_names and index[1:] == ("up_proj",):  # an ungated expert's only input matrix
+                name, index = self.family_names[name], index[:1]
             for parts, target, dim in self.concatenated:
                 hit = next((i for i, part in enumerate(parts) if part in key), None)
                 if hit is not None:
@@ -358,7 +364,7 @@ class LayerwiseCheckpoint:
         if convert:  # read in the family's shape, converted one expert at a time into place
             stored = torch.empty(layout.to_family(kind, torch.empty(tensor.shape, device="meta")).shape,
                                  dtype=tensor.dtype, device=tensor.device)
-            self._fill(name, stored)
+            self._fill(self.family_names.get(name, name), stored)
             for e in range(stored.shape[0]):
                 tensor[e].copy_(layout.to_canonical(kind, stored[e]))
             return

@@ -13,10 +13,12 @@ reshaped from config.mumoe_layers before the weights are read:
      "expert_map": [m_0, ..., m_E-1]}        routed to merged expert m_e (a bound merge: two picks may add up)
     {"layer": i, "widths": [k_0, ..., k_E]}  expert e keeps k_e atoms: per-expert tensors
                                              mlp.experts.<e>.gate_up [2k_e, H] and mlp.experts.<e>.down [H, k_e]
-                                             (+ <e>.gate_up_bias [2k_e], <e>.down_bias [H] where experts have biases)
+                                             (+ <e>.gate_up_bias [2k_e], <e>.down_bias [H] where experts have biases;
+                                             mlp.experts.<e>.up [k_e, H] where they have no gate: Nemotron-H)
     {..., "shared_width": k_s}               the shared expert keeps k_s neurons (its gate/up rows, down columns)
     {"layer": i, "bits": [b_0, ..., b_E-1],  PMQ: expert e at b_e bits, round-to-nearest in groups of g input
      "group": g}                             columns: mlp.experts.<e>.gate_up.{q,scale,zero} and .down.{q,scale,zero}
+                                             (.up.{q,scale,zero} [k, H] where experts have no gate)
                                              (q: the b-bit integers packed little-endian into uint8; scale float32,
                                              zero uint8, one per group); each expert is dequantized when it runs,
                                              w = (q − zero) · scale
@@ -34,15 +36,16 @@ from transformers.activations import ACT2FN
 BASE_CLASS = "Qwen3MoeForCausalLM"  # rewritten by the export: the source architecture's CausalLM class
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
                 "n_experts")
-_BLOCKS = ("mlp", "feed_forward", "block_sparse_moe")  # where transformers v5 families keep the sparse block
+_BLOCKS = ("mlp", "feed_forward", "block_sparse_moe", "mixer")  # where transformers v5 families keep the sparse block
 _SHARED = ("shared_experts", "shared_expert", "shared_mlp", "shared_expert_gate")
 
 
 def _sparse_block(layer: nn.Module) -> nn.Module:
     for name in _BLOCKS:
         block = getattr(layer, name, None)
-        if isinstance(getattr(getattr(block, "experts", None), "gate_up_proj", None), torch.Tensor):
-            return block
+        experts = getattr(block, "experts", None)
+        if any(isinstance(getattr(experts, n, None), torch.Tensor) for n in ("gate_up_proj", "up_proj")):
+            return block  # (up_proj alone: experts without a gate, Nemotron-H)
     raise ValueError(f"no sparse MoE block ({', '.join(_BLOCKS)}) in decoder layer {type(layer).__name__}")
 
 
@@ -95,9 +98,12 @@ def _bind(experts: nn.Module, mapping: list[int]) -> None:
 
 
 class _Expert(nn.Module):
-    def __init__(self, width: int, hidden: int, dtype: torch.dtype, bias: bool) -> None:
+    def __init__(self, width: int, hidden: int, dtype: torch.dtype, bias: bool, gated: bool = True) -> None:
         super().__init__()
-        self.gate_up = nn.Parameter(torch.empty(2 * width, hidden, dtype=dtype))  # [2k, H]: gate rows, then up
+        if gated:
+            self.gate_up = nn.Parameter(torch.empty(2 * width, hidden, dtype=dtype))  # [2k, H]: gate rows, then up
+        else:  # experts without a gate (Nemotron-H: down · act(up x))
+            self.up = nn.Parameter(torch.empty(width, hidden, dtype=dtype))  # [k, H]
         self.down = nn.Parameter(torch.empty(hidden, width, dtype=dtype))  # [H, k]
         if bias:  # experts with biases (GPT-OSS)
             self.gate_up_bias = nn.Parameter(torch.empty(2 * width, dtype=dtype))  # [2k]: gate, then up
@@ -114,8 +120,9 @@ class RaggedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.hidden_dim = len(widths), hidden
         bias = getattr(source, "gate_up_proj_bias", None) is not None
+        self.gated = getattr(source, "has_gate", True)  # transformers' experts modules say whether they have one
         for e, k in enumerate(widths):
-            self.add_module(str(e), _Expert(k, hidden, dtype, bias))
+            self.add_module(str(e), _Expert(k, hidden, dtype, bias, self.gated))
         self.act_fn = getattr(source, "act_fn", None) or ACT2FN[act]
         self.alpha, self.limit = getattr(source, "alpha", None), getattr(source, "limit", None)
         self._gate = getattr(type(source), "_apply_gate", None)  # a plain function of (module, gate_up)
@@ -136,15 +143,19 @@ class RaggedExperts(nn.Module):
                 continue
             token, slot = torch.where(top_k_index == e)
             expert = getattr(self, str(e))
-            gate_up_w, down_w = self._weights(expert, hidden_states.dtype)
-            gate_up = nn.functional.linear(hidden_states[token], gate_up_w, getattr(expert, "gate_up_bias", None))
-            gate, up = gate_up.chunk(2, dim=-1)  # [n, k] each
-            y = nn.functional.linear(self._activate(gate, up), down_w, getattr(expert, "down_bias", None))
+            in_w, down_w = self._weights(expert, hidden_states.dtype)  # [2k, H] (gate, then up) or [k, H]; [H, k]
+            if self.gated:
+                gate_up = nn.functional.linear(hidden_states[token], in_w, getattr(expert, "gate_up_bias", None))
+                gate, up = gate_up.chunk(2, dim=-1)  # [n, k] each
+                h = self._activate(gate, up)
+            else:  # down · act(up x)
+                h = self.act_fn(nn.functional.linear(hidden_states[token], in_w))
+            y = nn.functional.linear(h, down_w, getattr(expert, "down_bias", None))
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 
     def _weights(self, expert: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return expert.gate_up, expert.down  # [2k, H], [H, k]
+        return (expert.gate_up if self.gated else expert.up), expert.down  # [2k, H] or [k, H], [H, k]
 
 
 class _Packed(nn.Module):
@@ -170,9 +181,12 @@ class _Packed(nn.Module):
 
 
 class _QuantExpert(nn.Module):
-    def __init__(self, width: int, hidden: int, bits: int, group: int) -> None:
+    def __init__(self, width: int, hidden: int, bits: int, group: int, gated: bool = True) -> None:
         super().__init__()
-        self.gate_up = _Packed(2 * width, hidden, bits, group)  # gate rows, then up
+        if gated:
+            self.gate_up = _Packed(2 * width, hidden, bits, group)  # gate rows, then up
+        else:  # experts without a gate (Nemotron-H)
+            self.up = _Packed(width, hidden, bits, group)
         self.down = _Packed(hidden, width, bits, group)
 
 
@@ -188,10 +202,11 @@ class QuantExperts(RaggedExperts):
                              "experts load with mumoe.load only")
         self.num_experts, self.dtype = len(bits), dtype
         for e, b in enumerate(bits):
-            self.add_module(str(e), _QuantExpert(width, hidden, int(b), group))
+            self.add_module(str(e), _QuantExpert(width, hidden, int(b), group, self.gated))
 
     def _weights(self, expert: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return expert.gate_up.weight(dtype), expert.down.weight(dtype)  # dequantized when the expert runs
+        first = expert.gate_up if self.gated else expert.up
+        return first.weight(dtype), expert.down.weight(dtype)  # dequantized when the expert runs
 
 
 def reshape_layers(model: nn.Module, config) -> None:
@@ -201,8 +216,8 @@ def reshape_layers(model: nn.Module, config) -> None:
         mlp = _sparse_block(model.model.layers[entry["layer"]])
         if "experts" in entry:
             n, bound = int(entry["experts"]), "expert_map" in entry
-            routing = _routing_tensors(mlp, mlp.experts.gate_up_proj.shape[0]) if not bound else []
-            for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+            routing = _routing_tensors(mlp, mlp.experts.down_proj.shape[0]) if not bound else []
+            for name in ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
                 _resize(mlp.experts, name, n)
             for module, name, dim in routing:
                 _resize(module, name, n, dim)
@@ -217,12 +232,12 @@ def reshape_layers(model: nn.Module, config) -> None:
                 _bind(mlp.experts, [int(m) for m in entry["expert_map"]])
         if "widths" in entry:
             dtype = mlp.experts.down_proj.dtype
-            mlp.experts = RaggedExperts([int(k) for k in entry["widths"]], text.hidden_size, text.hidden_act, dtype,
-                                        mlp.experts)
+            mlp.experts = RaggedExperts([int(k) for k in entry["widths"]], text.hidden_size,
+                                        getattr(text, "hidden_act", "silu"), dtype, mlp.experts)
         if "bits" in entry:
             old = mlp.experts
             mlp.experts = QuantExperts([int(b) for b in entry["bits"]], int(entry["group"]), old.down_proj.shape[-1],
-                                       text.hidden_size, text.hidden_act, old.down_proj.dtype, old)
+                                       text.hidden_size, getattr(text, "hidden_act", "silu"), old.down_proj.dtype, old)
         if "shared_width" in entry:  # the shared expert's neurons pruned too: its three linears at the kept width
             shared = next(part for part in (getattr(mlp, a, None) for a in _SHARED) if hasattr(part, "down_proj"))
             k = int(entry["shared_width"])
