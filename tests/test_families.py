@@ -58,6 +58,10 @@ ROUTING = {
     "laguna": spec(act="sigmoid", bias=True, renorm=True, softcap="moe_router_logit_softcapping",
                    block_scale="moe_routed_scaling_factor"),
     "minimax_m2": spec(act="sigmoid", bias=True, renorm=True),
+    "flint": spec(act="sigmoid"),  # sigmoid top-k, renormalized; shared expert added in full
+    "beam": spec(act="sigmoid", bias=True, groups=True, block_scale="routed_scaling_factor"),
+    "bailing_hybrid": _DSV3,
+    "lfm2_moe": spec(act="sigmoid", bias=True, scale="routed_scaling_factor"),  # + expert_bias on the block
     "gpt_oss": spec(renorm=True),  # softmax over the top-k logits (router with a bias)
     "llama4_text": spec(act="sigmoid", choose="logits", renorm=False),  # σ(top-k logits), scaling the expert's input
 }

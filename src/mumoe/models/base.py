@@ -21,9 +21,14 @@ from torch import nn
 
 from ..errors import MumoeError
 
+try:  # what transformers' experts decorator gives a class without a gate of its own
+    from transformers.integrations.moe import _default_apply_gate as _DEFAULT_GATE
+except ImportError:  # an older transformers: every `_apply_gate` found is the family's own
+    _DEFAULT_GATE = None
+
 # Every key under which an HF config may hold the number of routed experts.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token")
 # names a selection-only per-expert bias goes by (on the router, the block or ERNIE's moe_statics)
 CORRECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
 # module attributes that hold a layer's expert count (rewritten when experts are removed)
@@ -194,6 +199,21 @@ class MoELayer:
         return torch.sigmoid(self.shared_gate(x))
 
 
+def family_gate(experts: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The experts' gate (gate, up) -> h where it is not act(gate) * up: the module's own `glu`, else the
+    `_apply_gate` its class defines for transformers' kernels (a clamped SwiGLU, an fp32 activation ...); None
+    for the default."""
+    glu = getattr(experts, "glu", None)
+    if glu is not None:
+        return glu
+    own = getattr(type(experts), "_apply_gate", None)
+    if own is None or own is _DEFAULT_GATE:
+        return None
+    if not getattr(experts, "is_concatenated", True):  # interleaved gate/up columns
+        return lambda gate, up: own(experts, torch.stack([gate, up], -1).flatten(-2))
+    return lambda gate, up: own(experts, torch.cat([gate, up], -1))
+
+
 @dataclass
 class DenseLinear:
     """A prunable linear of a decoder layer (attention projections, dense MLP)."""
@@ -305,7 +325,7 @@ class Adapter:
                 index=i, block=mlp, router=self.router_of(mlp), experts=mlp.experts, decoder_layer=layer,
                 top_k=self.top_k, scoring=self.scoring, shared=shared, shared_gate=shared_gate,
                 residual_norm=getattr(layer, self.residual_norm_name, None) if self.residual_norm_name else None,
-                act_fn=getattr(mlp.experts, "act_fn", None), glu=getattr(mlp.experts, "glu", None),
+                act_fn=getattr(mlp.experts, "act_fn", None), glu=family_gate(mlp.experts),
                 routed_scale=self.routed_scale(mlp),
                 router_tensors=self.router_tensors(mlp, [mlp.experts, shared, shared_gate]), **self.layer_fields(),
             ))

@@ -124,6 +124,7 @@ ExaoneMoe = family("ExaoneMoeAdapter", ("exaone_moe",), SharedWidthAdapter, shar
 Glm4Moe = family("Glm4MoeAdapter", ("glm4_moe", "glm4_moe_lite"), SharedWidthAdapter,
                  expert_count_key="n_routed_experts", **_SIGMOID)
 GlmMoeDsa = family("GlmMoeDsaAdapter", ("glm_moe_dsa",), Glm4Moe, layer_carry="prev_topk_indices")
+Lfm2Moe = family("Lfm2MoeAdapter", ("lfm2_moe",), scoring="sigmoid", residual_norm_name="ffn_norm")  # (+ expert_bias)
 Kolibri1 = family("Kolibri1Adapter", ("kolibri1",), expert_count_key="num_local_experts", **_SIGMOID)
 HYV3 = family("HYV3Adapter", ("hy_v3",), SharedWidthAdapter, shared_count_key="num_shared_experts", **_SIGMOID)
 KimiLinear = family("KimiLinearAdapter", ("kimi_linear",), SharedWidthAdapter, shared_count_key="num_shared_experts",
@@ -137,11 +138,17 @@ MiniMaxM2 = family("MiniMaxM2Adapter", ("minimax_m2",), scoring="sigmoid", exper
                    expert_count_key="num_local_experts")
 SolarOpen = family("SolarOpenAdapter", ("solar_open",), SharedWidthAdapter, expert_count_key="n_routed_experts",
                    **_SIGMOID)
+Flint = family("FlintAdapter", ("flint",), scoring="sigmoid", shared_names=("shared_expert",))  # (ungated shared)
+Beam = family("BeamAdapter", ("beam",), _BlockScaled, scoring="sigmoid", residual_norm_name="pre_feedforward_layernorm")
+BailingHybrid = family("BailingHybridAdapter", ("bailing_hybrid",), SharedWidthAdapter, shared_count_key="num_shared_experts", **_SIGMOID)  # clamped SwiGLU: its _apply_gate
 
 FAMILY_ADAPTERS: tuple[type[Adapter], ...] = (
     Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, GraniteMoeSWA, GraniteMoeHybrid, HunyuanV1Moe, Jamba, LaraMini, Mellum,
     MiniMax, Phimoe, Qwen3Next, Qwen35MoeVL, Afmoe, DeepseekV32, Dots1, ExaoneMoe, Glm4Moe, GlmMoeDsa, HYV3,
-    KimiLinear, Kolibri1, Laguna, MimoV2Flash, MiniCPM5Moe, MiniMaxM2, SolarOpen,
+    KimiLinear, Kolibri1, Laguna, Lfm2Moe, MimoV2Flash, MiniCPM5Moe, MiniMaxM2, SolarOpen,
+    BailingHybrid,
+    Beam,
+    Flint,
 )
 
 # families transformers ships that mumoe does not support yet: why, and the nearest supported one

@@ -109,6 +109,12 @@ TINY_CONFIGS: dict[str, dict] = {
                        moe_routed_scaling_factor=2.0, moe_router_logit_softcapping=5.0),
         "mimo_v2_flash": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
                               n_routed_experts=8, num_experts_per_tok=2, head_dim=8, n_group=2, topk_group=1),
+        "lfm2_moe": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                         num_experts_per_tok=2, num_dense_layers=1, routed_scaling_factor=2.0,
+                         layer_types=["conv", "full_attention", "conv"]),  # short convolutions + attention
+        "flint": dict(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2, head_dim=8, mlp_only_layers=[], layer_types=["full_attention", "sliding_attention"], sliding_window=4),
+        "beam": dict(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8, n_group=2, topk_group=1, routed_scaling_factor=2.0, mlp_layer_types=["dense", "sparse"], layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+        "bailing_hybrid": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_token=2, head_dim=8, num_key_value_heads=4, num_expert_group=2, topk_group=1, num_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"], layer_types=["linear_attention", "full_attention", "linear_attention"], expert_swiglu_limit_list=[0, 0.5, 0.5], share_expert_swiglu_limit_list=[0, 0, 0]),
         "minicpm5_moe": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
                              n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, head_dim=8,
                              routed_scaling_factor=2.5),
