@@ -138,17 +138,21 @@ MiniMaxM2 = family("MiniMaxM2Adapter", ("minimax_m2",), scoring="sigmoid", exper
                    expert_count_key="num_local_experts")
 SolarOpen = family("SolarOpenAdapter", ("solar_open",), SharedWidthAdapter, expert_count_key="n_routed_experts",
                    **_SIGMOID)
-Flint = family("FlintAdapter", ("flint",), scoring="sigmoid", shared_names=("shared_expert",))  # (ungated shared)
-Beam = family("BeamAdapter", ("beam",), _BlockScaled, scoring="sigmoid", residual_norm_name="pre_feedforward_layernorm")
-BailingHybrid = family("BailingHybridAdapter", ("bailing_hybrid",), SharedWidthAdapter, shared_count_key="num_shared_experts", **_SIGMOID)  # clamped SwiGLU: its _apply_gate
+Flint = family("FlintAdapter", ("flint",), scoring="sigmoid",
+               shared_names=("shared_expert",))  # the shared expert added in full (no gate of its own)
+Beam = family("BeamAdapter", ("beam",), _BlockScaled, scoring="sigmoid",
+              residual_norm_name="pre_feedforward_layernorm")  # Gemma-style norms around the block
+BailingHybrid = family("BailingHybridAdapter", ("bailing_hybrid",), SharedWidthAdapter,
+                       shared_count_key="num_shared_experts", **_SIGMOID)  # a clamped SwiGLU (`base.family_gate`)
+Kolibri1_1 = family("Kolibri1_1Adapter", ("kolibri1_1",), **_SIGMOID,
+                    layerwise_gap="its layers read other layers' keys and values (KV sharing) within one forward")
+AXK2 = family("AXK2Adapter", ("axk2",), SharedWidthAdapter, expert_count_key="n_routed_experts", **_SIGMOID)
 
 FAMILY_ADAPTERS: tuple[type[Adapter], ...] = (
-    Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, GraniteMoeSWA, GraniteMoeHybrid, HunyuanV1Moe, Jamba, LaraMini, Mellum,
-    MiniMax, Phimoe, Qwen3Next, Qwen35MoeVL, Afmoe, DeepseekV32, Dots1, ExaoneMoe, Glm4Moe, GlmMoeDsa, HYV3,
-    KimiLinear, Kolibri1, Laguna, Lfm2Moe, MimoV2Flash, MiniCPM5Moe, MiniMaxM2, SolarOpen,
-    BailingHybrid,
-    Beam,
-    Flint,
+    Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, GraniteMoeSWA, GraniteMoeHybrid, HunyuanV1Moe, Jamba,
+    LaraMini, Mellum, MiniMax, Phimoe, Qwen3Next, Qwen35MoeVL, Afmoe, DeepseekV32, Dots1, ExaoneMoe, Glm4Moe,
+    GlmMoeDsa, HYV3, KimiLinear, Kolibri1, Laguna, Lfm2Moe, MimoV2Flash, MiniCPM5Moe, MiniMaxM2, SolarOpen,
+    AXK2, BailingHybrid, Beam, Flint, Kolibri1_1,
 )
 
 # families transformers ships that mumoe does not support yet: why, and the nearest supported one
@@ -158,4 +162,11 @@ NOT_YET: dict[str, tuple[str, str]] = {
     "longcat_flash": ("zero-computation (identity) experts", "deepseek_v3"),
     "deepseek_v4": ("hash routing and hyper-connections", "deepseek_v3"),
     "hy_v4": ("hyper-connections around the blocks", "hy_v3"),
+    "qwen4_exp": ("hyper-connections around the blocks and n-gram embeddings", "qwen3_next"),
+    "gemma4": ("the router and the experts read different inputs, and the experts' sum is normalized before it "
+               "joins the dense MLP's", "qwen3_moe"),
+    "axk1": ("a norm after the routed and shared experts' sum, inside the block", "axk2"),
+    "ergo": ("each expert's output normalized by its own norm before the weighted sum", "nemotron_h"),
+    "zaya": ("a zero-computation skip expert and router states carried from layer to layer", "qwen3_moe"),
+    "dots3_note": ("not tried yet: a text model inside a vision and audio model", "dots1"),
 }
