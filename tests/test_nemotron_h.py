@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ids
 from mumoe import MumoeError
-from mumoe.models import adapter_for, moe_adapter_for
+from mumoe.models import adapter_for, moe_adapter_for, stored_weights
 from mumoe.models.nemotron_h import UngatedExperts
 from mumoe.models.tiny import tiny_config
 
@@ -27,6 +27,7 @@ def test_same_outputs_and_state_dict_as_transformers_experts():
     model = _plain()
     x = ids(2, 12, seed=1)
     theirs = {name: t.clone() for name, t in model.state_dict().items()}
+    n_theirs = sum(p.numel() for p in model.parameters())
     sources = [layer.mixer.experts for layer in model.model.layers if hasattr(layer.mixer, "experts")]
     with torch.no_grad():
         expected = model(x).logits
@@ -59,6 +60,8 @@ def test_same_outputs_and_state_dict_as_transformers_experts():
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     layer = moe_adapter_for(model).moe_layers()[0]
     assert not layer.gated and layer.num_experts == 8 and layer.intermediate_size == 16
+    assert layer.expert_weights == 8 * 2 * 16 * 32  # up [16, 32] + down [32, 16] per expert, no gate
+    assert stored_weights(model) == n_theirs < sum(p.numel() for p in model.parameters())
 
 
 def test_load_state_dict_in_the_family_layout():

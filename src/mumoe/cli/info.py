@@ -7,11 +7,12 @@ from .common import load_model, model_args
 
 
 def _param_counts(model, adapter) -> dict:
-    total = sum(p.numel() for p in model.parameters())
+    from ..models import stored_weights
+
+    total = stored_weights(model)
     layers = adapter.moe_layers() if adapter.is_moe else []
-    expert = sum(layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel() for layer in layers)
-    inactive = sum((layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel())
-                   * (1 - layer.top_k / layer.num_experts) for layer in layers)
+    expert = sum(layer.expert_weights for layer in layers)
+    inactive = sum(layer.expert_weights * (1 - layer.top_k / layer.num_experts) for layer in layers)
     return {"total": total, "active": int(total - inactive), "routed_experts": expert}
 
 

@@ -139,6 +139,12 @@ class MoELayer:
         return bool(getattr(self.experts, "gated", True))
 
     @property
+    def expert_weights(self) -> int:
+        """Weights of the routed experts as the family stores them (no zero gate half where they have no gate)."""
+        gate_up = self.experts.gate_up_proj.numel()
+        return (gate_up if self.gated else gate_up // 2) + self.experts.down_proj.numel()
+
+    @property
     def gate_up_bias(self) -> torch.Tensor | None:  # [E, 2I] (gate, then up) where the experts have biases
         return getattr(self.experts, "gate_up_proj_bias", None)
 
@@ -388,6 +394,13 @@ class Adapter:
     def set_num_experts(self, n: int) -> list[str]:
         """Rewrite every expert-count key of the config (nested text configs included)."""
         return set_expert_count(self.config, n)
+
+
+def stored_weights(model: nn.Module) -> int:
+    """The model's weights as its checkpoint holds them: every parameter, less the zero gate halves mumoe gives
+    experts that have no gate (`models.nemotron_h`)."""
+    total = sum(p.numel() for p in model.parameters())
+    return total - sum(m.gate_up_proj.numel() // 2 for m in model.modules() if getattr(m, "gated", True) is False)
 
 
 def set_expert_count(config, n: int) -> list[str]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..models import MoELayer, adapter_for
 from ..models.prunable import prunable_linears
-from ..compat import output_cache
+from ..compat import last_logits, output_cache
 from .runner import Collector, Observation, Routed, RouteEvent, run
 
 F64 = torch.float64
@@ -522,7 +522,8 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
         if return_cache:  # one prompt: keep its KV cache for decoding
             with Observation(model, [col]) as obs:
                 obs.attention_mask = attention_mask
-                cache = output_cache(model(input_ids=ids, attention_mask=attention_mask, use_cache=True))
+                cache = output_cache(model(input_ids=ids, attention_mask=attention_mask, use_cache=True,
+                                           **last_logits(model)))  # (the logits are not read: one position)
         else:  # calibration windows [N, L]: sums over every batch
             run(model, ids, [col], batch_size=batch_size, attention_mask=attention_mask)
     finally:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..compat import cache_kwarg, output_cache
 from ..errors import MumoeError
+from ..models import stored_weights
 from ..recipe import parse_structure
 from ..select.weights import check_active
 from ..testtime.experts import check_experts
@@ -153,7 +154,7 @@ class Engine:
 
             self.task_models = TaskModels(model_path, library, next(model.parameters()).dtype, self.device,
                                           max_task_models)
-        self.total_weights = sum(p.numel() for p in model.parameters())
+        self.total_weights = stored_weights(model)
         self._protocols: dict[tuple, PerPrompt] = {}
         self.defaults = self.pruning(None, defaults or Pruning())
 
@@ -289,7 +290,7 @@ class Engine:
         ids = x[0].tolist()
         entries = []
         if sampling.logprobs is not None:
-            if logits is None:
+            if logits is None or logits.shape[1] != x.shape[1]:  # the prefill kept the last position only
                 logits = model(input_ids=x, use_cache=False).logits
             logp = torch.log_softmax(logits[0].float(), dim=-1)  # [L, V]
             entries = [self._entry(ids[0], None, None)] + [

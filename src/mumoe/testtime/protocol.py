@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compat import output_cache
+from ..compat import last_logits, output_cache
+from ..models import stored_weights
 from .experts import capture_router_logits, experts_kept, prompt_keep
 from .kvcache import grow_in_place
 from .prompt import PromptPruner
@@ -35,7 +36,8 @@ class Prefilled:
 
     model: nn.Module  # what decodes: the model, or a task's model
     cache: object  # the prompt's KV cache
-    logits: torch.Tensor | None  # [1, L, V] of the prefill; None: the last prompt token is fed again (refeed)
+    logits: torch.Tensor | None  # [1, L', V] of the prefill (L' = 1 where the model computes the last position
+    # only); None: the last prompt token is fed again (refeed)
     pruning: Callable[[], object]  # () -> a context manager applying the pruning for the decode (undone on exit)
     info: dict = field(default_factory=dict)  # kind, and what was chosen (active ratio, experts, task, ...)
     overhead_s: float = 0.0  # statistics + selection (+ matching and loading for a task)
@@ -77,7 +79,7 @@ class PerPrompt:
     kind: str = "dense"
 
     def prefill(self, model: nn.Module, x: torch.Tensor) -> Prefilled:
-        out = model(input_ids=x, use_cache=True)
+        out = model(input_ids=x, use_cache=True, **last_logits(model))  # logits [1, 1, V]: the next token's
         return Prefilled(model, output_cache(out), out.logits, nullcontext, {"kind": self.kind})
 
 
@@ -123,7 +125,7 @@ class Experts(PerPrompt):
 
     def prefill(self, model: nn.Module, x: torch.Tensor) -> Prefilled:
         with capture_router_logits(model) as logits:
-            out = model(input_ids=x, use_cache=True)
+            out = model(input_ids=x, use_cache=True, **last_logits(model))  # (refed: its logits are not read)
         t1 = time.perf_counter()
         keep = prompt_keep(logits, self.k)
 
@@ -155,7 +157,7 @@ class Task(PerPrompt):
             info["distance"] = round(m.distance, 4)
         decoder, cached, _ = self.models.get(task)
         overhead = time.perf_counter() - t0
-        out = decoder(input_ids=x, use_cache=True)
+        out = decoder(input_ids=x, use_cache=True, **last_logits(decoder))
         info.update(task=task, matched=self.task == "auto", cached=cached,
-                    active_weights=sum(p.numel() for p in decoder.parameters()))
+                    active_weights=stored_weights(decoder))
         return Prefilled(decoder, output_cache(out), out.logits, nullcontext, info, overhead)
