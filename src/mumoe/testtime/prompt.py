@@ -49,6 +49,8 @@ class PromptPruner:
             raise MumoeError("int8 decoding needs the column structure, compacted (--structure column)")
         self.int8 = int8
         self.params = dict(model.named_parameters())
+        # fused gate_up tensors of experts without a gate (Nemotron-H): half of them is a zero gate, not weights
+        self.zero_halves = {f"{n}.gate_up_proj" for n, m in model.named_modules() if getattr(m, "gated", True) is False}
         if int8:
             from ..models.prunable import prunable_names
 
@@ -72,9 +74,12 @@ class PromptPruner:
 
     def counts(self, selection: dict[str, torch.Tensor]) -> tuple[int, int]:
         """(kept, prunable) weights of a `select` result, from the rule (`kept_count`), not by counting masks."""
-        shapes = [self.params[name].shape for name in selection]
-        return (sum(kept_count(s, self.active, self.structure) for s in shapes),
-                sum(math.prod(s) for s in shapes))
+        kept = total = 0
+        for name in selection:
+            shape, share = self.params[name].shape, 2 if name in self.zero_halves else 1  # rows kept alike
+            kept += kept_count(shape, self.active, self.structure) // share
+            total += math.prod(shape) // share
+        return kept, total
 
     @contextmanager
     def applied(self, masks: dict[str, torch.Tensor] | None) -> Iterator[Compaction | dict | None]:
