@@ -311,7 +311,9 @@ def test_sub_moe_on_a_model_records_rank_and_refuses_it_elsewhere(ckpt, capsys):
     ("qwen3_moe", "hc-smoe", 0.25, {}, "hf"), ("mixtral", "sub-moe", 0.25, {"rank": 2}, "hf"),
     ("qwen2_moe", "m-smoe", 0.5, {}, "hf"),  # here the threshold gives every layer 4
     ("qwen3_moe", "m-smoe", 0.5, {}, "mumoe"), ("mixtral", "m-smoe", 0.25, {}, "mumoe"),
-    ("gpt_oss", "sub-moe", 0.25, {"rank": 2}, "hf"), ("gpt_oss", "m-smoe", 0.5, {}, "mumoe")])  # experts' biases
+    ("gpt_oss", "sub-moe", 0.25, {"rank": 2}, "hf"), ("gpt_oss", "m-smoe", 0.5, {}, "mumoe"),  # experts' biases
+    ("nemotron_h", "hc-smoe", 0.25, {}, "hf"), ("nemotron_h", "sub-moe", 0.25, {"rank": 2}, "hf"),  # no gate
+    ("nemotron_h", "m-smoe", 0.5, {}, "mumoe"), ("jamba", "hc-smoe", 0.25, {}, "hf")])  # own block names
 def test_layerwise_merge_equals_in_memory(arch, method, ratio, opts, form, tmp_path):
     """Statistics layer by layer, the plan at the end, a streamed export (fused or per-expert source keys): the
     same groups and the same tensors as merging the loaded model; M-SMoE's per-layer counts differ (mumoe's own
@@ -321,8 +323,8 @@ def test_layerwise_merge_equals_in_memory(arch, method, ratio, opts, form, tmp_p
     from mumoe.loading import load
 
     src = tmp_path / "src"
-    make(arch).save_pretrained(src)
-    recipe = mumoe.Recipe.build(method, ratio, calib="tensor", nsamples=6, seqlen=16, **opts)
+    make(arch, **({"n_group": 1, "topk_group": 1} if arch == "nemotron_h" else {})).save_pretrained(src)  # (merges
+    recipe = mumoe.Recipe.build(method, ratio, calib="tensor", nsamples=6, seqlen=16, **opts)  # refuse groups)
     wins = ids(batch=6, length=16)
     report = prune_layerwise(src, recipe, tmp_path / "streamed", (wins, None, {}), verbose=False)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()

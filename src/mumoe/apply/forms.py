@@ -141,6 +141,8 @@ def fuse_legacy_experts(state: dict, model: nn.Module) -> dict:
     parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     out = {}
     names = {n for n, _ in chain(model.named_parameters(), model.named_buffers())}  # (selection biases are buffers)
+    names |= {f"{m}.{family}" for m, module in model.named_modules()  # a layout's own names (Nemotron-H's up_proj)
+              for family in getattr(getattr(module, "checkpoint_layout", None), "family_names", {}).values()}
     for key, t in state.items():
         m = LEGACY.match(key)
         if m is None:
@@ -202,7 +204,7 @@ def _read_atoms(path: Path, dtype: torch.dtype) -> nn.Module:
         for entry in report.layers:
             layer = layers[entry["layer"]]
             prefix = names[id(layer.experts)]
-            fused |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj", *(f"{prefix}.{n}" for n in family_names(layer))}
+            fused |= {f"{prefix}.{n}" for n in ("gate_up_proj", "down_proj", *family_names(layer))}
             layer.experts.gate_up_proj.zero_()
             layer.experts.down_proj.zero_()
             gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # experts with biases (GPT-OSS)
@@ -277,7 +279,7 @@ def _read_quant(path: Path, dtype: torch.dtype) -> nn.Module:
         for entry in report.layers:
             layer = layers[entry["layer"]]
             prefix = names[id(layer.experts)]
-            filled |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj", *(f"{prefix}.{n}" for n in family_names(layer))}
+            filled |= {f"{prefix}.{n}" for n in ("gate_up_proj", "down_proj", *family_names(layer))}
             I = layer.intermediate_size
             for ex in entry["experts"]:
                 e, b = ex["expert"], int(ex["bits"])

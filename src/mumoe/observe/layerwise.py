@@ -58,7 +58,7 @@ def _target(key: str, legacy: bool) -> tuple[str, tuple]:
     return (key if legacy else canonical(key)), ()
 
 
-FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "embedding_norm")  # the decoder's last norm, as the families name it (LFM2: embedding_norm)
+FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "embedding_norm")  # the decoder's last norm, as families name it
 
 
 def _single_op_rules(model_type: str, op_name: str) -> list[tuple[list[str], list[str], int]]:
