@@ -26,7 +26,7 @@ from torch import nn
 from transformers.integrations.moe import use_experts_implementation
 
 from .base import Adapter
-from .layout import adopt
+from .layout import OwnGate, adopt
 
 # ---- the two layouts (pure functions; any leading dims) ----------------------------------------------------
 
@@ -83,7 +83,7 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: fl
 
 
 @use_experts_implementation(has_bias=True)
-class CanonicalExperts(nn.Module):
+class CanonicalExperts(OwnGate, nn.Module):
     """GPT-OSS's routed experts in mumoe's layout (module doc); the call of transformers' experts modules:
     (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]."""
 
@@ -97,10 +97,6 @@ class CanonicalExperts(nn.Module):
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return clamped_swiglu(gate, up, self.alpha, self.limit)
-
-    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:  # transformers' kernels: [S, 2I] -> [S, I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.glu(gate, up)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:  # eager

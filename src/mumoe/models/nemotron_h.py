@@ -27,6 +27,7 @@ from transformers.integrations.moe import use_experts_implementation
 
 from ..errors import MumoeError
 from .base import Adapter
+from .layout import OwnGate, adopt
 
 
 class Layout:
@@ -52,7 +53,7 @@ def relu_squared(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @use_experts_implementation
-class UngatedExperts(nn.Module):
+class UngatedExperts(OwnGate, nn.Module):
     """Nemotron-H's routed experts in mumoe's layout (module doc); the call of transformers' experts modules:
     (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]. Expert index E (transformers'
     expert-parallel sentinel) computes nothing."""
@@ -65,18 +66,11 @@ class UngatedExperts(nn.Module):
         self.config = config
         self.num_experts = source.num_experts
         self.hidden_dim, self.intermediate_dim = source.hidden_dim, source.intermediate_dim
-        self.gate_up_proj = nn.Parameter(Layout.to_canonical("gate_up_proj", source.up_proj.data),  # [E, 2I, H]
-                                         requires_grad=False)
-        self.down_proj = nn.Parameter(source.down_proj.data, requires_grad=False)  # [E, H, I]
-        self._register_state_dict_hook(_family_state)
-        self.register_load_state_dict_pre_hook(_canonical_state)
+        adopt(self, source, Layout)  # gate_up_proj [E, 2I, H] in memory, the family's up_proj [E, I, H] in its state
+        self.down_proj = source.down_proj  # [E, H, I], the same in both
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return relu_squared(gate, up)
-
-    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:  # transformers' kernels: [S, 2I] -> [S, I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.glu(gate, up)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:  # eager
@@ -90,18 +84,6 @@ class UngatedExperts(nn.Module):
             y = nn.functional.linear(h, self.down_proj[e])  # [n, H]
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
-
-
-def _family_state(module, state: dict, prefix: str, local_metadata) -> None:
-    """mumoe's gate_up_proj [E, 2I, H] -> the family's up_proj [E, I, H] (the up half)."""
-    if prefix + "gate_up_proj" in state:
-        state[prefix + "up_proj"] = Layout.to_family("gate_up_proj", state.pop(prefix + "gate_up_proj"))
-
-
-def _canonical_state(module, state: dict, prefix: str, *args) -> None:
-    """The family's up_proj [E, I, H] -> mumoe's gate_up_proj (a zero gate half, then up)."""
-    if prefix + "up_proj" in state:
-        state[prefix + "gate_up_proj"] = Layout.to_canonical("gate_up_proj", state.pop(prefix + "up_proj"))
 
 
 class NemotronHAdapter(Adapter):
