@@ -79,3 +79,19 @@ def test_what_it_cannot_hold_is_refused_in_one_line(overrides, needle):
     with pytest.raises(MumoeError) as e:
         adapter_for(_plain(**overrides))
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fused_up_files_are_refused_layer_by_layer(tmp_path):
+    """Nemotron-H files hold one up_proj per expert (transformers' save_pretrained writes them so); files with the
+    fused [E, I, H] tensor (a plain state dict saved by hand) are refused in one line before any weight is read."""
+    from safetensors.torch import save_file
+
+    from mumoe.observe.layerwise import LayerwiseCheckpoint
+    from mumoe.models.tiny import tiny_model
+
+    model = tiny_model("nemotron_h")
+    model.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(MumoeError) as e:
+        LayerwiseCheckpoint(tmp_path, torch.float32)
+    assert "experts.up_proj holds every expert's up projection" in str(e.value) and "\n" not in str(e.value)

@@ -18,6 +18,8 @@ KIND: dict[str, str] = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_pr
 
 _BLOCK = rf"^(?P<pre>.*\.layers\.(?P<layer>\d+)\.(?:{'|'.join(BLOCK_NAMES)})\.experts)"
 FUSED = re.compile(_BLOCK + r"\.(?P<kind>gate_up_proj|down_proj)$")  # transformers v5: [E, 2I, H] and [E, H, I]
+# experts without a gate stored fused ([E, I, H]; transformers' own files hold them per expert): not streamed yet
+FUSED_UP = re.compile(_BLOCK + r"\.up_proj$")
 EXPERT_BIAS = re.compile(_BLOCK + r"\.(?P<kind>gate_up_proj_bias|down_proj_bias)$")  # [E, 2I] and [E, H] (GPT-OSS)
 # MXFP4-packed expert tensors (the released gpt-oss checkpoints): <experts>.gate_up_proj_blocks / _scales -> the
 # parameter <experts>.gate_up_proj they dequantize to (`checkpoint.dequantized_experts`)

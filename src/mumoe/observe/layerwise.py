@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import KIND, LEGACY, PACKED, dequantized_experts, packed_shape, read_header, read_into, shard_files
-from ..models.keys import canonical, checkpoint_renamer, legacy_blocks, text_prefix
+from ..models.keys import FUSED_UP, canonical, checkpoint_renamer, legacy_blocks, text_prefix
 from ..models.registry import ADAPTERS, in_mumoe_layout
 from ..errors import MumoeError, MumoeFileError
 
@@ -170,6 +170,11 @@ class LayerwiseCheckpoint:
         self.split = splits(self.model.config.model_type)
         self.sources: dict[str, list[Source]] = defaultdict(list)
         self.packed: dict[str, dict[str, Source]] = defaultdict(dict)  # MXFP4 experts: name -> blocks, scales
+        fused_up = next((key for _, key, _ in headers if FUSED_UP.match(self.rename(key))), None)
+        if fused_up is not None:
+            raise MumoeError(f"{self.path}: {fused_up} holds every expert's up projection in one tensor; layer by "
+                             "layer, mumoe reads experts without a gate from the family's per-expert files (as "
+                             "transformers saves them): run without --layerwise, or re-save with save_pretrained")
         for file, key, meta in headers:
             if p := PACKED.match(key):
                 name = _target(self.rename(p["name"]), has_bs)[0]
