@@ -5,6 +5,8 @@
     python benchmarks/calib_memory.py --device cuda --dtype bf16 --layers 48 --cap-mb 8192   # on a GPU machine
     python benchmarks/calib_memory.py --arch gpt_oss --dir /tmp/mumoe-bench/gptoss --layers 8 --experts 32 \
         --inter 1024 --cap-mb 1400 --methods reap,heapr --tag=-gpt-oss    # MXFP4 experts, dequantized per layer
+    python benchmarks/calib_memory.py --arch nemotron_h --dir /tmp/mumoe-bench/nemotron --layers 16 \
+        --cap-mb 1100 --methods reap,heapr --tag=-nemotron-h              # hybrid stack, experts without a gate
 
 1. Writes a synthetic qwen3_moe checkpoint (random bf16 weights, per-expert keys as on the hub, one shard per
    layer) to --dir, layer by layer (never the whole model in memory).
@@ -78,6 +80,46 @@ def write_gpt_oss(folder: Path, a) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def write_nemotron_h(folder: Path, a) -> None:
+    """A Nemotron-H checkpoint as transformers saves one (`backbone.` keys, one up_proj and down_proj per expert:
+    experts without a gate), Mamba-2 and MoE blocks alternating with an attention block every fourth layer, bf16,
+    one shard per decoder layer; names and shapes from transformers' own model of the config (a meta skeleton)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, NemotronHConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds = [("full_attention" if j % 4 == 2 else "linear_attention") if j % 2 == 0 else "moe" for j in range(a.layers)]
+    cfg = NemotronHConfig(vocab_size=a.vocab, hidden_size=a.hidden, layers_block_type=kinds, num_attention_heads=a.hidden // 64,
+                          num_key_value_heads=4, head_dim=64, intermediate_size=4 * a.hidden,
+                          moe_intermediate_size=a.inter, moe_shared_expert_intermediate_size=2 * a.inter,
+                          n_routed_experts=a.experts, num_experts_per_tok=a.top_k, n_group=1, topk_group=1,
+                          mamba_num_heads=a.hidden // 32, mamba_head_dim=64, ssm_state_size=64, n_groups=4,
+                          chunk_size=64, max_position_embeddings=4096, dtype="bfloat16", tie_word_embeddings=False)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(cfg).state_dict().items()}
+    cfg.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+    groups: dict[str, dict] = {}
+    for k, shape in shapes.items():
+        j = k.split(".")[2] if k.startswith("model.layers.") else "head"
+        key = "backbone." + k[len("model."):] if k.startswith("model.") else k
+        t = groups.setdefault(j, {})
+        if key.endswith(("experts.up_proj", "experts.down_proj")):  # [E, out, in] -> one matrix per expert
+            for e in range(shape[0]):
+                t[f"{key[:-len('.up_proj') if key.endswith('up_proj') else -len('.down_proj')]}.{e}."
+                  f"{key.rsplit('.', 1)[-1]}.weight"] = (torch.randn(shape[1:], generator=gen) * 0.02).to(torch.bfloat16)
+        elif key.endswith(("norm.weight", ".D")):
+            t[key] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t[key] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    weight_map = {}
+    for i, (j, t) in enumerate(groups.items()):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(t, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in t})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def write_checkpoint(folder: Path, a) -> None:
     """One safetensors shard per decoder layer (+ one for embeddings/norm/head), per-expert keys."""
     from safetensors.torch import save_file
@@ -87,6 +129,8 @@ def write_checkpoint(folder: Path, a) -> None:
         return
     if a.arch == "gpt_oss":
         return write_gpt_oss(folder, a)
+    if a.arch == "nemotron_h":
+        return write_nemotron_h(folder, a)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = Qwen3MoeConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
                          moe_intermediate_size=a.inter, num_experts=a.experts, num_experts_per_tok=a.top_k,
@@ -266,8 +310,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="/tmp/mumoe-bench/ckpt")
     p.add_argument("--out", default="/tmp/mumoe-bench/out")
-    p.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "gpt_oss"],
-                   help="gpt_oss: the released format, experts MXFP4-packed (dequantized layer by layer)")
+    p.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "gpt_oss", "nemotron_h"],
+                   help="gpt_oss: the released format, experts MXFP4-packed (dequantized layer by layer); nemotron_h: "
+                        "Mamba-2/attention/MoE blocks, experts without a gate (default qwen3_moe)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--inter", type=int, default=512)
