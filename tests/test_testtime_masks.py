@@ -470,3 +470,26 @@ def test_half_precision_cpu_weights_stay_row_major_and_compact_exactly(arch):
     uncompact(undo)
     assert (got - masked).abs().max() <= 0.05 * masked.abs().max()
     assert (got - masked).abs().max() < (masked - model(x).logits.float()).abs().max()  # closer than dense is
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "jamba", "nemotron_h"])
+def test_per_prompt_decode_pruning_refused_where_the_cache_cannot_drop_a_token(family):
+    """μ-MoE and per-prompt experts decode the last prompt token again with the pruned model, which needs the
+    prompt's cache without it: models with recurrent layers (gated delta-net, Mamba) cannot give that exactly, so
+    both are refused in one line (before: a RuntimeError traceback from transformers' crop); a model with attention
+    only still can, and dense decoding of the hybrid one works."""
+    from mumoe import MumoeError
+    from mumoe.models.tiny import tiny_model
+    from mumoe.testtime.generate import generate
+    from mumoe.testtime.kvcache import refeed_possible
+    from mumoe.testtime.protocol import Dense, Experts
+
+    model = tiny_model(family)
+    x = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert not refeed_possible(model.config) and refeed_possible(tiny_model("qwen3_moe").config)
+    for run in (lambda: generate(model, x, 0.5, "column", max_new_tokens=2), lambda: Experts(4).prefill(model, x)):
+        with pytest.raises(MumoeError) as e:
+            run()
+        assert "not available for " + family in str(e.value) and "\n" not in str(e.value)
+    with torch.no_grad():
+        assert Dense().prefill(model, x).logits.shape[-1] == model.config.vocab_size

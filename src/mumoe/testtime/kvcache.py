@@ -57,3 +57,31 @@ def grow_in_place(cache) -> int:
             layer.__class__ = GrowingLayer
             n += 1
     return n
+
+
+def refeed_possible(config) -> bool:
+    """Whether a prompt's cache can drop its last position (`DynamicCache.crop(-1)`), as the per-prompt protocols
+    that prune the decode need (the pruned model computes the last prompt token again). Not where a layer keeps a
+    recurrent state (Mamba, linear attention, short convolutions): transformers' rollback of those is not exact for
+    every family here (Jamba, Granite-4.0-H, Nemotron-H: off by 1e-3..5e-2 after a crop), so mumoe does not use it."""
+    from transformers import DynamicCache
+
+    try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin
+    except ImportError:  # a transformers without recurrent cache layers
+        return True
+    try:
+        cache = DynamicCache(config=config)
+    except Exception:  # a config the cache cannot read: decide at the first crop, as before
+        return True
+    return not any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in getattr(cache, "layers", []))
+
+
+def check_refeed(model, what: str) -> None:
+    """A one-line MumoeError where `what` (a per-prompt pruning of the decode) cannot run on `model`'s cache."""
+    from ..errors import MumoeError
+
+    if not refeed_possible(model.config):
+        raise MumoeError(f"{what} is not available for {model.config.model_type} yet: its recurrent layers (Mamba, "
+                         "linear attention, convolutions) keep a state that cannot drop the last prompt token, which "
+                         "the pruned model computes again; use dense decoding or task models (TAER)")

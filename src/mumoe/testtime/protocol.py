@@ -26,7 +26,7 @@ from torch import nn
 from ..compat import last_logits, output_cache
 from ..models import stored_weights
 from .experts import capture_router_logits, experts_kept, prompt_keep
-from .kvcache import grow_in_place
+from .kvcache import check_refeed, grow_in_place
 from .prompt import PromptPruner
 
 
@@ -93,6 +93,7 @@ class MuMoE(PerPrompt):
 
     def __init__(self, model: nn.Module, active: float, structure: str = "row", compacted: bool = True,
                  int8: bool = False) -> None:
+        check_refeed(model, "per-prompt μ-MoE")
         self.pruner = PromptPruner(model, active, structure, compacted, int8)
 
     def prefill(self, model: nn.Module, x: torch.Tensor) -> Prefilled:
@@ -124,6 +125,7 @@ class Experts(PerPrompt):
         self.k = k
 
     def prefill(self, model: nn.Module, x: torch.Tensor) -> Prefilled:
+        check_refeed(model, "per-prompt experts")
         with capture_router_logits(model) as logits:
             out = model(input_ids=x, use_cache=True, **last_logits(model))  # (refed: its logits are not read)
         t1 = time.perf_counter()
