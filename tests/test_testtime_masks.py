@@ -493,3 +493,11 @@ def test_per_prompt_decode_pruning_refused_where_the_cache_cannot_drop_a_token(f
         assert "not available for " + family in str(e.value) and "\n" not in str(e.value)
     with torch.no_grad():
         assert Dense().prefill(model, x).logits.shape[-1] == model.config.vocab_size
+    from conftest import char_tokenizer
+    from mumoe.serve.engine import Engine
+
+    engine = Engine(model, char_tokenizer(), family)  # a server answers such requests 400, before queueing them
+    assert engine.pruning(None).active == 1.0
+    for ext in ({"active": 0.5}, {"experts": 2}):
+        with pytest.raises(MumoeError):
+            engine.pruning(ext)

@@ -31,6 +31,7 @@ from ..models import stored_weights
 from ..recipe import parse_structure
 from ..select.weights import check_active
 from ..testtime.experts import check_experts
+from ..testtime.kvcache import check_refeed, refeed_possible
 from ..testtime.protocol import Dense, Experts, MuMoE, PerPrompt, Task, ready_to_decode
 from ..testtime.skip import skipping_with
 
@@ -156,6 +157,7 @@ class Engine:
                                           max_task_models)
         self.total_weights = stored_weights(model)
         self._protocols: dict[tuple, PerPrompt] = {}
+        self.refeed = refeed_possible(model.config)  # per-prompt decode pruning possible (no recurrent layers)
         self.defaults = self.pruning(None, defaults or Pruning())
 
     # ---- request checks (cheap; run before a request is queued) --------------------------------
@@ -182,6 +184,8 @@ class Engine:
         if not isinstance(p.structure, str):
             raise MumoeError(f"mumoe.structure must be a string (row, column or N:M), got {p.structure!r}")
         parse_structure(p.structure)
+        if (p.active != 1.0 or p.experts is not None) and not self.refeed:
+            check_refeed(self.model, "per-prompt μ-MoE" if p.experts is None else "per-prompt experts")
         if p.experts is not None:
             check_experts(self.model, p.experts)
         if p.task is not None:
