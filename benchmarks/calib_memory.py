@@ -42,11 +42,22 @@ CG = Path("/sys/fs/cgroup/memory")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def write_shards(folder: Path, groups: dict[str, dict]) -> None:
+    """One safetensors shard per group of tensors (a decoder layer's, the head's), with the index."""
+    from safetensors.torch import save_file
+
+    weight_map = {}
+    for i, (j, t) in enumerate(groups.items()):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(t, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in t})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def write_gpt_oss(folder: Path, a) -> None:
     """A GPT-OSS checkpoint in the released format: experts MXFP4-packed (random FP4 codes and power-of-two
     scales: <experts>.gate_up_proj_blocks / _scales ...), everything else bf16, one shard per decoder layer; the
     tensor names and shapes are those of transformers' own GPT-OSS model of the config (a meta skeleton)."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, GptOssConfig
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,25 +83,20 @@ def write_gpt_oss(folder: Path, a) -> None:
             groups.setdefault(j, {})[k] = torch.ones(shape, dtype=torch.bfloat16)
         else:
             groups.setdefault(j, {})[k] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-    weight_map = {}
-    for i, (j, t) in enumerate(groups.items()):
-        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(t, folder / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in t})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_shards(folder, groups)
 
 
 def write_nemotron_h(folder: Path, a) -> None:
     """A Nemotron-H checkpoint as transformers saves one (`backbone.` keys, one up_proj and down_proj per expert:
     experts without a gate), Mamba-2 and MoE blocks alternating with an attention block every fourth layer, bf16,
     one shard per decoder layer; names and shapes from transformers' own model of the config (a meta skeleton)."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, NemotronHConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     kinds = [("full_attention" if j % 4 == 2 else "linear_attention") if j % 2 == 0 else "moe" for j in range(a.layers)]
-    cfg = NemotronHConfig(vocab_size=a.vocab, hidden_size=a.hidden, layers_block_type=kinds, num_attention_heads=a.hidden // 64,
-                          num_key_value_heads=4, head_dim=64, intermediate_size=4 * a.hidden,
+    cfg = NemotronHConfig(vocab_size=a.vocab, hidden_size=a.hidden, layers_block_type=kinds,
+                          num_attention_heads=a.hidden // 64, num_key_value_heads=4, head_dim=64,
+                          intermediate_size=4 * a.hidden,
                           moe_intermediate_size=a.inter, moe_shared_expert_intermediate_size=2 * a.inter,
                           n_routed_experts=a.experts, num_experts_per_tok=a.top_k, n_group=1, topk_group=1,
                           mamba_num_heads=a.hidden // 32, mamba_head_dim=64, ssm_state_size=64, n_groups=4,
@@ -105,19 +111,14 @@ def write_nemotron_h(folder: Path, a) -> None:
         key = "backbone." + k[len("model."):] if k.startswith("model.") else k
         t = groups.setdefault(j, {})
         if key.endswith(("experts.up_proj", "experts.down_proj")):  # [E, out, in] -> one matrix per expert
+            stem, kind = key.rsplit(".", 1)
             for e in range(shape[0]):
-                t[f"{key[:-len('.up_proj') if key.endswith('up_proj') else -len('.down_proj')]}.{e}."
-                  f"{key.rsplit('.', 1)[-1]}.weight"] = (torch.randn(shape[1:], generator=gen) * 0.02).to(torch.bfloat16)
+                t[f"{stem}.{e}.{kind}.weight"] = (torch.randn(shape[1:], generator=gen) * 0.02).to(torch.bfloat16)
         elif key.endswith(("norm.weight", ".D")):
             t[key] = torch.ones(shape, dtype=torch.bfloat16)
         else:
             t[key] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-    weight_map = {}
-    for i, (j, t) in enumerate(groups.items()):
-        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(t, folder / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in t})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_shards(folder, groups)
 
 
 def write_checkpoint(folder: Path, a) -> None:
