@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import MumoeError
 from ..models import moe_adapter_for
 from ..models.keys import as_loaded
+from ..models.layout import family_names_of, renamed_tensors
 from .atoms import kept_part, shared_atom_keys
 from .experts import remove_experts
 from .report import PruneReport
@@ -103,7 +104,7 @@ def compact_atom_state(model: nn.Module, report: PruneReport) -> dict:
 def family_names(layer) -> tuple[str, ...]:
     """The names the layer's experts module gives its fused tensors in its state dict where they are not mumoe's
     (Nemotron-H's up_proj: `Layout.family_names`)."""
-    return tuple(getattr(getattr(layer.experts, "checkpoint_layout", None), "family_names", {}).values())
+    return tuple(family_names_of(layer.experts).values())
 
 
 def _shared_kept(report: PruneReport) -> dict[int, torch.Tensor]:
@@ -141,8 +142,7 @@ def fuse_legacy_experts(state: dict, model: nn.Module) -> dict:
     parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     out = {}
     names = {n for n, _ in chain(model.named_parameters(), model.named_buffers())}  # (selection biases are buffers)
-    names |= {f"{m}.{family}" for m, module in model.named_modules()  # a layout's own names (Nemotron-H's up_proj)
-              for family in getattr(getattr(module, "checkpoint_layout", None), "family_names", {}).values()}
+    names |= set(renamed_tensors(model).values())  # a layout's own names (Nemotron-H's up_proj)
     for key, t in state.items():
         m = LEGACY.match(key)
         if m is None:

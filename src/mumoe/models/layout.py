@@ -27,6 +27,17 @@ def _family_name(layout, name: str) -> str:
     return getattr(layout, "family_names", {}).get(name, name)
 
 
+def family_names_of(module: nn.Module) -> dict[str, str]:
+    """mumoe's tensor name -> the family's, for the tensors `module` holds under another name than its family's
+    (`layout.family_names`: Nemotron-H's up_proj); {} for every other module."""
+    return dict(getattr(getattr(module, "checkpoint_layout", None), "family_names", {}))
+
+
+def renamed_tensors(model: nn.Module) -> dict[str, str]:
+    """Every such tensor of `model` by its full name -> the full name its family gives it."""
+    return {f"{m}.{k}": f"{m}.{v}" for m, module in model.named_modules() for k, v in family_names_of(module).items()}
+
+
 def _family_state(module, state: dict, prefix: str, local_metadata) -> None:
     layout = module.checkpoint_layout
     for name in layout.names:

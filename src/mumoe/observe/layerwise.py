@@ -29,6 +29,7 @@ from torch import nn
 
 from ..checkpoint import KIND, LEGACY, PACKED, dequantized_experts, packed_shape, read_header, read_into, shard_files
 from ..models.keys import FUSED_UP, canonical, checkpoint_renamer, legacy_blocks, text_prefix
+from ..models.layout import renamed_tensors
 from ..models.registry import ADAPTERS, in_mumoe_layout
 from ..errors import MumoeError, MumoeFileError
 
@@ -164,8 +165,7 @@ class LayerwiseCheckpoint:
             self.rename = lambda key: renamed(key[cut:] if key.startswith(self.text_prefix) else key)
         # fused parameters whose family files hold them under another name (Nemotron-H's per-expert up_proj fill
         # the up half of mumoe's gate_up_proj: `Layout.family_names`), model name -> the family's
-        self.family_names = {f"{m}.{k}": f"{m}.{v}" for m, module in self.model.named_modules()
-                             for k, v in getattr(getattr(module, "checkpoint_layout", None), "family_names", {}).items()}
+        self.family_names = renamed_tensors(self.model)
         self.concatenated = concatenations(self.model.config.model_type)
         self.split = splits(self.model.config.model_type)
         self.sources: dict[str, list[Source]] = defaultdict(list)
