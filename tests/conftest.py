@@ -44,13 +44,19 @@ def char_tokenizer():
 
 def recompose(layer, route, events, routed_scale=1.0):
     """A block's output rebuilt slowly, token by token, from its per-expert events: routed_scale · Σ_i g_i f_i(x)
-    (+ the shared expert, sigmoid-gated where it has a gate). -> (output [T, H], experts seen per token [T])."""
+    (+ the shared expert, sigmoid-gated where it has a gate; + g_j x for a pick j of an identity expert, LongCat's).
+    -> (output [T, H], experts seen per token [T])."""
     T, H = route.hidden.shape
     total, seen = torch.zeros(T, H), torch.zeros(T, dtype=torch.long)
     for e in events:
         for n, t in enumerate(e.tokens.tolist()):
             total[t] += e.weight[n] * e.output[n]
             seen[t] += 1
+    for t in range(T):
+        for j in range(route.indices.shape[1]):
+            if route.indices[t, j] >= layer.num_experts:  # a zero-computation expert: its input, weighted
+                total[t] += route.weights[t, j] * route.hidden[t]
+                seen[t] += 1
     total = total * routed_scale
     if layer.shared is not None:
         shared = layer.shared(route.hidden)

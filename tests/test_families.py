@@ -65,6 +65,8 @@ ROUTING = {
     "kolibri1_1": spec(act="sigmoid", bias=True, choose="logits"),
     "axk2": _DSV3,
     "lfm2_moe": spec(act="sigmoid", bias=True, scale="routed_scaling_factor"),  # + expert_bias on the block
+    # softmax over the 8 routed + 2 identity experts, top-k of scores + bias, never renormalized, x the scale
+    "longcat_flash": spec(bias=True, renorm=False, scale="routed_scaling_factor"),
     "gpt_oss": spec(renorm=True),  # softmax over the top-k logits (router with a bias)
     "llama4_text": spec(act="sigmoid", choose="logits", renorm=False),  # σ(top-k logits), scaling the expert's input
 }
@@ -184,7 +186,7 @@ def test_view_routing_and_block_recomposition(family):
     assert layers, family
     for layer in layers:
         assert layer.num_experts == 8 and layer.top_k == 2 and layer.intermediate_size == 16
-        assert layer.router_weight.shape == (8, cfg.hidden_size)
+        assert layer.router_weight.shape == (8 + layer.identity_experts, cfg.hidden_size)
         assert layer.gate_proj(3).data_ptr() == layer.experts.gate_up_proj[3].data_ptr()
         ev = routes[layer.index]
         # routing: the model's router output equals the family's formula
@@ -224,7 +226,7 @@ def test_ratio_zero_and_removed_experts_follow_the_formula(family):
     remove_experts(model, keep)
     layers, routes, *_ = observe(model, x)
     for layer in layers:
-        assert layer.num_experts == 6 and all(rt.tensor.shape[rt.dim] == 6 for rt in layer.router_tensors)
+        assert layer.num_experts == 6 and all(rt.tensor.shape[rt.dim] == 6 + rt.tail for rt in layer.router_tensors)
         assert_routing(family, model, layer, routes[layer.index])
 
 
@@ -422,7 +424,7 @@ def test_task_library_partial_load_and_match(family, tmp_path):
     model with the others removed, and a prompt of a task's token matches that task. Group-limited routers refuse
     in one line."""
     from mumoe.retrieval import TaskLibrary, build_library, load_task_model, match
-    from mumoe.retrieval.partial import load_matcher
+    from mumoe.retrieval.partial import checkpoint_fingerprint, load_matcher
 
     model = fresh(family)
     model.save_pretrained(tmp_path / "m")
@@ -434,6 +436,7 @@ def test_task_library_partial_load_and_match(family, tmp_path):
         return
     build_library(model, tasks, keep=4, progress=False).save(tmp_path / "lib")
     lib = TaskLibrary.load(tmp_path / "lib")
+    assert checkpoint_fingerprint(tmp_path / "m") == lib.fingerprint  # the routers read from the files agree
     part = load_task_model(tmp_path / "m", lib, "hundred")
     full = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     remove_experts(full, lib.tasks["hundred"]["kept"])

@@ -144,3 +144,14 @@ def test_skipping_on_sigmoid_routers(family):
             model(wins[b:b + 4])
     first = min(count.calls)
     assert count.skipped[first] == round(0.25 * count.calls[first])
+
+
+def test_skipping_refused_where_routers_pick_identity_experts():
+    """LongCat-Flash's routers also pick zero-computation experts: skipping is refused in one line that says so."""
+    from mumoe.models.tiny import tiny_model
+
+    model = tiny_model("longcat_flash")
+    with pytest.raises(MumoeError) as e:
+        with skipping(model, {0: 0.0, 1: 0.0}, keep_share=0.0):
+            pass
+    assert "identity" in str(e.value) and "\n" not in str(e.value)

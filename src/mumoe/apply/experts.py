@@ -53,15 +53,16 @@ def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False, router:
     for name in EXPERT_TENSOR_NAMES if experts else ():
         _slice_param(layer.experts, name, idx, inplace)
     for rt in layer.router_tensors if router else ():
-        _slice_param(rt.module, rt.name, idx, inplace, rt.dim)
+        _slice_param(rt.module, rt.name, rt.rows(idx), inplace, rt.dim)  # (identity experts' entries kept)
     counted = count_modules(layer) if router else [layer.experts]
     if not experts:
         ids = {id(c) for c in counted}
         counted = [m for m in layer.router.modules() if id(m) in ids]
+    Z = layer.identity_experts
     for module in counted:
         for attr in COUNT_ATTRS:
-            if isinstance(getattr(module, attr, None), int):
-                setattr(module, attr, len(keep))
+            if isinstance(n := getattr(module, attr, None), int):  # a count of routed + identity experts keeps Z
+                setattr(module, attr, len(keep) + (Z if Z and n == E + Z else 0))
 
 
 def count_modules(layer: MoELayer) -> list[nn.Module]:

@@ -234,7 +234,7 @@ def bind_layers(model: nn.Module, slots: dict[int, list[int]], maps: dict[int, l
 
 def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[list[float]]],
                     operator: str = "average", rank: int | None = None, router: str = "centroid",
-                    *, routers: dict[str, tuple[int, int]], rename=unchanged,
+                    *, routers: dict[str, tuple[int, int, int]], rename=unchanged,
                     perms: dict[int, torch.Tensor] | None = None, coefs: dict[int, torch.Tensor] | None = None):
     """The streamed export of a merge (`apply.stream.write_streamed`): fused expert tensors and (centroid) routing
     tensors (`models.keys.router_axis`: [E, ...] on their expert axis) become [M, ...]; per-expert matrices
@@ -288,7 +288,9 @@ def merge_transform(groups: dict[int, list[list[int]]], weights: dict[int, list[
             return [(key, merged(int(m["layer"]), read(), KINDS[m["kind"]]))]
         if router == "centroid" and (r := router_axis(view, routers)) and r[0] in groups:
             t = read().movedim(r[1], 0)
-            return [(key, merged(r[0], t, "router").movedim(0, r[1]).contiguous())]
+            E = t.shape[0] - r[2]  # (identity experts' entries after the routed ones kept: `RouterTensor.tail`)
+            t = torch.cat([merged(r[0], t[:E], "router"), t[E:]])
+            return [(key, t.movedim(0, r[1]).contiguous())]
         return [(key, read())]
 
     return transform

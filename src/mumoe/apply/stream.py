@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import (FUSED, KIND, LEGACY, PACKED, dequantized_experts, packed_shape, read_header, read_tensor,
                           shard_files)
 from ..errors import MumoeError, MumoeFileError
-from ..models.base import EXPERT_COUNT_KEYS
+from ..models.base import EXPERT_COUNT_KEYS, kept_rows
 from ..models.keys import EXPERT_BIAS, expert_layout, router_axis, unchanged
 from ..progress import bar
 from .atoms import kept_part
@@ -245,7 +245,7 @@ def layout_converted(transform: Transform, layout) -> Transform:
     return wrapped
 
 
-def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, int]],
+def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, int, int]],
                      rename: Callable[[str], str] = unchanged) -> Transform:
     """Drop the experts not in `keep` (decoder layer -> kept, sorted), renumber per-expert keys, slice fused
     expert tensors and every routing tensor (`router_axis`: rows, biases, correction biases) along its expert
@@ -260,7 +260,8 @@ def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, i
         if (m := FUSED.match(view) or EXPERT_BIAS.match(view)) and int(m["layer"]) in keep:
             return [(key, read().index_select(0, torch.tensor(keep[int(m["layer"])])))]
         if (r := router_axis(view, routers)) and r[0] in keep:
-            return [(key, read().index_select(r[1], torch.tensor(keep[r[0]])).contiguous())]
+            t = read()  # (identity experts' entries after the routed ones kept: `RouterTensor.tail`)
+            return [(key, t.index_select(r[1], kept_rows(torch.tensor(keep[r[0]]), t.shape[r[1]], r[2])).contiguous())]
         return [(key, read())]
     return transform
 

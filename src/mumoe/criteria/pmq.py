@@ -73,9 +73,10 @@ class PMQStats(Collector):
     def on_route(self, ev: RouteEvent) -> None:
         st = self.stats[ev.layer.index]
         probs = torch.softmax(ev.logits.double(), dim=-1)  # [T, E]
-        flat = ev.indices.reshape(-1).cpu()
+        token, expert, _ = ev.picks()  # [S] routed-expert picks (identity experts' left out)
+        flat = expert.cpu()
         st.phi += torch.bincount(flat, minlength=len(st.phi)).double()
-        st.w.index_add_(0, flat, probs.gather(-1, ev.indices).reshape(-1).cpu())
+        st.w.index_add_(0, flat, probs[token, expert].cpu())
 
     @torch.no_grad()
     def on_routed(self, r: Routed) -> None:

@@ -166,7 +166,8 @@ def expert_gram(layer, block_bytes: int = 64 << 20) -> torch.Tensor:
 # -- the expert grain's view: per-layer features, then one rule over all layers ------------------------------
 def router_features(layer) -> dict[str, torch.Tensor]:
     """The data-free variant's features of one layer: router-row distances and the experts' weight Gram."""
-    return {"distance": router_distance(layer.router_weight), "gram": expert_gram(layer)}
+    return {"distance": router_distance(layer.router_weight[: layer.num_experts]),  # routed rows (not identity)
+            "gram": expert_gram(layer)}
 
 
 def coselect_features(st) -> dict[str, torch.Tensor]:

@@ -55,10 +55,25 @@ class RouterTensor:
     module: nn.Module
     name: str
     dim: int = 0  # the expert axis
+    # entries after the routed experts' along `dim` that no removal or merge touches: LongCat-Flash's router scores
+    # E routed experts, then `tail` zero-computation (identity) experts
+    tail: int = 0
 
     @property
     def tensor(self) -> torch.Tensor:
         return getattr(self.module, self.name)
+
+    def rows(self, keep: torch.Tensor) -> torch.Tensor:
+        """The entries along `dim` that keeping routed experts `keep` [E'] (long) keeps: those, then the tail."""
+        return kept_rows(keep, self.tensor.shape[self.dim], self.tail)
+
+
+def kept_rows(keep: torch.Tensor, n: int, tail: int = 0) -> torch.Tensor:
+    """Indices into a routing tensor's expert axis of length n = E + tail: the kept routed experts `keep` [E']
+    (long), then the `tail` entries after the routed ones (identity experts), which no removal touches."""
+    if not tail:
+        return keep
+    return torch.cat([keep.to(torch.long), torch.arange(n - tail, n, dtype=torch.long, device=keep.device)])
 
 
 @dataclass
@@ -91,6 +106,9 @@ class MoELayer:
     glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     routed_scale: float = 1.0  # the block multiplies the routed sum Σ g_i f_i by it (after the experts)
     input_scaled: bool = False  # the combine weight scales the expert's input: Σ f_i(g_i x) (Llama 4)
+    # zero-computation experts the router may pick besides the E routed ones (LongCat-Flash): picks >= E add the
+    # block input times their weight; mumoe never removes or merges them (`RouterTensor.tail`)
+    identity_experts: int = 0
     router_tensors: list[RouterTensor] = field(default_factory=list)  # every per-expert routing tensor
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -108,6 +126,7 @@ class MoELayer:
 
     # ---- router tensors ----------------------------------------------------------------------
     def _router_tensor(self, names: tuple[str, ...], dims: int) -> torch.Tensor | None:
+        """The router tensor of that name and rank, whole (identity experts' entries included)."""
         for rt in self.router_tensors:
             t = rt.tensor
             if rt.name in names and t is not None and t.dim() == dims:
@@ -115,16 +134,16 @@ class MoELayer:
         return None
 
     @property
-    def router_weight(self) -> torch.Tensor:  # [E, H]
+    def router_weight(self) -> torch.Tensor:  # [E, H]; [E + Z, H] with Z identity experts (rows E.. theirs)
         t = self._router_tensor(("weight",), 2)
         return self.router.weight if t is None else t
 
     @property
-    def router_bias(self) -> torch.Tensor | None:  # [E] where the router has one
+    def router_bias(self) -> torch.Tensor | None:  # [E] (+ Z identity experts) where the router has one
         return self._router_tensor(("bias",), 1)
 
     @property
-    def correction_bias(self) -> torch.Tensor | None:  # [E] selection-only bias (DeepSeek-V3 style)
+    def correction_bias(self) -> torch.Tensor | None:  # [E] (+ Z) selection-only bias (DeepSeek-V3 style)
         t = self._router_tensor(CORRECTION_BIAS_NAMES, 1)
         if t is None:
             t = self._router_tensor(CORRECTION_BIAS_NAMES, 2)  # ERNIE's moe_statics [1, E]
@@ -330,12 +349,16 @@ class Adapter:
             out.append(MoELayer(
                 index=i, block=mlp, router=self.router_of(mlp), experts=mlp.experts, decoder_layer=layer,
                 top_k=self.top_k, scoring=self.scoring, shared=shared, shared_gate=shared_gate,
-                residual_norm=getattr(layer, self.residual_norm_name, None) if self.residual_norm_name else None,
+                residual_norm=self.residual_norm_of(layer),
                 act_fn=getattr(mlp.experts, "act_fn", None), glu=family_gate(mlp.experts),
                 routed_scale=self.routed_scale(mlp),
                 router_tensors=self.router_tensors(mlp, [mlp.experts, shared, shared_gate]), **self.layer_fields(),
             ))
         return out
+
+    def residual_norm_of(self, layer: nn.Module) -> nn.Module | None:
+        """The norm whose output is the block's input (its input: the residual stream), or None."""
+        return getattr(layer, self.residual_norm_name, None) if self.residual_norm_name else None
 
     def routed_scale(self, mlp: nn.Module) -> float:
         """A factor the block applies to the routed sum after the experts (1: none)."""
@@ -390,6 +413,11 @@ class Adapter:
         """What `set_expert_width` does, on any config of the family (a copy, a checkpoint's, no model needed);
         a family whose config cannot hold the width raises a one-line MumoeError."""
         setattr(config, cls.expert_width_key, width)
+
+    @classmethod
+    def keep_layers(cls, config, n: int) -> None:
+        """Make `config` build only the first n decoder layers (TAER's matcher: the model up to its first router)."""
+        config.num_hidden_layers = n
 
     def set_num_experts(self, n: int) -> list[str]:
         """Rewrite every expert-count key of the config (nested text configs included)."""

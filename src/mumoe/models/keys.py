@@ -36,21 +36,22 @@ def canonical(key: str) -> str:
     return key
 
 
-def routing_keys(model) -> dict[str, tuple[int, int]]:
+def routing_keys(model) -> dict[str, tuple[int, int, int]]:
     """Every per-expert routing tensor of `model` (a meta skeleton is enough) by its `canonical` parameter name ->
-    (decoder layer, expert axis): router rows and biases, correction biases wherever the family keeps them. A
-    streamed export slices (or merges) the checkpoint tensors of these names along that axis."""
+    (decoder layer, expert axis, entries after the routed experts' on it: `RouterTensor.tail`): router rows and
+    biases, correction biases wherever the family keeps them. A streamed export slices (or merges) the checkpoint
+    tensors of these names along that axis, the tail kept as it is."""
     from .registry import moe_adapter_for
 
     layers = moe_adapter_for(model).moe_layers()  # first: an adapter may swap modules in (GPT-OSS's experts)
     names = {id(m): n for n, m in model.named_modules()}
-    return {canonical(f"{names[id(rt.module)]}.{rt.name}"): (layer.index, rt.dim)
+    return {canonical(f"{names[id(rt.module)]}.{rt.name}"): (layer.index, rt.dim, rt.tail)
             for layer in layers for rt in layer.router_tensors}
 
 
-def router_axis(key: str, routers: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
-    """(decoder layer, expert axis) of a checkpoint key holding a per-expert routing tensor (`routing_keys` of the
-    model: every family's own places), else None."""
+def router_axis(key: str, routers: dict[str, tuple[int, int, int]]) -> tuple[int, int, int] | None:
+    """(decoder layer, expert axis, tail) of a checkpoint key holding a per-expert routing tensor (`routing_keys`
+    of the model: every family's own places), else None."""
     return routers.get(canonical(key))
 
 

@@ -11,6 +11,7 @@ from .dense import DenseAdapter, OptAdapter
 from .families import FAMILY_ADAPTERS, NOT_YET
 from .gpt_oss import GptOssAdapter
 from .llama4 import Llama4Adapter
+from .longcat_flash import LongcatFlashAdapter
 from .mixtral import MixtralAdapter
 from .nemotron_h import NemotronHAdapter
 from .olmoe import OlmoeAdapter
@@ -20,7 +21,8 @@ from .qwen3_moe import Qwen3MoeAdapter
 ADAPTERS: dict[str, type[Adapter]] = {
     t: cls
     for cls in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter,
-                *FAMILY_ADAPTERS, GptOssAdapter, Llama4Adapter, NemotronHAdapter, DenseAdapter, OptAdapter)
+                *FAMILY_ADAPTERS, GptOssAdapter, Llama4Adapter, NemotronHAdapter, LongcatFlashAdapter,
+                DenseAdapter, OptAdapter)
     for t in cls.model_types
 }
 MOE_TYPES = sorted(t for t, c in ADAPTERS.items() if c.is_moe)

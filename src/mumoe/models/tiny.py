@@ -148,6 +148,10 @@ TINY_CONFIGS: dict[str, dict] = {
                            n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                            mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8,
                            expand=2),
+        "longcat_flash": dict(num_layers=2, ffn_hidden_size=48, expert_ffn_hidden_size=16, n_routed_experts=8,
+                              moe_topk=2, zero_expert_num=2, routed_scaling_factor=2.0, q_lora_rank=16,
+                              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8,
+                              num_key_value_heads=4),  # 2 identity experts after the 8 routed ones
         "solar_open": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
                            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, head_dim=8),
     }.items()},

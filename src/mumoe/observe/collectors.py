@@ -136,7 +136,8 @@ class MergeStats(Collector):
             st = self.stats[layer.index] = self._new(layer, H, ev.hidden.device)
         seen = st.n_tokens
         st.n_tokens += T
-        st.freq += torch.bincount(ev.indices.reshape(-1), minlength=E).double()
+        picked_token, picked, _ = ev.picks()  # [S] routed-expert picks (identity experts' left out)
+        st.freq += torch.bincount(picked, minlength=E).double()
         logits = ev.logits.double()  # [T, E]
         st.gram += logits.T @ logits
         if not (self.outputs or self.pairwise or self.ream):
@@ -144,7 +145,7 @@ class MergeStats(Collector):
         if self.ream:
             probs = torch.softmax(ev.logits.float(), dim=-1)  # [T, E] over all E (REAM's gated similarity)
             routed = torch.zeros(T, E, dtype=torch.bool, device=ev.indices.device)
-            routed.scatter_(1, ev.indices, True)  # [T, E] the token picked the expert
+            routed[picked_token, picked] = True  # [T, E] the token picked the expert
         # pairwise: one buffer of a chunk's outputs [c, E, H] (fp32) and its Gram [c, E, E] (fp64, twice) stay
         # under the budget; otherwise: one expert's output at a time, `chunk` tokens
         c = self.chunk if not self.pairwise else max(1, min(self.chunk, self.budget // (E * H * 4 + E * E * 16)))
@@ -240,9 +241,9 @@ class ExpertStats(Collector):
         logits = ev.logits.double()  # [T, E]
         st = self._st(ev.layer, logits.device)
         st.n_tokens += logits.shape[0]
-        flat = ev.indices.reshape(-1)
+        _, flat, weight = ev.picks()  # [S] routed-expert picks (identity experts' left out)
         st.freq += torch.bincount(flat, minlength=len(st.freq)).double()
-        st.soft.index_add_(0, flat, ev.weights.reshape(-1).double())
+        st.soft.index_add_(0, flat, weight.double())
         top = logits.argmax(-1)  # [T]
         st.tcess_sum.index_add_(0, top, logits.gather(-1, top[:, None])[:, 0])
         vals, idx = torch.topk(logits, st.layer.top_k, dim=-1)  # the PEU pool: top-k_a raw logits, k_a = top_k

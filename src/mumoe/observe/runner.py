@@ -41,12 +41,24 @@ class RouteEvent:
     """One MoE layer's routing for the valid (non-padding) tokens of one forward pass."""
 
     layer: MoELayer
-    logits: torch.Tensor  # [T, E] raw router logits
+    logits: torch.Tensor  # [T, E] raw router logits of the routed experts
     weights: torch.Tensor  # [T, k] combine weights the model multiplies expert outputs by
-    indices: torch.Tensor  # [T, k] selected experts
+    indices: torch.Tensor  # [T, k] selected experts (>= E: an identity expert, `MoELayer.identity_experts`)
     hidden: torch.Tensor  # [T, H] MoE block input (after the post-attention norm)
     residual: torch.Tensor | None  # [T, H] residual stream h_t (input of the post-attention norm)
     routed_output: torch.Tensor | None = None  # [T, H] Σ_j g_j f_j over routed experts (set after the experts run)
+    routed: torch.Tensor | None = None  # [T, k] the slot picked a routed expert (None: every slot did)
+
+    def picks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token [S], expert [S], weight [S]) of every slot that picked a routed expert, token-major; the picks
+        of identity experts (LongCat-Flash's zero-computation experts) are left out."""
+        T, k = self.indices.shape
+        token = torch.arange(T, device=self.indices.device).repeat_interleave(k)
+        expert, weight = self.indices.reshape(-1), self.weights.reshape(-1)
+        if self.routed is None:
+            return token, expert, weight
+        m = self.routed.reshape(-1)
+        return token[m], expert[m], weight[m]
 
 
 @dataclass
@@ -139,6 +151,7 @@ class Observation:
         self._saved_forward: list = []
         self._residual: dict[int, torch.Tensor] = {}
         self._route: dict[int, RouteEvent] = {}
+        self._identity: dict[int, torch.Tensor] = {}  # layer -> [T, k] slots that picked an identity expert
         self._routes = [c for c in self.collectors if c.needs_routes or c.needs_experts]
         self._experts = [c for c in self.collectors if c.needs_experts]
 
@@ -186,13 +199,19 @@ class Observation:
         def hook(module, args, output):
             logits, weights, indices = output[0], output[1], output[2]
             hidden = args[0].detach().reshape(-1, args[0].shape[-1])  # [T, H]
-            valid = self.valid(hidden.shape[0], hidden.device)
+            T, E = hidden.shape[0], layer.num_experts
+            valid = self.valid(T, hidden.device)
             residual = self._residual.pop(layer.index, None)
             sel = (lambda t: t) if valid is None else (lambda t: t[valid])
-            event = RouteEvent(layer=layer, logits=sel(logits.detach().reshape(hidden.shape[0], -1)),
-                               weights=sel(weights.detach().reshape(hidden.shape[0], -1)),
-                               indices=sel(indices.reshape(hidden.shape[0], -1)), hidden=sel(hidden),
-                               residual=None if residual is None else sel(residual))
+            indices = indices.reshape(T, -1)
+            routed = None
+            if layer.identity_experts:  # the experts module sees these slots with weight 0: its pairs leave them out
+                identity = indices >= E
+                self._identity[layer.index] = identity
+                routed = sel(~identity)
+            event = RouteEvent(layer=layer, logits=sel(logits.detach().reshape(T, -1)[:, :E]),
+                               weights=sel(weights.detach().reshape(T, -1)), indices=sel(indices),
+                               hidden=sel(hidden), residual=None if residual is None else sel(residual), routed=routed)
             self._route[layer.index] = event
             for c in self._routes:
                 c.on_route(event)
@@ -205,7 +224,13 @@ class Observation:
         def forward(module, hidden_states, top_k_index, top_k_weights):
             T, k = top_k_index.shape
             E, I = layer.num_experts, layer.intermediate_size
-            expert, perm = torch.sort(top_k_index.reshape(-1), stable=True)  # [S]
+            identity = obs._identity.pop(layer.index, None)  # [T, k] slots of identity experts (weight 0 here)
+            if identity is None:
+                expert, perm = torch.sort(top_k_index.reshape(-1), stable=True)  # [S]
+            else:  # the routed experts' pairs only (what they add is the same: the others are weighted 0)
+                pairs = torch.nonzero(~identity.reshape(-1)).flatten()  # [S]
+                expert, order = torch.sort(top_k_index.reshape(-1)[pairs], stable=True)
+                perm = pairs[order]
             token, slot = perm // k, perm % k
             counts = torch.bincount(expert, minlength=E).tolist()
             x = hidden_states[token]  # [S, H]
@@ -269,6 +294,7 @@ class Observation:
         self._saved_forward.clear()
         self._residual.clear()
         self._route.clear()
+        self._identity.clear()
         for c in self.collectors:
             c.detach()
 

@@ -267,12 +267,13 @@ def router_logits(model: nn.Module, ids: torch.Tensor, wanted: list[MoELayer]) -
     them (nothing later is computed)."""
     out: dict[int, torch.Tensor] = {}
 
-    def hook(module, args, output, index):
-        out[index] = output[0].detach().reshape(*ids.shape, -1)
+    def hook(module, args, output, index, E):
+        out[index] = output[0].detach().reshape(*ids.shape, -1)[..., :E]  # (identity experts' columns left out)
         if len(out) == len(wanted):
             raise _Stop
 
-    handles = [l.router.register_forward_hook(lambda m, a, o, i=l.index: hook(m, a, o, i)) for l in wanted]
+    handles = [l.router.register_forward_hook(lambda m, a, o, i=l.index, E=l.num_experts: hook(m, a, o, i, E))
+               for l in wanted]
     try:
         model(input_ids=ids.to(model.device), use_cache=False)
     except _Stop:

@@ -44,6 +44,7 @@ def checkpoint_fingerprint(path: str | Path) -> dict:
     names = {id(m): n for n, m in skeleton.named_modules()}
     wanted = {canonical(f"{names[id(rt.module)]}.{rt.name}"): layer.index for layer in layers
               for rt in layer.router_tensors if rt.tensor is layer.router_weight}
+    tails = {layer.index: layer.identity_experts for layer in layers}  # router rows after the routed experts
     rename = checkpoint_renamer(skeleton.config.model_type)  # the model built (multimodal: the text model's renames)
     routers: dict[int, torch.Tensor] = {}
     for file in shard_files(path):
@@ -56,7 +57,7 @@ def checkpoint_fingerprint(path: str | Path) -> dict:
         h.update(routers[L].float().contiguous().numpy().tobytes())
     top_k = config_value(cfg, TOP_K_KEYS)
     return {"model_type": skeleton.config.model_type, "moe_layers": sorted(routers),
-            "num_experts": [routers[L].shape[0] for L in sorted(routers)], "top_k": top_k,
+            "num_experts": [routers[L].shape[0] - tails[L] for L in sorted(routers)], "top_k": top_k,
             "router_sha256": h.hexdigest()[:16]}
 
 
@@ -95,7 +96,9 @@ def load_matcher(model: str | Path, lib: TaskLibrary, dtype: str | torch.dtype =
     path = Path(resolve(model))
     cfg = AutoConfig.from_pretrained(path, **hf_kwargs())
     if lib.key_mode == "first":
-        cfg.num_hidden_layers = lib.fingerprint["moe_layers"][0] + 1
+        from ..models import ADAPTERS
+
+        ADAPTERS[cfg.model_type].keep_layers(cfg, lib.fingerprint["moe_layers"][0] + 1)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity(logging.ERROR)  # the later layers' tensors are skipped on purpose
     try:

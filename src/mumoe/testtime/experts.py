@@ -64,16 +64,17 @@ def prompt_keep(router_logits: dict[int, torch.Tensor], k: int) -> dict[int, lis
 
 @contextmanager
 def capture_router_logits(model: nn.Module, layers: list[MoELayer] | None = None) -> Iterator[dict[int, torch.Tensor]]:
-    """Inside the block, every forward's router logits [T, E] land in the yielded dict (by layer index; a later
-    forward replaces an earlier one's)."""
+    """Inside the block, every forward's router logits of the routed experts [T, E] land in the yielded dict (by
+    layer index; a later forward replaces an earlier one's)."""
     layers = layers if layers is not None else moe_adapter_for(model).moe_layers()
     out: dict[int, torch.Tensor] = {}
 
-    def hook(module, args, output, index):
+    def hook(module, args, output, index, E):
         lg = output[0] if isinstance(output, tuple) else output
-        out[index] = lg.detach().reshape(-1, lg.shape[-1])
+        out[index] = lg.detach().reshape(-1, lg.shape[-1])[:, :E]  # (identity experts' columns left out)
 
-    handles = [l.router.register_forward_hook(lambda m, a, o, i=l.index: hook(m, a, o, i)) for l in layers]
+    handles = [l.router.register_forward_hook(lambda m, a, o, i=l.index, E=l.num_experts: hook(m, a, o, i, E))
+               for l in layers]
     try:
         yield out
     finally:
@@ -90,13 +91,15 @@ def _router_modules(layer: MoELayer) -> list[nn.Module] | None:
     return list(inside.values())
 
 
-def _picks_in_full_numbering(kept: torch.Tensor, E: int):
-    """A router forward hook: the sliced router's (logits [T, K], weights [T, k], indices [T, k] into the kept
-    experts) -> (logits [T, E] with the dropped experts at the dtype's lowest value, weights, indices into all E)."""
+def _picks_in_full_numbering(kept: torch.Tensor, E: int, Z: int = 0):
+    """A router forward hook: the sliced router's (logits [T, K + Z], weights [T, k], indices [T, k] into the kept
+    experts, then Z identity experts) -> (logits [T, E + Z] with the dropped experts at the dtype's lowest value,
+    weights, indices into all E + Z)."""
+    kept = torch.cat([kept, torch.arange(E, E + Z, dtype=kept.dtype, device=kept.device)])
 
     def hook(module, args, output):
         logits, weights, indices = output
-        full = logits.new_full((*logits.shape[:-1], E), torch.finfo(logits.dtype).min)
+        full = logits.new_full((*logits.shape[:-1], E + Z), torch.finfo(logits.dtype).min)
         return full.index_copy_(-1, kept, logits), weights, kept[indices]
 
     return hook
@@ -134,7 +137,8 @@ def experts_kept(model: nn.Module, keep: dict[int, list[int]] | None) -> Iterato
             else:
                 slice_layer(layer, list(kept), experts=False)
                 idx = torch.tensor(list(kept), dtype=torch.long, device=layer.router_weight.device)
-                handles.append(layer.router.register_forward_hook(_picks_in_full_numbering(idx, E)))
+                handles.append(layer.router.register_forward_hook(
+                    _picks_in_full_numbering(idx, E, layer.identity_experts)))
                 removed += (E - len(kept)) * sum(t[0].numel() for t in _expert_tensors(layer))
             removed += before - sum(p.numel() for m in modules for p in m.parameters(recurse=False))
         yield removed

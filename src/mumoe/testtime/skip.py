@@ -125,6 +125,9 @@ def route_hooks(model: nn.Module, keep_share: float, on_route) -> Iterator[list[
     if odd:
         raise MumoeError(f"expert skipping compares the chosen experts' router scores; this model's routers score "
                          f"by {odd[0]} (not supported yet)")
+    if any(layer.identity_experts for layer in layers):
+        raise MumoeError(f"expert skipping is not supported yet on {model.config.model_type}: its routers also pick "
+                         "zero-computation (identity) experts, which the skip rules do not weigh")
     attn: dict[int, torch.Tensor] = {}
     handles = []
     impl = getattr(model.config, "_attn_implementation", None)

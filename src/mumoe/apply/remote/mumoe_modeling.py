@@ -51,8 +51,9 @@ def _sparse_block(layer: nn.Module) -> nn.Module:
 
 def _routing_tensors(block: nn.Module, experts: int) -> list:
     """(module, name, expert axis) of every tensor of the block outside its experts, shared experts and norms
-    with one entry per routed expert (router rows and biases, selection biases wherever the family keeps them).
-    The rule of mumoe's `Adapter.router_tensors`, restated: this file loads with transformers alone."""
+    with one entry per routed expert (router rows and biases, selection biases wherever the family keeps them;
+    `experts` counts a router's identity experts too where it has them, LongCat-Flash's). The rule of mumoe's
+    `Adapter.router_tensors`, restated: this file loads with transformers alone."""
     skip = {id(m) for part in [block.experts, *(getattr(block, n, None) for n in _SHARED)] if part is not None
             for m in part.modules()}
     out = []
@@ -216,18 +217,20 @@ def reshape_layers(model: nn.Module, config) -> None:
         mlp = _sparse_block(model.model.layers[entry["layer"]])
         if "experts" in entry:
             n, bound = int(entry["experts"]), "expert_map" in entry
-            routing = _routing_tensors(mlp, mlp.experts.down_proj.shape[0]) if not bound else []
+            E = mlp.experts.down_proj.shape[0]
+            Z = int(getattr(text, "zero_expert_num", None) or 0)  # identity experts after the routed ones' rows
+            routing = _routing_tensors(mlp, E + Z) if not bound else []
             for name in ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
                 _resize(mlp.experts, name, n)
             for module, name, dim in routing:
-                _resize(module, name, n, dim)
+                _resize(module, name, n + Z, dim)
             shared = {id(m) for part in (getattr(mlp, a, None) for a in _SHARED) if part is not None
                       for m in part.modules()}
             owners = [m for m in mlp.modules() if id(m) not in shared] if not bound else [mlp.experts]
             for module in owners:
                 for attr in _COUNT_ATTRS:
-                    if isinstance(getattr(module, attr, None), int):
-                        setattr(module, attr, n)
+                    if isinstance(c := getattr(module, attr, None), int):
+                        setattr(module, attr, n + (Z if Z and c == E + Z else 0))
             if bound:
                 _bind(mlp.experts, [int(m) for m in entry["expert_map"]])
         if "widths" in entry:
