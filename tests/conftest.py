@@ -44,7 +44,8 @@ def char_tokenizer():
 
 def recompose(layer, route, events, routed_scale=1.0):
     """A block's output rebuilt slowly, token by token, from its per-expert events: routed_scale · Σ_i g_i f_i(x)
-    (+ the shared expert, sigmoid-gated where it has a gate; + g_j x for a pick j of an identity expert, LongCat's).
+    (+ the shared expert, sigmoid-gated where it has a gate; + g_j x for a pick j of an identity expert, LongCat's;
+    + the block's output bias, JetMoE's).
     -> (output [T, H], experts seen per token [T])."""
     T, H = route.hidden.shape
     total, seen = torch.zeros(T, H), torch.zeros(T, dtype=torch.long)
@@ -58,6 +59,8 @@ def recompose(layer, route, events, routed_scale=1.0):
                 total[t] += route.weights[t, j] * route.hidden[t]
                 seen[t] += 1
     total = total * routed_scale
+    if layer.output_bias is not None:  # a bias the block adds to every token (JetMoE)
+        total += layer.output_bias
     if layer.shared is not None:
         shared = layer.shared(route.hidden)
         if layer.shared_gate is not None:

@@ -51,6 +51,7 @@ ROUTING = {
     "flex_olmo": spec(), "granitemoe": spec(renorm=True), "granitemoe_swa": spec(renorm=True),
     "granitemoeshared": spec(renorm=True), "granitemoehybrid": spec(renorm=True), "hunyuan_v1_moe": spec(renorm=True),
     "jamba": spec(renorm=False),
+    "jetmoe": spec(renorm=True),  # softmax over the top-k logits
     "lara_mini": spec(), "mellum": spec(), "minimax": spec(renorm=True), "qwen3_next": spec(),
     "qwen3_5_moe_text": spec(), "phimoe": spec(act="sparsemixer"),
     "afmoe": spec(act="sigmoid", bias=True, renorm=True, scale="route_scale"),
@@ -240,8 +241,9 @@ def test_exports_reload_with_plain_transformers(family, tmp_path):
         calib = ids(4, 16, seed=1) if method != "random" else None
         try:
             report = mumoe.prune(model, method, ratio, calib=calib, batch_size=4, **opts)
-        except MumoeError as e:  # a family whose config cannot hold a narrower expert width says so in one line
-            assert method == "heapr" and "global form" in str(e) and "\n" not in str(e), (family, str(e))
+        except MumoeError as e:  # a family whose config cannot hold a narrower expert width (or fewer experts: JetMoE)
+            assert "\n" not in str(e), (family, str(e))  # says so in one line
+            assert (method == "heapr" and "global form" in str(e)) or (method == "random" and _count_gap(family)), e
             continue
         with torch.no_grad():
             expected = model(x).logits
@@ -270,8 +272,9 @@ def test_layer_sequential_streamed_export_equals_in_memory(family, tmp_path):
         out = tmp_path / method
         try:
             report = prune_layerwise(src, recipe, out, (wins, None, {"source": "tensor"}), verbose=False)
-        except MumoeError as e:  # the family's config cannot hold a narrower width: refused before any work
-            assert method == "heapr" and isinstance(ADAPTERS[family](tiny_model(family)), NoWidthKeyAdapter), e
+        except MumoeError as e:  # the family's config cannot hold a narrower width (or fewer experts): refused
+            assert (method == "heapr" and isinstance(ADAPTERS[family](tiny_model(family)), NoWidthKeyAdapter)) or (
+                method == "reap" and _count_gap(family)), e  # before any work
             assert not out.exists()
             continue
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -298,6 +301,11 @@ def test_layerwise_gaps_are_refused_in_one_line(tmp_path):
             LayerwiseCheckpoint(tmp_path / family, torch.float32)
         assert "not supported yet" in str(e.value) and "\n" not in str(e.value) and family in str(e.value)
         assert ADAPTERS[family].layerwise_gap in str(e.value)
+
+
+def _count_gap(family):
+    """The family's config cannot hold fewer routed experts (JetMoE): expert removal and merging are refused."""
+    return ADAPTERS[family].expert_count_gap is not None
 
 
 def _grouped(model):
@@ -341,6 +349,13 @@ def test_per_prompt_and_merge_grains(family, tmp_path):
             got = model(x).logits
         assert torch.equal(got, want)
         assert torch.equal(model(x).logits, dense)
+    if _count_gap(family):  # the config cannot hold the merged count: refused in one line, the model untouched
+        with pytest.raises(MumoeError) as e:
+            mumoe.prune(model, "hc-smoe", 0.25, calib=ids(4, 12))
+        assert "\n" not in str(e.value) and ADAPTERS[family].expert_count_gap in str(e.value)
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, dense)
+        return
     report = mumoe.prune(model, "hc-smoe", 0.25, calib=ids(4, 12))
     assert all(len(e["groups"]) == 6 for e in report.layers)
     with torch.no_grad():
@@ -429,7 +444,7 @@ def test_task_library_partial_load_and_match(family, tmp_path):
     model = fresh(family)
     model.save_pretrained(tmp_path / "m")
     tasks = {"five": torch.full((3, 12), 5), "hundred": torch.full((3, 12), 100)}
-    if _grouped(model):
+    if _grouped(model) or _count_gap(family):
         with pytest.raises(MumoeError) as e:
             build_library(model, tasks, keep=4, progress=False)
         assert "\n" not in str(e.value)

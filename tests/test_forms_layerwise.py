@@ -20,7 +20,7 @@ from mumoe.drivers.quantize import quantize_layerwise
 from mumoe.models.tiny import tiny_model
 from mumoe.recipe import Recipe
 
-FAMILIES = ["jamba", "mixtral", "granitemoe", "nemotron_h"]
+FAMILIES = ["jamba", "mixtral", "granitemoe", "nemotron_h", "jetmoe"]
 
 
 def _loads_to(folder, expected, x):

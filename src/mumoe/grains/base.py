@@ -87,6 +87,10 @@ class Grain:
     def check_config(self, recipe, config) -> None:
         """The checks that need the model's config but not its weights."""
 
+    def check_model(self, recipe, config) -> None:
+        """What must hold of a model whatever its source, before any work (a loaded model too: the in-memory
+        driver runs it for every stage)."""
+
     def notes(self, recipe, config) -> list[str]:
         """Lines worth printing before the run (what the options really mean for this model)."""
         return []

@@ -78,6 +78,15 @@ def choose(m, layers, scores, ratio: float, budget: str) -> tuple[dict[int, list
     return select_experts(layers, scores, ratio, budget, m.prune_highest), None
 
 
+def check_expert_count(config) -> None:
+    """Refused in one line where the family's config cannot hold fewer routed experts (`Adapter.expert_count_gap`)."""
+    from ..models.registry import ADAPTERS
+
+    model_type = getattr(config, "model_type", None)
+    if (cls := ADAPTERS.get(model_type)) is not None:
+        cls.check_expert_count(model_type)
+
+
 def layer_summary(entry: dict) -> str:
     """One line per layer: kept count and the dropped experts."""
     dropped = sorted(set(range(entry["num_experts"])) - set(entry["kept"]))
@@ -131,12 +140,17 @@ class ExpertGrain(Grain):
         return (f"{recipe.ratio:.0%} of experts (budget {recipe.expert.budget}, scoring {recipe.expert.order}) "
                 f"with {recipe.method}")
 
+    def check_model(self, recipe, config) -> None:
+        if recipe.ratio > 0:
+            check_expert_count(config)
+
     def check_config(self, recipe, config) -> None:
         from ..models.base import config_experts
 
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         E, k = config_experts(config)
         if E is not None and recipe.ratio > 0:
+            self.check_model(recipe, config)
             layers = getattr(cfg, "num_hidden_layers", None) if recipe.expert.budget == "global" else 1
             pool = E * (layers if isinstance(layers, int) and not isinstance(layers, bool) else 1)
             if round(recipe.ratio * pool) == 0:  # the global budget ranks every layer's experts at once

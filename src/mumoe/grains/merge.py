@@ -179,12 +179,19 @@ class MergeGrain(Grain):
             f" ({recipe.merge.router})" if recipe.merge.router != "centroid" else "") + (
             f" [{order}]" if order and order != get_method(recipe.method).default_order else "")
 
+    def check_model(self, recipe, config) -> None:
+        if recipe.ratio > 0:
+            from .expert import check_expert_count
+
+            check_expert_count(config)
+
     def check_config(self, recipe, config) -> None:
         from ..models.base import config_experts
 
         E, k = config_experts(config)
         if E is None:
             return
+        self.check_model(recipe, config)
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         if (getattr(cfg, "n_group", None) or 1) > 1:  # before any weight is read (apply.merge checks it again)
             raise MumoeError(GROUP_LIMITED)

@@ -109,6 +109,7 @@ class MoELayer:
     # zero-computation experts the router may pick besides the E routed ones (LongCat-Flash): picks >= E add the
     # block input times their weight; mumoe never removes or merges them (`RouterTensor.tail`)
     identity_experts: int = 0
+    output_bias: torch.Tensor | None = None  # [H] the block adds to every token's output (JetMoE)
     router_tensors: list[RouterTensor] = field(default_factory=list)  # every per-expert routing tensor
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -261,6 +262,13 @@ class Adapter:
     # how the family's checkpoints store the fused expert tensors where it differs from mumoe's layout (module doc):
     # an object with to_canonical(name, t) and to_family(name, t), name the tensor's last key part (`models.gpt_oss`)
     checkpoint_layout: ClassVar[object | None] = None
+    # (regex, replacement) renames of the family's checkpoint keys onto the names its swapped modules give them in
+    # memory, after transformers' own renames (`models.keys.checkpoint_renamer`; JetMoE's input_linear.weight ->
+    # experts.gate_up_proj); writers keep the files' spelling
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # None: the family's config holds a changed routed-expert count; else why not (JetMoE: the same key sizes its
+    # attention experts): removing or merging experts is refused before any work (`check_expert_count`)
+    expert_count_gap: ClassVar[str | None] = None
     # None: checkpoints of the family can be calibrated layer by layer and exported streamed; else why not (yet)
     layerwise_gap: ClassVar[str | None] = None
     # the decoder layer returns (hidden_states, value) and the next layer takes the value as this keyword (GLM-5's
@@ -420,8 +428,17 @@ class Adapter:
         config.num_hidden_layers = n
 
     def set_num_experts(self, n: int) -> list[str]:
-        """Rewrite every expert-count key of the config (nested text configs included)."""
-        return set_expert_count(self.config, n)
+        """Rewrite every expert-count key of the config (nested text configs included); none where the config
+        cannot hold it (`expert_count_gap`: the modules in memory keep their own counts)."""
+        return [] if self.expert_count_gap else set_expert_count(self.config, n)
+
+    @classmethod
+    def check_expert_count(cls, model_type: str) -> None:
+        """A one-line MumoeError where the family's config cannot hold fewer routed experts (before any work)."""
+        if cls.expert_count_gap:
+            raise MumoeError(f"{model_type}: {cls.expert_count_gap}, so its config cannot hold fewer routed experts; "
+                             "removing or merging experts is not supported for it (atoms, weights and per-prompt "
+                             "pruning are)")
 
 
 def stored_weights(model: nn.Module) -> int:

@@ -70,21 +70,27 @@ def unchanged(key: str) -> str:
 def checkpoint_renamer(model_type: str | None):
     """key -> the name transformers gives it on loading a `model_type` checkpoint, by the family's own renaming
     rules (`WeightRenaming` in transformers' conversion mapping: Granite's input_linear -> experts.gate_up_proj,
-    PhiMoE's block_sparse_moe.gate -> mlp.router, HY-V3's expert_bias -> e_score_correction_bias, ...). The
-    per-expert merges are not applied here (`LEGACY` keys are read per expert). Identity where there are none."""
+    PhiMoE's block_sparse_moe.gate -> mlp.router, HY-V3's expert_bias -> e_score_correction_bias, ...), then the
+    adapter's onto the modules it swaps in (`Adapter.checkpoint_renames`). The per-expert merges are not applied
+    here (`LEGACY` keys are read per expert). Identity where there are none."""
+    ours = [(re.compile(p), r) for p, r in getattr(ADAPTERS.get(model_type), "checkpoint_renames", ())]
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, apply_renamings
     except ImportError:  # a transformers without conversion mappings: keys are read as they are
-        return unchanged
-    rules = [r for r in (get_checkpoint_conversion_mapping(model_type) or []) if isinstance(r, WeightRenaming)]
-    if not rules:
+        rules, apply_renamings = [], None
+    else:
+        rules = [r for r in (get_checkpoint_conversion_mapping(model_type) or []) if isinstance(r, WeightRenaming)]
+    if not rules and not ours:
         return unchanged
     cache: dict[str, str] = {}
 
     def rename(key: str) -> str:
         if key not in cache:
-            cache[key] = apply_renamings(key, rules)
+            name = apply_renamings(key, rules) if rules else key
+            for pattern, repl in ours:
+                name = pattern.sub(repl, name)
+            cache[key] = name
         return cache[key]
     return rename
 

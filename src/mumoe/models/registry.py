@@ -10,6 +10,7 @@ from .deepseek_v3 import DeepseekV3Adapter
 from .dense import DenseAdapter, OptAdapter
 from .families import FAMILY_ADAPTERS, NOT_YET
 from .gpt_oss import GptOssAdapter
+from .jetmoe import JetMoeAdapter
 from .llama4 import Llama4Adapter
 from .longcat_flash import LongcatFlashAdapter
 from .mixtral import MixtralAdapter
@@ -22,7 +23,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     t: cls
     for cls in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter,
                 *FAMILY_ADAPTERS, GptOssAdapter, Llama4Adapter, NemotronHAdapter, LongcatFlashAdapter,
-                DenseAdapter, OptAdapter)
+                JetMoeAdapter, DenseAdapter, OptAdapter)
     for t in cls.model_types
 }
 MOE_TYPES = sorted(t for t, c in ADAPTERS.items() if c.is_moe)

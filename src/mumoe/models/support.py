@@ -30,6 +30,7 @@ class Support:
     adapter: str
     router: str
     shared: str
+    experts: str  # "yes" or why removing / merging experts is refused (the config cannot hold the count)
     layerwise: str  # "yes" or why not
     atom_uniform: str  # "yes" or "global form only"
     gguf: str  # whether llama.cpp's converter registers the class
@@ -55,6 +56,7 @@ def support_table() -> list[Support]:
         gguf = "PhiMoEForCausalLM" if t == "phimoe" else _causal_class(t)
         rows.append(Support(
             model_type=t, adapter=cls.__name__, router=cls.scoring, shared=shared,
+            experts="yes" if cls.expert_count_gap is None else f"no: {cls.expert_count_gap}",
             layerwise="yes" if cls.layerwise_gap is None else f"no: {cls.layerwise_gap}",
             atom_uniform="global form only" if issubclass(cls, NoWidthKeyAdapter) else "yes",
             gguf="yes" if gguf in GGUF_CLASSES else "–", tiny=t in TINY_CONFIGS))
@@ -63,11 +65,11 @@ def support_table() -> list[Support]:
 
 def markdown() -> str:
     """The README's table."""
-    lines = ["| model_type | adapter | router | shared experts | layer by layer + streamed export | "
-             "uniform atom form | llama.cpp converter | tiny test |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model_type | adapter | router | shared experts | expert removal + merging | layer by layer + streamed "
+             "export | uniform atom form | llama.cpp converter | tiny test |", "|---|---|---|---|---|---|---|---|---|"]
     for r in support_table():
-        lines.append(f"| `{r.model_type}` | {r.adapter} | {r.router} | {r.shared} | {r.layerwise} | {r.atom_uniform} "
-                     f"| {r.gguf} | {'`tiny:' + r.model_type + '`' if r.tiny else '–'} |")
+        lines.append(f"| `{r.model_type}` | {r.adapter} | {r.router} | {r.shared} | {r.experts} | {r.layerwise} "
+                     f"| {r.atom_uniform} | {r.gguf} | {'`tiny:' + r.model_type + '`' if r.tiny else '–'} |")
     not_yet = ", ".join(f"`{t}` ({why})" for t, (why, _) in sorted(NOT_YET.items()))
     lines += ["", f"Not yet: {not_yet}."]
     return "\n".join(lines)
@@ -79,12 +81,14 @@ def text() -> str:
     w = max(len(r.model_type) for r in rows)
     dense = ", ".join(sorted(t for t, c in ADAPTERS.items() if not c.is_moe))
     out = [f"{len(rows)} MoE model types (+ dense: {dense} for the weight grain). Every grain works on each (expert, atom, weight, merge, per-prompt), except merges",
-           "and per-prompt experts on group-limited configs (n_group > 1) and the uniform atom form where marked global.",
-           "columns: router | shared experts | layer by layer + streamed export | uniform atom form | llama.cpp "
-           "converter", ""]
+           "and per-prompt experts on group-limited configs (n_group > 1), expert removal and merging where marked no,",
+           "and the uniform atom form where marked global.",
+           "columns: router | shared experts | expert removal + merging | layer by layer + streamed export | uniform "
+           "atom form | llama.cpp converter", ""]
     for r in rows:
+        ex = r.experts if r.experts == "yes" else "no"
         lw = r.layerwise if r.layerwise == "yes" else "no"
         atom = "yes" if r.atom_uniform == "yes" else "global"
-        out.append(f"{r.model_type:<{w}}  {r.router:<11} {r.shared:<13} {lw:<4} {atom:<7} {r.gguf}")
+        out.append(f"{r.model_type:<{w}}  {r.router:<11} {r.shared:<13} {ex:<4} {lw:<4} {atom:<7} {r.gguf}")
     out += ["", "not yet: " + ", ".join(f"{t} ({why}; nearest: {near})" for t, (why, near) in sorted(NOT_YET.items()))]
     return "\n".join(out)

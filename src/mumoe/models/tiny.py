@@ -148,6 +148,8 @@ TINY_CONFIGS: dict[str, dict] = {
                            n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                            mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8,
                            expand=2),
+        "jetmoe": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                       kv_channels=8, num_key_value_heads=4),  # 4 attention experts x 8 channels = hidden 32
         "longcat_flash": dict(num_layers=2, ffn_hidden_size=48, expert_ffn_hidden_size=16, n_routed_experts=8,
                               moe_topk=2, zero_expert_num=2, routed_scaling_factor=2.0, q_lora_rank=16,
                               kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8,

@@ -322,10 +322,23 @@ class LayerwiseCheckpoint:
         for e, expert in enumerate(dequantized_experts(*parts, tensor.dtype)):  # [C, R], the family's layout
             tensor[e].copy_(expert if layout is None else layout.to_canonical(kind, expert))
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The model's state dict (the family's layout: GPT-OSS's transposed experts) under the names its modules
+        give the tensors (a swapped-in block's state dict may use the family's names: JetMoE's, renamed back by
+        the adapter's `checkpoint_renames`)."""
+        rules = [(re.compile(p), r) for p, r in getattr(ADAPTERS.get(self.config.model_type), "checkpoint_renames",
+                                                        ())]
+        out = {}
+        for name, t in self.model.state_dict().items():
+            for pattern, repl in rules:
+                name = pattern.sub(repl, name)
+            out[name] = t
+        return out
+
     def check_coverage(self) -> None:
         """Every tensor of the model's state dict has its sources, with the right shapes (headers only, no
         weight read): an incomplete checkpoint fails before the first layer, not at layer 40."""
-        for name, tensor in self.model.state_dict().items():
+        for name, tensor in self.tensors().items():
             if tensor.device.type == "meta":
                 self._plan(name, tensor)
 
@@ -337,7 +350,7 @@ class LayerwiseCheckpoint:
         patterns = set(getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ())
         patterns |= {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
         ignore = re.compile("|".join(f"({p})" for p in sorted(patterns)))
-        state = {n: t.shape for n, t in self.model.state_dict().items()}
+        state = {n: t.shape for n, t in self.tensors().items()}
         extra: list[str] = []
         for name, sources in self.sources.items():
             for src in sources:

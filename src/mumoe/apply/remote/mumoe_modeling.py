@@ -14,7 +14,9 @@ reshaped from config.mumoe_layers before the weights are read:
     {"layer": i, "widths": [k_0, ..., k_E]}  expert e keeps k_e atoms: per-expert tensors
                                              mlp.experts.<e>.gate_up [2k_e, H] and mlp.experts.<e>.down [H, k_e]
                                              (+ <e>.gate_up_bias [2k_e], <e>.down_bias [H] where experts have biases;
-                                             mlp.experts.<e>.up [k_e, H] where they have no gate: Nemotron-H)
+                                             mlp.experts.<e>.up [k_e, H] where they have no gate: Nemotron-H;
+                                             JetMoE's block, which keeps them as input_linear / output_linear,
+                                             is given the fused experts call first)
     {..., "shared_width": k_s}               the shared expert keeps k_s neurons (its gate/up rows, down columns)
     {"layer": i, "bits": [b_0, ..., b_E-1],  PMQ: expert e at b_e bits, round-to-nearest in groups of g input
      "group": g}                             columns: mlp.experts.<e>.gate_up.{q,scale,zero} and .down.{q,scale,zero}
@@ -40,7 +42,38 @@ _BLOCKS = ("mlp", "feed_forward", "block_sparse_moe", "mixer")  # where transfor
 _SHARED = ("shared_experts", "shared_expert", "shared_mlp", "shared_expert_gate")
 
 
+class _ExpertsHolder(nn.Module):
+    """JetMoE's experts (`input_linear`, `output_linear` of its sparse block) as a fused experts module's tensors:
+    gate_up_proj [E, 2I, H], down_proj [E, H, I]; replaced by the per-expert form's modules before any forward."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.gate_up_proj, self.down_proj = block.input_linear.weight, block.output_linear.weight
+        self.act_fn = block.activation  # the block's own, from its config
+
+
+class _JetMoeBlock(nn.Module):
+    """JetMoE's sparse MLP with its experts behind the fused experts call (the rest of this file replaces them):
+    top-k of the router's fp32 logits, softmax over those k, Σ_j g_j f_j(x) + the block's bias."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.router, self.bias = block.router, block.bias  # router.layer [E, H]; bias [H]
+        self.experts = _ExpertsHolder(block)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        B, L, H = hidden_states.shape
+        flat = hidden_states.reshape(-1, H)
+        top, index = self.router.layer(flat).float().topk(self.router.top_k, dim=1)
+        weights = torch.softmax(top, dim=1).type_as(flat)
+        return self.experts(flat, index, weights).view(B, L, H) + self.bias
+
+
 def _sparse_block(layer: nn.Module) -> nn.Module:
+    mlp = getattr(layer, "mlp", None)
+    if hasattr(mlp, "input_linear") and hasattr(mlp, "output_linear"):  # JetMoE's block
+        layer.mlp = mlp = _JetMoeBlock(mlp)
+        return mlp
     for name in _BLOCKS:
         block = getattr(layer, name, None)
         experts = getattr(block, "experts", None)
