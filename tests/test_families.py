@@ -52,6 +52,8 @@ ROUTING = {
     "granitemoeshared": spec(renorm=True), "granitemoehybrid": spec(renorm=True), "hunyuan_v1_moe": spec(renorm=True),
     "jamba": spec(renorm=False),
     "jetmoe": spec(renorm=True),  # softmax over the top-k logits
+    # √softplus scores (+ bias to choose), renormalized, × the scale; its hash layers: `assert_routing`
+    "deepseek_v4": spec(act="sqrtsoftplus", bias=True, renorm=True, scale="routed_scaling_factor"),
     "lara_mini": spec(), "mellum": spec(), "minimax": spec(renorm=True), "qwen3_next": spec(),
     "qwen3_5_moe_text": spec(), "phimoe": spec(act="sparsemixer"),
     "afmoe": spec(act="sigmoid", bias=True, renorm=True, scale="route_scale"),
@@ -114,7 +116,8 @@ def reference(family, cfg, logits, bias, keep=None):
                 row = row.clone()
                 row[j] = float("-inf")
         return w, torch.tensor(keep)[idx]
-    scores = torch.softmax(lg, -1) if s["act"] == "softmax" else torch.sigmoid(lg)
+    scores = {"softmax": lambda: torch.softmax(lg, -1), "sigmoid": lambda: torch.sigmoid(lg),
+              "sqrtsoftplus": lambda: torch.sqrt(torch.nn.functional.softplus(lg))}[s["act"]]()
     choice = (scores if s["choose"] == "scores" else lg) + (b if s["bias"] else 0)
     w, idx = torch.zeros(T, k, dtype=torch.float64), torch.zeros(T, k, dtype=torch.long)
     G = getattr(cfg, "n_group", None) or 1
@@ -161,12 +164,20 @@ def observe(model, x):
     return layers, routes, experts, blocks, logits
 
 
-def assert_routing(family, model, layer, ev, keep=None):
-    """The observed routing equals the family's formula over `keep` (the original expert ids)."""
+def assert_routing(family, model, layer, ev, keep=None, tokens=None):
+    """The observed routing equals the family's formula over `keep` (the original expert ids). tokens: the input
+    ids, for a layer that picks experts from a fixed token table (DeepSeek-V4's hash layers)."""
     W = layer.router_weight.double()
     logits = ev.hidden.double() @ W.T  # [T, E'] from the block input and the (sliced) router rows (and bias)
     if layer.router_bias is not None:
         logits = logits + layer.router_bias.double()
+    if layer.fixed_routing:  # the table's experts, weighted by the family's scores there (renormalized, scaled)
+        idx = layer.router.tid2eid[tokens.reshape(-1)]  # [T, k]
+        scores = torch.sqrt(torch.nn.functional.softplus(logits)).gather(-1, idx)
+        w = scores / scores.sum(-1, keepdim=True) * model.config.routed_scaling_factor
+        assert torch.equal(ev.indices, idx), family
+        torch.testing.assert_close(ev.weights.double(), w, rtol=1e-5, atol=1e-6)
+        return
     bias = layer.correction_bias
     if spec_of(family)["bias"]:
         assert bias is not None, "the family's selection bias was not found"
@@ -191,7 +202,7 @@ def test_view_routing_and_block_recomposition(family):
         assert layer.gate_proj(3).data_ptr() == layer.experts.gate_up_proj[3].data_ptr()
         ev = routes[layer.index]
         # routing: the model's router output equals the family's formula
-        assert_routing(family, model, layer, ev)
+        assert_routing(family, model, layer, ev, tokens=x)
         # the block input is the residual stream through the norm the adapter names
         if layer.residual_norm is not None:
             torch.testing.assert_close(layer.residual_norm(ev.residual), ev.hidden)
@@ -224,6 +235,13 @@ def test_ratio_zero_and_removed_experts_follow_the_formula(family):
     # remove two experts per layer: the pruned router picks among the kept ones by the same formula
     layers = moe_adapter_for(model).moe_layers()
     keep = {l.index: sorted(set(range(8)) - set(_drop_two(l))) for l in layers}
+    if any(l.fixed_routing for l in layers):  # a hash layer's table has no rule for removed experts: refused
+        with pytest.raises(MumoeError) as e:
+            remove_experts(model, keep)
+        assert "hash routing" in str(e.value) and "\n" not in str(e.value)
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, before)
+        return
     remove_experts(model, keep)
     layers, routes, *_ = observe(model, x)
     for layer in layers:
@@ -243,7 +261,7 @@ def test_exports_reload_with_plain_transformers(family, tmp_path):
             report = mumoe.prune(model, method, ratio, calib=calib, batch_size=4, **opts)
         except MumoeError as e:  # a family whose config cannot hold a narrower expert width (or fewer experts: JetMoE)
             assert "\n" not in str(e), (family, str(e))  # says so in one line
-            assert (method == "heapr" and "global form" in str(e)) or (method == "random" and _count_gap(family)), e
+            assert (method == "heapr" and "global form" in str(e)) or (method == "random" and _removal_gap(family)), e
             continue
         with torch.no_grad():
             expected = model(x).logits
@@ -274,7 +292,7 @@ def test_layer_sequential_streamed_export_equals_in_memory(family, tmp_path):
             report = prune_layerwise(src, recipe, out, (wins, None, {"source": "tensor"}), verbose=False)
         except MumoeError as e:  # the family's config cannot hold a narrower width (or fewer experts): refused
             assert (method == "heapr" and isinstance(ADAPTERS[family](tiny_model(family)), NoWidthKeyAdapter)) or (
-                method == "reap" and _count_gap(family)), e  # before any work
+                method == "reap" and _removal_gap(family)), e  # before any work
             assert not out.exists()
             continue
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -303,9 +321,9 @@ def test_layerwise_gaps_are_refused_in_one_line(tmp_path):
         assert ADAPTERS[family].layerwise_gap in str(e.value)
 
 
-def _count_gap(family):
+def _removal_gap(family):
     """The family's config cannot hold fewer routed experts (JetMoE): expert removal and merging are refused."""
-    return ADAPTERS[family].expert_count_gap is not None
+    return ADAPTERS[family].expert_removal_gap is not None
 
 
 def _grouped(model):
@@ -334,25 +352,36 @@ def test_per_prompt_and_merge_grains(family, tmp_path):
         assert torch.equal(model(x).logits, dense)
     layers = moe_adapter_for(model).moe_layers()
     if _grouped(model):
-        with pytest.raises(MumoeError):
-            check_experts(layers, 3)
+        with pytest.raises(MumoeError) as e:
+            check_experts(model, 3)
+        assert "group-limited" in str(e.value)
         with pytest.raises(MumoeError) as e:
             mumoe.prune(model, "hc-smoe", 0.25, calib=ids(4, 12))
         assert "\n" not in str(e.value)
         return
     keep = {l.index: [0, 2, 5] for l in layers}
-    offline = fresh(family)
-    remove_experts(offline, keep)
-    with torch.no_grad():
-        want = offline(x).logits
-        with experts_kept(model, keep):
-            got = model(x).logits
-        assert torch.equal(got, want)
-        assert torch.equal(model(x).logits, dense)
-    if _count_gap(family):  # the config cannot hold the merged count: refused in one line, the model untouched
+    if any(l.fixed_routing for l in layers):  # hash-routed layers: per-prompt experts refused, the model untouched
+        with pytest.raises(MumoeError) as e:
+            check_experts(model, 3)
+        assert "hash routing" in str(e.value)
+        with pytest.raises(MumoeError):
+            with experts_kept(model, keep):
+                pass
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, dense)
+    else:
+        offline = fresh(family)
+        remove_experts(offline, keep)
+        with torch.no_grad():
+            want = offline(x).logits
+            with experts_kept(model, keep):
+                got = model(x).logits
+            assert torch.equal(got, want)
+            assert torch.equal(model(x).logits, dense)
+    if _removal_gap(family):  # removing or merging experts is refused in one line, the model untouched
         with pytest.raises(MumoeError) as e:
             mumoe.prune(model, "hc-smoe", 0.25, calib=ids(4, 12))
-        assert "\n" not in str(e.value) and ADAPTERS[family].expert_count_gap in str(e.value)
+        assert "\n" not in str(e.value) and ADAPTERS[family].expert_removal_gap in str(e.value)
         with torch.no_grad():
             assert torch.equal(model(x).logits, dense)
         return
@@ -444,7 +473,7 @@ def test_task_library_partial_load_and_match(family, tmp_path):
     model = fresh(family)
     model.save_pretrained(tmp_path / "m")
     tasks = {"five": torch.full((3, 12), 5), "hundred": torch.full((3, 12), 100)}
-    if _grouped(model) or _count_gap(family):
+    if _grouped(model) or _removal_gap(family):
         with pytest.raises(MumoeError) as e:
             build_library(model, tasks, keep=4, progress=False)
         assert "\n" not in str(e.value)

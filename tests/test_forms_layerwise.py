@@ -1,7 +1,8 @@
 """mumoe's own forms (HEAPr's per-expert widths, PMQ's packed experts) written layer by layer from the checkpoint's
 files, on the families whose files spell the MoE block their own way: Jamba (`feed_forward`), Mixtral (legacy
 `block_sparse_moe` + `w1/w2/w3`, renamed on loading), Granite (fused `input_linear`, renamed on loading), Nemotron-H
-(`backbone.` prefix, `mixer` blocks, experts without a gate). Each export must load with mumoe.load and with plain
+(`backbone.` prefix, `mixer` blocks, experts without a gate), JetMoE (experts as `input_linear` / `output_linear`, a
+swapped block), DeepSeek-V4 (its original release's names, hyper-connection streams, a token table in int64). Each export must load with mumoe.load and with plain
 transformers (trust_remote_code) to the logits of the model pruned / quantized in memory.
 
 (Found by this test: Jamba's layer-by-layer HEAPr global export named its experts `mlp.*`; mumoe.load failed with a
@@ -20,7 +21,7 @@ from mumoe.drivers.quantize import quantize_layerwise
 from mumoe.models.tiny import tiny_model
 from mumoe.recipe import Recipe
 
-FAMILIES = ["jamba", "mixtral", "granitemoe", "nemotron_h", "jetmoe"]
+FAMILIES = ["jamba", "mixtral", "granitemoe", "nemotron_h", "jetmoe", "deepseek_v4"]
 
 
 def _loads_to(folder, expected, x):

@@ -51,6 +51,9 @@ ORDER = ("gate_proj", "up_proj", "down_proj")  # the in-memory AIMER's summation
 
 
 DTYPES = _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+# what a reader also copies as it is: integer tables (DeepSeek-V4's token -> experts table), flags
+_READ_DTYPES = {**_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool}
 
 
 MAX_HEADER = 100 << 20  # the safetensors format's own limit on the header's size
@@ -175,7 +178,7 @@ class MappedTensor:
     so resident memory stays at about one tensor however large the shard is."""
 
     def __init__(self, file: Path, meta: dict, index: int | None = None) -> None:
-        shape, dtype = list(meta["shape"]), _DTYPES[meta["dtype"]]
+        shape, dtype = list(meta["shape"]), _READ_DTYPES[meta["dtype"]]
         size = dtype.itemsize
         for d in shape:
             size *= d
@@ -208,7 +211,7 @@ def read_into(file: Path, meta: dict, dst: torch.Tensor, chunk_bytes: int = 16 <
     """Copy one tensor of a safetensors file into `dst` (its shape) with plain reads: no mapping, and no second
     copy when dst is a contiguous CPU tensor of the file's dtype (else one buffer of the source size). A file
     shorter than its header says is a one-line error."""
-    dtype = _DTYPES.get(meta["dtype"])
+    dtype = _READ_DTYPES.get(meta["dtype"])
     if dtype is None:
         raise MumoeFileError(f"{file}: tensor {meta.get('key', '?')} has unsupported dtype {meta['dtype']}")
     where = f"{file}: tensor {meta.get('key', '?')}"
@@ -249,7 +252,7 @@ def _read_bytes(file: Path, start: int, raw, n: int) -> None:
 
 def read_tensor(file: Path, meta: dict) -> torch.Tensor:
     """One tensor of a safetensors file, read into fresh memory (`read_into`)."""
-    dtype = _DTYPES.get(meta["dtype"])
+    dtype = _READ_DTYPES.get(meta["dtype"])
     if dtype is None:
         raise MumoeFileError(f"{file}: tensor {meta.get('key', '?')} has unsupported dtype {meta['dtype']}")
     return read_into(file, meta, torch.empty(tuple(meta["shape"]), dtype=dtype))

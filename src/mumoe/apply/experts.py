@@ -39,6 +39,9 @@ def slice_layer(layer: MoELayer, keep: list[int], inplace: bool = False, router:
     router=False: the router keeps all its rows (a bound merge maps them onto the kept experts). experts=False:
     only the router is sliced (its counts set; per-prompt routing restriction, `testtime.experts.experts_kept`)."""
     E = layer.num_experts
+    if layer.fixed_routing and list(keep) != list(range(E)):
+        raise MumoeError(f"layer {layer.index} picks experts from a fixed token table (hash routing): its experts "
+                         "cannot be removed or merged")
     if sorted(set(keep)) != list(keep) or not keep or keep[0] < 0 or keep[-1] >= E:
         raise MumoeError(f"layer {layer.index}: keep set must be sorted unique indices in [0, {E}), got {keep}")
     if len(keep) < layer.top_k:

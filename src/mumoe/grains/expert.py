@@ -78,13 +78,13 @@ def choose(m, layers, scores, ratio: float, budget: str) -> tuple[dict[int, list
     return select_experts(layers, scores, ratio, budget, m.prune_highest), None
 
 
-def check_expert_count(config) -> None:
-    """Refused in one line where the family's config cannot hold fewer routed experts (`Adapter.expert_count_gap`)."""
+def check_expert_removal(config) -> None:
+    """Refused in one line where the family's config cannot hold fewer routed experts (`Adapter.expert_removal_gap`)."""
     from ..models.registry import ADAPTERS
 
     model_type = getattr(config, "model_type", None)
     if (cls := ADAPTERS.get(model_type)) is not None:
-        cls.check_expert_count(model_type)
+        cls.check_expert_removal(model_type)
 
 
 def layer_summary(entry: dict) -> str:
@@ -142,7 +142,7 @@ class ExpertGrain(Grain):
 
     def check_model(self, recipe, config) -> None:
         if recipe.ratio > 0:
-            check_expert_count(config)
+            check_expert_removal(config)
 
     def check_config(self, recipe, config) -> None:
         from ..models.base import config_experts

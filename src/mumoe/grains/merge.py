@@ -181,9 +181,9 @@ class MergeGrain(Grain):
 
     def check_model(self, recipe, config) -> None:
         if recipe.ratio > 0:
-            from .expert import check_expert_count
+            from .expert import check_expert_removal
 
-            check_expert_count(config)
+            check_expert_removal(config)
 
     def check_config(self, recipe, config) -> None:
         from ..models.base import config_experts

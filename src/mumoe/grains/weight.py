@@ -241,7 +241,8 @@ class WeightGrain(Grain):
         norms = plan.norms
         current: dict = {"layer": None}
         has_bs = ckpt.block_sparse
-        dtypes = {s.key: DTYPES[s.meta["dtype"]] for srcs in ckpt.sources.values() for s in srcs}  # source dtypes
+        dtypes = {s.key: DTYPES[s.meta["dtype"]] for srcs in ckpt.sources.values() for s in srcs
+                  if s.meta["dtype"] in DTYPES}  # source dtypes of the float tensors (the ones masks apply to)
         names = ckpt.layer_names()
         layer_active = None
         if plan.owl is not None:  # OWL's ratios need every layer's outlier share first: one read of each layer

@@ -110,6 +110,7 @@ class MoELayer:
     # block input times their weight; mumoe never removes or merges them (`RouterTensor.tail`)
     identity_experts: int = 0
     output_bias: torch.Tensor | None = None  # [H] the block adds to every token's output (JetMoE)
+    fixed_routing: bool = False  # experts picked by a fixed token table (DeepSeek-V4's hash layers): never sliced
     router_tensors: list[RouterTensor] = field(default_factory=list)  # every per-expert routing tensor
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -266,9 +267,12 @@ class Adapter:
     # memory, after transformers' own renames (`models.keys.checkpoint_renamer`; JetMoE's input_linear.weight ->
     # experts.gate_up_proj); writers keep the files' spelling
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
-    # None: the family's config holds a changed routed-expert count; else why not (JetMoE: the same key sizes its
-    # attention experts): removing or merging experts is refused before any work (`check_expert_count`)
-    expert_count_gap: ClassVar[str | None] = None
+    # None: experts can be removed and merged; else why not (JetMoE: its expert-count key also sizes its attention
+    # experts; DeepSeek-V4: hash-routed layers): refused in one line before any work (`check_expert_removal`)
+    expert_removal_gap: ClassVar[str | None] = None
+    # modules of the decoder applied to the last layer's output before its final norm (DeepSeek-V4's `hc_head`,
+    # collapsing the hyper-connection streams): the layer-by-layer sweep's loss head runs them
+    head_pre_norm: ClassVar[tuple[str, ...]] = ()
     # None: checkpoints of the family can be calibrated layer by layer and exported streamed; else why not (yet)
     layerwise_gap: ClassVar[str | None] = None
     # the decoder layer returns (hidden_states, value) and the next layer takes the value as this keyword (GLM-5's
@@ -429,16 +433,15 @@ class Adapter:
 
     def set_num_experts(self, n: int) -> list[str]:
         """Rewrite every expert-count key of the config (nested text configs included); none where the config
-        cannot hold it (`expert_count_gap`: the modules in memory keep their own counts)."""
-        return [] if self.expert_count_gap else set_expert_count(self.config, n)
+        cannot hold it (`expert_removal_gap`: the modules in memory keep their own counts)."""
+        return [] if self.expert_removal_gap else set_expert_count(self.config, n)
 
     @classmethod
-    def check_expert_count(cls, model_type: str) -> None:
+    def check_expert_removal(cls, model_type: str) -> None:
         """A one-line MumoeError where the family's config cannot hold fewer routed experts (before any work)."""
-        if cls.expert_count_gap:
-            raise MumoeError(f"{model_type}: {cls.expert_count_gap}, so its config cannot hold fewer routed experts; "
-                             "removing or merging experts is not supported for it (atoms, weights and per-prompt "
-                             "pruning are)")
+        if cls.expert_removal_gap:
+            raise MumoeError(f"{model_type}: removing or merging experts is not supported for it "
+                             f"({cls.expert_removal_gap}); atoms, weights and per-prompt masks are")
 
 
 def stored_weights(model: nn.Module) -> int:

@@ -10,7 +10,7 @@ routing tensor (router rows, biases, correction biases wherever the family keeps
 
 Families whose experts differ have an adapter module of their own (GPT-OSS: `models.gpt_oss`; Llama 4:
 `models.llama4`; Nemotron-H: `models.nemotron_h`; LongCat-Flash's identity experts: `models.longcat_flash`; JetMoE:
-`models.jetmoe`) or are refused for now (DBRX: other expert modules; DeepSeek-V4: hash routing; `NOT_YET`): `adapter_for` refuses them in one
+`models.jetmoe`; DeepSeek-V4: `models.deepseek_v4`) or are refused for now (DBRX: other expert modules; `NOT_YET`): `adapter_for` refuses them in one
 line naming the nearest supported family.
 """
 
@@ -158,7 +158,6 @@ FAMILY_ADAPTERS: tuple[type[Adapter], ...] = (
 # families transformers ships that mumoe does not support yet: why, and the nearest supported one
 NOT_YET: dict[str, tuple[str, str]] = {
     "dbrx": ("experts outside the fused v5 layout", "mixtral"),
-    "deepseek_v4": ("hash routing and hyper-connections", "deepseek_v3"),
     "hy_v4": ("hyper-connections around the blocks", "hy_v3"),
     "qwen4_exp": ("hyper-connections around the blocks and n-gram embeddings", "qwen3_next"),
     "gemma4": ("the router and the experts read different inputs, and the experts' sum is normalized before it "

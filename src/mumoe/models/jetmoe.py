@@ -106,7 +106,8 @@ class JetMoeAdapter(Adapter):
     router_names: ClassVar[tuple[str, ...]] = ("router",)
     expert_width_key: ClassVar[str] = "intermediate_size"  # JetMoE has no dense MLP: the experts' width only
     expert_count_key: ClassVar[str | None] = "num_local_experts"
-    expert_count_gap: ClassVar[str | None] = "num_local_experts also sizes the attention experts (MoA)"
+    expert_removal_gap: ClassVar[str | None] = ("num_local_experts also sizes its attention experts (MoA), so a config "
+                                                "cannot hold fewer MLP experts")
     # the files' keys -> the swapped block's names (the layer-by-layer reader; writers keep the files' spelling)
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = (
         (r"\.mlp\.input_linear\.weight$", ".mlp.experts.gate_up_proj"),

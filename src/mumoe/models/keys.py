@@ -67,12 +67,27 @@ def unchanged(key: str) -> str:
     return key
 
 
-def checkpoint_renamer(model_type: str | None):
+def model_tensors(model) -> dict:
+    """The model's state dict (the family's tensor layout: GPT-OSS's transposed experts) under the names its modules
+    give the tensors — a swapped-in block's state dict may use the family's names (JetMoE's), renamed back by the
+    adapter's `checkpoint_renames`."""
+    rules = [(re.compile(p), r) for p, r in getattr(ADAPTERS.get(model.config.model_type), "checkpoint_renames", ())]
+    out = {}
+    for name, t in model.state_dict().items():
+        for pattern, repl in rules:
+            name = pattern.sub(repl, name)
+        out[name] = t
+    return out
+
+
+def checkpoint_renamer(model_type: str | None, known=None):
     """key -> the name transformers gives it on loading a `model_type` checkpoint, by the family's own renaming
     rules (`WeightRenaming` in transformers' conversion mapping: Granite's input_linear -> experts.gate_up_proj,
     PhiMoE's block_sparse_moe.gate -> mlp.router, HY-V3's expert_bias -> e_score_correction_bias, ...), then the
     adapter's onto the modules it swaps in (`Adapter.checkpoint_renames`). The per-expert merges are not applied
-    here (`LEGACY` keys are read per expert). Identity where there are none."""
+    here (`LEGACY` keys are read per expert). Identity where there are none. known: the model's tensor names
+    (`model_tensors`); as transformers does, a key that is one of them and that a rule would rename to none of them
+    keeps its name (DeepSeek-V4's rules, written for its original files, rename `model.norm` too)."""
     ours = [(re.compile(p), r) for p, r in getattr(ADAPTERS.get(model_type), "checkpoint_renames", ())]
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
@@ -90,7 +105,7 @@ def checkpoint_renamer(model_type: str | None):
             name = apply_renamings(key, rules) if rules else key
             for pattern, repl in ours:
                 name = pattern.sub(repl, name)
-            cache[key] = name
+            cache[key] = key if known is not None and name not in known and key in known else name
         return cache[key]
     return rename
 
@@ -110,7 +125,7 @@ def as_loaded(state: dict, model) -> dict:
     """A checkpoint's tensors under the names `model` (built from the checkpoint's config) gives them: the family's
     renames on loading (a multimodal checkpoint: its text model's) and a text model's prefix stripped; the other
     towers' tensors (vision) left out — the text model has none."""
-    rename = checkpoint_renamer(model.config.model_type)
+    rename = checkpoint_renamer(model.config.model_type, model_tensors(model))
     names = {id(m): n for n, m in model.named_modules()}
     embed = names[id(model.get_input_embeddings())] + ".weight"
     prefix = text_prefix(list(state), embed, rename)

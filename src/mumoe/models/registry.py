@@ -7,6 +7,7 @@ from torch import nn
 from ..errors import MumoeError
 from .base import Adapter
 from .deepseek_v3 import DeepseekV3Adapter
+from .deepseek_v4 import DeepseekV4Adapter
 from .dense import DenseAdapter, OptAdapter
 from .families import FAMILY_ADAPTERS, NOT_YET
 from .gpt_oss import GptOssAdapter
@@ -23,7 +24,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     t: cls
     for cls in (MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoeAdapter, DeepseekV3Adapter,
                 *FAMILY_ADAPTERS, GptOssAdapter, Llama4Adapter, NemotronHAdapter, LongcatFlashAdapter,
-                JetMoeAdapter, DenseAdapter, OptAdapter)
+                JetMoeAdapter, DeepseekV4Adapter, DenseAdapter, OptAdapter)
     for t in cls.model_types
 }
 MOE_TYPES = sorted(t for t, c in ADAPTERS.items() if c.is_moe)

@@ -13,7 +13,7 @@ from .tiny import TINY_CONFIGS
 # registers, among mumoe's families: a GGUF of their exports can be made; `benchmarks/gguf_roundtrip.py` measures.
 GGUF_CLASSES = frozenset({
     "AfmoeForCausalLM", "Cohere2MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
-    "DeepseekV32ForCausalLM", "Dots1ForCausalLM", "Ernie4_5_MoeForCausalLM", "ExaoneMoeForCausalLM",
+    "DeepseekV4ForCausalLM", "DeepseekV32ForCausalLM", "Dots1ForCausalLM", "Ernie4_5_MoeForCausalLM", "ExaoneMoeForCausalLM",
     "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "GlmMoeDsaForCausalLM", "GraniteMoeForCausalLM",
     "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "HYV3ForCausalLM", "HunYuanMoEV1ForCausalLM",
     "JambaForCausalLM", "KimiLinearForCausalLM", "LagunaForCausalLM", "MellumForCausalLM", "MiMoV2FlashForCausalLM",
@@ -56,7 +56,7 @@ def support_table() -> list[Support]:
         gguf = "PhiMoEForCausalLM" if t == "phimoe" else _causal_class(t)
         rows.append(Support(
             model_type=t, adapter=cls.__name__, router=cls.scoring, shared=shared,
-            experts="yes" if cls.expert_count_gap is None else f"no: {cls.expert_count_gap}",
+            experts="yes" if cls.expert_removal_gap is None else f"no: {cls.expert_removal_gap}",
             layerwise="yes" if cls.layerwise_gap is None else f"no: {cls.layerwise_gap}",
             atom_uniform="global form only" if issubclass(cls, NoWidthKeyAdapter) else "yes",
             gguf="yes" if gguf in GGUF_CLASSES else "–", tiny=t in TINY_CONFIGS))

@@ -148,6 +148,11 @@ TINY_CONFIGS: dict[str, dict] = {
                            n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                            mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8,
                            expand=2),
+        "deepseek_v4": dict(num_hidden_layers=3, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                            n_shared_experts=1, head_dim=16, num_key_value_heads=1, q_lora_rank=16, o_groups=2,
+                            o_lora_rank=16, index_n_heads=2, index_head_dim=8, index_topk=4, sliding_window=4,
+                            hc_mult=2, hc_sinkhorn_iters=3, routed_scaling_factor=1.5, num_nextn_predict_layers=0,
+                            mlp_layer_types=["hash_moe", "moe", "moe"]),  # layer 0 hash-routed
         "jetmoe": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                        kv_channels=8, num_key_value_heads=4),  # 4 attention experts x 8 channels = hidden 32
         "longcat_flash": dict(num_layers=2, ffn_hidden_size=48, expert_ffn_hidden_size=16, n_routed_experts=8,
@@ -183,6 +188,12 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
             with torch.no_grad():
                 bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
     _randomize_zero_routers(model, seed, getattr(config, "initializer_range", 0.02))
+    gen = torch.Generator().manual_seed(seed + 2)
+    for module in model.modules():  # a hash layer's token -> experts table (DeepSeek-V4): k distinct experts a token
+        table = getattr(module, "tid2eid", None)
+        if isinstance(table, torch.Tensor) and not bool(table.any()):
+            E = module.num_experts
+            table.copy_(torch.rand(table.shape[0], E, generator=gen).argsort(-1)[:, : table.shape[1]])
     return model.eval()
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import KIND, LEGACY, PACKED, dequantized_experts, packed_shape, read_header, read_into, shard_files
-from ..models.keys import FUSED_UP, canonical, checkpoint_renamer, legacy_blocks, text_prefix
+from ..models.keys import FUSED_UP, canonical, checkpoint_renamer, legacy_blocks, model_tensors, text_prefix
 from ..models.layout import renamed_tensors
 from ..models.registry import ADAPTERS, in_mumoe_layout
 from ..errors import MumoeError, MumoeFileError
@@ -154,10 +154,14 @@ class LayerwiseCheckpoint:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self._rebuild_rotary()
+        # buffers computed, not read (rotary frequencies): a part inside a layer (DeepSeek-V4's compressors) gets
+        # them back from here each time it is materialised
+        self.computed = {n: b.detach().clone() for n, b in self.model.named_buffers(remove_duplicate=False)
+                         if b.device.type != "meta"}
         has_bs = legacy_blocks(n for n, _ in self.model.named_parameters())
         self.block_sparse = has_bs  # the model names its MoE blocks the legacy way (checkpoint keys map as they are)
         # the family's own renames on loading, by the model built (a multimodal checkpoint: its text model's)
-        self.rename = checkpoint_renamer(self.model.config.model_type)
+        self.rename = checkpoint_renamer(self.model.config.model_type, self.tensors())
         headers = [(file, key, meta) for file in shard_files(self.path) for key, meta in read_header(file).items()]
         self.text_prefix = text_prefix([k for _, k, _ in headers], self.input_embeddings_name(), self.rename)
         if self.text_prefix:  # the text model's tensors under a prefix (Llama 4's `language_model.`), as
@@ -238,12 +242,14 @@ class LayerwiseCheckpoint:
     def _rebuild_rotary(self) -> None:
         """Rotary embeddings hold computed (non-persistent) buffers, never in a checkpoint: build them for real,
         each from the config it was built with (Granite-SWA keeps one per rope theta, in a list)."""
-        for name, module in list(self.model.named_modules()):
+        built: dict[int, nn.Module] = {}  # one per module: a rotary module shared by several parents stays shared
+        for name, module in list(self.model.named_modules(remove_duplicate=False)):  # (DeepSeek-V4's compressors)
             if name.endswith("rotary_emb") or type(module).__name__.endswith("RotaryEmbedding"):
-                with torch.device(self.device):
-                    real = type(module)(config=getattr(module, "config", None) or self.config)
+                if id(module) not in built:
+                    with torch.device(self.device):
+                        built[id(module)] = type(module)(config=getattr(module, "config", None) or self.config)
                 parent = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.model
-                setattr(parent, name.rsplit(".", 1)[-1], real)
+                setattr(parent, name.rsplit(".", 1)[-1], built[id(module)])
 
     # -- materialising ---------------------------------------------------------------------------------
     def _plan(self, name: str, tensor: torch.Tensor) -> list[tuple[Source, torch.Tensor]]:
@@ -326,14 +332,7 @@ class LayerwiseCheckpoint:
         """The model's state dict (the family's layout: GPT-OSS's transposed experts) under the names its modules
         give the tensors (a swapped-in block's state dict may use the family's names: JetMoE's, renamed back by
         the adapter's `checkpoint_renames`)."""
-        rules = [(re.compile(p), r) for p, r in getattr(ADAPTERS.get(self.config.model_type), "checkpoint_renames",
-                                                        ())]
-        out = {}
-        for name, t in self.model.state_dict().items():
-            for pattern, repl in rules:
-                name = pattern.sub(repl, name)
-            out[name] = t
-        return out
+        return model_tensors(self.model)
 
     def check_coverage(self) -> None:
         """Every tensor of the model's state dict has its sources, with the right shapes (headers only, no
@@ -408,8 +407,12 @@ class LayerwiseCheckpoint:
         module.to_empty(device=self.device)
         with torch.no_grad():
             for local, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+                full = f"{name}.{local}" if name else local
+                if full in self.computed:
+                    tensor.copy_(self.computed[full])
+                    continue
                 owner = module.get_submodule(local.rsplit(".", 1)[0]) if "." in local else module
-                self._fill(f"{name}.{local}" if name else local, tensor, getattr(owner, "checkpoint_layout", None))
+                self._fill(full, tensor, getattr(owner, "checkpoint_layout", None))
         self.resident.add(name)
         self.read_seconds += time.perf_counter() - t0
         return module
@@ -455,13 +458,15 @@ class LayerwiseCheckpoint:
                 self.release(name)
 
     def head_names(self) -> list[str]:
-        """The parts the loss needs after the last decoder layer: final norm and lm_head."""
+        """The parts the loss needs after the last decoder layer, in the order they run: what the family applies
+        before its final norm (`Adapter.head_pre_norm`: DeepSeek-V4's stream collapse), the final norm, lm_head."""
         names = {id(m): n for n, m in self.model.named_modules()}
         norm = next((m for a in FINAL_NORMS if isinstance(m := getattr(self.decoder, a, None), nn.Module)), None)
         if norm is None:
             raise MumoeError(f"{self.config.model_type}: no final norm ({', '.join(FINAL_NORMS)}) after the decoder "
                              "layers; layer-by-layer work is not supported for it")
-        return [names[id(norm)], names[id(self.model.get_output_embeddings())]]
+        pre = [getattr(self.decoder, a) for a in getattr(ADAPTERS.get(self.config.model_type), "head_pre_norm", ())]
+        return [names[id(m)] for m in (*pre, norm, self.model.get_output_embeddings())]
 
     def layer_bytes(self) -> int:
         """Bytes of the largest decoder layer in the load dtype (the resident weights of a pass)."""

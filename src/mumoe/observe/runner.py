@@ -378,11 +378,15 @@ def run(model: nn.Module, windows: torch.Tensor, collectors: Sequence[Collector]
     dev = model_device(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
+    leaf = None
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()
-        embed = model.get_input_embeddings()
+        # the embeddings' output is the pass's only leaf (grads reach activations only); the model gets the token
+        # ids themselves (DeepSeek-V4's hash layers route by them)
+        leaf = model.get_input_embeddings().register_forward_hook(
+            lambda module, args, out: out.detach().requires_grad_(True)) if backward else None
         with Observation(model, collectors, layers) as obs:
             for i in bar(range(0, len(windows), batch_size), desc=desc, enabled=progress, unit="batch"):
                 ids = windows[i:i + batch_size].to(dev)
@@ -397,13 +401,14 @@ def run(model: nn.Module, windows: torch.Tensor, collectors: Sequence[Collector]
                         model(input_ids=ids, attention_mask=mask, use_cache=False)
                     continue
                 with torch.enable_grad():
-                    x = embed(ids).detach().requires_grad_(True)  # the only leaf: grads reach activations only
-                    logits = model(inputs_embeds=x, attention_mask=mask, use_cache=False).logits  # [B, L, V]
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, L, V]
                     labels = ids[:, 1:] if mask is None else ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
                     loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                                        reduction="sum", ignore_index=-100)
                     loss.backward()
     finally:
+        if leaf is not None:
+            leaf.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)

@@ -247,9 +247,15 @@ def _loss_grad(ckpt: LayerwiseCheckpoint, hidden: torch.Tensor, ids: torch.Tenso
     The loss is a sum over positions and norm + lm_head act per position, so it is back-propagated in chunks of
     positions whose logits stay under `logits_bytes` (vocabularies of 150k make [B, L, V] the largest tensor of
     the pass); the gradient is the same as in one piece."""
-    norm, head = (ckpt.model.get_submodule(n) for n in ckpt.head_names())
+    *before, head = (ckpt.model.get_submodule(n) for n in ckpt.head_names())  # (stream collapse,) final norm
+
+    def norm(h: torch.Tensor) -> torch.Tensor:
+        for m in before:
+            h = m(h)
+        return h
+
     scale = adapter_for(ckpt.model).head_scale()  # the head's own factor on the logits (Cohere, Granite)
-    B, L, _ = hidden.shape
+    B, L = hidden.shape[:2]  # (DeepSeek-V4: [B, L, streams, H])
     V = head.weight.shape[0]
     step = max(1, logits_bytes // max(1, B * V * 4))
     labels = ids[:, 1:] if mask is None else ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # [B, L-1]

@@ -184,7 +184,7 @@ def build_library(model: nn.Module, tasks: dict[str, torch.Tensor], keep: int, s
     if key_space not in KEY_SPACES:
         raise MumoeError(f"unknown key space {key_space!r}; use {', '.join(KEY_SPACES)}")
     adapter = moe_adapter_for(model)
-    adapter.check_expert_count(model.config.model_type)  # a task model holds `keep` experts per layer
+    adapter.check_expert_removal(model.config.model_type)  # a task model holds `keep` experts per layer
     layers = adapter.moe_layers()
     top_k, E = layers[0].top_k, min(l.num_experts for l in layers)
     if not top_k <= keep <= E:

@@ -54,6 +54,9 @@ def check_experts(model: nn.Module, k: int) -> int:
         raise MumoeError(f"experts must be an integer between top_k={top_k} and the expert count {E}, got {k!r}")
     if any(l.n_group and l.n_group > 1 for l in layers):
         raise MumoeError("per-prompt expert pruning of group-limited routers is not supported")
+    if any(l.fixed_routing for l in layers):
+        raise MumoeError("per-prompt expert pruning is not supported where layers pick experts from a fixed token "
+                         "table (hash routing)")
     return k
 
 
