@@ -48,6 +48,7 @@ def hf_ppl(folder: Path, ids: list[int], add_bos: bool, bos: int) -> float:
     import torch
 
     import mumoe
+    from mumoe import MumoeError
 
     model = mumoe.load(folder, "fp32")
     ids = ([bos] if add_bos else []) + ids
@@ -85,6 +86,7 @@ def main() -> int:
     import torch
 
     import mumoe
+    from mumoe import MumoeError
     from mumoe.apply import save_pruned
     from mumoe.loading import DATA, load_tokenizer
     from mumoe.models.support import support_table
@@ -118,9 +120,13 @@ def main() -> int:
                            pad_token_id=tok.pad_token_id)
         model.save_pretrained(dense)
         tok.save_pretrained(dense)
-        report = mumoe.prune(model, "random", 0.25 if fam not in GROUPED else 0.5, seed=0)
+        try:
+            report = mumoe.prune(model, "random", 0.25 if fam not in GROUPED else 0.5, seed=0)
+            row["experts"] = [len(e["kept"]) for e in report.layers][0]
+        except MumoeError as e:  # a family whose experts cannot be removed (JetMoE, DeepSeek-V4): Wanda 50% instead
+            row["method"] = f"wanda 50% ({e})"
+            report = mumoe.prune(model, "wanda", 0.5, calib=torch.tensor(ids[:256]).reshape(4, 64))
         save_pruned(model, pruned, report, tokenizer=tok, overwrite=True)
-        row["experts"] = [len(e["kept"]) for e in report.layers][0]
         for name, folder in (("dense", dense), ("pruned", pruned)):
             gguf = work / f"{fam}-{name}-f32.gguf"
             gguf.unlink(missing_ok=True)
@@ -147,7 +153,8 @@ def main() -> int:
     for r in rows:
         cells = [f"{r[n]['ratio']:.6f}" if "ratio" in r.get(n, {}) else r.get(n, {}).get("error", "?")
                  for n in ("dense", "pruned")]
-        print(f"| `{r['family']}` | {cells[0]} | {cells[1]} |")
+        note = " (Wanda 50%: experts cannot be removed)" if "method" in r else ""
+        print(f"| `{r['family']}` | {cells[0]} | {cells[1]}{note} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     if args.only and RESULTS.exists():
         done = {r["family"] for r in rows}

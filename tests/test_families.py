@@ -67,6 +67,7 @@ ROUTING = {
     "bailing_hybrid": _DSV3,
     "kolibri1_1": spec(act="sigmoid", bias=True, choose="logits"),
     "axk2": _DSV3,
+    "hy_v4": _DSV3,  # (+ hyper-connection streams around the blocks)
     "lfm2_moe": spec(act="sigmoid", bias=True, scale="routed_scaling_factor"),  # + expert_bias on the block
     # softmax over the 8 routed + 2 identity experts, top-k of scores + bias, never renormalized, x the scale
     "longcat_flash": spec(bias=True, renorm=False, scale="routed_scaling_factor"),

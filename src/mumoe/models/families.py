@@ -147,18 +147,21 @@ BailingHybrid = family("BailingHybridAdapter", ("bailing_hybrid",), SharedWidthA
 Kolibri1_1 = family("Kolibri1_1Adapter", ("kolibri1_1",), **_SIGMOID,
                     layerwise_gap="its layers read other layers' keys and values (KV sharing) within one forward")
 AXK2 = family("AXK2Adapter", ("axk2",), SharedWidthAdapter, expert_count_key="n_routed_experts", **_SIGMOID)
+# HY-V4: hyper-connection streams around every block (collapsed by `hc_head` before the final norm), the indexer's
+# top-k carried from layer to layer, a clamped SwiGLU (its experts' `_apply_gate`)
+HYV4 = family("HYV4Adapter", ("hy_v4",), SharedWidthAdapter, expert_count_key="n_routed_experts",
+              layer_carry="prev_topk_indices", head_pre_norm=("hc_head",), **_SIGMOID)
 
 FAMILY_ADAPTERS: tuple[type[Adapter], ...] = (
     Cohere2Moe, DeepseekV2, Ernie45Moe, FlexOlmo, GraniteMoe, GraniteMoeSWA, GraniteMoeHybrid, HunyuanV1Moe, Jamba,
     LaraMini, Mellum, MiniMax, Phimoe, Qwen3Next, Qwen35MoeVL, Afmoe, DeepseekV32, Dots1, ExaoneMoe, Glm4Moe,
     GlmMoeDsa, HYV3, KimiLinear, Kolibri1, Laguna, Lfm2Moe, MimoV2Flash, MiniCPM5Moe, MiniMaxM2, SolarOpen,
-    AXK2, BailingHybrid, Beam, Flint, Kolibri1_1,
+    AXK2, BailingHybrid, Beam, Flint, Kolibri1_1, HYV4,
 )
 
 # families transformers ships that mumoe does not support yet: why, and the nearest supported one
 NOT_YET: dict[str, tuple[str, str]] = {
     "dbrx": ("experts outside the fused v5 layout", "mixtral"),
-    "hy_v4": ("hyper-connections around the blocks", "hy_v3"),
     "qwen4_exp": ("hyper-connections around the blocks and n-gram embeddings", "qwen3_next"),
     "gemma4": ("the router and the experts read different inputs, and the experts' sum is normalized before it "
                "joins the dense MLP's", "qwen3_moe"),

@@ -12,13 +12,15 @@ from .tiny import TINY_CONFIGS
 # HF causal-LM classes llama.cpp's converter (`convert_hf_to_gguf.py`, as vendored in llama-cpp-python 0.3.36)
 # registers, among mumoe's families: a GGUF of their exports can be made; `benchmarks/gguf_roundtrip.py` measures.
 GGUF_CLASSES = frozenset({
-    "AfmoeForCausalLM", "Cohere2MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
-    "DeepseekV4ForCausalLM", "DeepseekV32ForCausalLM", "Dots1ForCausalLM", "Ernie4_5_MoeForCausalLM", "ExaoneMoeForCausalLM",
-    "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "GlmMoeDsaForCausalLM", "GraniteMoeForCausalLM",
-    "GraniteMoeSWAForCausalLM", "GraniteMoeSharedForCausalLM", "HYV3ForCausalLM", "HunYuanMoEV1ForCausalLM",
-    "JambaForCausalLM", "KimiLinearForCausalLM", "LagunaForCausalLM", "MellumForCausalLM", "MiMoV2FlashForCausalLM",
-    "MiniMaxM2ForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "PhiMoEForCausalLM", "Qwen2MoeForCausalLM",
-    "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM",
+    "AfmoeForCausalLM", "Cohere2MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM",
+    "DeepseekV3ForCausalLM", "DeepseekV4ForCausalLM", "Dots1ForCausalLM", "Ernie4_5_MoeForCausalLM",
+    "ExaoneMoeForCausalLM", "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "GlmMoeDsaForCausalLM",
+    "GptOssForCausalLM", "GraniteMoeForCausalLM", "GraniteMoeHybridForCausalLM", "GraniteMoeSWAForCausalLM",
+    "GraniteMoeSharedForCausalLM", "HYV3ForCausalLM", "HYV4ForCausalLM", "HunYuanMoEV1ForCausalLM",
+    "JambaForCausalLM", "KimiLinearForCausalLM", "LagunaForCausalLM", "Lfm2MoeForCausalLM", "MellumForCausalLM",
+    "MiMoV2FlashForCausalLM", "MiniMaxM2ForCausalLM", "MixtralForCausalLM", "NemotronHForCausalLM",
+    "OlmoeForCausalLM", "PhiMoEForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
+    "Qwen3_5MoeForCausalLM", "SolarOpenForCausalLM",
 })
 
 

@@ -153,6 +153,11 @@ TINY_CONFIGS: dict[str, dict] = {
                             o_lora_rank=16, index_n_heads=2, index_head_dim=8, index_topk=4, sliding_window=4,
                             hc_mult=2, hc_sinkhorn_iters=3, routed_scaling_factor=1.5, num_nextn_predict_layers=0,
                             mlp_layer_types=["hash_moe", "moe", "moe"]),  # layer 0 hash-routed
+        "hy_v4": dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                      num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.0,
+                      q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                      index_topk=4, index_head_dim=8, index_n_heads=2, hc_mult=2, swiglu_limit=1.0,
+                      indexer_types=["full", "full", "shared"]),  # layer 2 reuses layer 1's top-k
         "jetmoe": dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                        kv_channels=8, num_key_value_heads=4),  # 4 attention experts x 8 channels = hidden 32
         "longcat_flash": dict(num_layers=2, ffn_hidden_size=48, expert_ffn_hidden_size=16, n_routed_experts=8,
