@@ -48,7 +48,6 @@ def hf_ppl(folder: Path, ids: list[int], add_bos: bool, bos: int) -> float:
     import torch
 
     import mumoe
-    from mumoe import MumoeError
 
     model = mumoe.load(folder, "fp32")
     ids = ([bos] if add_bos else []) + ids
