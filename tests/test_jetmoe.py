@@ -52,3 +52,14 @@ def test_expert_removal_refused_before_any_work(tmp_path, capsys):
     assert report.grain == "atom" and model.config.intermediate_size == 8
     with torch.no_grad():
         assert not torch.allclose(model(x).logits, dense)
+
+
+def test_task_library_refused_before_the_model_is_read(tmp_path, capsys):
+    """A PreMoe task model holds fewer experts: `mumoe taer build` refuses JetMoE in one line, nothing written."""
+    src, out = tmp_path / "src", tmp_path / "lib"
+    tiny_model("jetmoe").save_pretrained(src)
+    capsys.readouterr()
+    rc = main(["taer", "build", str(src), "--task", "domain", "--keep", "4", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "attention experts" in err[0], err
+    assert not out.exists()

@@ -45,6 +45,17 @@ def _check_library_space(args) -> None:
                      thing="the task library")
 
 
+def _check_family(args) -> None:
+    """A task model holds fewer experts: refused before the model is read where the family cannot lose experts
+    (`Adapter.expert_removal_gap`: JetMoE, DeepSeek-V4)."""
+    from ..models import ADAPTERS
+
+    config = model_config(args.model)
+    cls = ADAPTERS.get(getattr(config, "model_type", None))
+    if cls is not None:
+        cls.check_expert_removal(config.model_type)
+
+
 def cmd_taer_build(args) -> int:
     from ..apply.export import atomic_output, check_output_dir
     from ..loading import DATA, check_model, load_tokenizer
@@ -53,6 +64,7 @@ def cmd_taer_build(args) -> int:
 
     check_output_dir(args.out, args.overwrite, source_dir(check_model(args.model)))
     _check_library_space(args)
+    _check_family(args)
     specs = {}
     for spec in args.task:
         if spec == "domain":
