@@ -261,7 +261,8 @@ def expert_transform(keep: dict[int, list[int]], routers: dict[str, tuple[int, i
             return [(key, read().index_select(0, torch.tensor(keep[int(m["layer"])])))]
         if (r := router_axis(view, routers)) and r[0] in keep:
             t = read()  # (identity experts' entries after the routed ones kept: `RouterTensor.tail`)
-            return [(key, t.index_select(r[1], kept_rows(torch.tensor(keep[r[0]]), t.shape[r[1]], r[2])).contiguous())]
+            rows = kept_rows(torch.tensor(keep[r[0]]), t.shape[r[1]], r[2])
+            return [(key, t.index_select(r[1], rows).contiguous())]
         return [(key, read())]
     return transform
 

@@ -79,7 +79,7 @@ def choose(m, layers, scores, ratio: float, budget: str) -> tuple[dict[int, list
 
 
 def check_expert_removal(config) -> None:
-    """Refused in one line where the family's config cannot hold fewer routed experts (`Adapter.expert_removal_gap`)."""
+    """Refused in one line where the family's experts cannot be removed or merged (`Adapter.expert_removal_gap`)."""
     from ..models.registry import ADAPTERS
 
     model_type = getattr(config, "model_type", None)

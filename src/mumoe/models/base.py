@@ -432,13 +432,14 @@ class Adapter:
         config.num_hidden_layers = n
 
     def set_num_experts(self, n: int) -> list[str]:
-        """Rewrite every expert-count key of the config (nested text configs included); none where the config
-        cannot hold it (`expert_removal_gap`: the modules in memory keep their own counts)."""
+        """Rewrite every expert-count key of the config (nested text configs included); none where experts cannot
+        be removed (`expert_removal_gap`: a removal in memory, per-prompt experts' reference, keeps the modules' own
+        counts)."""
         return [] if self.expert_removal_gap else set_expert_count(self.config, n)
 
     @classmethod
     def check_expert_removal(cls, model_type: str) -> None:
-        """A one-line MumoeError where the family's config cannot hold fewer routed experts (before any work)."""
+        """A one-line MumoeError where the family's experts cannot be removed or merged (before any work)."""
         if cls.expert_removal_gap:
             raise MumoeError(f"{model_type}: removing or merging experts is not supported for it "
                              f"({cls.expert_removal_gap}); atoms, weights and per-prompt masks are")

@@ -10,8 +10,8 @@ routing tensor (router rows, biases, correction biases wherever the family keeps
 
 Families whose experts differ have an adapter module of their own (GPT-OSS: `models.gpt_oss`; Llama 4:
 `models.llama4`; Nemotron-H: `models.nemotron_h`; LongCat-Flash's identity experts: `models.longcat_flash`; JetMoE:
-`models.jetmoe`; DeepSeek-V4: `models.deepseek_v4`) or are refused for now (DBRX: other expert modules; `NOT_YET`): `adapter_for` refuses them in one
-line naming the nearest supported family.
+`models.jetmoe`; DeepSeek-V4: `models.deepseek_v4`) or are refused for now (DBRX: other expert modules; `NOT_YET`):
+`adapter_for` refuses them in one line naming the nearest supported family.
 """
 
 from __future__ import annotations
