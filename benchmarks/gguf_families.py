@@ -122,7 +122,7 @@ def main() -> int:
         try:
             report = mumoe.prune(model, "random", 0.25 if fam not in GROUPED else 0.5, seed=0)
             row["experts"] = [len(e["kept"]) for e in report.layers][0]
-        except MumoeError as e:  # a family whose experts cannot be removed (JetMoE, DeepSeek-V4): Wanda 50% instead
+        except MumoeError as e:  # a family whose experts cannot be removed (JetMoE): Wanda 50% instead
             row["method"] = f"wanda 50% ({e})"
             report = mumoe.prune(model, "wanda", 0.5, calib=torch.tensor(ids[:256]).reshape(4, 64))
         save_pruned(model, pruned, report, tokenizer=tok, overwrite=True)

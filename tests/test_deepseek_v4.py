@@ -1,31 +1,49 @@
-"""DeepSeek-V4 (`models.deepseek_v4`): its hash-routed layers pick experts from a fixed token table, so removing or
-merging experts is refused in one line before any work (the CLI: exit 2, nothing written) and slicing such a layer
-refuses too; the layer-by-layer sweep carries the hyper-connection streams. The family's other checks are in
-test_families.py (routing of both router kinds, recomposition, exports, layer-sequential = in memory for Wanda) and
-test_forms_layerwise.py (HEAPr's global form and PMQ, layer by layer, loading with plain transformers)."""
+"""DeepSeek-V4 (`models.deepseek_v4`): its hash-routed layers pick experts from a fixed token table, so expert methods
+and merges keep them whole and prune the learned layers (per-layer counts: mumoe's own form, which loads with
+mumoe.load and with transformers' trust_remote_code to the logits of the model pruned in memory); slicing a hash
+layer refuses; STUN, which clusters all layers at once, refuses in one line. The family's other checks are in
+test_families.py (routing of both router kinds, recomposition, exports, layer-sequential = in memory for REAP and
+Wanda) and test_forms_layerwise.py (HEAPr's global form and PMQ, layer by layer)."""
+
+import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import ids
+import mumoe
 from mumoe import MumoeError
+from mumoe.apply import save_pruned
 from mumoe.apply.experts import slice_layer
 from mumoe.cli import main
 from mumoe.models import moe_adapter_for
 from mumoe.models.tiny import tiny_model
 
 
-def test_expert_removal_refused_before_any_work(tmp_path, capsys):
+def test_hash_layers_are_kept_whole_and_the_export_loads(tmp_path):
+    model, x = tiny_model("deepseek_v4"), ids(2, 12, seed=3)
+    report = mumoe.prune(model, "frequency", 0.25, calib=ids(4, 16, seed=1), batch_size=4)
+    kept = {e["layer"]: e["kept"] for e in report.layers}
+    assert kept[0] == list(range(8)) and len(kept[1]) == len(kept[2]) == 6 and report.form == "mumoe"
+    with torch.no_grad():
+        expected = model(x).logits
+    out = save_pruned(model, tmp_path / "freq", report)
+    for loaded in (mumoe.load(out, "fp32"),
+                   AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()):
+        with torch.no_grad():
+            assert (loaded(x).logits - expected).abs().max() <= 1e-5
+
+
+def test_streamed_aimer_keeps_the_hash_layer(tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     tiny_model("deepseek_v4").save_pretrained(src)
-    capsys.readouterr()  # (save_pretrained's progress bar)
-    for argv in (["--method", "aimer"], ["--method", "reap", "--calib", "tensor"], ["--method", "hc-smoe",
-                                                                                    "--calib", "tensor"]):
-        rc = main(["prune", str(src), *argv, "--ratio", "0.25", "--out", str(out)])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(err) == 1, err
-        assert "hash-routed layers" in err[0] and "removing or merging experts is not supported" in err[0]
-        assert not out.exists()
+    assert main(["prune", str(src), "--method", "aimer", "--ratio", "0.25", "--out", str(out)]) == 0
+    layers = json.loads((out / "pruning.json").read_text())["layers"]
+    assert [len(e["kept"]) for e in layers] == [8, 6, 6]
+    rc = main(["prune", str(src), "--method", "stun", "--ratio", "0.25", "--out", str(tmp_path / "stun")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "hash routing" in err[-1] and not (tmp_path / "stun").exists()
 
 
 def test_a_hash_layer_is_never_sliced():

@@ -46,11 +46,9 @@ def _write_hf(model: nn.Module, tmp: Path, report: PruneReport) -> None:
 
 
 def _write_experts(model: nn.Module, tmp: Path, report: PruneReport) -> None:
-    """Per-layer expert counts: keep the fused layout; mumoe.load rebuilds the shapes from pruning.json."""
-    from safetensors.torch import save_file
-
-    model.config.save_pretrained(tmp)
-    save_file(_state_once(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    """Per-layer expert counts: the tensors as `save_pretrained` writes them (the family's own names and layout, as
+    a streamed export keeps them); mumoe.load rebuilds the shapes from pruning.json."""
+    model.save_pretrained(tmp)
 
 
 def _state_once(model: nn.Module) -> dict:

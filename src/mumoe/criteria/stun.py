@@ -182,6 +182,9 @@ def coselect_features(st) -> dict[str, torch.Tensor]:
 def keep_rule(layers, features: list[dict], ratio: float) -> tuple[dict[int, list[int]], dict[int, list[list[int]]]]:
     """Kept experts per layer and the clusters they stand for: round(ratio·ΣE) experts removed over all layers
     (τ searched), at least top_k left in every layer."""
+    if any(layer.fixed_routing for layer in layers):
+        raise MumoeError("STUN clusters every layer's experts at once; layers that pick experts from a fixed token "
+                         "table (hash routing) cannot lose any: use a per-layer expert method")
     total = sum(layer.num_experts for layer in layers)
     target = total - round(ratio * total)
     _, clusters = search([f["distance"] for f in features], target, [layer.num_experts - layer.top_k for layer in layers])

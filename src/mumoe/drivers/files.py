@@ -34,6 +34,7 @@ def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = Fal
     from ..checkpoint import check_files
     from ..files import read_json
     from ..models.keys import EXPERT_COUNT_KEYS, TOP_K_KEYS, config_value
+    from ..models import moe_adapter_for
     from ..observe.layerwise import LayerwiseCheckpoint
 
     if not runs_from_files(recipe):
@@ -53,8 +54,9 @@ def prune_files(path: str | Path, recipe, out: str | Path, overwrite: bool = Fal
     scores = m.from_files(path, progress)  # decoder layer -> [E] (or a rule's features: STUN's distances, Gram)
     E = int(config_value(cfg, EXPERT_COUNT_KEYS))
     t_score = time.perf_counter() - t0
-    layers = [SimpleNamespace(index=j, num_experts=E, top_k=int(top_k), n_group=n_group, topk_group=topk_group)
-              for j in scores]
+    fixed = {l.index for l in moe_adapter_for(ckpt.model).moe_layers() if l.fixed_routing}  # (hash layers: whole)
+    layers = [SimpleNamespace(index=j, num_experts=E, top_k=int(top_k), n_group=n_group, topk_group=topk_group,
+                              fixed_routing=j in fixed) for j in scores]
     res = LayerwiseScores(scores={m.name: list(scores.values())}, layer_index=list(scores))
     grain = get_grain(recipe.grain)
     grain.check_layerwise(recipe, layers)  # (a global budget on a group-limited router is refused)

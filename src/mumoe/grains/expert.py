@@ -44,14 +44,20 @@ class ExpertPlan(Plan):
 
 
 def select_experts(layers, scores, ratio: float, budget: str, prune_highest: bool) -> dict[int, list[int]]:
-    """Keep sets per decoder-layer index under the budget."""
+    """Keep sets per decoder-layer index under the budget. A layer that picks experts from a fixed token table
+    (`MoELayer.fixed_routing`: DeepSeek-V4's hash layers) keeps every expert and is left out of the budget."""
     from ..select import keep_global, keep_uniform
 
+    pairs = [(layer, s) for layer, s in zip(layers, scores) if not layer.fixed_routing]
     if budget == "global":
-        kept = keep_global(scores, ratio, [layer.top_k for layer in layers], prune_highest)
-        return {layer.index: k for layer, k in zip(layers, kept)}
-    return {layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group, prune_highest)
-            for layer, s in zip(layers, scores)}
+        kept = keep_global([s for _, s in pairs], ratio, [layer.top_k for layer, _ in pairs], prune_highest) \
+            if pairs else []
+        chosen = {layer.index: k for (layer, _), k in zip(pairs, kept)}
+    else:
+        chosen = {layer.index: keep_uniform(s, ratio, layer.top_k, layer.n_group, layer.topk_group, prune_highest)
+                  for layer, s in pairs}
+    return {layer.index: list(range(layer.num_experts)) if layer.fixed_routing else chosen[layer.index]
+            for layer in layers}
 
 
 def make_plan(layers, scores, keep: dict[int, list[int]], clusters: dict | None = None) -> ExpertPlan:

@@ -67,6 +67,14 @@ OPERATOR_NAMES = {"average": "frequency-weighted average", "svd": "joint-SVD sub
 ORDERS = ("one-shot", "progressive")
 
 
+def target(layer, E: int, ratio: float) -> int:
+    """The merged expert count of one layer: E for a layer that picks experts from a fixed token table (kept
+    whole: `MoELayer.fixed_routing`)."""
+    from ..select.merge import merged_count
+
+    return E if layer.fixed_routing else merged_count(E, ratio, layer.top_k)
+
+
 def layer_plan(m, recipe, layer, s: dict, M: int) -> dict:
     """One layer's share of a plan: its groups (the method's rule on its features), each group's weights
     (f_i / Σ f over the group, or the method's own `merge_weights`) and, for the aligned operator, every expert's
@@ -97,6 +105,7 @@ def make_plan(recipe, layers, scores, chosen: dict[int, dict] | None = None) -> 
             counts = m.merge_budget([s["freq"] for s in scores], recipe.ratio, [layer.top_k for layer in layers])
         else:
             counts = [merged_count(source[layer.index], recipe.ratio, layer.top_k) for layer in layers]
+        counts = [source[layer.index] if layer.fixed_routing else M for layer, M in zip(layers, counts)]  # (whole)
         for layer, s, M in zip(layers, scores, counts):
             if layer.index not in chosen:
                 chosen[layer.index] = layer_plan(m, recipe, layer, s, M)
@@ -213,7 +222,6 @@ class MergeGrain(Grain):
         from ..apply.merge import merge_experts, merge_layer
         from ..criteria import get_method, score_methods
         from ..models import moe_adapter_for
-        from ..select.merge import merged_count
 
         m = get_method(recipe.method)
         layers = moe_adapter_for(model).moe_layers()
@@ -226,7 +234,7 @@ class MergeGrain(Grain):
             for layer in layers:  # calibrated on the model whose earlier layers are merged already
                 E = layer.num_experts
                 s = score_methods(model, [m.name], wins, groups, seed, bs, verbose, layers=[layer])[m.name][0]
-                c = chosen[layer.index] = layer_plan(m, recipe, layer, s, merged_count(E, recipe.ratio, layer.top_k))
+                c = chosen[layer.index] = layer_plan(m, recipe, layer, s, target(layer, E, recipe.ratio))
                 s.pop("acts", None)
                 scores.append(s)
                 merge_layer(layer, [list(g) for g in c["groups"]], [list(w) for w in c["weights"]], m.operator,
@@ -254,7 +262,6 @@ class MergeGrain(Grain):
     def hooks(self, recipe, ckpt, layers: dict) -> LayerwiseHooks:
         from ..apply.merge import merge_layer
         from ..criteria import get_method
-        from ..select.merge import merged_count
 
         m = get_method(recipe.method)
         part = recipe.merge
@@ -263,7 +270,7 @@ class MergeGrain(Grain):
             return LayerwiseHooks()  # the plan after the sweep, from every layer's features
 
         def select(layer, s: dict) -> dict:
-            return layer_plan(m, recipe, layer, s, merged_count(layer.num_experts, recipe.ratio, layer.top_k))
+            return layer_plan(m, recipe, layer, s, target(layer, layer.num_experts, recipe.ratio))
 
         def prune_layer(j: int, module, res: dict) -> bool:
             if j not in layers:

@@ -7,9 +7,11 @@ What mumoe reads of it:
   (`mlp_layer_types` "hash_moe", the first few) pick from a fixed token → experts table (`gate.tid2eid`
   [V, k]) and weight by the same scores: `MoELayer.fixed_routing`.
 - Since a hash layer's table names experts by index and no rule says where a removed expert's tokens should go,
-  removing or merging experts (and per-prompt experts, TAER's task models) is refused in one line before any work
-  (`expert_removal_gap`; slicing such a layer refuses too). Atoms (HEAPr's global form: the shared expert is sized by
-  the same config key as the routed ones), weights (Wanda, per-prompt μ-MoE) and mixed precision work.
+  expert methods and merges keep the hash layers whole (every expert; slicing one refuses) and prune the learned
+  layers: their counts differ, so such exports are mumoe's own form (`mumoe.load`, or transformers with
+  trust_remote_code). Per-prompt experts and TAER's task models are refused in one line; STUN (one clustering over
+  all layers) too. Atoms (HEAPr's global form: the shared expert is sized by the same config key as the routed
+  ones), weights (Wanda, per-prompt μ-MoE) and mixed precision work.
 - The residual stream is `hc_mult` parallel streams [B, L, hc, H]; each block reads their collapse through
   `post_attention_layernorm` (the block's input norm here). The layer-by-layer sweep carries the streams as the
   decoder layers pass them, and its loss head collapses them (`hc_head`) before the final norm.
@@ -35,10 +37,9 @@ class DeepseekV4Adapter(NoWidthKeyAdapter):
     shared_names: ClassVar[tuple[str, ...]] = ("shared_experts",)
     expert_count_key: ClassVar[str | None] = "n_routed_experts"
     expert_width_key: ClassVar[str] = "moe_intermediate_size"  # (also the shared expert's width)
-    expert_removal_gap: ClassVar[str | None] = (
-        "its hash-routed layers pick experts from a fixed token-to-expert table, which has no rule for removed or "
-        "merged experts")
     head_pre_norm: ClassVar[tuple[str, ...]] = ("hc_head",)  # collapses the hyper-connection streams
+    # what `mumoe info --architectures` says of expert removal and merging here
+    expert_removal_scope: ClassVar[str] = "learned layers only (hash layers kept whole: mumoe's own form)"
     # its files keep the original release's names: experts per expert as w1 / w3 / w2 (read as they are)
     checkpoint_expert_kinds: ClassVar[dict[str, str]] = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
     checkpoint_block_names: ClassVar[tuple[str, ...]] = ("ffn",)

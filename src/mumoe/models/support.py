@@ -58,7 +58,8 @@ def support_table() -> list[Support]:
         gguf = "PhiMoEForCausalLM" if t == "phimoe" else _causal_class(t)
         rows.append(Support(
             model_type=t, adapter=cls.__name__, router=cls.scoring, shared=shared,
-            experts="yes" if cls.expert_removal_gap is None else f"no: {cls.expert_removal_gap}",
+            experts=f"no: {cls.expert_removal_gap}" if cls.expert_removal_gap else
+            getattr(cls, "expert_removal_scope", "yes"),
             layerwise="yes" if cls.layerwise_gap is None else f"no: {cls.layerwise_gap}",
             atom_uniform="global form only" if issubclass(cls, NoWidthKeyAdapter) else "yes",
             gguf="yes" if gguf in GGUF_CLASSES else "–", tiny=t in TINY_CONFIGS))
@@ -83,14 +84,15 @@ def text() -> str:
     w = max(len(r.model_type) for r in rows)
     dense = ", ".join(sorted(t for t, c in ADAPTERS.items() if not c.is_moe))
     out = [f"{len(rows)} MoE model types (+ dense: {dense} for the weight grain). Every grain works on each (expert, atom, weight, merge, per-prompt), except merges",
-           "and per-prompt experts on group-limited configs (n_group > 1), expert removal and merging where marked no,",
+           "and per-prompt experts on group-limited configs (n_group > 1), expert removal and merging where marked no",
+           "(part: some layers kept whole, see the README's table),",
            "and the uniform atom form where marked global.",
            "columns: router | shared experts | expert removal + merging | layer by layer + streamed export | uniform "
            "atom form | llama.cpp converter", ""]
     for r in rows:
-        ex = r.experts if r.experts == "yes" else "no"
+        ex = r.experts if r.experts == "yes" else "no" if r.experts.startswith("no") else "part"
         lw = r.layerwise if r.layerwise == "yes" else "no"
         atom = "yes" if r.atom_uniform == "yes" else "global"
-        out.append(f"{r.model_type:<{w}}  {r.router:<11} {r.shared:<13} {ex:<4} {lw:<4} {atom:<7} {r.gguf}")
+        out.append(f"{r.model_type:<{w}}  {r.router:<12} {r.shared:<13} {ex:<4} {lw:<4} {atom:<7} {r.gguf}")
     out += ["", "not yet: " + ", ".join(f"{t} ({why}; nearest: {near})" for t, (why, near) in sorted(NOT_YET.items()))]
     return "\n".join(out)

@@ -191,6 +191,9 @@ def build_library(model: nn.Module, tasks: dict[str, torch.Tensor], keep: int, s
         raise MumoeError(f"--keep {keep} must be between top_k={top_k} and the expert count {E}")
     if any(l.n_group and l.n_group > 1 for l in layers):
         raise MumoeError("task libraries for group-limited routers are not supported yet")
+    if any(l.fixed_routing for l in layers):
+        raise MumoeError("task libraries are not supported where layers pick experts from a fixed token table (hash "
+                         "routing)")
     lib = TaskLibrary(model_fingerprint(model, ckpt), keep, score, key_mode, key_stat=key_stat, key_space=key_space)
     chunks = {}
     for name, wins in tasks.items():
