@@ -78,8 +78,9 @@ def test_stun_then_wanda_equals_two_commands_and_counts_what_it_removed(mixtral,
     second = json.loads((mixtral / "second" / "pruning.json").read_text())
     assert second["form"] == "mumoe" and second["layers"] == rec["layers"] and second["removed"] == rec["removed"]
 
-    # what was removed, counted from the export's own tensors: the dropped experts whole, zeros in the kept ones
-    t = tensors(mixtral / "both")
+    # what was removed, counted from the export's tensors as mumoe.load reads them (fused; the files keep the
+    # family's own per-expert layout): the dropped experts whole, zeros in the kept ones
+    t = dict(mumoe.load(mixtral / "both").named_parameters())
     per_expert = t["model.layers.0.mlp.experts.gate_up_proj"][0].numel() + \
         t["model.layers.0.mlp.experts.down_proj"][0].numel()
     zeros = sum(int((t[f"model.layers.{j}.mlp.experts.{n}"] == 0).sum()) for j in range(4)
