@@ -1,7 +1,7 @@
 """Export forms: how a pruned model is written and read back, each form's writer and reader side by side.
 
     hf           a standard transformers checkpoint (save_pretrained); AutoModelForCausalLM.from_pretrained reads it
-    mumoe        expert counts differ per layer: fused tensors as they are, rebuilt by mumoe.load
+    mumoe        expert counts differ per layer: the tensors as save_pretrained writes them, rebuilt by mumoe.load
     mumoe-atoms  expert widths differ (HEAPr's global form): only the kept rows/columns, rebuilt by mumoe.load
     mumoe-quant  experts at their own bit widths (PMQ): packed integers, scales and zeros, dequantized by mumoe.load
                  (or by the shipped modelling code when each expert runs)
