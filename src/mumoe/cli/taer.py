@@ -47,7 +47,7 @@ def _check_library_space(args) -> None:
 
 def _check_family(args) -> None:
     """A task model holds fewer experts: refused before the model is read where the family cannot lose experts
-    (`Adapter.expert_removal_gap`: JetMoE, DeepSeek-V4)."""
+    (`Adapter.expert_removal_gap`: JetMoE; DeepSeek-V4's hash layers are refused once its model is read)."""
     from ..models import ADAPTERS
 
     config = model_config(args.model)

@@ -33,7 +33,7 @@ def prune_model(model: nn.Module, recipe, windows: tuple, *, verbose: bool = Fal
     for i, stage in enumerate(stages):
         if i and recipe.expert_params is not None:  # the rest of the combined budget, after what stage 1 removed
             stage = split_stage(stage, recipe, before, expert_weight_counts(model), say)
-        get_grain(stage.grain).check_model(stage, model.config)  # (JetMoE, DeepSeek-V4: no expert removal)
+        get_grain(stage.grain).check_model(stage, model.config)  # (JetMoE: no expert removal)
         if i:  # the shapes the earlier stages left (an N:M block must still divide every width, ...)
             get_grain(stage.grain).check_config(stage, model.config)
             if say is not None:

@@ -110,7 +110,7 @@ class MoELayer:
     # block input times their weight; mumoe never removes or merges them (`RouterTensor.tail`)
     identity_experts: int = 0
     output_bias: torch.Tensor | None = None  # [H] the block adds to every token's output (JetMoE)
-    fixed_routing: bool = False  # experts picked by a fixed token table (DeepSeek-V4's hash layers): never sliced
+    fixed_routing: bool = False  # experts picked by a fixed token table (DeepSeek-V4's hash layers): kept whole
     router_tensors: list[RouterTensor] = field(default_factory=list)  # every per-expert routing tensor
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -268,7 +268,8 @@ class Adapter:
     # experts.gate_up_proj); writers keep the files' spelling
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
     # None: experts can be removed and merged; else why not (JetMoE: its expert-count key also sizes its attention
-    # experts; DeepSeek-V4: hash-routed layers): refused in one line before any work (`check_expert_removal`)
+    # experts): refused in one line before any work (`check_expert_removal`). Layers that must keep every expert
+    # while others lose some say so themselves (`MoELayer.fixed_routing`)
     expert_removal_gap: ClassVar[str | None] = None
     # modules of the decoder applied to the last layer's output before its final norm (DeepSeek-V4's `hc_head`,
     # collapsing the hyper-connection streams): the layer-by-layer sweep's loss head runs them
