@@ -69,6 +69,16 @@ def recompose(layer, route, events, routed_scale=1.0):
     return total, seen
 
 
+def loaded_both_ways(folder):
+    """The export at `folder` as mumoe.load reads it and as plain transformers reads it with trust_remote_code (mumoe's
+    own forms), both fp32 and in eval mode."""
+    import mumoe
+    from transformers import AutoModelForCausalLM
+
+    return (mumoe.load(folder, "fp32"),
+            AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval())
+
+
 def safetensors_of(folder):
     """Every tensor of a checkpoint folder's safetensors files, by key."""
     from safetensors.torch import load_file

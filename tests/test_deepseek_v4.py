@@ -9,9 +9,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
-from conftest import ids
+from conftest import ids, loaded_both_ways
 import mumoe
 from mumoe import MumoeError
 from mumoe.apply import save_pruned
@@ -29,8 +27,7 @@ def test_hash_layers_are_kept_whole_and_the_export_loads(tmp_path):
     with torch.no_grad():
         expected = model(x).logits
     out = save_pruned(model, tmp_path / "freq", report)
-    for loaded in (mumoe.load(out, "fp32"),
-                   AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()):
+    for loaded in loaded_both_ways(out):
         with torch.no_grad():
             assert (loaded(x).logits - expected).abs().max() <= 1e-5
 

@@ -10,9 +10,8 @@ KeyError and trust_remote_code loaded random experts — NaN logits.)"""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from conftest import ids
+from conftest import ids, loaded_both_ways
 import mumoe
 import mumoe.api
 from mumoe.apply import save_pruned
@@ -26,9 +25,7 @@ FAMILIES = ["jamba", "mixtral", "granitemoe", "nemotron_h", "jetmoe", "deepseek_
 
 def _loads_to(folder, expected, x):
     with torch.no_grad():
-        for loaded in (mumoe.load(folder, "fp32"),
-                       AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
-                                                            dtype=torch.float32).eval()):
+        for loaded in loaded_both_ways(folder):
             got = loaded(x).logits
             assert torch.isfinite(got).all()
             assert (got - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())

@@ -6,9 +6,7 @@ and a global budget (per-layer counts differ: mumoe's own form) loads with mumoe
 test_families.py."""
 
 import torch
-from transformers import AutoModelForCausalLM
-
-from conftest import ids
+from conftest import ids, loaded_both_ways
 import mumoe
 from mumoe.apply import remove_experts, save_pruned
 from mumoe.models import moe_adapter_for
@@ -59,7 +57,6 @@ def test_global_budget_form_loads_everywhere(tmp_path):
     with torch.no_grad():
         expected = model(x).logits
     out = save_pruned(model, tmp_path / "global", report)
-    for loaded in (mumoe.load(out, "fp32"),
-                   AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()):
+    for loaded in loaded_both_ways(out):
         with torch.no_grad():
             assert (loaded(x).logits - expected).abs().max() <= 1e-5

@@ -45,26 +45,18 @@ def _check_library_space(args) -> None:
                      thing="the task library")
 
 
-def _check_family(args) -> None:
-    """A task model holds fewer experts: refused before the model is read where the family cannot lose experts
-    (`Adapter.expert_removal_gap`: JetMoE; DeepSeek-V4's hash layers are refused once its model is read)."""
-    from ..models import ADAPTERS
-
-    config = model_config(args.model)
-    cls = ADAPTERS.get(getattr(config, "model_type", None))
-    if cls is not None:
-        cls.check_expert_removal(config.model_type)
-
-
 def cmd_taer_build(args) -> int:
     from ..apply.export import atomic_output, check_output_dir
+    from ..grains.expert import check_expert_removal
     from ..loading import DATA, check_model, load_tokenizer
     from ..observe.calib import calibration_windows, read_text
     from ..retrieval import build_library
 
     check_output_dir(args.out, args.overwrite, source_dir(check_model(args.model)))
     _check_library_space(args)
-    _check_family(args)
+    # a task model holds fewer experts: refused before the model is read where the family cannot lose experts
+    # (JetMoE; DeepSeek-V4's hash layers are refused once its model is read)
+    check_expert_removal(model_config(args.model))
     specs = {}
     for spec in args.task:
         if spec == "domain":

@@ -129,8 +129,7 @@ class JetMoeAdapter(Adapter):
 
     def dense_linears(self) -> list:
         """Every decoder linear but the attention experts' routers (routers are never weight-pruned)."""
-        skip = {id(m) for layer in self.decoder_layers()
-                for m in getattr(getattr(layer.self_attention, "experts", None), "router", nn.Module()).modules()}
+        skip = {id(m) for layer in self.decoder_layers() for m in layer.self_attention.experts.router.modules()}
         return [d for d in super().dense_linears() if id(d.module) not in skip]
 
     def moe_layers(self) -> list[MoELayer]:

@@ -161,7 +161,8 @@ class LayerwiseCheckpoint:
         has_bs = legacy_blocks(n for n, _ in self.model.named_parameters())
         self.block_sparse = has_bs  # the model names its MoE blocks the legacy way (checkpoint keys map as they are)
         # the family's own renames on loading, by the model built (a multimodal checkpoint: its text model's)
-        self.rename = checkpoint_renamer(self.model.config.model_type, self.tensors())
+        self.initial = model_tensors(self.model)  # every tensor by its module name, as built (meta but the computed)
+        self.rename = checkpoint_renamer(self.model.config.model_type, self.initial)
         headers = [(file, key, meta) for file in shard_files(self.path) for key, meta in read_header(file).items()]
         self.text_prefix = text_prefix([k for _, k, _ in headers], self.input_embeddings_name(), self.rename)
         if self.text_prefix:  # the text model's tensors under a prefix (Llama 4's `language_model.`), as
@@ -328,16 +329,10 @@ class LayerwiseCheckpoint:
         for e, expert in enumerate(dequantized_experts(*parts, tensor.dtype)):  # [C, R], the family's layout
             tensor[e].copy_(expert if layout is None else layout.to_canonical(kind, expert))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The model's state dict (the family's layout: GPT-OSS's transposed experts) under the names its modules
-        give the tensors (a swapped-in block's state dict may use the family's names: JetMoE's, renamed back by
-        the adapter's `checkpoint_renames`)."""
-        return model_tensors(self.model)
-
     def check_coverage(self) -> None:
         """Every tensor of the model's state dict has its sources, with the right shapes (headers only, no
         weight read): an incomplete checkpoint fails before the first layer, not at layer 40."""
-        for name, tensor in self.tensors().items():
+        for name, tensor in self.initial.items():
             if tensor.device.type == "meta":
                 self._plan(name, tensor)
 
@@ -349,7 +344,7 @@ class LayerwiseCheckpoint:
         patterns = set(getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or ())
         patterns |= {r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
         ignore = re.compile("|".join(f"({p})" for p in sorted(patterns)))
-        state = {n: t.shape for n, t in self.tensors().items()}
+        state = {n: t.shape for n, t in self.initial.items()}
         extra: list[str] = []
         for name, sources in self.sources.items():
             for src in sources:
