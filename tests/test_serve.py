@@ -538,8 +538,9 @@ def test_metrics_count_tokens_and_overhead(server):
 
 
 def test_full_queue_is_a_503_and_nothing_is_lost(model_tok):
+    """One prompt decoding at a time (--max-batch 1) and one waiting: the others are refused with 503."""
     model, tok = model_tok
-    with serving(Engine(model, tok, "default"), max_queue=1, timeout=120) as url:
+    with serving(Engine(model, tok, "default"), max_queue=1, max_batch=1, timeout=120) as url:
         results, headers = [], []
 
         def one():
@@ -561,6 +562,41 @@ def test_full_queue_is_a_503_and_nothing_is_lost(model_tok):
         assert all(b["error"]["code"] == "queue_full" for s, b in results if s == 503)
         assert all(h.get("Retry-After") == "1" for s, h in headers if s == 503)
         assert metrics(url)['mumoe_requests_total{endpoint="/v1/completions",status="503"}'] == codes.count(503)
+
+
+def test_concurrent_dense_requests_decode_together_over_http(model_tok):
+    """Six clients at once with the default batch: every request is answered, each with the greedy answer it gets
+    alone, and the server decoded several at once (its running gauge, read while they run)."""
+    model, tok = model_tok
+    with serving(Engine(model, tok, "default"), timeout=120) as url:
+        body = {"model": "default", "max_tokens": 30, "temperature": 0}
+        prompts = [PROMPT[: 40 + 30 * k] for k in range(6)]
+        alone = [requests.post(url + "/v1/completions", json={**body, "prompt": p}, timeout=120).json()
+                 for p in prompts]
+        results, peak, going = {}, [0], [True]
+
+        def one(k):
+            results[k] = requests.post(url + "/v1/completions", json={**body, "prompt": prompts[k]}, timeout=120)
+
+        def watch():
+            while going[0]:
+                peak[0] = max(peak[0], metrics(url)["mumoe_requests_running"])
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        going[0] = False
+        watcher.join()
+        assert all(r.status_code == 200 for r in results.values()) and len(results) == 6
+        for k in range(6):
+            assert results[k].json()["choices"][0]["text"] == alone[k]["choices"][0]["text"]
+            assert results[k].json()["usage"] == alone[k]["usage"]
+        assert peak[0] >= 2
 
 
 def test_timeout_is_a_504(model_tok):

@@ -61,6 +61,7 @@ def cmd_serve(args) -> int:
     check_active(args.active)
     check_positive(args.experts, "--experts", 1)
     check_positive(args.max_queue, "--max-queue", 1)
+    check_positive(args.max_batch, "--max-batch", 1)
     check_positive(args.max_body_mb, "--max-body-mb", 0.001, integer=False)
     check_positive(args.max_task_models, "--max-task-models", 1)
     if args.timeout <= 0:
@@ -128,9 +129,12 @@ def cmd_serve(args) -> int:
     say(f"loaded {'the TAER matcher of ' if args.taer_only else ''}{args.model} ({engine.total_weights:,} weights) in "
         f"{time.perf_counter() - t0:.1f}s; default pruning: {mode}"
         + (f"; task library {args.library} ({len(library.tasks)} tasks)" if library else "")
-        + ("" if skip is None else f"; dense requests: {skip.line}"))
-    app = create_app(engine, ServerConfig(max_queue=args.max_queue, timeout=args.timeout,
-                                                max_body_bytes=int(args.max_body_mb * 2**20)), worker_thread=False)
+        + ("" if skip is None else f"; dense requests: {skip.line}")
+        + (f"; dense requests decode in batches of up to {args.max_batch}" if engine.batching and skip is None
+           and args.max_batch > 1 else ""))
+    config = ServerConfig(max_queue=args.max_queue, max_batch=args.max_batch, timeout=args.timeout,
+                          max_body_bytes=int(args.max_body_mb * 2**20))
+    app = create_app(engine, config, worker_thread=False)
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (OpenAI-compatible; Ctrl-C or SIGTERM stops "
           "after the requests in flight)", flush=True)
     import signal
@@ -190,8 +194,11 @@ def add_parser(sub) -> None:
                     "request is a TAER request (default --task auto)")
     sp.add_argument("--max-task-models", type=int, default=2, help="TAER task models kept in memory, least recently "
                     "used dropped first (default 2)")
-    sp.add_argument("--max-queue", type=int, default=16, help="requests waiting behind the one decoding; more get "
+    sp.add_argument("--max-queue", type=int, default=16, help="requests waiting behind those decoding; more get "
                     "HTTP 503 (default 16)")
+    sp.add_argument("--max-batch", type=int, default=8, help="dense prompts decoded together (continuous batching: "
+                    "each joins the running batch after its own prefill); requests pruned for themselves (μ-MoE, "
+                    "experts, task) run alone between batches; 1 = one request at a time (default 8)")
     sp.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB; larger ones get HTTP "
                     "413 before they are read (default 8)")
     sp.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take from arrival to its last "

@@ -7,14 +7,16 @@
     GET  /v1/models, /health, /metrics (Prometheus text)
 
 Requests are checked in the event loop (JSON, fields, lengths, pruning settings: a 4xx with OpenAI's error object)
-and only then queued; one worker decodes them one at a time (batch 1): on the main thread under `mumoe serve`
-(HTTP in a thread), in a thread of its own otherwise. A full queue is a 503; a request
+and only then queued; one worker runs the model: on the main thread under `mumoe serve` (HTTP in a thread), in a
+thread of its own otherwise. Dense requests decode together (continuous batching, `serve.batch`, up to
+`ServerConfig.max_batch` prompts); a request pruned for itself runs alone between batches. A full queue is a 503; a request
 past its timeout is a 504; a client that disconnects cancels its request (checked between tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import queue
@@ -39,7 +41,8 @@ log = logging.getLogger("mumoe.serve")
 
 @dataclass
 class ServerConfig:
-    max_queue: int = 16  # requests waiting (the one decoding not counted); more: 503
+    max_queue: int = 16  # requests waiting (those decoding not counted); more: 503
+    max_batch: int = 8  # dense prompts decoded together (continuous batching); 1: one request at a time
     timeout: float = 600.0  # seconds from arrival to the last token; more: 504
     max_body_bytes: int = 8 << 20  # a request body larger than this: 413, refused before it is read
 
@@ -169,8 +172,8 @@ class Metrics:
             "mumoe_active_weight_tokens", "sum over decoded tokens of the weights active in their decode (divide "
             "by mumoe_generation_tokens_total for the active weights read per decoded token)", ["kind"], registry=r)
         Gauge("mumoe_queue_length", "requests waiting for the worker", registry=r).set_function(worker.jobs.qsize)
-        Gauge("mumoe_requests_running", "requests being decoded (0 or 1)", registry=r).set_function(
-            lambda: int(worker.busy))
+        Gauge("mumoe_requests_running", "prompts being decoded (the dense batch, or the one request running alone)",
+              registry=r).set_function(lambda: worker.running)
         Gauge("mumoe_model_weights", "weights of the loaded model", registry=r).set(engine.total_weights)
         Gauge("mumoe_task_models_cached", "TAER task models in memory", registry=r).set_function(
             engine.task_models_cached)
@@ -191,15 +194,31 @@ class Metrics:
 
 
 class Worker:
-    """The one thread that runs the model: jobs in arrival order, batch 1."""
+    """The one thread that runs the model. Dense requests decode together (continuous batching, `serve.batch`): up
+    to `max_batch` prompts at once, each joining between decode steps after its own prefill. Requests pruned for
+    themselves (μ-MoE, per-prompt experts, TAER) change the weights, so each runs alone: it waits until the running
+    batch has drained, and the batch waits for it. max_batch 1: every request alone, in arrival order."""
 
-    def __init__(self, engine: Engine, max_queue: int) -> None:
+    def __init__(self, engine: Engine, max_queue: int, max_batch: int = 8) -> None:
+        from .batch import DecodeBatch
+
         self.engine = engine
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.busy = False
+        self.busy = False  # a request running alone
+        self.max_batch = max_batch if engine.batching else 1
+        self.batch = DecodeBatch(engine.model, engine.device)
+        self.waiting: collections.deque = collections.deque()  # (job, prompt index) admitted, not yet prefilled
+        self.held: Job | None = None  # a request that runs alone, waiting for the batch to drain
+        self.left: dict[int, int] = {}  # id(job) -> its prompts not finished
+        self.ended: dict[int, str | None] = {}  # id(job) -> why it ended early (cancelled / timeout / failed)
         self.metrics: Metrics | None = None
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name="mumoe-worker", daemon=True)
+
+    @property
+    def running(self) -> int:
+        """Requests' prompts being decoded now."""
+        return len(self.batch) + int(self.busy)
 
     def start(self) -> None:
         """Run the worker in its own thread (the app's lifespan does this unless the caller runs `run()`)."""
@@ -218,34 +237,117 @@ class Worker:
         this on the main thread: torch's intra-op threads run the model faster from there (the load benchmark:
         the same requests from a second thread took 1.24× as long on 2 cores)."""
         while not self._stop.is_set() and alive():
-            try:
-                job = self.jobs.get(timeout=0.1)
-            except queue.Empty:
+            self._admit()
+            if len(self.batch):
+                self._step()
+            elif self.held is not None and not self.waiting:
+                job, self.held = self.held, None
+                self._alone(job)
+
+    # ---- scheduling ----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Fill the batch: prompts of admitted jobs first, then new jobs in arrival order, until a request that
+        must run alone (held until the batch drains) or the batch is full."""
+        while len(self.batch) < self.max_batch:
+            if self.waiting:
+                self._begin(*self.waiting.popleft())
                 continue
+            if self.held is not None:
+                return
+            idle = not len(self.batch)
+            try:
+                job = self.jobs.get(timeout=0.1) if idle else self.jobs.get_nowait()
+            except queue.Empty:
+                return
             reason = job.should_stop()
             if reason:
                 job.put(End(reason))
                 continue
-            self.busy = True
-            end = None
-            try:
-                for i, ids in enumerate(job.prompts):
-                    f = self.engine.run(ids, job.sampling, job.pruning,
-                                        lambda text, entries, i=i: job.put(Delta(i, text, entries)), job.should_stop)
-                    if self.metrics is not None:
-                        self.metrics.finished(f)
-                    job.put(Done(i, f))
-                    if f.finish_reason in ("cancelled", "timeout"):
-                        end = f.finish_reason
-                        break
-            except MumoeError as e:
-                job.put(Failed(400, str(e).splitlines()[0] if str(e) else type(e).__name__))
-            except Exception as e:  # a bug, not the request: logged, answered, and the server keeps serving
-                log.error("request failed:\n%s", traceback.format_exc())
-                job.put(Failed(500, f"internal error: {type(e).__name__}: {e}"))
-            finally:
-                self.busy = False
-                job.put(End(end))
+            if not self.engine.batchable(job.pruning):
+                if idle:
+                    self._alone(job)
+                else:
+                    self.held = job
+                continue
+            self.left[id(job)] = len(job.prompts)
+            self.waiting.extend((job, i) for i in range(len(job.prompts)))
+
+    def _begin(self, job: Job, i: int) -> None:
+        """Prefill prompt i of `job` and let it join the batch (or finish it, if it ended at its first token)."""
+        from .batch import begin
+
+        if id(job) in self.ended:  # an earlier prompt of the job was cancelled, timed out or failed
+            return self._close(job, i, None)
+        try:
+            out = begin(self.engine, job.prompts[i], job.sampling,
+                        lambda text, entries, i=i: job.put(Delta(i, text, entries)), job.should_stop)
+        except Exception as e:  # noqa: BLE001 - the request's failure, not the server's
+            self._fail(job, e)
+            return self._close(job, i, None)
+        if isinstance(out, Finished):
+            return self._close(job, i, out)
+        row, cache = out
+        row.on_end = (job, i)
+        self.batch.join(row, cache)
+
+    def _step(self) -> None:
+        try:
+            ended = self.batch.advance()
+        except Exception as e:  # noqa: BLE001 - every running request fails; the server keeps serving
+            for row in self.batch.clear():
+                job, i = row.on_end
+                self._fail(job, e)
+                self._close(job, i, None)
+            return
+        for row, f in ended:
+            self._close(*row.on_end, f)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        if id(job) in self.ended:
+            return
+        self.ended[id(job)] = "failed"
+        if isinstance(e, MumoeError):
+            job.put(Failed(400, str(e).splitlines()[0] if str(e) else type(e).__name__))
+        else:  # a bug, not the request: logged, answered
+            log.error("request failed:\n%s", "".join(traceback.format_exception(e)))
+            job.put(Failed(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def _close(self, job: Job, i: int, f: Finished | None) -> None:
+        """Prompt i of `job` is over (f: how it finished; None: it did not run); the job ends with its last."""
+        if f is not None and id(job) not in self.ended:
+            if self.metrics is not None:
+                self.metrics.finished(f)
+            job.put(Done(i, f))
+            if f.finish_reason in ("cancelled", "timeout"):
+                self.ended[id(job)] = f.finish_reason
+        self.left[id(job)] -= 1
+        if not self.left[id(job)]:
+            del self.left[id(job)]
+            why = self.ended.pop(id(job), None)
+            job.put(End(why if why in ("cancelled", "timeout") else None))
+
+    def _alone(self, job: Job) -> None:
+        """A request that runs by itself (batch 1): its prompts one after another."""
+        self.busy = True
+        end = None
+        try:
+            for i, ids in enumerate(job.prompts):
+                f = self.engine.run(ids, job.sampling, job.pruning,
+                                    lambda text, entries, i=i: job.put(Delta(i, text, entries)), job.should_stop)
+                if self.metrics is not None:
+                    self.metrics.finished(f)
+                job.put(Done(i, f))
+                if f.finish_reason in ("cancelled", "timeout"):
+                    end = f.finish_reason
+                    break
+        except MumoeError as e:
+            job.put(Failed(400, str(e).splitlines()[0] if str(e) else type(e).__name__))
+        except Exception as e:  # a bug, not the request: logged, answered, and the server keeps serving
+            log.error("request failed:\n%s", traceback.format_exc())
+            job.put(Failed(500, f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            self.busy = False
+            job.put(End(end))
 
 
 class _Reply(Exception):
@@ -500,7 +602,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, worker_thread
     """The FastAPI app serving `engine`. worker_thread: its worker starts and stops in a thread with the app's
     lifespan; False: the caller runs `app.state.worker.run()` (on the main thread), stopped at shutdown."""
     config = config or ServerConfig()
-    worker = Worker(engine, config.max_queue)
+    worker = Worker(engine, config.max_queue, config.max_batch)
     metrics = worker.metrics = Metrics(worker, engine)
     server = Server(engine, config, worker, metrics)
 

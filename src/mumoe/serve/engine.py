@@ -120,6 +120,45 @@ def _top(logp: torch.Tensor, n: int, chosen: int) -> list[tuple[int, float]]:
     return out
 
 
+class Decoding:
+    """One request's decoding after its prefill: its sampler (a seeded generator), detokenizer and stop strings.
+    `take(logits [V])` picks the next token, emits the text that became safe to send (with its log-probabilities
+    when asked) and returns why the request ended (stop | length), or None to go on. Shared by the batch-1 loop
+    and the batch of dense requests (`serve.batch`), so both decode a request token for token alike."""
+
+    def __init__(self, engine: "Engine", sampling: Sampling, emit, should_stop) -> None:
+        self.engine, self.sampling, self.emit, self.should_stop = engine, sampling, emit, should_stop
+        self.gen = None
+        if sampling.temperature > 0:
+            self.gen = torch.Generator(device=engine.device)
+            self.gen.manual_seed(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(6), "big"))
+        self.text = TextStream(engine.tokenizer, sampling.stop)
+        self.n = 0  # tokens decoded
+        self.token: int | None = None  # the last one
+
+    def take(self, logits: torch.Tensor) -> str | None:
+        """One position's logits [V] -> the next token, sent; the finish reason, or None to decode on."""
+        sampling, engine = self.sampling, self.engine
+        token = self.token = engine._pick(logits, sampling, self.gen)
+        self.n += 1
+        entries = []
+        if sampling.logprobs is not None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            entries = [engine._entry(token, float(logp[token]), _top(logp, sampling.logprobs, token))]
+        if token in engine.eos:
+            self.emit(self.text.flush(), entries)
+            return "stop"
+        delta, stopped = self.text.push(token)
+        if stopped:
+            self.emit(delta, entries)
+            return "stop"
+        if self.n >= sampling.max_tokens:
+            self.emit(delta + self.text.flush(), entries)
+            return "length"
+        self.emit(delta, entries)
+        return None
+
+
 class Engine:
     """A loaded model with its tokenizer, serving defaults and (optionally) a TAER task library."""
 
@@ -159,6 +198,18 @@ class Engine:
         self._protocols: dict[tuple, PerPrompt] = {}
         self.refeed = refeed_possible(model.config)  # per-prompt decode pruning possible (no recurrent layers)
         self.defaults = self.pruning(None, defaults or Pruning())
+
+    @functools.cached_property
+    def batching(self) -> bool:
+        """Whether dense requests can decode together (`serve.batch`: a plain attention cache in every layer)."""
+        from .batch import batchable_model
+
+        return not self.taer_only and batchable_model(self.model)
+
+    def batchable(self, pruning: Pruning) -> bool:
+        """Whether a request with this pruning may join the batch of dense requests: dense, without per-token
+        expert skipping (its hooks count per request), on a model that batches."""
+        return pruning.kind == "dense" and self.skip is None and self.batching
 
     # ---- request checks (cheap; run before a request is queued) --------------------------------
     def pruning(self, ext: dict | None, base: Pruning | None = None) -> Pruning:
@@ -311,38 +362,19 @@ class Engine:
         """Decode up to max_tokens. feed: the token(s) to run first (refeed) or None with `logits` [1, V] given."""
         if sampling.max_tokens == 0:
             return "length", 0
-        gen = None
-        if sampling.temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(6), "big"))
-        text = TextStream(self.tokenizer, sampling.stop)
+        state = Decoding(self, sampling, emit, should_stop)
         kw = cache_kwarg()
-        n = 0
         while True:
             reason = should_stop()
             if reason:
-                return reason, n
+                return reason, state.n
             if feed is not None:
                 out = model(input_ids=feed, **{kw: cache}, use_cache=True)
                 logits, cache = out.logits[:, -1], output_cache(out)
-            token = self._pick(logits[0], sampling, gen)
-            n += 1
-            entries = []
-            if sampling.logprobs is not None:
-                logp = torch.log_softmax(logits[0].float(), dim=-1)
-                entries = [self._entry(token, float(logp[token]), _top(logp, sampling.logprobs, token))]
-            if token in self.eos:
-                emit(text.flush(), entries if entries else [])
-                return "stop", n
-            delta, stopped = text.push(token)
-            if stopped:
-                emit(delta, entries)
-                return "stop", n
-            if n >= sampling.max_tokens:
-                emit(delta + text.flush(), entries)
-                return "length", n
-            emit(delta, entries)
-            feed = torch.tensor([[token]], device=self.device)
+            reason = state.take(logits[0])
+            if reason:
+                return reason, state.n
+            feed = torch.tensor([[state.token]], device=self.device)
 
     @staticmethod
     def _pick(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:

@@ -1,0 +1,173 @@
+"""Continuous batching of dense requests: every running request decodes its next token in one forward.
+
+Each request is prefilled alone (batch 1, its own KV cache, exactly as `Engine.run` prefills it) and then joins the
+running batch: the batch's cache holds every row's keys and values left-padded to one length [B, heads, S, d], an
+attention mask marks each row's real positions, and each row is fed at its own position (`position_ids`), so a row
+attends to what it would attend to alone — the batch changes the order of float sums, not what is computed. A row
+leaves when its request ends (stop, length, cancelled, timeout); the padding no row needs any more is trimmed.
+Requests join between steps, so a new request waits at most one decode step (plus its own prefill).
+
+Only plain attention caches batch this way (every layer a `DynamicLayer`): sliding-window, recurrent (Mamba,
+linear attention) and other special layers keep batch 1 (`batchable_model`). Per-prompt pruning (μ-MoE,
+per-prompt experts, TAER task models) changes the weights per request, so those requests run alone, between
+batches (`Engine.batchable`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+from ..compat import cache_kwarg, output_cache
+from ..testtime.protocol import ready_to_decode
+from .engine import Decoding, Engine, Finished, Pruning, Sampling
+
+
+def batchable_model(model: nn.Module) -> bool:
+    """Whether `model`'s decode cache is plain attention in every layer (what `DecodeBatch` can pad and stack):
+    a `DynamicCache` built from its config has only `DynamicLayer`s. Sliding windows, recurrent states (Mamba,
+    linear attention, convolutions) and compressed caches: no."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - a config the cache cannot read: batch 1, as before
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+@dataclass
+class Row:
+    """One request in the batch: its decoding state and what `Finished` reports at its end."""
+
+    decoding: Decoding
+    prompt_tokens: int
+    applied: dict
+    stats: dict = field(default_factory=dict)
+    on_end: object = None  # (Finished) -> None: the worker's hand-back
+    length: int = 0  # positions in its cache (the prompt, then every fed token)
+
+    def finished(self, reason: str) -> Finished:
+        return Finished(reason, self.prompt_tokens, self.decoding.n, self.applied, self.stats)
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, heads, S, d] -> [B, heads, width, d], zeros before (width >= S)."""
+    if t.shape[-2] == width:
+        return t
+    out = t.new_zeros(*t.shape[:-2], width, t.shape[-1])
+    out[..., width - t.shape[-2]:, :] = t
+    return out
+
+
+class DecodeBatch:
+    """The running dense requests of one model, decoded together (module doc)."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.rows: list[Row] = []
+        self.cache = None  # the batch's DynamicCache: every layer [B, heads, S, d]
+        self.valid: torch.Tensor | None = None  # [B, S] bool: row b's real positions (its padding False)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, row: Row, cache) -> None:
+        """Add a prefilled request: `cache` its own KV cache [1, heads, L, d] per layer (row.length = L), whose next
+        token `row.decoding.token` is fed at the next step."""
+        L = row.length
+        if self.cache is None:
+            self.cache, self.valid = cache, torch.ones(1, L, dtype=torch.bool, device=self.device)
+            self.rows = [row]
+            self._set_layers([(layer.keys, layer.values) for layer in cache.layers])
+            return
+        S = self.valid.shape[1]
+        W = max(S, L)
+        merged = []
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            merged.append((torch.cat([_pad_left(mine.keys, W), _pad_left(theirs.keys, W)]),
+                           torch.cat([_pad_left(mine.values, W), _pad_left(theirs.values, W)])))
+        self._set_layers(merged)
+        pad = torch.zeros(len(self.rows), W - S, dtype=torch.bool, device=self.device)
+        new = torch.zeros(1, W, dtype=torch.bool, device=self.device)
+        new[:, W - L:] = True
+        self.valid = torch.cat([torch.cat([pad, self.valid], dim=1), new])
+        self.rows.append(row)
+
+    def _set_layers(self, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Give the batch cache these keys / values per layer (its layers grow in place from the next step: a
+        `GrowingLayer` that does not own the new views starts a fresh buffer from them)."""
+        for layer, (k, v) in zip(self.cache.layers, tensors):
+            layer.keys, layer.values = k, v
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Feed every row its last token at its own position: -> next-token logits [B, V]."""
+        feed = torch.tensor([[r.decoding.token] for r in self.rows], device=self.device)  # [B, 1]
+        positions = torch.tensor([[r.length] for r in self.rows], device=self.device)  # [B, 1]
+        mask = torch.cat([self.valid, torch.ones(len(self.rows), 1, dtype=torch.bool, device=self.device)], dim=1)
+        out = self.model(input_ids=feed, attention_mask=mask.long(), position_ids=positions,
+                         **{cache_kwarg(): self.cache}, use_cache=True)
+        self.cache, self.valid = output_cache(out), mask
+        for r in self.rows:
+            r.length += 1
+        return out.logits[:, -1]
+
+    def advance(self) -> list[tuple[Row, Finished]]:
+        """One decode step of the batch, as the batch-1 loop takes it: rows whose request was cancelled or timed out
+        leave first, the rest take their next token from one forward. -> [(row, its Finished)] of the rows that
+        ended (they have left the batch)."""
+        ended: list[tuple[int, str]] = [(i, why) for i, r in enumerate(self.rows) if (why := r.decoding.should_stop())]
+        out = [(self.rows[i], self.rows[i].finished(why)) for i, why in ended]
+        self.remove([i for i, _ in ended])
+        if not self.rows:
+            return out
+        logits = self.step()  # [B, V]
+        ended = [(i, why) for i, r in enumerate(self.rows) if (why := r.decoding.take(logits[i]))]
+        out += [(self.rows[i], self.rows[i].finished(why)) for i, why in ended]
+        self.remove([i for i, _ in ended])
+        return out
+
+    def clear(self) -> list[Row]:
+        """Empty the batch (its forward failed): -> the rows it held."""
+        rows, self.rows = self.rows, []
+        self.cache = self.valid = None
+        return rows
+
+    def remove(self, done: list[int]) -> None:
+        """Drop rows `done` (indices) and the leading positions that are padding in every row left."""
+        if not done:
+            return
+        keep = [i for i in range(len(self.rows)) if i not in set(done)]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.valid = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        valid = self.valid.index_select(0, index)
+        start = int((~valid).all(0).long().cumprod(0).sum())  # leading columns that are padding in every row
+        self.valid = valid[:, start:]
+        self._set_layers([(layer.keys.index_select(0, index)[..., start:, :],
+                           layer.values.index_select(0, index)[..., start:, :]) for layer in self.cache.layers])
+
+
+@torch.no_grad()
+def begin(engine: Engine, ids: list[int], sampling: Sampling, emit, should_stop) -> tuple[Row, object] | Finished:
+    """A dense request's prefill and first token, as `Engine.run` does them: -> (its row, its KV cache), ready to
+    join a `DecodeBatch`, or its `Finished` when it ended already (max_tokens 0, end of text, a stop string,
+    cancelled)."""
+    x = torch.tensor([ids], device=engine.device)  # [1, L]
+    prefilled = engine.protocol(Pruning()).prefill(engine.model, x)
+    applied = {**prefilled.info, "active_weights": engine.total_weights, "overhead_ms": 0.0}
+    if sampling.echo:
+        engine._echo(engine.model, x, sampling, emit, prefilled.logits)
+    ready_to_decode(prefilled)
+    row = Row(Decoding(engine, sampling, emit, should_stop), len(ids), applied, prefilled.stats, length=len(ids))
+    if sampling.max_tokens == 0:
+        return row.finished("length")
+    reason = should_stop() or row.decoding.take(prefilled.logits[0, -1])
+    return row.finished(reason) if reason else (row, prefilled.cache)

@@ -1,0 +1,142 @@
+"""Continuous batching of dense requests (`serve.batch`): rows that join at different steps, with prompts of
+different lengths, and leave at different steps, get the logits each would get decoded alone (an independent
+batch-1 loop: the model with its own cache), on dense and MoE families; models whose cache cannot be padded and
+stacked are not batched; the worker gives every request the answer it gets alone."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import mumoe
+from mumoe.loading import load_tokenizer
+from mumoe.serve import Engine, Pruning
+from mumoe.serve.app import Job, Worker
+from mumoe.serve.batch import DecodeBatch, Row, batchable_model
+from mumoe.serve.engine import Sampling
+from conftest import make
+
+
+def _alone(model, prompt, feed):
+    """Batch-1 reference: the prompt's prefill, then `feed` one token at a time. -> logits [1 + len(feed), V]."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        logits, cache = [out.logits[0, -1]], out.past_key_values
+        for t in feed:
+            out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0, -1])
+            cache = out.past_key_values
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen3_moe", "deepseek_v3"])
+def test_rows_joining_and_leaving_get_their_batch_one_logits(family):
+    model = make(family, seed=1)
+    assert batchable_model(model)
+    g = torch.Generator().manual_seed(0)
+    # (prompt length, step it joins at, tokens it decodes): lengths differ, so every row but the longest is padded
+    plan = [(9, 0, 6), (3, 0, 3), (14, 2, 5), (5, 4, 4), (1, 4, 2)]
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n, _, _ in plan]
+    feeds = [torch.randint(3, 128, (k,), generator=g).tolist() for _, _, k in plan]
+    want = [_alone(model, p, f) for p, f in zip(prompts, feeds)]
+
+    batch = DecodeBatch(model, torch.device("cpu"))
+    got = {i: [] for i in range(len(plan))}
+    step = 0
+    while step == 0 or len(batch):
+        for i, (_, at, _) in enumerate(plan):
+            if at == step:
+                with torch.no_grad():
+                    out = model(input_ids=torch.tensor([prompts[i]]), use_cache=True)
+                got[i].append(out.logits[0, -1])
+                row = Row(SimpleNamespace(token=feeds[i][0]), len(prompts[i]), {}, length=len(prompts[i]))
+                row.on_end = i
+                batch.join(row, out.past_key_values)
+        logits = batch.step()
+        done = []
+        for b, row in enumerate(batch.rows):
+            i = row.on_end
+            got[i].append(logits[b])
+            if len(got[i]) == len(feeds[i]) + 1:
+                done.append(b)
+            else:
+                row.decoding.token = feeds[i][len(got[i]) - 1]
+        batch.remove(done)
+        step += 1
+        if done and len(batch):  # the padding no row needs is trimmed
+            assert (batch.valid.any(0)).all()
+    for i in range(len(plan)):
+        assert torch.allclose(torch.stack(got[i]), want[i], atol=1e-5, rtol=1e-5), (family, i)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "jamba", "qwen3_next"])
+def test_caches_that_cannot_be_padded_are_not_batched(family):
+    """Sliding-window layers (GPT-OSS) and recurrent states (Jamba's Mamba, Qwen3-Next's gated delta-net) keep
+    batch 1."""
+    assert not batchable_model(make(family))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(mumoe.load("default"), load_tokenizer("default"), "default")
+
+
+def _run_worker(engine, jobs, max_batch):
+    """The worker on this thread until every job has ended: -> per job, its events."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    worker = Worker(engine, max_queue=len(jobs), max_batch=max_batch)
+    made = []
+    for prompts, sampling, pruning in jobs:
+        job = Job(loop, prompts, sampling, pruning, timeout=300)
+        job.put = lambda ev, job=job: job.log.append(ev)
+        job.log = []
+        made.append(job)
+        worker.submit(job)
+    peak = [0]
+
+    def alive():
+        peak[0] = max(peak[0], len(worker.batch))
+        return not all(j.log and type(j.log[-1]).__name__ == "End" for j in made)
+
+    worker.run(alive=alive)
+    loop.close()
+    return made, peak[0]
+
+
+def _answers(job):
+    text, done = {}, {}
+    for ev in job.log:
+        if type(ev).__name__ == "Delta":
+            text[ev.index] = text.get(ev.index, "") + ev.text
+        elif type(ev).__name__ == "Done":
+            done[ev.index] = ev.finished
+    return text, done
+
+
+def test_the_worker_batches_dense_requests_and_answers_each_as_alone(engine):
+    """Dense requests (one with two prompts, one sampled with a seed) decode together; a μ-MoE request behind them
+    waits for the batch to drain and runs alone, and the dense request behind it after it (arrival order); every
+    answer equals the batch-1 worker's."""
+    tok = engine.tokenizer
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    jobs = [([ids[:40]], Sampling(max_tokens=12, temperature=0.0, logprobs=0), Pruning()),
+            ([ids[5:12], ids[:25]], Sampling(max_tokens=9, temperature=0.0), Pruning()),
+            ([ids[3:50]], Sampling(max_tokens=15, temperature=0.8, seed=7), Pruning()),
+            ([ids[:30]], Sampling(max_tokens=10, temperature=0.0), engine.pruning({"active": 0.5})),
+            ([ids[:18]], Sampling(max_tokens=20, temperature=0.0, stop=["e"]), Pruning())]
+    batched, peak = _run_worker(engine, jobs, max_batch=8)
+    assert peak == 4  # the first three jobs' four prompts
+    for job, (prompts, sampling, pruning) in zip(batched, jobs):
+        text, done = _answers(job)
+        assert set(done) == set(range(len(prompts)))
+        for i, p in enumerate(prompts):  # each prompt alone: the engine's batch-1 loop
+            pieces, entries = [], []
+            f = engine.run(p, sampling, pruning, lambda t, e: (pieces.append(t), entries.extend(e)))
+            assert text[i] == "".join(pieces)
+            assert (done[i].finish_reason, done[i].completion_tokens) == (f.finish_reason, f.completion_tokens)
+            got = [e["logprob"] for ev in job.log if type(ev).__name__ == "Delta" and ev.index == i for e in ev.entries]
+            assert len(got) == len(entries) and all(abs(a - e["logprob"]) < 1e-4 for a, e in zip(got, entries))
+    assert _answers(batched[0])[1][0].completion_tokens == 12 and _answers(batched[4])[1][0].finish_reason == "stop"
