@@ -3,6 +3,7 @@
     python benchmarks/serve_load.py [--clients 8] [--requests 64] [--max-tokens 32] [--prompt-tokens 128]
                                     [--max-queue 4] [--model default] [--json PATH]
                                     [--peer-python LLAMA_VENV/bin/python --peer-gguf MODEL-f16.gguf]
+                                    [--dense-only] [--max-batch 8] [--dtype auto]
 
 Starts the real CLI (`mumoe serve`, a subprocess) on a free port with a TAER task library built for the run
 (`mumoe taer build`, the bundled domains' calibration splits, keep 8 of 16), then for each mode sends --requests
@@ -21,6 +22,10 @@ requests run in-process (`Engine.run`, no HTTP, one at a time) for the cost of s
 
 With --peer-python/--peer-gguf the same dense requests (1 client, then --clients) go to llama-cpp-python's
 server (`python -m llama_cpp.server`, threads = the cores) on the model's GGUF, and the ratios are printed.
+--dense-only: only the dense phases (no task library; for a larger or dense --model, e.g. the checkpoints
+benchmarks/peer_decode.py makes), and the in-process run without its per-mode split. --max-batch: the server's
+(dense requests decoded together; 1 = one request at a time, the server before continuous batching). --dtype:
+the server's and the in-process run's (default auto: fp32 on the CPU).
 
 Not in CI (about 3 minutes on 2 cores); results go to benchmarks/results/serve_load.json.
 """
@@ -75,11 +80,13 @@ def build_library(folder: Path, model: str) -> Path:
     return lib
 
 
-def start(model: str, lib: Path, max_queue: int) -> tuple[subprocess.Popen, str]:
+def start(model: str, lib: Path | None, max_queue: int, max_batch: int, dtype: str = "auto"
+          ) -> tuple[subprocess.Popen, str]:
     from mumoe.serve.launch import start_server
 
-    return start_server([model, "--library", str(lib), "--max-task-models", "4", "--max-queue", str(max_queue),
-                         "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    library = ["--library", str(lib), "--max-task-models", "4"] if lib is not None else []
+    return start_server([model, *library, "--max-queue", str(max_queue), "--max-batch", str(max_batch), "--dtype",
+                         dtype, "--quiet"], timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start_peer(python: str, gguf: str) -> tuple[subprocess.Popen, str]:
@@ -175,7 +182,8 @@ def run_mode(url: str, model: str, ext: dict | None, work: list[list[int]] | lis
             "tasks": tasks or None}
 
 
-def in_process(model_name: str, work: list[list[int]], max_tokens: int) -> dict:
+def in_process(model_name: str, work: list[list[int]], max_tokens: int, split: bool = True, dtype: str = "auto"
+               ) -> dict:
     import torch
 
     import mumoe
@@ -183,12 +191,14 @@ def in_process(model_name: str, work: list[list[int]], max_tokens: int) -> dict:
     from mumoe.serve import Engine, Sampling
 
     torch.set_num_threads(os.cpu_count() or 1)
-    engine = Engine(mumoe.load(model_name), load_tokenizer(model_name), model_name)
+    engine = Engine(mumoe.load(model_name, dtype), load_tokenizer(model_name), model_name)
     n, t0 = 0, time.perf_counter()
     for ids in work:
         n += engine.run(ids, Sampling(max_tokens, 0.0), engine.defaults, lambda *a: None).completion_tokens
     wall = time.perf_counter() - t0
     out = {"wall_s": wall, "completion_tokens": n, "tokens_per_s": n / wall, "split": {}}
+    if not split:
+        return out
     # where the time of one request goes, dense vs μ-MoE column: up to the first token, then per decoded token
     for name, ext in (("dense", None), ("mu-moe column 0.5", MODES["mu-moe column 0.5"])):
         pruning = engine.pruning(ext)
@@ -228,6 +238,9 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-queue", type=int, default=4)
     ap.add_argument("--json", default=str(RESULTS))
+    ap.add_argument("--dense-only", action="store_true", help="only the dense phases (no task library)")
+    ap.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch (default 8)")
+    ap.add_argument("--dtype", default="auto", help="the server's --dtype (default auto)")
     ap.add_argument("--peer-python", help="python of a venv with llama-cpp-python[server]: its server on --peer-gguf "
                     "gets the dense phases too (e.g. the files benchmarks/peer_decode.py makes)")
     ap.add_argument("--peer-gguf", help="the GGUF of --model for the llama.cpp server (e.g. bundled-f16.gguf)")
@@ -235,12 +248,13 @@ def main() -> int:
     work = prompts(args.requests, args.prompt_tokens)
     results = {"machine": f"{os.cpu_count()} CPUs", "clients": args.clients, "requests": args.requests,
                "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens, "max_queue": args.max_queue,
-               "modes": {}}
+               "max_batch": args.max_batch, "model": args.model, "dtype": args.dtype, "modes": {}}
     with tempfile.TemporaryDirectory(prefix="mumoe-serve-load-") as tmp:
-        lib = build_library(Path(tmp), args.model)
-        proc, url = start(args.model, lib, args.max_queue)
+        lib = None if args.dense_only else build_library(Path(tmp), args.model)
+        proc, url = start(args.model, lib, args.max_queue, args.max_batch, args.dtype)
         try:
-            phases = [("dense, 1 client", None, 1)] + [(n, e, args.clients) for n, e in MODES.items()]
+            modes = {"dense": None} if args.dense_only else MODES
+            phases = [("dense, 1 client", None, 1)] + [(n, e, args.clients) for n, e in modes.items()]
             for name, ext, clients in phases:
                 r = run_mode(url, args.model, ext, work, clients, args.max_tokens)
                 results["modes"][name] = r
@@ -275,13 +289,14 @@ def main() -> int:
             ratio = results["modes"][ours]["tokens_per_s"] / results["modes"][peer]["tokens_per_s"]
             results[f"mumoe_over_llama_cpp_{clients}"] = ratio
             print(f"dense tokens/s, {clients} client(s): mumoe serve / llama_cpp.server = {ratio:.2f} (goal ≥ 0.8)")
-    direct = in_process(args.model, work, args.max_tokens)
+    direct = in_process(args.model, work, args.max_tokens, split=not args.dense_only, dtype=args.dtype)
     results["in_process_dense"] = direct
     one = results["modes"]["dense, 1 client"]
     print(f"in-process dense  {direct['tokens_per_s']:.1f} tok/s (no HTTP, one at a time); through the server with "
           f"1 client {one['tokens_per_s'] / direct['tokens_per_s']:.2f}x of that, with {args.clients} clients "
           f"{results['modes']['dense']['tokens_per_s'] / direct['tokens_per_s']:.2f}x")
-    print(f"in-process dense in a worker thread takes {direct['thread_over_main']:.2f}x the main thread's time")
+    if "thread_over_main" in direct:
+        print(f"in-process dense in a worker thread takes {direct['thread_over_main']:.2f}x the main thread's time")
     for name, sp in direct["split"].items():
         print(f"in-process {name}: {sp['first_token_ms']:.0f} ms to the first token, then {sp['per_token_ms']:.1f} ms "
               "per token")
