@@ -40,7 +40,7 @@ def test_rows_joining_and_leaving_get_their_batch_one_logits(family):
     feeds = [torch.randint(3, 128, (k,), generator=g).tolist() for _, _, k in plan]
     want = [_alone(model, p, f) for p, f in zip(prompts, feeds)]
 
-    batch = DecodeBatch(model, torch.device("cpu"))
+    batch = DecodeBatch(torch.device("cpu"))
     got = {i: [] for i in range(len(plan))}
     step = 0
     while step == 0 or len(batch):
@@ -51,7 +51,7 @@ def test_rows_joining_and_leaving_get_their_batch_one_logits(family):
                 got[i].append(out.logits[0, -1])
                 row = Row(SimpleNamespace(token=feeds[i][0]), len(prompts[i]), {}, length=len(prompts[i]))
                 row.on_end = i
-                batch.join(row, out.past_key_values)
+                batch.join(row, out.past_key_values, model)
         logits = batch.step()
         done = []
         for b, row in enumerate(batch.rows):
@@ -78,7 +78,14 @@ def test_caches_that_cannot_be_padded_are_not_batched(family):
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(mumoe.load("default"), load_tokenizer("default"), "default")
+    from mumoe.loading import DATA, DEFAULT_MODEL
+    from mumoe.observe.calib import tokenize, windows
+    from mumoe.retrieval import build_library
+
+    model, tok = mumoe.load("default"), load_tokenizer("default")
+    tasks = {d: windows(tokenize(tok, (DATA / d / "calib.txt").read_text("utf-8")), 128, 8) for d in ("code", "prose")}
+    library = build_library(model, tasks, keep=8, progress=False)
+    return Engine(model, tok, "default", library=library, model_path=str(DEFAULT_MODEL), max_task_models=1)
 
 
 def _run_worker(engine, jobs, max_batch):
@@ -140,3 +147,25 @@ def test_the_worker_batches_dense_requests_and_answers_each_as_alone(engine):
             got = [e["logprob"] for ev in job.log if type(ev).__name__ == "Delta" and ev.index == i for e in ev.entries]
             assert len(got) == len(entries) and all(abs(a - e["logprob"]) < 1e-4 for a, e in zip(got, entries))
     assert _answers(batched[0])[1][0].completion_tokens == 12 and _answers(batched[4])[1][0].finish_reason == "stop"
+
+
+def test_task_requests_batch_with_their_task_and_wait_for_another(engine):
+    """TAER requests of one task decode together on its task model; a request for another task (the cache holds
+    one task model) is parked until that batch drains; a dense request behind them waits too. Every answer equals
+    the engine's batch-1 loop, and each task request reports its task."""
+    tok = engine.tokenizer
+    ids = tok("def main():\n    return parse(argv)\n" * 8, add_special_tokens=False)["input_ids"]
+    greedy = Sampling(max_tokens=10, temperature=0.0, logprobs=0)
+    jobs = [([ids[:30]], greedy, engine.pruning({"task": "code"})),
+            ([ids[4:40], ids[:12]], greedy, engine.pruning({"task": "code"})),
+            ([ids[:20]], greedy, engine.pruning({"task": "prose"})),
+            ([ids[:25]], greedy, Pruning())]
+    batched, peak = _run_worker(engine, jobs, max_batch=8)
+    assert peak == 3  # the code requests' three prompts; prose and dense after them
+    for job, (prompts, sampling, pruning) in zip(batched, jobs):
+        text, done = _answers(job)
+        for i, p in enumerate(prompts):
+            pieces = []
+            f = engine.run(p, sampling, pruning, lambda t, e: pieces.append(t))
+            assert text[i] == "".join(pieces) and done[i].completion_tokens == f.completion_tokens
+            assert done[i].applied.get("task") == pruning.task and done[i].applied["kind"] == pruning.kind

@@ -194,10 +194,12 @@ class Metrics:
 
 
 class Worker:
-    """The one thread that runs the model. Dense requests decode together (continuous batching, `serve.batch`): up
-    to `max_batch` prompts at once, each joining between decode steps after its own prefill. Requests pruned for
-    themselves (μ-MoE, per-prompt experts, TAER) change the weights, so each runs alone: it waits until the running
-    batch has drained, and the batch waits for it. max_batch 1: every request alone, in arrival order."""
+    """The one thread that runs the model. Requests decode together (continuous batching, `serve.batch`): up to
+    `max_batch` prompts at once, each joining between decode steps after its own prefill; a batch decodes one model
+    — dense requests the served model, TAER requests their task's model (a prompt prefilled for another model than
+    the running batch's is parked until that batch drains, and admission pauses meanwhile). Requests pruned for
+    themselves (μ-MoE masks, per-prompt experts) change the weights, so each runs alone: it waits until the running
+    batch has drained, and the requests behind it wait for it. max_batch 1: one prompt decoding at a time."""
 
     def __init__(self, engine: Engine, max_queue: int, max_batch: int = 8) -> None:
         from .batch import DecodeBatch
@@ -206,8 +208,9 @@ class Worker:
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.busy = False  # a request running alone
         self.max_batch = max_batch if engine.batching else 1
-        self.batch = DecodeBatch(engine.model, engine.device)
+        self.batch = DecodeBatch(engine.device)
         self.waiting: collections.deque = collections.deque()  # (job, prompt index) admitted, not yet prefilled
+        self.parked: list[tuple] = []  # (row, cache, model): prefilled for another model than the batch's
         self.held: Job | None = None  # a request that runs alone, waiting for the batch to drain
         self.left: dict[int, int] = {}  # id(job) -> its prompts not finished
         self.ended: dict[int, str | None] = {}  # id(job) -> why it ended early (cancelled / timeout / failed)
@@ -217,8 +220,8 @@ class Worker:
 
     @property
     def running(self) -> int:
-        """Requests' prompts being decoded now."""
-        return len(self.batch) + int(self.busy)
+        """Requests' prompts being decoded now (parked ones included)."""
+        return len(self.batch) + len(self.parked) + int(self.busy)
 
     def start(self) -> None:
         """Run the worker in its own thread (the app's lifespan does this unless the caller runs `run()`)."""
@@ -240,6 +243,11 @@ class Worker:
             self._admit()
             if len(self.batch):
                 self._step()
+            elif self.parked:  # the batch drained: the parked prompts of one model start the next
+                model = self.parked[0][2]
+                for row, cache, m in [p for p in self.parked if p[2] is model][: self.max_batch]:
+                    self.batch.join(row, cache, m)
+                self.parked = [p for p in self.parked if not any(r is p[0] for r in self.batch.rows)]
             elif self.held is not None and not self.waiting:
                 job, self.held = self.held, None
                 self._alone(job)
@@ -248,7 +256,7 @@ class Worker:
     def _admit(self) -> None:
         """Fill the batch: prompts of admitted jobs first, then new jobs in arrival order, until a request that
         must run alone (held until the batch drains) or the batch is full."""
-        while len(self.batch) < self.max_batch:
+        while len(self.batch) < self.max_batch and not self.parked:
             if self.waiting:
                 self._begin(*self.waiting.popleft())
                 continue
@@ -273,22 +281,26 @@ class Worker:
             self.waiting.extend((job, i) for i in range(len(job.prompts)))
 
     def _begin(self, job: Job, i: int) -> None:
-        """Prefill prompt i of `job` and let it join the batch (or finish it, if it ended at its first token)."""
+        """Prefill prompt i of `job` and let it join the batch — or park it, when it decodes another model than the
+        running batch (or finish it, if it ended at its first token)."""
         from .batch import begin
 
         if id(job) in self.ended:  # an earlier prompt of the job was cancelled, timed out or failed
             return self._close(job, i, None)
         try:
-            out = begin(self.engine, job.prompts[i], job.sampling,
+            out = begin(self.engine, job.prompts[i], job.sampling, job.pruning,
                         lambda text, entries, i=i: job.put(Delta(i, text, entries)), job.should_stop)
         except Exception as e:  # noqa: BLE001 - the request's failure, not the server's
             self._fail(job, e)
             return self._close(job, i, None)
         if isinstance(out, Finished):
             return self._close(job, i, out)
-        row, cache = out
+        row, cache, model = out
         row.on_end = (job, i)
-        self.batch.join(row, cache)
+        if self.batch.accepts(model):
+            self.batch.join(row, cache, model)
+        else:
+            self.parked.append((row, cache, model))
 
     def _step(self) -> None:
         try:

@@ -8,9 +8,10 @@ leaves when its request ends (stop, length, cancelled, timeout); the padding no 
 Requests join between steps, so a new request waits at most one decode step (plus its own prefill).
 
 Only plain attention caches batch this way (every layer a `DynamicLayer`): sliding-window, recurrent (Mamba,
-linear attention) and other special layers keep batch 1 (`batchable_model`). Per-prompt pruning (μ-MoE,
-per-prompt experts, TAER task models) changes the weights per request, so those requests run alone, between
-batches (`Engine.batchable`).
+linear attention) and other special layers keep batch 1 (`batchable_model`). A batch decodes one model:
+the served one (dense requests) or one TAER task model (the requests matched to that task; a request whose task
+model is another waits, prefilled, for the batch to drain). Per-prompt pruning (μ-MoE masks, per-prompt experts)
+changes the weights for one request, so those requests run alone, between batches (`Engine.batchable`).
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class DecodeBatch:
-    """The running dense requests of one model, decoded together (module doc)."""
+    """The running requests of one model (the served model, or one TAER task model), decoded together (module
+    doc). The model is the first row's; `accepts` says whether another request's model is it."""
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.model, self.device = model, device
+    def __init__(self, device: torch.device) -> None:
+        self.model: nn.Module | None = None
+        self.device = device
         self.rows: list[Row] = []
         self.cache = None  # the batch's DynamicCache: every layer [B, heads, S, d]
         self.valid: torch.Tensor | None = None  # [B, S] bool: row b's real positions (its padding False)
@@ -76,11 +79,18 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def join(self, row: Row, cache) -> None:
-        """Add a prefilled request: `cache` its own KV cache [1, heads, L, d] per layer (row.length = L), whose next
-        token `row.decoding.token` is fed at the next step."""
+    def accepts(self, model: nn.Module) -> bool:
+        """Whether a request decoded by `model` can join now (the batch is empty, or runs that model)."""
+        return not self.rows or model is self.model
+
+    def join(self, row: Row, cache, model: nn.Module) -> None:
+        """Add a prefilled request decoded by `model` (`accepts`): `cache` its own KV cache [1, heads, L, d] per
+        layer (row.length = L), whose next token `row.decoding.token` is fed at the next step."""
+        if not self.accepts(model):
+            raise ValueError("a batch decodes one model")
         L = row.length
         if self.cache is None:
+            self.model = model
             self.cache, self.valid = cache, torch.ones(1, L, dtype=torch.bool, device=self.device)
             self.rows = [row]
             self._set_layers([(layer.keys, layer.values) for layer in cache.layers])
@@ -135,7 +145,7 @@ class DecodeBatch:
     def clear(self) -> list[Row]:
         """Empty the batch (its forward failed): -> the rows it held."""
         rows, self.rows = self.rows, []
-        self.cache = self.valid = None
+        self.cache = self.valid = self.model = None
         return rows
 
     def remove(self, done: list[int]) -> None:
@@ -145,7 +155,7 @@ class DecodeBatch:
         keep = [i for i in range(len(self.rows)) if i not in set(done)]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = self.valid = None
+            self.cache = self.valid = self.model = None
             return
         index = torch.tensor(keep, device=self.device)
         valid = self.valid.index_select(0, index)
@@ -156,18 +166,22 @@ class DecodeBatch:
 
 
 @torch.no_grad()
-def begin(engine: Engine, ids: list[int], sampling: Sampling, emit, should_stop) -> tuple[Row, object] | Finished:
-    """A dense request's prefill and first token, as `Engine.run` does them: -> (its row, its KV cache), ready to
-    join a `DecodeBatch`, or its `Finished` when it ended already (max_tokens 0, end of text, a stop string,
-    cancelled)."""
+def begin(engine: Engine, ids: list[int], sampling: Sampling, pruning: Pruning, emit, should_stop
+          ) -> tuple[Row, object, nn.Module] | Finished:
+    """A batchable request's prefill and first token, as `Engine.run` does them (dense: the model; task: matched
+    and prefilled by its task's model): -> (its row, its KV cache, the model that decodes it), ready to join a
+    `DecodeBatch` of that model, or its `Finished` when it ended already (max_tokens 0, end of text, a stop
+    string, cancelled)."""
     x = torch.tensor([ids], device=engine.device)  # [1, L]
-    prefilled = engine.protocol(Pruning()).prefill(engine.model, x)
-    applied = {**prefilled.info, "active_weights": engine.total_weights, "overhead_ms": 0.0}
+    prefilled = engine.protocol(pruning).prefill(engine.model, x)
+    assert not prefilled.refeed, "a batched request decodes the weights it was prefilled with"
+    applied = {"active_weights": engine.total_weights, **prefilled.info,
+               "overhead_ms": round(1000 * prefilled.overhead_s, 3)}
     if sampling.echo:
-        engine._echo(engine.model, x, sampling, emit, prefilled.logits)
+        engine._echo(prefilled.model, x, sampling, emit, prefilled.logits)
     ready_to_decode(prefilled)
     row = Row(Decoding(engine, sampling, emit, should_stop), len(ids), applied, prefilled.stats, length=len(ids))
     if sampling.max_tokens == 0:
         return row.finished("length")
     reason = should_stop() or row.decoding.take(prefilled.logits[0, -1])
-    return row.finished(reason) if reason else (row, prefilled.cache)
+    return row.finished(reason) if reason else (row, prefilled.cache, prefilled.model)

@@ -201,15 +201,16 @@ class Engine:
 
     @functools.cached_property
     def batching(self) -> bool:
-        """Whether dense requests can decode together (`serve.batch`: a plain attention cache in every layer)."""
+        """Whether requests can decode together (`serve.batch`: a plain attention cache in every layer; a TAER-only
+        server's matcher has the full model's kinds of layers)."""
         from .batch import batchable_model
 
-        return not self.taer_only and batchable_model(self.model)
+        return batchable_model(self.model)
 
     def batchable(self, pruning: Pruning) -> bool:
-        """Whether a request with this pruning may join the batch of dense requests: dense, without per-token
-        expert skipping (its hooks count per request), on a model that batches."""
-        return pruning.kind == "dense" and self.skip is None and self.batching
+        """Whether a request with this pruning may decode in a batch: dense (without per-token expert skipping, whose
+        hooks count per request) or a TAER task (with the other requests of its task), on a model that batches."""
+        return self.batching and (pruning.kind == "task" or (pruning.kind == "dense" and self.skip is None))
 
     # ---- request checks (cheap; run before a request is queued) --------------------------------
     def pruning(self, ext: dict | None, base: Pruning | None = None) -> Pruning:
