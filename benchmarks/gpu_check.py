@@ -13,6 +13,8 @@ Steps, each recorded with its figures and a pass/fail (the run exits 1 if one fa
    in-memory run of the same checkpoint on the same device; time, peak device memory against the largest layer.
 3. decode: a synthetic Llama (hidden 2048, 4 layers; --small: 256) prefilled with a 256-token prompt and decoded
    at batch 1, dense against μ-MoE column ρ = 0.5 (compacted weights), paired token by token; tokens/s each.
+4. batch: the same Llama, 8 prompts of different lengths decoded together (`serve.batch`, continuous batching of
+   `mumoe serve`): each row's logits against its batch-1 decode, and tokens/s of the batch against one stream.
 Writes OUT/gpu_check_<device>.json (default OUT: benchmarks/results).
 """
 
@@ -179,6 +181,76 @@ def decode_step(device: str, small: bool) -> dict:
     return res
 
 
+def batch_step(device: str, small: bool) -> dict:
+    """Continuous batching (`mumoe.serve.batch`, what `mumoe serve` runs for dense requests) on the device: 8
+    prompts of different lengths decoded together, each row's logits against its own batch-1 decode (same tokens
+    fed), and the decode tokens/s of the batch against the 8 decoded one after another."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mumoe.compat import cache_kwarg, output_cache
+    from mumoe.serve.batch import DecodeBatch, Row
+    from mumoe.testtime.kvcache import grow_in_place
+
+    H = 256 if small else 2048
+    cfg = LlamaConfig(hidden_size=H, intermediate_size=H * 11 // 4, num_hidden_layers=2 if small else 4,
+                      num_attention_heads=max(4, H // 128), num_key_value_heads=max(4, H // 128),
+                      vocab_size=2048 if small else 8192, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval().to(device)
+    new = 8 if small else 64
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (1, (16 if small else 64) * (i + 1)), generator=g).to(device)
+               for i in range(8)]
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    ref, feeds, caches, alone_s = [], [], [], 0.0
+    with torch.no_grad():
+        for x in prompts:
+            out = model(input_ids=x, use_cache=True)
+            cache, logits = output_cache(out), [out.logits[0, -1]]
+            grow_in_place(cache)  # (as the serving engine's batch-1 loop)
+            tokens = [int(out.logits[0, -1].argmax())]
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(new):
+                out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), **{cache_kwarg(): cache},
+                            use_cache=True)
+                logits.append(out.logits[0, -1])
+                tokens.append(int(out.logits[0, -1].argmax()))
+            sync()
+            alone_s += time.perf_counter() - t0
+            ref.append(torch.stack(logits).float().cpu())
+            feeds.append(tokens)
+            out = model(input_ids=x, use_cache=True)  # a fresh cache for the batch
+            caches.append((output_cache(out), out.logits[0, -1]))
+        batch = DecodeBatch(torch.device(device))
+        got = [[first] for _, first in caches]
+        for i, (cache, _) in enumerate(caches):
+            row = Row(SimpleNamespace(token=feeds[i][0]), prompts[i].shape[1], {}, length=prompts[i].shape[1])
+            batch.join(row, cache, model)
+        sync()
+        t0 = time.perf_counter()
+        for step in range(new):
+            logits = batch.step()
+            for i, row in enumerate(batch.rows):
+                got[i].append(logits[i])
+                row.decoding.token = feeds[i][step + 1]
+        sync()
+        batch_s = time.perf_counter() - t0
+    diff = max((torch.stack(g_).float().cpu() - r).abs().max().item() for g_, r in zip(got, ref))
+    scale = max(r.abs().max().item() for r in ref)
+    res = {"rows": 8, "new_tokens": new, "max_abs_diff": diff, "logit_scale": scale,
+           "alone_tokens_per_s": 8 * new / alone_s, "batch_tokens_per_s": 8 * new / batch_s}
+    res["batch_over_alone"] = res["batch_tokens_per_s"] / res["alone_tokens_per_s"]
+    res["ok"] = diff <= 1e-3 * max(1.0, scale)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +258,7 @@ def main() -> int:
                     "on cpu)")
     ap.add_argument("--small", action="store_true", help="CI-sized models (seconds on a CPU)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--steps", default="tiny,layerwise,decode")
+    ap.add_argument("--steps", default="tiny,layerwise,decode,batch")
     args = ap.parse_args()
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     result: dict = {"device": args.device, "small": args.small, "torch": torch.__version__,
@@ -203,6 +275,8 @@ def main() -> int:
                     res = layerwise_step(args.device, args.small, dtype, Path(tmp))
                 elif step == "decode":
                     res = decode_step(args.device, args.small)
+                elif step == "batch":
+                    res = batch_step(args.device, args.small)
                 else:
                     raise SystemExit(f"unknown step {step!r}")
             except Exception as e:  # noqa: BLE001 - one failing step must not hide the others

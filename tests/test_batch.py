@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mumoe
+from mumoe.compat import cache_kwarg, output_cache
 from mumoe.loading import load_tokenizer
 from mumoe.serve import Engine, Pruning
 from mumoe.serve.app import Job, Worker
@@ -21,11 +22,11 @@ def _alone(model, prompt, feed):
     """Batch-1 reference: the prompt's prefill, then `feed` one token at a time. -> logits [1 + len(feed), V]."""
     with torch.no_grad():
         out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-        logits, cache = [out.logits[0, -1]], out.past_key_values
+        logits, cache = [out.logits[0, -1]], output_cache(out)
         for t in feed:
-            out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[t]]), **{cache_kwarg(): cache}, use_cache=True)
             logits.append(out.logits[0, -1])
-            cache = out.past_key_values
+            cache = output_cache(out)
     return torch.stack(logits)
 
 
@@ -51,7 +52,7 @@ def test_rows_joining_and_leaving_get_their_batch_one_logits(family):
                 got[i].append(out.logits[0, -1])
                 row = Row(SimpleNamespace(token=feeds[i][0]), len(prompts[i]), {}, length=len(prompts[i]))
                 row.on_end = i
-                batch.join(row, out.past_key_values, model)
+                batch.join(row, output_cache(out), model)
         logits = batch.step()
         done = []
         for b, row in enumerate(batch.rows):

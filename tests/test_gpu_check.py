@@ -23,3 +23,5 @@ def test_gpu_check_runs_small_on_the_cpu(tmp_path):
     lw = res["layerwise"]
     assert lw["reap"]["equal_to_in_memory"] and lw["heapr"]["equal_to_in_memory"] and lw["layer_mb"] > 0
     assert res["decode"]["dense_tokens_per_s"] > 0 and res["decode"]["column_0.5_tokens_per_s"] > 0
+    b = res["batch"]
+    assert b["max_abs_diff"] <= 1e-5 * max(1.0, b["logit_scale"]) and b["batch_tokens_per_s"] > 0

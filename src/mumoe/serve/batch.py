@@ -23,6 +23,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from ..compat import cache_kwarg, output_cache
+from ..testtime.kvcache import grow_in_place
 from ..testtime.protocol import ready_to_decode
 from .engine import Decoding, Engine, Finished, Pruning, Sampling
 
@@ -88,6 +89,7 @@ class DecodeBatch:
         layer (row.length = L), whose next token `row.decoding.token` is fed at the next step."""
         if not self.accepts(model):
             raise ValueError("a batch decodes one model")
+        grow_in_place(cache)  # (the batch's layers append in place: HF's appends copy the whole cache per token)
         L = row.length
         if self.cache is None:
             self.model = model
