@@ -170,3 +170,29 @@ def test_task_requests_batch_with_their_task_and_wait_for_another(engine):
             f = engine.run(p, sampling, pruning, lambda t, e: pieces.append(t))
             assert text[i] == "".join(pieces) and done[i].completion_tokens == f.completion_tokens
             assert done[i].applied.get("task") == pruning.task and done[i].applied["kind"] == pruning.kind
+
+
+def test_a_prompt_that_fails_to_start_ends_its_job_and_its_other_rows(engine, monkeypatch):
+    """The second prompt of a two-prompt job fails in its prefill: the job gets one 400 and its end, its first
+    prompt stops decoding at once (no Done), and the job behind it is answered in full."""
+    import mumoe.serve.batch as batch_module
+    from mumoe.errors import MumoeError
+
+    real = batch_module.begin
+
+    def failing(engine_, ids, *args):
+        if len(ids) == 7:
+            raise MumoeError("this prompt cannot start")
+        return real(engine_, ids, *args)
+
+    monkeypatch.setattr(batch_module, "begin", failing)
+    ids = engine.tokenizer("Once upon a time there was a fox. " * 4, add_special_tokens=False)["input_ids"]
+    greedy = Sampling(max_tokens=40, temperature=0.0)
+    jobs = [([ids[:20], ids[:7]], greedy, Pruning()), ([ids[:15]], Sampling(max_tokens=5, temperature=0.0), Pruning())]
+    made, _ = _run_worker(engine, jobs, max_batch=8)
+    kinds = [type(ev).__name__ for ev in made[0].log]
+    assert kinds.count("Failed") == 1 and kinds[-1] == "End" and "Done" not in kinds
+    assert made[0].log[kinds.index("Failed")].status == 400
+    assert sum(len(ev.text) > 0 for ev in made[0].log if type(ev).__name__ == "Delta") <= 1  # its first token only
+    text, done = _answers(made[1])
+    assert done[0].completion_tokens == 5 and text[0]

@@ -238,7 +238,7 @@ class Worker:
     def run(self, alive=lambda: True) -> None:
         """Serve jobs on the calling thread until `stop()` (or until `alive()` turns false). `mumoe serve` runs
         this on the main thread: torch's intra-op threads run the model faster from there (the load benchmark:
-        the same requests from a second thread took 1.24× as long on 2 cores)."""
+        the same requests from a second thread took 1.2–2.9× as long on 2 cores)."""
         while not self._stop.is_set() and alive():
             self._admit()
             if len(self.batch):
@@ -292,7 +292,8 @@ class Worker:
                         lambda text, entries, i=i: job.put(Delta(i, text, entries)), job.should_stop)
         except Exception as e:  # noqa: BLE001 - the request's failure, not the server's
             self._fail(job, e)
-            return self._close(job, i, None)
+            self._close(job, i, None)
+            return self._drop(job)
         if isinstance(out, Finished):
             return self._close(job, i, out)
         row, cache, model = out
@@ -313,6 +314,15 @@ class Worker:
             return
         for row, f in ended:
             self._close(*row.on_end, f)
+
+    def _drop(self, job: Job) -> None:
+        """The prompts of a failed job that are decoding (or parked) stop now, unanswered."""
+        index = [b for b, row in enumerate(self.batch.rows) if row.on_end[0] is job]
+        rows = [self.batch.rows[b] for b in index] + [p[0] for p in self.parked if p[0].on_end[0] is job]
+        self.batch.remove(index)
+        self.parked = [p for p in self.parked if p[0].on_end[0] is not job]
+        for row in rows:
+            self._close(job, row.on_end[1], None)
 
     def _fail(self, job: Job, e: Exception) -> None:
         if id(job) in self.ended:
