@@ -152,20 +152,27 @@ def layerwise_step(device: str, small: bool, dtype: str, work: Path) -> dict:
     return res
 
 
-def decode_step(device: str, small: bool) -> dict:
-    from testtime_decode import alternate
+def _llama(device: str, small: bool):
+    """The decode steps' synthetic Llama (hidden 2048, 4 layers; small: 256, 2), random weights, on `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mumoe.apply.compact import compact, prepare_columns
-    from mumoe.observe.collectors import input_norms
-    from mumoe.select.weights import masks_from_norms
 
     H = 256 if small else 2048
     cfg = LlamaConfig(hidden_size=H, intermediate_size=H * 11 // 4, num_hidden_layers=2 if small else 4,
                       num_attention_heads=max(4, H // 128), num_key_value_heads=max(4, H // 128),
                       vocab_size=2048 if small else 8192, max_position_embeddings=4096)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval().to(device)
+    return LlamaForCausalLM(cfg).eval().to(device)
+
+
+def decode_step(device: str, small: bool) -> dict:
+    from testtime_decode import alternate
+
+    from mumoe.apply.compact import compact, prepare_columns
+    from mumoe.observe.collectors import input_norms
+    from mumoe.select.weights import masks_from_norms
+
+    model = _llama(device, small)
+    cfg = model.config
     prompt = torch.randint(0, cfg.vocab_size, (1, 64 if small else 256)).to(device)
     with torch.no_grad():
         norms = input_norms(model, prompt)
@@ -187,18 +194,12 @@ def batch_step(device: str, small: bool) -> dict:
     fed), and the decode tokens/s of the batch against the 8 decoded one after another."""
     from types import SimpleNamespace
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from mumoe.compat import cache_kwarg, output_cache
     from mumoe.serve.batch import DecodeBatch, Row
     from mumoe.testtime.kvcache import grow_in_place
 
-    H = 256 if small else 2048
-    cfg = LlamaConfig(hidden_size=H, intermediate_size=H * 11 // 4, num_hidden_layers=2 if small else 4,
-                      num_attention_heads=max(4, H // 128), num_key_value_heads=max(4, H // 128),
-                      vocab_size=2048 if small else 8192, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval().to(device)
+    model = _llama(device, small)
+    cfg = model.config
     new = 8 if small else 64
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, cfg.vocab_size, (1, (16 if small else 64) * (i + 1)), generator=g).to(device)
