@@ -196,3 +196,37 @@ def test_a_prompt_that_fails_to_start_ends_its_job_and_its_other_rows(engine, mo
     assert sum(len(ev.text) > 0 for ev in made[0].log if type(ev).__name__ == "Delta") <= 1  # its first token only
     text, done = _answers(made[1])
     assert done[0].completion_tokens == 5 and text[0]
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style BPE (Metaspace: a leading ▁ per word, stripped from a sequence's first token), trained
+    here on a few lines with accents, CJK and emoji."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SentencePieceBPETokenizer()
+    text = ["The café's naïve façade — déjà vu.", "東京は晴れです。 今日は良い天気", "emoji 🙂🚀 and more 🙂 text",
+            "def f(x):\n    return x  # done"] * 20
+    sp.train_from_iterator(text, vocab_size=400, min_frequency=1, show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=sp)
+
+
+@pytest.mark.parametrize("which", ["bundled", "metaspace"])
+def test_text_stream_gives_what_one_decode_of_every_id_gives(which):
+    """Streamed token by token (random ids: boundaries anywhere, multi-byte characters split across tokens; and a
+    real text's ids), the pieces join to the one-shot decode of every id, and no piece ends inside a character."""
+    from mumoe.serve.engine import TextStream
+
+    tok = load_tokenizer("default") if which == "bundled" else _metaspace_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    vocab = len(tok)
+    real = tok("Once — naïve café 東京 🙂 upon a time,\n  x = f(y)  # ok", add_special_tokens=False)["input_ids"]
+    for ids in [real] + [torch.randint(0, vocab, (200,), generator=g).tolist() for _ in range(5)]:
+        stream, pieces = TextStream(tok, []), []
+        for t in ids:
+            piece, stopped = stream.push(t)
+            assert not stopped and "\ufffd" not in piece[-1:]
+            pieces.append(piece)
+        pieces.append(stream.flush())
+        full = tok.decode(ids, skip_special_tokens=True)
+        assert "".join(pieces) in (full, full.rstrip("\ufffd"))  # (random ids may end inside a character)
