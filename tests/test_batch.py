@@ -13,7 +13,8 @@ from mumoe.compat import cache_kwarg, output_cache
 from mumoe.loading import load_tokenizer
 from mumoe.serve import Engine, Pruning
 from mumoe.serve.app import Job, Worker
-from mumoe.serve.batch import DecodeBatch, Row, batchable_model
+from mumoe.serve.batch import DecodeBatch, Row
+from mumoe.testtime.kvcache import batchable_model
 from mumoe.serve.engine import Sampling
 from conftest import make
 

@@ -8,7 +8,8 @@ leaves when its request ends (stop, length, cancelled, timeout); the padding no 
 Requests join between steps, so a new request waits at most one decode step (plus its own prefill).
 
 Only plain attention caches batch this way (every layer a `DynamicLayer`): sliding-window, recurrent (Mamba,
-linear attention) and other special layers keep batch 1 (`batchable_model`). A batch decodes one model:
+linear attention) and other special layers keep batch 1 (`testtime.kvcache.batchable_model`). A batch decodes one
+model:
 the served one (dense requests) or one TAER task model (the requests matched to that task; a request whose task
 model is another waits, prefilled, for the batch to drain). Per-prompt pruning (μ-MoE masks, per-prompt experts)
 changes the weights for one request, so those requests run alone, between batches (`Engine.batchable`).
@@ -20,26 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer
 
 from ..compat import cache_kwarg, output_cache
 from ..testtime.kvcache import grow_in_place
 from ..testtime.protocol import ready_to_decode
 from .engine import Decoding, Engine, Finished, Pruning, Sampling
-
-
-def batchable_model(model: nn.Module) -> bool:
-    """Whether `model`'s decode cache is plain attention in every layer (what `DecodeBatch` can pad and stack):
-    a `DynamicCache` built from its config has only `DynamicLayer`s. Sliding windows, recurrent states (Mamba,
-    linear attention, convolutions) and compressed caches: no."""
-    from transformers import DynamicCache
-
-    try:
-        cache = DynamicCache(config=model.config)
-    except Exception:  # noqa: BLE001 - a config the cache cannot read: batch 1, as before
-        return False
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from ..models import stored_weights
 from ..recipe import parse_structure
 from ..select.weights import check_active
 from ..testtime.experts import check_experts
-from ..testtime.kvcache import check_refeed, refeed_possible
+from ..testtime.kvcache import batchable_model, check_refeed, refeed_possible
 from ..testtime.protocol import Dense, Experts, MuMoE, PerPrompt, Task, ready_to_decode
 from ..testtime.skip import skipping_with
 
@@ -231,8 +231,6 @@ class Engine:
     def batching(self) -> bool:
         """Whether requests can decode together (`serve.batch`: a plain attention cache in every layer; a TAER-only
         server's matcher has the full model's kinds of layers)."""
-        from .batch import batchable_model
-
         return batchable_model(self.model)
 
     def batchable(self, pruning: Pruning) -> bool:

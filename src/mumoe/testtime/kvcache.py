@@ -85,3 +85,17 @@ def check_refeed(model, what: str) -> None:
         raise MumoeError(f"{what} is not available for {model.config.model_type} yet: its recurrent layers (Mamba, "
                          "linear attention, convolutions) keep a state that cannot drop the last prompt token, which "
                          "the pruned model computes again; use dense decoding or task models (TAER)")
+
+
+def batchable_model(model) -> bool:
+    """Whether `model`'s decode cache is plain attention in every layer (what `serve.batch.DecodeBatch` can pad and
+    stack): a `DynamicCache` built from its config has only `DynamicLayer`s. Sliding windows, recurrent states
+    (Mamba, linear attention, convolutions) and compressed caches: no."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - a config the cache cannot read: batch 1, as before
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
