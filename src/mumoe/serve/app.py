@@ -9,8 +9,9 @@
 Requests are checked in the event loop (JSON, fields, lengths, pruning settings: a 4xx with OpenAI's error object)
 and only then queued; one worker runs the model: on the main thread under `mumoe serve` (HTTP in a thread), in a
 thread of its own otherwise. Dense requests decode together (continuous batching, `serve.batch`, up to
-`ServerConfig.max_batch` prompts); a request pruned for itself runs alone between batches. A full queue is a 503; a request
-past its timeout is a 504; a client that disconnects cancels its request (checked between tokens).
+`ServerConfig.max_batch` prompts), TAER requests with those of their task; a request pruned for itself alone runs
+alone between batches. A full queue is a 503; a request past its timeout is a 504; a client that disconnects
+cancels its request (checked between tokens).
 """
 
 from __future__ import annotations

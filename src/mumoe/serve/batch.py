@@ -36,7 +36,7 @@ class Row:
     prompt_tokens: int
     applied: dict
     stats: dict = field(default_factory=dict)
-    on_end: object = None  # (Finished) -> None: the worker's hand-back
+    on_end: object = None  # whose prompt this is: the worker's (job, prompt index)
     length: int = 0  # positions in its cache (the prompt, then every fed token)
 
     def finished(self, reason: str) -> Finished:

@@ -96,9 +96,9 @@ class TextStream:
     decode(a + ids[start:]) minus decode(a + ids[start:read]), where `read` is where the text so far ends, `start`
     where the window before it began, and `a` one ordinary token put first (past the completion's first window), so
     that whatever a decoder does to a sequence's first token (SentencePiece strips its leading space; a skipped
-    special token hands that role to the next one) happens to `a` in both. Where the shorter decode is not a prefix of the longer one, the whole
-    completion is decoded instead. The text is what one decode of every id gives (`tests/test_batch.py` checks it
-    on a byte-level and a SentencePiece tokenizer, random ids included)."""
+    special token hands that role to the next one) happens to `a` in both. Where the shorter decode is not a prefix
+    of the longer one, the whole completion is decoded instead. The text is what one decode of every id gives
+    (`tests/test_batch.py` checks it on a byte-level and a SentencePiece tokenizer, random ids included)."""
 
     def __init__(self, tokenizer, stop: list[str]) -> None:
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
