@@ -699,6 +699,7 @@ def test_cli_serve_port_in_use_is_one_line(capsys):
     (["--experts", "17"], "between top_k=2 and the expert count 16"),
     (["--taer-only"], "--taer-only needs --library"),
     (["--max-queue", "0"], "--max-queue"),
+    (["--max-batch", "0"], "--max-batch"),
     (["--port", "70000"], "--port"),
     (["--library", "/nonexistent/lib"], "task library not found"),
 ])
