@@ -13,6 +13,8 @@ from mumoe.compat import cache_kwarg, output_cache
 from mumoe.loading import load_tokenizer
 from mumoe.serve import Engine, Pruning
 from mumoe.serve.app import Job, Worker
+from mumoe.models.registry import MOE_TYPES
+from mumoe.models.tiny import TINY_CONFIGS, tiny_config
 from mumoe.serve.batch import DecodeBatch, Row
 from mumoe.testtime.kvcache import batchable_model
 from mumoe.serve.engine import Sampling
@@ -31,8 +33,17 @@ def _alone(model, prompt, feed):
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen3_moe", "deepseek_v3"])
+def _batches(family: str) -> bool:
+    return batchable_model(SimpleNamespace(config=tiny_config(family)))
+
+
+FAMILIES = sorted(t for t in TINY_CONFIGS if t in MOE_TYPES)
+BATCHED = [f for f in FAMILIES if _batches(f)] + ["llama", "qwen2", "opt"]
+
+
+@pytest.mark.parametrize("family", BATCHED)
 def test_rows_joining_and_leaving_get_their_batch_one_logits(family):
+    """Every family whose cache batches (23 MoE families and the dense ones), on its tiny model."""
     model = make(family, seed=1)
     assert batchable_model(model)
     g = torch.Generator().manual_seed(0)
@@ -71,11 +82,22 @@ def test_rows_joining_and_leaving_get_their_batch_one_logits(family):
         assert torch.allclose(torch.stack(got[i]), want[i], atol=1e-5, rtol=1e-5), (family, i)
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "jamba", "qwen3_next"])
-def test_caches_that_cannot_be_padded_are_not_batched(family):
-    """Sliding-window layers (GPT-OSS) and recurrent states (Jamba's Mamba, Qwen3-Next's gated delta-net) keep
-    batch 1."""
-    assert not batchable_model(make(family))
+def test_caches_that_cannot_be_padded_are_not_batched():
+    """Sliding-window or chunked layers (GPT-OSS, Llama 4, Cohere2 ...), recurrent states (Jamba's Mamba, Qwen3-Next's
+    gated delta-net ...) and compressed caches (DeepSeek-V3.2 / V4's indexers) keep batch 1: the families that batch
+    are exactly those whose every cache layer is a plain `DynamicLayer`."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    for family in FAMILIES:
+        try:
+            layers = DynamicCache(config=tiny_config(family)).layers
+        except KeyError:  # a cache transformers' DynamicCache cannot build (DeepSeek-V4's compressed attention)
+            layers = None
+        plain = layers is not None and all(type(layer) is DynamicLayer for layer in layers)
+        assert _batches(family) == plain, family
+    assert {"gpt_oss", "llama4_text", "jamba", "qwen3_next", "deepseek_v4"} <= set(FAMILIES) - set(BATCHED)
+    assert len(BATCHED) - 3 == 23
 
 
 @pytest.fixture(scope="module")
