@@ -131,7 +131,9 @@ def cmd_serve(args) -> int:
         + (f"; task library {args.library} ({len(library.tasks)} tasks)" if library else "")
         + ("" if skip is None else f"; dense requests: {skip.line}")
         + (f"; dense requests decode in batches of up to {args.max_batch}" if engine.batching and skip is None
-           and args.max_batch > 1 else ""))
+           and args.max_batch > 1 else "")
+        + ("" if engine.batching else "; one request decodes at a time (this model's cache has sliding-window, "
+           "recurrent or compressed layers, which mumoe does not batch)"))
     config = ServerConfig(max_queue=args.max_queue, max_batch=args.max_batch, timeout=args.timeout,
                           max_body_bytes=int(args.max_body_mb * 2**20))
     app = create_app(engine, config, worker_thread=False)
