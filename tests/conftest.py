@@ -69,14 +69,17 @@ def recompose(layer, route, events, routed_scale=1.0):
     return total, seen
 
 
-def loaded_both_ways(folder):
-    """The export at `folder` as mumoe.load reads it and as plain transformers reads it with trust_remote_code (mumoe's
-    own forms), both fp32 and in eval mode."""
+def assert_reloads_to(folder, x, expected, tol=1e-5):
+    """The export at `folder` gives `expected` logits for x within tol both as mumoe.load reads it and as plain
+    transformers reads it with trust_remote_code (mumoe's own forms), fp32, eval mode."""
     import mumoe
     from transformers import AutoModelForCausalLM
 
-    return (mumoe.load(folder, "fp32"),
-            AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval())
+    readers = (lambda: mumoe.load(folder, "fp32"),
+               lambda: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval())
+    with torch.no_grad():
+        for read in readers:
+            assert (read()(x).logits - expected).abs().max() <= tol
 
 
 def safetensors_of(folder):

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import ids, loaded_both_ways
+from conftest import ids, assert_reloads_to
 import mumoe
 from mumoe import MumoeError
 from mumoe.apply import save_pruned
@@ -26,10 +26,7 @@ def test_hash_layers_are_kept_whole_and_the_export_loads(tmp_path):
     assert kept[0] == list(range(8)) and len(kept[1]) == len(kept[2]) == 6 and report.form == "mumoe"
     with torch.no_grad():
         expected = model(x).logits
-    out = save_pruned(model, tmp_path / "freq", report)
-    for loaded in loaded_both_ways(out):
-        with torch.no_grad():
-            assert (loaded(x).logits - expected).abs().max() <= 1e-5
+    assert_reloads_to(save_pruned(model, tmp_path / "freq", report), x, expected)
 
 
 def test_streamed_aimer_keeps_the_hash_layer(tmp_path, capsys):

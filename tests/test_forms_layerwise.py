@@ -11,7 +11,7 @@ KeyError and trust_remote_code loaded random experts — NaN logits.)"""
 import pytest
 import torch
 
-from conftest import ids, loaded_both_ways
+from conftest import assert_reloads_to, ids
 import mumoe
 import mumoe.api
 from mumoe.apply import save_pruned
@@ -24,11 +24,7 @@ FAMILIES = ["jamba", "mixtral", "granitemoe", "nemotron_h", "jetmoe", "deepseek_
 
 
 def _loads_to(folder, expected, x):
-    with torch.no_grad():
-        for loaded in loaded_both_ways(folder):
-            got = loaded(x).logits
-            assert torch.isfinite(got).all()
-            assert (got - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+    assert_reloads_to(folder, x, expected, 1e-5 * max(1.0, expected.abs().max().item()))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

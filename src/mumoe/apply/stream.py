@@ -354,13 +354,12 @@ def check_uniform(keep: dict[int, list[int]]) -> int:
 def prune_checkpoint(path: str | Path, out: str | Path, report: PruneReport, overwrite: bool = False,
                      progress: bool = True) -> Path:
     """Write `path` with only the experts kept in `report`, tensor by tensor, atomically."""
-    from ..models.keys import checkpoint_renamer, model_tensors, routing_keys
+    from ..models.keys import model_renamer, routing_keys
 
     keep = report.kept()
     n = check_uniform(keep)
     skeleton = meta_model(path)
-    transform = expert_transform(keep, routing_keys(skeleton), checkpoint_renamer(skeleton.config.model_type,
-                                                                                   model_tensors(skeleton)))
+    transform = expert_transform(keep, routing_keys(skeleton), model_renamer(skeleton))
     return write_streamed(path, out, report, transform, {k: n for k in EXPERT_COUNT_KEYS}, overwrite, progress)
 
 

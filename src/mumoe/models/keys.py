@@ -67,11 +67,16 @@ def unchanged(key: str) -> str:
     return key
 
 
+def _adapter_renames(model_type: str | None) -> list[tuple[re.Pattern, str]]:
+    """The adapter's renames of the family's key spellings onto its swapped modules (`Adapter.checkpoint_renames`)."""
+    return [(re.compile(p), r) for p, r in getattr(ADAPTERS.get(model_type), "checkpoint_renames", ())]
+
+
 def model_tensors(model) -> dict:
     """The model's state dict (the family's tensor layout: GPT-OSS's transposed experts) under the names its modules
     give the tensors — a swapped-in block's state dict may use the family's names (JetMoE's), renamed back by the
     adapter's `checkpoint_renames`."""
-    rules = [(re.compile(p), r) for p, r in getattr(ADAPTERS.get(model.config.model_type), "checkpoint_renames", ())]
+    rules = _adapter_renames(model.config.model_type)
     out = {}
     for name, t in model.state_dict().items():
         for pattern, repl in rules:
@@ -88,7 +93,7 @@ def checkpoint_renamer(model_type: str | None, known=None):
     here (`LEGACY` keys are read per expert). Identity where there are none. known: the model's tensor names
     (`model_tensors`); as transformers does, a key that is one of them and that a rule would rename to none of them
     keeps its name (DeepSeek-V4's rules, written for its original files, rename `model.norm` too)."""
-    ours = [(re.compile(p), r) for p, r in getattr(ADAPTERS.get(model_type), "checkpoint_renames", ())]
+    ours = _adapter_renames(model_type)
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, apply_renamings
@@ -110,6 +115,12 @@ def checkpoint_renamer(model_type: str | None, known=None):
     return rename
 
 
+def model_renamer(model):
+    """`checkpoint_renamer` of the family of `model` (built from the checkpoint's config: a meta skeleton is
+    enough), knowing its tensor names."""
+    return checkpoint_renamer(model.config.model_type, model_tensors(model))
+
+
 def text_prefix(keys: list[str], embed: str, rename=unchanged) -> str | None:
     """The prefix under which a multimodal checkpoint keeps its text model (`language_model.` for Llama 4), found
     from the input embeddings' key (`embed`, the loaded model's name for it; keys read through `rename`); None when
@@ -125,7 +136,7 @@ def as_loaded(state: dict, model) -> dict:
     """A checkpoint's tensors under the names `model` (built from the checkpoint's config) gives them: the family's
     renames on loading (a multimodal checkpoint: its text model's) and a text model's prefix stripped; the other
     towers' tensors (vision) left out — the text model has none."""
-    rename = checkpoint_renamer(model.config.model_type, model_tensors(model))
+    rename = model_renamer(model)
     names = {id(m): n for n, m in model.named_modules()}
     embed = names[id(model.get_input_embeddings())] + ".weight"
     prefix = text_prefix(list(state), embed, rename)

@@ -35,7 +35,7 @@ def checkpoint_fingerprint(path: str | Path) -> dict:
     """`model_fingerprint` computed from the checkpoint files (router tensors only), without loading the model."""
     from ..apply.stream import meta_model
     from ..models import moe_adapter_for
-    from ..models.keys import canonical, checkpoint_renamer, model_tensors
+    from ..models.keys import canonical, model_renamer
 
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
@@ -45,7 +45,7 @@ def checkpoint_fingerprint(path: str | Path) -> dict:
     wanted = {canonical(f"{names[id(rt.module)]}.{rt.name}"): layer.index for layer in layers
               for rt in layer.router_tensors if rt.tensor is layer.router_weight}
     tails = {layer.index: layer.identity_experts for layer in layers}  # router rows after the routed experts
-    rename = checkpoint_renamer(skeleton.config.model_type, model_tensors(skeleton))  # the model built (multimodal: the text model's renames)
+    rename = model_renamer(skeleton)  # the model built (multimodal: the text model's renames)
     routers: dict[int, torch.Tensor] = {}
     for file in shard_files(path):
         with safe_open(file, "pt") as f:
