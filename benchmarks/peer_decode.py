@@ -20,7 +20,8 @@ converter (the sdist's vendored `convert_hf_to_gguf.py`, unmodified, run as in `
 
 Reported per configuration (medians over repeats): time to first token (TTFT: request start to the first new
 token, prefill and pruning included), decode tokens/s (the tokens after the first), the per-request overhead
-(statistics + selection + apply, from the engine) as a share of the dense prefill, and the memory-bandwidth bound:
+(statistics + selection + apply + lazy: experts compacted on first use inside the decode, + undo; from the
+engine) as a share of the dense prefill, and the memory-bandwidth bound:
 bytes of weights one decoded token reads / this machine's measured read bandwidth (`torch` sum over 1 GiB).
 Writes benchmarks/results/peer_decode.json (a run of some --models updates theirs). llama.cpp's converter reads the
 synthetic Llama's tokenizer only with `sentencepiece` installed beside mumoe (`pip install sentencepiece`). Not in
@@ -360,7 +361,7 @@ def report(name: str, entry: dict, bw: float) -> None:
           f"used); read bandwidth {bw:.1f} GB/s; bound = bandwidth / bytes read per token (≈ for a compacted decode: "
           "its read share applied to every prunable weight; llama.cpp: the file's bytes scaled alike)")
     print("| configuration | decode tok/s | vs first dense | bound tok/s | TTFT s | TTFT / first dense "
-          "| overhead / its dense prefill | statistics + select + apply + undo ms |")
+          "| overhead / its dense prefill | statistics + select + apply + lazy + undo ms |")
     print("|---|---|---|---|---|---|---|---|")
     for dtype, info in entry["mumoe"].items():
         label = info["dtype"].replace("torch.", "")
@@ -371,7 +372,7 @@ def report(name: str, entry: dict, bw: float) -> None:
             fixed = per_token(info, 0.0)  # read in the model's dtype; the prunable part int8 where int8
             bound = bw * 1e9 / (fixed * elem + (per_token(info, share) - fixed) * (1 if "int8" in cname else elem))
             parts = [med(rows, k) * 1000 if k in rows[0] else 0.0
-                     for k in ("statistics_s", "select_s", "apply_s", "undo_s")]
+                     for k in ("statistics_s", "select_s", "apply_s", "lazy_s", "undo_s")]
             over = sum(parts) / 1000 / info["plain_prefill_s"]
             print(f"| mumoe {label} {cname} | {tok:.1f} | {tok / dense_tok:.2f} | {bound:.0f} | "
                   f"{med(rows, 'ttft_s'):.3f} | {med(rows, 'ttft_s') / dense_ttft:.2f} | {over:.1%} | "
@@ -403,7 +404,7 @@ def goals(name: str, entry: dict) -> None:
                 line.append(f"{c} / llama.cpp Q4_K_M {med(runs[c], 'decode_tok_s') / peer['q4km']:.2f} (goal > 1)")
         pruned = {c: r for c, r in runs.items() if c != "dense"}
         if pruned:
-            over = {c: sum(med(r, k) for k in ("statistics_s", "select_s", "apply_s", "undo_s") if k in r[0])
+            over = {c: sum(med(r, k) for k in ("statistics_s", "select_s", "apply_s", "lazy_s", "undo_s") if k in r[0])
                     / info["plain_prefill_s"] for c, r in pruned.items()}
             worst = max(over, key=over.get)
             line.append(f"largest overhead / prefill {over[worst]:.1%} ({worst}; goal ≤ 5%)")

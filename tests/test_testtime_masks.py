@@ -398,18 +398,60 @@ def test_prompt_pruner_selects_column_indices_without_masks(arch):
     cols = pruner.select(norms)
     masks = prompt_masks(model, x[:, :6], 0.5, "column")
     assert set(cols) == set(masks)
+    with torch.no_grad():
+        undo = compact(model, masks)
+        by_masks = model(x).logits
+        uncompact(undo)
+        with pruner.applied(cols):  # (experts of deferred statistics compacted as the tokens reach them)
+            assert torch.equal(model(x).logits, by_masks)
+    lazy = [c for c in cols.values() if not isinstance(c, torch.Tensor)]
+    assert bool(lazy) == (arch == "qwen3_moe")  # 6 tokens × top-2 leave experts of the MoE unrouted
     for name, c in cols.items():
+        c = c if isinstance(c, torch.Tensor) else c.resolved()
         assert c.dtype == torch.long
         want = masks[name].any(-2)  # [..., d_in]
         got = torch.zeros_like(want).scatter(-1, c, True)
         assert torch.equal(got, want) and bool((c.diff(dim=-1) > 0).all()), name
     assert pruner.counts(cols) == (sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values()))
-    with torch.no_grad():
-        undo = compact(model, masks)
-        by_masks = model(x).logits
-        uncompact(undo)
-        with pruner.applied(cols):
-            assert torch.equal(model(x).logits, by_masks)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_experts_the_decode_never_reaches_are_never_compacted(arch):
+    """Compacted μ-MoE on an MoE: an expert is gathered the first time a token reaches it, and the fallback
+    statistics of an expert no prompt token routed to are computed only then — the experts the pruned forward
+    routes to are exactly the ones made, the deferred rows left are exactly the unreached ones, and the seconds
+    are counted (`lazy_s`). The resolved norms equal the prefill's own fallback (no deferral), bit for bit."""
+    from mumoe.observe.collectors import DeferredNorms, input_norms
+    from mumoe.testtime import PromptPruner
+
+    model, x = make(arch), ids(1, 9, seed=11)
+    pruner = PromptPruner(model, 0.5, "column")
+    norms, _ = pruner.prefill(x[:, :5])
+    deferred = {n: v for n, v in norms.items() if isinstance(v, DeferredNorms)}
+    before = {n: set(v.pending) for n, v in deferred.items()}
+    assert deferred and all(before.values())
+    cols = pruner.select(norms)
+    layers = adapter_for(model).moe_layers()
+    names = {id(m): n for n, m in model.named_modules()}
+    reached: dict[str, set] = {}
+    hooks = [l.experts.register_forward_pre_hook(
+        lambda m, a, n=f"{names[id(l.experts)]}.down_proj": reached.setdefault(n, set()).update(
+            int(e) for e in a[1].unique() if int(e) < l.num_experts)) for l in layers]
+    try:
+        with torch.no_grad(), pruner.applied(cols) as undo:
+            model(x[:, 4:6])  # two tokens through the pruned model
+    finally:
+        for h in hooks:
+            h.remove()
+    assert undo.experts_made == sum(len(r) for r in reached.values())
+    assert undo.experts_made < sum(l.num_experts for l in layers) and undo.lazy_s > 0
+    for n, v in deferred.items():
+        assert v.pending == before[n] - reached.get(n, set()), n
+    eager = input_norms(model, x[:, :5], return_cache=True)[0]
+    for n, v in deferred.items():
+        assert torch.equal(v.resolved(), eager[n]), n
+    with pytest.raises(ValueError):
+        input_norms(model, x[:, :5], defer_unrouted=True)
 
 
 def test_row_masking_swaps_storage_and_keeps_the_weights_untouched():

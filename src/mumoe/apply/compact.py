@@ -23,6 +23,7 @@ the largest ρ used (at most one extra copy of the prunable weights); `release_b
 
 from __future__ import annotations
 
+import time
 import types
 
 import torch
@@ -170,12 +171,18 @@ class CompactLinear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid: torch.Tensor, undo: "Compaction",
+def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid, undo: "Compaction",
                              skip_unused: bool = True, int8: bool = False):
-    """keep_in [E, kH] input columns of gate_up per expert; keep_mid [E, kI] intermediate columns of down.
+    """keep_in [E, kH] input columns of gate_up per expert; keep_mid [E, kI] intermediate columns of down (a
+    tensor, or an object whose `row(e)` gives expert e's on first use: `select.weights.LazyColumns`).
     skip_unused: gate_up keeps only the gate and up rows of the kept channels, [2kI, kH] per expert (else all
-    2I rows, and the intermediate is gathered)."""
+    2I rows, and the intermediate is gathered).
+
+    Each expert is compacted the first time a token is routed to it — a decode reaches a fraction of the experts
+    (120 of 512 over 128 tokens on the 848M qwen3_moe of BENCHMARKS.md), and the others are never gathered. The
+    seconds spent so (with any deferred statistics) add up in `undo.lazy_s`."""
     E, kH, kI = keep_in.shape[0], keep_in.shape[1], keep_mid.shape[1]
+    mid_row = keep_mid.row if hasattr(keep_mid, "row") else keep_mid.__getitem__
     gate_up, down = layer.experts.gate_up_proj.detach(), layer.experts.down_proj.detach()
     I, H = down.shape[2], down.shape[1]
     gu_scale = dn_scale = None
@@ -186,29 +193,43 @@ def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid: torch.Tenso
     undo += rel
     buf_dn, rel = _claim(down if int8 else layer.experts.down_proj, E * H * kI)
     undo += rel
-    rows = [torch.cat([keep_mid[e], I + keep_mid[e]]) if skip_unused else None for e in range(E)]
-    gu = [gather_columns(gate_up[e], keep_in[e], buf_gu[e * n_gu * kH :], rows[e]) for e in range(E)]  # E × [n_gu, kH]
-    dn = [gather_columns(down[e], keep_mid[e], buf_dn[e * H * kI :]) for e in range(E)]  # E × [H, kI]
-    if int8:  # the kernel's K in blocks of 16
-        gu, dn = [pad_k(w) for w in gu], [pad_k(w) for w in dn]
-    gu_s = [None if gu_scale is None else gu_scale[e] if rows[e] is None else gu_scale[e][rows[e]] for e in range(E)]
+    undo.weights += E * (n_gu * kH + H * kI)
+    gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I], [E, H] where the experts have biases
+    made: dict[int, tuple] = {}  # expert -> (keep_in, gate_up [n_gu, kH], its bias, its scales, down [H, kI],
+    # down's bias, down's scales, keep_mid)
+
+    def expert(e: int) -> tuple:
+        if e in made:
+            return made[e]
+        t0 = time.perf_counter()
+        km = mid_row(e)  # [kI]
+        rows = torch.cat([km, I + km]) if skip_unused else None  # [n_gu]
+        gu = gather_columns(gate_up[e], keep_in[e], buf_gu[e * n_gu * kH:], rows)  # [n_gu, kH]
+        dn = gather_columns(down[e], km, buf_dn[e * H * kI:])  # [H, kI]
+        if int8:  # the kernel's K in blocks of 16
+            gu, dn = pad_k(gu), pad_k(dn)
+        pick = (lambda v: v) if rows is None else (lambda v: v[rows])
+        made[e] = (keep_in[e], gu, None if gu_bias is None else pick(gu_bias[e]),
+                   None if gu_scale is None else pick(gu_scale[e]), dn, None if dn_bias is None else dn_bias[e],
+                   None if dn_scale is None else dn_scale[e], km)
+        undo.lazy_s += time.perf_counter() - t0
+        undo.experts_made += 1
+        return made[e]
 
     def linear(x, w, b, scale):
         return nn.functional.linear(x, w, b) if scale is None else int8_linear(x, w, scale, b)
-    undo.weights += E * (n_gu * kH + H * kI)
-    gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I], [E, H] where the experts have biases
-    gu_b = [None if gu_bias is None else gu_bias[e] if rows[e] is None else gu_bias[e][rows[e]] for e in range(E)]
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)  # [T, H]
         for e in torch.unique(top_k_index).tolist():
+            k_in, gu, gu_b, gu_s, dn, dn_b, dn_s, km = expert(e)
             tok, slot = torch.where(top_k_index == e)
-            x = hidden_states[tok].index_select(-1, keep_in[e])  # [n, kH]
-            gate, up = linear(x, gu[e], gu_b[e], gu_s[e]).chunk(2, dim=-1)  # [n, kI] (skip_unused) or [n, I]
+            x = hidden_states[tok].index_select(-1, k_in)  # [n, kH]
+            gate, up = linear(x, gu, gu_b, gu_s).chunk(2, dim=-1)  # [n, kI] (skip_unused) or [n, I]
             h = layer.activate(gate, up)
             if not skip_unused:
-                h = h.index_select(-1, keep_mid[e])  # [n, kI]
-            y = linear(h, dn[e], None if dn_bias is None else dn_bias[e], None if dn_scale is None else dn_scale[e])
+                h = h.index_select(-1, km)  # [n, kI]
+            y = linear(h, dn, dn_b, dn_s)
             y = y * top_k_weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
@@ -224,12 +245,16 @@ def _columns(mask: torch.Tensor) -> torch.Tensor:
 
 class Compaction(list):
     """The undo list of `compact` (entries (owner, attr, original)); `weights`: elements of the compacted
-    matrices (what decoding reads). `use(False)` puts the dense modules back without releasing anything and
-    `use(True)` the compacted ones again — switching costs no gather (e.g. to time both on the same cache)."""
+    matrices (what decoding reads; fused experts counted whole, compacted or not yet). `lazy_s`: seconds spent
+    compacting experts on first use (inside the decode), `experts_made`: how many. `use(False)` puts the dense
+    modules back without releasing anything and `use(True)` the compacted ones again — switching costs no gather
+    (e.g. to time both on the same cache)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weights = 0
+        self.lazy_s = 0.0
+        self.experts_made = 0
         self.swapped: list[tuple[object, str, object, object]] = []  # (owner, attr, original, compacted)
 
     def swap(self, owner, attr: str, compacted) -> None:
@@ -262,8 +287,8 @@ def compact(model: nn.Module, masks: dict[str, torch.Tensor], skip_unused: bool 
     compacted matrices come from the weights' int8 copies (`apply.int8`: weight-only, per-row scales)."""
     adapter = adapter_for(model)
     modules = dict(model.named_modules())
-    keep_of = {name: _columns(m) if m.dtype == torch.bool else m  # param name -> kept input columns [..., k]
-               for name, m in masks.items()}
+    keep_of = {name: _columns(m) if getattr(m, "dtype", None) == torch.bool else m  # param name -> kept input
+               for name, m in masks.items()}  # columns [..., k] (fused experts' down: maybe `LazyColumns`)
     rows_of: dict[str, torch.Tensor] = {}  # producer module -> rows its consumer reads
     pre_gathered: set[str] = set()  # consumers whose input arrives already compacted
     if skip_unused:

@@ -393,14 +393,57 @@ class AtomStats(Collector):
 
 
 # -- input norms (Wanda, μ-MoE) ----------------------------------------------------------------------------
+def col_sq(x: torch.Tensor) -> torch.Tensor:
+    """Σ_t x_tj² per column of x [T, d]: fp32 within one pass (relative error ~1e-7), float64 result."""
+    x = x.detach().float()
+    return torch.mul(x, x).sum(0).double()
+
+
+class DeferredNorms:
+    """‖X_j‖₂ of a fused experts' down_proj inputs [E, I] for one prompt, where the rows of the experts no prompt
+    token routed to are computed when first asked for (`row(e)`). Their fallback — the layer's input over all
+    prompt tokens through expert e — is a matmul over every token per expert, and a decode needs few of them
+    (BENCHMARKS.md: 9 of 234 on the 848M qwen3_moe); a row computed here equals the one computed in the prefill.
+    Holds the layer's input [T, H] until dropped."""
+
+    def __init__(self, known: torch.Tensor, pending: list[int], layer: MoELayer, x: torch.Tensor) -> None:
+        self.known = known  # [E, I] float64; rows of pending experts 0 until computed
+        self.pending = set(pending)
+        self.layer, self.x, self._version = layer, x, x._version  # x [T, H]: the layer's input over all tokens
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.known.shape
+
+    @torch.no_grad()
+    def row(self, e: int) -> torch.Tensor:
+        """‖X_j‖₂ [I] of expert e's down_proj input (computed now for an expert no prompt token routed to)."""
+        if e in self.pending:
+            if self.x._version != self._version:
+                raise RuntimeError("the prompt's hidden states were modified in place after the prefill")
+            self.known[e] = col_sq(self.layer.expert_hidden(e, self.x)).sqrt()
+            self.pending.discard(e)
+        return self.known[e]
+
+    def resolved(self) -> torch.Tensor:
+        """Every row computed: [E, I], equal to the norms the prefill computes without deferring."""
+        for e in sorted(self.pending):
+            self.row(e)
+        return self.known
+
+
 class InputNorms(Collector):
     """Σ_t x_tj² per input feature of every prunable weight: dense linears through pre-hooks; fused routed
     experts per expert over its routed tokens (gate_up input [E, H], down input [E, I]); an expert no token
-    routes to falls back to the layer's input over all tokens. `result()` -> {param name: ‖X_j‖₂}."""
+    routes to falls back to the layer's input over all tokens. `result()` -> {param name: ‖X_j‖₂}.
+    defer_unrouted (one pass, a prompt): the fallback of the down_proj inputs is not computed in the forward;
+    `result()` gives those weights as `DeferredNorms`, which compute an expert's row when asked."""
 
     needs_routes = False
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, defer_unrouted: bool = False) -> None:
+        self.defer_unrouted = defer_unrouted
+        self.deferred: dict[str, tuple[MoELayer, torch.Tensor]] = {}  # prefix -> (layer, its input [T, H])
         self.dense, self.moe_layers = prunable_linears(model)
         self.needs_experts = bool(self.moe_layers)
         names = adapter_for(model).module_names()
@@ -468,10 +511,15 @@ class InputNorms(Collector):
         if unrouted:  # fallback material: the layer's input over all tokens of this pass
             x = r.route.hidden
             x_sq = self._col_sq(x)  # the same for every unrouted expert
-            with torch.no_grad():
-                for e in unrouted:
-                    acc["gu_all"][e] += x_sq
-                    acc["dn_all"][e] += self._col_sq(layer.expert_hidden(e, x))
+            acc["gu_all"][unrouted] += x_sq
+            if self.defer_unrouted:  # down_proj's fallback when asked (`DeferredNorms`)
+                if self.prefix[layer.index] in self.deferred:
+                    raise RuntimeError("defer_unrouted gathers the statistics of one forward")
+                self.deferred[self.prefix[layer.index]] = (layer, x.detach())
+            else:
+                with torch.no_grad():
+                    for e in unrouted:
+                        acc["dn_all"][e] += self._col_sq(layer.expert_hidden(e, x))
         self.seconds += time.perf_counter() - t0
 
     def reduce(self, prefix: str, total: Callable) -> None:
@@ -494,7 +542,11 @@ class InputNorms(Collector):
             unrouted = (acc["n"] == 0)[:, None]
             sq[f"{prefix}.gate_up_proj"] = torch.where(unrouted, acc["gu_all"], acc["gu"])
             sq[f"{prefix}.down_proj"] = torch.where(unrouted, acc["dn_all"], acc["dn"])
-        return {k: v.sqrt() for k, v in sq.items()}
+        out = {k: v.sqrt() for k, v in sq.items()}
+        for prefix, (layer, x) in self.deferred.items():
+            pending = (self.fused[prefix]["n"] == 0).nonzero().flatten().tolist()
+            out[f"{prefix}.down_proj"] = DeferredNorms(out[f"{prefix}.down_proj"], pending, layer, x)
+        return out
 
 
 # -- anything else on the routes ----------------------------------------------------------------------------
@@ -510,14 +562,19 @@ class OnRoute(Collector):
 
 @torch.no_grad()
 def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                batch_size: int = 8, return_cache: bool = False, timing: dict | None = None):
+                batch_size: int = 8, return_cache: bool = False, timing: dict | None = None,
+                defer_unrouted: bool = False):
     """‖X_j‖₂ per input feature of every prunable weight, from dense forwards of `ids` [B, L] (in batches;
     with return_cache, one forward whose KV cache is returned too: -> (norms, cache)). `timing`: a dict that
     receives "hooks_s", the seconds spent computing the statistics inside the forward.
 
     -> {param name: [d_in]} for dense linears; {"...experts.gate_up_proj": [E, H], "...experts.down_proj": [E, I]}
-    for fused experts (per expert, over its routed tokens; unrouted experts use all tokens)."""
-    col = InputNorms(model)
+    for fused experts (per expert, over its routed tokens; unrouted experts use all tokens). defer_unrouted (with
+    return_cache): the down_proj norms of layers with unrouted experts come as `DeferredNorms` (computed per
+    expert when asked)."""
+    if defer_unrouted and not return_cache:
+        raise ValueError("defer_unrouted is for one prompt's forward (return_cache=True)")
+    col = InputNorms(model, defer_unrouted)
     cache = None
     try:
         if return_cache:  # one prompt: keep its KV cache for decoding

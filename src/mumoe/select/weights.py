@@ -46,6 +46,34 @@ def keep_columns(weight: torch.Tensor, norms: torch.Tensor, active: float) -> to
     return torch.argsort(-col, dim=-1, stable=True)[..., :keep]
 
 
+class LazyColumns:
+    """`keep_columns` of a stack of expert weights [E, d_out, d_in], ascending, where the norms of some experts are
+    computed on first use (`observe.collectors.DeferredNorms`): `row(e)` -> LongTensor [k], the kept columns of
+    expert e, equal to row e of `keep_columns(weight, norms.resolved(), active)` sorted."""
+
+    def __init__(self, weight: torch.Tensor, norms, active: float) -> None:
+        self.weight, self.norms, self.active = weight, norms, active
+        self.keep = keep_columns(weight, norms.known, active).sort(-1).values  # [E, k]; pending rows: until asked
+        self.pending = set(norms.pending)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.keep.shape
+
+    def row(self, e: int) -> torch.Tensor:
+        if e in self.pending:
+            col = column_norms(self.weight)[e] * self.norms.row(e).double()  # [d_in], as keep_columns' row e
+            self.keep[e] = torch.argsort(-col, stable=True)[: self.keep.shape[-1]].sort().values
+            self.pending.discard(e)
+        return self.keep[e]
+
+    def resolved(self) -> torch.Tensor:
+        """[E, k]: every row computed."""
+        for e in sorted(self.pending):
+            self.row(e)
+        return self.keep
+
+
 def kept_count(shape: tuple[int, ...] | torch.Size, active: float, structure: str = "row") -> int:
     """Weights a Wanda keep rule of `structure` keeps in a weight of `shape` [..., d_out, d_in] — known from the
     rule, without building the mask: column keeps ⌈ρ·d_in⌉ columns, row removes floor((1 − ρ)·d_in) per row,

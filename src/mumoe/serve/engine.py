@@ -363,8 +363,8 @@ class Engine:
                 self._echo(prefilled.model, x, sampling, emit, prefilled.logits)
             ready_to_decode(prefilled)
             feed, logits = (x[:, -1:], None) if prefilled.refeed else (None, prefilled.logits[:, -1])
-            applied["overhead_ms"] = round(1000 * prefilled.overhead_s, 3)
             reason, n = self._decode(prefilled.model, prefilled.cache, feed, logits, sampling, emit, should_stop)
+        applied["overhead_ms"] = round(1000 * prefilled.overhead_s, 3)  # (with what the decode did lazily)
         return Finished(reason, len(ids), n, applied, prefilled.stats)
 
     def _echo(self, model: nn.Module, x: torch.Tensor, sampling: Sampling, emit, logits: torch.Tensor | None) -> None:

@@ -15,9 +15,9 @@ from ..apply.compact import Compaction, compact, prepare_columns, uncompact
 from ..apply.int8 import int8_copy
 from ..apply.masking import swap_masked, unswap
 from ..errors import MumoeError
-from ..observe.collectors import input_norms
+from ..observe.collectors import DeferredNorms, input_norms
 from ..recipe import parse_structure
-from ..select.weights import check_active, keep_columns, kept_count, masks_from_norms
+from ..select.weights import LazyColumns, check_active, keep_columns, kept_count, masks_from_norms
 
 
 def prompt_masks(model: nn.Module, prompt_ids: torch.Tensor, active: float, structure: str = "row"
@@ -60,16 +60,18 @@ class PromptPruner:
             prepare_columns(model)  # once per model: column gathers become row copies
 
     def prefill(self, ids: torch.Tensor, timing: dict | None = None):
-        """Dense prefill of ids [1, L] with the statistics hooks. -> (norms, KV cache)"""
-        return input_norms(self.model, ids, return_cache=True, timing=timing)
+        """Dense prefill of ids [1, L] with the statistics hooks. -> (norms, KV cache). Compacted: the down_proj
+        statistics of the experts no prompt token routes to are deferred (`DeferredNorms`) — computed, and the
+        expert compacted, only if the decode routes a token to it."""
+        return input_norms(self.model, ids, return_cache=True, timing=timing, defer_unrouted=self.compacted)
 
     def select(self, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The prompt's pruning of every weight named in `norms`: compacted column structure -> the kept input
         columns (LongTensor [..., k] ascending, `keep_columns`: no mask is built); otherwise keep masks of each weight's
         shape."""
-        if self.compacted:
-            return {name: keep_columns(self.params[name], n, self.active).sort(-1).values  # ascending, as a mask's
-                    for name, n in norms.items()}
+        if self.compacted:  # ascending, as a mask's; deferred expert norms: `LazyColumns`, rows on first use
+            return {name: LazyColumns(self.params[name], n, self.active) if isinstance(n, DeferredNorms)
+                    else keep_columns(self.params[name], n, self.active).sort(-1).values for name, n in norms.items()}
         return masks_from_norms(self.model, norms, self.active, self.structure, params=self.params)
 
     def counts(self, selection: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -40,10 +40,11 @@ class Prefilled:
     # only); None: the last prompt token is fed again (refeed)
     pruning: Callable[[], object]  # () -> a context manager applying the pruning for the decode (undone on exit)
     info: dict = field(default_factory=dict)  # kind, and what was chosen (active ratio, experts, task, ...)
-    overhead_s: float = 0.0  # statistics + selection (+ matching and loading for a task)
+    overhead_s: float = 0.0  # statistics + selection (+ matching and loading for a task); after the decode, +
+    # the apply and what was done lazily inside the decode (μ-MoE's experts compacted on first use)
     on_applied: Callable[[object, dict], None] | None = None  # (undo, stats): what is known once applied
     stats: dict = field(default_factory=dict)  # counts (kept / removed weights) and seconds (statistics_s,
-    # select_s, apply_s, undo_s) for the caller, not reported to clients
+    # select_s, apply_s, lazy_s, undo_s) for the caller, not reported to clients
 
     @property
     def refeed(self) -> bool:
@@ -51,7 +52,8 @@ class Prefilled:
 
     @contextmanager
     def applied(self) -> Iterator[object]:
-        """The pruning applied for the decode (timed into overhead_s); undone on exit, also on error."""
+        """The pruning applied for the decode (timed into overhead_s, with what the decode did lazily: `lazy_s`);
+        undone on exit, also on error."""
         t0 = time.perf_counter()
         with self.pruning() as undo:
             self.stats["apply_s"] = time.perf_counter() - t0
@@ -61,6 +63,9 @@ class Prefilled:
             try:
                 yield undo
             finally:
+                if hasattr(undo, "lazy_s"):  # a compaction: its experts compacted on first use
+                    self.stats.update(lazy_s=undo.lazy_s, experts_compacted=undo.experts_made)
+                    self.overhead_s += undo.lazy_s
                 t1 = time.perf_counter()
         self.stats["undo_s"] = time.perf_counter() - t1
 
