@@ -101,6 +101,22 @@ def test_structures_hand_worked():
     assert wanda_mask(W, x, 0.5, "column").tolist() == [[True, False, False, True]] * 2
 
 
+def test_top_indices_equals_a_sort_with_ties_to_the_lower_index():
+    """`top_indices` (a k-th value split, no sort) against Python's sort by (−score, index), on scores with many
+    ties, every k from 0 to d, rows of a stack independently."""
+    from mumoe.select.weights import top_indices
+
+    g = torch.Generator().manual_seed(3)
+    score = torch.randint(0, 4, (5, 9), generator=g).double()  # values 0..3: ties everywhere
+    score[1] = 2.0  # a row of one value
+    for k in range(10):
+        got = top_indices(score, k)
+        want = [sorted(sorted(range(9), key=lambda j: (-float(row[j]), j))[:k]) for row in score]
+        assert got.shape == (5, k) and got.tolist() == want, k
+    one = torch.tensor([0.5, 3.0, 3.0, 1.0])
+    assert top_indices(one, 2).tolist() == [1, 2] and top_indices(one, 3).tolist() == [1, 2, 3]
+
+
 def test_bad_inputs():
     W, x = torch.ones(2, 6), torch.ones(6)
     with pytest.raises(MumoeError, match=r"\(0, 1\]"):

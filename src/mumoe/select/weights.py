@@ -37,23 +37,37 @@ def check_active(active: float) -> float:
     return float(active)
 
 
+def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest entries of each row of score [..., d] (ties: lower index first) -> LongTensor [..., k]
+    ascending. The k-th value splits the row in one selection pass (no sort: ~3x faster than a stable argsort of
+    [64, 1024] here); the tied values at it are taken in index order."""
+    d = score.shape[-1]
+    if k >= d:
+        return torch.arange(d, device=score.device).expand(*score.shape[:-1], d).clone()
+    if k == 0:
+        return torch.empty(*score.shape[:-1], 0, dtype=torch.long, device=score.device)
+    kth = score.kthvalue(d - k + 1, dim=-1, keepdim=True).values  # [..., 1] the k-th highest
+    above, tied = score > kth, score == kth
+    keep = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per row
+    return torch.arange(d, device=score.device).expand(score.shape)[keep].view(*score.shape[:-1], k)
+
+
 def keep_columns(weight: torch.Tensor, norms: torch.Tensor, active: float) -> torch.Tensor:
-    """Column structure as indices: the top ⌈ρ·d_in⌉ input columns by ‖X_j‖·‖W[:, j]‖, best first (ties: lower
-    index first). weight [d_out, d_in] (or [E, d_out, d_in]), norms [d_in] ([E, d_in]) -> LongTensor [..., k]"""
+    """Column structure as indices: the top ⌈ρ·d_in⌉ input columns by ‖X_j‖·‖W[:, j]‖ (ties: lower index first),
+    ascending. weight [d_out, d_in] (or [E, d_out, d_in]), norms [d_in] ([E, d_in]) -> LongTensor [..., k]"""
     check_active(active)
     keep = math.ceil(active * weight.shape[-1] - 1e-9)
-    col = column_norms(weight) * norms.double()  # [..., d_in]
-    return torch.argsort(-col, dim=-1, stable=True)[..., :keep]
+    return top_indices(column_norms(weight) * norms.double(), keep)  # scores [..., d_in]
 
 
 class LazyColumns:
     """`keep_columns` of a stack of expert weights [E, d_out, d_in], ascending, where the norms of some experts are
     computed on first use (`observe.collectors.DeferredNorms`): `row(e)` -> LongTensor [k], the kept columns of
-    expert e, equal to row e of `keep_columns(weight, norms.resolved(), active)` sorted."""
+    expert e, equal to row e of `keep_columns(weight, norms.resolved(), active)`."""
 
     def __init__(self, weight: torch.Tensor, norms, active: float) -> None:
         self.weight, self.norms, self.active = weight, norms, active
-        self.keep = keep_columns(weight, norms.known, active).sort(-1).values  # [E, k]; pending rows: until asked
+        self.keep = keep_columns(weight, norms.known, active)  # [E, k]; pending rows: until asked
         self.pending = set(norms.pending)
 
     @property
@@ -63,7 +77,7 @@ class LazyColumns:
     def row(self, e: int) -> torch.Tensor:
         if e in self.pending:
             col = column_norms(self.weight)[e] * self.norms.row(e).double()  # [d_in], as keep_columns' row e
-            self.keep[e] = torch.argsort(-col, stable=True)[: self.keep.shape[-1]].sort().values
+            self.keep[e] = top_indices(col, self.keep.shape[-1])
             self.pending.discard(e)
         return self.keep[e]
 

@@ -71,7 +71,7 @@ class PromptPruner:
         shape."""
         if self.compacted:  # ascending, as a mask's; deferred expert norms: `LazyColumns`, rows on first use
             return {name: LazyColumns(self.params[name], n, self.active) if isinstance(n, DeferredNorms)
-                    else keep_columns(self.params[name], n, self.active).sort(-1).values for name, n in norms.items()}
+                    else keep_columns(self.params[name], n, self.active) for name, n in norms.items()}
         return masks_from_norms(self.model, norms, self.active, self.structure, params=self.params)
 
     def counts(self, selection: dict[str, torch.Tensor]) -> tuple[int, int]:
