@@ -221,6 +221,7 @@ def test_cli_generate_and_bad_active(capsys):
 @pytest.mark.parametrize("arch", ["llama", "opt", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_column_compacted_decode_equals_masked_dense(arch, prepared, skip_unused):
     from mumoe.apply.compact import compact, is_column_major, prepare_columns, uncompact
+    from mumoe.compat import cache_kwarg, output_cache
 
     model, x = make(arch), ids(1, 10, seed=12)
     if prepared:  # column-major storage: same values, same shapes, fast gathers
@@ -255,7 +256,11 @@ def test_column_compacted_decode_equals_masked_dense(arch, prepared, skip_unused
         assert small[consumer].gather_input is not skip_unused
     with torch.no_grad():
         compacted = model(x).logits
+        kw = cache_kwarg()  # token by token (a decode step's one-token expert path) vs the masked full forward
+        cache = output_cache(model(x[:, :6], use_cache=True))
+        steps = torch.stack([model(x[:, i : i + 1], **{kw: cache}, use_cache=True).logits[0, -1] for i in range(6, 10)])
     assert (compacted - masked).abs().max() <= 1e-4
+    assert (steps - masked[0, 6:10]).abs().max() <= 1e-4
     assert (compacted - dense).abs().max() > 1e-3  # the masks do something
     # what decoding reads: the masked count (ρ of each matrix), minus the skipped rows
     active = sum(int(m.sum()) for m in masks.values())
