@@ -276,6 +276,24 @@ def test_column_compacted_decode_equals_masked_dense(arch, prepared, skip_unused
         assert torch.equal(model(x).logits, dense)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+def test_gather_columns_copies_exactly_what_indexing_gives(dtype, layout):
+    """`gather_columns` (row copies of Wᵀ, column gathers, staged two-index gathers, half precision moved as int16
+    bits) against plain indexing W[:, keep] and W[rows][:, keep], bit for bit, into a reused buffer too."""
+    from mumoe.apply.compact import column_major, gather_columns
+
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(300, 70, generator=g) * 20).to(dtype)
+    w = column_major(w) if layout == "column-major" else w
+    keep = torch.randperm(70, generator=g)[:33].sort().values
+    rows = torch.randperm(300, generator=g)[:101].sort().values
+    buf = torch.empty(300 * 70, dtype=dtype)
+    for out in (None, buf):
+        assert torch.equal(gather_columns(w, keep, out), w[:, keep])
+        assert torch.equal(gather_columns(w, keep, out, rows), w[rows][:, keep])
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt", "qwen2_moe"])
 def test_column_compaction_at_rho_one_is_the_dense_model(arch):
     """ρ = 1 keeps every column, so every row is read too: the compacted model is the dense one, value for value."""

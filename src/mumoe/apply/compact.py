@@ -54,6 +54,12 @@ def column_major(w: torch.Tensor) -> torch.Tensor:
     return w if is_column_major(w) else w.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A half-precision tensor viewed as int16 (the same bytes): torch's CPU gather copies int16 ~1.3x faster than
+    bf16 (5.2 -> 3.9 ms for 1024 of 2048 columns of a 5632×2048 matrix here); other dtypes as they are."""
+    return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 _CHUNK = 1 << 19  # elements of the staging block of a two-index gather (2 MB fp32: stays in cache)
 
 
@@ -71,7 +77,8 @@ def gather_columns(w: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None
         n_out, n_in = w.shape[0], keep.numel()
         res = (torch.empty(n_out, n_in, dtype=w.dtype, device=w.device) if out is None
                else out[: n_out * n_in].view(n_out, n_in))
-        return torch.gather(w, 1, keep.to(w.device).expand(n_out, -1), out=res)
+        torch.gather(_bits(w), 1, keep.to(w.device).expand(n_out, -1), out=_bits(res))
+        return res
     n_lines = first.numel()
     width = src.shape[1] if second is None else second.numel()
     res = (torch.empty(n_lines, width, dtype=w.dtype, device=w.device) if out is None
@@ -85,7 +92,7 @@ def gather_columns(w: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None
         for s in range(0, n_lines, step):
             n = first[s : s + step].numel()
             block = torch.index_select(src, 0, first[s : s + step], out=stage[:n])
-            torch.gather(block, 1, within[:n], out=res[s : s + n])
+            torch.gather(_bits(block), 1, within[:n], out=_bits(res[s : s + n]))
     return res.t() if col_major else res
 
 
