@@ -455,11 +455,12 @@ def test_prompt_pruner_selects_column_indices_without_masks(arch):
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
-def test_experts_the_decode_never_reaches_are_never_compacted(arch):
+def test_experts_the_decode_never_reaches_are_never_compacted(arch, monkeypatch):
     """Compacted μ-MoE on an MoE: an expert is gathered the first time a token reaches it, and the fallback
     statistics of an expert no prompt token routed to are computed only then — the experts the pruned forward
     routes to are exactly the ones made, the deferred rows left are exactly the unreached ones, and the seconds
     are counted (`lazy_s`). The resolved norms equal the prefill's own fallback (no deferral), bit for bit."""
+    from mumoe.observe import collectors
     from mumoe.observe.collectors import DeferredNorms, input_norms
     from mumoe.testtime import PromptPruner
 
@@ -489,6 +490,12 @@ def test_experts_the_decode_never_reaches_are_never_compacted(arch):
     eager = input_norms(model, x[:, :5], return_cache=True)[0]
     for n, v in deferred.items():
         assert torch.equal(v.resolved(), eager[n]), n
+    # a budget for one layer's hidden states: that layer deferred, the next computed in the prefill, same norms
+    monkeypatch.setattr(collectors, "DEFER_BYTES", 5 * model.config.hidden_size * 4)
+    capped = input_norms(model, x[:, :5], return_cache=True, defer_unrouted=True)[0]
+    assert len(deferred) >= 2 and sum(isinstance(v, DeferredNorms) for v in capped.values()) == 1
+    for n, v in capped.items():
+        assert torch.equal(v.resolved() if isinstance(v, DeferredNorms) else v, eager[n]), n
     with pytest.raises(ValueError):
         input_norms(model, x[:, :5], defer_unrouted=True)
 

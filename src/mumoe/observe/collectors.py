@@ -432,12 +432,17 @@ class DeferredNorms:
         return self.known
 
 
+DEFER_BYTES = 1 << 30  # at most this many bytes of prompt hidden states held for deferred fallbacks (one [T, H]
+# per MoE layer: 48 layers × 8k tokens × 4096 in bf16 would be 3.2 GB); the layers past it compute theirs in the prefill
+
+
 class InputNorms(Collector):
     """Σ_t x_tj² per input feature of every prunable weight: dense linears through pre-hooks; fused routed
     experts per expert over its routed tokens (gate_up input [E, H], down input [E, I]); an expert no token
     routes to falls back to the layer's input over all tokens. `result()` -> {param name: ‖X_j‖₂}.
     defer_unrouted (one pass, a prompt): the fallback of the down_proj inputs is not computed in the forward;
-    `result()` gives those weights as `DeferredNorms`, which compute an expert's row when asked."""
+    `result()` gives those weights as `DeferredNorms`, which compute an expert's row when asked (while the held
+    hidden states stay within `DEFER_BYTES`; later layers as without deferring)."""
 
     needs_routes = False
 
@@ -512,8 +517,9 @@ class InputNorms(Collector):
             x = r.route.hidden
             x_sq = self._col_sq(x)  # the same for every unrouted expert
             acc["gu_all"][unrouted] += x_sq
-            if self.defer_unrouted:  # down_proj's fallback when asked (`DeferredNorms`)
-                if self.prefix[layer.index] in self.deferred:
+            held = sum(v[1].numel() * v[1].element_size() for v in self.deferred.values())
+            if self.defer_unrouted and held + x.numel() * x.element_size() <= DEFER_BYTES:  # down_proj's fallback
+                if self.prefix[layer.index] in self.deferred:  # when asked (`DeferredNorms`)
                     raise RuntimeError("defer_unrouted gathers the statistics of one forward")
                 self.deferred[self.prefix[layer.index]] = (layer, x.detach())
             else:
