@@ -230,16 +230,15 @@ def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid, undo: "Comp
         """A decode step (T = 1): the same sums in the same order (experts ascending), without the per-expert
         token lookups of the general path (a third of the step's operator calls)."""
         out = torch.zeros_like(hidden_states)  # [1, H]
-        row, x0 = out[0], hidden_states[0]
         picks = sorted(zip(top_k_index[0].tolist(), range(top_k_index.shape[1])))  # (expert, slot)
         for e, slot in picks:
             k_in, gu, gu_b, gu_s, dn, dn_b, dn_s, km = expert(e)
-            gate, up = linear(x0.index_select(-1, k_in), gu, gu_b, gu_s).chunk(2, dim=-1)
+            gate, up = linear(hidden_states.index_select(-1, k_in), gu, gu_b, gu_s).chunk(2, dim=-1)  # [1, kI]
             h = layer.activate(gate, up)
             if not skip_unused:
                 h = h.index_select(-1, km)
-            y = linear(h, dn, dn_b, dn_s) * top_k_weights[0, slot]
-            row.add_(y.to(out.dtype))
+            y = linear(h, dn, dn_b, dn_s) * top_k_weights[0, slot]  # [1, H] (as the general path's matmuls)
+            out.add_(y.to(out.dtype))
         return out
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
