@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..models import adapter_for
+from .gemv import linear as gemv_linear
 from .int8 import int8_copy, int8_linear, pad_k
 from ..models.swap import restore_forward, set_forward
 from ..settings import TensorCache
@@ -175,7 +176,7 @@ class CompactLinear(nn.Module):
         x = x.index_select(-1, self.keep) if self.gather_input else x
         if self.weight is None:
             return int8_linear(x, self.qweight, self.scale, self.bias)
-        return nn.functional.linear(x, self.weight, self.bias)
+        return gemv_linear(x, self.weight, self.bias)
 
 
 def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid, undo: "Compaction",
@@ -224,7 +225,7 @@ def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid, undo: "Comp
         return made[e]
 
     def linear(x, w, b, scale):
-        return nn.functional.linear(x, w, b) if scale is None else int8_linear(x, w, scale, b)
+        return gemv_linear(x, w, b) if scale is None else int8_linear(x, w, scale, b)
 
     def one_token(hidden_states, top_k_index, top_k_weights):
         """A decode step (T = 1): the same sums in the same order (experts ascending), without the per-expert

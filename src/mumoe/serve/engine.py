@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..apply.gemv import fast_decode
 from ..compat import cache_kwarg, output_cache
 from ..errors import MumoeError
 from ..models import stored_weights
@@ -223,6 +224,8 @@ class Engine:
             self.task_models = TaskModels(model_path, library, next(model.parameters()).dtype, self.device,
                                           max_task_models)
         self.total_weights = stored_weights(model)
+        if not taer_only:  # one-token steps by torch.mv where the weights are half precision on the CPU (1.2x)
+            fast_decode(model)
         self._protocols: dict[tuple, PerPrompt] = {}
         self.refeed = refeed_possible(model.config)  # per-prompt decode pruning possible (no recurrent layers)
         self.defaults = self.pruning(None, defaults or Pruning())

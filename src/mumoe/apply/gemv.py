@@ -1,0 +1,92 @@
+"""One-token decode steps at the CPU's read speed for half-precision weights.
+
+torch's CPU `F.linear` of a single row against a bf16/fp16 row-major weight takes a GEMM path that reads the
+weight at ~13–14 GB/s on this project's 2-core machine; `torch.mv` of the same weight reads it at ~19 GB/s
+(1.3–1.4x; interleaved medians, BENCHMARKS.md "One-token GEMV"). fp32 reads alike either way and is left alone.
+`linear` picks per call; `fast_decode(model)` routes a model's dense linears and fused routed experts through it
+for one-token inputs — prefills (several tokens) keep transformers' own paths, so only decode steps change.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from ..models import MoELayer, adapter_for
+from ..models.swap import set_forward
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def prefers_mv(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x [.., K] · w [N, K]ᵀ should be `torch.mv`: one row of x, a row-major half-precision CPU weight."""
+    return (w.device.type == "cpu" and w.dtype in HALF and x.dtype == w.dtype and w.dim() == 2
+            and w.is_contiguous() and x.numel() == x.shape[-1])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w, b)`: x [.., K], w [N, K], b [N] -> [.., N]; one row against a half-precision row-major CPU
+    weight by `torch.mv` (the same products, summed by another kernel: equal to rounding)."""
+    if not prefers_mv(x, w):
+        return nn.functional.linear(x, w, b)
+    y = torch.mv(w, x.reshape(-1))  # [N]
+    if b is not None:
+        y = y + b
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def one_token_experts(layer: MoELayer, general):
+    """A fused experts forward (hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]) that runs a
+    one-token step as one `linear` per picked expert and projection (experts ascending; a slot whose index is E —
+    transformers' expert-parallel sentinel, used by `testtime.skip` for a skipped slot — is not run) and hands
+    every other call to `general`. The weights are read at each call (swaps made after it are seen)."""
+    experts = layer.experts
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
+        if hidden_states.shape[0] != 1 or not prefers_mv(hidden_states, gate_up[0]):
+            return general(hidden_states, top_k_index, top_k_weights)
+        gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I], [E, H] or None
+        out = torch.zeros_like(hidden_states)  # [1, H]
+        for e, slot in sorted(zip(top_k_index[0].tolist(), range(top_k_index.shape[1]))):
+            if e >= gate_up.shape[0]:
+                continue
+            gate, up = linear(hidden_states, gate_up[e], None if gu_bias is None else gu_bias[e]).chunk(2, dim=-1)
+            y = linear(layer.activate(gate, up), down[e], None if dn_bias is None else dn_bias[e])  # [1, H]
+            out.add_((y * top_k_weights[0, slot]).to(out.dtype))
+        return out
+
+    return forward
+
+
+def _plain_experts(experts: nn.Module) -> bool:
+    """Fused experts whose forward is gate_up, the gate, down and the combine — nothing `one_token_experts` lacks."""
+    return (getattr(experts, "has_gate", True) and not getattr(experts, "is_transposed", False)
+            and not getattr(experts, "has_post_expert_norm", False) and hasattr(experts, "gate_up_proj"))
+
+
+def fast_decode(model: nn.Module) -> int:
+    """Route `model`'s one-token steps through `linear` where its weights are half precision on the CPU: every
+    nn.Linear, and the fused routed experts of its MoE layers (`one_token_experts`). Instance forwards only (the
+    classes, the weights and every multi-token call unchanged); idempotent. -> modules changed."""
+    n = 0
+    for module in model.modules():
+        if (isinstance(module, nn.Linear) and "forward" not in module.__dict__ and module.weight.device.type == "cpu"
+                and module.weight.dtype in HALF):
+            set_forward(module, types.MethodType(_linear_forward, module))
+            n += 1
+    adapter = adapter_for(model)
+    for layer in adapter.moe_layers() if adapter.is_moe else []:
+        experts = layer.experts
+        w = getattr(experts, "gate_up_proj", None)
+        if (_plain_experts(experts) and "forward" not in experts.__dict__ and w is not None
+                and w.device.type == "cpu" and w.dtype in HALF):
+            set_forward(experts, one_token_experts(layer, experts.forward))
+            n += 1
+    return n

@@ -1,0 +1,88 @@
+"""One-token decode steps by torch.mv for half-precision CPU weights (`apply.gemv`): the same products as
+F.linear to rounding, only one-token calls taken, and a decode through `fast_decode` as close to an fp32 reference
+as transformers' own bf16 decode."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ids, make
+from mumoe.apply.gemv import fast_decode, linear
+from mumoe.compat import output_cache
+from mumoe.models import adapter_for
+
+
+@pytest.mark.parametrize("shape", [(7,), (1, 7), (1, 1, 7)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_is_f_linear_to_rounding(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 7, generator=g)
+    b = torch.randn(5, generator=g) if bias else None
+    x = torch.randn(*shape, generator=g)
+    ref = (x.double() @ w.double().T + (0 if b is None else b.double()))  # [.., 5], by hand in float64
+    assert torch.equal(linear(x, w, b), nn.functional.linear(x, w, b))  # fp32: F.linear itself
+    for dt in (torch.bfloat16, torch.float16):
+        got = linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
+        assert got.shape == ref.shape and got.dtype == dt
+        base = nn.functional.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
+        assert (got.double() - ref).abs().max() <= 2 * (base.double() - ref).abs().max() + 0.02
+    several = torch.randn(3, 7, generator=g).bfloat16()  # a prefill's rows: F.linear, bit for bit
+    assert torch.equal(linear(several, w.bfloat16()), nn.functional.linear(several, w.bfloat16()))
+
+
+def _decode_logits(model, x, tokens):
+    """One-token steps after a prefill of x [1, L], fed `tokens` (the same for every model compared): the logits
+    [len(tokens), V] of each step, in float64."""
+    out = model(input_ids=x, use_cache=True)
+    cache, rows = output_cache(out), []
+    for t in tokens:
+        out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+        cache = output_cache(out)
+        rows.append(out.logits[0, -1].double())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "llama"])
+def test_fast_decode_is_as_close_to_fp32_as_transformers_bf16(arch, monkeypatch):
+    ref_model = make(arch).eval()
+    model = make(arch).eval().to(torch.bfloat16)
+    x, tokens = ids(1, 12), ids(1, 6, seed=1)[0].tolist()
+    with torch.no_grad():
+        plain = _decode_logits(model, x, tokens)
+        linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+        adapter = adapter_for(model)
+        layers = len(adapter.moe_layers()) if adapter.is_moe else 0
+        assert fast_decode(model) == linears + layers and fast_decode(model) == 0  # idempotent
+        calls = []
+        real_mv = torch.mv
+        monkeypatch.setattr(torch, "mv", lambda *a: calls.append(1) or real_mv(*a))
+        fast = _decode_logits(model, x, tokens)
+        monkeypatch.setattr(torch, "mv", real_mv)
+        assert len(calls) >= len(tokens) * linears  # every step went through torch.mv
+        ref = _decode_logits(ref_model, x, tokens)
+    err_plain, err_fast = (plain - ref).abs().max(), (fast - ref).abs().max()
+    assert err_fast <= 2 * err_plain + 1e-3, (float(err_fast), float(err_plain))  # bf16 rounding, no more
+
+
+def test_fp32_models_are_left_alone():
+    model = make("qwen3_moe").eval()
+    assert fast_decode(model) == 0
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_a_skipped_slot_is_not_run():
+    """testtime.skip hands a skipped slot as index E with weight 0: the one-token path leaves it out."""
+    model = make("qwen3_moe").eval().to(torch.bfloat16)
+    fast_decode(model)
+    layer = adapter_for(model).moe_layers()[0]
+    E = layer.experts.gate_up_proj.shape[0]
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(1, layer.experts.gate_up_proj.shape[2], generator=g).bfloat16()  # [1, H]
+    idx = torch.tensor([[3, 1]])
+    w = torch.tensor([[0.6, 0.4]]).bfloat16()
+    with torch.no_grad():
+        base = layer.experts(h, idx, w)
+        skipped = layer.experts(h, torch.tensor([[3, 1, E]]), torch.cat([w, torch.zeros(1, 1).bfloat16()], 1))
+        by_hand = sum(float(w[0, j]) * layer.expert_output(int(e), layer.expert_hidden(int(e), h)).double() for j, e in enumerate(idx[0]))
+    assert torch.equal(base, skipped)
+    assert (base.double() - by_hand).abs().max() < 0.05 * by_hand.abs().max()
