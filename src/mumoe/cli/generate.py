@@ -39,6 +39,7 @@ def _check_context(model_name: str, prompt_tokens: int, new_tokens: int) -> None
 def cmd_generate(args) -> int:
     import torch
 
+    from ..apply.gemv import fast_decode
     from ..loading import load_tokenizer
     from ..select.weights import check_active
     from ..testtime import generate
@@ -55,6 +56,7 @@ def cmd_generate(args) -> int:
     _check_context(args.model, ids.shape[1], args.max_new_tokens)  # as the server does, before the weights
     t_load = time.perf_counter()
     model = load_model(args.model, args.dtype, args.device)
+    fast_decode(model)  # one-token steps by torch.mv where the weights are half precision on the CPU (apply.gemv)
     if args.skip is not None:
         return _generate_skipping(args, model, tok, ids, time.perf_counter() - t_load)
     say(f"loaded {args.model} in {time.perf_counter() - t_load:.1f}s; μ-MoE at ρ={args.active:g} "

@@ -1,0 +1,95 @@
+"""One-token matrix-vector products on this CPU: F.linear vs torch.mv, row- vs column-major, fp32 vs bf16.
+
+    python benchmarks/gemv_kernels.py [--repeats 15] [--model DIR [--new 48]]
+
+Why `apply.gemv` exists: the decode step of a batch-1 request multiplies one row by each weight, and which torch
+call does it decides how fast the weight is read. Each configuration runs over 12 distinct matrices per round (no
+cache reuse), the configurations take turns in each round (drifts of the VM hit all alike); medians, with the
+read rate (weight bytes / time). Prints the ratio that `apply.gemv` is chosen by: F.linear / torch.mv on row-major
+half precision. --model DIR (a checkpoint, e.g. one `benchmarks/peer_decode.py` made under its --work): dense bf16
+requests through `mumoe serve`'s engine (256-token prompt, --new greedy tokens) with `fast_decode`'s forwards on and
+off in turns, in one process; decode tokens/s medians and their ratio. Not in CI (a measurement, ~1–4 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.nn import functional as F
+
+SHAPES = [(5632, 2048), (2048, 5632), (1024, 1024), (1024, 512)]  # Llama MLP, MoE expert gate_up / down
+
+
+def measure(dtype: torch.dtype, shape: tuple[int, int], repeats: int, n: int = 12) -> dict[str, float]:
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(*shape, generator=g).to(dtype) for _ in range(n)]  # row-major [N, K]
+    cols = [w.t().contiguous().t() for w in rows]  # the same values, column-major
+    x = torch.randn(1, shape[1], generator=g).to(dtype)
+    calls = {"linear row": lambda w: F.linear(x, w), "mv row": lambda w: torch.mv(w, x[0])}
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for name, f in list(calls.items()) + [("linear col", lambda w: F.linear(x, w))]:
+            mats = cols if name.endswith("col") else rows
+            t0 = time.perf_counter()
+            for w in mats:
+                f(w)
+            times.setdefault(name, []).append((time.perf_counter() - t0) / n)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def engine_ab(path: str, new: int, repeats: int) -> None:
+    """Dense bf16 requests through the serving engine with `apply.gemv.fast_decode` on and off, in turns."""
+    from mumoe import load
+    from mumoe.loading import load_tokenizer
+    from mumoe.models.swap import restore_forward
+    from mumoe.serve.engine import Engine, Pruning, Sampling
+
+    model, tok = load(path, "bf16"), load_tokenizer(path)
+    engine = Engine(model, tok, path)  # installs fast_decode's forwards
+    engine.eos = set()
+    installed = [(m, m.__dict__["forward"]) for m in model.modules() if "forward" in m.__dict__]
+    ids = torch.randint(10, 8000, (256,), generator=torch.Generator().manual_seed(0)).tolist()
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(repeats + 1):  # the first round warms up
+        for on in (True, False):
+            for m, f in installed:
+                if on:
+                    m.forward = f
+                else:
+                    restore_forward(m, None)
+            stamps: list[float] = []
+            engine.run(ids, Sampling(max_tokens=new, temperature=0.0), Pruning(),
+                       lambda text, entries: stamps.append(time.perf_counter()))
+            if r:
+                rates[on].append((new - 1) / (stamps[-1] - stamps[0]))
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    print(f"{path}: {len(installed)} forwards; dense bf16 decode {on:.1f} tok/s with torch.mv, {off:.1f} without: "
+          f"{on / off:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=15, help="rounds (default 15)")
+    ap.add_argument("--model", help="a checkpoint: time dense bf16 decode through the engine, fast_decode on/off")
+    ap.add_argument("--new", type=int, default=48, help="new tokens per request with --model (default 48)")
+    args = ap.parse_args()
+    if args.model:
+        engine_ab(args.model, args.new, min(args.repeats, 6))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| dtype | shape | F.linear row-major | torch.mv row-major | F.linear column-major | linear / mv |")
+    print("|---|---|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float32):
+        for shape in SHAPES:
+            m = measure(dtype, shape, args.repeats)
+            nbytes = shape[0] * shape[1] * torch.finfo(dtype).bits // 8
+            cell = {k: f"{v * 1e6:.0f} µs ({nbytes / v / 1e9:.1f} GB/s)" for k, v in m.items()}
+            print(f"| {str(dtype)[6:]} | {shape[0]}×{shape[1]} | {cell['linear row']} | {cell['mv row']} | "
+                  f"{cell['linear col']} | {m['linear row'] / m['mv row']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
