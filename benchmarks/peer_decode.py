@@ -206,7 +206,7 @@ def run_mumoe(path: Path, experts_k: int | None, ids: list[int], new: int, repea
     if experts_k:
         configs[f"experts K={experts_k}"] = (engine, Pruning(experts=experts_k))
     x = torch.tensor([ids])
-    with torch.no_grad():  # warm-up, and the plain dense prefill the overhead is compared with
+    with torch.no_grad():  # warm-up, and a bare dense forward kept for reference (overhead: `dense_prefill`)
         model(input_ids=x, use_cache=True)
         plain = []
         for _ in range(3):

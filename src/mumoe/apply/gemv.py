@@ -65,10 +65,12 @@ def one_token_experts(layer: MoELayer, general):
     return forward
 
 
-def _plain_experts(experts: nn.Module) -> bool:
-    """Fused experts whose forward is gate_up, the gate, down and the combine — nothing `one_token_experts` lacks."""
-    return (getattr(experts, "has_gate", True) and not getattr(experts, "is_transposed", False)
-            and not getattr(experts, "has_post_expert_norm", False) and hasattr(experts, "gate_up_proj"))
+def _plain_half_experts(experts: nn.Module) -> bool:
+    """Fused experts on the CPU in half precision whose forward is gate_up, the gate, down and the combine —
+    nothing `one_token_experts` lacks."""
+    w = getattr(experts, "gate_up_proj", None)
+    return (w is not None and w.device.type == "cpu" and w.dtype in HALF and getattr(experts, "has_gate", True)
+            and not getattr(experts, "is_transposed", False) and not getattr(experts, "has_post_expert_norm", False))
 
 
 def fast_decode(model: nn.Module) -> int:
@@ -81,12 +83,8 @@ def fast_decode(model: nn.Module) -> int:
                 and module.weight.dtype in HALF):
             set_forward(module, types.MethodType(_linear_forward, module))
             n += 1
-    adapter = adapter_for(model)
-    for layer in adapter.moe_layers() if adapter.is_moe else []:
-        experts = layer.experts
-        w = getattr(experts, "gate_up_proj", None)
-        if (_plain_experts(experts) and "forward" not in experts.__dict__ and w is not None
-                and w.device.type == "cpu" and w.dtype in HALF):
-            set_forward(experts, one_token_experts(layer, experts.forward))
+    for layer in adapter_for(model).moe_layers():  # (none for a dense model)
+        if _plain_half_experts(layer.experts) and "forward" not in layer.experts.__dict__:
+            set_forward(layer.experts, one_token_experts(layer, layer.experts.forward))
             n += 1
     return n
