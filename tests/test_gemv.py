@@ -86,3 +86,34 @@ def test_a_skipped_slot_is_not_run():
         by_hand = sum(float(w[0, j]) * layer.expert_output(int(e), layer.expert_hidden(int(e), h)).double() for j, e in enumerate(idx[0]))
     assert torch.equal(base, skipped)
     assert (base.double() - by_hand).abs().max() < 0.05 * by_hand.abs().max()
+
+
+@pytest.mark.parametrize("biases", [False, True])
+def test_one_token_experts_equal_a_float64_loop(biases):
+    """The one-token step (gate_up by mv, down and the combine by addmv) against Σ_j w_j · down_e(act(gate_up_e x)),
+    computed by hand in float64 from the same bf16 weights; with the experts' biases where a family has them."""
+    model = make("qwen3_moe").eval().to(torch.bfloat16)
+    layer = adapter_for(model).moe_layers()[0]
+    ex = layer.experts
+    g = torch.Generator().manual_seed(2)
+    E, two_i, H = ex.gate_up_proj.shape
+    if biases:
+        ex.gate_up_proj_bias = nn.Parameter(torch.randn(E, two_i, generator=g).bfloat16())
+        ex.down_proj_bias = nn.Parameter(torch.randn(E, H, generator=g).bfloat16())
+    fast_decode(model)
+    h = torch.randn(1, H, generator=g).bfloat16()  # [1, H]
+    idx = torch.tensor([[5, 0, 2]])  # not ascending: the step sorts them
+    w = torch.tensor([[0.5, 0.3, 0.2]]).bfloat16()
+    with torch.no_grad():
+        got = ex(h, idx, w)  # [1, H]
+    ref = torch.zeros(H, dtype=torch.float64)
+    x = h[0].double()
+    for j, e in enumerate(idx[0].tolist()):
+        gu = ex.gate_up_proj[e].double() @ x + (ex.gate_up_proj_bias[e].double() if biases else 0)
+        gate, up = gu.chunk(2)
+        y = ex.down_proj[e].double() @ (torch.nn.functional.silu(gate) * up)
+        ref += float(w[0, j]) * (y + (ex.down_proj_bias[e].double() if biases else 0))
+    assert got.shape == (1, H) and got.dtype == torch.bfloat16
+    # bf16 rounding of gate_up and of the hidden h (each ≤ 2^-8 relative), nothing more
+    assert (got[0].double() - ref).abs().max() <= 0.03 * ref.abs().max(), float((got[0].double() - ref).abs().max())
+    assert not torch.allclose(got[0].double(), ref * 0.9, atol=0, rtol=0.02)  # (the bound can fail: a wrong weight)

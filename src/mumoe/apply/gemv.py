@@ -43,9 +43,10 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def one_token_experts(layer: MoELayer, general):
     """A fused experts forward (hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]) that runs a
-    one-token step as one `linear` per picked expert and projection (experts ascending; a slot whose index is E —
-    transformers' expert-parallel sentinel, used by `testtime.skip` for a skipped slot — is not run) and hands
-    every other call to `general`. The weights are read at each call (swaps made after it are seen)."""
+    one-token step as one `torch.mv` per picked expert for gate_up and one `addmv_` per picked expert for down and
+    the combine (out += w_e · down_e h_e, summed in the kernel's float accumulator; experts ascending; a slot whose
+    index is E — transformers' expert-parallel sentinel, used by `testtime.skip` for a skipped slot — is not run)
+    and hands every other call to `general`. The weights are read at each call (swaps made after it are seen)."""
     experts = layer.experts
 
     def forward(hidden_states, top_k_index, top_k_weights):
@@ -53,14 +54,19 @@ def one_token_experts(layer: MoELayer, general):
         if hidden_states.shape[0] != 1 or not prefers_mv(hidden_states, gate_up[0]):
             return general(hidden_states, top_k_index, top_k_weights)
         gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I], [E, H] or None
-        out = torch.zeros_like(hidden_states)  # [1, H]
-        for e, slot in sorted(zip(top_k_index[0].tolist(), range(top_k_index.shape[1]))):
-            if e >= gate_up.shape[0]:
+        x = hidden_states[0]  # [H]
+        out = torch.zeros_like(x)  # [H]
+        n_experts = gate_up.shape[0]
+        for e, w in sorted(zip(top_k_index[0].tolist(), top_k_weights[0].tolist())):
+            if e >= n_experts:
                 continue
-            gate, up = linear(hidden_states, gate_up[e], None if gu_bias is None else gu_bias[e]).chunk(2, dim=-1)
-            y = linear(layer.activate(gate, up), down[e], None if dn_bias is None else dn_bias[e])  # [1, H]
-            out.add_((y * top_k_weights[0, slot]).to(out.dtype))
-        return out
+            gu = torch.mv(gate_up[e], x) if gu_bias is None else torch.addmv(gu_bias[e], gate_up[e], x)  # [2I]
+            h = layer.activate(*gu.chunk(2))  # [I]
+            if dn_bias is None:
+                out.addmv_(down[e], h, alpha=w)
+            else:
+                out.add_(torch.addmv(dn_bias[e], down[e], h), alpha=w)
+        return out.view(1, -1)
 
     return forward
 
