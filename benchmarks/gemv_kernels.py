@@ -1,14 +1,16 @@
 """One-token matrix-vector products on this CPU: F.linear vs torch.mv, row- vs column-major, fp32 vs bf16.
 
-    python benchmarks/gemv_kernels.py [--repeats 15] [--model DIR [--new 48]]
+    python benchmarks/gemv_kernels.py [--repeats 15] [--model DIR [--new 48] [--dtype bf16|fp32]]
 
 Why `apply.gemv` exists: the decode step of a batch-1 request multiplies one row by each weight, and which torch
 call does it decides how fast the weight is read. Each configuration runs over 12 distinct matrices per round (no
 cache reuse), the configurations take turns in each round (drifts of the VM hit all alike); medians, with the
 read rate (weight bytes / time). Prints the ratio that `apply.gemv` is chosen by: F.linear / torch.mv on row-major
-half precision. --model DIR (a checkpoint, e.g. one `benchmarks/peer_decode.py` made under its --work): dense bf16
+half precision. --model DIR (a checkpoint, e.g. one `benchmarks/peer_decode.py` made under its --work): dense
 requests through `mumoe serve`'s engine (256-token prompt, --new greedy tokens) with `fast_decode`'s forwards on and
-off in turns, in one process; decode tokens/s medians and their ratio. Not in CI (a measurement, ~1–4 min).
+off in turns, in one process; decode tokens/s medians and their ratio. --dtype bf16 (default): torch.mv linears and
+the picked experts' one-token path; fp32: the experts' path only (fp32 linears are left to F.linear), against
+transformers' grouped_mm. Not in CI (a measurement, ~1–4 min).
 """
 
 from __future__ import annotations
@@ -40,14 +42,14 @@ def measure(dtype: torch.dtype, shape: tuple[int, int], repeats: int, n: int = 1
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def engine_ab(path: str, new: int, repeats: int) -> None:
-    """Dense bf16 requests through the serving engine with `apply.gemv.fast_decode` on and off, in turns."""
+def engine_ab(path: str, new: int, repeats: int, dtype: str = "bf16") -> None:
+    """Dense requests through the serving engine with `apply.gemv.fast_decode` on and off, in turns."""
     from mumoe import load
     from mumoe.loading import load_tokenizer
     from mumoe.models.swap import restore_forward
     from mumoe.serve.engine import Engine, Pruning, Sampling
 
-    model, tok = load(path, "bf16"), load_tokenizer(path)
+    model, tok = load(path, dtype), load_tokenizer(path)
     engine = Engine(model, tok, path)  # installs fast_decode's forwards
     engine.eos = set()
     installed = [(m, m.__dict__["forward"]) for m in model.modules() if "forward" in m.__dict__]
@@ -66,18 +68,20 @@ def engine_ab(path: str, new: int, repeats: int) -> None:
             if r:
                 rates[on].append((new - 1) / (stamps[-1] - stamps[0]))
     on, off = statistics.median(rates[True]), statistics.median(rates[False])
-    print(f"{path}: {len(installed)} forwards; dense bf16 decode {on:.1f} tok/s with torch.mv, {off:.1f} without: "
-          f"{on / off:.2f}x")
+    print(f"{path}: {len(installed)} forwards; dense {dtype} decode {on:.1f} tok/s with fast_decode, {off:.1f} "
+          f"without: {on / off:.2f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=15, help="rounds (default 15)")
-    ap.add_argument("--model", help="a checkpoint: time dense bf16 decode through the engine, fast_decode on/off")
+    ap.add_argument("--model", help="a checkpoint: time dense decode through the engine, fast_decode on/off")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="with --model: the weights' dtype "
+                    "(default bf16)")
     ap.add_argument("--new", type=int, default=48, help="new tokens per request with --model (default 48)")
     args = ap.parse_args()
     if args.model:
-        engine_ab(args.model, args.new, min(args.repeats, 6))
+        engine_ab(args.model, args.new, min(args.repeats, 6), args.dtype)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| dtype | shape | F.linear row-major | torch.mv row-major | F.linear column-major | linear / mv |")

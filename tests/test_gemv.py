@@ -64,10 +64,24 @@ def test_fast_decode_is_as_close_to_fp32_as_transformers_bf16(arch, monkeypatch)
     assert err_fast <= 2 * err_plain + 1e-3, (float(err_fast), float(err_plain))  # bf16 rounding, no more
 
 
-def test_fp32_models_are_left_alone():
-    model = make("qwen3_moe").eval()
-    assert fast_decode(model) == 0
-    assert not any("forward" in m.__dict__ for m in model.modules())
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "llama"])
+def test_fp32_runs_only_the_picked_experts_and_leaves_linears_alone(arch, monkeypatch):
+    """fp32: nn.Linear keeps F.linear; the fused experts' one-token step runs one gate_up product per picked expert
+    (transformers' CPU grouped_mm runs one for every expert) and decodes as transformers' fp32 does, to rounding."""
+    ref_model, model = make(arch).eval(), make(arch).eval()
+    adapter = adapter_for(model)
+    layers = adapter.moe_layers() if adapter.is_moe else []
+    assert fast_decode(model) == len(layers)
+    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, nn.Linear))
+    x, tokens = ids(1, 12), ids(1, 6, seed=1)[0].tolist()
+    with torch.no_grad():
+        ref = _decode_logits(ref_model, x, tokens)
+        calls = []
+        real_mv = torch.mv
+        monkeypatch.setattr(torch, "mv", lambda *a: calls.append(1) or real_mv(*a))
+        fast = _decode_logits(model, x, tokens)
+    assert len(calls) == len(tokens) * sum(layer.top_k for layer in layers)  # the picked experts, nothing else
+    assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max(), float((fast - ref).abs().max())
 
 
 def test_a_skipped_slot_is_not_run():

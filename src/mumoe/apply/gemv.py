@@ -1,10 +1,12 @@
-"""One-token decode steps at the CPU's read speed for half-precision weights.
+"""One-token decode steps at the CPU's read speed.
 
 torch's CPU `F.linear` of a single row against a bf16/fp16 row-major weight takes a GEMM path that reads the
 weight at ~13–14 GB/s on this project's 2-core machine; `torch.mv` of the same weight reads it at ~19 GB/s
-(1.3–1.4x; interleaved medians, BENCHMARKS.md "One-token GEMV"). fp32 reads alike either way and is left alone.
-`linear` picks per call; `fast_decode(model)` routes a model's dense linears and fused routed experts through it
-for one-token inputs — prefills (several tokens) keep transformers' own paths, so only decode steps change.
+(1.3–1.4x; interleaved medians, BENCHMARKS.md "One-token GEMV"). fp32 reads alike either way, so fp32 linears are
+left alone. `linear` picks per call; `fast_decode(model)` routes a model's dense linears (half precision) and its
+fused routed experts (half precision or fp32) through one-token paths — prefills (several tokens) keep
+transformers' own paths, so only decode steps change. The experts' path runs only the picked experts: on the
+CPU, transformers' grouped_mm runs a (mostly empty) matrix product for every expert of the layer at each step.
 """
 
 from __future__ import annotations
@@ -18,11 +20,17 @@ from ..models import MoELayer, adapter_for
 from ..models.swap import set_forward
 
 HALF = (torch.bfloat16, torch.float16)
+DECODE_DTYPES = (*HALF, torch.float32)  # the fused experts' one-token path
 
 
 def prefers_mv(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x [.., K] · w [N, K]ᵀ should be `torch.mv`: one row of x, a row-major half-precision CPU weight."""
-    return (w.device.type == "cpu" and w.dtype in HALF and x.dtype == w.dtype and w.dim() == 2
+    return w.dtype in HALF and one_row(x, w)
+
+
+def one_row(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """x [.., K] is one row and w [N, K] a row-major CPU matrix of x's dtype (half precision or fp32)."""
+    return (w.device.type == "cpu" and x.dtype == w.dtype and w.dtype in DECODE_DTYPES and w.dim() == 2
             and w.is_contiguous() and x.numel() == x.shape[-1])
 
 
@@ -51,7 +59,7 @@ def one_token_experts(layer: MoELayer, general):
 
     def forward(hidden_states, top_k_index, top_k_weights):
         gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
-        if hidden_states.shape[0] != 1 or not prefers_mv(hidden_states, gate_up[0]):
+        if hidden_states.shape[0] != 1 or not one_row(hidden_states, gate_up[0]):
             return general(hidden_states, top_k_index, top_k_weights)
         gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I], [E, H] or None
         x = hidden_states[0]  # [H]
@@ -71,18 +79,18 @@ def one_token_experts(layer: MoELayer, general):
     return forward
 
 
-def _plain_half_experts(experts: nn.Module) -> bool:
-    """Fused experts on the CPU in half precision whose forward is gate_up, the gate, down and the combine —
+def _plain_experts(experts: nn.Module) -> bool:
+    """Fused experts on the CPU (half precision or fp32) whose forward is gate_up, the gate, down and the combine —
     nothing `one_token_experts` lacks."""
     w = getattr(experts, "gate_up_proj", None)
-    return (w is not None and w.device.type == "cpu" and w.dtype in HALF and getattr(experts, "has_gate", True)
+    return (w is not None and w.device.type == "cpu" and w.dtype in DECODE_DTYPES and getattr(experts, "has_gate", True)
             and not getattr(experts, "is_transposed", False) and not getattr(experts, "has_post_expert_norm", False))
 
 
 def fast_decode(model: nn.Module) -> int:
-    """Route `model`'s one-token steps through `linear` where its weights are half precision on the CPU: every
-    nn.Linear, and the fused routed experts of its MoE layers (`one_token_experts`). Instance forwards only (the
-    classes, the weights and every multi-token call unchanged); idempotent. -> modules changed."""
+    """Route `model`'s one-token steps on the CPU through `linear` and `one_token_experts`: every nn.Linear with a
+    half-precision weight, and the fused routed experts of its MoE layers in half precision or fp32. Instance
+    forwards only (the classes, the weights and every multi-token call unchanged); idempotent. -> modules changed."""
     n = 0
     for module in model.modules():
         if (isinstance(module, nn.Linear) and "forward" not in module.__dict__ and module.weight.device.type == "cpu"
@@ -90,7 +98,7 @@ def fast_decode(model: nn.Module) -> int:
             set_forward(module, types.MethodType(_linear_forward, module))
             n += 1
     for layer in adapter_for(model).moe_layers():  # (none for a dense model)
-        if _plain_half_experts(layer.experts) and "forward" not in layer.experts.__dict__:
+        if _plain_experts(layer.experts) and "forward" not in layer.experts.__dict__:
             set_forward(layer.experts, one_token_experts(layer, layer.experts.forward))
             n += 1
     return n

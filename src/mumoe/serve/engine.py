@@ -224,7 +224,7 @@ class Engine:
             self.task_models = TaskModels(model_path, library, next(model.parameters()).dtype, self.device,
                                           max_task_models)
         self.total_weights = stored_weights(model)
-        if not taer_only:  # one-token steps by torch.mv where the weights are half precision on the CPU (1.2x)
+        if not taer_only:  # one-token steps on the CPU: half-precision linears by torch.mv, only the picked experts
             fast_decode(model)
         self._protocols: dict[tuple, PerPrompt] = {}
         self.refeed = refeed_possible(model.config)  # per-prompt decode pruning possible (no recurrent layers)
