@@ -10,6 +10,7 @@ from conftest import ids, make
 from mumoe.apply.gemv import fast_decode, linear
 from mumoe.compat import output_cache
 from mumoe.models import adapter_for
+from mumoe.models.tiny import TINY_CONFIGS
 
 
 @pytest.mark.parametrize("shape", [(7,), (1, 7), (1, 1, 7)])
@@ -131,3 +132,25 @@ def test_one_token_experts_equal_a_float64_loop(biases):
     # bf16 rounding of gate_up and of the hidden h (each ≤ 2^-8 relative), nothing more
     assert (got[0].double() - ref).abs().max() <= 0.03 * ref.abs().max(), float((got[0].double() - ref).abs().max())
     assert not torch.allclose(got[0].double(), ref * 0.9, atol=0, rtol=0.02)  # (the bound can fail: a wrong weight)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_every_family_decodes_through_fast_decode_as_without(family):
+    """`mumoe serve` and `mumoe generate` install fast_decode on any model: every family's tiny model decodes
+    through it as through transformers' own forwards — fp32 to 1e-4 of the logits' scale, bf16 as close to the fp32
+    decode as transformers' bf16 is. (Caught: Llama 4's weights scale the experts' input, PhiMoE's router and
+    DeepSeek-V4's projections are nn.Linear subclasses with forwards of their own.)"""
+    x, tokens = ids(1, 10), ids(1, 4, seed=1)[0].tolist()
+    with torch.no_grad():
+        ref = _decode_logits(make(family).eval(), x, tokens)
+        fast32 = make(family).eval()
+        fast_decode(fast32)
+        got32 = _decode_logits(fast32, x, tokens)
+        plain16 = _decode_logits(make(family).eval().to(torch.bfloat16), x, tokens)
+        fast16 = make(family).eval().to(torch.bfloat16)
+        fast_decode(fast16)
+        got16 = _decode_logits(fast16, x, tokens)
+    scale = ref.abs().max()
+    assert (got32 - ref).abs().max() <= 1e-4 * scale, float((got32 - ref).abs().max() / scale)
+    err_plain, err_fast = (plain16 - ref).abs().max(), (got16 - ref).abs().max()
+    assert err_fast <= 2 * err_plain + 1e-3 * scale, (float(err_fast), float(err_plain))

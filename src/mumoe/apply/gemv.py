@@ -53,8 +53,9 @@ def one_token_experts(layer: MoELayer, general):
     """A fused experts forward (hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]) that runs a
     one-token step as one `torch.mv` per picked expert for gate_up and one `addmv_` per picked expert for down and
     the combine (out += w_e · down_e h_e, summed in the kernel's float accumulator; experts ascending; a slot whose
-    index is E — transformers' expert-parallel sentinel, used by `testtime.skip` for a skipped slot — is not run)
-    and hands every other call to `general`. The weights are read at each call (swaps made after it are seen)."""
+    index is E — transformers' expert-parallel sentinel, used by `testtime.skip` for a skipped slot — is not run;
+    where the layer's weight scales the expert's input (`MoELayer.input_scaled`, Llama 4) it scales the input) and
+    hands every other call to `general`. The weights are read at each call (swaps made after it are seen)."""
     experts = layer.experts
 
     def forward(hidden_states, top_k_index, top_k_weights):
@@ -68,7 +69,10 @@ def one_token_experts(layer: MoELayer, general):
         for e, w in sorted(zip(top_k_index[0].tolist(), top_k_weights[0].tolist())):
             if e >= n_experts:
                 continue
-            gu = torch.mv(gate_up[e], x) if gu_bias is None else torch.addmv(gu_bias[e], gate_up[e], x)  # [2I]
+            xe = x
+            if layer.input_scaled:  # Llama 4: Σ_j f_e(w_j · x) — the weight scales the input, the output counts once
+                xe, w = x * top_k_weights.new_tensor(w).to(x.dtype), 1.0
+            gu = torch.mv(gate_up[e], xe) if gu_bias is None else torch.addmv(gu_bias[e], gate_up[e], xe)  # [2I]
             h = layer.activate(*gu.chunk(2))  # [I]
             if dn_bias is None:
                 out.addmv_(down[e], h, alpha=w)
@@ -93,7 +97,9 @@ def fast_decode(model: nn.Module) -> int:
     forwards only (the classes, the weights and every multi-token call unchanged); idempotent. -> modules changed."""
     n = 0
     for module in model.modules():
-        if (isinstance(module, nn.Linear) and "forward" not in module.__dict__ and module.weight.device.type == "cpu"
+        if (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward  # (not a subclass's own:
+                # PhiMoE's router, DeepSeek-V4's projections)
+                and "forward" not in module.__dict__ and module.weight.device.type == "cpu"
                 and module.weight.dtype in HALF):
             set_forward(module, types.MethodType(_linear_forward, module))
             n += 1
