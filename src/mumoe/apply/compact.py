@@ -146,7 +146,8 @@ def prepare_columns(model: nn.Module) -> int:
 class CompactLinear(nn.Module):
     """y = W[rows][:, keep] · x[..., keep] + b[rows]. weight [r, k] (r = d_out without `rows`), keep [k].
     gather_input=False: the input already holds exactly the kept columns, in `keep`'s order. int8: the kept part of
-    the weight's int8 copy (`apply.int8`) instead — `qweight` [r, k] int8 and `scale` [r] — and `weight` is None."""
+    the weight's int8 copy (`apply.int8`) instead — `qweight` [r, k] int8 and `scale` [r] — and `weight` a 0-row view
+    of the original (its dtype and device: model code casts inputs to `proj.weight.dtype`, DeepSeek-V3.2's indexer)."""
 
     def __init__(self, linear: nn.Linear, keep: torch.Tensor, out: torch.Tensor | None = None,
                  rows: torch.Tensor | None = None, gather_input: bool = True, int8: bool = False) -> None:
@@ -158,10 +159,11 @@ class CompactLinear(nn.Module):
             rows = rows.to(linear.weight.device)
         if int8:
             q, scale = int8_copy(linear.weight)
-            self.weight = None
+            self.weight = linear.weight.detach()[:0]  # [0, d_in], no storage of its own
             self.qweight = pad_k(gather_columns(q, self.keep, out, rows))  # [r, k'] int8, k' = k rounded up to 16
             self.scale = scale if rows is None else scale[rows]  # [r]
         else:
+            self.qweight = None
             self.weight = nn.Parameter(gather_columns(linear.weight.detach(), self.keep, out, rows),
                                        requires_grad=False)
         self.bias = linear.bias if rows is None or linear.bias is None else nn.Parameter(
@@ -170,11 +172,11 @@ class CompactLinear(nn.Module):
     @property
     def read(self) -> int:
         """Elements of the compacted matrix (what a decoded token reads)."""
-        return self.keep.numel() * (self.qweight if self.weight is None else self.weight).shape[0]
+        return self.keep.numel() * (self.weight if self.qweight is None else self.qweight).shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.index_select(-1, self.keep) if self.gather_input else x
-        if self.weight is None:
+        if self.qweight is not None:
             return int8_linear(x, self.qweight, self.scale, self.bias)
         return gemv_linear(x, self.weight, self.bias)
 
