@@ -23,7 +23,7 @@ from torch import nn
 
 from ..models import MoELayer, adapter_for
 from ..models.prunable import prunable_linears
-from ..compat import last_logits, output_cache
+from ..compat import cache_kwarg, last_logits, output_cache
 from .runner import Collector, Observation, Routed, RouteEvent, run
 
 F64 = torch.float64
@@ -569,10 +569,11 @@ class OnRoute(Collector):
 @torch.no_grad()
 def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 batch_size: int = 8, return_cache: bool = False, timing: dict | None = None,
-                defer_unrouted: bool = False):
+                defer_unrouted: bool = False, cache_in=None):
     """‖X_j‖₂ per input feature of every prunable weight, from dense forwards of `ids` [B, L] (in batches;
-    with return_cache, one forward whose KV cache is returned too: -> (norms, cache)). `timing`: a dict that
-    receives "hooks_s", the seconds spent computing the statistics inside the forward.
+    with return_cache, one forward whose KV cache is returned too: -> (norms, cache); `cache_in`: the cache that
+    forward fills, where the caller prepared one). `timing`: a dict that receives "hooks_s", the seconds spent
+    computing the statistics inside the forward.
 
     -> {param name: [d_in]} for dense linears; {"...experts.gate_up_proj": [E, H], "...experts.down_proj": [E, I]}
     for fused experts (per expert, over its routed tokens; unrouted experts use all tokens). defer_unrouted (with
@@ -586,7 +587,8 @@ def input_norms(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tenso
         if return_cache:  # one prompt: keep its KV cache for decoding
             with Observation(model, [col]) as obs:
                 obs.attention_mask = attention_mask
-                cache = output_cache(model(input_ids=ids, attention_mask=attention_mask, use_cache=True,
+                given = {} if cache_in is None else {cache_kwarg(): cache_in}  # (a cache prepared by the caller)
+                cache = output_cache(model(input_ids=ids, attention_mask=attention_mask, use_cache=True, **given,
                                            **last_logits(model)))  # (the logits are not read: one position)
         else:  # calibration windows [N, L]: sums over every batch
             run(model, ids, [col], batch_size=batch_size, attention_mask=attention_mask)

@@ -59,22 +59,53 @@ def grow_in_place(cache) -> int:
     return n
 
 
+def refeed_cache(model):
+    """The KV cache for a prefill whose last position the pruned model computes again: transformers' own cache for
+    `model` with its sliding-window layers recording their past (a sliding layer past its window keeps only the last
+    window − 1 positions and refuses `crop`; the refeed needs the one before them). None where no layer slides (the
+    model builds its own). `ready_to_decode` crops it and switches the recording off."""
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - a config the cache cannot read: the model builds its own
+        return None
+    sliding = [layer for layer in getattr(cache, "layers", []) if getattr(layer, "is_sliding", False)
+               and hasattr(layer, "activate_past_recording")]
+    for layer in sliding:
+        layer.activate_past_recording()
+    return cache if sliding else None
+
+
+def stop_recording(cache) -> None:
+    """After the refeed's crop: sliding layers keep only their window again from the next update on."""
+    for layer in getattr(cache, "layers", []):
+        if getattr(layer, "is_sliding", False) and getattr(layer, "record_past", False):
+            layer.record_past = False
+
+
 def refeed_possible(config) -> bool:
     """Whether a prompt's cache can drop its last position (`DynamicCache.crop(-1)`), as the per-prompt protocols
     that prune the decode need (the pruned model computes the last prompt token again). Not where a layer keeps a
     recurrent state (Mamba, linear attention, short convolutions): transformers' rollback of those is not exact for
-    every family here (Jamba, Granite-4.0-H, Nemotron-H: off by 1e-3..5e-2 after a crop), so mumoe does not use it."""
+    every family here (Jamba, Granite-4.0-H, Nemotron-H: off by 1e-3..5e-2 after a crop), so mumoe does not use it.
+    Sliding-window layers: transformers' own (recorded during the prefill, `refeed_cache`), not subclasses that keep
+    more state than keys and values (DeepSeek-V4's compressed attention: its crop leaves the compressor behind)."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     try:
         from transformers.cache_utils import LinearAttentionCacheLayerMixin
     except ImportError:  # a transformers without recurrent cache layers
-        return True
+        LinearAttentionCacheLayerMixin = ()
     try:
         cache = DynamicCache(config=config)
     except Exception:  # a config the cache cannot read: decide at the first crop, as before
         return True
-    return not any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in getattr(cache, "layers", []))
+    layers = getattr(cache, "layers", [])
+    return not any(isinstance(layer, LinearAttentionCacheLayerMixin) or (
+        isinstance(layer, DynamicSlidingWindowLayer) and type(layer) is not DynamicSlidingWindowLayer)
+        for layer in layers)
 
 
 def check_refeed(model, what: str) -> None:
@@ -83,8 +114,9 @@ def check_refeed(model, what: str) -> None:
 
     if not refeed_possible(model.config):
         raise MumoeError(f"{what} is not available for {model.config.model_type} yet: its recurrent layers (Mamba, "
-                         "linear attention, convolutions) keep a state that cannot drop the last prompt token, which "
-                         "the pruned model computes again; use dense decoding or task models (TAER)")
+                         "linear attention, convolutions) or compressed attention keep a state that cannot drop the "
+                         "last prompt token, which the pruned model computes again; use dense decoding or task models "
+                         "(TAER)")
 
 
 def batchable_model(model) -> bool:

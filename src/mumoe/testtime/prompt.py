@@ -18,6 +18,7 @@ from ..errors import MumoeError
 from ..observe.collectors import DeferredNorms, input_norms
 from ..recipe import parse_structure
 from ..select.weights import LazyColumns, check_active, keep_columns, kept_count, masks_from_norms
+from .kvcache import refeed_cache
 
 
 def prompt_masks(model: nn.Module, prompt_ids: torch.Tensor, active: float, structure: str = "row"
@@ -63,7 +64,8 @@ class PromptPruner:
         """Dense prefill of ids [1, L] with the statistics hooks. -> (norms, KV cache). Compacted: the down_proj
         statistics of the experts no prompt token routes to are deferred (`DeferredNorms`) — computed, and the
         expert compacted, only if the decode routes a token to it."""
-        return input_norms(self.model, ids, return_cache=True, timing=timing, defer_unrouted=self.compacted)
+        return input_norms(self.model, ids, return_cache=True, timing=timing, defer_unrouted=self.compacted,
+                           cache_in=refeed_cache(self.model))  # (its last position is fed again, pruned)
 
     def select(self, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The prompt's pruning of every weight named in `norms`: compacted column structure -> the kept input

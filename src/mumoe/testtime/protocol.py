@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compat import last_logits, output_cache
+from ..compat import cache_kwarg, last_logits, output_cache
 from ..models import stored_weights
 from .experts import capture_router_logits, experts_kept, prompt_keep
-from .kvcache import check_refeed, grow_in_place
+from .kvcache import check_refeed, grow_in_place, refeed_cache, stop_recording
 from .prompt import PromptPruner
 
 
@@ -75,7 +75,8 @@ def ready_to_decode(prefilled: Prefilled) -> None:
     its last position, which the pruned model computes again."""
     grow_in_place(prefilled.cache)
     if prefilled.refeed:
-        prefilled.cache.crop(-1)
+        prefilled.cache.crop(-1)  # (sliding-window layers: possible because the prefill recorded them, `refeed_cache`)
+        stop_recording(prefilled.cache)
 
 
 class PerPrompt:
@@ -131,8 +132,10 @@ class Experts(PerPrompt):
 
     def prefill(self, model: nn.Module, x: torch.Tensor) -> Prefilled:
         check_refeed(model, "per-prompt experts")
+        cache = refeed_cache(model)
         with capture_router_logits(model) as logits:
-            out = model(input_ids=x, use_cache=True, **last_logits(model))  # (refed: its logits are not read)
+            out = model(input_ids=x, use_cache=True, **({} if cache is None else {cache_kwarg(): cache}),
+                        **last_logits(model))  # (refed: its logits are not read)
         t1 = time.perf_counter()
         keep = prompt_keep(logits, self.k)
 
