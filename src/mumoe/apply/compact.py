@@ -146,8 +146,9 @@ def prepare_columns(model: nn.Module) -> int:
 class CompactLinear(nn.Module):
     """y = W[rows][:, keep] · x[..., keep] + b[rows]. weight [r, k] (r = d_out without `rows`), keep [k].
     gather_input=False: the input already holds exactly the kept columns, in `keep`'s order. int8: the kept part of
-    the weight's int8 copy (`apply.int8`) instead — `qweight` [r, k] int8 and `scale` [r] — and `weight` a 0-row view
-    of the original (its dtype and device: model code casts inputs to `proj.weight.dtype`, DeepSeek-V3.2's indexer)."""
+    the weight's int8 copy (`apply.int8`) instead — `qweight` [r, k] int8 and `scale` [r] — and `weight` a 0-row
+    view of the original (its dtype and device: model code casts inputs to `proj.weight.dtype`, DeepSeek-V3.2's
+    indexer)."""
 
     def __init__(self, linear: nn.Linear, keep: torch.Tensor, out: torch.Tensor | None = None,
                  rows: torch.Tensor | None = None, gather_input: bool = True, int8: bool = False) -> None:

@@ -70,7 +70,7 @@ def one_token_experts(layer: MoELayer, general):
             if e >= n_experts:
                 continue
             xe = x
-            if layer.input_scaled:  # Llama 4: Σ_j f_e(w_j · x) — the weight scales the input, the output counts once
+            if layer.input_scaled:  # Llama 4: Σ_j f_e(w_j · x) — the weight scales the input; the output once
                 xe, w = x * top_k_weights.new_tensor(w).to(x.dtype), 1.0
             gu = torch.mv(gate_up[e], xe) if gu_bias is None else torch.addmv(gu_bias[e], gate_up[e], xe)  # [2I]
             h = layer.activate(*gu.chunk(2))  # [I]

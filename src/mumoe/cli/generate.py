@@ -56,7 +56,7 @@ def cmd_generate(args) -> int:
     _check_context(args.model, ids.shape[1], args.max_new_tokens)  # as the server does, before the weights
     t_load = time.perf_counter()
     model = load_model(args.model, args.dtype, args.device)
-    fast_decode(model)  # one-token steps on the CPU: half-precision linears by torch.mv, only the picked experts (apply.gemv)
+    fast_decode(model)  # one-token steps on the CPU: half-precision linears by mv, only the picked experts (apply.gemv)
     if args.skip is not None:
         return _generate_skipping(args, model, tok, ids, time.perf_counter() - t_load)
     say(f"loaded {args.model} in {time.perf_counter() - t_load:.1f}s; μ-MoE at ρ={args.active:g} "
