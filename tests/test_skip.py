@@ -155,3 +155,44 @@ def test_skipping_refused_where_routers_pick_identity_experts():
         with skipping(model, {0: 0.0, 1: 0.0}, keep_share=0.0):
             pass
     assert "identity" in str(e.value) and "\n" not in str(e.value)
+
+
+def _moe_families() -> list[str]:
+    from mumoe.models.registry import MOE_TYPES
+    from mumoe.models.tiny import TINY_CONFIGS
+
+    return sorted(t for t in TINY_CONFIGS if t in MOE_TYPES)
+
+
+@pytest.mark.parametrize("family", _moe_families())
+def test_every_family_skips_or_refuses_in_one_line(family):
+    """Skipping every slot but the first, token by token after a prefill, on every MoE family: a one-line refusal
+    (routers whose scores ODP cannot compare, identity experts) or a decode that skips (k-1)/k of the slots and
+    gives the same logits through `fast_decode`'s one-token experts as through the family's own forward. (Caught:
+    JetMoE's experts ran the skip sentinel index E as an expert: IndexError.)"""
+    from mumoe.apply.gemv import fast_decode
+    from mumoe.compat import cache_kwarg, output_cache
+
+    kw = cache_kwarg()
+    x, feed = ids(1, 10), ids(1, 4, seed=1)[0].tolist()
+    got = []
+    for fast in (False, True):
+        model = make(family).eval()
+        if fast:
+            fast_decode(model)
+        adapter = moe_adapter_for(model)
+        betas = {layer.index: 2.0 for layer in adapter.moe_layers()}
+        try:
+            with torch.no_grad(), skipping(model, betas, keep_share=0.0) as count:
+                cache, rows = output_cache(model(input_ids=x, use_cache=True)), []
+                for t in feed:
+                    out = model(input_ids=torch.tensor([[t]]), **{kw: cache}, use_cache=True)
+                    cache = output_cache(out)
+                    rows.append(out.logits[0, -1])
+        except MumoeError as e:
+            assert "\n" not in str(e)
+            return
+        k = adapter.moe_layers()[0].top_k
+        assert count.share() == pytest.approx((k - 1) / k)
+        got.append(torch.stack(rows))
+    assert (got[1] - got[0]).abs().max() <= 1e-4 * got[0].abs().max()

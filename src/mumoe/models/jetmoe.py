@@ -49,7 +49,7 @@ class TopKRouter(nn.Module):
 @use_experts_implementation
 class FusedExperts(nn.Module):
     """JetMoE's routed experts as a v5 experts module: (hidden [T, H], top_k_index [T, k], top_k_weights [T, k])
-    -> [T, H]; gate_up_proj [E, 2I, H] (gate rows, then up), down_proj [E, H, I]."""
+    -> [T, H]; gate_up_proj [E, 2I, H] (gate rows, then up), down_proj [E, H, I]. An index ≥ E is a skipped slot."""
 
     def __init__(self, config, block: nn.Module) -> None:
         super().__init__()
@@ -62,6 +62,8 @@ class FusedExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:  # eager
         out = torch.zeros_like(hidden_states)  # [T, H]
         for e in torch.unique(top_k_index).tolist():
+            if e >= self.num_experts:  # a skipped slot (`testtime.skip`'s sentinel index E): not computed
+                continue
             token, slot = torch.where(top_k_index == e)
             gate, up = nn.functional.linear(hidden_states[token], self.gate_up_proj[e]).chunk(2, dim=-1)
             y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e])  # [n, H]
