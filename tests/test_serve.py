@@ -25,6 +25,7 @@ from mumoe.loading import DEFAULT_MODEL, DATA, load_tokenizer  # noqa: E402
 from mumoe.serve import Engine, Pruning  # noqa: E402
 from mumoe.serve.app import ServerConfig, create_app  # noqa: E402
 from mumoe.serve.launch import free_port  # noqa: E402
+from mumoe.models import adapter_for  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -292,6 +293,8 @@ def test_task_extension_matches_taer_generate(server, model_tok, library):
             out = task_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                                       pad_token_id=tok.eos_token_id)
         assert r.choices[0].text == tok.decode(out[0, len(ids):], skip_special_tokens=True)
+        served = engine.task_models.models[task]  # decoded with the one-token paths, as the full model is
+        assert all("forward" in layer.experts.__dict__ for layer in adapter_for(served).moe_layers())
     assert seen == ["code", "prose"]
     named = c.completions.create(model="default", prompt=PROMPT, max_tokens=4, temperature=0,
                                  extra_body={"mumoe": {"task": "code"}})

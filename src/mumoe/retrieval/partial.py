@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..apply.export import PruneReport
+from ..apply.gemv import fast_decode
 from ..apply.stream import prune_checkpoint
 from ..checkpoint import shard_files
 from ..models.keys import TOP_K_KEYS, config_value
@@ -127,8 +128,10 @@ class TaskModels:
         while len(self.models) >= self.capacity:
             self.models.popitem(last=False)
         t0 = time.perf_counter()
-        self.models[task] = load_task_model(self.model, self.library, task, self.dtype).to(self.device)
-        return self.models[task], False, time.perf_counter() - t0
+        model = load_task_model(self.model, self.library, task, self.dtype).to(self.device)
+        fast_decode(model)  # one-token steps as the full model's in `mumoe serve` (apply.gemv)
+        self.models[task] = model
+        return model, False, time.perf_counter() - t0
 
     def __len__(self) -> int:
         return len(self.models)
