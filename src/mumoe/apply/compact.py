@@ -237,9 +237,7 @@ def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid, undo: "Comp
         out = torch.zeros_like(hidden_states)  # [1, H]
         for e, w in sorted(zip(top_k_index[0].tolist(), top_k_weights[0].tolist())):  # (expert, combine weight)
             k_in, gu, gu_b, gu_s, dn, dn_b, dn_s, km = expert(e)
-            x = hidden_states  # [1, H]
-            if layer.input_scaled:  # Llama 4: the weight scales the expert's input, its output counts once
-                x, w = x * top_k_weights.new_tensor(w).to(x.dtype), 1.0
+            x, w = layer.expert_input(hidden_states, w)  # [1, H] (Llama 4: w·x, and 1)
             gate, up = linear(x.index_select(-1, k_in), gu, gu_b, gu_s).chunk(2, dim=-1)  # [1, kI]
             h = layer.activate(gate, up)
             if not skip_unused:
@@ -257,17 +255,14 @@ def _compact_experts_forward(layer, keep_in: torch.Tensor, keep_mid, undo: "Comp
         for e in torch.unique(top_k_index).tolist():
             k_in, gu, gu_b, gu_s, dn, dn_b, dn_s, km = expert(e)
             tok, slot = torch.where(top_k_index == e)
-            w = top_k_weights[tok, slot, None]  # [n, 1]
-            x = hidden_states[tok]  # [n, H]
-            if layer.input_scaled:  # Llama 4: Σ_j f_e(w_j · x)
-                x = x * w.to(x.dtype)
+            x, w = layer.expert_input(hidden_states[tok], top_k_weights[tok, slot, None])  # [n, H], [n, 1]
             x = x.index_select(-1, k_in)  # [n, kH]
             gate, up = linear(x, gu, gu_b, gu_s).chunk(2, dim=-1)  # [n, kI] (skip_unused) or [n, I]
             h = layer.activate(gate, up)
             if not skip_unused:
                 h = h.index_select(-1, km)  # [n, kI]
             y = linear(h, dn, dn_b, dn_s)
-            if not layer.input_scaled:
+            if not layer.input_scaled:  # (scaled: w is 1)
                 y = y * w
             out.index_add_(0, tok, y.to(out.dtype))
         return out

@@ -69,9 +69,7 @@ def one_token_experts(layer: MoELayer, general):
         for e, w in sorted(zip(top_k_index[0].tolist(), top_k_weights[0].tolist())):
             if e >= n_experts:
                 continue
-            xe = x
-            if layer.input_scaled:  # Llama 4: Σ_j f_e(w_j · x) — the weight scales the input; the output once
-                xe, w = x * top_k_weights.new_tensor(w).to(x.dtype), 1.0
+            xe, w = layer.expert_input(x, w)  # (Llama 4: w·x, and 1)
             gu = torch.mv(gate_up[e], xe) if gu_bias is None else torch.addmv(gu_bias[e], gate_up[e], xe)  # [2I]
             h = layer.activate(*gu.chunk(2))  # [I]
             if dn_bias is None:

@@ -183,6 +183,16 @@ class MoELayer:
     def down_proj(self, i: int) -> torch.Tensor:  # [H, I]
         return self.experts.down_proj[i]
 
+    def expert_input(self, x: torch.Tensor, w):
+        """An expert's input and the weight its output is multiplied by, for the combine weight w (a float, or a
+        tensor broadcasting against x [.., H]): (x, w); where the weight scales the expert's input (`input_scaled`,
+        Llama 4: Σ_j f_e(w_j · x)) (w · x in x's dtype, 1)."""
+        if not self.input_scaled:
+            return x, w
+        if isinstance(w, torch.Tensor):
+            return x * w.to(x.dtype), torch.ones_like(w)
+        return x * torch.tensor(w, dtype=x.dtype, device=x.device), 1.0
+
     def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The experts' gate: act(gate) * up, or the family's own (`glu`). [.., I] each -> [.., I]."""
         return self.act_fn(gate) * up if self.glu is None else self.glu(gate, up)

@@ -234,10 +234,9 @@ class Observation:
             token, slot = perm // k, perm % k
             counts = torch.bincount(expert, minlength=E).tolist()
             x = hidden_states[token]  # [S, H]
-            weight = top_k_weights.reshape(-1)[perm]  # [S]
-            if layer.input_scaled:  # Llama 4: the weight scales the expert's input; its output counts once
-                x = x * weight[:, None].to(x.dtype)
-                weight = torch.ones_like(weight)
+            weight = top_k_weights.reshape(-1)[perm].unsqueeze(1)  # [S, 1]
+            x, weight = layer.expert_input(x, weight)  # [S, H], [S, 1] (Llama 4: w·x, and 1)
+            weight = weight[:, 0]  # [S]
             routed = [e for e, n in enumerate(counts) if n]
             sizes = [counts[e] for e in routed]
             # torch.split, not slicing: in a backward pass each slice's gradient would be a zero-filled [S, ·]
