@@ -7,6 +7,8 @@ left alone. `linear` picks per call; `fast_decode(model)` routes a model's dense
 fused routed experts (half precision or fp32) through one-token paths — prefills (several tokens) keep
 transformers' own paths, so only decode steps change. The experts' path runs only the picked experts: on the
 CPU, transformers' grouped_mm runs a (mostly empty) matrix product for every expert of the layer at each step.
+`fast_decode(model, int4=True)` also makes weight-only int4 copies (`apply.int4`) that every call of at most
+`int4.DECODE_ROWS` tokens reads instead of the weights (linears of any float dtype, the routed experts).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from torch import nn
 
 from ..models import MoELayer, adapter_for
 from ..models.swap import set_forward
+from ..progress import bar
+from . import int4
 
 HALF = (torch.bfloat16, torch.float16)
 DECODE_DTYPES = (*HALF, torch.float32)  # the fused experts' one-token path
@@ -35,8 +39,14 @@ def one_row(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, w, b)`: x [.., K], w [N, K], b [N] -> [.., N]; one row against a half-precision row-major CPU
-    weight by `torch.mv` (the same products, summed by another kernel: equal to rounding)."""
+    """`F.linear(x, w, b)`: x [.., K], w [N, K], b [N] -> [.., N]; at most `int4.DECODE_ROWS` rows against a weight
+    with an int4 copy by the int4 kernel; one row against a half-precision row-major CPU weight by `torch.mv` (the
+    same products, summed by another kernel: equal to rounding)."""
+    if x.numel() <= int4.DECODE_ROWS * x.shape[-1]:
+        q = int4.int4_copy(w)
+        if q is not None:
+            y = q[0].matmul(x)
+            return y if b is None else y + b
     if not prefers_mv(x, w):
         return nn.functional.linear(x, w, b)
     y = torch.mv(w, x.reshape(-1))  # [N]
@@ -60,6 +70,10 @@ def one_token_experts(layer: MoELayer, general):
 
     def forward(hidden_states, top_k_index, top_k_weights):
         gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
+        if hidden_states.shape[0] <= int4.DECODE_ROWS:
+            gu4, dn4 = int4.int4_copy(gate_up), int4.int4_copy(down)
+            if gu4 is not None and dn4 is not None:
+                return int4_experts(layer, gu4, dn4, hidden_states, top_k_index, top_k_weights)
         if hidden_states.shape[0] != 1 or not one_row(hidden_states, gate_up[0]):
             return general(hidden_states, top_k_index, top_k_weights)
         gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I], [E, H] or None
@@ -81,6 +95,38 @@ def one_token_experts(layer: MoELayer, general):
     return forward
 
 
+def int4_experts(layer: MoELayer, gu4: list, dn4: list, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The routed experts of a few tokens (hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]) from
+    their int4 copies (gu4 / dn4: one `int4.Int4Weight` per expert of gate_up [2I, H] and down [H, I]): each picked
+    expert runs once on the tokens that picked it, experts ascending; a slot whose index is E or more (the skip
+    sentinel) is not run."""
+    gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I], [E, H] or None
+    n_experts = len(gu4)
+    out = torch.zeros_like(hidden_states)  # [T, H]
+    if hidden_states.shape[0] == 1:  # one token: its k picks, no grouping
+        x = hidden_states  # [1, H]
+        for e, w in sorted(zip(top_k_index[0].tolist(), top_k_weights[0].tolist())):
+            if e >= n_experts:
+                continue
+            xe, w = layer.expert_input(x, w)
+            gu = gu4[e].matmul(xe) if gu_bias is None else gu4[e].matmul(xe) + gu_bias[e]  # [1, 2I]
+            y = dn4[e].matmul(layer.activate(*gu.chunk(2, dim=-1)))  # [1, H]
+            out.add_(y if dn_bias is None else y + dn_bias[e], alpha=w)
+        return out
+    for e in torch.unique(top_k_index).tolist():  # ascending
+        if e >= n_experts:
+            continue
+        tok, slot = (top_k_index == e).nonzero(as_tuple=True)  # [n], [n]
+        xe, w = layer.expert_input(hidden_states[tok], top_k_weights[tok, slot, None])  # [n, H], [n, 1]
+        gu = gu4[e].matmul(xe) if gu_bias is None else gu4[e].matmul(xe) + gu_bias[e]  # [n, 2I]
+        y = dn4[e].matmul(layer.activate(*gu.chunk(2, dim=-1)))  # [n, H]
+        if dn_bias is not None:
+            y = y + dn_bias[e]
+        out.index_add_(0, tok, y * w.to(y.dtype) if isinstance(w, torch.Tensor) else y * w)
+    return out
+
+
 def _plain_experts(experts: nn.Module) -> bool:
     """Fused experts on the CPU (half precision or fp32) whose forward is gate_up, the gate, down and the combine —
     nothing `one_token_experts` lacks."""
@@ -89,20 +135,33 @@ def _plain_experts(experts: nn.Module) -> bool:
             and not getattr(experts, "is_transposed", False) and not getattr(experts, "has_post_expert_norm", False))
 
 
-def fast_decode(model: nn.Module) -> int:
+def fast_decode(model: nn.Module, int4_copies: bool = False) -> int:
     """Route `model`'s one-token steps on the CPU through `linear` and `one_token_experts`: every nn.Linear with a
     half-precision weight, and the fused routed experts of its MoE layers in half precision or fp32. Instance
-    forwards only (the classes, the weights and every multi-token call unchanged); idempotent. -> modules changed."""
+    forwards only (the classes, the weights and every multi-token call unchanged); idempotent. int4_copies: also
+    make int4 copies (`apply.int4`, once) of every such linear — fp32 ones too — and of those experts, which calls
+    of up to `int4.DECODE_ROWS` tokens then read (weights the kernel does not take keep their own precision).
+    -> modules changed."""
+    linears = [m for m in model.modules()
+               if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward  # (not a subclass's own:
+               # PhiMoE's router, DeepSeek-V4's projections)
+               and m.weight.device.type == "cpu" and m.weight.dtype in (HALF if not int4_copies else DECODE_DTYPES)]
+    moe_layers = adapter_for(model).moe_layers()  # (none for a dense model)
+    layers = [layer for layer in moe_layers if _plain_experts(layer.experts)]
+    if int4_copies:  # not the routers: a 4-bit router flips expert choices, for a negligible share of the reads
+        routers = {id(m) for layer in moe_layers for m in layer.router.modules()}
+        weights = [m.weight for m in linears if id(m) not in routers] + [t for layer in layers
+                                                 for t in (layer.experts.gate_up_proj, layer.experts.down_proj)]
+        for w in bar(weights, desc="int4 copies", unit="tensor"):
+            if int4.int4_copy(w) is None:
+                int4.make_copy(w)
     n = 0
-    for module in model.modules():
-        if (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward  # (not a subclass's own:
-                # PhiMoE's router, DeepSeek-V4's projections)
-                and "forward" not in module.__dict__ and module.weight.device.type == "cpu"
-                and module.weight.dtype in HALF):
+    for module in linears:
+        if "forward" not in module.__dict__:
             set_forward(module, types.MethodType(_linear_forward, module))
             n += 1
-    for layer in adapter_for(model).moe_layers():  # (none for a dense model)
-        if _plain_experts(layer.experts) and "forward" not in layer.experts.__dict__:
+    for layer in layers:
+        if "forward" not in layer.experts.__dict__:
             set_forward(layer.experts, one_token_experts(layer, layer.experts.forward))
             n += 1
     return n

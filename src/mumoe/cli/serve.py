@@ -82,6 +82,11 @@ def cmd_serve(args) -> int:
         raise MumoeError("--task needs --library LIB (a task library from `mumoe taer build`)")
     if sum(x for x in (args.active < 1, args.experts is not None, args.task is not None)) > 1:
         raise MumoeError("choose one default pruning: --active, --experts or --task")
+    if args.int4:
+        from ..observe.runner import resolve_device
+
+        if resolve_device(args.device).type != "cpu":
+            raise MumoeError("--int4 is a CPU decode path (torch's CPU int4 kernel): drop it or serve on --device cpu")
     if args.skip is not None and args.taer_only:
         raise MumoeError("--skip runs on the full model; a --taer-only server does not hold it")
     template = None
@@ -122,7 +127,7 @@ def cmd_serve(args) -> int:
 
         skip = prepare(args, model, tok, int(getattr(model.config, "max_position_embeddings", None) or 512), 8)
     engine = Engine(model, tok, name, _serve_defaults(args), library, source_dir(args.model), args.max_task_models,
-                    template, taer_only=args.taer_only, skip=skip, int8=args.int8)
+                    template, taer_only=args.taer_only, skip=skip, int8=args.int8, int4=args.int4)
     d = engine.defaults
     mode = {"dense": "dense", "mu-moe": f"μ-MoE ρ={d.active:g} ({d.structure})", "experts": f"{d.experts} experts "
             "per layer per prompt", "task": f"TAER task {d.task}"}[d.kind]
@@ -185,6 +190,10 @@ def add_parser(sub) -> None:
     sp.add_argument("--int8", action="store_true", help="μ-MoE column requests decode with matrices gathered from "
                     "int8 copies of the weights (weight-only, per-row scales; made once at the first such request, "
                     "+1/4 of the fp32 weights in memory; default off)")
+    sp.add_argument("--int4", action="store_true", help="decode steps (up to 32 tokens per call: batched requests "
+                    "too) read weight-only int4 copies of every linear and routed expert (groups of 32 inputs, "
+                    "scale and zero each; routers excluded; made at load, +1/8 of the fp32 weights in memory); "
+                    "prefills and μ-MoE's compacted matrices keep --dtype. CPU only (default off)")
     sp.add_argument("--experts", type=int, help="default per-prompt expert pruning: keep this many experts per layer "
                     "(the prompt's own TCESS; default off)")
     add_skip_args(sp, calib=True)

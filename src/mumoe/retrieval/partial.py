@@ -114,11 +114,14 @@ class TaskModels:
     """Task models, each loaded from the checkpoint with only its task's experts, the `capacity` most recently
     used kept in memory (an LRU): the one cache of `TaskServer` and the server's engine."""
 
-    def __init__(self, model: str | Path, library: TaskLibrary, dtype: torch.dtype, device, capacity: int = 2) -> None:
+    def __init__(self, model: str | Path, library: TaskLibrary, dtype: torch.dtype, device, capacity: int = 2,
+                 int4: bool = False) -> None:
+        """int4: each task model's decode steps read int4 copies of its weights (`apply.int4`, made at its load)."""
         if capacity < 1:
             raise MumoeError(f"the task-model cache holds at least 1 model, got {capacity}")
         self.model, self.library, self.dtype, self.device, self.capacity = model, library, dtype, device, capacity
         self.models: OrderedDict[str, nn.Module] = OrderedDict()
+        self.int4 = int4
 
     def get(self, task: str) -> tuple[nn.Module, bool, float]:
         """The task's model, from the cache (made most recent) or loaded. -> (model, cached, load seconds)"""
@@ -129,7 +132,7 @@ class TaskModels:
             self.models.popitem(last=False)
         t0 = time.perf_counter()
         model = load_task_model(self.model, self.library, task, self.dtype).to(self.device)
-        fast_decode(model)  # one-token steps as the full model's in `mumoe serve` (apply.gemv)
+        fast_decode(model, int4_copies=self.int4)  # one-token steps as the full model's in `mumoe serve` (apply.gemv)
         self.models[task] = model
         return model, False, time.perf_counter() - t0
 

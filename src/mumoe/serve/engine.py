@@ -193,11 +193,14 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, name: str, defaults: Pruning | None = None,
                  library=None, model_path: str | None = None, max_task_models: int = 2,
-                 chat_template: str | None = None, taer_only: bool = False, skip=None, int8: bool = False) -> None:
+                 chat_template: str | None = None, taer_only: bool = False, skip=None, int8: bool = False,
+                 int4: bool = False) -> None:
         """taer_only: `model` is TAER's matcher (the layers up to the first MoE router, `load_matcher`), not the
         full model: only task requests are served, each decoded by its task's model — the full model is never
         in memory. skip: a `testtime.skip.SkipSetup` — dense requests skip experts per token as it says. int8:
-        μ-MoE column requests decode with matrices gathered from int8 copies of the weights (`apply.int8`)."""
+        μ-MoE column requests decode with matrices gathered from int8 copies of the weights (`apply.int8`). int4:
+        decode steps read weight-only int4 copies of the linears and routed experts (`apply.int4`, made here; task
+        models' too) — prefills and μ-MoE's compacted matrices keep the model's precision."""
         if tokenizer is None:
             raise MumoeError(f"{name} has no tokenizer; mumoe serve needs one")
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -222,10 +225,10 @@ class Engine:
             from ..retrieval.partial import TaskModels
 
             self.task_models = TaskModels(model_path, library, next(model.parameters()).dtype, self.device,
-                                          max_task_models)
+                                          max_task_models, int4=int4)
         self.total_weights = stored_weights(model)
         if not taer_only:  # one-token steps on the CPU: half-precision linears by torch.mv, only the picked experts
-            fast_decode(model)
+            fast_decode(model, int4_copies=int4)
         self._protocols: dict[tuple, PerPrompt] = {}
         self.refeed = refeed_possible(model.config)  # per-prompt decode pruning possible (no recurrent layers)
         self.defaults = self.pruning(None, defaults or Pruning())

@@ -1,0 +1,115 @@
+"""Weight-only int4 for decode steps: group-wise 4-bit copies of a model's linears and routed experts, multiplied
+by torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations).
+
+Each weight W [N, K] (N output rows, K inputs) gets, once per model, an asymmetric 4-bit copy in groups of G = 32
+consecutive inputs of a row (llama.cpp's Q4_1 grain):
+    lo, hi = min, max of the group;  s = (hi − lo) / 15 and z = lo + 8·s, both rounded to bf16 (what the kernel
+    reads);  q = clamp(round((W − z) / s) + 8, 0, 15);  W ≈ (q − 8)·s + z
+(a group of equal values: s = 1, z = the value + 8 — exact). The copy is kept beside the weight (`int4_copy`, dropped
+with it); the weight itself is unchanged, so prefills (many tokens: the kernel costs ~5x a bf16 GEMM there,
+measured) and μ-MoE's per-prompt compaction keep the model's own precision, and only calls of at most
+`DECODE_ROWS` tokens — decode steps, batched or not — read the copy.
+
+Why (measured on the 2-core Xeon of BENCHMARKS.md, "Weight-only int4"): a one-row product reads the int4 copy of
+a 5632×2048 matrix in 0.45–0.54 ms against 1.6 ms for torch.mv of the bf16 weight and 1.1 ms for the int8 kernel —
+half a byte per weight, and a faster kernel. Its error: the 4-bit rounding (relative ~0.1 of a random matrix's
+product — as llama.cpp's Q4 formats) plus bf16 activations. The kernel needs N a multiple of 16 and K of G;
+other weights keep their own precision (`fits`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..settings import TensorCache
+
+GROUP = 32  # inputs per scale/zero pair (the kernel takes 32, 64, 128 or 256)
+DECODE_ROWS = 32  # calls with at most this many tokens read the int4 copy (decode steps, batched up to 32)
+_COPIES = TensorCache()  # weight -> (its version, [Int4Weight per matrix]) — one entry for a 2-D weight
+
+
+def fits(n_out: int, n_in: int, group: int = GROUP) -> bool:
+    """Whether torch's CPU int4 kernel takes an [n_out, n_in] weight in groups of `group` inputs."""
+    return n_out % 16 == 0 and n_in % group == 0 and n_in >= group
+
+
+@torch.no_grad()
+def quantize_groups(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit of w [N, K] in groups of `group` inputs (the module docstring's rule) -> (codes uint8 [N, K]
+    in 0..15, scale [N, K/group] and zero [N, K/group], float32 holding bf16 values): W ≈ (codes − 8)·scale + zero
+    per group."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group, group)  # [N, G', group]
+    lo, hi = g.amin(-1), g.amax(-1)  # [N, G']
+    scale = ((hi - lo) / 15).to(torch.bfloat16).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = (lo + 8 * scale).to(torch.bfloat16).float()
+    codes = torch.round((g - zero[..., None]) / scale[..., None]).add_(8).clamp_(0, 15).to(torch.uint8)
+    return codes.reshape(n, k), scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(codes − 8)·scale + zero: codes [N, K], scale and zero [N, K/group] -> float32 [N, K]."""
+    n, k = codes.shape
+    group = k // scale.shape[1]
+    q = codes.float().reshape(n, -1, group) - 8
+    return (q * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+@dataclass
+class Int4Weight:
+    """One matrix [N, K] in the kernel's layout: packed codes (uint8 [N, K/2]) and bf16 (scale, zero) pairs
+    [K/group, N, 2]."""
+
+    packed: torch.Tensor
+    scale_zero: torch.Tensor
+    group: int
+    n_out: int
+    n_in: int
+
+    @classmethod
+    def of(cls, w: torch.Tensor, group: int = GROUP) -> "Int4Weight":
+        """The int4 copy of w [N, K] (`fits` must hold)."""
+        codes, scale, zero = quantize_groups(w, group)
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).to(torch.bfloat16).contiguous()  # [K/g, N, 2]
+        return cls(packed, scale_zero, group, w.shape[0], w.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + 2 * self.scale_zero.numel()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [.., K] · Wᵀ -> [.., N] in x's dtype (x taken in bf16)."""
+        x2 = x.reshape(-1, self.n_in).to(torch.bfloat16)  # [M, K]
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)  # [M, N]
+        return y.to(x.dtype).view(*x.shape[:-1], self.n_out)
+
+
+def make_copy(weight: torch.Tensor, group: int = GROUP) -> int:
+    """Make and keep the int4 copy of a CPU weight [N, K] or stacked experts' weight [E, N, K] (one per matrix)
+    when every matrix fits the kernel; -> bytes of the copy (0: none made)."""
+    if weight.device.type != "cpu" or weight.dim() not in (2, 3) or not fits(*weight.shape[-2:], group):
+        return 0
+    mats = [Int4Weight.of(m, group) for m in (weight if weight.dim() == 3 else [weight])]
+    _COPIES.set(weight, (weight._version, mats))
+    return sum(m.nbytes for m in mats)
+
+
+def int4_copy(weight: torch.Tensor) -> list[Int4Weight] | None:
+    """The int4 copies kept for `weight` (one per matrix), or None where there are none or the weight was
+    modified in place since they were made."""
+    hit = _COPIES.get(weight)
+    return hit[1] if hit is not None and hit[0] == weight._version else None
+
+
+def release_int4(model: torch.nn.Module) -> int:
+    """Drop the int4 copies kept with `model`'s weights; -> bytes freed."""
+    freed = 0
+    for p in model.parameters():
+        hit = _COPIES.pop(p)
+        if hit is not None:
+            freed += sum(m.nbytes for m in hit[1])
+    return freed
