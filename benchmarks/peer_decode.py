@@ -182,9 +182,11 @@ def prompt_ids(n: int) -> list[int]:
 
 
 def run_mumoe(path: Path, experts_k: int | None, ids: list[int], new: int, repeats: int,
-              bundled: bool, dtype: str = "auto") -> tuple[dict, dict]:
-    """Per configuration, per repeat: TTFT, decode tokens/s and the engine's overhead breakdown."""
+              bundled: bool, dtype: str = "auto", only: set[str] | None = None) -> tuple[dict, dict]:
+    """Per configuration, per repeat: TTFT, decode tokens/s and the engine's overhead breakdown. only: the
+    configurations to run (None: all)."""
     from mumoe import load
+    from mumoe.apply import int4
     from mumoe.loading import load_tokenizer
     from mumoe.serve.engine import Engine, Pruning, Sampling
 
@@ -205,6 +207,15 @@ def run_mumoe(path: Path, experts_k: int | None, ids: list[int], new: int, repea
         configs["row 0.5"] = (engine, Pruning(active=0.5, structure="row"))
     if experts_k:
         configs[f"experts K={experts_k}"] = (engine, Pruning(experts=experts_k))
+    # `mumoe serve --int4`: decode steps read int4 copies. The copies belong to the weights (every engine of this
+    # model would read them), so the other configurations run with the row limit at 0: no call reads them.
+    engine4 = Engine(model, tok, path.name, int4=True)
+    engine4.eos = set()
+    configs["dense int4"] = (engine4, Pruning())
+    if experts_k:
+        configs[f"experts K={experts_k} int4"] = (engine4, Pruning(experts=experts_k))
+    configs = {c: v for c, v in configs.items() if only is None or c in only or c == "dense"}
+    rows_limit = int4.DECODE_ROWS
     x = torch.tensor([ids])
     with torch.no_grad():  # warm-up, and a bare dense forward kept for reference (overhead: `dense_prefill`)
         model(input_ids=x, use_cache=True)
@@ -218,6 +229,7 @@ def run_mumoe(path: Path, experts_k: int | None, ids: list[int], new: int, repea
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for r in range(repeats + 1):  # the first round warms every configuration (buffers, planned pruners)
         for cname, (engine, pruning) in configs.items():
+            int4.DECODE_ROWS = rows_limit if cname.endswith("int4") else 0
             stamps: list[float] = []
             t0 = time.perf_counter()
             fin = engine.run(ids, sampling, pruning, lambda text, entries: stamps.append(time.perf_counter()))
@@ -229,9 +241,10 @@ def run_mumoe(path: Path, experts_k: int | None, ids: list[int], new: int, repea
                                 "total_s": t_end - t0, "overhead_ms": fin.applied.get("overhead_ms", 0.0),
                                 "active_weights": fin.applied["active_weights"],
                                 **{k: v for k, v in fin.stats.items() if isinstance(v, (int, float))}})
+    int4.DECODE_ROWS = rows_limit
     if bundled:
         info["quality"] = quality(model)
-    del engine, engine8, model
+    del engine, engine8, engine4, model
     return info, runs
 
 
@@ -263,12 +276,42 @@ def quality(model, windows: int = 8) -> dict[str, float]:
             "column 0.9 int8": dict(active=0.9, structure="column", int8=True),
             "column 1.0 int8": dict(active=1.0, structure="column", int8=True)}
     out = {}
+    wins = {d: make_windows(tokenize(tok, (DATA / d / "eval.txt").read_text("utf-8")), 512, windows)
+            for d in ("code", "docs", "kernel", "prose")}
     for name, kw in runs.items():
-        ppl = [continuation_perplexity(model, make_windows(tokenize(tok, (DATA / d / "eval.txt").read_text("utf-8")),
-                                                           512, windows), 256, **kw)["ppl"]
-               for d in ("code", "docs", "kernel", "prose")]
+        ppl = [continuation_perplexity(model, w, 256, **kw)["ppl"] for w in wins.values()]
         out[name] = sum(ppl) / len(ppl)
+    from mumoe.apply import int4
+
+    limit = int4.DECODE_ROWS
+    for name, rows in (("dense, 32-token steps", 0), ("dense int4, 32-token steps", limit)):
+        int4.DECODE_ROWS = rows  # 0: no call reads the int4 copies
+        ppl = [stepped_perplexity(model, w, 256, limit) for w in wins.values()]
+        out[name] = sum(ppl) / len(ppl)
+    int4.DECODE_ROWS = limit
     return out
+
+
+@torch.no_grad()
+def stepped_perplexity(model, wins: torch.Tensor, prompt_len: int, step: int) -> float:
+    """Continuation perplexity as a server decodes: the prompt prefilled at once, the continuation fed `step`
+    tokens at a time through the cache (what reads `mumoe serve --int4`'s copies: calls of at most 32 tokens).
+    wins [N, L] -> perplexity of tokens prompt_len+1 .. L-1."""
+    from mumoe.compat import output_cache
+
+    nll, count = 0.0, 0
+    for w in wins:
+        out = model(input_ids=w[None, :prompt_len], use_cache=True)
+        cache, logits = output_cache(out), [out.logits[0, -1:]]
+        for s in range(prompt_len, w.shape[0] - 1, step):
+            out = model(input_ids=w[None, s : min(s + step, w.shape[0] - 1)], past_key_values=cache, use_cache=True)
+            cache = output_cache(out)
+            logits.append(out.logits[0])
+        logp = torch.log_softmax(torch.cat(logits)[1:].double(), dim=-1)  # predicts tokens prompt_len+1 .. L-1
+        target = w[prompt_len + 1 :]
+        nll -= float(logp.gather(-1, target[:, None]).sum())
+        count += target.numel()
+    return float(torch.exp(torch.tensor(nll / count)))
 
 
 def read_shape(model) -> dict:
@@ -314,6 +357,8 @@ def main() -> None:
                     "for a bf16 checkpoint; bf16 keeps the checkpoint's half precision)")
     ap.add_argument("--report", action="store_true", help="print the tables of the results file, run nothing")
     ap.add_argument("--no-llama", action="store_true", help="mumoe only (no llama.cpp)")
+    ap.add_argument("--configs", help="mumoe configurations to run, comma list (e.g. 'dense int4,column 0.5 int8'; "
+                    "dense always runs; default all)")
     args = ap.parse_args()
     if args.report:
         saved = json.loads(RESULTS.read_text())
@@ -332,7 +377,8 @@ def main() -> None:
         print(f"== {name} ({path})", flush=True)
         entry = {"mumoe": {}}
         for dtype in args.dtypes.split(","):
-            info, runs = run_mumoe(path, MODELS[name][1], ids, args.new, args.repeats, name == "bundled", dtype)
+            info, runs = run_mumoe(path, MODELS[name][1], ids, args.new, args.repeats, name == "bundled", dtype,
+                                   None if not args.configs else set(args.configs.split(",")))
             entry["mumoe"][dtype] = info | {"runs": runs}
         if py is not None:
             files = gguf_files(name, path, args.work, py)
@@ -378,7 +424,8 @@ def report(name: str, entry: dict, bw: float) -> None:
             tok = med(rows, "decode_tok_s")
             share = med(rows, "read_weights") / med(rows, "prunable_weights") if "read_weights" in rows[0] else 1.0
             fixed = per_token(info, 0.0)  # read in the model's dtype; the prunable part int8 where int8
-            bound = bw * 1e9 / (fixed * elem + (per_token(info, share) - fixed) * (1 if "int8" in cname else elem))
+            low = 1 if "int8" in cname else 0.625 if "int4" in cname else elem  # int4: 4 bits + bf16 pair / 32
+            bound = bw * 1e9 / (fixed * elem + (per_token(info, share) - fixed) * low)
             parts = [med(rows, k) * 1000 if k in rows[0] else 0.0
                      for k in ("statistics_s", "select_s", "apply_s", "lazy_s", "undo_s")]
             over = sum(parts) / 1000 / dense_prefill(info)
@@ -407,7 +454,7 @@ def goals(name: str, entry: dict) -> None:
         line = [f"{name} {label}"]
         if "f16" in peer:
             line.append(f"dense / llama.cpp f16 {dense / peer['f16']:.2f} (goal ≥ {0.5 if name == 'bundled' else 0.8})")
-        for c in ("column 0.5", "column 0.5 int8"):
+        for c in ("column 0.5", "column 0.5 int8", "dense int4"):
             if "q4km" in peer and c in runs:
                 line.append(f"{c} / llama.cpp Q4_K_M {med(runs[c], 'decode_tok_s') / peer['q4km']:.2f} (goal > 1)")
         pruned = {c: r for c, r in runs.items() if c != "dense"}

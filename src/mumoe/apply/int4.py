@@ -83,6 +83,8 @@ class Int4Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [.., K] · Wᵀ -> [.., N] in x's dtype (x taken in bf16)."""
+        if x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():  # bf16 rows: the kernel alone
+            return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zero)
         x2 = x.reshape(-1, self.n_in).to(torch.bfloat16)  # [M, K]
         y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)  # [M, N]
         return y.to(x.dtype).view(*x.shape[:-1], self.n_out)
