@@ -602,6 +602,45 @@ def test_concurrent_dense_requests_decode_together_over_http(model_tok):
         assert peak[0] >= 2
 
 
+def test_an_int4_server_answers_as_generate_reading_the_same_copies(model_tok):
+    """`mumoe serve --int4`: the engine makes int4 copies of the model's linears and experts, and a dense request's
+    greedy text is what transformers' generate gives on the same model (its one-token steps read the same copies);
+    requests decoded together (calls of a few rows: still the copies) answer as they do alone."""
+    import copy
+
+    from mumoe.apply.int4 import int4_copy
+
+    model, tok = model_tok
+    model4 = copy.deepcopy(model)  # (the copies belong to the weights: not the module's shared model)
+    engine = Engine(model4, tok, "default", int4=True)
+    layer = adapter_for(model4).moe_layers()[0]
+    assert int4_copy(layer.experts.gate_up_proj) is not None and int4_copy(model4.lm_head.weight) is not None
+    prompts = [PROMPT[:60], PROSE[500:700], PROMPT]
+    with torch.no_grad():
+        want = []
+        for p in prompts:
+            ids = tok(p, add_special_tokens=False)["input_ids"]
+            out = model4.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                  pad_token_id=tok.eos_token_id)
+            want.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
+            plain = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                   pad_token_id=tok.eos_token_id)
+    assert not torch.equal(out, plain)  # 4-bit weights: another text than the model's own (the last prompt)
+    with serving(engine, timeout=120) as url:
+        body = {"model": "default", "max_tokens": 16, "temperature": 0}
+        alone = [requests.post(url + "/v1/completions", json={**body, "prompt": p}, timeout=120).json()
+                 for p in prompts]
+        assert [a["choices"][0]["text"] for a in alone] == want
+        results = {}
+        threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, requests.post(
+            url + "/v1/completions", json={**body, "prompt": prompts[k]}, timeout=120).json())) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [results[k]["choices"][0]["text"] for k in range(3)] == want
+
+
 def test_timeout_is_a_504(model_tok):
     model, tok = model_tok
     with serving(Engine(model, tok, "default"), timeout=0.5) as url:
@@ -705,6 +744,7 @@ def test_cli_serve_port_in_use_is_one_line(capsys):
     (["--max-batch", "0"], "--max-batch"),
     (["--port", "70000"], "--port"),
     (["--library", "/nonexistent/lib"], "task library not found"),
+    (["--int4", "--device", "cuda"], "cuda"),
 ])
 def test_cli_serve_bad_flags_are_one_line(args, words, capsys):
     from mumoe.cli import main

@@ -192,7 +192,7 @@ def add_parser(sub) -> None:
                     "+1/4 of the fp32 weights in memory; default off)")
     sp.add_argument("--int4", action="store_true", help="decode steps (up to 32 tokens per call: batched requests "
                     "too) read weight-only int4 copies of every linear and routed expert (groups of 32 inputs, "
-                    "scale and zero each; routers excluded; made at load, +1/8 of the fp32 weights in memory); "
+                    "scale and zero each; routers excluded; made at load: +0.625 bytes per weight in memory); "
                     "prefills and μ-MoE's compacted matrices keep --dtype. CPU only (default off)")
     sp.add_argument("--experts", type=int, help="default per-prompt expert pruning: keep this many experts per layer "
                     "(the prompt's own TCESS; default off)")
