@@ -14,7 +14,8 @@ the picked experts' one-token path; fp32: the experts' path only (fp32 linears a
 transformers' grouped_mm. --int4 with --model: fast_decode's forwards reading int4 copies (`mumoe serve --int4`)
 against the same forwards on the weights. The formats table: one row times each matrix by torch.mv (fp32, bf16),
 torch's weight-only int8 kernel (per-row scales, bf16 activations: `apply.int8`) and its int4 kernel (groups of 32,
-bf16 activations: `apply.int4`), read rates in bytes of the format. Not in CI (a measurement, ~1–4 min).
+bf16 activations: `apply.int4`), read rates in bytes of the format, and a 256-row prefill's product by bf16
+F.linear and by the int4 kernel. Not in CI (a measurement, ~1–4 min).
 """
 
 from __future__ import annotations
@@ -59,10 +60,13 @@ def formats(shape: tuple[int, int], repeats: int, n: int = 12) -> dict[str, tupl
     int8 = [quantize_rows(w) for w in full]
     int4 = [Int4Weight.of(w) for w in full]
     numel = shape[0] * shape[1]
+    xs = torch.randn(256, shape[1], generator=g).bfloat16()  # a 256-token prefill's rows
     calls = {"fp32 mv": (lambda i: torch.mv(fp32[i], x[0]), 4 * numel),
              "bf16 mv": (lambda i: torch.mv(bf16[i], xb[0]), 2 * numel),
              "int8 kernel": (lambda i: int8_linear(xb, *int8[i]), numel + 4 * shape[0]),
-             "int4 kernel": (lambda i: int4[i].matmul(xb), int4[0].nbytes)}
+             "int4 kernel": (lambda i: int4[i].matmul(xb), int4[0].nbytes),
+             "bf16 linear 256": (lambda i: F.linear(xs, bf16[i]), 2 * numel),
+             "int4 kernel 256": (lambda i: int4[i].matmul(xs), int4[0].nbytes)}
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
         for name, (f, _) in calls.items():
@@ -132,13 +136,15 @@ def main() -> None:
             cell = {k: f"{v * 1e6:.0f} µs ({nbytes / v / 1e9:.1f} GB/s)" for k, v in m.items()}
             print(f"| {str(dtype)[6:]} | {shape[0]}×{shape[1]} | {cell['linear row']} | {cell['mv row']} | "
                   f"{cell['linear col']} | {m['linear row'] / m['mv row']:.2f} |")
-    print("\n| shape | fp32 mv | bf16 mv | int8 kernel | int4 kernel | bf16 mv / int4 |")
-    print("|---|---|---|---|---|---|")
+    print("\n| shape | fp32 mv | bf16 mv | int8 kernel | int4 kernel | bf16 mv / int4 | 256 rows: bf16 F.linear "
+          "/ int4 kernel |")
+    print("|---|---|---|---|---|---|---|")
     for shape in SHAPES:
         m = formats(shape, args.repeats)
         cell = {k: f"{t * 1e6:.0f} µs ({b / t / 1e9:.1f} GB/s)" for k, (t, b) in m.items()}
         print(f"| {shape[0]}×{shape[1]} | {cell['fp32 mv']} | {cell['bf16 mv']} | {cell['int8 kernel']} | "
-              f"{cell['int4 kernel']} | {m['bf16 mv'][0] / m['int4 kernel'][0]:.2f} |")
+              f"{cell['int4 kernel']} | {m['bf16 mv'][0] / m['int4 kernel'][0]:.2f} | "
+              f"{m['bf16 linear 256'][0] * 1e3:.2f} / {m['int4 kernel 256'][0] * 1e3:.2f} ms |")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ consecutive inputs of a row (llama.cpp's Q4_1 grain):
     lo, hi = min, max of the group;  s = (hi − lo) / 15 and z = lo + 8·s, both rounded to bf16 (what the kernel
     reads);  q = clamp(round((W − z) / s) + 8, 0, 15);  W ≈ (q − 8)·s + z
 (a group of equal values: s = 1, z = the value + 8 — exact). The copy is kept beside the weight (`int4_copy`, dropped
-with it); the weight itself is unchanged, so prefills (many tokens: the kernel costs ~5x a bf16 GEMM there,
+with it); the weight itself is unchanged, so prefills (many tokens: the kernel costs 6–12x a bf16 GEMM there,
 measured) and μ-MoE's per-prompt compaction keep the model's own precision, and only calls of at most
 `DECODE_ROWS` tokens — decode steps, batched or not — read the copy.
 
-Why (measured on the 2-core Xeon of BENCHMARKS.md, "Weight-only int4"): a one-row product reads the int4 copy of
-a 5632×2048 matrix in 0.45–0.54 ms against 1.6 ms for torch.mv of the bf16 weight and 1.1 ms for the int8 kernel —
-half a byte per weight, and a faster kernel. Its error: the 4-bit rounding (relative ~0.1 of a random matrix's
-product — as llama.cpp's Q4 formats) plus bf16 activations. The kernel needs N a multiple of 16 and K of G;
+Why (measured on the 2-core Xeon of BENCHMARKS.md, "Weight-only int4 decode copies"): a one-row product reads the
+int4 copy of a 5632×2048 matrix in 0.41–0.47 ms against 0.9–1.2 ms for torch.mv of the bf16 weight and 0.9–1.3 ms
+for the int8 kernel — 0.625 bytes per weight, read about as fast. Its error: the 4-bit rounding (~8% of a random
+Gaussian matrix's weights, rms — llama.cpp's Q4 grain) plus bf16 activations. The kernel needs N a multiple of 16 and K of G;
 other weights keep their own precision (`fits`).
 """
 
