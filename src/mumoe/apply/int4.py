@@ -13,8 +13,8 @@ measured) and μ-MoE's per-prompt compaction keep the model's own precision, and
 Why (measured on the 2-core Xeon of BENCHMARKS.md, "Weight-only int4 decode copies"): a one-row product reads the
 int4 copy of a 5632×2048 matrix in 0.41–0.47 ms against 0.9–1.2 ms for torch.mv of the bf16 weight and 0.9–1.3 ms
 for the int8 kernel — 0.625 bytes per weight, read about as fast. Its error: the 4-bit rounding (~8% of a random
-Gaussian matrix's weights, rms — llama.cpp's Q4 grain) plus bf16 activations. The kernel needs N a multiple of 16 and K of G;
-other weights keep their own precision (`fits`).
+Gaussian matrix's weights, rms — llama.cpp's Q4 grain) plus bf16 activations. The kernel needs N a multiple of 16
+and K of G; other weights keep their own precision (`fits`).
 """
 
 from __future__ import annotations
