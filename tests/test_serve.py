@@ -641,6 +641,20 @@ def test_an_int4_server_answers_as_generate_reading_the_same_copies(model_tok):
     assert [results[k]["choices"][0]["text"] for k in range(3)] == want
 
 
+def test_int4_task_models_decode_from_copies_too(model_tok, library):
+    """With a task library, `--int4` reaches TAER's task models: each is given its int4 copies when it loads."""
+    import copy
+
+    from mumoe.apply.int4 import int4_copy
+
+    model, tok = model_tok
+    engine = Engine(copy.deepcopy(model), tok, "default", library=library, model_path=str(DEFAULT_MODEL), int4=True)
+    task_model, cached, _ = engine.task_models.get("code")
+    layers = adapter_for(task_model).moe_layers()
+    assert not cached and layers and all(int4_copy(layer.experts.gate_up_proj) is not None for layer in layers)
+    assert int4_copy(task_model.lm_head.weight) is not None
+
+
 def test_timeout_is_a_504(model_tok):
     model, tok = model_tok
     with serving(Engine(model, tok, "default"), timeout=0.5) as url:
@@ -683,8 +697,9 @@ def _start_cli(*args: str) -> tuple[subprocess.Popen, str]:
 
 def test_cli_serve_defaults_and_sigterm_finishes_in_flight():
     """The CLI with a server default --active 0.5: requests without an extension object are μ-MoE; SIGTERM while a
-    request decodes lets it finish (200, all its tokens), then the server exits and refuses connections."""
-    proc, url = _start_cli("--active", "0.5", "--structure", "row", "--served-model-name", "bundled")
+    request decodes lets it finish (200, all its tokens), then the server exits and refuses connections. (With
+    --int4: its dense requests decode from the copies, whose size the start line gives.)"""
+    proc, url = _start_cli("--active", "0.5", "--structure", "row", "--served-model-name", "bundled", "--int4")
     try:
         c = client(url)
         r = c.completions.create(model="bundled", prompt=PROMPT, max_tokens=8, temperature=0)
@@ -716,6 +731,7 @@ def test_cli_serve_defaults_and_sigterm_finishes_in_flight():
             proc.kill()
         out = proc.stdout.read()
     assert "Traceback" not in out and "serving 'bundled'" in out and "mumoe serve: stopped" in out
+    assert "decode steps read int4 copies (" in out and " MiB)" in out
 
 
 def test_cli_serve_port_in_use_is_one_line(capsys):

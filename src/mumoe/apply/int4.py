@@ -107,6 +107,11 @@ def int4_copy(weight: torch.Tensor) -> list[Int4Weight] | None:
     return hit[1] if hit is not None and hit[0] == weight._version else None
 
 
+def copy_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the int4 copies kept for `model`'s weights (0: none)."""
+    return sum(sum(m.nbytes for m in c) for p in model.parameters() if (c := int4_copy(p)) is not None)
+
+
 def release_int4(model: torch.nn.Module) -> int:
     """Drop the int4 copies kept with `model`'s weights; -> bytes freed."""
     freed = 0

@@ -33,6 +33,13 @@ def _check_experts_flag(args) -> None:
         raise MumoeError(f"--experts must be between top_k={top_k} and the expert count {E}, got {args.experts}")
 
 
+def _int4_line(engine) -> str:
+    """How much the int4 copies hold: "N MiB" (task models get theirs when they load)."""
+    from ..apply.int4 import copy_bytes
+
+    return "made as each task model loads" if engine.taer_only else f"{copy_bytes(engine.model) / 2**20:.0f} MiB"
+
+
 def _check_listen(host: str, port: int) -> None:
     """The address can be listened on (before the model is loaded): in use, or not this machine's -> one line."""
     import socket
@@ -138,7 +145,8 @@ def cmd_serve(args) -> int:
         + (f"; dense requests decode in batches of up to {args.max_batch}" if engine.batching and skip is None
            and args.max_batch > 1 else "")
         + ("" if engine.batching else "; one request decodes at a time (this model's cache has sliding-window, "
-           "recurrent or compressed layers, which mumoe does not batch)"))
+           "recurrent or compressed layers, which mumoe does not batch)")
+        + (f"; decode steps read int4 copies ({_int4_line(engine)})" if args.int4 else ""))
     config = ServerConfig(max_queue=args.max_queue, max_batch=args.max_batch, timeout=args.timeout,
                           max_body_bytes=int(args.max_body_mb * 2**20))
     app = create_app(engine, config, worker_thread=False)
