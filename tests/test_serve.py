@@ -460,7 +460,7 @@ def test_a_20_mb_body_is_refused_and_health_keeps_answering(server):
 def test_schema_fuzz_never_a_5xx(server):
     """A few hundred requests generated from the request schema — right and wrong types, extremes, the
     served model's name or another, the mumoe extension — each answered with a 2xx or a 4xx, never a 5xx."""
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
