@@ -104,14 +104,21 @@ def int4_experts(layer: MoELayer, gu4: list, dn4: list, hidden_states: torch.Ten
     gu_bias, dn_bias = layer.gate_up_bias, layer.down_bias  # [E, 2I], [E, H] or None
     n_experts = len(gu4)
     out = torch.zeros_like(hidden_states)  # [T, H]
-    if hidden_states.shape[0] == 1:  # one token: its k picks, no grouping
+    if hidden_states.shape[0] == 1:  # one token: its k picks, no grouping (a decode step: few operators)
         x = hidden_states  # [1, H]
+        scaled, act = layer.input_scaled, (layer.act_fn if layer.glu is None else None)
         for e, w in sorted(zip(top_k_index[0].tolist(), top_k_weights[0].tolist())):
             if e >= n_experts:
                 continue
-            xe, w = layer.expert_input(x, w)
-            gu = gu4[e].matmul(xe) if gu_bias is None else gu4[e].matmul(xe) + gu_bias[e]  # [1, 2I]
-            y = dn4[e].matmul(layer.activate(*gu.chunk(2, dim=-1)))  # [1, H]
+            xe = x
+            if scaled:
+                xe, w = layer.expert_input(x, w)
+            gu = gu4[e].matmul(xe)  # [1, 2I]
+            if gu_bias is not None:
+                gu = gu + gu_bias[e]
+            gate, up = gu.chunk(2, dim=-1)
+            h = act(gate).mul_(up) if act is not None else layer.glu(gate, up)  # (= layer.activate) [1, I]
+            y = dn4[e].matmul(h)  # [1, H]
             out.add_(y if dn_bias is None else y + dn_bias[e], alpha=w)
         return out
     for e in torch.unique(top_k_index).tolist():  # ascending
