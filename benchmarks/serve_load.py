@@ -3,7 +3,7 @@
     python benchmarks/serve_load.py [--clients 8] [--requests 64] [--max-tokens 32] [--prompt-tokens 128]
                                     [--max-queue 4] [--model default] [--json PATH]
                                     [--peer-python LLAMA_VENV/bin/python --peer-gguf MODEL-f16.gguf]
-                                    [--dense-only] [--max-batch 8] [--dtype auto]
+                                    [--dense-only] [--max-batch 8] [--dtype auto] [--int4]
 
 Starts the real CLI (`mumoe serve`, a subprocess) on a free port with a TAER task library built for the run
 (`mumoe taer build`, the bundled domains' calibration splits, keep 8 of 16), then for each mode sends --requests
@@ -25,7 +25,8 @@ server (`python -m llama_cpp.server`, threads = the cores) on the model's GGUF, 
 --dense-only: only the dense phases (no task library; for a larger or dense --model, e.g. the checkpoints
 benchmarks/peer_decode.py makes), and the in-process run without its per-mode split. --max-batch: the server's
 (dense requests decoded together; 1 = one request at a time, the server before continuous batching). --dtype:
-the server's and the in-process run's (default auto: fp32 on the CPU).
+the server's and the in-process run's (default auto: fp32 on the CPU). --int4: the server's and the in-process
+run's `--int4` (decode steps read int4 copies of the weights).
 
 Not in CI (about 3 minutes on 2 cores); results go to benchmarks/results/serve_load.json.
 """
@@ -80,31 +81,52 @@ def build_library(folder: Path, model: str) -> Path:
     return lib
 
 
-def start(model: str, lib: Path | None, max_queue: int, max_batch: int, dtype: str = "auto"
+def start(model: str, lib: Path | None, max_queue: int, max_batch: int, dtype: str = "auto", int4: bool = False
           ) -> tuple[subprocess.Popen, str]:
     from mumoe.serve.launch import start_server
 
     library = ["--library", str(lib), "--max-task-models", "4"] if lib is not None else []
     return start_server([model, *library, "--max-queue", str(max_queue), "--max-batch", str(max_batch), "--dtype",
-                         dtype, "--quiet"], timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         dtype, "--quiet", *(["--int4"] if int4 else [])], timeout=600, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
 
 
-def start_peer(python: str, gguf: str) -> tuple[subprocess.Popen, str]:
+NO_REPACK = (  # llama.cpp's --no-repack for llama_cpp.server: weights as in the file (its AVX-512/AMX repacking of
+    # Q4_K_M crashes with SIGILL on this project's CPU; benchmarks/peer_decode.py does the same)
+    "import runpy, sys, llama_cpp, llama_cpp.llama\n"
+    "own = llama_cpp.llama_model_default_params\n"
+    "def params():\n    p = own()\n    p.use_extra_bufts = False\n    return p\n"
+    "llama_cpp.llama.llama_cpp.llama_model_default_params = params\n"
+    "sys.argv = ['llama_cpp.server', *sys.argv[1:]]\n"
+    "runpy.run_module('llama_cpp.server', run_name='__main__')\n")
+
+
+def start_peer(python: str, gguf: str, repack: bool = True) -> tuple[subprocess.Popen, str]:
     """llama-cpp-python's OpenAI server (`python -m llama_cpp.server`) on `gguf`, threads = the cores, on a free
-    port; returns once /v1/models answers."""
+    port; returns once /v1/models answers. repack=False: llama.cpp's --no-repack setting."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cores = str(os.cpu_count() or 2)
-    proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port",
+    run = ["-m", "llama_cpp.server"] if repack else ["-c", NO_REPACK]
+    proc = subprocess.Popen([python, *run, "--model", gguf, "--host", "127.0.0.1", "--port",
                              str(port), "--n_threads", cores, "--n_threads_batch", cores, "--n_ctx", "512"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
             if requests.get(url + "/v1/models", timeout=2).status_code == 200:
+                try:  # a prompt's products: a repacked Q4_K_M loads, then crashes at them on this CPU
+                    requests.post(url + "/v1/completions", json={"prompt": "a b " * 64, "max_tokens": 2}, timeout=60)
+                except requests.ConnectionError:
+                    try:
+                        proc.wait(10)  # (dying)
+                    except subprocess.TimeoutExpired:
+                        pass
+                if proc.poll() is not None:
+                    raise SystemExit(f"llama_cpp.server exited with {proc.returncode} at its first request")
                 return proc, url
         except requests.ConnectionError:
             pass
@@ -182,8 +204,8 @@ def run_mode(url: str, model: str, ext: dict | None, work: list[list[int]] | lis
             "tasks": tasks or None}
 
 
-def in_process(model_name: str, work: list[list[int]], max_tokens: int, split: bool = True, dtype: str = "auto"
-               ) -> dict:
+def in_process(model_name: str, work: list[list[int]], max_tokens: int, split: bool = True, dtype: str = "auto",
+               int4: bool = False) -> dict:
     import torch
 
     import mumoe
@@ -191,7 +213,7 @@ def in_process(model_name: str, work: list[list[int]], max_tokens: int, split: b
     from mumoe.serve import Engine, Sampling
 
     torch.set_num_threads(os.cpu_count() or 1)
-    engine = Engine(mumoe.load(model_name, dtype), load_tokenizer(model_name), model_name)
+    engine = Engine(mumoe.load(model_name, dtype), load_tokenizer(model_name), model_name, int4=int4)
     n, t0 = 0, time.perf_counter()
     for ids in work:
         n += engine.run(ids, Sampling(max_tokens, 0.0), engine.defaults, lambda *a: None).completion_tokens
@@ -241,6 +263,7 @@ def main() -> int:
     ap.add_argument("--dense-only", action="store_true", help="only the dense phases (no task library)")
     ap.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch (default 8)")
     ap.add_argument("--dtype", default="auto", help="the server's --dtype (default auto)")
+    ap.add_argument("--int4", action="store_true", help="the server's --int4 (default off)")
     ap.add_argument("--peer-python", help="python of a venv with llama-cpp-python[server]: its server on --peer-gguf "
                     "gets the dense phases too (e.g. the files benchmarks/peer_decode.py makes)")
     ap.add_argument("--peer-gguf", help="the GGUF of --model for the llama.cpp server (e.g. bundled-f16.gguf)")
@@ -248,10 +271,10 @@ def main() -> int:
     work = prompts(args.requests, args.prompt_tokens)
     results = {"machine": f"{os.cpu_count()} CPUs", "clients": args.clients, "requests": args.requests,
                "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens, "max_queue": args.max_queue,
-               "max_batch": args.max_batch, "model": args.model, "dtype": args.dtype, "modes": {}}
+               "max_batch": args.max_batch, "model": args.model, "dtype": args.dtype, "int4": args.int4, "modes": {}}
     with tempfile.TemporaryDirectory(prefix="mumoe-serve-load-") as tmp:
         lib = None if args.dense_only else build_library(Path(tmp), args.model)
-        proc, url = start(args.model, lib, args.max_queue, args.max_batch, args.dtype)
+        proc, url = start(args.model, lib, args.max_queue, args.max_batch, args.dtype, args.int4)
         try:
             modes = {"dense": None} if args.dense_only else MODES
             phases = [("dense, 1 client", None, 1)] + [(n, e, args.clients) for n, e in modes.items()]
@@ -272,7 +295,13 @@ def main() -> int:
 
         tok = load_tokenizer(args.model)  # llama_cpp.server takes text prompts only: the same windows as text
         texts = [tok.decode(ids) for ids in work]
-        proc, url = start_peer(args.peer_python, args.peer_gguf)
+        try:
+            proc, url = start_peer(args.peer_python, args.peer_gguf)
+            results["peer_repacked"] = True
+        except SystemExit as e:  # (Q4_K_M repacked crashes on this CPU)
+            print(f"{e}; again with llama.cpp's --no-repack setting", flush=True)
+            proc, url = start_peer(args.peer_python, args.peer_gguf, repack=False)
+            results["peer_repacked"] = False
         PEERS.add(url)
         try:
             for name, clients in (("llama.cpp server, 1 client", 1), (f"llama.cpp server, {args.clients} clients",
@@ -289,7 +318,7 @@ def main() -> int:
             ratio = results["modes"][ours]["tokens_per_s"] / results["modes"][peer]["tokens_per_s"]
             results[f"mumoe_over_llama_cpp_{clients}"] = ratio
             print(f"dense tokens/s, {clients} client(s): mumoe serve / llama_cpp.server = {ratio:.2f} (goal ≥ 0.8)")
-    direct = in_process(args.model, work, args.max_tokens, split=not args.dense_only, dtype=args.dtype)
+    direct = in_process(args.model, work, args.max_tokens, split=not args.dense_only, dtype=args.dtype, int4=args.int4)
     results["in_process_dense"] = direct
     one = results["modes"]["dense, 1 client"]
     print(f"in-process dense  {direct['tokens_per_s']:.1f} tok/s (no HTTP, one at a time); through the server with "
