@@ -128,16 +128,6 @@ def _int4_reference(model):
     return ref
 
 
-def _decode(model, x, tokens):
-    out = model(input_ids=x, use_cache=True)
-    cache, rows = output_cache(out), []
-    for t in tokens:
-        out = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
-        cache = output_cache(out)
-        rows.append(out.logits[0, -1].double())
-    return torch.stack(rows)
-
-
 WIDE = {"qwen3_moe": dict(moe_intermediate_size=32), "mixtral": dict(intermediate_size=32),
         "llama4_text": dict(intermediate_size=32, hidden_size=64), "qwen2_moe": dict(moe_intermediate_size=32),
         "deepseek_v3": dict(moe_intermediate_size=32), "llama": {}}
