@@ -11,6 +11,7 @@ from torch import nn
 from conftest import ids, make
 from mumoe.apply import int4
 from mumoe.apply.gemv import fast_decode, int4_experts, linear
+from mumoe.apply.int8 import quantize_rows
 from mumoe.compat import output_cache
 from mumoe.models import adapter_for
 from mumoe.models.tiny import TINY_CONFIGS
@@ -53,6 +54,17 @@ def test_fits_and_copies_follow_the_weight():
     with torch.no_grad():
         w.mul_(2)  # modified in place: the copy no longer describes it
     assert int4.int4_copy(w) is None
+
+
+def test_int8_rows_equal_the_dequantized_product():
+    """The output head's copy: per-row int8 (K padded for the kernel), x in bf16."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(40, 72, generator=g), torch.randn(2, 72, generator=g)
+    q, scale = quantize_rows(w)
+    want = x.bfloat16().double() @ (q.double() * scale.double()[:, None]).T
+    got = int4.Int8Rows.of(w).matmul(x)
+    assert got.shape == (2, 40) and (got.double() - want).abs().max() <= 1e-2 * want.abs().max()
+    assert int4.make_copy(w := nn.Parameter(w), bits=8) == 40 * 80 + 4 * 40  # K 72 -> 80 (a multiple of 16)
 
 
 def test_linear_reads_the_copy_for_decode_steps_only():
@@ -112,12 +124,17 @@ def test_int4_experts_equal_a_float64_loop(biases, tokens):
 
 
 def _int4_reference(model):
-    """`model` with every weight fast_decode(int4_copies=True) copies replaced by its dequantized values."""
+    """`model` with every weight fast_decode(int4_copies=True) copies replaced by its dequantized values (the
+    output head: its per-row int8 values)."""
     ref = copy.deepcopy(model)
     adapter = adapter_for(ref)
     routers = {id(m) for layer in adapter.moe_layers() for m in layer.router.modules()}
+    head = ref.get_output_embeddings()
     for m in ref.modules():
-        if (type(m) is nn.Linear and id(m) not in routers and int4.fits(*m.weight.shape)):
+        if m is head:
+            q, scale = quantize_rows(m.weight)
+            m.weight = nn.Parameter((q.float() * scale[:, None]).to(m.weight.dtype))
+        elif type(m) is nn.Linear and id(m) not in routers and int4.fits(*m.weight.shape):
             m.weight = nn.Parameter(int4.dequantize(*int4.quantize_groups(m.weight)).to(m.weight.dtype))
     for layer in adapter.moe_layers():
         ex = layer.experts
@@ -157,10 +174,12 @@ def test_every_family_decodes_from_its_int4_copies(family, monkeypatch):
     scale = want.abs().max()
     assert (got - want).abs().max() <= 2e-2 * scale, float((got - want).abs().max() / scale)
     assert sum(int4.int4_copy(p) is not None for p in model.parameters()) > 0
+    head = model.get_output_embeddings()
+    assert isinstance(int4.int4_copy(head.weight)[0], int4.Int8Rows)
     if wide:
         experts = [l.experts for l in adapter_for(model).moe_layers()]
         assert all(int4.int4_copy(e.gate_up_proj) is not None for e in experts)
-    assert (plain - got).abs().max() > 3 * (got - want).abs().max()
+    assert (plain - got).abs().max() > (got - want).abs().max()  # the copies' rounding, not the kernel's, shows
 
 
 def test_a_prefill_reads_the_experts_weights():

@@ -146,8 +146,9 @@ def fast_decode(model: nn.Module, int4_copies: bool = False) -> int:
     """Route `model`'s one-token steps on the CPU through `linear` and `one_token_experts`: every nn.Linear with a
     half-precision weight, and the fused routed experts of its MoE layers in half precision or fp32. Instance
     forwards only (the classes, the weights and every multi-token call unchanged); idempotent. int4_copies: also
-    make int4 copies (`apply.int4`, once) of every such linear — fp32 ones too — and of those experts, which calls
-    of up to `int4.DECODE_ROWS` tokens then read (weights the kernel does not take keep their own precision).
+    make int4 copies (`apply.int4`, once; the output head's in int8) of every such linear — fp32 ones too — and of
+    those experts, which calls of up to `int4.DECODE_ROWS` tokens then read (weights the kernel does not take keep
+    their own precision).
     -> modules changed."""
     linears = [m for m in model.modules()
                if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward  # (not a subclass's own:
@@ -157,11 +158,14 @@ def fast_decode(model: nn.Module, int4_copies: bool = False) -> int:
     layers = [layer for layer in moe_layers if _plain_experts(layer.experts)]
     if int4_copies:  # not the routers: a 4-bit router flips expert choices, for a negligible share of the reads
         routers = {id(m) for layer in moe_layers for m in layer.router.modules()}
-        weights = [m.weight for m in linears if id(m) not in routers] + [t for layer in layers
-                                                 for t in (layer.experts.gate_up_proj, layer.experts.down_proj)]
+        pairs = [(layer.experts.gate_up_proj, layer.experts.down_proj) for layer in layers]
+        weights = [m.weight for m in linears if id(m) not in routers] + [
+            t for pair in pairs if all(int4.fits(*t.shape[-2:]) for t in pair) for t in pair]  # (both, or neither)
+        head = model.get_output_embeddings()
+        head = head.weight if isinstance(head, nn.Linear) else None
         for w in bar(weights, desc="int4 copies", unit="tensor"):
             if int4.int4_copy(w) is None:
-                int4.make_copy(w)
+                int4.make_copy(w, bits=8 if w is head else 4)  # (the output head in int8: `apply.int4`)
     n = 0
     for module in linears:
         if "forward" not in module.__dict__:

@@ -8,7 +8,9 @@ consecutive inputs of a row (llama.cpp's Q4_1 grain):
 (a group of equal values: s = 1, z = the value + 8 — exact). The copy is kept beside the weight (`int4_copy`, dropped
 with it); the weight itself is unchanged, so prefills (many tokens: the kernel costs 6–12x a bf16 GEMM there,
 measured) and μ-MoE's per-prompt compaction keep the model's own precision, and only calls of at most
-`DECODE_ROWS` tokens — decode steps, batched or not — read the copy.
+`DECODE_ROWS` tokens — decode steps, batched or not — read the copy. The output head is copied in int8 instead
+(per-row scales, `apply.int8`'s kernel), as llama.cpp's Q4_K_M keeps its output in 6 bits: on the bundled model a
+4-bit head alone costs a third of int4's perplexity loss, for ~5% of a large model's reads.
 
 Why (measured on the 2-core Xeon of BENCHMARKS.md, "Weight-only int4 decode copies"): a one-row product reads the
 int4 copy of a 5632×2048 matrix in 0.41–0.47 ms against 0.9–1.2 ms for torch.mv of the bf16 weight and 0.9–1.3 ms
@@ -90,17 +92,43 @@ class Int4Weight:
         return y.to(x.dtype).view(*x.shape[:-1], self.n_out)
 
 
-def make_copy(weight: torch.Tensor, group: int = GROUP) -> int:
-    """Make and keep the int4 copy of a CPU weight [N, K] or stacked experts' weight [E, N, K] (one per matrix)
-    when every matrix fits the kernel; -> bytes of the copy (0: none made)."""
-    if weight.device.type != "cpu" or weight.dim() not in (2, 3) or not fits(*weight.shape[-2:], group):
+@dataclass
+class Int8Rows:
+    """One matrix [N, K] as symmetric per-row int8 (`apply.int8.quantize_rows`, K zero-padded for the kernel)."""
+
+    q: torch.Tensor  # int8 [N, K']
+    scale: torch.Tensor  # float32 [N]
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "Int8Rows":
+        from .int8 import pad_k, quantize_rows
+
+        q, scale = quantize_rows(w)
+        return cls(pad_k(q), scale)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + 4 * self.scale.numel()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [.., K] · Wᵀ -> [.., N] in x's dtype (x taken in bf16 by the CPU int8 kernel)."""
+        from .int8 import int8_linear
+
+        return int8_linear(x, self.q, self.scale)
+
+
+def make_copy(weight: torch.Tensor, group: int = GROUP, bits: int = 4) -> int:
+    """Make and keep the int4 copy (bits=8: the int8 one) of a CPU weight [N, K] or stacked experts' weight
+    [E, N, K] (one per matrix) when every matrix fits the kernel; -> bytes of the copy (0: none made)."""
+    if weight.device.type != "cpu" or weight.dim() not in (2, 3) or (bits == 4 and not fits(*weight.shape[-2:], group)):
         return 0
-    mats = [Int4Weight.of(m, group) for m in (weight if weight.dim() == 3 else [weight])]
+    make = (lambda m: Int4Weight.of(m, group)) if bits == 4 else Int8Rows.of
+    mats = [make(m) for m in (weight if weight.dim() == 3 else [weight])]
     _COPIES.set(weight, (weight._version, mats))
     return sum(m.nbytes for m in mats)
 
 
-def int4_copy(weight: torch.Tensor) -> list[Int4Weight] | None:
+def int4_copy(weight: torch.Tensor) -> list[Int4Weight | Int8Rows] | None:
     """The int4 copies kept for `weight` (one per matrix), or None where there are none or the weight was
     modified in place since they were made."""
     hit = _COPIES.get(weight)
