@@ -602,19 +602,23 @@ def test_concurrent_dense_requests_decode_together_over_http(model_tok):
         assert peak[0] >= 2
 
 
-def test_an_int4_server_answers_as_generate_reading_the_same_copies(model_tok):
+def test_an_int4_server_answers_as_generate_reading_the_same_copies(model_tok, monkeypatch):
     """`mumoe serve --int4`: the engine makes int4 copies of the model's linears and experts, and a dense request's
     greedy text is what transformers' generate gives on the same model (its one-token steps read the same copies);
     requests decoded together (calls of a few rows: still the copies) answer as they do alone."""
-    import copy
-
     from mumoe.apply.int4 import int4_copy
 
     model, tok = model_tok
-    model4 = copy.deepcopy(model)  # (the copies belong to the weights: not the module's shared model)
+    # a model of its own: the copies belong to the weights; and not a deepcopy of the shared one — a copy keeps
+    # fast_decode's experts forward of the original (a closure over the original's layer) when an engine made it
+    model4 = mumoe.load("default")
     engine = Engine(model4, tok, "default", int4=True)
     layer = adapter_for(model4).moe_layers()[0]
     assert int4_copy(layer.experts.gate_up_proj) is not None and int4_copy(model4.lm_head.weight) is not None
+    import mumoe.apply.gemv as gemv
+
+    calls, real = [], gemv.int4_experts
+    monkeypatch.setattr(gemv, "int4_experts", lambda *a: calls.append(1) or real(*a))
     prompts = [PROMPT[:60], PROSE[500:700], PROMPT]
     with torch.no_grad():
         want = []
@@ -625,7 +629,7 @@ def test_an_int4_server_answers_as_generate_reading_the_same_copies(model_tok):
             want.append(tok.decode(out[0, len(ids):], skip_special_tokens=True))
             plain = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                    pad_token_id=tok.eos_token_id)
-    assert not torch.equal(out, plain)  # 4-bit weights: another text than the model's own (the last prompt)
+    assert calls and not torch.equal(out, plain)  # the experts' copies read; another text than the model's own
     with serving(engine, timeout=120) as url:
         body = {"model": "default", "max_tokens": 16, "temperature": 0}
         alone = [requests.post(url + "/v1/completions", json={**body, "prompt": p}, timeout=120).json()
@@ -643,12 +647,10 @@ def test_an_int4_server_answers_as_generate_reading_the_same_copies(model_tok):
 
 def test_int4_task_models_decode_from_copies_too(model_tok, library):
     """With a task library, `--int4` reaches TAER's task models: each is given its int4 copies when it loads."""
-    import copy
-
     from mumoe.apply.int4 import int4_copy
 
     model, tok = model_tok
-    engine = Engine(copy.deepcopy(model), tok, "default", library=library, model_path=str(DEFAULT_MODEL), int4=True)
+    engine = Engine(mumoe.load("default"), tok, "default", library=library, model_path=str(DEFAULT_MODEL), int4=True)
     task_model, cached, _ = engine.task_models.get("code")
     layers = adapter_for(task_model).moe_layers()
     assert not cached and layers and all(int4_copy(layer.experts.gate_up_proj) is not None for layer in layers)
