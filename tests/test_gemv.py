@@ -154,3 +154,23 @@ def test_every_family_decodes_through_fast_decode_as_without(family):
     assert (got32 - ref).abs().max() <= 1e-4 * scale, float((got32 - ref).abs().max() / scale)
     err_plain, err_fast = (plain16 - ref).abs().max(), (got16 - ref).abs().max()
     assert err_fast <= 2 * err_plain + 1e-3 * scale, (float(err_fast), float(err_plain))
+
+
+def test_a_deep_copy_decodes_with_its_own_experts():
+    """`mumoe compare` prunes deep copies of one model: a copy made after fast_decode must run its own experts (a
+    forward that closed over the original's layer ran the original's weights, one token or many)."""
+    import copy
+
+    model = make("qwen3_moe").eval()
+    fast_decode(model)
+    twin = copy.deepcopy(model)
+    fresh = make("qwen3_moe").eval()  # the reference: the same change, no fast_decode, no copy
+    with torch.no_grad():
+        for m in (twin, fresh):
+            for layer in adapter_for(m).moe_layers():
+                layer.experts.gate_up_proj.mul_(0.5)  # (the original untouched)
+        x = ids(1, 6)
+        for n in (1, 6):  # the one-token path, then the general one
+            want = fresh(input_ids=x[:, :n]).logits
+            assert torch.allclose(twin(input_ids=x[:, :n]).logits, want, atol=1e-5)
+            assert not torch.allclose(model(input_ids=x[:, :n]).logits, want, atol=1e-3)

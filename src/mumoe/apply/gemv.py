@@ -66,9 +66,19 @@ def one_token_experts(layer: MoELayer, general):
     index is E — transformers' expert-parallel sentinel, used by `testtime.skip` for a skipped slot — is not run;
     where the layer's weight scales the expert's input (`MoELayer.input_scaled`, Llama 4) it scales the input) and
     hands every other call to `general`. The weights are read at each call (swaps made after it are seen)."""
-    experts = layer.experts
+    return OneTokenExperts(layer, general)
 
-    def forward(hidden_states, top_k_index, top_k_weights):
+
+class OneTokenExperts:
+    """`one_token_experts`'s forward: an object, not a closure, so that a deep copy of the model (`mumoe compare`
+    copies one per method) gets a forward over the copy's layer — a closure would keep running the original's."""
+
+    def __init__(self, layer: MoELayer, general) -> None:
+        self.layer, self.general = layer, general
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights):
+        layer, general = self.layer, self.general
+        experts = layer.experts
         gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
         if hidden_states.shape[0] <= int4.DECODE_ROWS:
             gu4, dn4 = int4.int4_copy(gate_up), int4.int4_copy(down)
@@ -91,8 +101,6 @@ def one_token_experts(layer: MoELayer, general):
             else:
                 out.add_(torch.addmv(dn_bias[e], down[e], h), alpha=w)
         return out.view(1, -1)
-
-    return forward
 
 
 def int4_experts(layer: MoELayer, gu4: list, dn4: list, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
