@@ -7,7 +7,7 @@ left alone. `linear` picks per call; `fast_decode(model)` routes a model's dense
 fused routed experts (half precision or fp32) through one-token paths — prefills (several tokens) keep
 transformers' own paths, so only decode steps change. The experts' path runs only the picked experts: on the
 CPU, transformers' grouped_mm runs a (mostly empty) matrix product for every expert of the layer at each step.
-`fast_decode(model, int4=True)` also makes weight-only int4 copies (`apply.int4`) that every call of at most
+`fast_decode(model, int4_copies=True)` also makes weight-only int4 copies (`apply.int4`) that every call of at most
 `int4.DECODE_ROWS` tokens reads instead of the weights (linears of any float dtype, the routed experts).
 """
 

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from ..settings import TensorCache
+from .int8 import int8_linear, pad_k, quantize_rows
 
 GROUP = 32  # inputs per scale/zero pair (the kernel takes 32, 64, 128 or 256)
 DECODE_ROWS = 32  # calls with at most this many tokens read the int4 copy (decode steps, batched up to 32)
-_COPIES = TensorCache()  # weight -> (its version, [Int4Weight per matrix]) — one entry for a 2-D weight
+_COPIES = TensorCache()  # weight -> (its version, [Int4Weight or Int8Rows per matrix]) — one for a 2-D weight
 
 
 def fits(n_out: int, n_in: int, group: int = GROUP) -> bool:
@@ -101,8 +102,6 @@ class Int8Rows:
 
     @classmethod
     def of(cls, w: torch.Tensor) -> "Int8Rows":
-        from .int8 import pad_k, quantize_rows
-
         q, scale = quantize_rows(w)
         return cls(pad_k(q), scale)
 
@@ -112,8 +111,6 @@ class Int8Rows:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [.., K] · Wᵀ -> [.., N] in x's dtype (x taken in bf16 by the CPU int8 kernel)."""
-        from .int8 import int8_linear
-
         return int8_linear(x, self.q, self.scale)
 
 
@@ -138,13 +135,3 @@ def int4_copy(weight: torch.Tensor) -> list[Int4Weight | Int8Rows] | None:
 def copy_bytes(model: torch.nn.Module) -> int:
     """Bytes of the int4 copies kept for `model`'s weights (0: none)."""
     return sum(sum(m.nbytes for m in c) for p in model.parameters() if (c := int4_copy(p)) is not None)
-
-
-def release_int4(model: torch.nn.Module) -> int:
-    """Drop the int4 copies kept with `model`'s weights; -> bytes freed."""
-    freed = 0
-    for p in model.parameters():
-        hit = _COPIES.pop(p)
-        if hit is not None:
-            freed += sum(m.nbytes for m in hit[1])
-    return freed
