@@ -156,7 +156,8 @@ def fast_decode(model: nn.Module, int4_copies: bool = False) -> int:
     forwards only (the classes, the weights and every multi-token call unchanged); idempotent. int4_copies: also
     make int4 copies (`apply.int4`, once; the output head's in int8) of every such linear — fp32 ones too — and of
     those experts, which calls of up to `int4.DECODE_ROWS` tokens then read (weights the kernel does not take keep
-    their own precision).
+    their own precision). `apply.step.build` then builds the lean one-token step on top (the same operators without
+    transformers' per-layer glue, bit-identical; Llama-layout families).
     -> modules changed."""
     linears = [m for m in model.modules()
                if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward  # (not a subclass's own:

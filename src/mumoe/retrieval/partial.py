@@ -23,6 +23,7 @@ from torch import nn
 
 from ..apply.export import PruneReport
 from ..apply.gemv import fast_decode
+from ..apply.step import build as build_step
 from ..apply.stream import prune_checkpoint
 from ..checkpoint import shard_files
 from ..models.keys import TOP_K_KEYS, config_value
@@ -133,6 +134,7 @@ class TaskModels:
         t0 = time.perf_counter()
         model = load_task_model(self.model, self.library, task, self.dtype).to(self.device)
         fast_decode(model, int4_copies=self.int4)  # one-token steps as the full model's in `mumoe serve` (apply.gemv)
+        build_step(model)  # and its lean one-token step (apply.step)
         self.models[task] = model
         return model, False, time.perf_counter() - t0
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..apply.step import lean_step
 from ..compat import cache_kwarg, output_cache
 from ..testtime.kvcache import grow_in_place
 from ..testtime.protocol import ready_to_decode
@@ -62,6 +63,7 @@ class DecodeBatch:
         self.rows: list[Row] = []
         self.cache = None  # the batch's DynamicCache: every layer [B, heads, S, d]
         self.valid: torch.Tensor | None = None  # [B, S] bool: row b's real positions (its padding False)
+        self.lean = None  # the lean step of a one-row batch (`apply.step`), False: none; None: not decided yet
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -76,6 +78,7 @@ class DecodeBatch:
         if not self.accepts(model):
             raise ValueError("a batch decodes one model")
         grow_in_place(cache)  # (the batch's layers append in place: HF's appends copy the whole cache per token)
+        self.lean = None
         L = row.length
         if self.cache is None:
             self.model = model
@@ -106,6 +109,14 @@ class DecodeBatch:
     def step(self) -> torch.Tensor:
         """Feed every row its last token at its own position: -> next-token logits [B, V]."""
         feed = torch.tensor([[r.decoding.token] for r in self.rows], device=self.device)  # [B, 1]
+        if self.lean is None:  # decided once per set of rows (the model does not change while a batch runs)
+            self.lean = (len(self.rows) == 1 and bool(self.valid.all()) and lean_step(self.model, self.cache)) or False
+        if self.lean:  # one row, no padding: the model's lean step (`apply.step`; the same logits as its forward)
+            if self.valid.shape[1] == self.rows[0].length == self.cache.get_seq_length():
+                logits = self.lean.step(feed, self.cache)
+                self.valid = torch.ones(1, self.valid.shape[1] + 1, dtype=torch.bool, device=self.device)
+                self.rows[0].length += 1
+                return logits[:, -1]
         positions = torch.tensor([[r.length] for r in self.rows], device=self.device)  # [B, 1]
         mask = torch.cat([self.valid, torch.ones(len(self.rows), 1, dtype=torch.bool, device=self.device)], dim=1)
         out = self.model(input_ids=feed, attention_mask=mask.long(), position_ids=positions,
@@ -132,7 +143,7 @@ class DecodeBatch:
 
     def clear(self) -> list[Row]:
         """Empty the batch (its forward failed): -> the rows it held."""
-        rows, self.rows = self.rows, []
+        rows, self.rows, self.lean = self.rows, [], None
         self.cache = self.valid = self.model = None
         return rows
 
@@ -141,6 +152,7 @@ class DecodeBatch:
         if not done:
             return
         keep = [i for i in range(len(self.rows)) if i not in set(done)]
+        self.lean = None
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.cache = self.valid = self.model = None

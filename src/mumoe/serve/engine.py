@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ..apply.gemv import fast_decode
+from ..apply.step import build as build_step
+from ..apply.step import lean_step
 from ..compat import cache_kwarg, output_cache
 from ..errors import MumoeError
 from ..models import stored_weights
@@ -229,6 +231,7 @@ class Engine:
         self.total_weights = stored_weights(model)
         if not taer_only:  # one-token steps on the CPU: half-precision linears by torch.mv, only the picked experts
             fast_decode(model, int4_copies=int4)
+            build_step(model)  # the lean one-token step of Llama-layout families (apply.step; bit-identical)
         self._protocols: dict[tuple, PerPrompt] = {}
         self.refeed = refeed_possible(model.config)  # per-prompt decode pruning possible (no recurrent layers)
         self.defaults = self.pruning(None, defaults or Pruning())
@@ -369,7 +372,8 @@ class Engine:
                 self._echo(prefilled.model, x, sampling, emit, prefilled.logits)
             ready_to_decode(prefilled)
             feed, logits = (x[:, -1:], None) if prefilled.refeed else (None, prefilled.logits[:, -1])
-            reason, n = self._decode(prefilled.model, prefilled.cache, feed, logits, sampling, emit, should_stop)
+            reason, n = self._decode(prefilled.model, prefilled.cache, feed, logits, sampling, emit, should_stop,
+                                     lean=pruning.kind != "mu-moe")
         applied["overhead_ms"] = round(1000 * prefilled.overhead_s, 3)  # (with what the decode did lazily)
         return Finished(reason, len(ids), n, applied, prefilled.stats)
 
@@ -391,19 +395,28 @@ class Engine:
         return {"id": token, "token": piece, "logprob": logprob,
                 "top": None if top is None else [(self.tokenizer.decode([i]), lp) for i, lp in top]}
 
-    def _decode(self, model, cache, feed, logits, sampling: Sampling, emit, should_stop) -> tuple[str, int]:
-        """Decode up to max_tokens. feed: the token(s) to run first (refeed) or None with `logits` [1, V] given."""
+    def _decode(self, model, cache, feed, logits, sampling: Sampling, emit, should_stop, lean: bool = True
+                ) -> tuple[str, int]:
+        """Decode up to max_tokens. feed: the token(s) to run first (refeed) or None with `logits` [1, V] given.
+        lean: one-token steps may run the model's lean step (`apply.step`) where it is intact and the cache plain —
+        not for μ-MoE, whose decode compacts experts as tokens reach them."""
         if sampling.max_tokens == 0:
             return "length", 0
         state = Decoding(self, sampling, emit, should_stop)
         kw = cache_kwarg()
+        step = None  # the model's lean one-token step (`apply.step`), where it can run this decode
         while True:
             reason = should_stop()
             if reason:
                 return reason, state.n
             if feed is not None:
-                out = model(input_ids=feed, **{kw: cache}, use_cache=True)
-                logits, cache = out.logits[:, -1], output_cache(out)
+                if lean and step is None and cache is not None:  # once per decode (the model stays as it is)
+                    step, lean = lean_step(model, cache), False
+                if step is not None and feed.shape == (1, 1):
+                    logits = step.step(feed, cache)[:, -1]
+                else:
+                    out = model(input_ids=feed, **{kw: cache}, use_cache=True)
+                    logits, cache = out.logits[:, -1], output_cache(out)
             reason = state.take(logits[0])
             if reason:
                 return reason, state.n
