@@ -172,7 +172,7 @@ def _engine(int4_copies: bool = False):
 def test_the_engine_decodes_with_the_lean_step_to_the_same_text(int4_copies, monkeypatch):
     """Engine.run (batch 1) and a one-row DecodeBatch: greedy text and per-token logprobs equal with and without the
     lean step, which ran (counted) — and a two-row batch keeps the forward."""
-    from mumoe.serve.batch import DecodeBatch, Row, begin
+    from mumoe.serve.batch import DecodeBatch, begin
     from mumoe.serve.engine import Pruning, Sampling
 
     engine = _engine(int4_copies)
@@ -192,7 +192,7 @@ def test_the_engine_decodes_with_the_lean_step_to_the_same_text(int4_copies, mon
         return texts
 
     def run_batch(n):
-        batch, rows, texts = DecodeBatch(engine.device), [], [[] for _ in range(n)]
+        batch, texts = DecodeBatch(engine.device), [[] for _ in range(n)]
         for i in range(n):
             row, cache, model = begin(engine, ids_, sampling, Pruning(), lambda t, e, i=i: texts[i].append((t, e)),
                                       lambda: None)
