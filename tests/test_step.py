@@ -212,3 +212,24 @@ def test_the_engine_decodes_with_the_lean_step_to_the_same_text(int4_copies, mon
     assert lean_alone == plain_alone and lean_batch == plain_batch
     assert "".join(t for t, _ in lean_alone) == "".join(t for t, _ in pair[0])  # (greedy: the same text)
     assert not calls
+
+
+def test_a_later_fast_decode_rebuilds_the_step(monkeypatch):
+    """One model served first without and then with int4 copies (as benchmarks/peer_decode.py's engines share it):
+    the second build replaces the kept step (the forwards changed, the copies are there to fuse), and with the
+    copies switched off (`int4.DECODE_ROWS = 0`) the step reads the weights, as the forward then does."""
+    model = _model("llama", torch.float32, wide=True)
+    fast_decode(model)
+    first = step.build(model)
+    assert first.fused is False and step.build(model) is first
+    fast_decode(model, int4_copies=True)
+    second = step.build(model)
+    assert second is not first and second.fused and step.build(model) is second
+    x, tokens = ids(1, 9), ids(1, 3, seed=1)[0].tolist()
+    for rows in (int4.DECODE_ROWS, 0):
+        monkeypatch.setattr(int4, "DECODE_ROWS", rows)
+        want, _ = _steps(model, x, tokens, lean=False)
+        got, _ = _steps(model, x, tokens, lean=True)
+        assert torch.equal(got, want)
+    monkeypatch.undo()
+    assert not torch.equal(_steps(model, x, tokens, lean=True)[0], got)  # the copies were read before

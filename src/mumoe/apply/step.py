@@ -85,6 +85,7 @@ class LeanStep:
         inner = model.model
         self.embed, self.norm, self.rotary, self.head = inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head
         self.layers = layers
+        self.fused = any(layer.qkv4 is not None for layer in layers)  # int4 copies were there to fuse
         self._watched = self._watch(model)
 
     def _watch(self, model: nn.Module) -> list[tuple[nn.Module, object, list[tuple[str, torch.Tensor, int]]]]:
@@ -156,7 +157,7 @@ class LeanStep:
         """Self-attention of one token h [1, H] over the cache layer `kv` (which it appends to): -> [1, H]."""
         attn, d = layer.attn, layer.head_dim
         q_proj, k_proj, v_proj = attn.q_proj, attn.k_proj, attn.v_proj
-        if layer.qkv4 is not None:  # one kernel call for q, k, v (the same rows as their own copies')
+        if layer.qkv4 is not None and int4.DECODE_ROWS:  # one kernel call for q, k, v (their own copies' rows)
             qkv = layer.qkv4.matmul(h)  # [1, (heads + 2 kv_heads)·d]
             q, k, v = qkv.split([layer.heads * d, layer.kv_heads * d, layer.kv_heads * d], dim=-1)
             if q_proj.bias is not None:
@@ -180,7 +181,7 @@ class LeanStep:
     def _mlp(layer: _Layer, h: torch.Tensor) -> torch.Tensor:
         """A dense SiLU MLP of h [1, H] -> [1, H]."""
         mlp = layer.mlp
-        if layer.gate_up4 is not None:
+        if layer.gate_up4 is not None and int4.DECODE_ROWS:
             gate, up = layer.gate_up4.matmul(h).chunk(2, dim=-1)  # [1, I] each
         else:
             gate, up = linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias), linear(h, mlp.up_proj.weight,
@@ -242,10 +243,12 @@ def _layer(decoder: nn.Module, config) -> _Layer | None:
 
 
 def build(model: nn.Module) -> LeanStep | None:
-    """Build (once; after `apply.gemv.fast_decode`, whose int4 copies it fuses) and keep `model`'s lean step:
-    -> it, or None where the model is not a supported layout (`FAMILIES`) on the CPU."""
+    """Build and keep `model`'s lean step (after `apply.gemv.fast_decode`, whose int4 copies it fuses; again after a
+    later `fast_decode` changed the model — its forwards swapped, copies made — while the kept step is reused if it
+    still describes the model): -> it, or None where the model is not a supported layout (`FAMILIES`) on the
+    CPU."""
     hit = _STEPS.get(model)
-    if hit is not None:
+    if hit is not None and hit.intact() and hit.fused == _has_copies(hit):
         return hit
     decoder_class = FAMILIES.get(type(model).__name__)
     inner = getattr(model, "model", None)
@@ -271,6 +274,11 @@ def build(model: nn.Module) -> LeanStep | None:
     step = LeanStep(model, layers)
     _STEPS.set(model, step)
     return step
+
+
+def _has_copies(step: LeanStep) -> bool:
+    """Whether the first layer's q projection has an int4 copy (`fast_decode(int4_copies=True)` ran)."""
+    return int4.int4_copy(step.layers[0].attn.q_proj.weight) is not None
 
 
 def lean_step(model: nn.Module, cache) -> LeanStep | None:
