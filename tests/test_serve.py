@@ -159,6 +159,34 @@ def test_streaming_equals_non_streaming(server):
         assert chunks[-1].usage.completion_tokens == 16
 
 
+def test_a_non_streaming_answer_collects_its_deltas_quietly(server, monkeypatch):
+    """A non-streaming request's text deltas wait beside the event loop (no wake-up per token) and come out in
+    order at its end: two prompts with logprobs answer what each streamed alone answers, token for token."""
+    from mumoe.serve.app import Job
+
+    url, _ = server
+    c = client(url)
+    seen = []
+    real = Job.put
+
+    def put(self, event):
+        seen.append((type(event).__name__, self.stream, len(self.quiet)))
+        real(self, event)
+
+    monkeypatch.setattr(Job, "put", put)
+    prompts = [PROMPT, PROMPT[: len(PROMPT) // 2]]
+    whole = c.completions.create(model="default", prompt=prompts, max_tokens=12, temperature=0, logprobs=1)
+    deltas = [q for name, stream, q in seen if name == "Delta"]
+    assert len(deltas) >= 2 * 12 and all(stream is False for name, stream, _ in seen)
+    assert max(deltas) >= 12  # they piled up: nothing read them token by token
+    for choice, p in zip(sorted(whole.choices, key=lambda ch: ch.index), prompts):
+        chunks = list(c.completions.create(model="default", prompt=p, max_tokens=12, temperature=0, logprobs=1,
+                                           stream=True))
+        assert choice.text == "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        assert choice.logprobs.tokens == [t for ch in chunks if ch.choices and ch.choices[0].logprobs
+                                          for t in ch.choices[0].logprobs.tokens]
+
+
 def test_stop_sequences_and_sampling_seed(server):
     url, _ = server
     c = client(url)

@@ -148,8 +148,16 @@ class Job:
         self.cancelled = threading.Event()
         self.deadline = time.monotonic() + timeout
         self.arrived = time.perf_counter()
+        self.stream = True  # False: text deltas are collected quietly and read with the next other event
+        self.quiet: collections.deque = collections.deque()  # those deltas, in order (appends are thread-safe)
 
     def put(self, event: Event) -> None:
+        """Hand an event to the request's handler. A non-streaming request's text deltas do not wake the event
+        loop: they wait in `quiet` and `Server.events` hands them out, in order, before the next event that does
+        (its Done, End or Failed) — per token, waking the loop thread took the model thread's interpreter lock."""
+        if not self.stream and isinstance(event, Delta):
+            self.quiet.append(event)
+            return
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def should_stop(self) -> str | None:
@@ -475,6 +483,8 @@ class Server:
         while True:
             try:
                 ev = await asyncio.wait_for(job.events.get(), 0.25)
+                while job.quiet:  # the deltas put before it (a non-streaming request's)
+                    yield job.quiet.popleft()
             except (TimeoutError, asyncio.TimeoutError):
                 if await request.is_disconnected():
                     job.cancelled.set()
@@ -573,6 +583,7 @@ class Server:
         sampling = Sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop, body.logprobs,
                             body.echo)
         job = await self.prepare(body, prompts, body.max_tokens, sampling)
+        job.stream = bool(body.stream)
         self.submit(job)
         if body.stream:
             return StreamingResponse(self.stream(job, request, "/v1/completions", False,
@@ -605,6 +616,7 @@ class Server:
         sampling = Sampling(body.token_budget(), body.temperature, body.top_p, body.seed, body.stop,
                             top if body.logprobs else None, False)
         job = await self.prepare(body, [prompt], sampling.max_tokens, sampling)
+        job.stream = bool(body.stream)
         self.submit(job)
         if body.stream:
             return StreamingResponse(self.stream(job, request, "/v1/chat/completions", True,
