@@ -106,8 +106,8 @@ def test_unsupported_families_keep_the_forward():
 
 
 def test_the_step_runs_only_on_an_intact_model_and_a_plain_cache():
-    """A hook, a swapped forward, another weight, a weight changed in place, a batch of two or a cache layer of
-    another kind: no lean step (transformers' forward instead); undone, the step is back."""
+    """A hook, a swapped forward, another submodule, another weight, a weight changed in place, a batch of two or a
+    cache layer of another kind: no lean step (transformers' forward instead); undone, the step is back."""
     model = make("qwen3_moe").eval()
     fast_decode(model)
     lean = step.build(model)
@@ -124,6 +124,11 @@ def test_the_step_runs_only_on_an_intact_model_and_a_plain_cache():
     attn.o_proj.forward = lambda x: x
     assert step.lean_step(model, cache) is None
     del attn.o_proj.forward
+    proj = attn.k_proj
+    attn.k_proj = nn.Linear(proj.in_features, proj.out_features, bias=False)  # a module put in its place
+    assert step.lean_step(model, cache) is None
+    attn.k_proj = proj
+    assert step.lean_step(model, cache) is lean
     saved = attn.q_proj.weight
     attn.q_proj.weight = nn.Parameter(saved.detach().clone())
     assert step.lean_step(model, cache) is None
@@ -233,3 +238,34 @@ def test_a_later_fast_decode_rebuilds_the_step(monkeypatch):
         assert torch.equal(got, want)
     monkeypatch.undo()
     assert not torch.equal(_steps(model, x, tokens, lean=True)[0], got)  # the copies were read before
+
+
+def test_a_column_request_leaves_the_step_unused_while_compacted(monkeypatch):
+    """μ-MoE column compaction puts `CompactLinear`s in the projections' places: while a request is compacted the
+    step refuses (even if asked), and once the request is undone it runs again, bit-identical to the forward."""
+    from mumoe.serve.engine import Pruning, Sampling
+
+    engine = _engine()
+    model = engine.model
+    seen = []
+    real = step.lean_step
+
+    def spy(m, cache):
+        out = real(m, cache)
+        seen.append(out is not None)
+        return out
+
+    import mumoe.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "lean_step", spy)
+    ids_ = engine.encode("compacted columns")
+    sampling = Sampling(max_tokens=6, temperature=0.0)
+    protocol = engine.protocol(Pruning(active=0.5, structure="column"))
+    prefilled = protocol.prefill(model, torch.tensor([ids_]))
+    with prefilled.applied():
+        assert type(model.model.layers[0].self_attn.q_proj).__name__ == "CompactLinear"
+        assert real(model, prefilled.cache) is None and not step._STEPS.get(model).intact()
+    assert step._STEPS.get(model).intact()
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    engine.run(ids_, sampling, Pruning(), lambda t, e: None)
+    assert seen == [True]

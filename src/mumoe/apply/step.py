@@ -88,10 +88,10 @@ class LeanStep:
         self.fused = any(layer.qkv4 is not None for layer in layers)  # int4 copies were there to fuse
         self._watched = self._watch(model)
 
-    def _watch(self, model: nn.Module) -> list[tuple[nn.Module, object, list[tuple[str, torch.Tensor, int]]]]:
+    def _watch(self, model: nn.Module) -> list[tuple[nn.Module, object, list, list]]:
         """The modules whose forward the step does not call: (module, its instance forward or None, [(name,
-        tensor, version)] of its own parameters) as they are now."""
-        bypassed = [model, model.model, self.embed, self.norm, self.rotary, self.head]
+        tensor, version)] of its own parameters, [(name, child)] of its submodules) as they are now."""
+        bypassed = [model, model.model, model.model.layers, self.embed, self.norm, self.rotary, self.head]
         for layer in self.layers:
             attn = layer.attn
             bypassed += [layer.norm1, layer.norm2, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
@@ -99,18 +99,21 @@ class LeanStep:
             bypassed += [layer.mlp] if layer.moe else [layer.mlp, layer.mlp.gate_proj, layer.mlp.up_proj,
                                                        layer.mlp.down_proj]
         bypassed += [m for m in model.model.layers]
-        return [(m, m.__dict__.get("forward"), [(n, p, p._version) for n, p in m.named_parameters(recurse=False)])
-                for m in bypassed]
+        return [(m, m.__dict__.get("forward"), [(n, p, p._version) for n, p in m.named_parameters(recurse=False)],
+                 list(m._modules.items())) for m in bypassed]
 
     def intact(self) -> bool:
         """Whether every module the step bypasses is as it was when the step was built: no hooks (nor global
-        ones), the same forward, the same parameters, none modified in place."""
+        ones), the same forward, the same parameters, none modified in place, the same submodules (none replaced:
+        μ-MoE's compaction puts `CompactLinear`s in the projections' places)."""
         from torch.nn.modules import module as torch_module
 
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return False
-        for m, forward, params in self._watched:
+        for m, forward, params, children in self._watched:
             if m._forward_hooks or m._forward_pre_hooks or m.__dict__.get("forward") is not forward:
+                return False
+            if len(m._modules) != len(children) or any(m._modules.get(n) is not c for n, c in children):
                 return False
             for name, p, version in params:
                 if getattr(m, name, None) is not p or p._version != version:
