@@ -194,3 +194,44 @@ def test_a_prefill_reads_the_experts_weights():
         step = model(input_ids=x[:, :1]).logits  # one token: from the copies
     assert torch.equal(before, after)
     assert not torch.allclose(step[0, 0], before[0, 0], atol=1e-4)
+
+
+def test_a_swapped_storage_hides_the_copy():
+    """μ-MoE's row masking swaps a masked copy in as the weight's `.data` (the version unchanged): the int4 copy no
+    longer describes the weight and is not read; with the original storage back, it is again."""
+    from mumoe.apply.masking import swap_masked, unswap
+
+    w = nn.Parameter(torch.randn(32, 64, generator=torch.Generator().manual_seed(5)))
+    int4.make_copy(w)
+    mask = (torch.arange(64) % 2).float().expand(32, 64)
+    saved = swap_masked({"w": w}, {"w": mask})
+    assert w._version == 0 and int4.int4_copy(w) is None
+    x = torch.randn(1, 64)
+    assert torch.equal(linear(x, w), torch.nn.functional.linear(x, w))  # the masked weight, not the copy
+    unswap({"w": w}, saved)
+    assert int4.int4_copy(w) is not None
+
+
+def test_int4_row_requests_decode_their_masks():
+    """`mumoe serve --int4` with a μ-MoE row request: the decode reads the masked weights (before the fix it read
+    the int4 copies of the unmasked ones and answered the dense text)."""
+    from conftest import char_tokenizer
+    from mumoe.serve.engine import Engine, Pruning, Sampling
+
+    model = make("qwen3_moe", moe_intermediate_size=32).eval()
+    engine = Engine(model, char_tokenizer(), "tiny", int4=True)
+    ids_ = engine.encode("row masks and int4 copies")
+    sampling = Sampling(max_tokens=16, temperature=0.0, logprobs=0)
+    outs = {}
+    for name, pruning in (("dense", Pruning()), ("row", Pruning(active=0.2, structure="row"))):
+        got = []
+        engine.run(ids_, sampling, pruning, lambda text, entries: got.append(entries))
+        outs[name] = [e["logprob"] for es in got for e in es]
+    assert outs["dense"] != outs["row"]
+    protocol = engine.protocol(Pruning(active=0.2, structure="row"))
+    prefilled = protocol.prefill(model, torch.tensor([ids_]))
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert int4.int4_copy(q) is not None
+    with prefilled.applied():
+        assert int4.int4_copy(q) is None
+    assert int4.int4_copy(q) is not None

@@ -269,3 +269,19 @@ def test_a_column_request_leaves_the_step_unused_while_compacted(monkeypatch):
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     engine.run(ids_, sampling, Pruning(), lambda t, e: None)
     assert seen == [True]
+
+
+def test_row_masks_leave_the_step_unused():
+    """μ-MoE row masks swap masked copies in as the weights' `.data` (same parameters, same versions): the step
+    is not intact while they are in, and is again after."""
+    from mumoe.serve.engine import Pruning
+
+    engine = _engine()
+    model = engine.model
+    lean = step._STEPS.get(model)
+    protocol = engine.protocol(Pruning(active=0.5, structure="row"))
+    prefilled = protocol.prefill(model, ids(1, 9))
+    assert lean.intact()
+    with prefilled.applied():
+        assert not lean.intact()
+    assert lean.intact()

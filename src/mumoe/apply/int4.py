@@ -26,11 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from ..settings import TensorCache
+from . import masking
 from .int8 import int8_linear, pad_k, quantize_rows
 
 GROUP = 32  # inputs per scale/zero pair (the kernel takes 32, 64, 128 or 256)
 DECODE_ROWS = 32  # calls with at most this many tokens read the int4 copy (decode steps, batched up to 32)
-_COPIES = TensorCache()  # weight -> (its version, [Int4Weight or Int8Rows per matrix]) — one for a 2-D weight
+_COPIES = TensorCache()  # weight -> (its state, [Int4Weight or Int8Rows per matrix]) — one for a 2-D weight
 
 
 def fits(n_out: int, n_in: int, group: int = GROUP) -> bool:
@@ -114,6 +115,11 @@ class Int8Rows:
         return int8_linear(x, self.q, self.scale)
 
 
+def state(weight: torch.Tensor) -> int:
+    """What a copy of `weight` describes: its in-place version (a copy made before an in-place change is stale)."""
+    return weight._version
+
+
 def make_copy(weight: torch.Tensor, group: int = GROUP, bits: int = 4) -> int:
     """Make and keep the int4 copy (bits=8: the int8 one) of a CPU weight [N, K] or stacked experts' weight
     [E, N, K] (one per matrix) when every matrix fits the kernel; -> bytes of the copy (0: none made)."""
@@ -121,15 +127,18 @@ def make_copy(weight: torch.Tensor, group: int = GROUP, bits: int = 4) -> int:
         return 0
     make = (lambda m: Int4Weight.of(m, group)) if bits == 4 else Int8Rows.of
     mats = [make(m) for m in (weight if weight.dim() == 3 else [weight])]
-    _COPIES.set(weight, (weight._version, mats))
+    _COPIES.set(weight, (state(weight), mats))
     return sum(m.nbytes for m in mats)
 
 
 def int4_copy(weight: torch.Tensor) -> list[Int4Weight | Int8Rows] | None:
     """The int4 copies kept for `weight` (one per matrix), or None where there are none or the weight was
-    modified in place since they were made."""
+    modified in place since they were made, or it holds a masked copy now (μ-MoE's row masks swap one in as its
+    `.data`, the version unchanged: `apply.masking.swap_masked`)."""
     hit = _COPIES.get(weight)
-    return hit[1] if hit is not None and hit[0] == weight._version else None
+    if hit is None or hit[0] != state(weight) or masking.is_swapped(weight):
+        return None
+    return hit[1]
 
 
 def fuse(weights: list[torch.Tensor]) -> Int4Weight | None:
@@ -153,7 +162,7 @@ def fuse(weights: list[torch.Tensor]) -> Int4Weight | None:
     for w, m in zip(weights, mats):
         rows = fused.packed[start:start + m.n_out]
         if torch.equal(rows, m.packed):
-            _COPIES.set(w, (w._version, [Int4Weight(rows, m.scale_zero, m.group, m.n_out, m.n_in)]))
+            _COPIES.set(w, (state(w), [Int4Weight(rows, m.scale_zero, m.group, m.n_out, m.n_in)]))
         start += m.n_out
     return fused
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..settings import TensorCache
-from . import int4
+from . import int4, masking
 from .gemv import linear
 
 # decoder classes whose forward is: embedding, [RMSNorm, attention, residual, RMSNorm, MLP, residual] per layer,
@@ -90,7 +90,7 @@ class LeanStep:
 
     def _watch(self, model: nn.Module) -> list[tuple[nn.Module, object, list, list]]:
         """The modules whose forward the step does not call: (module, its instance forward or None, [(name,
-        tensor, version)] of its own parameters, [(name, child)] of its submodules) as they are now."""
+        tensor, `int4.state`)] of its own parameters, [(name, child)] of its submodules) as they are now."""
         bypassed = [model, model.model, model.model.layers, self.embed, self.norm, self.rotary, self.head]
         for layer in self.layers:
             attn = layer.attn
@@ -99,7 +99,7 @@ class LeanStep:
             bypassed += [layer.mlp] if layer.moe else [layer.mlp, layer.mlp.gate_proj, layer.mlp.up_proj,
                                                        layer.mlp.down_proj]
         bypassed += [m for m in model.model.layers]
-        return [(m, m.__dict__.get("forward"), [(n, p, p._version) for n, p in m.named_parameters(recurse=False)],
+        return [(m, m.__dict__.get("forward"), [(n, p, int4.state(p)) for n, p in m.named_parameters(recurse=False)],
                  list(m._modules.items())) for m in bypassed]
 
     def intact(self) -> bool:
@@ -115,9 +115,9 @@ class LeanStep:
                 return False
             if len(m._modules) != len(children) or any(m._modules.get(n) is not c for n, c in children):
                 return False
-            for name, p, version in params:
-                if getattr(m, name, None) is not p or p._version != version:
-                    return False
+            for name, p, st in params:
+                if getattr(m, name, None) is not p or int4.state(p) != st or masking.is_swapped(p):
+                    return False  # (μ-MoE's row masks swap a masked copy in as `.data`)
         return True
 
     def ready(self, cache) -> bool:
