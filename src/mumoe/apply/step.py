@@ -17,8 +17,10 @@ the separate calls do), so the logits equal transformers' for the same model and
 It is used only where it is exact: a supported family (`FAMILIES`; rotary embeddings whose frequencies do not
 depend on the length, no sliding window, SiLU MLPs), a plain attention cache (`DynamicLayer`s) of one sequence,
 and a model unchanged since the step was built (`LeanStep.intact`: no module the step bypasses has a hook, a
-swapped forward, another weight or a weight modified in place; μ-MoE's compaction swaps forwards, so its requests
-keep transformers' forward). Everything else — prefills, batched steps, other families — keeps transformers'.
+swapped forward, a replaced submodule, another weight, a weight modified in place or a masked copy swapped in as
+its data — μ-MoE's compaction and row masks do these, so a μ-MoE request keeps transformers' forward; the serving
+engine does not ask for the step on μ-MoE requests at all, whose decode compacts experts as tokens reach them).
+Everything else — prefills, batched steps, other families — keeps transformers' forward.
 """
 
 from __future__ import annotations
@@ -73,13 +75,13 @@ class _Layer:
     kv_heads: int
     head_dim: int
     attend: object = None  # transformers' attention function of the model (eager or SDPA)
-    qkv4: int4.Int4Weight | None = None  # q, k and v's int4 copies as one (views of its rows are theirs)
+    qkv4: int4.Int4Weight | None = None  # q, k and v's int4 copies as one matrix (`int4.fuse`)
     gate_up4: int4.Int4Weight | None = None  # a dense MLP's gate and up, likewise
 
 
 class LeanStep:
-    """The lean decode step of one model (module doc). Build with `lean_step(model)`; call `ready(cache)` once per
-    decode, then `step(token, cache)` per token."""
+    """The lean decode step of one model (module doc). `build(model)` makes and keeps it; `lean_step(model, cache)`
+    hands it out where it can decode `cache` now (`ready`: once per decode), then `step(token, cache)` per token."""
 
     def __init__(self, model: nn.Module, layers: list[_Layer]) -> None:
         inner = model.model
