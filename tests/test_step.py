@@ -106,13 +106,16 @@ def test_unsupported_families_keep_the_forward():
 
 
 def test_the_step_runs_only_on_an_intact_model_and_a_plain_cache():
-    """A hook, a swapped forward, another submodule, another weight, a weight changed in place, a batch of two or a
-    cache layer of another kind: no lean step (transformers' forward instead); undone, the step is back."""
+    """A hook on a module the step bypasses, a swapped forward or a replaced submodule there, another weight, a
+    weight changed in place, a batch of two or a cache layer of another kind: no lean step (transformers' forward
+    instead); undone, the step is back. A projection replaced, swapped or hooked is called as a module instead of
+    read (μ-MoE's compaction), with the same logits as the forward."""
     model = make("qwen3_moe").eval()
     fast_decode(model)
     lean = step.build(model)
+    x, tokens = ids(1, 6), ids(1, 3, seed=4)[0].tolist()
     with torch.no_grad():
-        cache = output_cache(model(input_ids=ids(1, 6), use_cache=True))
+        cache = output_cache(model(input_ids=x, use_cache=True))
         two = output_cache(model(input_ids=ids(2, 6), use_cache=True))
     assert step.lean_step(model, cache) is lean
     assert step.lean_step(model, two) is None
@@ -121,22 +124,39 @@ def test_the_step_runs_only_on_an_intact_model_and_a_plain_cache():
     assert step.lean_step(model, cache) is None
     handle.remove()
     assert step.lean_step(model, cache) is lean
-    attn.o_proj.forward = lambda x: x
+    attn.forward = attn.forward  # an instance forward on the attention: bypassing it would skip it
     assert step.lean_step(model, cache) is None
-    del attn.o_proj.forward
-    proj = attn.k_proj
-    attn.k_proj = nn.Linear(proj.in_features, proj.out_features, bias=False)  # a module put in its place
+    del attn.forward
+    norm = attn.q_norm
+    attn.q_norm = type(norm)(norm.weight.shape[0])  # a submodule put in a bypassed module's place
     assert step.lean_step(model, cache) is None
-    attn.k_proj = proj
-    assert step.lean_step(model, cache) is lean
-    saved = attn.q_proj.weight
-    attn.q_proj.weight = nn.Parameter(saved.detach().clone())
+    attn.q_norm = norm
+    saved = model.model.norm.weight
+    model.model.norm.weight = nn.Parameter(saved.detach().clone())
     assert step.lean_step(model, cache) is None
-    attn.q_proj.weight = saved
+    model.model.norm.weight = saved
     assert step.lean_step(model, cache) is lean
     with torch.no_grad():
         model.model.norm.weight.mul_(1.0)  # in place, even to the same values: the step no longer trusts it
     assert step.lean_step(model, cache) is None
+
+    model = make("qwen3_moe").eval()  # projections: called as modules where they are not as recorded
+    fast_decode(model)
+    lean = step.build(model)
+    attn = model.model.layers[1].self_attn
+    proj = attn.k_proj
+    attn.k_proj = nn.Linear(proj.in_features, proj.out_features, bias=False)
+    attn.o_proj.forward = lambda h: nn.functional.linear(h, attn.o_proj.weight) * 2
+    hooked = []
+    handle = attn.v_proj.register_forward_hook(lambda *a: hooked.append(1))
+    want, _ = _steps(model, x, tokens, lean=False)
+    got, _ = _steps(model, x, tokens, lean=True)
+    assert torch.equal(got, want) and len(hooked) == 2 * (1 + len(tokens))  # (a prefill and the steps, twice)
+    layer = lean.layers[1]
+    assert not layer.direct["k_proj"] and not layer.direct["o_proj"] and not layer.direct["v_proj"]
+    assert layer.direct["q_proj"] and lean.layers[0].direct["k_proj"]
+    handle.remove()
+
     other = make("qwen3_moe").eval()
     fast_decode(other)
     step.build(other)
@@ -240,48 +260,63 @@ def test_a_later_fast_decode_rebuilds_the_step(monkeypatch):
     assert not torch.equal(_steps(model, x, tokens, lean=True)[0], got)  # the copies were read before
 
 
-def test_a_column_request_leaves_the_step_unused_while_compacted(monkeypatch):
-    """μ-MoE column compaction puts `CompactLinear`s in the projections' places: while a request is compacted the
-    step refuses (even if asked), and once the request is undone it runs again, bit-identical to the forward."""
-    from mumoe.serve.engine import Pruning, Sampling
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama"])
+@pytest.mark.parametrize("int4_copies", [False, True])
+def test_mu_moe_requests_decode_through_the_step_bit_for_bit(family, int4_copies):
+    """μ-MoE requests (row masks swapped in as the weights' data; columns compacted into `CompactLinear`s, the
+    experts compacted as tokens reach them; int8 columns) decode through the lean step: inside each request's
+    applied state the step's logits equal the forward's bit for bit, the compacted projections are called as
+    modules and the masked ones read without their int4 copies; the engine's greedy text and logprobs are the same
+    with and without the step."""
+    from mumoe.serve.engine import Engine, Pruning, Sampling
 
-    engine = _engine()
-    model = engine.model
-    seen = []
-    real = step.lean_step
+    model = _model(family, torch.float32, wide=True)
+    engine = Engine(model, char_tokenizer(), "tiny", int4=int4_copies)
+    lean = step._STEPS.get(model)
+    assert lean is not None
+    prompt = engine.encode("per-prompt pruning, decoded lean")
+    tokens = ids(1, 4, seed=3)[0].tolist()
+    for structure in ("row", "column"):
+        prefilled = engine.protocol(Pruning(active=0.5, structure=structure)).prefill(model, torch.tensor([prompt]))
+        with prefilled.applied():
+            x = torch.tensor([prompt])
+            want, _ = _steps(model, x, tokens, lean=False)
+            got, _ = _steps(model, x, tokens, lean=True)
+            assert torch.equal(got, want), structure
+            layer = lean.layers[0]
+            compacted = type(layer.attn.q_proj).__name__ == "CompactLinear"
+            assert compacted == (structure == "column") and layer.direct["q_proj"] == (not compacted)
+            assert not layer.fused_qkv  # (row: the masked weights; column: the compacted modules)
+    sampling = Sampling(max_tokens=10, temperature=0.0, logprobs=0)
+    requests = [Pruning(active=0.5, structure="row"), Pruning(active=0.5, structure="column")]
 
-    def spy(m, cache):
-        out = real(m, cache)
-        seen.append(out is not None)
+    def answers():
+        out = []
+        for pruning in requests:
+            got = []
+            engine.run(prompt, sampling, pruning, lambda text, entries: got.append((text, entries)))
+            out.append(got)
         return out
 
-    import mumoe.serve.engine as engine_module
-
-    monkeypatch.setattr(engine_module, "lean_step", spy)
-    ids_ = engine.encode("compacted columns")
-    sampling = Sampling(max_tokens=6, temperature=0.0)
-    protocol = engine.protocol(Pruning(active=0.5, structure="column"))
-    prefilled = protocol.prefill(model, torch.tensor([ids_]))
-    with prefilled.applied():
-        assert type(model.model.layers[0].self_attn.q_proj).__name__ == "CompactLinear"
-        assert real(model, prefilled.cache) is None and not step._STEPS.get(model).intact()
-    assert step._STEPS.get(model).intact()
-    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
-    engine.run(ids_, sampling, Pruning(), lambda t, e: None)
-    assert seen == [True]
+    with_step = answers()
+    step._STEPS.pop(model)
+    assert with_step == answers()
+    assert with_step[0] != with_step[1]
 
 
-def test_row_masks_leave_the_step_unused():
-    """μ-MoE row masks swap masked copies in as the weights' `.data` (same parameters, same versions): the step
-    is not intact while they are in, and is again after."""
-    from mumoe.serve.engine import Pruning
+def test_after_a_pruned_request_the_step_is_as_built():
+    """Once a μ-MoE request is undone, every projection is the recorded module again and the step runs."""
+    from mumoe.serve.engine import Pruning, Sampling
 
-    engine = _engine()
+    engine = _engine(int4_copies=True)
     model = engine.model
     lean = step._STEPS.get(model)
-    protocol = engine.protocol(Pruning(active=0.5, structure="row"))
-    prefilled = protocol.prefill(model, ids(1, 9))
-    assert lean.intact()
-    with prefilled.applied():
-        assert not lean.intact()
-    assert lean.intact()
+    prompt = engine.encode("undone")
+    for structure in ("row", "column"):
+        engine.run(prompt, Sampling(max_tokens=3, temperature=0.0), Pruning(active=0.5, structure=structure),
+                   lambda t, e: None)
+        assert lean.intact() and lean.as_built()
+        with torch.no_grad():
+            cache = output_cache(model(input_ids=torch.tensor([prompt]), use_cache=True))
+        assert step.lean_step(model, cache) is lean
+        assert all(layer.fused_qkv for layer in lean.layers)

@@ -16,16 +16,19 @@ the separate calls do), so the logits equal transformers' for the same model and
 
 It is used only where it is exact: a supported family (`FAMILIES`; rotary embeddings whose frequencies do not
 depend on the length, no sliding window, SiLU MLPs), a plain attention cache (`DynamicLayer`s) of one sequence,
-and a model unchanged since the step was built (`LeanStep.intact`: no module the step bypasses has a hook, a
-swapped forward, a replaced submodule, another weight, a weight modified in place or a masked copy swapped in as
-its data — μ-MoE's compaction and row masks do these, so a μ-MoE request keeps transformers' forward; the serving
-engine does not ask for the step on μ-MoE requests at all, whose decode compacts experts as tokens reach them).
-Everything else — prefills, batched steps, other families — keeps transformers' forward.
+and a model whose structure is unchanged since the step was built (`LeanStep.intact`: no module the step bypasses
+has a hook, a swapped forward, a replaced submodule, another weight or a weight modified in place or swapped). The
+linears are looked at once per decode (`_Layer.plan`): one as it was is applied by reading its weight (a μ-MoE row
+mask's masked copy, swapped in as its data, included; the fused int4 matrices only where the weights are
+untouched), one replaced, swapped or hooked is called as a module — μ-MoE's column compaction puts `CompactLinear`s
+in the projections' places, and the experts it compacts as decoded tokens reach them are inside the experts'
+module, which the step calls. Everything else — prefills, batched steps, other families — keeps transformers'
+forward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -45,6 +48,8 @@ FAMILIES = {
 MOE_BLOCKS = ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock")  # forward: router, then experts — nothing else
 DENSE_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MoeMLP")  # down(act(gate x) · up x)
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3MoeRMSNorm", "MixtralRMSNorm")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # an attention's linears
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # a dense MLP's
 ATTENTIONS = ("eager", "sdpa")  # transformers' attention functions the step calls (others: flash, flex — not here)
 _STEPS = TensorCache()  # model -> its LeanStep (a deep copy of the model has none: transformers' forward)
 
@@ -77,6 +82,44 @@ class _Layer:
     attend: object = None  # transformers' attention function of the model (eager or SDPA)
     qkv4: int4.Int4Weight | None = None  # q, k and v's int4 copies as one matrix (`int4.fuse`)
     gate_up4: int4.Int4Weight | None = None  # a dense MLP's gate and up, likewise
+    linears: dict = field(default_factory=dict)  # projection name -> (module, its forward, weight, `int4.state`)
+    direct: dict = field(default_factory=dict)  # this decode: name -> read its weight (True) or call the module
+    fused_qkv: bool = False  # this decode: qkv4 describes q, k and v as they are
+    fused_gate_up: bool = False
+
+    def owners(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        """(module, the names of its projections): the attention's, and a dense MLP's."""
+        return [(self.attn, PROJECTIONS)] + ([] if self.moe else [(self.mlp, MLP_PROJECTIONS)])
+
+    def record(self) -> None:
+        """Keep each projection as it is now (the step reads its weight while it stays so)."""
+        for owner, names in self.owners():
+            for n in names:
+                m = getattr(owner, n)
+                self.linears[n] = (m, m.__dict__.get("forward"), m.weight, int4.state(m.weight))
+
+    def plan(self) -> None:
+        """For this decode: which projections are as recorded (their weights are read, as `apply.gemv.linear` reads
+        them — a masked copy swapped in as `.data` included) and which were replaced, swapped or hooked (μ-MoE's
+        `CompactLinear`s: called as modules); the fused int4 matrices only where their weights are untouched."""
+        for owner, names in self.owners():
+            for n in names:
+                m, (rec, forward, _, _) = getattr(owner, n), self.linears[n]
+                self.direct[n] = m is rec and m.__dict__.get("forward") is forward and not (
+                    m._forward_hooks or m._forward_pre_hooks)
+
+        def untouched(names):
+            return all(self.direct[n] and self.linears[n][0].weight is self.linears[n][2]
+                       and int4.state(self.linears[n][2]) == self.linears[n][3]
+                       and not masking.is_swapped(self.linears[n][2]) for n in names)
+
+        self.fused_qkv = self.qkv4 is not None and untouched(PROJECTIONS[:3])
+        self.fused_gate_up = self.gate_up4 is not None and untouched(MLP_PROJECTIONS[:2])
+
+    def project(self, owner: nn.Module, name: str, h: torch.Tensor) -> torch.Tensor:
+        """Projection `name` of `owner` applied to h [1, K] -> [1, N], as its forward computes it."""
+        m = getattr(owner, name)
+        return linear(h, m.weight, m.bias) if self.direct[name] else m(h)
 
 
 class LeanStep:
@@ -96,18 +139,19 @@ class LeanStep:
         bypassed = [model, model.model, model.model.layers, self.embed, self.norm, self.rotary, self.head]
         for layer in self.layers:
             attn = layer.attn
-            bypassed += [layer.norm1, layer.norm2, attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+            bypassed += [layer.norm1, layer.norm2, attn, layer.mlp]
             bypassed += [m for m in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)) if m is not None]
-            bypassed += [layer.mlp] if layer.moe else [layer.mlp, layer.mlp.gate_proj, layer.mlp.up_proj,
-                                                       layer.mlp.down_proj]
+            layer.record()  # (the projections: `_Layer.plan`, per decode)
         bypassed += [m for m in model.model.layers]
         return [(m, m.__dict__.get("forward"), [(n, p, int4.state(p)) for n, p in m.named_parameters(recurse=False)],
-                 list(m._modules.items())) for m in bypassed]
+                 [(n, c) for n, c in m._modules.items() if n not in PROJECTIONS + MLP_PROJECTIONS])
+                for m in bypassed]
 
     def intact(self) -> bool:
         """Whether every module the step bypasses is as it was when the step was built: no hooks (nor global
-        ones), the same forward, the same parameters, none modified in place, the same submodules (none replaced:
-        μ-MoE's compaction puts `CompactLinear`s in the projections' places)."""
+        ones), the same forward, the same parameters, none modified in place or swapped, the same submodules — the
+        projections (linears) aside: `_Layer.plan` decides per decode how each is applied (μ-MoE's compaction
+        puts `CompactLinear`s in their places, its row masks swap masked copies in as their data)."""
         from torch.nn.modules import module as torch_module
 
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
@@ -115,12 +159,17 @@ class LeanStep:
         for m, forward, params, children in self._watched:
             if m._forward_hooks or m._forward_pre_hooks or m.__dict__.get("forward") is not forward:
                 return False
-            if len(m._modules) != len(children) or any(m._modules.get(n) is not c for n, c in children):
+            if any(m._modules.get(n) is not c for n, c in children):
                 return False
             for name, p, st in params:
                 if getattr(m, name, None) is not p or int4.state(p) != st or masking.is_swapped(p):
                     return False  # (μ-MoE's row masks swap a masked copy in as `.data`)
         return True
+
+    def as_built(self) -> bool:
+        """Whether every projection is the module, with the forward, it was when the step was built."""
+        return all(getattr(owner, n) is layer.linears[n][0] and getattr(owner, n).__dict__.get("forward") is
+                   layer.linears[n][1] for layer in self.layers for owner, names in layer.owners() for n in names)
 
     def ready(self, cache) -> bool:
         """Whether the step can decode the next token of `cache` (a DynamicCache of one sequence, plain attention
@@ -135,7 +184,11 @@ class LeanStep:
                 return False
             if not layer.is_initialized or layer.keys.shape[0] != 1:
                 return False
-        return self.intact()
+        if not self.intact():
+            return False
+        for layer in self.layers:
+            layer.plan()
+        return True
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, cache) -> torch.Tensor:
@@ -161,16 +214,15 @@ class LeanStep:
     def _attention(layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
         """Self-attention of one token h [1, H] over the cache layer `kv` (which it appends to): -> [1, H]."""
         attn, d = layer.attn, layer.head_dim
-        q_proj, k_proj, v_proj = attn.q_proj, attn.k_proj, attn.v_proj
-        if layer.qkv4 is not None and int4.DECODE_ROWS:  # one kernel call for q, k, v (their own copies' rows)
+        if layer.fused_qkv and int4.DECODE_ROWS:  # one kernel call for q, k, v (their own copies' rows)
             qkv = layer.qkv4.matmul(h)  # [1, (heads + 2 kv_heads)·d]
             q, k, v = qkv.split([layer.heads * d, layer.kv_heads * d, layer.kv_heads * d], dim=-1)
-            if q_proj.bias is not None:
-                q, k, v = q + q_proj.bias, k + k_proj.bias, v + v_proj.bias
+            if attn.q_proj.bias is not None:
+                q, k, v = q + attn.q_proj.bias, k + attn.k_proj.bias, v + attn.v_proj.bias
         else:
-            q = linear(h, q_proj.weight, q_proj.bias)  # [1, heads·d]
-            k = linear(h, k_proj.weight, k_proj.bias)  # [1, kv_heads·d]
-            v = linear(h, v_proj.weight, v_proj.bias)
+            q = layer.project(attn, "q_proj", h)  # [1, heads·d]
+            k = layer.project(attn, "k_proj", h)  # [1, kv_heads·d]
+            v = layer.project(attn, "v_proj", h)
         q, k = q.view(layer.heads, d), k.view(layer.kv_heads, d)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         if q_norm is not None:
@@ -180,18 +232,17 @@ class LeanStep:
         # one query attends to every cached position: no mask (what transformers passes for an unpadded step)
         o, _ = layer.attend(attn, q.view(1, layer.heads, 1, d), keys, values, None, dropout=0.0,
                             scaling=attn.scaling)  # [1, 1, heads, d]
-        return linear(o.reshape(1, -1), attn.o_proj.weight, attn.o_proj.bias)
+        return layer.project(attn, "o_proj", o.reshape(1, -1))
 
     @staticmethod
     def _mlp(layer: _Layer, h: torch.Tensor) -> torch.Tensor:
         """A dense SiLU MLP of h [1, H] -> [1, H]."""
         mlp = layer.mlp
-        if layer.gate_up4 is not None and int4.DECODE_ROWS:
+        if layer.fused_gate_up and int4.DECODE_ROWS:
             gate, up = layer.gate_up4.matmul(h).chunk(2, dim=-1)  # [1, I] each
-        else:
-            gate, up = linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias), linear(h, mlp.up_proj.weight,
-                                                                                  mlp.up_proj.bias)
-        return linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        else:  # (μ-MoE compacted: the rows down reads, [1, kI])
+            gate, up = layer.project(mlp, "gate_proj", h), layer.project(mlp, "up_proj", h)
+        return layer.project(mlp, "down_proj", mlp.act_fn(gate) * up)
 
 
 def _plain_update(cls) -> object:
@@ -253,7 +304,7 @@ def build(model: nn.Module) -> LeanStep | None:
     still describes the model): -> it, or None where the model is not a supported layout (`FAMILIES`) on the
     CPU."""
     hit = _STEPS.get(model)
-    if hit is not None and hit.intact() and hit.fused == _has_copies(hit):
+    if hit is not None and hit.intact() and hit.as_built() and hit.fused == _has_copies(hit):
         return hit
     decoder_class = FAMILIES.get(type(model).__name__)
     inner = getattr(model, "model", None)

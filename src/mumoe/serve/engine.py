@@ -372,8 +372,7 @@ class Engine:
                 self._echo(prefilled.model, x, sampling, emit, prefilled.logits)
             ready_to_decode(prefilled)
             feed, logits = (x[:, -1:], None) if prefilled.refeed else (None, prefilled.logits[:, -1])
-            reason, n = self._decode(prefilled.model, prefilled.cache, feed, logits, sampling, emit, should_stop,
-                                     lean=pruning.kind != "mu-moe")
+            reason, n = self._decode(prefilled.model, prefilled.cache, feed, logits, sampling, emit, should_stop)
         applied["overhead_ms"] = round(1000 * prefilled.overhead_s, 3)  # (with what the decode did lazily)
         return Finished(reason, len(ids), n, applied, prefilled.stats)
 
@@ -395,16 +394,14 @@ class Engine:
         return {"id": token, "token": piece, "logprob": logprob,
                 "top": None if top is None else [(self.tokenizer.decode([i]), lp) for i, lp in top]}
 
-    def _decode(self, model, cache, feed, logits, sampling: Sampling, emit, should_stop, lean: bool = True
-                ) -> tuple[str, int]:
+    def _decode(self, model, cache, feed, logits, sampling: Sampling, emit, should_stop) -> tuple[str, int]:
         """Decode up to max_tokens. feed: the token(s) to run first (refeed) or None with `logits` [1, V] given.
-        lean: one-token steps may run the model's lean step (`apply.step`) where it is intact and the cache plain —
-        not for μ-MoE, whose decode compacts experts as tokens reach them."""
+        One-token steps run the model's lean step (`apply.step`: bit-identical) where it can run them."""
         if sampling.max_tokens == 0:
             return "length", 0
         state = Decoding(self, sampling, emit, should_stop)
         kw = cache_kwarg()
-        step = None  # the model's lean one-token step (`apply.step`), where it can run this decode
+        step, lean = None, True  # the model's lean one-token step (`apply.step`), where it can run this decode
         while True:
             reason = should_stop()
             if reason:
