@@ -120,6 +120,12 @@ def state(weight: torch.Tensor) -> int:
     return weight._version
 
 
+def unchanged(weight: torch.Tensor, recorded: int) -> bool:
+    """Whether `weight` holds what it held when `state` gave `recorded`: not modified in place since, and no masked
+    copy swapped in as its `.data` now (μ-MoE's row masks: `apply.masking.swap_masked`, the version unchanged)."""
+    return state(weight) == recorded and not masking.is_swapped(weight)
+
+
 def make_copy(weight: torch.Tensor, group: int = GROUP, bits: int = 4) -> int:
     """Make and keep the int4 copy (bits=8: the int8 one) of a CPU weight [N, K] or stacked experts' weight
     [E, N, K] (one per matrix) when every matrix fits the kernel; -> bytes of the copy (0: none made)."""
@@ -136,7 +142,7 @@ def int4_copy(weight: torch.Tensor) -> list[Int4Weight | Int8Rows] | None:
     modified in place since they were made, or it holds a masked copy now (μ-MoE's row masks swap one in as its
     `.data`, the version unchanged: `apply.masking.swap_masked`)."""
     hit = _COPIES.get(weight)
-    if hit is None or hit[0] != state(weight) or masking.is_swapped(weight):
+    if hit is None or not unchanged(weight, hit[0]):
         return None
     return hit[1]
 

@@ -29,12 +29,13 @@ forward.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..settings import TensorCache
-from . import int4, masking
+from . import int4
 from .gemv import linear
 
 # decoder classes whose forward is: embedding, [RMSNorm, attention, residual, RMSNorm, MLP, residual] per layer,
@@ -67,6 +68,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class _Recorded(NamedTuple):
+    """A projection as the step was built on it."""
+
+    module: nn.Module
+    forward: object  # its instance forward (None: the class's)
+    weight: torch.Tensor
+    state: int  # `int4.state` of the weight
+
+
 @dataclass
 class _Layer:
     """One decoder layer's parts, as the step reads them."""
@@ -82,7 +92,7 @@ class _Layer:
     attend: object = None  # transformers' attention function of the model (eager or SDPA)
     qkv4: int4.Int4Weight | None = None  # q, k and v's int4 copies as one matrix (`int4.fuse`)
     gate_up4: int4.Int4Weight | None = None  # a dense MLP's gate and up, likewise
-    linears: dict = field(default_factory=dict)  # projection name -> (module, its forward, weight, `int4.state`)
+    linears: dict = field(default_factory=dict)  # projection name -> _Recorded
     direct: dict = field(default_factory=dict)  # this decode: name -> read its weight (True) or call the module
     fused_qkv: bool = False  # this decode: qkv4 describes q, k and v as they are
     fused_gate_up: bool = False
@@ -96,7 +106,12 @@ class _Layer:
         for owner, names in self.owners():
             for n in names:
                 m = getattr(owner, n)
-                self.linears[n] = (m, m.__dict__.get("forward"), m.weight, int4.state(m.weight))
+                self.linears[n] = _Recorded(m, m.__dict__.get("forward"), m.weight, int4.state(m.weight))
+
+    def as_recorded(self, owner: nn.Module, name: str) -> bool:
+        """Whether projection `name` of `owner` is the recorded module, with the recorded forward."""
+        m, rec = getattr(owner, name), self.linears[name]
+        return m is rec.module and m.__dict__.get("forward") is rec.forward
 
     def plan(self) -> None:
         """For this decode: which projections are as recorded (their weights are read, as `apply.gemv.linear` reads
@@ -104,14 +119,12 @@ class _Layer:
         `CompactLinear`s: called as modules); the fused int4 matrices only where their weights are untouched."""
         for owner, names in self.owners():
             for n in names:
-                m, (rec, forward, _, _) = getattr(owner, n), self.linears[n]
-                self.direct[n] = m is rec and m.__dict__.get("forward") is forward and not (
-                    m._forward_hooks or m._forward_pre_hooks)
+                m = getattr(owner, n)
+                self.direct[n] = self.as_recorded(owner, n) and not (m._forward_hooks or m._forward_pre_hooks)
 
         def untouched(names):
-            return all(self.direct[n] and self.linears[n][0].weight is self.linears[n][2]
-                       and int4.state(self.linears[n][2]) == self.linears[n][3]
-                       and not masking.is_swapped(self.linears[n][2]) for n in names)
+            return all(self.direct[n] and (rec := self.linears[n]).module.weight is rec.weight
+                       and int4.unchanged(rec.weight, rec.state) for n in names)
 
         self.fused_qkv = self.qkv4 is not None and untouched(PROJECTIONS[:3])
         self.fused_gate_up = self.gate_up4 is not None and untouched(MLP_PROJECTIONS[:2])
@@ -131,6 +144,8 @@ class LeanStep:
         self.embed, self.norm, self.rotary, self.head = inner.embed_tokens, inner.norm, inner.rotary_emb, model.lm_head
         self.layers = layers
         self.fused = any(layer.qkv4 is not None for layer in layers)  # int4 copies were there to fuse
+        for layer in layers:
+            layer.record()  # (the projections: `_Layer.plan`, per decode)
         self._watched = self._watch(model)
 
     def _watch(self, model: nn.Module) -> list[tuple[nn.Module, object, list, list]]:
@@ -141,7 +156,6 @@ class LeanStep:
             attn = layer.attn
             bypassed += [layer.norm1, layer.norm2, attn, layer.mlp]
             bypassed += [m for m in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)) if m is not None]
-            layer.record()  # (the projections: `_Layer.plan`, per decode)
         bypassed += [m for m in model.model.layers]
         return [(m, m.__dict__.get("forward"), [(n, p, int4.state(p)) for n, p in m.named_parameters(recurse=False)],
                  [(n, c) for n, c in m._modules.items() if n not in PROJECTIONS + MLP_PROJECTIONS])
@@ -162,14 +176,14 @@ class LeanStep:
             if any(m._modules.get(n) is not c for n, c in children):
                 return False
             for name, p, st in params:
-                if getattr(m, name, None) is not p or int4.state(p) != st or masking.is_swapped(p):
-                    return False  # (μ-MoE's row masks swap a masked copy in as `.data`)
+                if getattr(m, name, None) is not p or not int4.unchanged(p, st):
+                    return False
         return True
 
     def as_built(self) -> bool:
         """Whether every projection is the module, with the forward, it was when the step was built."""
-        return all(getattr(owner, n) is layer.linears[n][0] and getattr(owner, n).__dict__.get("forward") is
-                   layer.linears[n][1] for layer in self.layers for owner, names in layer.owners() for n in names)
+        return all(layer.as_recorded(owner, n) for layer in self.layers for owner, names in layer.owners()
+                   for n in names)
 
     def ready(self, cache) -> bool:
         """Whether the step can decode the next token of `cache` (a DynamicCache of one sequence, plain attention

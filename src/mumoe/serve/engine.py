@@ -407,7 +407,7 @@ class Engine:
             if reason:
                 return reason, state.n
             if feed is not None:
-                if lean and step is None and cache is not None:  # once per decode (the model stays as it is)
+                if lean and cache is not None:  # decided once per decode (the model stays as it is)
                     step, lean = lean_step(model, cache), False
                 if step is not None and feed.shape == (1, 1):
                     logits = step.step(feed, cache)[:, -1]
